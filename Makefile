@@ -1,0 +1,41 @@
+# The two commands: `make run` starts the gateway on etc/clawdbot.yaml,
+# `make test` runs every test.  Both set up what they need on first use.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps
+INSTALLED := $(VENV)/.installed
+SOURCES := $(wildcard clawdbot/*.py) twisted/plugins/clawdbot_plugin.py setup.cfg pyproject.toml
+
+.PHONY: run test bench clean
+
+run: $(INSTALLED)
+	$(VENV)/bin/clawdbot start --config etc/clawdbot.yaml
+
+test: $(INSTALLED) test-deps
+	$(PY) -m pytest -q
+
+bench: $(INSTALLED)
+	$(PY) bench/run.py
+
+# Python packages, pinned in setup.cfg.
+$(DEPS): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q '.[test]'
+	touch $@
+
+# The package itself, reinstalled when its sources change (a regular
+# install, so the twistd plugin lands in twisted/plugins).
+$(INSTALLED): $(DEPS) $(SOURCES)
+	$(PY) -m pip install -q --no-deps --force-reinstall .
+	rm -rf build
+	touch $@
+
+.PHONY: test-deps
+test-deps:
+	@sh tests/setup-deps.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info var _trial_temp

@@ -1,0 +1,3 @@
+from clawdbot.cli import run
+
+run()

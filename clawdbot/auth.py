@@ -1,0 +1,452 @@
+"""
+Authentication (bearer JWTs) and authorization (scopes).
+
+The rules, in the order they are applied to a token:
+
+ 1. Only an C{Authorization: Bearer} header carries a token; query strings
+    and cookies do not.
+ 2. The token's C{iss} must name one of the configured issuers; that issuer's
+    configuration, never the token's header, chooses the key and the allowed
+    algorithms.  C{jwk}, C{jku}, C{x5u} and C{x5c} headers are ignored;
+    C{kid} only selects among keys already trusted.
+ 3. The algorithm must be one the issuer allows, from {HS256, RS256}.
+ 4. PyJWT checks the signature, C{exp}, C{iss}, C{aud} (all required) and
+    C{nbf}/C{iat} when present, with the configured leeway.  Claims of the
+    wrong JSON type are refused before that.
+
+Every refusal is an L{APIError} with a curated C{details}; the token itself
+is never logged.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import jwt
+from jwt.exceptions import (
+    DecodeError,
+    ExpiredSignatureError,
+    ImmatureSignatureError,
+    InvalidAlgorithmError,
+    InvalidAudienceError,
+    InvalidIssuedAtError,
+    InvalidIssuerError,
+    InvalidSignatureError,
+    InvalidTokenError,
+    MissingRequiredClaimError,
+    PyJWKError,
+)
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from clawdbot.errors import APIError
+
+log = Logger(namespace="clawdbot.auth")
+
+REALM = 'Bearer realm="clawdbot"'
+SUPPORTED_ALGORITHMS = ("HS256", "RS256")
+_CACHE_MAX = 10000
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling, and what they may do."""
+
+    sub: str
+    scopes: frozenset = field(default_factory=frozenset)
+    name: str = None
+    email: str = None
+    teams: tuple = ()
+
+    def as_dict(self):
+        return {
+            "sub": self.sub,
+            "name": self.name,
+            "email": self.email,
+            "scopes": sorted(self.scopes),
+            "teams": list(self.teams),
+        }
+
+    def history_teams(self):
+        """The teams whose history this principal may read."""
+        return sorted(s[len("history:") :] for s in self.scopes if s.startswith("history:") and len(s) > 8)
+
+
+def parse_scopes(claims):
+    """
+    The scopes of a verified token: C{scope} (space separated, RFC 8693) or
+    C{scp} (a list, or a space separated string).
+
+    @raise InvalidTokenError: when either claim has the wrong type.
+    """
+    scopes = set()
+    scope = claims.get("scope")
+    if scope is not None:
+        if not isinstance(scope, str):
+            raise _WrongType("scope")
+        scopes.update(scope.split())
+    scp = claims.get("scp")
+    if scp is not None:
+        if isinstance(scp, str):
+            scopes.update(scp.split())
+        elif isinstance(scp, list) and all(isinstance(s, str) for s in scp):
+            scopes.update(scp)
+        else:
+            raise _WrongType("scp")
+    return frozenset(scopes)
+
+
+def principal_from_claims(claims):
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub:
+        raise _WrongType("sub") if sub is not None else MissingRequiredClaimError("sub")
+    teams = claims.get("teams", claims.get("groups", []))
+    if not isinstance(teams, list) or not all(isinstance(t, str) for t in teams):
+        raise _WrongType("teams")
+    name, email = claims.get("name"), claims.get("email")
+    for key, value in (("name", name), ("email", email)):
+        if value is not None and not isinstance(value, str):
+            raise _WrongType(key)
+    return Principal(sub=sub, scopes=parse_scopes(claims), name=name, email=email, teams=tuple(teams))
+
+
+def dev_principal(config):
+    dev = config.auth.dev_principal
+    scopes = frozenset(dev.scope.split())
+    teams = tuple(dev.teams) or tuple(s[8:] for s in sorted(scopes) if s.startswith("history:"))
+    return Principal(sub=dev.sub, scopes=scopes, name=dev.name, email=dev.email, teams=teams)
+
+
+class _WrongType(InvalidTokenError):
+    def __init__(self, claim):
+        super().__init__(claim)
+        self.claim = claim
+
+
+class UnknownKeyError(InvalidSignatureError):
+    """The token names a key the issuer does not have, even after a refresh."""
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_claim_types(claims):
+    """Refuse claims of the wrong JSON type before PyJWT reads them."""
+    for claim in ("exp", "nbf", "iat"):
+        if claim in claims and not _number(claims[claim]):
+            raise _WrongType(claim)
+    if "iss" in claims and not isinstance(claims["iss"], str):
+        raise _WrongType("iss")
+    if "aud" in claims:
+        aud = claims["aud"]
+        if not (isinstance(aud, str) or (isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud))):
+            raise _WrongType("aud")
+
+
+def reason_for(error):
+    """The curated C{details} for a PyJWT exception."""
+    if isinstance(error, ExpiredSignatureError):
+        return "token is expired"
+    if isinstance(error, ImmatureSignatureError):
+        return "token is not yet valid"
+    if isinstance(error, InvalidAudienceError):
+        return "audience does not match"
+    if isinstance(error, InvalidIssuerError):
+        return "issuer does not match"
+    if isinstance(error, InvalidIssuedAtError):
+        return "token was issued in the future"
+    if isinstance(error, _WrongType):
+        return f"claim '{error.claim}' has the wrong type"
+    if isinstance(error, MissingRequiredClaimError):
+        return f"claim '{error.claim}' is missing"
+    if isinstance(error, UnknownKeyError):
+        return "signing key is unknown"
+    if isinstance(error, InvalidSignatureError):
+        return "signature does not match"
+    if isinstance(error, InvalidAlgorithmError):
+        return "algorithm not allowed"
+    return "token is malformed"
+
+
+def invalid_token(details):
+    return APIError(
+        "AUTH_INVALID_TOKEN",
+        details=details,
+        headers={"WWW-Authenticate": f'{REALM}, error="invalid_token", error_description="{details}"'},
+    )
+
+
+def missing_token(details="a Bearer token is required"):
+    return APIError("AUTH_MISSING_TOKEN", details=details, headers={"WWW-Authenticate": REALM})
+
+
+def insufficient_scope(scope):
+    return APIError(
+        "AUTH_INSUFFICIENT_SCOPE",
+        details=f"this call needs the scope {scope}",
+        headers={"WWW-Authenticate": f'{REALM}, error="insufficient_scope", scope="{scope}"'},
+    )
+
+
+class Issuer:
+    """
+    One trusted issuer: its name, audience, allowed algorithms and keys.
+
+    @ivar secret: the HS256 secret, or C{None}.
+    @ivar keys: a L{KeySet} for RS256, or C{None}.
+    """
+
+    def __init__(self, name, audience, algorithms, secret=None, keys=None):
+        self.name = name
+        self.audience = audience
+        self.algorithms = tuple(a for a in algorithms if a in SUPPORTED_ALGORITHMS)
+        self.secret = secret
+        self.keys = keys
+
+    async def key_for(self, alg, kid):
+        if alg == "HS256":
+            return [self.secret.encode("utf-8")]
+        if self.keys is None:
+            raise InvalidAlgorithmError("no RS256 keys")
+        return await self.keys.lookup(kid)
+
+
+class UnknownKey(InvalidTokenError):
+    pass
+
+
+class KeySet:
+    """
+    RS256 public keys from a PEM file or a JWKS document, fetched lazily,
+    cached for C{ttl} seconds, and refreshed at most once per
+    C{min_refresh} seconds when a token names an unknown C{kid}.
+
+    @param fetch: C{async fetch() -> dict}, the JWKS document.
+    """
+
+    def __init__(self, clock, fetch=None, static_keys=None, ttl=3600.0, min_refresh=30.0):
+        self.clock = clock
+        self.fetch = fetch
+        self.ttl = ttl
+        self.min_refresh = min_refresh
+        self._keys = dict(static_keys or {})
+        self._fetched_at = None
+        self._waiters = None
+
+    @classmethod
+    def from_pem_file(cls, clock, path):
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        with open(path, "rb") as f:
+            key = load_pem_public_key(f.read())
+        return cls(clock, static_keys={None: key})
+
+    async def _refresh(self):
+        """Fetch the keys; callers that arrive meanwhile wait for that fetch."""
+        if self._waiters is not None:
+            waiter = Deferred()
+            self._waiters.append(waiter)
+            await waiter
+            return
+        self._waiters = []
+        try:
+            self._keys = parse_jwks(await self.fetch())
+            log.info("Loaded {count} signing keys", count=len(self._keys))
+        finally:
+            self._fetched_at = self.clock.seconds()
+            waiters, self._waiters = self._waiters, None
+            for waiter in waiters:
+                waiter.callback(None)
+
+    async def lookup(self, kid):
+        if self.fetch is None:
+            return list(self._keys.values())
+        now = self.clock.seconds()
+        stale = self._fetched_at is None or now - self._fetched_at >= self.ttl
+        if stale:
+            await self._try_refresh()
+        if kid is not None and kid not in self._keys and self._may_refresh():
+            await self._try_refresh()
+        if kid is None:
+            if not self._keys:
+                raise UnknownKey("no keys")
+            return list(self._keys.values())
+        if kid not in self._keys:
+            raise UnknownKey(kid)
+        return [self._keys[kid]]
+
+    def _may_refresh(self):
+        return self._fetched_at is None or self.clock.seconds() - self._fetched_at >= self.min_refresh
+
+    async def _try_refresh(self):
+        try:
+            await self._refresh()
+        except Exception as e:
+            log.warn("Could not fetch the signing keys: {error}", error=type(e).__name__)
+
+
+def parse_jwks(document):
+    """The RSA signing keys of a JWKS document, by C{kid}."""
+    keys = {}
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError("not a JWKS document")
+    for entry in document["keys"]:
+        if not isinstance(entry, dict) or entry.get("kty") != "RSA":
+            continue
+        if entry.get("use", "sig") != "sig" or entry.get("alg", "RS256") != "RS256":
+            continue
+        try:
+            key = jwt.PyJWK(entry, algorithm="RS256").key
+        except (PyJWKError, InvalidTokenError, ValueError, TypeError, KeyError):
+            continue
+        keys[entry.get("kid")] = key
+    return keys
+
+
+class Authenticator:
+    """
+    Verifies bearer tokens against the trusted issuers and caches each
+    verified token's principal until it expires.
+    """
+
+    def __init__(self, issuers, clock, leeway=30.0, dev=None):
+        self.issuers = {i.name: i for i in issuers}
+        self.clock = clock
+        self.leeway = leeway
+        self.dev = dev
+        self._cache = {}
+
+    async def authenticate(self, request):
+        if request.site.debug:
+            return self.dev
+        header = request.requestHeaders.getRawHeaders(b"authorization")
+        if not header:
+            raise missing_token()
+        if len(header) > 1:
+            raise self._reject(request, "more than one Authorization header")
+        scheme, _, token = header[0].decode("latin-1").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            raise missing_token()
+        token = token.strip()
+        if not token:
+            raise self._reject(request, "token is malformed")
+        cached = self._cache.get(token)
+        if cached is not None:
+            principal, expires = cached
+            if self.clock.seconds() < expires + self.leeway:
+                return principal
+            del self._cache[token]
+        try:
+            principal, expires = await self.verify(token)
+        except InvalidTokenError as e:
+            raise self._reject(request, reason_for(e)) from None
+        if len(self._cache) >= _CACHE_MAX:
+            self._cache.clear()
+        self._cache[token] = (principal, expires)
+        return principal
+
+    def _reject(self, request, reason):
+        peer = request.getClientAddress()
+        log.warn(
+            "Rejected a bearer token: {reason}",
+            reason=reason,
+            peer=getattr(peer, "host", None),
+            security_event="auth_failure",
+            request_id=getattr(request, "request_id", None),
+        )
+        return invalid_token(reason)
+
+    async def verify(self, token):
+        """
+        The principal and expiry of a valid C{token}.
+
+        @raise InvalidTokenError: (or a subclass) when it is not valid.
+        """
+        if token.count(".") != 2 or len(token) > 16384:
+            raise DecodeError("malformed")
+        header = jwt.get_unverified_header(token)
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in SUPPORTED_ALGORITHMS:
+            raise InvalidAlgorithmError("alg")
+        claims = jwt.decode(token, options={"verify_signature": False})
+        check_claim_types(claims)
+        if "iss" not in claims:
+            raise MissingRequiredClaimError("iss")
+        issuer = self.issuers.get(claims["iss"])
+        if issuer is None:
+            raise InvalidIssuerError("untrusted issuer")
+        if alg not in issuer.algorithms:
+            raise InvalidAlgorithmError(alg)
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise DecodeError("kid")
+        try:
+            keys = await issuer.key_for(alg, kid)
+        except UnknownKey:
+            raise UnknownKeyError() from None
+        last = None
+        for key in keys:
+            try:
+                verified = jwt.decode(
+                    token,
+                    key,
+                    algorithms=[alg],
+                    audience=issuer.audience,
+                    issuer=issuer.name,
+                    leeway=self.leeway,
+                    options={"require": ["exp", "iss", "aud"], "verify_iat": True},
+                )
+                break
+            except InvalidSignatureError as e:
+                last = e
+        else:
+            raise last or InvalidSignatureError("no key")
+        return principal_from_claims(verified), verified["exp"]
+
+    def authorize(self, principal, scope):
+        if scope and scope not in principal.scopes:
+            raise insufficient_scope(scope)
+
+
+def mint(secret, issuer, audience, sub, scope, ttl, now=None, **extra):
+    """A HS256 token, as C{clawdbot token} and the SSO login issue them."""
+    now = int(time.time() if now is None else now)
+    claims = {"iss": issuer, "aud": audience, "sub": sub, "scope": scope, "iat": now, "exp": now + int(ttl)}
+    claims.update({k: v for k, v in extra.items() if v is not None})
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def build_authenticator(config, clock, fetch_json):
+    """
+    The authenticator for C{config}.
+
+    @param fetch_json: C{async fetch_json(url) -> object}, for JWKS and
+        discovery documents.
+    """
+    issuers = []
+    jwt_config = config.auth.jwt
+    if jwt_config.enabled:
+        keys = None
+        if "RS256" in jwt_config.algorithms:
+            if jwt_config.public_key_file:
+                keys = KeySet.from_pem_file(clock, jwt_config.public_key_file)
+            else:
+                keys = KeySet(clock, fetch=_jwks_fetcher(jwt_config, config.oauth2, fetch_json))
+        issuers.append(Issuer(jwt_config.issuer, jwt_config.audience, jwt_config.algorithms, secret=jwt_config.secret, keys=keys))
+    return Authenticator(issuers, clock, leeway=jwt_config.leeway, dev=dev_principal(config))
+
+
+def _jwks_fetcher(jwt_config, oauth2, fetch_json):
+    async def fetch():
+        url = jwt_config.jwks_url
+        if not url:
+            base = (oauth2.issuer_url or jwt_config.issuer).rstrip("/")
+            document = await fetch_json(base + "/.well-known/openid-configuration")
+            if not isinstance(document, dict) or document.get("issuer", "").rstrip("/") != base:
+                raise ValueError("discovery issuer mismatch")
+            url = document.get("jwks_uri")
+            if not isinstance(url, str):
+                raise ValueError("no jwks_uri")
+        return await fetch_json(url)
+
+    return fetch

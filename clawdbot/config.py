@@ -1,0 +1,602 @@
+"""
+The configuration: one frozen object built from a YAML file and the
+environment.
+
+Loading is pure apart from reading the file: L{parse_config} takes the
+already-read text and an environment mapping, so every rule here is tested
+without touching the disk.  The schema is the tree of frozen dataclasses
+below; one generic walker checks types, ranges and choices and names the path
+of whatever is wrong (C{auth.jwt.algorithms[1]: 'none' is not allowed}).
+"""
+
+import collections.abc
+import dataclasses
+import ipaddress
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from clawdbot.units import format_duration, format_size, parse_duration, parse_size
+
+PLACEHOLDER_SECRET = "your-32-byte-secret-key-here"
+MIN_SECRET_BYTES = 32
+MASK = "********"
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used.
+
+    @ivar path: where in the file, as C{auth.jwt.algorithms[1]}, or C{None}
+        for the file as a whole.
+    @ivar reason: what is wrong there.
+    """
+
+    def __init__(self, path, reason):
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}" if path else reason)
+
+
+def _opt(default, kind=None, choices=None, items=None, minimum=None, maximum=None, secret=False, doc=""):
+    """
+    A config field with its default and its rules.
+
+    @param kind: C{"duration"} or C{"size"} for human units.
+    @param choices: allowed values of a scalar.
+    @param items: allowed values of each item of a list.
+    @param secret: masked by C{check-config}; an empty value is refused.
+    """
+    meta = dict(kind=kind, choices=choices, items=items, minimum=minimum, maximum=maximum, secret=secret, doc=doc)
+    if isinstance(default, (list, dict)):
+        frozen = _freeze(default)
+        return field(default_factory=lambda: frozen, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _freeze(value):
+    if isinstance(value, dict):
+        return types.MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _section(cls):
+    return field(default_factory=cls, metadata=dict(kind=None, secret=False))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    mode: str = _opt("dev", choices=("dev", "production"))
+    listen: str = _opt("tcp:8080")
+    debug_listen: str = _opt("tcp:18789:interface=127.0.0.1")
+    public_url: typing.Optional[str] = _opt(None)
+    drain_timeout: float = _opt(30.0, kind="duration", maximum=3600)
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    url: str = _opt("http://127.0.0.1:11434")
+    model: str = _opt("qwen3:32b")
+    models: typing.Tuple[str, ...] = _opt([])
+    aliases: typing.Mapping[str, str] = _opt({})
+    connect_timeout: float = _opt(5.0, kind="duration", minimum=0.001, maximum=3600)
+    first_byte_timeout: float = _opt(60.0, kind="duration", minimum=0.001, maximum=86400)
+    idle_timeout: float = _opt(30.0, kind="duration", minimum=0.001, maximum=86400)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    backend: str = _opt("sqlite", choices=("sqlite", "postgresql"))
+    path: str = _opt("var/clawdbot.sqlite3")
+    dsn: typing.Optional[str] = _opt(None, secret=True)
+
+
+@dataclass(frozen=True)
+class AccessLogConfig:
+    sample_rate: float = _opt(0.01, minimum=0.0, maximum=1.0)
+    path: str = _opt("-")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_body: int = _opt(20 * 1000**2, kind="size", minimum=1024, maximum=1000**3)
+    max_queue: int = _opt(100, minimum=0, maximum=100000)
+    queue_timeout: float = _opt(30.0, kind="duration", minimum=0, maximum=3600)
+
+
+@dataclass(frozen=True)
+class JWTConfig:
+    enabled: bool = _opt(True)
+    secret: typing.Optional[str] = _opt(None, secret=True)
+    issuer: typing.Optional[str] = _opt(None)
+    audience: typing.Optional[str] = _opt(None)
+    algorithms: typing.Tuple[str, ...] = _opt(["HS256"], items=("HS256", "RS256"))
+    leeway: float = _opt(30.0, kind="duration", maximum=600)
+    jwks_url: typing.Optional[str] = _opt(None)
+    public_key_file: typing.Optional[str] = _opt(None)
+
+
+@dataclass(frozen=True)
+class DevPrincipalConfig:
+    sub: str = _opt("dev")
+    scope: str = _opt("chat:read chat:write admin")
+    name: typing.Optional[str] = _opt(None)
+    email: typing.Optional[str] = _opt(None)
+    teams: typing.Tuple[str, ...] = _opt([])
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    jwt: JWTConfig = _section(JWTConfig)
+    dev_principal: DevPrincipalConfig = _section(DevPrincipalConfig)
+
+
+@dataclass(frozen=True)
+class OAuth2Config:
+    enabled: bool = _opt(False)
+    provider: str = _opt("oidc", choices=("oidc", "wecom", "dingtalk", "feishu"))
+    client_id: typing.Optional[str] = _opt(None)
+    client_secret: typing.Optional[str] = _opt(None, secret=True)
+    redirect_uri: typing.Optional[str] = _opt(None)
+    issuer_url: typing.Optional[str] = _opt(None)
+    scopes: typing.Tuple[str, ...] = _opt(["openid", "profile", "email"])
+    group_scopes: typing.Mapping[str, typing.Tuple[str, ...]] = _opt({})
+    default_scopes: typing.Tuple[str, ...] = _opt(["chat:read", "chat:write"])
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    requests_per_minute: int = _opt(60, minimum=0, maximum=10**9)
+    tokens_per_minute: int = _opt(0, minimum=0, maximum=10**12)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: typing.Optional[str] = _opt(None)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _opt("info", choices=("debug", "info", "warn", "error"))
+    path: str = _opt("-")
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = _section(ServerConfig)
+    backend: BackendConfig = _section(BackendConfig)
+    storage: StorageConfig = _section(StorageConfig)
+    access_log: AccessLogConfig = _section(AccessLogConfig)
+    limits: LimitsConfig = _section(LimitsConfig)
+    auth: AuthConfig = _section(AuthConfig)
+    oauth2: OAuth2Config = _section(OAuth2Config)
+    rate_limit: RateLimitConfig = _section(RateLimitConfig)
+    metrics: MetricsConfig = _section(MetricsConfig)
+    log: LogConfig = _section(LogConfig)
+    timeout: float = _opt(120.0, kind="duration", minimum=0.001, maximum=86400)
+    max_connections: int = _opt(10, minimum=1, maximum=100000)
+    # Where the file came from, for messages; not a config key.
+    source: typing.Optional[str] = field(default=None, compare=False, metadata=dict(internal=True))
+    warnings: typing.Tuple[str, ...] = field(default=(), compare=False, metadata=dict(internal=True))
+
+    @property
+    def dev(self):
+        return self.server.mode == "dev"
+
+
+# --- environment substitution -------------------------------------------------
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def substitute(text, environ, path="", empty=None):
+    """
+    Replace C{${VAR}} and C{${VAR:-default}} in one string value; C{$$} is a
+    literal C{$}.  As in the shell, C{:-} also takes the default when the
+    variable is set but empty.
+
+    @param empty: if given, a list that receives the names of variables used
+        without a default that are set but empty.
+    @raise ConfigError: naming C{path} and the variable when one without a
+        default is unset.
+    """
+
+    def replace(match):
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        value = environ.get(name)
+        if default is not None:
+            return value if value else default
+        if value is None:
+            raise ConfigError(path, f"environment variable {name} is not set")
+        if value == "" and empty is not None:
+            empty.append(name)
+        return value
+
+    return _VAR.sub(replace, text)
+
+
+def _substitute_tree(node, environ, path, empties):
+    if isinstance(node, str):
+        found = []
+        result = substitute(node, environ, path, found)
+        if found:
+            empties[path] = found
+        return result
+    if isinstance(node, dict):
+        return {k: _substitute_tree(v, environ, _join(path, k), empties) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute_tree(v, environ, f"{path}[{i}]", empties) for i, v in enumerate(node)]
+    return node
+
+
+def _join(path, key):
+    return f"{path}.{key}" if path else str(key)
+
+
+# --- the schema walker --------------------------------------------------------
+
+
+def _describe(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _scalar(value, tp, meta, path):
+    kind = meta.get("kind")
+    try:
+        if kind == "duration":
+            value = parse_duration(value)
+        elif kind == "size":
+            value = parse_size(value)
+    except ValueError as e:
+        raise ConfigError(path, str(e)) from None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {_describe(value)}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected a whole number, got {_describe(value)}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {_describe(value)}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string, got {_describe(value)}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(path, f"{value!r} is not allowed (choose from {', '.join(choices)})")
+    low, high = meta.get("minimum"), meta.get("maximum")
+    if low is not None and value < low:
+        raise ConfigError(path, f"{_show(value, kind)} is below the minimum {_show(low, kind)}")
+    if high is not None and value > high:
+        raise ConfigError(path, f"{_show(value, kind)} is above the maximum {_show(high, kind)}")
+    return value
+
+
+def _show(value, kind):
+    if kind == "duration":
+        return format_duration(value)
+    if kind == "size":
+        return format_size(value)
+    return repr(value)
+
+
+def _build(tp, value, meta, path):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _build(args[0], value, meta, path)
+    if dataclasses.is_dataclass(tp):
+        return _build_section(tp, value, path)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(path, f"expected a list, got {_describe(value)}")
+        allowed = meta.get("items")
+        out = []
+        for i, item in enumerate(value):
+            item_path = f"{path}[{i}]"
+            item = _build(args[0], item, {}, item_path)
+            if allowed and item not in allowed:
+                raise ConfigError(item_path, f"{item!r} is not allowed (choose from {', '.join(allowed)})")
+            out.append(item)
+        return tuple(out)
+    if origin in (collections.abc.Mapping, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {_describe(value)}")
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigError(path, f"key {key!r} must be a string")
+            out[key] = _build(args[1], item, {}, _join(path, key))
+        return types.MappingProxyType(out)
+    return _scalar(value, tp, meta, path)
+
+
+def _build_section(cls, value, path):
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(path or None, f"expected a mapping, got {_describe(value)}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in value:
+        if key not in known:
+            raise ConfigError(_join(path, key), "unknown key")
+    kwargs = {}
+    for name, f in known.items():
+        if name in value:
+            kwargs[name] = _build(hints[name], value[name], f.metadata, _join(path, name))
+    return cls(**kwargs)
+
+
+# --- cross-field rules --------------------------------------------------------
+
+_LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
+
+
+def _strport_parts(description):
+    """Split a strports description on colons that are not escaped."""
+    parts, current, escaped = [], "", False
+    for char in description:
+        if escaped:
+            current += char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return parts
+
+
+def strport_interface(description):
+    """
+    The C{interface=} of a Twisted strports description, or C{None} when it
+    binds every address.
+    """
+    for part in _strport_parts(description)[1:]:
+        if part.startswith("interface="):
+            return part[len("interface=") :]
+    return None
+
+
+def strport_port(description):
+    """The port number of a C{tcp:PORT:...} description, or C{None}."""
+    parts = _strport_parts(description)
+    if len(parts) > 1 and parts[0] in ("tcp", "tcp6", "ssl"):
+        for part in parts[1:]:
+            if part.isdigit():
+                return int(part)
+            if part.startswith("port="):
+                return int(part[5:])
+    elif parts[0].isdigit():
+        return int(parts[0])
+    return None
+
+
+def is_loopback(host):
+    if host is None:
+        return False
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_listen(path, description, loopback_only=False):
+    kind = description.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "unix", "ssl") and not kind.isdigit():
+        raise ConfigError(path, f"{description!r} is not a supported listen description (use tcp:PORT[:interface=ADDR])")
+    if kind in ("tcp", "tcp6", "ssl") or kind.isdigit():
+        port = strport_port(description)
+        if port is None or not 0 <= port <= 65535:
+            raise ConfigError(path, f"{description!r} has no valid port")
+    if loopback_only and kind != "unix" and not is_loopback(strport_interface(description)):
+        raise ConfigError(path, "must bind a loopback address (add :interface=127.0.0.1)")
+
+
+def _validate(config, empties):
+    warnings = []
+    for path, names in empties.items():
+        if _is_secret_path(path):
+            raise ConfigError(path, f"environment variable {names[0]} is set but empty")
+    for path, value in _secrets(config):
+        if value == "":
+            raise ConfigError(path, "is empty")
+
+    _check_listen("server.listen", config.server.listen)
+    _check_listen("server.debug_listen", config.server.debug_listen, loopback_only=True)
+    if config.metrics.listen:
+        _check_listen("metrics.listen", config.metrics.listen)
+
+    jwt = config.auth.jwt
+    production = config.server.mode == "production"
+    if jwt.enabled:
+        if "HS256" in jwt.algorithms:
+            if not jwt.secret:
+                raise ConfigError("auth.jwt.secret", "is required when HS256 is allowed")
+            if jwt.secret == PLACEHOLDER_SECRET:
+                if production:
+                    raise ConfigError("auth.jwt.secret", "is the example placeholder; set a real secret (for example from JWT_SECRET)")
+                warnings.append("auth.jwt.secret is the example placeholder: anyone can mint tokens; never use it outside dev mode")
+            elif len(jwt.secret.encode("utf-8")) < MIN_SECRET_BYTES:
+                if production:
+                    raise ConfigError("auth.jwt.secret", f"must be at least {MIN_SECRET_BYTES} bytes in production mode")
+                warnings.append(f"auth.jwt.secret is shorter than {MIN_SECRET_BYTES} bytes")
+        if "RS256" in jwt.algorithms and not (jwt.jwks_url or jwt.public_key_file or config.oauth2.issuer_url):
+            raise ConfigError("auth.jwt.algorithms", "RS256 needs auth.jwt.jwks_url, auth.jwt.public_key_file or oauth2.issuer_url")
+        if not jwt.issuer:
+            raise ConfigError("auth.jwt.issuer", "is required when JWT authentication is enabled")
+        if not jwt.audience:
+            raise ConfigError("auth.jwt.audience", "is required when JWT authentication is enabled")
+        if not jwt.algorithms:
+            raise ConfigError("auth.jwt.algorithms", "must name at least one algorithm")
+
+    oauth = config.oauth2
+    if oauth.enabled:
+        for key in ("client_id", "client_secret", "redirect_uri"):
+            if not getattr(oauth, key):
+                raise ConfigError(f"oauth2.{key}", f"is required when oauth2 is enabled")
+        if oauth.provider == "oidc" and not oauth.issuer_url:
+            raise ConfigError("oauth2.issuer_url", "is required for provider oidc")
+
+    for path, url in (("backend.url", config.backend.url),):
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ConfigError(path, "must be an http:// or https:// URL")
+    for alias, target in config.backend.aliases.items():
+        if not target:
+            raise ConfigError(f"backend.aliases.{alias}", "must name a model")
+    return tuple(warnings)
+
+
+def _secrets(node, path=""):
+    """(path, value) of every secret field."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _secrets(value, _join(path, f.name))
+        elif f.metadata.get("secret"):
+            yield _join(path, f.name), value
+
+
+def _is_secret_path(path):
+    node = Config
+    for part in re.sub(r"\[\d+\]", "", path).split("."):
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        f = fields.get(part)
+        if f is None:
+            return False
+        hint = typing.get_type_hints(node)[part]
+        if dataclasses.is_dataclass(hint):
+            node = hint
+            continue
+        return bool(f.metadata.get("secret"))
+    return False
+
+
+# --- entry points -------------------------------------------------------------
+
+
+def parse_config(text, environ, source=None, mode=None):
+    """
+    Build a L{Config} from YAML C{text} and an C{environ} mapping.
+
+    @param mode: C{"dev"} or C{"production"} to override C{server.mode}, as
+        the command line's C{--mode} does.
+    @raise ConfigError: for anything that is not a valid configuration.
+    """
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise ConfigError(None, f"{problem}{where}") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(None, "the file must be a YAML mapping of sections")
+    empties = {}
+    tree = _substitute_tree(tree, environ, "", empties)
+    if mode is not None:
+        tree.setdefault("server", {})
+        if isinstance(tree["server"], dict):
+            tree["server"] = dict(tree["server"], mode=mode)
+    config = _build_section(Config, tree, "")
+    warnings = _validate(config, empties)
+    return dataclasses.replace(config, source=source, warnings=warnings)
+
+
+def load_config(path, environ, mode=None):
+    """Read and parse the file at C{path}; see L{parse_config}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(None, f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(None, f"{path} is not UTF-8 text") from None
+    return parse_config(text, environ, source=path, mode=mode)
+
+
+_DSN_PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
+
+
+def effective(config):
+    """
+    The config as a plain tree with every secret masked and units spelled
+    out, for C{check-config}.
+    """
+
+    def walk(node):
+        out = {}
+        hints = typing.get_type_hints(type(node))
+        for f in dataclasses.fields(node):
+            if f.metadata.get("internal"):
+                continue
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                out[f.name] = walk(value)
+                continue
+            kind = f.metadata.get("kind")
+            if f.metadata.get("secret") and value is not None:
+                if f.name == "dsn":
+                    value = _DSN_PASSWORD.sub(lambda m: m.group(1) + MASK + m.group(3), value)
+                    value = re.sub(r"(password=)[^\s&]*", r"\1" + MASK, value)
+                else:
+                    value = MASK
+            elif kind == "duration":
+                value = format_duration(value)
+            elif kind == "size":
+                value = format_size(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, types.MappingProxyType):
+                value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+            out[f.name] = value
+        return out
+
+    return walk(config)
+
+
+def dump_effective(config):
+    return yaml.safe_dump(effective(config), sort_keys=False, allow_unicode=True)
+
+
+def restart_needed(old, new):
+    """
+    The keys whose change only a restart applies (listen addresses, storage),
+    as a list of paths.
+    """
+    paths = []
+    for path in ("server.listen", "server.debug_listen", "server.mode", "metrics.listen", "storage.backend", "storage.path", "storage.dsn", "log.path"):
+        section, key = path.split(".")
+        if getattr(getattr(old, section), key) != getattr(getattr(new, section), key):
+            paths.append(path)
+    return paths

@@ -1,0 +1,70 @@
+"""
+The one error shape.
+
+Handlers raise L{APIError}; L{error_body} is the only place that turns one
+into the JSON body clients see, which is compatible with OpenAI clients::
+
+    {"error": {"message": ..., "type": ..., "code": ..., "details": ...}}
+
+C{details} is always a short reason chosen by this project, never a library's
+exception text or an internal address.
+"""
+
+import json
+
+# code -> (HTTP status, OpenAI-style type, default message)
+CODES = {
+    "AUTH_MISSING_TOKEN": (401, "authentication_error", "Authentication required"),
+    "AUTH_INVALID_TOKEN": (401, "authentication_error", "Invalid or expired token"),
+    "AUTH_INSUFFICIENT_SCOPE": (403, "permission_error", "Insufficient scope"),
+    "INVALID_REQUEST": (400, "invalid_request_error", "Invalid request"),
+    "NOT_FOUND": (404, "not_found_error", "Not found"),
+    "METHOD_NOT_ALLOWED": (405, "invalid_request_error", "Method not allowed"),
+    "PAYLOAD_TOO_LARGE": (413, "invalid_request_error", "Request body too large"),
+    "RATE_LIMITED": (429, "rate_limit_error", "Rate limit exceeded"),
+    "GATEWAY_BUSY": (503, "server_error", "Gateway busy"),
+    "MODEL_NOT_FOUND": (404, "invalid_request_error", "Model not found"),
+    "UPSTREAM_UNAVAILABLE": (502, "upstream_error", "Model backend unavailable"),
+    "UPSTREAM_TIMEOUT": (504, "upstream_error", "Model backend timed out"),
+    "INTERNAL_ERROR": (500, "server_error", "Internal server error"),
+    "NOT_READY": (503, "server_error", "Not ready"),
+}
+
+
+class APIError(Exception):
+    """
+    A request failed in a way the client should hear about.
+
+    @ivar code: one of L{CODES}.
+    @ivar status: the HTTP status.
+    @ivar headers: extra response headers, as C{{name: value}}.
+    """
+
+    def __init__(self, code, details=None, message=None, headers=None, status=None):
+        default_status, self.type, default_message = CODES[code]
+        self.code = code
+        self.status = status or default_status
+        self.message = message or default_message
+        self.details = details
+        self.headers = dict(headers or {})
+        super().__init__(f"{code}: {details or self.message}")
+
+    def as_dict(self):
+        error = {"message": self.message, "type": self.type, "code": self.code}
+        if self.details is not None:
+            error["details"] = self.details
+        return {"error": error}
+
+
+def error_body(err):
+    """The JSON bytes of C{err}'s body."""
+    return json.dumps(err.as_dict(), ensure_ascii=False).encode("utf-8")
+
+
+def internal_error():
+    return APIError("INTERNAL_ERROR", details="the gateway hit an unexpected error; it has been logged")
+
+
+def invalid(details):
+    """A 400 INVALID_REQUEST with the given curated reason."""
+    return APIError("INVALID_REQUEST", details=details)

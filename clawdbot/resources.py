@@ -1,0 +1,55 @@
+"""
+The resource tree.  Each route is a thin L{APIResource} that declares the
+scope each method needs; the work is done in the modules it calls.
+"""
+
+from clawdbot.web import APIResource, JSONResponse, Node
+
+
+class Health(APIResource):
+    """C{GET /healthz}: the process is alive and its reactor turns."""
+
+    scopes = {"GET": None}
+
+    async def handle_GET(self, request):
+        return {"status": "ok"}
+
+
+class Ready(APIResource):
+    """
+    C{GET /readyz}: a config is loaded and Ollama answers.  503 with the
+    reason otherwise, so a load balancer and a person both learn why.
+    """
+
+    scopes = {"GET": None}
+
+    async def handle_GET(self, request):
+        checks = {"config": "ok"}
+        reason = await self.gateway.backend.check()
+        checks["backend"] = reason or "ok"
+        if reason:
+            return JSONResponse({"status": "not ready", "reason": f"Ollama: {reason}", "checks": checks}, status=503)
+        return {"status": "ready", "checks": checks}
+
+
+class Me(APIResource):
+    """C{GET /v1/me}: the caller's principal; any valid credential."""
+
+    scopes = {"GET": ""}
+
+    async def handle_GET(self, request):
+        return request.principal.as_dict()
+
+
+def build_root(gateway, debug):
+    """
+    The tree one listener serves.  The debug listener's tree has no OAuth2
+    endpoints.
+    """
+    root = Node()
+    root.putChild(b"healthz", Health(gateway))
+    root.putChild(b"readyz", Ready(gateway))
+    v1 = Node()
+    root.putChild(b"v1", v1)
+    v1.putChild(b"me", Me(gateway))
+    return root

@@ -1,0 +1,89 @@
+"""
+Durations and sizes in human units (C{120s}, C{5m}, C{20MB}).
+
+Pure functions: no I/O, so they are tested directly and with hypothesis.
+"""
+
+import re
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_duration(value):
+    """
+    Seconds (a float) from C{"120s"}, C{"5m"}, C{"250ms"}, C{"1h"}, C{"2d"} or
+    a bare number of seconds.
+
+    @raise ValueError: with a short reason when the value is not a duration.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '30s' or '5m'")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError("expected a duration such as '30s' or '5m'")
+    match = _DURATION.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a duration (use ms, s, m, h or d)")
+    number, unit = match.groups()
+    return float(number) * _DURATION_UNITS[unit]
+
+
+def parse_size(value):
+    """
+    Bytes (an int) from C{"20MB"}, C{"512KiB"}, C{"1GB"} or a bare number of
+    bytes.  C{KB}/C{MB}/C{GB} are decimal, C{KiB}/C{MiB}/C{GiB} binary.
+
+    @raise ValueError: with a short reason when the value is not a size.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as '20MB'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a size such as '20MB'")
+    match = _SIZE.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a size (use B, KB, MB, GB, KiB, MiB or GiB)")
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[(unit or "b").lower()])
+
+
+def format_duration(seconds):
+    """The shortest exact human spelling of C{seconds}, for printing configs."""
+    if seconds == int(seconds):
+        seconds = int(seconds)
+        for unit, factor in (("d", 86400), ("h", 3600), ("m", 60)):
+            if seconds and seconds % factor == 0:
+                return f"{seconds // factor}{unit}"
+        return f"{seconds}s"
+    millis = seconds * 1000
+    if millis == int(millis):
+        return f"{int(millis)}ms"
+    return f"{seconds}s"
+
+
+def format_size(size):
+    """The shortest exact human spelling of C{size} bytes."""
+    for unit, factor in (("GB", 1000**3), ("MB", 1000**2), ("KB", 1000), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"

@@ -1,0 +1,270 @@
+"""
+The HTTP layer: a request class that enforces the body limit while the body
+arrives, a site per listener, and the base resource that runs handlers,
+checks method and scope, and renders every error in one place.
+"""
+
+import json
+import uuid
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from clawdbot.errors import APIError, error_body, internal_error, invalid
+
+log = Logger(namespace="clawdbot.web")
+
+JSON_TYPE = b"application/json; charset=utf-8"
+_REASONS = {413: b"Payload Too Large"}
+
+
+class GatewayRequest(server.Request):
+    """
+    A request that refuses a body over the configured limit before it is
+    read whole, carries a request id, a snapshot of the config it started
+    under, and knows when its client has gone.
+
+    @ivar refused: set once a 413 has been written; nothing else happens for
+        this request.
+    @ivar gone: the client disconnected before the response finished.
+    """
+
+    defaultContentType = None
+    refused = False
+    gone = False
+    config = None
+    principal = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.request_id = uuid.uuid4().hex
+        self.body_size = 0
+        self.notifyFinish().addErrback(self._lost)
+
+    def _lost(self, reason):
+        self.gone = True
+
+    def _limit(self):
+        site = getattr(self.channel, "site", None)
+        gateway = getattr(site, "gateway", None)
+        if gateway is None:
+            return None
+        return gateway.config.limits.max_body
+
+    def gotLength(self, length):
+        limit = self._limit()
+        if length is not None and limit is not None and length > limit:
+            self._refuse(limit)
+            # The body is never stored, so don't ask the client for it.
+            self.requestHeaders.removeHeader(b"expect")
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self.refused:
+            return
+        self.body_size += len(data)
+        limit = self._limit()
+        if limit is not None and self.body_size > limit:
+            self._refuse(limit)
+            self.content = None
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self, limit):
+        """
+        Answer 413 straight onto the connection and close it: the request is
+        still arriving, so the normal response machinery cannot be used.
+        """
+        self.refused = True
+        err = APIError("PAYLOAD_TOO_LARGE", details=f"the body is larger than the limit of {limit} bytes")
+        body = error_body(err)
+        head = [
+            b"HTTP/1.1 413 Payload Too Large",
+            b"Content-Type: " + JSON_TYPE,
+            b"Content-Length: " + str(len(body)).encode(),
+            b"X-Content-Type-Options: nosniff",
+            b"X-Request-Id: " + self.request_id.encode(),
+            b"Connection: close",
+        ]
+        transport = self.channel.transport
+        transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        log.info("Refused a request body over the {limit} byte limit", limit=limit, request_id=self.request_id)
+        transport.loseConnection()
+
+    def process(self):
+        if self.refused:
+            return
+        gateway = getattr(self.channel.site, "gateway", None)
+        if gateway is not None:
+            self.config = gateway.config
+        super().process()
+
+    def render(self, resource):
+        self.setHeader(b"server", b"clawdbot")
+        self.setHeader(b"x-content-type-options", b"nosniff")
+        self.setHeader(b"x-request-id", self.request_id.encode())
+        super().render(resource)
+
+
+class GatewaySite(server.Site):
+    """
+    One listener's site.  C{debug} marks the unauthenticated loopback debug
+    listener, whose requests act as the configured dev principal.
+    """
+
+    requestFactory = GatewayRequest
+    noisy = False
+
+    def __init__(self, resource, gateway, debug=False, **kwargs):
+        super().__init__(resource, **kwargs)
+        self.gateway = gateway
+        self.debug = debug
+
+    def log(self, request):
+        """Access logging is the gateway's own; twisted.web's is off."""
+
+
+def write_json(request, status, payload, headers=None):
+    """Finish C{request} with a JSON body, unless its client has gone."""
+    if request.gone or request.finished:
+        return
+    body = payload if isinstance(payload, bytes) else json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", JSON_TYPE)
+    request.setHeader(b"content-length", str(len(body)).encode())
+    for name, value in (headers or {}).items():
+        request.setHeader(name.encode() if isinstance(name, str) else name, value.encode() if isinstance(value, str) else value)
+    request.write(body)
+    request.finish()
+
+
+def write_error(request, err):
+    write_json(request, err.status, error_body(err), err.headers)
+
+
+def read_json(request, require_object=True):
+    """
+    The request body parsed as JSON.
+
+    @raise APIError: INVALID_REQUEST with a curated reason.
+    """
+    ctype = (request.getHeader(b"content-type") or "")
+    if isinstance(ctype, bytes):
+        ctype = ctype.decode("latin-1")
+    if ctype and "json" not in ctype.lower():
+        raise invalid("the body must be JSON (Content-Type: application/json)")
+    content = request.content
+    if content is None:
+        raise invalid("the body is missing")
+    content.seek(0)
+    raw = content.read()
+    if not raw.strip():
+        raise invalid("the body is empty; a JSON object is expected")
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise invalid("the body is not valid JSON") from None
+    if require_object and not isinstance(value, dict):
+        raise invalid("the body must be a JSON object")
+    return value
+
+
+class JSONResponse:
+    """What a handler returns for a JSON answer other than a plain 200."""
+
+    def __init__(self, payload, status=200, headers=None):
+        self.payload = payload
+        self.status = status
+        self.headers = headers or {}
+
+
+class NotFound(Resource):
+    """A JSON 404 for any path and method."""
+
+    isLeaf = True
+
+    def render(self, request):
+        err = APIError("NOT_FOUND", details="no such route")
+        request.setResponseCode(err.status)
+        request.setHeader(b"content-type", JSON_TYPE)
+        return error_body(err)
+
+
+class Node(Resource):
+    """A path segment with children and nothing of its own: 404 elsewhere."""
+
+    def getChild(self, path, request):
+        return NotFound()
+
+    def render(self, request):
+        return NotFound().render(request)
+
+
+class APIResource(Resource):
+    """
+    The base of every API route.
+
+    A subclass maps each HTTP method it answers to the scope that method
+    needs in C{scopes} (C{None}: public; C{""}: any valid credential) and
+    implements it as C{async def handle_METHOD(self, request)}.  The handler
+    returns a JSON-able value (a 200), a L{JSONResponse}, or C{None} when it
+    wrote the response itself (streams).  Any L{APIError} it raises becomes
+    the JSON error; anything else is logged and becomes a bare 500.
+    """
+
+    scopes = {}
+
+    def __init__(self, gateway):
+        super().__init__()
+        self.gateway = gateway
+
+    def getChild(self, path, request):
+        return NotFound()
+
+    def render(self, request):
+        method = request.method.decode("ascii", "replace")
+        if method == "HEAD" and "GET" in self.scopes:
+            method = "GET"
+        if method == "OPTIONS" and request.site.debug:
+            self.gateway.cors(request)
+            request.setResponseCode(204)
+            return b""
+        if method not in self.scopes:
+            allowed = ", ".join(sorted(self.scopes))
+            err = APIError("METHOD_NOT_ALLOWED", details=f"use {allowed}", headers={"Allow": allowed})
+            write_error(request, err)
+            return server.NOT_DONE_YET
+        if request.site.debug:
+            self.gateway.cors(request)
+        d = Deferred.fromCoroutine(self._run(request, method))
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        return server.NOT_DONE_YET
+
+    async def _run(self, request, method):
+        try:
+            needed = self.scopes[method]
+            if needed is not None:
+                request.principal = await self.gateway.authenticate(request)
+                self.gateway.authorize(request, request.principal, needed)
+            handler = getattr(self, "handle_" + method)
+            result = await handler(request)
+        except APIError as err:
+            write_error(request, err)
+        except CancelledError:
+            if not request.gone:
+                log.failure("Handler cancelled without a disconnect", request_id=request.request_id)
+                write_error(request, internal_error())
+        except Exception:
+            log.failure("Unhandled error in {method} {path}", Failure(), method=method, path=request.path.decode("latin-1"), request_id=request.request_id)
+            write_error(request, internal_error())
+        else:
+            if result is None:
+                return
+            if isinstance(result, JSONResponse):
+                write_json(request, result.status, result.payload, result.headers)
+            else:
+                write_json(request, 200, result)

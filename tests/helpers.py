@@ -1,0 +1,177 @@
+"""
+Shared test helpers: a gateway on real loopback sockets, config files, and
+real processes.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import treq
+from twisted.internet import reactor
+
+from clawdbot.tap import Options, makeService
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECRET = "test-secret-0123456789-abcdefghijklmnop"
+ISSUER = "https://sso.example.com"
+AUDIENCE = "qwen-web-chat"
+
+BASE_CONFIG = f"""
+server:
+  mode: dev
+  listen: "tcp:0:interface=127.0.0.1"
+  debug_listen: "tcp:0:interface=127.0.0.1"
+auth:
+  jwt:
+    secret: "{SECRET}"
+    issuer: "{ISSUER}"
+    audience: "{AUDIENCE}"
+    algorithms: ["HS256"]
+"""
+
+
+def write_config(testcase, text):
+    """Write C{text} (dedented) to a temporary file; returns its path."""
+    fd, path = tempfile.mkstemp(suffix=".yaml", prefix="clawdbot-test-")
+    with os.fdopen(fd, "w") as f:
+        f.write(textwrap.dedent(text))
+    testcase.addCleanup(os.unlink, path)
+    return path
+
+
+def merge_yaml(base, extra):
+    """C{base} YAML with the mappings of C{extra} merged in."""
+    import yaml
+
+    def merge(a, b):
+        for k, v in b.items():
+            if isinstance(v, dict) and isinstance(a.get(k), dict):
+                merge(a[k], v)
+            else:
+                a[k] = v
+        return a
+
+    return yaml.safe_dump(merge(yaml.safe_load(base), yaml.safe_load(textwrap.dedent(extra)) or {}))
+
+
+class Running:
+    """A gateway started in this process on loopback ports."""
+
+    def __init__(self, service, said):
+        self.service = service
+        self.gateway = service.gateway
+        self.said = said
+        urls = [line.split(" listening on ")[1].split()[0] for line in said]
+        self.url = urls[0]
+        self.debug_url = urls[1] if len(urls) > 1 else None
+
+
+def serve(testcase, extra="", environ=None, no_debug=False, mode=None, base=BASE_CONFIG):
+    """Start a gateway on the config C{base} merged with C{extra}."""
+    path = write_config(testcase, merge_yaml(base, extra))
+    options = Options(environ if environ is not None else {})
+    argv = ["--config", path]
+    if no_debug:
+        argv.append("--no-debug-port")
+    if mode:
+        argv += ["--mode", mode]
+    options.parseOptions(argv)
+    said = []
+    service = makeService(options, reactor=reactor, say=said.append)
+    service.startService()
+    testcase.addCleanup(service.stopService)
+    running = Running(service, said)
+    running.config_path = path
+    return running
+
+
+def token(sub="alice", scope="chat:read chat:write", ttl=3600, secret=SECRET, issuer=ISSUER, audience=AUDIENCE, **extra):
+    from clawdbot.auth import mint
+
+    return mint(secret, issuer, audience, sub, scope, ttl, **extra)
+
+
+def bearer(tok):
+    return {"Authorization": f"Bearer {tok}"}
+
+
+async def get_json(url, headers=None, method="GET", body=None, **kwargs):
+    """(status, headers, parsed body) of one call."""
+    data = None
+    hdrs = dict(headers or {})
+    if body is not None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        hdrs.setdefault("Content-Type", "application/json")
+    response = await treq.request(method, url, headers=hdrs, data=data, persistent=False, **kwargs)
+    raw = await response.content()
+    try:
+        parsed = json.loads(raw) if raw else None
+    except ValueError:
+        parsed = raw
+    return response.code, response.headers, parsed
+
+
+def process_env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+class Process:
+    """A gateway (or any command) in a real child process."""
+
+    def __init__(self, argv, env=None, cwd=ROOT):
+        self.out = tempfile.TemporaryFile(mode="w+")
+        self.err = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(argv, env=env or process_env(), cwd=cwd, stdout=self.out, stderr=self.err, stdin=subprocess.DEVNULL)
+
+    def stdout(self):
+        self.out.seek(0)
+        return self.out.read()
+
+    def stderr(self):
+        self.err.seek(0)
+        return self.err.read()
+
+    def wait_for(self, text, timeout=20.0, stream="stdout"):
+        """Block until C{text} shows in the output; returns that output."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen = self.stdout() if stream == "stdout" else self.stderr()
+            if text in seen:
+                return seen
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not seen; exit={self.proc.poll()}\nstdout:\n{self.stdout()}\nstderr:\n{self.stderr()}")
+
+    def url(self, which="Gateway"):
+        for line in self.stdout().splitlines():
+            if line.startswith(which) and " listening on " in line:
+                return line.split(" listening on ")[1].split()[0]
+        raise AssertionError("no listening line: " + self.stdout())
+
+    def signal(self, signum):
+        self.proc.send_signal(signum)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.out.close()
+        self.err.close()
+
+
+def clawdbot_argv(*args):
+    return [sys.executable, "-m", "clawdbot", *args]
