@@ -153,9 +153,10 @@ class Process:
         raise AssertionError(f"{text!r} not seen; exit={self.proc.poll()}\nstdout:\n{self.stdout()}\nstderr:\n{self.stderr()}")
 
     def url(self, which="Gateway"):
+        marker = f"{which} listening on "
         for line in self.stdout().splitlines():
-            if line.startswith(which) and " listening on " in line:
-                return line.split(" listening on ")[1].split()[0]
+            if marker in line:
+                return line.split(marker)[1].split()[0]
         raise AssertionError("no listening line: " + self.stdout())
 
     def signal(self, signum):
