@@ -18,6 +18,7 @@ Every refusal is an L{APIError} with a curated C{details}; the token itself
 is never logged.
 """
 
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -43,6 +44,7 @@ from clawdbot.errors import APIError
 log = Logger(namespace="clawdbot.auth")
 
 REALM = 'Bearer realm="clawdbot"'
+_UNVERIFIED = jwt.api_jws.PyJWS()
 SUPPORTED_ALGORITHMS = ("HS256", "RS256")
 _CACHE_MAX = 10000
 
@@ -135,8 +137,9 @@ def check_claim_types(claims):
     for claim in ("exp", "nbf", "iat"):
         if claim in claims and not _number(claims[claim]):
             raise _WrongType(claim)
-    if "iss" in claims and not isinstance(claims["iss"], str):
-        raise _WrongType("iss")
+    for claim in ("iss", "sub"):
+        if claim in claims and not isinstance(claims[claim], str):
+            raise _WrongType(claim)
     if "aud" in claims:
         aud = claims["aud"]
         if not (isinstance(aud, str) or (isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud))):
@@ -231,6 +234,7 @@ class KeySet:
         self.min_refresh = min_refresh
         self._keys = dict(static_keys or {})
         self._fetched_at = None
+        self._unknown_refresh_at = None
         self._waiters = None
 
     @classmethod
@@ -266,6 +270,7 @@ class KeySet:
         if stale:
             await self._try_refresh()
         if kid is not None and kid not in self._keys and self._may_refresh():
+            self._unknown_refresh_at = self.clock.seconds()
             await self._try_refresh()
         if kid is None:
             if not self._keys:
@@ -276,7 +281,9 @@ class KeySet:
         return [self._keys[kid]]
 
     def _may_refresh(self):
-        return self._fetched_at is None or self.clock.seconds() - self._fetched_at >= self.min_refresh
+        """Refreshes for unknown kids happen at most once per C{min_refresh}."""
+        last = self._unknown_refresh_at
+        return last is None or self.clock.seconds() - last >= self.min_refresh
 
     async def _try_refresh(self):
         try:
@@ -368,7 +375,12 @@ class Authenticator:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in SUPPORTED_ALGORITHMS:
             raise InvalidAlgorithmError("alg")
-        claims = jwt.decode(token, options={"verify_signature": False})
+        try:
+            claims = json.loads(_UNVERIFIED.decode_complete(token, options={"verify_signature": False})["payload"])
+        except ValueError:
+            raise DecodeError("payload") from None
+        if not isinstance(claims, dict):
+            raise DecodeError("payload")
         check_claim_types(claims)
         if "iss" not in claims:
             raise MissingRequiredClaimError("iss")
