@@ -1,12 +1,19 @@
 #!/bin/sh
-# System packages and npm modules the tests use, installed once.
+# What the tests need beyond the Python packages, installed once: the real
+# OIDC provider's npm modules.  Idempotent: a second run installs nothing.
 set -e
 cd "$(dirname "$0")/.."
-missing=""
-for tool in pidof; do
-  command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
-done
-if [ -n "$missing" ]; then
-  echo "tests need:$missing" >&2
-  exit 1
+
+need_cmd() {
+  command -v "$1" >/dev/null 2>&1 || { echo "tests need the '$1' command; install it and re-run" >&2; exit 1; }
+}
+need_cmd node
+need_cmd npm
+need_cmd pidof
+
+# The OIDC provider (tests/idp), reinstalled when its lockfile changes.
+stamp=tests/idp/node_modules/.clawdbot-lock
+if [ ! -f "$stamp" ] || ! cmp -s tests/idp/package-lock.json "$stamp"; then
+  (cd tests/idp && npm ci --no-audit --no-fund --loglevel=error)
+  cp tests/idp/package-lock.json "$stamp"
 fi
