@@ -99,6 +99,13 @@ class Gateway:
 
     # --- the HTTP layer's questions ----------------------------------------------
 
+    def image_filter(self, config):
+        """
+        C{filter(raw_bytes) -> base64 text} for images in chat requests:
+        validated, shrunk and re-encoded (L{clawdbot.images}).
+        """
+        return None
+
     def cors(self, request):
         """
         CORS for the debug listener: any C{http://localhost:*} (or loopback)

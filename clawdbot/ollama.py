@@ -1,17 +1,180 @@
 """
-The Ollama client: one connection pool, per-call timeouts, and the
-concurrency cap with its fair wait queue.
+The Ollama client: one connection pool, the concurrency cap with its fair
+wait queue, per-call timeouts (connect, first byte, idle between chunks, and
+the whole call), and bodies delivered chunk by chunk so a reply is never
+buffered whole while it streams.
 """
 
-from twisted.internet.defer import CancelledError
+import collections
+import json
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, ResponseFailed, readBody
+from twisted.web.client import Agent, ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
 from clawdbot.backend import quiet_pool
+from clawdbot.errors import APIError
 
 log = Logger(namespace="clawdbot.ollama")
+
+MAX_REPLY = 64 * 1024 * 1024
+
+
+def unavailable(details="the model backend is not reachable"):
+    return APIError("UPSTREAM_UNAVAILABLE", details=details)
+
+
+def timed_out(details):
+    return APIError("UPSTREAM_TIMEOUT", details=details)
+
+
+def busy(retry_after):
+    return APIError("GATEWAY_BUSY", details="too many requests are waiting for the model; retry shortly", headers={"Retry-After": str(retry_after)})
+
+
+def retry_after(queue_timeout):
+    """A Retry-After hint: a tenth of the queue wait, at least a second."""
+    return max(1, int(queue_timeout / 10))
+
+
+class Slots:
+    """
+    At most C{limit} concurrent backend calls; up to C{max_queue} more wait
+    in arrival order (fair), each for at most C{timeout} seconds.  The limits
+    are read at each call, so a reload changes them.
+    """
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.active = 0
+        self.waiting = collections.deque()
+
+    async def acquire(self, limit, max_queue, timeout):
+        if self.active < limit and not self.waiting:
+            self.active += 1
+            return
+        if len(self.waiting) >= max_queue:
+            raise busy(retry_after(timeout))
+
+        def cancel(d):
+            if d in self.waiting:
+                self.waiting.remove(d)
+
+        waiter = Deferred(cancel)
+        self.waiting.append(waiter)
+
+        def expire():
+            if waiter in self.waiting:
+                self.waiting.remove(waiter)
+                waiter.errback(busy(retry_after(timeout)))
+
+        timer = self.clock.callLater(timeout, expire)
+        try:
+            await waiter
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def release(self, limit):
+        """Free a slot and hand free slots to the longest waiters."""
+        self.active -= 1
+        while self.waiting and self.active < limit:
+            self.active += 1
+            self.waiting.popleft().callback(None)
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body that is already in memory."""
+
+    def __init__(self, data):
+        self.data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer):
+        consumer.write(self.data)
+        return succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+class BodyReader(Protocol):
+    """
+    Delivers a response body to C{on_data} as it arrives, with an idle timer
+    reset on every chunk and the call's overall deadline.  C{finished} fires
+    with C{None} at the end of the body, or fails with an L{APIError}.
+    """
+
+    def __init__(self, clock, on_data, idle, deadline):
+        self.clock = clock
+        self.on_data = on_data
+        self.idle = idle
+        self.deadline = deadline
+        self.finished = Deferred(lambda d: self.abort())
+        self._error = None
+        self._idle_timer = None
+        self._deadline_timer = None
+
+    def connectionMade(self):
+        self._idle_timer = self.clock.callLater(self.idle, self._timeout, "the model backend stopped sending")
+        remaining = max(0.0, self.deadline - self.clock.seconds())
+        self._deadline_timer = self.clock.callLater(remaining, self._timeout, "the model backend took longer than the configured timeout")
+
+    def dataReceived(self, data):
+        if self._error is not None:
+            return
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self.idle)
+        try:
+            self.on_data(data)
+        except APIError as e:
+            self._fail(e)
+        except Exception:
+            log.failure("Failed to relay a backend chunk")
+            self._fail(unavailable("the gateway could not relay the reply"))
+
+    def _timeout(self, details):
+        self._fail(timed_out(details))
+
+    def _fail(self, error):
+        if self._error is None:
+            self._error = error
+            self.abort()
+
+    def abort(self):
+        """Drop the backend connection (Ollama sees it close)."""
+        self._stop_timers()
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _stop_timers(self):
+        for timer in (self._idle_timer, self._deadline_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+
+    def connectionLost(self, reason):
+        self._stop_timers()
+        if self.finished.called:
+            return
+        if self._error is not None:
+            self.finished.errback(self._error)
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(None)
+        else:
+            self.finished.errback(unavailable("the model backend closed the connection mid-reply"))
 
 
 class Ollama:
@@ -22,34 +185,144 @@ class Ollama:
     def __init__(self, reactor, gateway):
         self.reactor = reactor
         self.gateway = gateway
-        self.pool = quiet_pool(reactor, 64)
+        self.pool = quiet_pool(reactor, 256)
+        self.slots = Slots(reactor)
+        self._agents = {}
 
     def agent(self, config):
-        return Agent(self.reactor, pool=self.pool, connectTimeout=config.backend.connect_timeout)
+        timeout = config.backend.connect_timeout
+        agent = self._agents.get(timeout)
+        if agent is None:
+            agent = self._agents[timeout] = Agent(self.reactor, pool=self.pool, connectTimeout=timeout)
+        return agent
 
-    async def check(self):
+    def url(self, config, path):
+        return (config.backend.url.rstrip("/") + path).encode("utf-8")
+
+    async def send(self, config, method, path, body=None, deadline=None):
         """
-        C{None} when Ollama answers C{/api/version}, else a short reason.
+        Send one request and wait for Ollama's response headers, within the
+        first-byte timeout.
+
+        @return: the L{twisted.web.iweb.IResponse}.
+        @raise APIError: UPSTREAM_UNAVAILABLE or UPSTREAM_TIMEOUT.
         """
-        config = self.gateway.config
-        url = (config.backend.url.rstrip("/") + "/api/version").encode()
-        d = self.agent(config).request(b"GET", url, Headers({b"user-agent": [b"clawdbot"]}))
-        timer = self.reactor.callLater(config.backend.connect_timeout, d.cancel)
+        headers = Headers({b"user-agent": [b"clawdbot"]})
+        producer = None
+        if body is not None:
+            headers.setRawHeaders(b"content-type", [b"application/json"])
+            producer = BytesProducer(body)
+        d = self.agent(config).request(method, self.url(config, path), headers, producer)
+        now = self.reactor.seconds()
+        wait = config.backend.first_byte_timeout
+        if deadline is not None:
+            wait = min(wait, max(0.0, deadline - now))
+        fired = []
+        timer = self.reactor.callLater(wait, lambda: (fired.append(True), d.cancel()))
         try:
-            response = await d
-            await readBody(response)
-        except (ConnectError, DNSLookupError) as e:
-            return "not reachable (connection refused)" if "refused" in str(e).lower() else "not reachable"
-        except (TimeoutError, ConnectingCancelledError, CancelledError):
-            return "not reachable (timed out)"
-        except ResponseFailed:
-            return "not reachable (connection failed)"
+            return await d
+        except (CancelledError, ConnectingCancelledError):
+            if fired:
+                raise timed_out("the model backend did not answer in time") from None
+            raise
+        except TimeoutError:
+            raise timed_out("connecting to the model backend timed out") from None
+        except (ConnectError, DNSLookupError):
+            raise unavailable() from None
+        except (ResponseNeverReceived, ResponseFailed):
+            raise unavailable("the model backend closed the connection") from None
         finally:
             if timer.active():
                 timer.cancel()
+
+    async def read(self, response, on_data, config, deadline):
+        """Deliver C{response}'s body to C{on_data} chunk by chunk; see L{BodyReader}."""
+        reader = BodyReader(self.reactor, on_data, config.backend.idle_timeout, deadline)
+        response.deliverBody(reader)
+        return reader
+
+    async def collect(self, response, config, deadline, limit=MAX_REPLY):
+        """The whole body of a (non-streamed) response."""
+        parts = []
+        size = [0]
+
+        def on_data(data):
+            size[0] += len(data)
+            if size[0] > limit:
+                raise unavailable("the model backend's reply is too large")
+            parts.append(data)
+
+        reader = await self.read(response, on_data, config, deadline)
+        await reader.finished
+        return b"".join(parts)
+
+    async def call(self, config, method, path, payload=None):
+        """
+        A complete exchange with a JSON request: the slot, the timeouts and
+        the error mapping included.
+
+        @return: the raw body of a 200 answer.
+        """
+        deadline = self.reactor.seconds() + config.timeout
+        await self.acquire(config)
+        try:
+            body = None if payload is None else json.dumps(payload).encode("utf-8")
+            response = await self.send(config, method, path, body, deadline)
+            raw = await self.collect(response, config, deadline)
+        finally:
+            self.release(config)
+        if response.code != 200:
+            raise upstream_error(response.code, raw, payload)
+        return raw
+
+    async def call_json(self, config, method, path, payload=None):
+        """L{call}, with the answer parsed as JSON."""
+        raw = await self.call(config, method, path, payload)
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise unavailable("the model backend sent a malformed reply") from None
+
+    async def acquire(self, config):
+        await self.slots.acquire(config.max_connections, config.limits.max_queue, config.limits.queue_timeout)
+
+    def release(self, config):
+        self.slots.release(config.max_connections)
+
+    async def check(self):
+        """C{None} when Ollama answers C{/api/version}, else a short reason."""
+        config = self.gateway.config
+        deadline = self.reactor.seconds() + config.backend.connect_timeout
+        try:
+            response = await self.send(config, b"GET", "/api/version", deadline=deadline)
+            await self.collect(response, config, deadline, limit=65536)
+        except APIError as e:
+            return "not reachable (timed out)" if e.code == "UPSTREAM_TIMEOUT" else "not reachable"
         if response.code != 200:
             return f"answered status {response.code}"
         return None
 
     def close(self):
         return self.pool.closeCachedConnections()
+
+
+def ollama_error_text(raw):
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return ""
+    if isinstance(value, dict) and isinstance(value.get("error"), str):
+        return value["error"]
+    return ""
+
+
+def upstream_error(status, raw, payload=None):
+    """The L{APIError} for a non-200 answer from Ollama."""
+    text = ollama_error_text(raw).lower()
+    model = payload.get("model") if isinstance(payload, dict) else None
+    if status == 404 and ("not found" in text or model):
+        return APIError("MODEL_NOT_FOUND", details=f"model '{model}' is not available" if model else "model is not available")
+    if 400 <= status < 500:
+        return APIError("INVALID_REQUEST", details=f"the model backend refused the request (status {status})")
+    return unavailable(f"the model backend failed (status {status})")
+

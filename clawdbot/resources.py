@@ -3,6 +3,8 @@ The resource tree.  Each route is a thin L{APIResource} that declares the
 scope each method needs; the work is done in the modules it calls.
 """
 
+from clawdbot import api
+from clawdbot.static import StaticFiles, static_dir
 from clawdbot.web import APIResource, JSONResponse, Node
 
 
@@ -47,9 +49,13 @@ def build_root(gateway, debug):
     endpoints.
     """
     root = Node()
+    pages = static_dir()
+    root.putChild(b"", StaticFiles(pages, index="index.html"))
+    root.putChild(b"static", StaticFiles(pages))
     root.putChild(b"healthz", Health(gateway))
     root.putChild(b"readyz", Ready(gateway))
     v1 = Node()
     root.putChild(b"v1", v1)
     v1.putChild(b"me", Me(gateway))
+    api.add_routes(root, v1, gateway)
     return root

@@ -41,6 +41,9 @@ class GatewayRequest(server.Request):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.request_id = uuid.uuid4().hex
+        # What the access log records beyond the HTTP basics: model,
+        # session, tokens, upstream latency.
+        self.audit = {}
         self.body_size = 0
         self.notifyFinish().addErrback(self._lost)
 
@@ -225,28 +228,34 @@ class APIResource(Resource):
     def getChild(self, path, request):
         return NotFound()
 
+    def route(self, request):
+        """The C{{method: scope}} this request may use, or C{None} for a 404."""
+        return self.scopes
+
     def render(self, request):
+        scopes = self.route(request)
+        if scopes is None:
+            return NotFound().render(request)
         method = request.method.decode("ascii", "replace")
-        if method == "HEAD" and "GET" in self.scopes:
+        if method == "HEAD" and "GET" in scopes:
             method = "GET"
         if method == "OPTIONS" and request.site.debug:
             self.gateway.cors(request)
             request.setResponseCode(204)
             return b""
-        if method not in self.scopes:
-            allowed = ", ".join(sorted(self.scopes))
+        if method not in scopes:
+            allowed = ", ".join(sorted(scopes))
             err = APIError("METHOD_NOT_ALLOWED", details=f"use {allowed}", headers={"Allow": allowed})
             write_error(request, err)
             return server.NOT_DONE_YET
         if request.site.debug:
             self.gateway.cors(request)
-        d = Deferred.fromCoroutine(self._run(request, method))
+        d = Deferred.fromCoroutine(self._run(request, method, scopes[method]))
         request.notifyFinish().addErrback(lambda _: d.cancel())
         return server.NOT_DONE_YET
 
-    async def _run(self, request, method):
+    async def _run(self, request, method, needed):
         try:
-            needed = self.scopes[method]
             if needed is not None:
                 request.principal = await self.gateway.authenticate(request)
                 self.gateway.authorize(request, request.principal, needed)

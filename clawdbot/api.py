@@ -1,0 +1,242 @@
+"""
+The model routes: OpenAI's chat completions, models and embeddings, and the
+authenticated pass-through of Ollama's native API.
+"""
+
+import json
+import posixpath
+
+from clawdbot import translate
+from clawdbot.errors import APIError, invalid
+from clawdbot.ollama import upstream_error
+from clawdbot.translate import LineSplitter, StreamTranslator, UpstreamStreamError, sse_error
+from clawdbot.web import APIResource, Node, read_json
+
+SSE_HEADERS = {
+    b"content-type": b"text/event-stream; charset=utf-8",
+    b"cache-control": b"no-cache",
+    b"x-accel-buffering": b"no",
+}
+NDJSON_HEADERS = {b"content-type": b"application/x-ndjson", b"cache-control": b"no-cache", b"x-accel-buffering": b"no"}
+
+
+def _encode(payload):
+    return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+
+async def relay(gateway, request, config, path, body, payload, headers, on_data, on_end=None, on_error=None):
+    """
+    Send C{body} to Ollama at C{path} and stream its reply to C{request}:
+    each chunk goes through C{on_data(bytes) -> bytes} and is written as it
+    comes, with the backend connection as the request's producer (a slow
+    client slows the backend read; a gone client drops it).
+
+    Errors before the first byte raise L{APIError} (the caller's JSON
+    error); errors after it are written by C{on_error(APIError) -> bytes}
+    and end the response.
+
+    @param on_end: C{() -> bytes}, what to write when the body ends, or raise
+        an L{APIError} when it ended too early.
+    @return: C{True} when the reply completed.
+    """
+    backend = gateway.backend
+    clock = gateway.reactor
+    started = clock.seconds()
+    deadline = started + config.timeout
+    await backend.acquire(config)
+    try:
+        response = await backend.send(config, b"POST", path, body, deadline)
+        request.audit["upstream_latency"] = round(clock.seconds() - started, 6)
+        if response.code != 200:
+            raw = await backend.collect(response, config, deadline, limit=1024 * 1024)
+            raise upstream_error(response.code, raw, payload)
+        request.setResponseCode(200)
+        for name, value in headers.items():
+            request.setHeader(name, value)
+
+        def deliver(data):
+            out = on_data(data)
+            if out and not request.gone:
+                request.write(out)
+
+        reader = await backend.read(response, deliver, config, deadline)
+        request.registerProducer(reader.transport, True)
+        try:
+            await reader.finished
+            tail = on_end() if on_end else b""
+        except APIError as err:
+            tail = on_error(err) if on_error else b""
+            ok = False
+        else:
+            ok = True
+        finally:
+            if not request.gone:
+                request.unregisterProducer()
+        if not request.gone:
+            if tail:
+                request.write(tail)
+            request.finish()
+        return ok
+    finally:
+        backend.release(config)
+
+
+class ChatCompletions(APIResource):
+    """C{POST /v1/chat/completions}: OpenAI chat, translated to Ollama's C{/api/chat}."""
+
+    scopes = {"POST": "chat:write"}
+
+    async def handle_POST(self, request):
+        config = request.config
+        body = read_json(request)
+        session_id = body.get("session_id")
+        if session_id is not None and not isinstance(session_id, str):
+            raise invalid("'session_id' must be a string")
+        ollama_body, opts = translate.chat_request(body, config, request.principal, session_id, self.gateway.image_filter(config))
+        request.audit["model"] = ollama_body["model"]
+        if session_id is not None:
+            request.audit["session"] = session_id
+        if opts["stream"]:
+            return await self._stream(request, config, ollama_body, opts)
+        reply = await self.gateway.backend.call_json(config, b"POST", "/api/chat", ollama_body)
+        result = translate.chat_response(reply, opts["model"])
+        request.audit["tokens"] = result["usage"]["total_tokens"]
+        return result
+
+    async def _stream(self, request, config, ollama_body, opts):
+        splitter = LineSplitter()
+        translator = StreamTranslator(opts["model"], opts["include_usage"])
+
+        def on_data(data):
+            if translator.done:
+                return b""
+            try:
+                return b"".join(translator.line(line) for line in splitter.feed(data) if not translator.done)
+            except UpstreamStreamError as e:
+                raise APIError("UPSTREAM_UNAVAILABLE", details=e.args[0]) from None
+
+        def on_end():
+            if not translator.done:
+                for line in splitter.rest():
+                    return on_data(line + b"\n") + on_end()
+                raise APIError("UPSTREAM_UNAVAILABLE", details="the model backend ended the stream early")
+            return b""
+
+        await relay(self.gateway, request, config, "/api/chat", _encode(ollama_body), ollama_body, SSE_HEADERS, on_data, on_end, sse_error)
+        if translator.final is not None:
+            request.audit["tokens"] = translate.usage(translator.final)["total_tokens"]
+        return None
+
+
+class Models(APIResource):
+    """C{GET /v1/models}: Ollama's models, filtered by the config's allow-list."""
+
+    scopes = {"GET": "chat:read"}
+
+    async def handle_GET(self, request):
+        tags = await self.gateway.backend.call_json(request.config, b"GET", "/api/tags")
+        return translate.models_response(tags, request.config)
+
+
+class Embeddings(APIResource):
+    """C{POST /v1/embeddings}: to Ollama's C{/api/embed}."""
+
+    scopes = {"POST": "chat:write"}
+
+    async def handle_POST(self, request):
+        config = request.config
+        body, opts = translate.embeddings_request(read_json(request), config)
+        request.audit["model"] = body["model"]
+        reply = await self.gateway.backend.call_json(config, b"POST", "/api/embed", body)
+        return translate.embeddings_response(reply, opts["model"], opts["encoding_format"])
+
+
+# Ollama's native API: name -> (method, scope, streams).
+NATIVE = {
+    "chat": ("POST", "chat:write", True),
+    "generate": ("POST", "chat:write", True),
+    "embed": ("POST", "chat:write", False),
+    "show": ("POST", "chat:read", False),
+    "tags": ("GET", "chat:read", False),
+    "version": ("GET", "chat:read", False),
+    "pull": ("POST", "admin", True),
+    "push": ("POST", "admin", True),
+    "create": ("POST", "admin", True),
+    "copy": ("POST", "admin", False),
+    "delete": ("DELETE", "admin", False),
+}
+
+
+def native_name(postpath):
+    """
+    The native API name a path asks for, after normalisation (C{.},
+    C{..}, doubled and encoded slashes), or C{None}.
+    """
+    joined = "/".join(p.decode("utf-8", "replace") for p in postpath)
+    if "\x00" in joined or "\\" in joined:
+        return None
+    normal = posixpath.normpath("/" + joined)
+    name = normal.lstrip("/")
+    return name if name in NATIVE else None
+
+
+class NativeAPI(APIResource):
+    """
+    C{/ollama/api/{name}}: Ollama's own API for Ollama clients, behind the
+    gateway's authentication.  Model management needs C{admin}; anything not
+    in L{NATIVE} is a 404.
+    """
+
+    isLeaf = True
+
+    def route(self, request):
+        name = native_name(request.postpath)
+        if name is None:
+            return None
+        request.native = name
+        method, scope, _ = NATIVE[name]
+        return {method: scope}
+
+    async def _dispatch(self, request):
+        name = request.native
+        method, _, streams = NATIVE[name]
+        config = request.config
+        path = "/api/" + name
+        if method == "GET":
+            return await self.gateway.backend.call_json(config, b"GET", path)
+        payload = read_json(request)
+        model = payload.get("model") or payload.get("name") or payload.get("source")
+        if name in ("chat", "generate", "embed", "show") and isinstance(model, str) and config.backend.models and model not in config.backend.models:
+            raise APIError("MODEL_NOT_FOUND", details=f"model '{model}' is not available")
+        if name in ("chat", "generate", "embed"):
+            request.audit["model"] = model
+        wants_stream = streams and payload.get("stream", True) is not False
+        if not wants_stream:
+            return await self.gateway.backend.call_json(config, method.encode(), path, payload)
+
+        def on_error(err):
+            return _encode(err.as_dict()) + b"\n"
+
+        await relay(self.gateway, request, config, path, _encode(payload), payload, NDJSON_HEADERS, lambda data: data, None, on_error)
+        return None
+
+    async def handle_GET(self, request):
+        return await self._dispatch(request)
+
+    async def handle_POST(self, request):
+        return await self._dispatch(request)
+
+    async def handle_DELETE(self, request):
+        await self.gateway.backend.call(request.config, b"DELETE", "/api/delete", read_json(request))
+        return {}
+
+
+def add_routes(root, v1, gateway):
+    v1.putChild(b"models", Models(gateway))
+    v1.putChild(b"embeddings", Embeddings(gateway))
+    chat = Node()
+    v1.putChild(b"chat", chat)
+    chat.putChild(b"completions", ChatCompletions(gateway))
+    ollama = Node()
+    root.putChild(b"ollama", ollama)
+    ollama.putChild(b"api", NativeAPI(gateway))

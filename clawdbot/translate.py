@@ -1,0 +1,540 @@
+"""
+OpenAI chat completions <-> Ollama C{/api/chat}, both ways, streaming
+included.
+
+Pure functions and small objects with no I/O: the HTTP handlers feed them
+parsed JSON and bytes.  Every value the gateway cannot honour is refused with
+an L{APIError} (400) naming the field, never dropped silently.
+"""
+
+import base64
+import binascii
+import json
+import re
+import secrets
+import struct
+import time
+
+from clawdbot.errors import APIError, invalid
+
+ROLES = {"system", "user", "assistant", "tool", "developer"}
+REASONING_EFFORT = {"none": False, "minimal": True, "low": True, "medium": True, "high": True}
+
+# Accepted and ignored: they change nothing the model produces.
+_IGNORED = {"user", "metadata", "store", "service_tier", "session_id"}
+_HANDLED = {
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "reasoning_effort",
+    "n",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "modalities",
+}
+
+_DATA_URL = re.compile(r"^data:(image/[a-z0-9.+-]+);base64,(.*)$", re.IGNORECASE | re.DOTALL)
+
+
+def _number(value, name, low=None, high=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid(f"'{name}' must be a number")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise invalid(f"'{name}' must be between {low} and {high}")
+    return value
+
+
+def _integer(value, name, low=None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"'{name}' must be an integer")
+    if low is not None and value < low:
+        raise invalid(f"'{name}' must be at least {low}")
+    return value
+
+
+def resolve_model(requested, config):
+    """
+    The Ollama model for a request's C{model}: the default when absent, an
+    alias resolved, and the allow-list applied.
+
+    @raise APIError: MODEL_NOT_FOUND when the allow-list does not have it.
+    """
+    backend = config.backend
+    if requested is None:
+        requested = backend.model
+    if not isinstance(requested, str) or not requested.strip():
+        raise invalid("'model' must be a non-empty string")
+    model = backend.aliases.get(requested, requested)
+    if backend.models and model not in backend.models:
+        raise APIError("MODEL_NOT_FOUND", details=f"model '{requested}' is not available")
+    return model
+
+
+def data_url_image(url, where):
+    """The base64 payload of an image C{data:} URL; anything else is a 400."""
+    if not isinstance(url, str):
+        raise invalid(f"{where}.image_url.url must be a string")
+    match = _DATA_URL.match(url)
+    if match is None:
+        if url.startswith(("http://", "https://")):
+            raise invalid(f"{where}: remote image URLs are not supported; send the image as a base64 data URL")
+        raise invalid(f"{where}: image_url must be a base64 data URL of an image")
+    payload = match.group(2).strip()
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(f"{where}: the image data is not valid base64") from None
+    return raw
+
+
+def _content(content, where, images):
+    """Text of a message's content; image parts are appended to C{images} (raw bytes)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"{where}.content must be a string or a list of parts")
+    texts = []
+    for i, part in enumerate(content):
+        at = f"{where}.content[{i}]"
+        if not isinstance(part, dict):
+            raise invalid(f"{at} must be an object")
+        kind = part.get("type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise invalid(f"{at}.text must be a string")
+            texts.append(part["text"])
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            images.append(data_url_image(url, at))
+        else:
+            raise invalid(f"{at}: part type {kind!r} is not supported")
+    return "\n".join(texts)
+
+
+def _tool_calls_in(calls, where):
+    out = []
+    if not isinstance(calls, list):
+        raise invalid(f"{where}.tool_calls must be a list")
+    for i, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise invalid(f"{where}.tool_calls[{i}].function.name must be a string")
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise invalid(f"{where}.tool_calls[{i}].function.arguments must be a JSON string") from None
+        if not isinstance(args, dict):
+            raise invalid(f"{where}.tool_calls[{i}].function.arguments must encode an object")
+        out.append({"function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def translate_messages(messages, image_filter=None):
+    """
+    OpenAI C{messages} to Ollama's.  C{image_filter(raw_bytes) -> base64 str}
+    validates and re-encodes each image (the default passes it through).
+    """
+    if not isinstance(messages, list):
+        raise invalid("'messages' must be a list")
+    out = []
+    tool_names = {}
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise invalid(f"{where} must be an object")
+        role = message.get("role")
+        if role not in ROLES:
+            raise invalid(f"{where}.role must be one of system, developer, user, assistant, tool")
+        images = []
+        entry = {"role": "system" if role == "developer" else role, "content": _content(message.get("content"), where, images)}
+        if images:
+            if role != "user":
+                raise invalid(f"{where}: only user messages may carry images")
+            encode = image_filter or (lambda raw: base64.b64encode(raw).decode("ascii"))
+            entry["images"] = [encode(raw) for raw in images]
+        if role == "assistant" and message.get("tool_calls"):
+            entry["tool_calls"] = _tool_calls_in(message["tool_calls"], where)
+            for call in message["tool_calls"]:
+                if isinstance(call, dict) and isinstance(call.get("id"), str):
+                    tool_names[call["id"]] = call["function"]["name"]
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if call_id in tool_names:
+                entry["tool_name"] = tool_names[call_id]
+        out.append(entry)
+    return out
+
+
+def _tools(tools):
+    if not isinstance(tools, list):
+        raise invalid("'tools' must be a list")
+    out = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise invalid(f"tools[{i}] must be a function tool")
+        fn = tool["function"]
+        if not isinstance(fn.get("name"), str):
+            raise invalid(f"tools[{i}].function.name must be a string")
+        entry = {"name": fn["name"]}
+        if "description" in fn:
+            entry["description"] = fn["description"]
+        entry["parameters"] = fn.get("parameters", {"type": "object", "properties": {}})
+        out.append({"type": "function", "function": entry})
+    return out
+
+
+def chat_request(body, config, principal=None, session_id=None, image_filter=None):
+    """
+    An OpenAI chat completion request body to Ollama's C{/api/chat} body.
+
+    @return: C{(ollama_body, options)} where C{options} notes what the reply
+        translation needs (C{stream}, C{include_usage}, the requested model).
+    """
+    for key in body:
+        if key not in _HANDLED and key not in _IGNORED:
+            raise invalid(f"'{key}' is not a supported parameter")
+    model = resolve_model(body.get("model"), config)
+    if "messages" not in body:
+        raise invalid("'messages' is required")
+    messages = translate_messages(body["messages"], image_filter)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise invalid("'stream' must be true or false")
+    include_usage = False
+    if body.get("stream_options") is not None:
+        so = body["stream_options"]
+        if not isinstance(so, dict):
+            raise invalid("'stream_options' must be an object")
+        include_usage = bool(so.get("include_usage", False))
+
+    n = body.get("n", 1)
+    if n is not None and _integer(n, "n") != 1:
+        raise invalid("'n' must be 1: one choice per request is supported")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise invalid("'logprobs' is not supported")
+    if body.get("logit_bias"):
+        raise invalid("'logit_bias' is not supported")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise invalid("only the text modality is supported")
+    if body.get("parallel_tool_calls") is False:
+        raise invalid("'parallel_tool_calls': false is not supported")
+
+    options = {}
+    if body.get("temperature") is not None:
+        options["temperature"] = _number(body["temperature"], "temperature", 0, 2)
+    if body.get("top_p") is not None:
+        options["top_p"] = _number(body["top_p"], "top_p", 0, 1)
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if limit is not None:
+        options["num_predict"] = _integer(limit, "max_tokens", 1)
+    if body.get("stop") is not None:
+        stop = body["stop"]
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 16:
+            raise invalid("'stop' must be a string or a list of up to 16 strings")
+        options["stop"] = stop
+    if body.get("seed") is not None:
+        options["seed"] = _integer(body["seed"], "seed")
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if body.get(penalty) is not None:
+            options[penalty] = _number(body[penalty], penalty, -2, 2)
+
+    out = {"model": model, "messages": messages, "stream": stream}
+    if options:
+        out["options"] = options
+
+    fmt = body.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            out["format"] = "json"
+        elif kind == "json_schema":
+            schema = fmt.get("json_schema")
+            if not isinstance(schema, dict) or not isinstance(schema.get("schema"), dict):
+                raise invalid("'response_format.json_schema.schema' must be an object")
+            out["format"] = schema["schema"]
+        elif kind != "text":
+            raise invalid("'response_format.type' must be text, json_object or json_schema")
+
+    tool_choice = body.get("tool_choice")
+    if tool_choice not in (None, "auto", "none"):
+        raise invalid("'tool_choice' must be auto or none")
+    if body.get("tools") and tool_choice != "none":
+        out["tools"] = _tools(body["tools"])
+
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in REASONING_EFFORT:
+            raise invalid("'reasoning_effort' must be none, minimal, low, medium or high")
+        out["think"] = REASONING_EFFORT[effort]
+
+    if principal is not None:
+        out["user_id"] = principal.sub
+    if session_id is not None:
+        out["session_id"] = session_id
+    return out, {"stream": stream, "include_usage": include_usage, "model": body.get("model") or model}
+
+
+# --- replies ------------------------------------------------------------------
+
+
+def completion_id():
+    return "chatcmpl-" + secrets.token_hex(12)
+
+
+def _call_id():
+    return "call_" + secrets.token_hex(12)
+
+
+def tool_calls_out(calls):
+    """Ollama tool calls to OpenAI's, with arguments as a JSON string."""
+    out = []
+    for i, call in enumerate(calls or []):
+        fn = call.get("function", {}) if isinstance(call, dict) else {}
+        args = fn.get("arguments", {})
+        out.append(
+            {
+                "index": i,
+                "id": call.get("id") or _call_id(),
+                "type": "function",
+                "function": {"name": fn.get("name", ""), "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)},
+            }
+        )
+    return out
+
+
+def finish_reason(done_reason, has_tool_calls):
+    if has_tool_calls:
+        return "tool_calls"
+    if done_reason == "length":
+        return "length"
+    return "stop"
+
+
+def usage(reply):
+    prompt = reply.get("prompt_eval_count") or 0
+    completion = reply.get("eval_count") or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def chat_response(reply, model, created=None):
+    """A non-streamed Ollama C{/api/chat} reply as an OpenAI C{chat.completion}."""
+    message = reply.get("message") or {}
+    calls = tool_calls_out(message.get("tool_calls"))
+    out_message = {"role": "assistant", "content": message.get("content", "")}
+    if message.get("thinking"):
+        out_message["reasoning_content"] = message["thinking"]
+    if calls:
+        for call in calls:
+            del call["index"]
+        out_message["tool_calls"] = calls
+        if not out_message["content"]:
+            out_message["content"] = None
+    return {
+        "id": completion_id(),
+        "object": "chat.completion",
+        "created": int(created or time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": out_message, "logprobs": None, "finish_reason": finish_reason(reply.get("done_reason"), bool(calls))}],
+        "usage": usage(reply),
+        "system_fingerprint": "fp_ollama",
+    }
+
+
+class LineSplitter:
+    """Reassemble NDJSON lines from chunks split anywhere."""
+
+    def __init__(self, max_line=16 * 1024 * 1024):
+        self.buffer = b""
+        self.max_line = max_line
+
+    def feed(self, data):
+        """The complete lines in C{data} (plus what was buffered), without newlines."""
+        self.buffer += data
+        if b"\n" not in data:
+            if len(self.buffer) > self.max_line:
+                raise ValueError("line too long")
+            return []
+        *lines, self.buffer = self.buffer.split(b"\n")
+        return [line for line in lines if line.strip()]
+
+    def rest(self):
+        line, self.buffer = self.buffer, b""
+        return [line] if line.strip() else []
+
+
+class StreamTranslator:
+    """
+    Ollama's NDJSON chat stream to OpenAI's SSE chunks: one chunk per Ollama
+    line, the role in the first, C{finish_reason} in the last, then the usage
+    chunk when asked for, then C{[DONE]}.
+
+    @ivar content: the assistant text so far (for history).
+    @ivar final: the last Ollama line (counts and durations), once seen.
+    """
+
+    def __init__(self, model, include_usage=False, created=None):
+        self.id = completion_id()
+        self.model = model
+        self.created = int(created or time.time())
+        self.include_usage = include_usage
+        self.sent_role = False
+        self.tool_index = 0
+        self.content = []
+        self.reasoning = []
+        self.tool_calls = []
+        self.final = None
+        self.done = False
+        self._prefix = (
+            '{"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,"system_fingerprint":"fp_ollama","choices":'
+            % (self.id, self.created, json.dumps(model, ensure_ascii=False))
+        )
+
+    def _chunk(self, choices_json, usage_json=None):
+        tail = "" if usage_json is None else ',"usage":' + usage_json
+        return b"data: " + (self._prefix + choices_json + tail + "}").encode("utf-8") + b"\n\n"
+
+    def line(self, raw):
+        """
+        The SSE bytes for one Ollama line.
+
+        @raise UpstreamStreamError: when the line is an error or not JSON.
+        """
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise UpstreamStreamError("the model backend sent a malformed line") from None
+        if not isinstance(data, dict):
+            raise UpstreamStreamError("the model backend sent a malformed line")
+        if "error" in data:
+            raise UpstreamStreamError("the model backend reported an error mid-stream")
+        message = data.get("message") or {}
+        delta = {}
+        if not self.sent_role:
+            delta["role"] = "assistant"
+            self.sent_role = True
+        text = message.get("content")
+        if text:
+            delta["content"] = text
+            self.content.append(text)
+        elif "role" in delta:
+            delta["content"] = ""
+        thinking = message.get("thinking")
+        if thinking:
+            delta["reasoning_content"] = thinking
+            self.reasoning.append(thinking)
+        calls = message.get("tool_calls")
+        if calls:
+            out = tool_calls_out(calls)
+            for call in out:
+                call["index"] = self.tool_index
+                self.tool_index += 1
+            delta["tool_calls"] = out
+            self.tool_calls.extend(out)
+        finish = None
+        if data.get("done"):
+            self.done = True
+            self.final = data
+            finish = finish_reason(data.get("done_reason"), bool(self.tool_calls))
+        choice = '[{"index":0,"delta":%s,"logprobs":null,"finish_reason":%s}]' % (
+            json.dumps(delta, ensure_ascii=False, separators=(",", ":")),
+            "null" if finish is None else '"%s"' % finish,
+        )
+        out = self._chunk(choice)
+        if self.done:
+            if self.include_usage:
+                out += self._chunk("[]", json.dumps(usage(self.final), separators=(",", ":")))
+            out += b"data: [DONE]\n\n"
+        return out
+
+
+class UpstreamStreamError(Exception):
+    """The backend's stream went wrong; C{args[0]} is the curated reason."""
+
+
+def sse_error(err):
+    """The SSE event that ends a stream with an error, in the §4 shape."""
+    return b"data: " + json.dumps(err.as_dict(), ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+# --- models and embeddings ----------------------------------------------------
+
+
+def models_response(tags, config):
+    """Ollama's C{/api/tags} as OpenAI's model list, filtered by config."""
+    allowed = set(config.backend.models)
+    data = []
+    seen = set()
+    for entry in tags.get("models") or []:
+        name = entry.get("name") or entry.get("model")
+        if not isinstance(name, str) or (allowed and name not in allowed) or name in seen:
+            continue
+        seen.add(name)
+        data.append({"id": name, "object": "model", "created": _created(entry.get("modified_at")), "owned_by": "ollama"})
+    for alias, target in config.backend.aliases.items():
+        if target in seen and alias not in seen:
+            data.append({"id": alias, "object": "model", "created": 0, "owned_by": "clawdbot"})
+    return {"object": "list", "data": data}
+
+
+def _created(stamp):
+    if not isinstance(stamp, str):
+        return 0
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", stamp).replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return 0
+
+
+def embeddings_request(body, config):
+    for key in body:
+        if key not in ("model", "input", "encoding_format", "dimensions", "user"):
+            raise invalid(f"'{key}' is not a supported parameter")
+    model = resolve_model(body.get("model"), config)
+    data = body.get("input")
+    if isinstance(data, str):
+        pass
+    elif isinstance(data, list) and data and all(isinstance(s, str) for s in data):
+        pass
+    else:
+        raise invalid("'input' must be a string or a non-empty list of strings")
+    fmt = body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        raise invalid("'encoding_format' must be float or base64")
+    out = {"model": model, "input": data}
+    if body.get("dimensions") is not None:
+        out["dimensions"] = _integer(body["dimensions"], "dimensions", 1)
+    return out, {"encoding_format": fmt, "model": body.get("model") or model}
+
+
+def embeddings_response(reply, model, encoding_format):
+    data = []
+    for i, vector in enumerate(reply.get("embeddings") or []):
+        if encoding_format == "base64":
+            vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+        data.append({"object": "embedding", "index": i, "embedding": vector})
+    tokens = reply.get("prompt_eval_count") or 0
+    return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
