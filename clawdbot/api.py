@@ -6,10 +6,13 @@ authenticated pass-through of Ollama's native API.
 import json
 import posixpath
 
+from twisted.internet.defer import CancelledError
+
 from clawdbot import translate
 from clawdbot.errors import APIError, invalid
 from clawdbot.ollama import upstream_error
-from clawdbot.translate import LineSplitter, StreamTranslator, UpstreamStreamError, sse_error
+from clawdbot.sessions import load_visible
+from clawdbot.translate import DONE, LineSplitter, StreamTranslator, UpstreamStreamError, sse_error
 from clawdbot.web import APIResource, Node, read_json
 
 SSE_HEADERS = {
@@ -35,8 +38,8 @@ async def relay(gateway, request, config, path, body, payload, headers, on_data,
     error); errors after it are written by C{on_error(APIError) -> bytes}
     and end the response.
 
-    @param on_end: C{() -> bytes}, what to write when the body ends, or raise
-        an L{APIError} when it ended too early.
+    @param on_end: C{async () -> bytes}, what to write when the body ends;
+        it raises an L{APIError} when the body ended too early.
     @return: C{True} when the reply completed.
     """
     backend = gateway.backend
@@ -63,15 +66,22 @@ async def relay(gateway, request, config, path, body, payload, headers, on_data,
         request.registerProducer(reader.transport, True)
         try:
             await reader.finished
-            tail = on_end() if on_end else b""
         except APIError as err:
-            tail = on_error(err) if on_error else b""
-            ok = False
+            ok, error = False, err
         else:
-            ok = True
+            ok, error = True, None
         finally:
             if not request.gone:
                 request.unregisterProducer()
+        if ok and on_end is not None:
+            try:
+                tail = await on_end()
+            except APIError as err:
+                ok, error = False, err
+        if not ok:
+            tail = on_error(error) if on_error else b""
+        elif on_end is None:
+            tail = b""
         if not request.gone:
             if tail:
                 request.write(tail)
@@ -81,8 +91,16 @@ async def relay(gateway, request, config, path, body, payload, headers, on_data,
         backend.release(config)
 
 
+def _text(message):
+    return message.get("content") or ""
+
+
 class ChatCompletions(APIResource):
-    """C{POST /v1/chat/completions}: OpenAI chat, translated to Ollama's C{/api/chat}."""
+    """
+    C{POST /v1/chat/completions}: OpenAI chat, translated to Ollama's
+    C{/api/chat}.  With C{session_id} the call is stateful: the session's
+    stored context goes first, and the new turn and the reply are stored.
+    """
 
     scopes = {"POST": "chat:write"}
 
@@ -94,18 +112,45 @@ class ChatCompletions(APIResource):
             raise invalid("'session_id' must be a string")
         ollama_body, opts = translate.chat_request(body, config, request.principal, session_id, self.gateway.image_filter(config))
         request.audit["model"] = ollama_body["model"]
-        if session_id is not None:
-            request.audit["session"] = session_id
+        if session_id is None:
+            return await self._complete(request, config, ollama_body, opts, None)
+        request.audit["session"] = session_id
+        await load_visible(self.gateway, request.principal, session_id)
+        if body.get("messages") == []:
+            await self.gateway.store.clear(session_id)
+            return {"object": "session.context_cleared", "session_id": session_id}
+        limits = config.history
+        for message in ollama_body["messages"]:
+            if len(_text(message)) > limits.max_message_chars:
+                raise invalid(f"a message is longer than the limit of {limits.max_message_chars} characters")
+
+        async def turn():
+            context = await self.gateway.store.context(session_id, limits.context_messages) if limits.context_messages else []
+            new = [(m["role"], _text(m), False) for m in ollama_body["messages"]]
+            if await self.gateway.store.count_messages(session_id) + len(new) + 1 > limits.max_messages_per_session:
+                raise invalid(f"the session has reached the limit of {limits.max_messages_per_session} messages; start a new one")
+            ollama_body["messages"] = [{"role": m.role, "content": m.content} for m in context] + ollama_body["messages"]
+            return await self._complete(request, config, ollama_body, opts, new)
+
+        return await self.gateway.session_locks.run(session_id, turn)
+
+    async def _store(self, request, new, reply, incomplete):
+        sid = request.audit["session"]
+        await self.gateway.store.append(sid, new + [("assistant", reply, incomplete)])
+
+    async def _complete(self, request, config, ollama_body, opts, new):
         if opts["stream"]:
-            return await self._stream(request, config, ollama_body, opts)
+            return await self._stream(request, config, ollama_body, opts, new)
         reply = await self.gateway.backend.call_json(config, b"POST", "/api/chat", ollama_body)
         result = translate.chat_response(reply, opts["model"])
         request.audit["tokens"] = result["usage"]["total_tokens"]
+        if new is not None:
+            await self._store(request, new, result["choices"][0]["message"].get("content") or "", False)
         return result
 
-    async def _stream(self, request, config, ollama_body, opts):
+    async def _stream(self, request, config, ollama_body, opts, new):
         splitter = LineSplitter()
-        translator = StreamTranslator(opts["model"], opts["include_usage"])
+        translator = StreamTranslator(opts["model"], opts["include_usage"], hold_done=new is not None)
 
         def on_data(data):
             if translator.done:
@@ -115,16 +160,35 @@ class ChatCompletions(APIResource):
             except UpstreamStreamError as e:
                 raise APIError("UPSTREAM_UNAVAILABLE", details=e.args[0]) from None
 
-        def on_end():
+        async def on_end():
+            tail = b""
             if not translator.done:
+                # A last line without its newline.
                 for line in splitter.rest():
-                    return on_data(line + b"\n") + on_end()
+                    tail += on_data(line + b"\n")
+            if not translator.done:
                 raise APIError("UPSTREAM_UNAVAILABLE", details="the model backend ended the stream early")
-            return b""
+            if new is not None:
+                # Acknowledge ([DONE]) only once the turn is stored.
+                await self._store(request, new, "".join(translator.content), False)
+                tail += DONE
+            return tail
 
-        await relay(self.gateway, request, config, "/api/chat", _encode(ollama_body), ollama_body, SSE_HEADERS, on_data, on_end, sse_error)
-        if translator.final is not None:
-            request.audit["tokens"] = translate.usage(translator.final)["total_tokens"]
+        stored = False
+        try:
+            ok = await relay(self.gateway, request, config, "/api/chat", _encode(ollama_body), ollama_body, SSE_HEADERS, on_data, on_end, sse_error)
+            stored = ok
+        except CancelledError:
+            # The client went away: keep what was said, marked incomplete.
+            if new is not None and translator.sent_role:
+                await self._store(request, new, "".join(translator.content), True)
+                stored = True
+            raise
+        finally:
+            if translator.final is not None:
+                request.audit["tokens"] = translate.usage(translator.final)["total_tokens"]
+        if not stored and new is not None and translator.sent_role:
+            await self._store(request, new, "".join(translator.content), True)
         return None
 
 

@@ -97,6 +97,14 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    max_sessions_per_user: int = _opt(1000, minimum=1, maximum=10**7)
+    max_messages_per_session: int = _opt(2000, minimum=2, maximum=10**7)
+    max_message_chars: int = _opt(100_000, minimum=1, maximum=10**8)
+    context_messages: int = _opt(100, minimum=0, maximum=10**6)
+
+
+@dataclass(frozen=True)
 class AccessLogConfig:
     sample_rate: float = _opt(0.01, minimum=0.0, maximum=1.0)
     path: str = _opt("-")
@@ -171,6 +179,7 @@ class Config:
     server: ServerConfig = _section(ServerConfig)
     backend: BackendConfig = _section(BackendConfig)
     storage: StorageConfig = _section(StorageConfig)
+    history: HistoryConfig = _section(HistoryConfig)
     access_log: AccessLogConfig = _section(AccessLogConfig)
     limits: LimitsConfig = _section(LimitsConfig)
     auth: AuthConfig = _section(AuthConfig)

@@ -16,6 +16,8 @@ from clawdbot.auth import build_authenticator
 from clawdbot.backend import HTTPFetcher
 from clawdbot.config import ConfigError, load_config, restart_needed
 from clawdbot.ollama import Ollama
+from clawdbot.sessions import SessionLocks
+from clawdbot.storage import open_store
 
 log = Logger(namespace="clawdbot.gateway")
 
@@ -36,6 +38,8 @@ class Gateway:
         self.config = config
         self.fetcher = HTTPFetcher(reactor)
         self.backend = Ollama(reactor, self)
+        self.store = open_store(config, reactor)
+        self.session_locks = SessionLocks()
         self.auth = build_authenticator(config, reactor, self.fetcher.fetch_json)
         self.on_reload(self._rebuild_auth)
 
@@ -46,6 +50,7 @@ class Gateway:
         """Close outbound connections at shutdown."""
         from twisted.internet.defer import gatherResults
 
+        self.store.close()
         return gatherResults([self.backend.close(), self.fetcher.close()])
 
     # --- reload ----------------------------------------------------------------

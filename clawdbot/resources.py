@@ -3,7 +3,7 @@ The resource tree.  Each route is a thin L{APIResource} that declares the
 scope each method needs; the work is done in the modules it calls.
 """
 
-from clawdbot import api
+from clawdbot import api, sessions
 from clawdbot.static import StaticFiles, static_dir
 from clawdbot.web import APIResource, JSONResponse, Node
 
@@ -58,4 +58,5 @@ def build_root(gateway, debug):
     root.putChild(b"v1", v1)
     v1.putChild(b"me", Me(gateway))
     api.add_routes(root, v1, gateway)
+    sessions.add_routes(v1, gateway)
     return root

@@ -394,8 +394,9 @@ class StreamTranslator:
     @ivar final: the last Ollama line (counts and durations), once seen.
     """
 
-    def __init__(self, model, include_usage=False, created=None):
+    def __init__(self, model, include_usage=False, created=None, hold_done=False):
         self.id = completion_id()
+        self.hold_done = hold_done
         self.model = model
         self.created = int(created or time.time())
         self.include_usage = include_usage
@@ -465,8 +466,12 @@ class StreamTranslator:
         if self.done:
             if self.include_usage:
                 out += self._chunk("[]", json.dumps(usage(self.final), separators=(",", ":")))
-            out += b"data: [DONE]\n\n"
+            if not self.hold_done:
+                out += DONE
         return out
+
+
+DONE = b"data: [DONE]\n\n"
 
 
 class UpstreamStreamError(Exception):

@@ -135,6 +135,10 @@ def write_json(request, status, payload, headers=None):
     """Finish C{request} with a JSON body, unless its client has gone."""
     if request.gone or request.finished:
         return
+    if status == 204:
+        request.setResponseCode(204)
+        request.finish()
+        return
     body = payload if isinstance(payload, bytes) else json.dumps(payload, ensure_ascii=False).encode("utf-8")
     request.setResponseCode(status)
     request.setHeader(b"content-type", JSON_TYPE)

@@ -23,6 +23,8 @@ ISSUER = "https://sso.example.com"
 AUDIENCE = "qwen-web-chat"
 
 BASE_CONFIG = f"""
+storage:
+  path: ":memory:"
 server:
   mode: dev
   listen: "tcp:0:interface=127.0.0.1"

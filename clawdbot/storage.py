@@ -1,0 +1,430 @@
+"""
+Chat history storage: one interface, two engines.
+
+L{SQLStore} holds the logic and the SQL; L{SQLiteEngine} (the default: one
+file, WAL, every commit synced) and L{PostgresEngine} (for several gateway
+instances) run it on their own threads, so a slow disk or database never
+stalls the reactor.  Every public method returns a Deferred-compatible
+coroutine.
+"""
+
+import base64
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    title: str
+    owner: str
+    team: str = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    messages: tuple = field(default=(), compare=False)
+
+    def as_dict(self):
+        return {
+            "id": self.id,
+            "title": self.title,
+            "owner": self.owner,
+            "team": self.team,
+            "created_at": rfc3339(self.created_at),
+            "updated_at": rfc3339(self.updated_at),
+        }
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+    created_at: float
+    incomplete: bool = False
+
+    def as_dict(self):
+        return {"role": self.role, "content": self.content, "created_at": rfc3339(self.created_at), "incomplete": self.incomplete}
+
+
+def rfc3339(t):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(round(t % 1, 6) * 1_000_000) % 1_000_000:06d}Z"
+
+
+def encode_cursor(session):
+    return base64.urlsafe_b64encode(json.dumps([session.updated_at, session.id]).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor):
+    """The (updated_at, id) a cursor points after; C{ValueError} if it is not one."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        updated_at, sid = json.loads(raw)
+    except Exception:
+        raise ValueError("bad cursor") from None
+    if not isinstance(updated_at, (int, float)) or isinstance(updated_at, bool) or not isinstance(sid, str):
+        raise ValueError("bad cursor")
+    return float(updated_at), sid
+
+
+def new_id():
+    return "sess_" + secrets.token_hex(12)
+
+
+MIGRATIONS = [
+    # 1: sessions and their messages.
+    [
+        """CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            title TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            team TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX sessions_owner ON sessions (owner, updated_at DESC, id DESC)",
+        "CREATE INDEX sessions_team ON sessions (team, updated_at DESC, id DESC)",
+        """CREATE TABLE messages (
+            session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            incomplete BOOLEAN NOT NULL DEFAULT FALSE,
+            PRIMARY KEY (session_id, seq)
+        )""",
+    ],
+    # 2: revoked refresh credentials (single sign-on logout).
+    [
+        """CREATE TABLE revocations (
+            id TEXT PRIMARY KEY,
+            expires_at DOUBLE PRECISION NOT NULL
+        )""",
+    ],
+]
+
+
+class SQLStore:
+    """
+    The history operations, in SQL that SQLite and PostgreSQL both run.
+    C{engine.run(fn)} calls C{fn(cursor)} in a transaction on the engine's
+    thread and returns a Deferred of its result.
+    """
+
+    def __init__(self, engine, clock=time.time):
+        self.engine = engine
+        self.clock = clock
+        self.p = engine.placeholder
+
+    def _sql(self, text):
+        return text.replace("?", self.p)
+
+    async def create_session(self, owner, title, team=None, max_sessions=None):
+        now = self.clock()
+        session = Session(new_id(), title, owner, team, now, now)
+
+        def create(cur):
+            if max_sessions is not None:
+                cur.execute(self._sql("SELECT COUNT(*) FROM sessions WHERE owner = ?"), (owner,))
+                if cur.fetchone()[0] >= max_sessions:
+                    return None
+            cur.execute(
+                self._sql("INSERT INTO sessions (id, title, owner, team, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)"),
+                (session.id, title, owner, team, now, now),
+            )
+            return session
+
+        return await self.engine.run(create)
+
+    async def get_session(self, sid, with_messages=False):
+        def get(cur):
+            cur.execute(self._sql("SELECT id, title, owner, team, created_at, updated_at FROM sessions WHERE id = ?"), (sid,))
+            row = cur.fetchone()
+            if row is None:
+                return None
+            messages = ()
+            if with_messages:
+                messages = tuple(self._messages(cur, sid))
+            return Session(*row, messages=messages)
+
+        return await self.engine.run(get)
+
+    def _messages(self, cur, sid, last=None):
+        if last is None:
+            cur.execute(self._sql("SELECT role, content, created_at, incomplete FROM messages WHERE session_id = ? ORDER BY seq"), (sid,))
+            rows = cur.fetchall()
+        else:
+            cur.execute(
+                self._sql("SELECT role, content, created_at, incomplete FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT ?"),
+                (sid, last),
+            )
+            rows = cur.fetchall()[::-1]
+        return [Message(role, content, created, bool(incomplete)) for role, content, created, incomplete in rows]
+
+    async def context(self, sid, last):
+        """The last C{last} messages of a session, oldest first."""
+        return await self.engine.run(lambda cur: self._messages(cur, sid, last))
+
+    async def list_sessions(self, owner, teams, team=None, limit=50, cursor=None):
+        """
+        Sessions C{owner} may see: their own plus those of C{teams}, newest
+        first; C{team} narrows to one team.
+
+        @return: C{(sessions, next_cursor)}.
+        """
+        clauses, params = [], []
+        if team is not None:
+            if team in teams:
+                clauses.append("team = ?")
+                params.append(team)
+            else:
+                clauses.append("(owner = ? AND team = ?)")
+                params += [owner, team]
+        else:
+            visible = ["owner = ?"]
+            params.append(owner)
+            if teams:
+                visible.append("team IN (%s)" % ", ".join("?" * len(teams)))
+                params += list(teams)
+            clauses.append("(" + " OR ".join(visible) + ")")
+        if cursor is not None:
+            updated_at, sid = cursor
+            clauses.append("(updated_at < ? OR (updated_at = ? AND id < ?))")
+            params += [updated_at, updated_at, sid]
+        sql = (
+            "SELECT id, title, owner, team, created_at, updated_at FROM sessions WHERE "
+            + " AND ".join(clauses)
+            + " ORDER BY updated_at DESC, id DESC LIMIT ?"
+        )
+        params.append(limit + 1)
+
+        def select(cur):
+            cur.execute(self._sql(sql), params)
+            return [Session(*row) for row in cur.fetchall()]
+
+        rows = await self.engine.run(select)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (encode_cursor(rows[-1]) if more and rows else None)
+
+    async def rename(self, sid, title):
+        now = self.clock()
+
+        def rename(cur):
+            cur.execute(self._sql("UPDATE sessions SET title = ?, updated_at = ? WHERE id = ?"), (title, now, sid))
+
+        await self.engine.run(rename)
+
+    async def delete(self, sid):
+        def delete(cur):
+            cur.execute(self._sql("DELETE FROM messages WHERE session_id = ?"), (sid,))
+            cur.execute(self._sql("DELETE FROM sessions WHERE id = ?"), (sid,))
+
+        await self.engine.run(delete)
+
+    async def clear(self, sid):
+        now = self.clock()
+
+        def clear(cur):
+            cur.execute(self._sql("DELETE FROM messages WHERE session_id = ?"), (sid,))
+            cur.execute(self._sql("UPDATE sessions SET updated_at = ? WHERE id = ?"), (now, sid))
+
+        await self.engine.run(clear)
+
+    async def append(self, sid, messages, max_messages=None):
+        """
+        Append C{[(role, content, incomplete)]} to a session in one
+        transaction.
+
+        @return: C{False} when it would pass C{max_messages} (nothing stored).
+        """
+        now = self.clock()
+
+        def append(cur):
+            cur.execute(self._sql("SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM messages WHERE session_id = ?"), (sid,))
+            last, count = cur.fetchone()
+            if max_messages is not None and count + len(messages) > max_messages:
+                return False
+            for i, (role, content, incomplete) in enumerate(messages, start=1):
+                cur.execute(
+                    self._sql("INSERT INTO messages (session_id, seq, role, content, created_at, incomplete) VALUES (?, ?, ?, ?, ?, ?)"),
+                    (sid, last + i, role, content, now, bool(incomplete)),
+                )
+            cur.execute(self._sql("UPDATE sessions SET updated_at = ? WHERE id = ?"), (now, sid))
+            return True
+
+        return await self.engine.run(append)
+
+    async def count_messages(self, sid):
+        def count(cur):
+            cur.execute(self._sql("SELECT COUNT(*) FROM messages WHERE session_id = ?"), (sid,))
+            return cur.fetchone()[0]
+
+        return await self.engine.run(count)
+
+    # --- revoked refresh credentials ---------------------------------------
+
+    async def revoke(self, rid, expires_at):
+        def revoke(cur):
+            cur.execute(self._sql("DELETE FROM revocations WHERE expires_at < ?"), (self.clock(),))
+            cur.execute(self._sql("SELECT 1 FROM revocations WHERE id = ?"), (rid,))
+            if cur.fetchone() is None:
+                cur.execute(self._sql("INSERT INTO revocations (id, expires_at) VALUES (?, ?)"), (rid, expires_at))
+
+        await self.engine.run(revoke)
+
+    async def is_revoked(self, rid):
+        def check(cur):
+            cur.execute(self._sql("SELECT 1 FROM revocations WHERE id = ?"), (rid,))
+            return cur.fetchone() is not None
+
+        return await self.engine.run(check)
+
+    def close(self):
+        return self.engine.close()
+
+
+class _ThreadEngine:
+    """Runs transactions on a private thread pool."""
+
+    placeholder = "?"
+
+    def __init__(self, reactor, threads):
+        self.reactor = reactor
+        self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="clawdbot-storage")
+        self._local = threading.local()
+
+    def run(self, fn):
+        # Threads start with the first query, so a gateway that never
+        # touches history (or fails to start) leaves none behind.
+        if not self.pool.started:
+            self.pool.start()
+        return deferToThreadPool(self.reactor, self.pool, self._transaction, fn)
+
+    def close(self):
+        if self.pool.started:
+            self.pool.stop()
+
+
+class SQLiteEngine(_ThreadEngine):
+    """
+    One SQLite file on one thread: WAL, foreign keys, and C{synchronous=FULL}
+    so a commit that returned survives a crash.
+    """
+
+    def __init__(self, reactor, path):
+        super().__init__(reactor, threads=1)
+        self.path = path
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def _connection(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            _migrate_sqlite(conn)
+            self._local.conn = conn
+        return conn
+
+    def _transaction(self, fn):
+        cur = self._connection().cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(cur)
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+        return result
+
+    def close(self):
+        def shut():
+            conn = getattr(self._local, "conn", None)
+            if conn is not None:
+                conn.close()
+                self._local.conn = None
+
+        if self.pool.started:
+            self.pool.callInThread(shut)
+        super().close()
+
+
+class PostgresEngine(_ThreadEngine):
+    """PostgreSQL through psycopg's connection pool, on a few threads."""
+
+    placeholder = "%s"
+
+    def __init__(self, reactor, dsn, size=4):
+        super().__init__(reactor, threads=size)
+        import psycopg_pool
+
+        self.connections = psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=size, open=False, timeout=10)
+        self._ready = False
+        self._ready_lock = threading.Lock()
+
+    def _transaction(self, fn):
+        with self._ready_lock:
+            if not self._ready:
+                self.connections.open(wait=True, timeout=10)
+                with self.connections.connection() as conn:
+                    _migrate_postgres(conn)
+                self._ready = True
+        with self.connections.connection() as conn:
+            with conn.transaction():
+                with conn.cursor() as cur:
+                    return fn(cur)
+
+    def close(self):
+        super().close()
+        if self._ready:
+            self.connections.close()
+
+
+def _migrate_sqlite(conn):
+    """Bring a SQLite schema up to date, one migration per transaction."""
+    for number, statements in enumerate(MIGRATIONS, start=1):
+        conn.execute("BEGIN IMMEDIATE")
+        # Read the version under the write lock: another process may have
+        # migrated meanwhile.
+        if conn.execute("PRAGMA user_version").fetchone()[0] >= number:
+            conn.execute("COMMIT")
+            continue
+        for statement in statements:
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {number}")
+        conn.execute("COMMIT")
+
+
+def _migrate_postgres(conn):
+    """Bring a PostgreSQL schema up to date in one transaction, under an advisory lock."""
+    with conn.transaction():
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(724213)")
+            cur.execute("CREATE TABLE IF NOT EXISTS clawdbot_schema (version INTEGER NOT NULL)")
+            cur.execute("SELECT version FROM clawdbot_schema")
+            row = cur.fetchone()
+            if row is None:
+                cur.execute("INSERT INTO clawdbot_schema (version) VALUES (0)")
+            version = row[0] if row else 0
+            for number, statements in enumerate(MIGRATIONS, start=1):
+                if number > version:
+                    for statement in statements:
+                        cur.execute(statement)
+                    cur.execute("UPDATE clawdbot_schema SET version = %s", (number,))
+
+
+def open_store(config, reactor):
+    """The store the config names."""
+    storage = config.storage
+    if storage.backend == "postgresql":
+        return SQLStore(PostgresEngine(reactor, storage.dsn))
+    return SQLStore(SQLiteEngine(reactor, storage.path))
