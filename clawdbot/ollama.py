@@ -224,7 +224,8 @@ class Ollama:
         except (CancelledError, ConnectingCancelledError):
             if fired:
                 raise timed_out("the model backend did not answer in time") from None
-            raise
+            # The caller was cancelled (its client went away).
+            raise CancelledError() from None
         except TimeoutError:
             raise timed_out("connecting to the model backend timed out") from None
         except (ConnectError, DNSLookupError):

@@ -17,3 +17,15 @@ if [ ! -f "$stamp" ] || ! cmp -s tests/idp/package-lock.json "$stamp"; then
   (cd tests/idp && npm ci --no-audit --no-fund --loglevel=error)
   cp tests/idp/package-lock.json "$stamp"
 fi
+
+# Headless Chromium for the page tests (tests/browser.py drives Debian's
+# /usr/bin/chromium with Playwright; no browser is ever downloaded), and a CJK
+# font so the Chinese UI renders in screenshots.
+pkgs=""
+[ -x /usr/bin/chromium ] || pkgs="$pkgs chromium"
+dpkg -s fonts-wqy-microhei >/dev/null 2>&1 || pkgs="$pkgs fonts-wqy-microhei"
+if [ -n "$pkgs" ]; then
+  need_cmd apt-get
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y $pkgs
+fi
