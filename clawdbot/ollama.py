@@ -221,17 +221,17 @@ class Ollama:
         timer = self.reactor.callLater(wait, lambda: (fired.append(True), d.cancel()))
         try:
             return await d
-        except (CancelledError, ConnectingCancelledError):
+        except Exception as e:
             if fired:
                 raise timed_out("the model backend did not answer in time") from None
-            # The caller was cancelled (its client went away).
-            raise CancelledError() from None
-        except TimeoutError:
-            raise timed_out("connecting to the model backend timed out") from None
-        except (ConnectError, DNSLookupError):
-            raise unavailable() from None
-        except (ResponseNeverReceived, ResponseFailed):
-            raise unavailable("the model backend closed the connection") from None
+            if isinstance(e, (CancelledError, ConnectingCancelledError)):
+                # The caller was cancelled (its client went away).
+                raise CancelledError() from None
+            if isinstance(e, TimeoutError):
+                raise timed_out("connecting to the model backend timed out") from None
+            if isinstance(e, (ConnectError, DNSLookupError, ResponseNeverReceived, ResponseFailed)):
+                raise unavailable() from None
+            raise
         finally:
             if timer.active():
                 timer.cancel()
