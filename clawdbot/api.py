@@ -13,7 +13,7 @@ from clawdbot.errors import APIError, invalid
 from clawdbot.ollama import upstream_error
 from clawdbot.sessions import load_visible
 from clawdbot.translate import DONE, LineSplitter, StreamTranslator, UpstreamStreamError, sse_error
-from clawdbot.web import APIResource, Node, read_json
+from clawdbot.web import APIResource, JSONResponse, Node, read_json
 
 SSE_HEADERS = {
     b"content-type": b"text/event-stream; charset=utf-8",
@@ -267,7 +267,7 @@ class NativeAPI(APIResource):
         config = request.config
         path = "/api/" + name
         if method == "GET":
-            return await self.gateway.backend.call_json(config, b"GET", path)
+            return JSONResponse(await self.gateway.backend.call(config, b"GET", path))
         payload = read_json(request)
         model = payload.get("model") or payload.get("name") or payload.get("source")
         if name in ("chat", "generate", "embed", "show") and isinstance(model, str) and config.backend.models and model not in config.backend.models:
@@ -276,7 +276,8 @@ class NativeAPI(APIResource):
             request.audit["model"] = model
         wants_stream = streams and payload.get("stream", True) is not False
         if not wants_stream:
-            return await self.gateway.backend.call_json(config, method.encode(), path, payload)
+            # Ollama's own body, as Ollama sent it (some answers are empty).
+            return JSONResponse(await self.gateway.backend.call(config, method.encode(), path, payload))
 
         def on_error(err):
             return _encode(err.as_dict()) + b"\n"
@@ -291,8 +292,7 @@ class NativeAPI(APIResource):
         return await self._dispatch(request)
 
     async def handle_DELETE(self, request):
-        await self.gateway.backend.call(request.config, b"DELETE", "/api/delete", read_json(request))
-        return {}
+        return JSONResponse(await self.gateway.backend.call(request.config, b"DELETE", "/api/delete", read_json(request)))
 
 
 def add_routes(root, v1, gateway):
