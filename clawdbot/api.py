@@ -5,6 +5,7 @@ authenticated pass-through of Ollama's native API.
 
 import json
 import posixpath
+import time
 
 from twisted.internet.defer import CancelledError
 
@@ -56,10 +57,17 @@ async def relay(gateway, request, config, path, body, payload, headers, on_data,
         request.setResponseCode(200)
         for name, value in headers.items():
             request.setHeader(name, value)
+        request.stream_format = "sse" if headers is SSE_HEADERS else "ndjson"
+        metrics = gateway.metrics
+        metrics.active_streams.inc()
+        first = [True]
 
         def deliver(data):
             out = on_data(data)
             if out and not request.gone:
+                if first[0]:
+                    first[0] = False
+                    metrics.ttft.observe(time.perf_counter() - request.started)
                 request.write(out)
 
         reader = await backend.read(response, deliver, config, deadline)
@@ -88,6 +96,8 @@ async def relay(gateway, request, config, path, body, payload, headers, on_data,
             request.finish()
         return ok
     finally:
+        if request.stream_format is not None:
+            gateway.metrics.active_streams.dec()
         backend.release(config)
 
 
@@ -103,6 +113,8 @@ class ChatCompletions(APIResource):
     """
 
     scopes = {"POST": "chat:write"}
+    route_name = "chat_completions"
+    rate_limited = True
 
     async def handle_POST(self, request):
         config = request.config
@@ -143,6 +155,7 @@ class ChatCompletions(APIResource):
             return await self._stream(request, config, ollama_body, opts, new)
         reply = await self.gateway.backend.call_json(config, b"POST", "/api/chat", ollama_body)
         result = translate.chat_response(reply, opts["model"])
+        request.audit["usage"] = result["usage"]
         request.audit["tokens"] = result["usage"]["total_tokens"]
         if new is not None:
             await self._store(request, new, result["choices"][0]["message"].get("content") or "", False)
@@ -186,7 +199,8 @@ class ChatCompletions(APIResource):
             raise
         finally:
             if translator.final is not None:
-                request.audit["tokens"] = translate.usage(translator.final)["total_tokens"]
+                request.audit["usage"] = translate.usage(translator.final)
+                request.audit["tokens"] = request.audit["usage"]["total_tokens"]
         if not stored and new is not None and translator.sent_role:
             await self._store(request, new, "".join(translator.content), True)
         return None
@@ -196,6 +210,7 @@ class Models(APIResource):
     """C{GET /v1/models}: Ollama's models, filtered by the config's allow-list."""
 
     scopes = {"GET": "chat:read"}
+    route_name = "models"
 
     async def handle_GET(self, request):
         tags = await self.gateway.backend.call_json(request.config, b"GET", "/api/tags")
@@ -206,12 +221,16 @@ class Embeddings(APIResource):
     """C{POST /v1/embeddings}: to Ollama's C{/api/embed}."""
 
     scopes = {"POST": "chat:write"}
+    route_name = "embeddings"
+    rate_limited = True
 
     async def handle_POST(self, request):
         config = request.config
         body, opts = translate.embeddings_request(read_json(request), config)
         request.audit["model"] = body["model"]
         reply = await self.gateway.backend.call_json(config, b"POST", "/api/embed", body)
+        tokens = reply.get("prompt_eval_count") or 0
+        request.audit["usage"] = {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
         return translate.embeddings_response(reply, opts["model"], opts["encoding_format"])
 
 
@@ -252,6 +271,7 @@ class NativeAPI(APIResource):
     """
 
     isLeaf = True
+    route_name = "ollama_native"
 
     def route(self, request):
         name = native_name(request.postpath)
@@ -274,6 +294,7 @@ class NativeAPI(APIResource):
             raise APIError("MODEL_NOT_FOUND", details=f"model '{model}' is not available")
         if name in ("chat", "generate", "embed"):
             request.audit["model"] = model
+            await self.gateway.check_rate(request)
         wants_stream = streams and payload.get("stream", True) is not False
         if not wants_stream:
             # Ollama's own body, as Ollama sent it (some answers are empty).

@@ -17,6 +17,7 @@ CODES = {
     "AUTH_MISSING_TOKEN": (401, "authentication_error", "Authentication required"),
     "AUTH_INVALID_TOKEN": (401, "authentication_error", "Invalid or expired token"),
     "AUTH_INSUFFICIENT_SCOPE": (403, "permission_error", "Insufficient scope"),
+    "CSRF_REJECTED": (403, "permission_error", "Cross-site request refused"),
     "INVALID_REQUEST": (400, "invalid_request_error", "Invalid request"),
     "NOT_FOUND": (404, "not_found_error", "Not found"),
     "METHOD_NOT_ALLOWED": (405, "invalid_request_error", "Method not allowed"),
@@ -28,6 +29,7 @@ CODES = {
     "UPSTREAM_TIMEOUT": (504, "upstream_error", "Model backend timed out"),
     "INTERNAL_ERROR": (500, "server_error", "Internal server error"),
     "NOT_READY": (503, "server_error", "Not ready"),
+    "SHUTTING_DOWN": (503, "server_error", "The gateway is shutting down"),
 }
 
 

@@ -9,17 +9,32 @@ changes a request in flight.
 """
 
 import os
+import time
 
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
 from clawdbot.auth import build_authenticator
 from clawdbot.backend import HTTPFetcher
 from clawdbot.config import ConfigError, load_config, restart_needed
+from clawdbot.errors import APIError, error_body
+from clawdbot.images import image_filter as build_image_filter
+from clawdbot.observe import AccessLog, Metrics
 from clawdbot.ollama import Ollama
+from clawdbot.ratelimit import MemoryLimiter, rule_for
 from clawdbot.sessions import SessionLocks
 from clawdbot.storage import open_store
+from clawdbot.translate import sse_error
 
 log = Logger(namespace="clawdbot.gateway")
+
+
+def rate_limited(decision, what):
+    return APIError(
+        "RATE_LIMITED",
+        details=f"the {what} budget of {decision.limit} per minute is spent; retry after {decision.headers().get('Retry-After', '1')}s",
+        headers=decision.headers(),
+    )
 
 
 class Gateway:
@@ -41,6 +56,11 @@ class Gateway:
         self.store = open_store(config, reactor)
         self.session_locks = SessionLocks()
         self.auth = build_authenticator(config, reactor, self.fetcher.fetch_json)
+        self.limiter = MemoryLimiter(reactor)
+        self.access_log = AccessLog(config.access_log.path)
+        self.metrics = Metrics(self)
+        self.inflight = set()
+        self.draining = False
         self.on_reload(self._rebuild_auth)
 
     def _rebuild_auth(self, old, new):
@@ -48,10 +68,90 @@ class Gateway:
 
     def stop(self):
         """Close outbound connections at shutdown."""
-        from twisted.internet.defer import gatherResults
-
         self.store.close()
         return gatherResults([self.backend.close(), self.fetcher.close()])
+
+    # --- requests ----------------------------------------------------------------
+
+    def request_started(self, request):
+        self.inflight.add(request)
+        if self.draining:
+            request.draining = True
+        rate = request.config.access_log.sample_rate
+        if self.access_log.sampled(rate):
+            request.sampled = True
+            request.captured = []
+
+    def request_done(self, request):
+        """Account for a finished (or abandoned) request: log, metrics, token budget."""
+        self.inflight.discard(request)
+        if request.path is None and not request.refused:
+            return  # the connection closed before a request arrived whole
+        latency = time.perf_counter() - request.started
+        self.access_log.record(request, latency)
+        self.metrics.observe(request, latency)
+        usage = request.audit.get("usage")
+        if usage and request.principal is not None and request.config is not None:
+            rule = rule_for(request.principal, request.config)
+            if rule.tokens_per_minute:
+                d = Deferred.fromCoroutine(self.limiter.spend(request.principal.sub, rule.tokens_per_minute, usage["total_tokens"], "tokens"))
+                d.addErrback(lambda f: log.failure("Could not count tokens", f))
+        if self.draining and not self.inflight and self._drained is not None and not self._drained.called:
+            self._drained.callback(None)
+
+    async def check_rate(self, request):
+        """The principal's request and token budgets; 429 RATE_LIMITED when spent."""
+        principal = request.principal
+        rule = rule_for(principal, request.config)
+        decision = await self.limiter.take(principal.sub, rule.requests_per_minute)
+        for name, value in decision.headers().items():
+            if name != "Retry-After":
+                request.setHeader(name, value)
+        if not decision.allowed:
+            raise rate_limited(decision, "request")
+        if rule.tokens_per_minute:
+            tokens = await self.limiter.peek(principal.sub, rule.tokens_per_minute, "tokens")
+            if not tokens.allowed:
+                raise rate_limited(tokens, "token")
+
+    async def check_ip_rate(self, request):
+        """The per-address budget of the sign-in endpoints."""
+        limit = request.config.rate_limit.auth_per_ip_per_minute
+        host = getattr(request.getClientAddress(), "host", "unknown")
+        decision = await self.limiter.take(host, limit, kind="auth-ip")
+        if not decision.allowed:
+            raise rate_limited(decision, "sign-in")
+
+    # --- shutdown ----------------------------------------------------------------
+
+    _drained = None
+
+    async def drain(self, timeout):
+        """
+        Let requests in flight finish for up to C{timeout} seconds, then end
+        what remains: streams get an error event, then close.
+        """
+        self.draining = True
+        for request in list(self.inflight):
+            request.draining = True
+        if self.inflight:
+            log.info("Draining {count} requests for up to {timeout}s", count=len(self.inflight), timeout=timeout)
+            self._drained = Deferred()
+            timer = self.reactor.callLater(timeout, lambda: self._drained.called or self._drained.callback(None))
+            await self._drained
+            if timer.active():
+                timer.cancel()
+        remaining = [r for r in self.inflight if not r.finished and not r.gone]
+        if remaining:
+            log.warn("Ending {count} requests still running at the drain deadline", count=len(remaining))
+        err = APIError("SHUTTING_DOWN", details="the gateway is shutting down; retry the request")
+        for request in remaining:
+            if request.startedWriting and request.stream_format == "sse":
+                request.write(sse_error(err))
+            elif request.startedWriting and request.stream_format == "ndjson":
+                request.write(error_body(err) + b"\n")
+            if request.handler is not None:
+                request.handler.cancel()
 
     # --- reload ----------------------------------------------------------------
 
@@ -85,9 +185,11 @@ class Gateway:
             new = load_config(path, self.environ, mode=self.mode)
         except ConfigError as e:
             self.reloads["error"] += 1
+            self.metrics.reloads.labels("error").inc()
             log.error("Config reload failed, keeping the running config: {file}: {error}", file=path, error=str(e), config_path=e.path)
             return False
         old = self.config
+        self.metrics.reloads.labels("ok").inc()
         for key in restart_needed(old, new):
             log.warn("Config key {key} changed; it takes effect after a restart", key=key)
         self.config = new
@@ -109,7 +211,7 @@ class Gateway:
         C{filter(raw_bytes) -> base64 text} for images in chat requests:
         validated, shrunk and re-encoded (L{clawdbot.images}).
         """
-        return None
+        return build_image_filter(config.images)
 
     def cors(self, request):
         """

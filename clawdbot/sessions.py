@@ -78,6 +78,7 @@ class SessionList(APIResource):
     """C{GET|POST /v1/sessions}."""
 
     scopes = {"GET": "chat:read", "POST": "chat:write"}
+    route_name = "sessions"
 
     def getChild(self, path, request):
         if not path:
@@ -134,6 +135,7 @@ class SessionItem(APIResource):
     """C{GET|PATCH|DELETE /v1/sessions/{id}} and C{.../export}."""
 
     scopes = {"GET": "chat:read", "PATCH": "chat:write", "DELETE": "chat:write"}
+    route_name = "session"
 
     def __init__(self, gateway, sid):
         super().__init__(gateway)
@@ -173,6 +175,7 @@ class SessionExport(APIResource):
     """C{GET /v1/sessions/{id}/export?format=json|markdown}."""
 
     scopes = {"GET": "chat:read"}
+    route_name = "session_export"
 
     def __init__(self, gateway, sid):
         super().__init__(gateway)

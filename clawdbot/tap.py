@@ -10,7 +10,6 @@ import signal
 import sys
 
 from twisted.application import service
-from twisted.application.internet import TimerService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
@@ -108,11 +107,17 @@ class GatewayService(service.MultiService):
     def startService(self):
         super().startService()
         if self.install_signals:
+            reactor = self.gateway.reactor
             signal.signal(signal.SIGHUP, lambda signum, frame: self.gateway.request_reload())
+            signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(self.gateway.access_log.reopen))
 
     def stopService(self):
+        """Stop accepting, drain what is in flight, then close outbound connections."""
+        from twisted.internet.defer import Deferred
+
         d = super().stopService()
-        self.gateway.stop()
+        d.addCallback(lambda _: Deferred.fromCoroutine(self.gateway.drain(self.gateway.config.server.drain_timeout)))
+        d.addCallback(lambda _: self.gateway.stop())
         return d
 
 
@@ -142,6 +147,13 @@ def makeService(options, reactor=None, say=_say):
     site = GatewaySite(build_root(gateway, debug=False), gateway, debug=False, timeout=60, reactor=reactor)
     listen = config.server.listen
     Listener(reactor, listen, site, lambda addr: say(f"Gateway listening on {_url(listen, addr)}")).setServiceParent(top)
+
+    if config.metrics.listen:
+        from clawdbot.resources import metrics_root
+
+        metrics_site = GatewaySite(metrics_root(gateway), gateway, debug=False, timeout=60, reactor=reactor)
+        metrics_listen = config.metrics.listen
+        Listener(reactor, metrics_listen, metrics_site, lambda addr: say(f"Metrics listening on {_url(metrics_listen, addr)}")).setServiceParent(top)
 
     if config.server.mode == "production":
         log.info("Debug listener refused: production mode never opens it")

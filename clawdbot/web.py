@@ -5,6 +5,7 @@ checks method and scope, and renders every error in one place.
 """
 
 import json
+import time
 import uuid
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -35,24 +36,56 @@ class GatewayRequest(server.Request):
     defaultContentType = None
     refused = False
     gone = False
+    draining = False
     config = None
     principal = None
+    route = None
+    error = None
+    sampled = False
+    captured = None
+    handler = None
+    stream_format = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.request_id = uuid.uuid4().hex
+        self.started = time.perf_counter()
+        self._site = getattr(self.channel, "site", None)
         # What the access log records beyond the HTTP basics: model,
         # session, tokens, upstream latency.
         self.audit = {}
         self.body_size = 0
-        self.notifyFinish().addErrback(self._lost)
+        self.notifyFinish().addCallbacks(self._done, self._lost)
+
+    def _gateway(self):
+        return getattr(self._site, "gateway", None)
 
     def _lost(self, reason):
         self.gone = True
+        self._done(None)
+
+    def _done(self, _):
+        gateway = self._gateway()
+        if gateway is not None:
+            gateway.request_done(self)
+
+    def write(self, data):
+        if self.captured is not None and data and sum(map(len, self.captured)) < 65536:
+            self.captured.append(data)
+        super().write(data)
+
+    def body_copy(self, limit=65536):
+        """The start of the request body, for sampled access-log lines."""
+        if self.content is None:
+            return b""
+        position = self.content.tell()
+        self.content.seek(0)
+        data = self.content.read(limit)
+        self.content.seek(position)
+        return data
 
     def _limit(self):
-        site = getattr(self.channel, "site", None)
-        gateway = getattr(site, "gateway", None)
+        gateway = self._gateway()
         if gateway is None:
             return None
         return gateway.config.limits.max_body
@@ -84,6 +117,7 @@ class GatewayRequest(server.Request):
         """
         self.refused = True
         err = APIError("PAYLOAD_TOO_LARGE", details=f"the body is larger than the limit of {limit} bytes")
+        self.code, self.error = 413, err
         body = error_body(err)
         head = [
             b"HTTP/1.1 413 Payload Too Large",
@@ -101,15 +135,20 @@ class GatewayRequest(server.Request):
     def process(self):
         if self.refused:
             return
-        gateway = getattr(self.channel.site, "gateway", None)
+        gateway = self._gateway()
         if gateway is not None:
             self.config = gateway.config
+            gateway.request_started(self)
         super().process()
 
     def render(self, resource):
         self.setHeader(b"server", b"clawdbot")
         self.setHeader(b"x-content-type-options", b"nosniff")
         self.setHeader(b"x-request-id", self.request_id.encode())
+        if self.draining:
+            self.setHeader(b"connection", b"close")
+            write_error(self, APIError("SHUTTING_DOWN", details="the gateway is restarting; retry shortly", headers={"Retry-After": "1"}))
+            return
         super().render(resource)
 
 
@@ -150,6 +189,7 @@ def write_json(request, status, payload, headers=None):
 
 
 def write_error(request, err):
+    request.error = err
     write_json(request, err.status, error_body(err), err.headers)
 
 
@@ -224,6 +264,12 @@ class APIResource(Resource):
     """
 
     scopes = {}
+    # The route's name in metrics (else the class name).
+    route_name = None
+    # Subject to the per-principal request and token budgets.
+    rate_limited = False
+    # Subject to the per-address limit (the sign-in endpoints).
+    ip_limited = False
 
     def __init__(self, gateway):
         super().__init__()
@@ -254,7 +300,8 @@ class APIResource(Resource):
             return server.NOT_DONE_YET
         if request.site.debug:
             self.gateway.cors(request)
-        d = Deferred.fromCoroutine(self._run(request, method, scopes[method]))
+        request.route = self.route_name or type(self).__name__
+        d = request.handler = Deferred.fromCoroutine(self._run(request, method, scopes[method]))
         request.notifyFinish().addErrback(lambda _: d.cancel())
         return server.NOT_DONE_YET
 
@@ -263,12 +310,23 @@ class APIResource(Resource):
             if needed is not None:
                 request.principal = await self.gateway.authenticate(request)
                 self.gateway.authorize(request, request.principal, needed)
+                if self.rate_limited:
+                    await self.gateway.check_rate(request)
+            if self.ip_limited:
+                await self.gateway.check_ip_rate(request)
             handler = getattr(self, "handle_" + method)
             result = await handler(request)
         except APIError as err:
             write_error(request, err)
         except CancelledError:
-            if not request.gone:
+            if request.draining and not request.gone:
+                # Shutting down: a stream already carries its error event.
+                if request.startedWriting:
+                    if not request.finished:
+                        request.finish()
+                else:
+                    write_error(request, APIError("SHUTTING_DOWN", details="the gateway is restarting; retry shortly", headers={"Retry-After": "1"}))
+            elif not request.gone:
                 log.failure("Handler cancelled without a disconnect", request_id=request.request_id)
                 write_error(request, internal_error())
         except Exception:

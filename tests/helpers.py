@@ -25,8 +25,11 @@ AUDIENCE = "qwen-web-chat"
 BASE_CONFIG = f"""
 storage:
   path: ":memory:"
+access_log:
+  path: "{os.devnull}"
 server:
   mode: dev
+  drain_timeout: 2s
   listen: "tcp:0:interface=127.0.0.1"
   debug_listen: "tcp:0:interface=127.0.0.1"
 auth:

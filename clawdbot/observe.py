@@ -1,0 +1,180 @@
+"""
+What the gateway tells its operator: one JSON access-log line per request
+(a sampled share with bodies, secrets redacted) and Prometheus metrics.
+"""
+
+import json
+import os
+import random
+import re
+import sys
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from twisted.logger import Logger
+
+log = Logger(namespace="clawdbot.observe")
+
+REDACTED = "[redacted]"
+_SECRET_KEYS = re.compile(r"(pass(word)?|secret|token|authorization|cookie|api[_-]?key|credential|code_verifier|^code$)", re.IGNORECASE)
+_DATA_URL = re.compile(r"data:([a-z]+/[a-z0-9.+-]+);base64,[A-Za-z0-9+/=\s]+", re.IGNORECASE)
+_BEARERISH = re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+|eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
+BODY_LIMIT = 64 * 1024
+
+
+def redact(value):
+    """A copy of a parsed JSON value with secrets and image data replaced."""
+    if isinstance(value, dict):
+        return {k: (REDACTED if isinstance(k, str) and _SECRET_KEYS.search(k) else redact(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        value = _DATA_URL.sub(lambda m: f"[{m.group(1)} data]", value)
+        return _BEARERISH.sub(lambda m: (m.group(1) or "") + REDACTED, value)
+    return value
+
+
+def redact_body(raw, ctype):
+    """A loggable form of a body: parsed and redacted JSON, else a redacted, truncated text."""
+    if not raw:
+        return None
+    if len(raw) > BODY_LIMIT:
+        raw = raw[:BODY_LIMIT]
+        truncated = True
+    else:
+        truncated = False
+    if ctype and "json" in ctype and not truncated:
+        try:
+            return redact(json.loads(raw))
+        except ValueError:
+            pass
+    text = raw.decode("utf-8", "replace")
+    text = "\n".join(_redact_sse_line(line) for line in text.split("\n"))
+    return redact(text) + ("…" if truncated else "")
+
+
+def _redact_sse_line(line):
+    if line.startswith("data: {"):
+        try:
+            return "data: " + json.dumps(redact(json.loads(line[6:])), ensure_ascii=False)
+        except ValueError:
+            pass
+    return line
+
+
+def safe_path(request):
+    """The path without its query string; query keys are kept, values dropped."""
+    if request.path is None:
+        return "-"
+    path = request.path.decode("utf-8", "replace")
+    keys = sorted(k.decode("utf-8", "replace") for k in (request.args or ()))
+    return path + ("?" + "&".join(f"{k}=…" for k in keys) if keys else "")
+
+
+class AccessLog:
+    """One JSON line per finished request, to stdout or a file (reopened on demand)."""
+
+    def __init__(self, path="-", rand=random.random):
+        self.path = path
+        self.rand = rand
+        self.stream = None
+        self.open()
+
+    def open(self):
+        if self.path == "-":
+            self.stream = sys.stdout
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self.stream = open(self.path, "a", encoding="utf-8", buffering=1)
+
+    def reopen(self):
+        """After logrotate moved the file (SIGUSR1)."""
+        if self.path != "-" and self.stream is not None:
+            self.stream.close()
+        self.open()
+
+    def sampled(self, rate):
+        return rate > 0 and self.rand() < rate
+
+    def record(self, request, latency):
+        audit = request.audit
+        principal = request.principal
+        status = request.code
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() % 1 * 1000):03d}Z",
+            "request_id": request.request_id,
+            "method": (request.method or b"-").decode("ascii", "replace"),
+            "path": safe_path(request),
+            "status": status,
+            "latency_ms": round(latency * 1000, 3),
+            "bytes": request.sentLength,
+            "user": principal.sub if principal is not None else None,
+            "session": audit.get("session"),
+            "model": audit.get("model"),
+            "tokens": audit.get("tokens"),
+            "upstream_latency_ms": round(audit["upstream_latency"] * 1000, 3) if "upstream_latency" in audit else None,
+            "peer": getattr(request.getClientAddress(), "host", None),
+        }
+        if request.gone:
+            entry["client_gone"] = True
+        if request.error is not None:
+            entry["error"] = {"code": request.error.code, "details": request.error.details}
+        if request.sampled:
+            entry["sampled"] = True
+            entry["request_body"] = redact_body(request.body_copy(), _header(request.requestHeaders, b"content-type"))
+            entry["response_body"] = redact_body(b"".join(request.captured or []), _header(request.responseHeaders, b"content-type"))
+        try:
+            self.stream.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+        except Exception:
+            log.failure("Could not write the access log")
+
+
+def _header(headers, name):
+    values = headers.getRawHeaders(name)
+    return values[0].decode("latin-1") if values else None
+
+
+class Metrics:
+    """The gateway's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self, gateway):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("clawdbot_requests_total", "Requests by route, method and status.", ["route", "method", "status"], registry=r)
+        self.latency = Histogram(
+            "clawdbot_request_duration_seconds",
+            "Time from request to response end, by route.",
+            ["route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "clawdbot_time_to_first_token_seconds",
+            "Time from request to the first streamed chunk sent.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.tokens = Counter("clawdbot_tokens_total", "Tokens reported by Ollama.", ["direction"], registry=r)
+        self.active_streams = Gauge("clawdbot_active_streams", "Streamed replies in progress.", registry=r)
+        self.rejections = Counter("clawdbot_rejections_total", "Requests refused, by error code.", ["code"], registry=r)
+        self.reloads = Counter("clawdbot_config_reloads_total", "Config reloads by result.", ["result"], registry=r)
+        self.backend_up = Gauge("clawdbot_backend_up", "1 when the last contact with Ollama succeeded.", registry=r)
+        queue = Gauge("clawdbot_queue_depth", "Requests waiting for a backend slot.", registry=r)
+        queue.set_function(lambda: len(gateway.backend.slots.waiting))
+        busy = Gauge("clawdbot_backend_active", "Backend calls in progress.", registry=r)
+        busy.set_function(lambda: gateway.backend.slots.active)
+        self.backend_up.set(1)
+
+    def observe(self, request, latency):
+        route = request.route or "other"
+        self.requests.labels(route, (request.method or b"-").decode("ascii", "replace"), str(request.code)).inc()
+        self.latency.labels(route).observe(latency)
+        if request.error is not None and request.code >= 400 and request.code != 404:
+            self.rejections.labels(request.error.code).inc()
+        usage = request.audit.get("usage")
+        if usage:
+            self.tokens.labels("prompt").inc(usage.get("prompt_tokens", 0))
+            self.tokens.labels("completion").inc(usage.get("completion_tokens", 0))
+
+    def render(self):
+        return generate_latest(self.registry)
