@@ -12,6 +12,7 @@ import os
 import time
 
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from clawdbot.auth import build_authenticator
@@ -145,13 +146,24 @@ class Gateway:
         if remaining:
             log.warn("Ending {count} requests still running at the drain deadline", count=len(remaining))
         err = APIError("SHUTTING_DOWN", details="the gateway is shutting down; retry the request")
+        transports = []
         for request in remaining:
             if request.startedWriting and request.stream_format == "sse":
                 request.write(sse_error(err))
             elif request.startedWriting and request.stream_format == "ndjson":
                 request.write(error_body(err) + b"\n")
+            if request.channel is not None:
+                transports.append(request.channel.transport)
             if request.handler is not None:
                 request.handler.cancel()
+        # Let those last bytes reach their clients before the reactor stops
+        # (which drops connections without flushing them).
+        for transport in transports:
+            transport.loseConnection()
+        for _ in range(100):
+            if not any(getattr(t, "connected", False) for t in transports):
+                break
+            await deferLater(self.reactor, 0.01)
 
     # --- reload ----------------------------------------------------------------
 
