@@ -445,6 +445,11 @@ def build_authenticator(config, clock, fetch_json):
             else:
                 keys = KeySet(clock, fetch=_jwks_fetcher(jwt_config, config.oauth2, fetch_json))
         issuers.append(Issuer(jwt_config.issuer, jwt_config.audience, jwt_config.algorithms, secret=jwt_config.secret, keys=keys))
+    if config.oauth2.enabled:
+        # Session tokens minted after a single sign-on login (clawdbot.sso).
+        from clawdbot import sso
+
+        issuers.append(Issuer(sso.session_issuer(config), sso.SESSION_AUDIENCE, ["HS256"], secret=sso.session_signing_key(config)))
     return Authenticator(issuers, clock, leeway=jwt_config.leeway, dev=dev_principal(config))
 
 

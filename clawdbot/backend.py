@@ -7,6 +7,7 @@ import json
 import treq
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
 
@@ -23,6 +24,13 @@ class FetchError(Exception):
 
 class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
+
+
+class _Discard(Protocol):
+    """Drops a body that will not be read, and closes its connection."""
+
+    def connectionMade(self):
+        self.transport.stopProducing()
 
 
 def quiet_pool(reactor, size):
@@ -50,17 +58,64 @@ class HTTPFetcher:
     async def fetch_json(self, url, **kwargs):
         try:
             response = await self.client.get(url, allow_redirects=False, timeout=self.timeout, **kwargs)
-            body = await response.content()
+            body = await self._read(response)
         except (ConnectError, DNSLookupError, TimeoutError, ConnectingCancelledError, CancelledError, ResponseFailed) as e:
             raise FetchError(f"cannot reach {type(e).__name__}") from None
         if response.code != 200:
             raise FetchError(f"status {response.code}")
-        if len(body) > self.max_size:
-            raise FetchError("document too large")
         try:
             return json.loads(body)
         except ValueError:
             raise FetchError("not JSON") from None
+
+    async def call(self, method, url, headers=None, form=None, json_body=None):
+        """
+        One request to an identity provider's API (token, user info):
+        C{(status, parsed JSON body)}.  An error status is returned, not
+        raised, so the caller can read the provider's error payload (its
+        body is C{None} when it is not JSON).  Redirects are never followed.
+
+        @param form: a dict sent as C{application/x-www-form-urlencoded}.
+        @param json_body: a JSON-able value sent as C{application/json}.
+        @raise FetchError: the network failed, the call timed out, the body
+            is over the size cap, or a 2xx body is not JSON.
+        """
+        kwargs = {"headers": {"Accept": "application/json", **(headers or {})}}
+        if form is not None:
+            kwargs["data"] = form
+        if json_body is not None:
+            kwargs["json"] = json_body
+        try:
+            response = await self.client.request(method, url, allow_redirects=False, timeout=self.timeout, **kwargs)
+            body = await self._read(response)
+        except (ConnectError, DNSLookupError, TimeoutError, ConnectingCancelledError, CancelledError, ResponseFailed) as e:
+            raise FetchError(f"cannot reach {type(e).__name__}") from None
+        try:
+            return response.code, json.loads(body)
+        except ValueError:
+            if 200 <= response.code < 300:
+                raise FetchError("not JSON") from None
+            return response.code, None
+
+    async def _read(self, response):
+        """
+        The whole body, refused early when its declared length is over the
+        cap, and bounded in time: treq's C{timeout} stops at the headers.
+        """
+        declared = response.headers.getRawHeaders(b"content-length") or []
+        if declared and declared[0].strip().isdigit() and int(declared[0]) > self.max_size:
+            response.deliverBody(_Discard())
+            raise FetchError("document too large")
+        reading = response.content()
+        timer = self.reactor.callLater(self.timeout, reading.cancel)
+        try:
+            body = await reading
+        finally:
+            if timer.active():
+                timer.cancel()
+        if len(body) > self.max_size:
+            raise FetchError("document too large")
+        return body
 
     def close(self):
         return self.client._agent._pool.closeCachedConnections()

@@ -15,6 +15,7 @@ import ipaddress
 import re
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 
 import yaml
@@ -117,6 +118,21 @@ class LimitsConfig:
     queue_timeout: float = _opt(30.0, kind="duration", minimum=0, maximum=3600)
 
 
+_IMAGE_FORMATS = ("png", "jpeg", "gif", "webp", "bmp")
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    # Images in chat requests (clawdbot.images).  max_pixels stays below
+    # Pillow's own decompression-bomb threshold (about 89.5 megapixels).
+    max_bytes: int = _opt(10 * 1000**2, kind="size", minimum=1024, maximum=100 * 1000**2)
+    max_pixels: int = _opt(40_000_000, minimum=1, maximum=80_000_000)
+    max_side: int = _opt(1568, minimum=16, maximum=8192)
+    format: str = _opt("jpeg", choices=("jpeg", "png", "webp"))
+    quality: int = _opt(85, minimum=1, maximum=95)
+    allowed_formats: typing.Tuple[str, ...] = _opt(list(_IMAGE_FORMATS), items=_IMAGE_FORMATS)
+
+
 @dataclass(frozen=True)
 class JWTConfig:
     enabled: bool = _opt(True)
@@ -155,12 +171,30 @@ class OAuth2Config:
     scopes: typing.Tuple[str, ...] = _opt(["openid", "profile", "email"])
     group_scopes: typing.Mapping[str, typing.Tuple[str, ...]] = _opt({})
     default_scopes: typing.Tuple[str, ...] = _opt(["chat:read", "chat:write"])
+    groups_claim: str = _opt("groups")
+    allowed_email_domains: typing.Tuple[str, ...] = _opt([])
+    session_secret: typing.Optional[str] = _opt(None, secret=True)
+    session_ttl: float = _opt(600.0, kind="duration", minimum=30, maximum=86400)
+    refresh_ttl: float = _opt(43200.0, kind="duration", minimum=60, maximum=90 * 86400)
+    post_logout_redirect_uri: typing.Optional[str] = _opt(None)
+    agent_id: typing.Optional[str] = _opt(None)
+    endpoints: typing.Mapping[str, str] = _opt({})
+
+
+@dataclass(frozen=True)
+class RateRuleConfig:
+    # None: the top-level budget applies.
+    requests_per_minute: typing.Optional[int] = _opt(None, minimum=0, maximum=10**9)
+    tokens_per_minute: typing.Optional[int] = _opt(None, minimum=0, maximum=10**12)
 
 
 @dataclass(frozen=True)
 class RateLimitConfig:
     requests_per_minute: int = _opt(60, minimum=0, maximum=10**9)
     tokens_per_minute: int = _opt(0, minimum=0, maximum=10**12)
+    per_scope: typing.Mapping[str, RateRuleConfig] = _opt({})
+    per_team: typing.Mapping[str, RateRuleConfig] = _opt({})
+    auth_per_ip_per_minute: int = _opt(30, minimum=0, maximum=10**9)
 
 
 @dataclass(frozen=True)
@@ -182,6 +216,7 @@ class Config:
     history: HistoryConfig = _section(HistoryConfig)
     access_log: AccessLogConfig = _section(AccessLogConfig)
     limits: LimitsConfig = _section(LimitsConfig)
+    images: ImagesConfig = _section(ImagesConfig)
     auth: AuthConfig = _section(AuthConfig)
     oauth2: OAuth2Config = _section(OAuth2Config)
     rate_limit: RateLimitConfig = _section(RateLimitConfig)
@@ -442,7 +477,7 @@ def _validate(config, empties):
     _check_listen("server.listen", config.server.listen)
     _check_listen("server.debug_listen", config.server.debug_listen, loopback_only=True)
     if config.metrics.listen:
-        _check_listen("metrics.listen", config.metrics.listen)
+        _check_listen("metrics.listen", config.metrics.listen, loopback_only=True)
 
     jwt = config.auth.jwt
     production = config.server.mode == "production"
@@ -474,6 +509,7 @@ def _validate(config, empties):
                 raise ConfigError(f"oauth2.{key}", f"is required when oauth2 is enabled")
         if oauth.provider == "oidc" and not oauth.issuer_url:
             raise ConfigError("oauth2.issuer_url", "is required for provider oidc")
+        _validate_oauth2(config, production, warnings)
 
     for path, url in (("backend.url", config.backend.url),):
         if not re.match(r"^https?://[^/\s]+", url):
@@ -482,6 +518,79 @@ def _validate(config, empties):
         if not target:
             raise ConfigError(f"backend.aliases.{alias}", "must name a model")
     return tuple(warnings)
+
+
+# The first path segments the gateway's own routes use: the callback path of
+# oauth2.redirect_uri must not shadow them.
+_RESERVED_SEGMENTS = {"v1", "ollama", "static", "healthz", "readyz", "metrics"}
+_RESERVED_AUTH = {"login", "refresh", "logout"}
+_CALLBACK_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
+
+
+def _http_url(path, value):
+    """The parsed C{value}, which must be an absolute http(s) URL without a fragment."""
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment or parts.username or parts.password:
+        raise ConfigError(path, "must be an absolute http:// or https:// URL (no fragment, no credentials)")
+    return parts
+
+
+def _validate_oauth2(config, production, warnings):
+    """The single sign-on keys, once oauth2 is enabled (see clawdbot.sso)."""
+    oauth = config.oauth2
+    redirect = _http_url("oauth2.redirect_uri", oauth.redirect_uri)
+    if production and redirect.scheme != "https" and not is_loopback(redirect.hostname):
+        raise ConfigError("oauth2.redirect_uri", "must use https in production mode (plain http only on loopback)")
+    path = redirect.path
+    if not _CALLBACK_PATH.match(path):
+        raise ConfigError("oauth2.redirect_uri", f"path {path!r} must be a plain path such as /callback (no trailing slash)")
+    segments = path.strip("/").split("/")
+    if segments[0] in _RESERVED_SEGMENTS or (segments[0] == "auth" and len(segments) > 1 and segments[1] in _RESERVED_AUTH):
+        raise ConfigError("oauth2.redirect_uri", f"path {path!r} is one of the gateway's own routes")
+    if config.server.public_url:
+        public = _http_url("server.public_url", config.server.public_url)
+        if public.path not in ("", "/") or public.query:
+            raise ConfigError("server.public_url", "must be an origin such as https://chat.example.com")
+    if oauth.post_logout_redirect_uri:
+        _http_url("oauth2.post_logout_redirect_uri", oauth.post_logout_redirect_uri)
+
+    if oauth.provider == "oidc":
+        _http_url("oauth2.issuer_url", oauth.issuer_url)
+        if "openid" not in oauth.scopes:
+            raise ConfigError("oauth2.scopes", "must include openid for provider oidc")
+        if oauth.endpoints:
+            raise ConfigError("oauth2.endpoints", "is for the wecom, dingtalk and feishu presets; oidc discovers its endpoints")
+    else:
+        from clawdbot.providers import PRESET_ENDPOINTS
+
+        known = PRESET_ENDPOINTS[oauth.provider]
+        for name, url in oauth.endpoints.items():
+            if name not in known:
+                raise ConfigError(f"oauth2.endpoints.{name}", f"unknown endpoint for {oauth.provider} (choose from {', '.join(known)})")
+            _http_url(f"oauth2.endpoints.{name}", url)
+        if oauth.provider == "wecom" and not oauth.agent_id:
+            raise ConfigError("oauth2.agent_id", "is required for provider wecom (the AgentId of the self-built app)")
+    for i, domain in enumerate(oauth.allowed_email_domains):
+        if not domain or "@" in domain or domain != domain.strip():
+            raise ConfigError(f"oauth2.allowed_email_domains[{i}]", f"{domain!r} is not a domain name")
+
+    secret = oauth.session_secret
+    if secret is None:
+        if not config.auth.jwt.secret:
+            raise ConfigError("oauth2.session_secret", "is required when auth.jwt.secret is not set (it signs session tokens and cookies)")
+    elif secret == PLACEHOLDER_SECRET:
+        if production:
+            raise ConfigError("oauth2.session_secret", "is the example placeholder; set a real secret")
+        warnings.append("oauth2.session_secret is the example placeholder: anyone can forge sessions; never use it outside dev mode")
+    elif len(secret.encode("utf-8")) < MIN_SECRET_BYTES:
+        if production:
+            raise ConfigError("oauth2.session_secret", f"must be at least {MIN_SECRET_BYTES} bytes in production mode")
+        warnings.append(f"oauth2.session_secret is shorter than {MIN_SECRET_BYTES} bytes")
+
+    from clawdbot.sso import session_issuer
+
+    if config.auth.jwt.enabled and session_issuer(config) == config.auth.jwt.issuer:
+        raise ConfigError("auth.jwt.issuer", "must differ from the gateway's own session issuer (server.public_url or the origin of oauth2.redirect_uri)")
 
 
 def _secrets(node, path=""):
@@ -604,7 +713,7 @@ def restart_needed(old, new):
     as a list of paths.
     """
     paths = []
-    for path in ("server.listen", "server.debug_listen", "server.mode", "metrics.listen", "storage.backend", "storage.path", "storage.dsn", "log.path"):
+    for path in ("server.listen", "server.debug_listen", "server.mode", "metrics.listen", "storage.backend", "storage.path", "storage.dsn", "log.path", "access_log.path"):
         section, key = path.split(".")
         if getattr(getattr(old, section), key) != getattr(getattr(new, section), key):
             paths.append(path)

@@ -1,0 +1,629 @@
+"""
+Single sign-on (SPEC.md §5): the login routes on the secure listener, and the
+small pure rules they apply.
+
+    GET  /auth/login?next=/path   302 to the provider; sets the login cookie
+    GET  <redirect_uri path>      the callback; sets the refresh cookie, 302 to next
+    POST /auth/refresh            {"access_token", "token_type": "Bearer", "expires_in"}
+    POST /auth/logout             {"logout_url": ... or null}
+
+State lives in the browser, signed, never on one instance: the login cookie
+(HttpOnly, SameSite=Lax, Path=<callback path>, 10 minutes) binds C{state},
+C{nonce}, the PKCE C{code_verifier} and C{next}; the callback clears it and
+records the state as used in the shared store, so a callback URL works once.
+The refresh cookie (HttpOnly, SameSite=Strict, Path=/auth, Secure on https)
+carries the identity (sub, name, e-mail, groups) and a random id; logout
+revokes that id in the store until the cookie would have expired.  Scopes
+are never stored: every refresh maps the groups through the current config
+(C{default_scopes} plus C{group_scopes}), so nothing the browser sends can
+add one.
+
+Cookies are signed with HMAC-SHA256 under a key derived from
+C{oauth2.session_secret} (else C{auth.jwt.secret}); session JWTs are HS256
+under another key derived from the same secret, issued by the gateway's
+origin for the audience C{clawdbot-session}, and verified by
+L{clawdbot.auth} like any other token.
+
+Browser navigations that fail (the callback, the login redirect) get a small
+HTML page with a fixed message in English and Chinese and the request id,
+never a provider's text, a stack trace or an address; the JSON calls
+(refresh, logout) answer in the §4 error shape.
+"""
+
+import base64
+import hashlib
+import hmac
+import html
+import json
+import secrets
+import urllib.parse
+
+from twisted.logger import Logger
+
+from clawdbot.auth import mint
+from clawdbot.errors import APIError
+from clawdbot.providers import ProviderError, make_provider, word
+from clawdbot.web import APIResource, JSONResponse, Node
+
+log = Logger(namespace="clawdbot.sso")
+
+SESSION_AUDIENCE = "clawdbot-session"
+LOGIN_COOKIE = "clawdbot_login"
+REFRESH_COOKIE = "clawdbot_refresh"
+REFRESH_PATH = "/auth"
+LOGIN_TTL = 600
+DEFAULT_CALLBACK = "/callback"
+MAX_COOKIE = 3800
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+# --- pure rules ---------------------------------------------------------------
+
+
+def _b64(raw):
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def pkce_challenge(verifier):
+    """RFC 7636 S256: BASE64URL(SHA256(ascii(code_verifier)))."""
+    return _b64(hashlib.sha256(verifier.encode("ascii")).digest())
+
+
+def origin_of(url):
+    """C{scheme://host[:port]} as a browser sends it in C{Origin}."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None or (scheme, port) in (("http", 80), ("https", 443)):
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+def gateway_origin(config):
+    """The gateway's public origin: C{server.public_url}, else C{redirect_uri}'s."""
+    url = config.server.public_url or config.oauth2.redirect_uri
+    return origin_of(url) if url else None
+
+
+def session_issuer(config):
+    """The C{iss} of session JWTs: the gateway's public origin."""
+    return gateway_origin(config) or "clawdbot"
+
+
+def callback_path(config):
+    """The path the callback is served at: that of C{redirect_uri}."""
+    if not config.oauth2.redirect_uri:
+        return DEFAULT_CALLBACK
+    return urllib.parse.urlsplit(config.oauth2.redirect_uri).path or DEFAULT_CALLBACK
+
+
+def secure_cookies(config):
+    """Cookies are C{Secure} when the public side is https."""
+    url = config.server.public_url or config.oauth2.redirect_uri or ""
+    return url.lower().startswith("https://")
+
+
+def derive_key(secret, label):
+    """A key for one purpose, derived from the configured secret."""
+    return hmac.new(secret.encode("utf-8"), b"clawdbot/" + label.encode("ascii"), hashlib.sha256).digest()
+
+
+def _base_secret(config):
+    return config.oauth2.session_secret or config.auth.jwt.secret
+
+
+def session_signing_key(config):
+    """The HS256 secret of session JWTs (a hex string)."""
+    return derive_key(_base_secret(config), "session-jwt").hex()
+
+
+def cookie_key(config):
+    return derive_key(_base_secret(config), "cookie")
+
+
+class BadCookie(Exception):
+    """A signed cookie is missing, altered, for another purpose or expired."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def sign(key, purpose, payload):
+    """C{payload} (a dict with an C{exp}) as C{BODY.MAC}, bound to C{purpose}."""
+    body = _b64(json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=True).encode("ascii"))
+    mac = hmac.new(key, purpose.encode("ascii") + b"." + body.encode("ascii"), hashlib.sha256).digest()
+    return f"{body}.{_b64(mac)}"
+
+
+def unsign(key, purpose, value, now):
+    """
+    The payload of a cookie made by L{sign} with the same key and purpose,
+    before its C{exp}.
+
+    @raise BadCookie: otherwise.
+    """
+    if value is None:
+        raise BadCookie("missing")
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            raise BadCookie("malformed") from None
+    if len(value) > 4096 or value.count(".") != 1:
+        raise BadCookie("malformed")
+    body, mac = value.split(".")
+    expected = _b64(hmac.new(key, purpose.encode("ascii") + b"." + body.encode("ascii"), hashlib.sha256).digest())
+    if not hmac.compare_digest(mac.encode("ascii"), expected.encode("ascii")):
+        raise BadCookie("signature does not match")
+    try:
+        payload = json.loads(_unb64(body))
+    except (ValueError, UnicodeDecodeError):
+        raise BadCookie("malformed") from None
+    exp = payload.get("exp") if isinstance(payload, dict) else None
+    if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+        raise BadCookie("malformed")
+    if now >= exp:
+        raise BadCookie("expired")
+    return payload
+
+
+def cookie_header(name, value, path, max_age, secure, same_site):
+    """One C{Set-Cookie} value: always HttpOnly, never a Domain."""
+    parts = [f"{name}={value}", f"Path={path}", f"Max-Age={int(max_age)}"]
+    if max_age <= 0:
+        parts.append("Expires=Thu, 01 Jan 1970 00:00:00 GMT")
+    parts += ["HttpOnly", f"SameSite={same_site}"]
+    if secure:
+        parts.append("Secure")
+    return "; ".join(parts).encode("ascii")
+
+
+def safe_next(value):
+    """
+    C{value} if it is a same-origin relative path (C{/...}), else C{None}.
+    Refused: other schemes and hosts (C{https://x}, C{//x}, C{/\\x},
+    C{javascript:}), encoded forms of those, control characters, spaces and
+    non-ASCII (send them percent-encoded), and the C{/auth/} routes.
+    """
+    if not isinstance(value, str) or not value or len(value) > 2048:
+        return None
+    if value[0] != "/" or value.startswith("//") or "\\" in value:
+        return None
+    if any(not 0x21 <= ord(c) <= 0x7E for c in value):
+        return None
+    decoded = urllib.parse.unquote(value)
+    if decoded.startswith("//") or "\\" in decoded or any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+        return None
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme or parts.netloc:
+        return None
+    if parts.path == REFRESH_PATH or parts.path.startswith(REFRESH_PATH + "/"):
+        return None
+    return value
+
+
+def scopes_for(groups, oauth2):
+    """The local scopes of a user in C{groups}: server-side policy only."""
+    scopes = set(oauth2.default_scopes)
+    for group in groups:
+        scopes.update(oauth2.group_scopes.get(group, ()))
+    return frozenset(scopes)
+
+
+def email_allowed(email, email_verified, oauth2):
+    """C{oauth2.allowed_email_domains} (when set) admits a verified address in one of them."""
+    domains = oauth2.allowed_email_domains
+    if not domains:
+        return True
+    if not email or not email_verified or email.count("@") != 1:
+        return False
+    domain = email.rsplit("@", 1)[1].lower()
+    return domain in {d.lower() for d in domains}
+
+
+def allowed_origins(config, host=None, secure=False):
+    """
+    The origins that may call refresh and logout: the gateway's public
+    origin, the redirect URI's, and, when no C{server.public_url} is set,
+    the one the request's C{Host} names.
+    """
+    origins = set()
+    for url in (config.server.public_url, config.oauth2.redirect_uri):
+        if url:
+            origins.add(origin_of(url))
+    if not config.server.public_url and host:
+        origins.add(origin_of(("https://" if secure else "http://") + host))
+    return origins
+
+
+def provider_id(oauth2):
+    """Which provider a refresh cookie was issued for."""
+    return f"{oauth2.provider}|{oauth2.issuer_url or ''}|{oauth2.client_id}"
+
+
+# --- the friendly pages -------------------------------------------------------
+
+# kind -> (status, title, English, Chinese)
+PAGES = {
+    "access_denied": (403, "Sign-in cancelled", "The sign-in was cancelled or refused at the identity provider.", "登录已取消，或被身份提供方拒绝。"),
+    "provider_error": (502, "Sign-in failed", "The identity provider reported an error.", "身份提供方返回了错误。"),
+    "state": (400, "Sign-in expired", "This sign-in has expired or was already used. Please sign in again.", "本次登录已过期或已被使用，请重新登录。"),
+    "bad_request": (400, "Sign-in failed", "The sign-in request is not valid. Please sign in again.", "登录请求无效，请重新登录。"),
+    "refused": (400, "Sign-in failed", "The identity provider did not accept this sign-in. Please sign in again.", "身份提供方未接受本次登录，请重新登录。"),
+    "unreachable": (502, "Identity provider unavailable", "The identity provider cannot be reached right now. Please try again later.", "暂时无法连接身份提供方，请稍后再试。"),
+    "invalid_response": (502, "Sign-in failed", "The identity provider's answer could not be used.", "无法使用身份提供方的响应。"),
+    "id_token": (502, "Sign-in failed", "The identity provider's answer could not be verified.", "无法验证身份提供方的响应。"),
+    "mixup": (400, "Sign-in failed", "The answer came from another identity provider.", "响应来自其他身份提供方。"),
+    "not_member": (403, "Access denied", "This account may not use this service.", "此帐号无权使用本服务。"),
+    "not_allowed": (403, "Access denied", "This account may not use this service.", "此帐号无权使用本服务。"),
+}
+
+PAGE_CSP = b"default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+
+
+def page_html(kind, request_id):
+    """The friendly page for C{kind}: fixed text, everything escaped."""
+    status, title, english, chinese = PAGES.get(kind, PAGES["invalid_response"])
+    e = html.escape
+    body = f"""<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1"><title>{e(title)}</title></head>
+<body>
+<main>
+<h1>{e(title)}</h1>
+<p>{e(english)}</p>
+<p lang="zh">{e(chinese)}</p>
+<p><a href="/auth/login">Sign in again / 重新登录</a> &middot; <a href="/">Home / 首页</a></p>
+<p><small>Reference / 参考编号: {e(request_id)}</small></p>
+</main>
+</body>
+</html>
+"""
+    return status, body.encode("utf-8")
+
+
+# --- the routes -----------------------------------------------------------------
+
+
+class SSO:
+    """
+    What the routes share: the provider for the current config (rebuilt
+    when the oauth2 section changes, so its discovery and key caches live
+    as long as the config does).
+    """
+
+    def __init__(self, gateway):
+        self.gateway = gateway
+        self._for = None
+        self._provider = None
+
+    def provider(self, config):
+        key = (config.oauth2, config.auth.jwt.leeway)
+        if self._provider is None or self._for != key:
+            self._provider = make_provider(config.oauth2, self.gateway.fetcher, self.gateway.reactor, leeway=config.auth.jwt.leeway)
+            self._for = key
+        return self._provider
+
+    def now(self):
+        return self.gateway.reactor.seconds()
+
+    def mint_session(self, config, session, now):
+        """A session JWT for the identity in a refresh cookie, under today's policy."""
+        oauth2 = config.oauth2
+        groups = list(session.get("groups") or [])
+        scopes = scopes_for(groups, oauth2)
+        return mint(
+            session_signing_key(config),
+            session_issuer(config),
+            SESSION_AUDIENCE,
+            session["sub"],
+            " ".join(sorted(scopes)),
+            oauth2.session_ttl,
+            now=now,
+            name=session.get("name"),
+            email=session.get("email"),
+            teams=groups,
+            sid=session.get("rid"),
+        )
+
+
+def _arg(request, name):
+    """The one value of a query parameter; C{None} if absent; C{ValueError} if repeated or not UTF-8."""
+    values = request.args.get(name.encode("ascii"))
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ValueError(name)
+    return values[0].decode("utf-8")
+
+
+def _set_cookie(request, value):
+    request.cookies.append(value)
+
+
+def _security_headers(request):
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"pragma", b"no-cache")
+    request.setHeader(b"referrer-policy", b"no-referrer")
+
+
+def _redirect(request, location):
+    if request.gone or request.finished:
+        return
+    request.setResponseCode(302)
+    _security_headers(request)
+    request.setHeader(b"location", location.encode("ascii"))
+    request.setHeader(b"content-length", b"0")
+    request.finish()
+
+
+def _page(request, kind):
+    if request.gone or request.finished:
+        return
+    status, body = page_html(kind, request.request_id)
+    request.setResponseCode(status)
+    _security_headers(request)
+    request.setHeader(b"content-type", b"text/html; charset=utf-8")
+    request.setHeader(b"content-security-policy", PAGE_CSP)
+    request.setHeader(b"x-frame-options", b"DENY")
+    request.setHeader(b"content-length", str(len(body)).encode())
+    request.write(body)
+    request.finish()
+
+
+def _peer(request):
+    return getattr(request.getClientAddress(), "host", None)
+
+
+class _AuthRoute(APIResource):
+    """An SSO route: there only on the secure listener and while oauth2 is enabled."""
+
+    ip_limited = True
+
+    def __init__(self, gateway, sso):
+        super().__init__(gateway)
+        self.sso = sso
+
+    def route(self, request):
+        if request.site.debug or request.config is None or not request.config.oauth2.enabled:
+            return None
+        return self.scopes
+
+    def refused(self, request, kind, reason):
+        log.warn(
+            "Sign-in refused ({kind}): {reason}",
+            kind=kind,
+            reason=reason,
+            peer=_peer(request),
+            security_event="sso_failure",
+            request_id=request.request_id,
+        )
+        _page(request, kind)
+
+    def clear(self, request, config, name, path):
+        _set_cookie(request, cookie_header(name, "", path, 0, secure_cookies(config), "Lax" if name == LOGIN_COOKIE else "Strict"))
+
+
+class Login(_AuthRoute):
+    """C{GET /auth/login?next=/path}: off to the provider."""
+
+    scopes = {"GET": None}
+
+    async def handle_GET(self, request):
+        config = request.config
+        try:
+            wanted = _arg(request, "next")
+        except (ValueError, UnicodeDecodeError):
+            wanted = None
+        target = safe_next(wanted) if wanted is not None else "/"
+        if target is None:
+            log.info("Ignored an unsafe next on login", peer=_peer(request), security_event="sso_unsafe_next", request_id=request.request_id)
+            target = "/"
+        state, nonce, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(32), secrets.token_urlsafe(48)
+        provider = self.sso.provider(config)
+        try:
+            location = await provider.authorize_url(config.oauth2.redirect_uri, state, nonce, pkce_challenge(verifier))
+        except ProviderError as e:
+            return self.refused(request, e.kind, e.reason)
+        payload = {"s": state, "n": nonce, "v": verifier, "next": target, "exp": int(self.sso.now()) + LOGIN_TTL}
+        value = sign(cookie_key(config), "login", payload)
+        _set_cookie(request, cookie_header(LOGIN_COOKIE, value, callback_path(config), LOGIN_TTL, secure_cookies(config), "Lax"))
+        _redirect(request, location)
+
+
+class Callback(_AuthRoute):
+    """C{GET <redirect_uri path>}: the provider's answer."""
+
+    scopes = {"GET": None}
+    PARAMS = ("code", "authCode", "state", "iss", "error")
+
+    async def handle_GET(self, request):
+        config = request.config
+        oauth2 = config.oauth2
+        now = self.sso.now()
+        raw = request.getCookie(LOGIN_COOKIE.encode("ascii"))
+        # The login cookie is for one callback, whatever happens next.
+        self.clear(request, config, LOGIN_COOKIE, callback_path(config))
+        try:
+            params = {name: value for name in self.PARAMS if (value := _arg(request, name)) is not None}
+        except (ValueError, UnicodeDecodeError):
+            return self.refused(request, "bad_request", "a callback parameter is repeated or not UTF-8")
+        if "error" in params:
+            kind = "access_denied" if params["error"] == "access_denied" else "provider_error"
+            log.info("The provider answered the login with an error: {error}", error=word(params["error"]), request_id=request.request_id)
+            return _page(request, kind)
+        try:
+            login = unsign(cookie_key(config), "login", raw, now)
+        except BadCookie as e:
+            return self.refused(request, "state", f"login cookie: {e.reason}")
+        state = params.get("state")
+        if not isinstance(login.get("s"), str) or state is None or not hmac.compare_digest(state.encode("utf-8"), login["s"].encode("utf-8")):
+            return self.refused(request, "state", "state does not match the login cookie")
+        marker = "login:" + hashlib.sha256(state.encode("utf-8")).hexdigest()
+        store = self.gateway.store
+        if await store.is_revoked(marker):
+            return self.refused(request, "state", "state already used (replayed callback)")
+        await store.revoke(marker, float(login["exp"]))
+        provider = self.sso.provider(config)
+        try:
+            identity = await provider.identify(params, oauth2.redirect_uri, login["v"], login["n"])
+        except ProviderError as e:
+            return self.refused(request, e.kind, e.reason)
+        if not email_allowed(identity.email, identity.email_verified, oauth2):
+            return self.refused(request, "not_allowed", "e-mail address outside oauth2.allowed_email_domains")
+        value = self.refresh_cookie(config, identity, now)
+        _set_cookie(request, cookie_header(REFRESH_COOKIE, value, REFRESH_PATH, oauth2.refresh_ttl, secure_cookies(config), "Strict"))
+        log.info("Signed in {sub} through {provider}", sub=identity.sub, provider=oauth2.provider, request_id=request.request_id, security_event="sso_login")
+        _redirect(request, safe_next(login.get("next")) or "/")
+
+    def refresh_cookie(self, config, identity, now):
+        key = cookie_key(config)
+        payload = {
+            "rid": secrets.token_urlsafe(18),
+            "sub": identity.sub,
+            "name": identity.name,
+            "email": identity.email,
+            "ev": identity.email_verified,
+            "groups": list(identity.groups),
+            "prov": provider_id(config.oauth2),
+            "iat": int(now),
+            "exp": int(now + config.oauth2.refresh_ttl),
+        }
+        value = sign(key, "refresh", payload)
+        if len(value) > MAX_COOKIE:
+            # Too many groups for a cookie: keep those the policy knows.
+            payload["groups"] = [g for g in identity.groups if g in config.oauth2.group_scopes]
+            value = sign(key, "refresh", payload)
+        return value
+
+
+def check_csrf(request, config):
+    """
+    Refresh and logout are for the gateway's own page: they need
+    C{X-Requested-With: XMLHttpRequest} (which a cross-site form cannot send
+    and a cross-site fetch cannot send without a CORS preflight the gateway
+    never grants) and, when the browser names an C{Origin}, the gateway's own.
+
+    @raise APIError: CSRF_REJECTED (403).
+    """
+    xrw = request.getHeader(b"x-requested-with")
+    if not xrw or xrw.decode("latin-1").strip().lower() != "xmlhttprequest":
+        raise APIError("CSRF_REJECTED", details="the header X-Requested-With: XMLHttpRequest is required")
+    origins = request.requestHeaders.getRawHeaders(b"origin")
+    if origins:
+        host = request.getHeader(b"host")
+        allowed = allowed_origins(config, host.decode("latin-1") if host else None, request.isSecure())
+        if len(origins) != 1 or origins[0].decode("latin-1").strip().lower() not in allowed:
+            raise APIError("CSRF_REJECTED", details="the request comes from another origin")
+    site = request.getHeader(b"sec-fetch-site")
+    if site and site.decode("latin-1").strip().lower() == "cross-site":
+        raise APIError("CSRF_REJECTED", details="the request comes from another site")
+
+
+class Refresh(_AuthRoute):
+    """C{POST /auth/refresh}: a fresh session JWT from the refresh cookie."""
+
+    scopes = {"POST": None}
+
+    async def handle_POST(self, request):
+        config = request.config
+        check_csrf(request, config)
+        now = self.sso.now()
+        raw = request.getCookie(REFRESH_COOKIE.encode("ascii"))
+        if raw is None:
+            raise APIError("AUTH_MISSING_TOKEN", details="no sign-in session; sign in at /auth/login", headers=NO_STORE)
+        reason = None
+        try:
+            session = unsign(cookie_key(config), "refresh", raw, now)
+        except BadCookie as e:
+            reason = "the sign-in session has expired" if e.reason == "expired" else "the sign-in session is not valid"
+        else:
+            if session.get("prov") != provider_id(config.oauth2) or not isinstance(session.get("sub"), str) or not isinstance(session.get("rid"), str):
+                reason = "the sign-in session is not valid"
+            elif await self.gateway.store.is_revoked("refresh:" + session["rid"]):
+                reason = "the sign-in session was ended"
+            elif not email_allowed(session.get("email"), session.get("ev", True), config.oauth2):
+                reason = "the account is no longer allowed"
+        if reason is not None:
+            self.clear(request, config, REFRESH_COOKIE, REFRESH_PATH)
+            log.info("Refused a refresh: {reason}", reason=reason, peer=_peer(request), security_event="sso_refresh_refused", request_id=request.request_id)
+            raise APIError("AUTH_INVALID_TOKEN", details=reason, headers=NO_STORE)
+        token = self.sso.mint_session(config, session, now)
+        request.audit["user"] = session["sub"]
+        return JSONResponse({"access_token": token, "token_type": "Bearer", "expires_in": int(config.oauth2.session_ttl)}, headers=NO_STORE)
+
+
+class Logout(_AuthRoute):
+    """C{POST /auth/logout}: end the session here, and say where to end it at the provider."""
+
+    scopes = {"POST": None}
+
+    async def handle_POST(self, request):
+        config = request.config
+        check_csrf(request, config)
+        raw = request.getCookie(REFRESH_COOKIE.encode("ascii"))
+        try:
+            session = unsign(cookie_key(config), "refresh", raw, self.sso.now())
+        except BadCookie:
+            session = None
+        if session is not None and isinstance(session.get("rid"), str):
+            await self.gateway.store.revoke("refresh:" + session["rid"], float(session["exp"]))
+            log.info("Signed out {sub}", sub=session.get("sub"), request_id=request.request_id, security_event="sso_logout")
+        self.clear(request, config, REFRESH_COOKIE, REFRESH_PATH)
+        url = await self.sso.provider(config).logout_url(config.oauth2.post_logout_redirect_uri)
+        return JSONResponse({"logout_url": url}, headers=NO_STORE)
+
+
+def _mount(root, path, resource):
+    """Put C{resource} at C{path}, creating the L{Node}s on the way."""
+    segments = [s.encode("ascii") for s in path.strip("/").split("/")]
+    parent = root
+    for segment in segments[:-1]:
+        child = parent.children.get(segment)
+        if child is None:
+            child = Node()
+            parent.putChild(segment, child)
+        elif not isinstance(child, Node):
+            log.error("The callback path {path} is taken by another route", path=path)
+            return
+        parent = child
+    if segments[-1] in parent.children:
+        log.error("The callback path {path} is taken by another route", path=path)
+        return
+    parent.putChild(segments[-1], resource)
+
+
+def add_routes(root, gateway):
+    """
+    The SSO routes of the secure listener.  The callback is mounted at the
+    path of C{oauth2.redirect_uri} as the gateway starts; a reload that
+    moves it is logged as needing a restart.
+    """
+    sso = SSO(gateway)
+    auth = root.children.get(b"auth")
+    if auth is None:
+        auth = Node()
+        root.putChild(b"auth", auth)
+    auth.putChild(b"login", Login(gateway, sso))
+    auth.putChild(b"refresh", Refresh(gateway, sso))
+    auth.putChild(b"logout", Logout(gateway, sso))
+    mounted = callback_path(gateway.config)
+    _mount(root, mounted, Callback(gateway, sso))
+
+    def moved(old, new):
+        if callback_path(new) != mounted:
+            log.warn("Config key oauth2.redirect_uri changed its path; the callback stays at {path} until a restart", path=mounted)
+
+    gateway.on_reload(moved)
+    return sso
