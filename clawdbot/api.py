@@ -47,9 +47,9 @@ async def relay(gateway, request, config, path, body, payload, headers, on_data,
     clock = gateway.reactor
     started = clock.seconds()
     deadline = started + config.timeout
-    await backend.acquire(config)
+    lease = await backend.acquire(config)
     try:
-        response = await backend.send(config, b"POST", path, body, deadline)
+        response = await backend.send(config, b"POST", path, body, deadline, lease)
         request.audit["upstream_latency"] = round(clock.seconds() - started, 6)
         if response.code != 200:
             raw = await backend.collect(response, config, deadline, limit=1024 * 1024)
@@ -98,7 +98,7 @@ async def relay(gateway, request, config, path, body, payload, headers, on_data,
     finally:
         if request.stream_format is not None:
             gateway.metrics.active_streams.dec()
-        backend.release(config)
+        backend.release(config, lease)
 
 
 def _text(message):

@@ -82,6 +82,8 @@ class ServerConfig:
 @dataclass(frozen=True)
 class BackendConfig:
     url: str = _opt("http://127.0.0.1:11434")
+    urls: typing.Tuple[str, ...] = _opt([])
+    health_interval: float = _opt(10.0, kind="duration", minimum=0.1, maximum=3600)
     model: str = _opt("qwen3:32b")
     models: typing.Tuple[str, ...] = _opt([])
     aliases: typing.Mapping[str, str] = _opt({})
@@ -511,7 +513,8 @@ def _validate(config, empties):
             raise ConfigError("oauth2.issuer_url", "is required for provider oidc")
         _validate_oauth2(config, production, warnings)
 
-    for path, url in (("backend.url", config.backend.url),):
+    urls = [("backend.url", config.backend.url)] + [(f"backend.urls[{i}]", u) for i, u in enumerate(config.backend.urls)]
+    for path, url in urls:
         if not re.match(r"^https?://[^/\s]+", url):
             raise ConfigError(path, "must be an http:// or https:// URL")
     for alias, target in config.backend.aliases.items():

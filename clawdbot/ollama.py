@@ -177,6 +177,52 @@ class BodyReader(Protocol):
             self.finished.errback(unavailable("the model backend closed the connection mid-reply"))
 
 
+def backend_urls(config):
+    """C{backend.urls}, or C{backend.url} alone."""
+    return config.backend.urls or (config.backend.url,)
+
+
+def _display(url):
+    """A backend's URL for logs (no credentials)."""
+    return url.split("@")[-1]
+
+
+class Upstream:
+    """One Ollama server: calls in progress and when it may be tried again."""
+
+    def __init__(self, url):
+        self.url = url
+        self.active = 0
+        self.picks = 0
+        self.down_until = 0.0
+
+
+class Lease:
+    """A backend slot: counts as one call in progress on its backend until ended."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+        upstream.active += 1
+
+    def move(self, upstream):
+        self.upstream.active -= 1
+        self.upstream = upstream
+        upstream.active += 1
+
+    def end(self):
+        if self.upstream is not None:
+            self.upstream.active -= 1
+            self.upstream = None
+
+
+class BackendUnreachable(Exception):
+    """No connection (or no response at all) from one backend: safe to try another."""
+
+    def __init__(self, error):
+        super().__init__(error)
+        self.error = error
+
+
 class Ollama:
     """
     @param gateway: gives the current config (C{gateway.config}).
@@ -188,6 +234,7 @@ class Ollama:
         self.pool = quiet_pool(reactor, 256)
         self.slots = Slots(reactor)
         self._agents = {}
+        self._upstreams = {}
 
     def agent(self, config):
         timeout = config.backend.connect_timeout
@@ -196,23 +243,67 @@ class Ollama:
             agent = self._agents[timeout] = Agent(self.reactor, pool=self.pool, connectTimeout=timeout)
         return agent
 
-    def url(self, config, path):
-        return (config.backend.url.rstrip("/") + path).encode("utf-8")
+    # --- several backends ------------------------------------------------------
 
-    async def send(self, config, method, path, body=None, deadline=None):
+    def upstreams(self, config):
+        """The configured backends, each with its live state."""
+        out = []
+        for url in backend_urls(config):
+            upstream = self._upstreams.get(url)
+            if upstream is None:
+                upstream = self._upstreams[url] = Upstream(url)
+            out.append(upstream)
+        return out
+
+    def choose(self, config, exclude=()):
+        """The least busy healthy backend (any backend when none is healthy)."""
+        now = self.reactor.seconds()
+        candidates = [u for u in self.upstreams(config) if u.url not in exclude]
+        healthy = [u for u in candidates if u.down_until <= now] or candidates
+        best = min(healthy, key=lambda u: (u.active, u.picks))
+        best.picks += 1
+        return best
+
+    def mark_down(self, upstream, config):
+        if upstream.down_until <= self.reactor.seconds():
+            log.warn("Backend {url} is down; routing around it", url=_display(upstream.url))
+        upstream.down_until = self.reactor.seconds() + config.backend.health_interval
+
+    async def send(self, config, method, path, body=None, deadline=None, lease=None):
         """
         Send one request and wait for Ollama's response headers, within the
-        first-byte timeout.
+        first-byte timeout.  When the chosen backend cannot be reached (no
+        byte has gone anywhere yet), the lease moves to the next backend.
 
+        @param lease: the L{Lease} from L{acquire}; without one, the least
+            busy backend is used for this request alone.
         @return: the L{twisted.web.iweb.IResponse}.
         @raise APIError: UPSTREAM_UNAVAILABLE or UPSTREAM_TIMEOUT.
         """
+        tried = set()
+        while True:
+            upstream = lease.upstream if lease is not None else self.choose(config)
+            try:
+                response = await self._send_one(config, upstream.url, method, path, body, deadline)
+            except BackendUnreachable as e:
+                self.mark_down(upstream, config)
+                tried.add(upstream.url)
+                others = [u for u in self.upstreams(config) if u.url not in tried]
+                if lease is None or not others:
+                    raise e.error from None
+                lease.move(self.choose(config, tried))
+                continue
+            upstream.down_until = 0.0
+            return response
+
+    async def _send_one(self, config, base, method, path, body, deadline):
         headers = Headers({b"user-agent": [b"clawdbot"]})
         producer = None
         if body is not None:
             headers.setRawHeaders(b"content-type", [b"application/json"])
             producer = BytesProducer(body)
-        d = self.agent(config).request(method, self.url(config, path), headers, producer)
+        url = (base.rstrip("/") + path).encode("utf-8")
+        d = self.agent(config).request(method, url, headers, producer)
         now = self.reactor.seconds()
         wait = config.backend.first_byte_timeout
         if deadline is not None:
@@ -228,9 +319,11 @@ class Ollama:
                 # The caller was cancelled (its client went away).
                 raise CancelledError() from None
             if isinstance(e, TimeoutError):
-                raise timed_out("connecting to the model backend timed out") from None
-            if isinstance(e, (ConnectError, DNSLookupError, ResponseNeverReceived, ResponseFailed)):
-                raise unavailable() from None
+                raise BackendUnreachable(timed_out("connecting to the model backend timed out")) from None
+            if isinstance(e, (ConnectError, DNSLookupError, ResponseNeverReceived)):
+                raise BackendUnreachable(unavailable()) from None
+            if isinstance(e, ResponseFailed):
+                raise unavailable("the model backend closed the connection") from None
             raise
         finally:
             if timer.active():
@@ -265,13 +358,13 @@ class Ollama:
         @return: the raw body of a 200 answer.
         """
         deadline = self.reactor.seconds() + config.timeout
-        await self.acquire(config)
+        lease = await self.acquire(config)
         try:
             body = None if payload is None else json.dumps(payload).encode("utf-8")
-            response = await self.send(config, method, path, body, deadline)
+            response = await self.send(config, method, path, body, deadline, lease)
             raw = await self.collect(response, config, deadline)
         finally:
-            self.release(config)
+            self.release(config, lease)
         if response.code != 200:
             raise upstream_error(response.code, raw, payload)
         return raw
@@ -285,23 +378,47 @@ class Ollama:
             raise unavailable("the model backend sent a malformed reply") from None
 
     async def acquire(self, config):
+        """A slot under the concurrency cap, on the least busy backend."""
         await self.slots.acquire(config.max_connections, config.limits.max_queue, config.limits.queue_timeout)
+        return Lease(self.choose(config))
 
-    def release(self, config):
+    def release(self, config, lease):
+        lease.end()
         self.slots.release(config.max_connections)
 
-    async def check(self):
-        """C{None} when Ollama answers C{/api/version}, else a short reason."""
-        config = self.gateway.config
+    async def check_one(self, config, upstream):
+        """C{None} when this backend answers C{/api/version}, else a short reason."""
         deadline = self.reactor.seconds() + config.backend.connect_timeout
         try:
-            response = await self.send(config, b"GET", "/api/version", deadline=deadline)
+            response = await self._send_one(config, upstream.url, b"GET", "/api/version", None, deadline)
             await self.collect(response, config, deadline, limit=65536)
+        except BackendUnreachable as e:
+            self.mark_down(upstream, config)
+            return "not reachable (timed out)" if e.error.code == "UPSTREAM_TIMEOUT" else "not reachable"
         except APIError as e:
             return "not reachable (timed out)" if e.code == "UPSTREAM_TIMEOUT" else "not reachable"
         if response.code != 200:
             return f"answered status {response.code}"
+        upstream.down_until = 0.0
         return None
+
+    async def check(self):
+        """
+        C{None} when at least one backend answers, else a short reason.
+        Every backend is checked, so this doubles as the health check.
+        """
+        config = self.gateway.config
+        reasons = []
+        for upstream in self.upstreams(config):
+            reasons.append(await self.check_one(config, upstream))
+        if any(r is None for r in reasons):
+            return None
+        return reasons[0] if len(reasons) == 1 else f"no backend reachable ({reasons[0]})"
+
+    def status(self, config):
+        """Per-backend state for /readyz, without addresses."""
+        now = self.reactor.seconds()
+        return [{"backend": i, "up": u.down_until <= now, "active": u.active} for i, u in enumerate(self.upstreams(config))]
 
     def close(self):
         return self.pool.closeCachedConnections()

@@ -31,6 +31,7 @@ class Ready(APIResource):
         checks = {"config": "ok"}
         reason = await self.gateway.backend.check()
         checks["backend"] = reason or "ok"
+        checks["backends"] = self.gateway.backend.status(request.config)
         self.gateway.metrics.backend_up.set(0 if reason else 1)
         if reason:
             return JSONResponse({"status": "not ready", "reason": f"Ollama: {reason}", "checks": checks}, status=503)

@@ -106,15 +106,42 @@ class GatewayService(service.MultiService):
 
     def startService(self):
         super().startService()
+        self._start_health_checks()
         if self.install_signals:
             reactor = self.gateway.reactor
             signal.signal(signal.SIGHUP, lambda signum, frame: self.gateway.request_reload())
             signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(self.gateway.access_log.reopen))
 
+    _health = None
+
+    def _start_health_checks(self):
+        """With several backends, check each every backend.health_interval."""
+        from twisted.internet.task import LoopingCall
+
+        from clawdbot.ollama import backend_urls
+
+        config = self.gateway.config
+        if len(backend_urls(config)) < 2:
+            return
+        self._health = LoopingCall(self._check_backends)
+        self._health.clock = self.gateway.reactor
+        self._health.start(config.backend.health_interval, now=False)
+
+    def _check_backends(self):
+        from twisted.internet.defer import Deferred
+
+        d = Deferred.fromCoroutine(self.gateway.backend.check())
+        d.addCallback(lambda reason: self.gateway.metrics.backend_up.set(0 if reason else 1))
+        # Never let a failure stop the loop.
+        d.addErrback(lambda failure: log.failure("Backend health check failed", failure))
+        return d
+
     def stopService(self):
         """Stop accepting, drain what is in flight, then close outbound connections."""
         from twisted.internet.defer import Deferred
 
+        if self._health is not None and self._health.running:
+            self._health.stop()
         d = super().stopService()
         d.addCallback(lambda _: Deferred.fromCoroutine(self.gateway.drain(self.gateway.config.server.drain_timeout)))
         d.addCallback(lambda _: self.gateway.stop())

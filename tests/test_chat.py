@@ -415,3 +415,67 @@ class UpstreamFailureTests(Backed):
             self.assertEqual(events[-1]["error"]["code"], "UPSTREAM_UNAVAILABLE")
             self.assertEqual(len([e for e in events[:-1] if e != b"[DONE]"]), 3)
             self.assertNotIn(b"[DONE]", raw)
+
+
+class SeveralBackendsTests(TestCase):
+    """backend.urls: least-busy routing, failover before the first byte, health in /readyz."""
+
+    timeout = 60
+
+    def two(self):
+        fakes = []
+        for _ in range(2):
+            fake = FakeOllama()
+            fake.listen(reactor)
+            self.addCleanup(fake.stop)
+            fakes.append(fake)
+        return fakes
+
+    async def test_least_busy_routing(self):
+        """A new call goes to the backend with the fewest calls in progress."""
+        a, b = self.two()
+        gw = serve(self, extra=f'backend: {{urls: ["{a.url}", "{b.url}"]}}')
+        auth = bearer(token(scope=ALL))
+        a.behave(stall_after=1)
+        b.behave(stall_after=1)
+        from twisted.internet.defer import ensureDeferred
+
+        first = ensureDeferred(get_json(gw.url + "/v1/chat/completions", method="POST", headers=auth, body={"messages": HI, "stream": True}))
+        await deferLater(reactor, 0.3)
+        second = ensureDeferred(get_json(gw.url + "/v1/chat/completions", method="POST", headers=auth, body={"messages": HI, "stream": True}))
+        await deferLater(reactor, 0.3)
+        self.assertEqual((len(a.requests_to("/api/chat")), len(b.requests_to("/api/chat"))), (1, 1))
+        for d in (first, second):
+            d.cancel()
+            d.addErrback(lambda f: None)
+        for _ in range(50):
+            if gw.gateway.backend.slots.active == 0:
+                break
+            await deferLater(reactor, 0.05)
+        self.assertEqual(gw.gateway.backend.slots.active, 0)
+
+    async def test_failover_when_one_dies(self):
+        """With one backend gone, every call still succeeds on the other; /readyz stays ready and shows which is down."""
+        a, b = self.two()
+        gw = serve(self, extra=f'backend: {{urls: ["{a.url}", "{b.url}"], health_interval: 30s}}')
+        auth = bearer(token(scope=ALL))
+        await a.stop()
+        for stream in (False, True, False, False):
+            status, _, body = await get_json(gw.url + "/v1/chat/completions", method="POST", headers=auth, body={"messages": HI, "stream": stream})
+            self.assertEqual(status, 200, body)
+        self.assertEqual(len(b.requests_to("/api/chat")), 4)
+        status, _, ready = await get_json(gw.url + "/readyz")
+        self.assertEqual(status, 200)
+        self.assertEqual([x["up"] for x in ready["checks"]["backends"]], [False, True])
+        self.assertEqual(gw.gateway.backend.slots.active, 0)
+        self.assertEqual([u.active for u in gw.gateway.backend.upstreams(gw.gateway.config)], [0, 0])
+
+    async def test_all_down_is_502(self):
+        """With every backend gone the call is a 502 and /readyz is 503."""
+        a, b = self.two()
+        gw = serve(self, extra=f'backend: {{urls: ["{a.url}", "{b.url}"]}}')
+        await a.stop()
+        await b.stop()
+        status, _, body = await get_json(gw.url + "/v1/chat/completions", method="POST", headers=bearer(token(scope=ALL)), body={"messages": HI})
+        self.assertEqual((status, body["error"]["code"]), (502, "UPSTREAM_UNAVAILABLE"))
+        self.assertEqual((await get_json(gw.url + "/readyz"))[0], 503)
