@@ -197,6 +197,11 @@ class RateLimitConfig:
     per_scope: typing.Mapping[str, RateRuleConfig] = _opt({})
     per_team: typing.Mapping[str, RateRuleConfig] = _opt({})
     auth_per_ip_per_minute: int = _opt(30, minimum=0, maximum=10**9)
+    # Where the buckets live: this process, or Redis shared by several gateways.
+    backend: str = _opt("memory", choices=("memory", "redis"))
+    url: str = _opt("redis://127.0.0.1:6379/0", secret=True)
+    key_prefix: str = _opt("clawdbot:rl:")
+    on_backend_error: str = _opt("open", choices=("open", "closed"))
 
 
 @dataclass(frozen=True)
@@ -226,6 +231,7 @@ class Config:
     log: LogConfig = _section(LogConfig)
     timeout: float = _opt(120.0, kind="duration", minimum=0.001, maximum=86400)
     max_connections: int = _opt(10, minimum=1, maximum=100000)
+    env_file: typing.Optional[str] = _opt(None)
     # Where the file came from, for messages; not a config key.
     source: typing.Optional[str] = field(default=None, compare=False, metadata=dict(internal=True))
     warnings: typing.Tuple[str, ...] = field(default=(), compare=False, metadata=dict(internal=True))
@@ -520,6 +526,8 @@ def _validate(config, empties):
     for alias, target in config.backend.aliases.items():
         if not target:
             raise ConfigError(f"backend.aliases.{alias}", "must name a model")
+    if not re.match(r"^(rediss?://[^/\s]*|unix:///?[^\s]+)", config.rate_limit.url):
+        raise ConfigError("rate_limit.url", "must be a redis://, rediss:// or unix:// URL")
     return tuple(warnings)
 
 
@@ -643,6 +651,11 @@ def parse_config(text, environ, source=None, mode=None):
         tree = {}
     if not isinstance(tree, dict):
         raise ConfigError(None, "the file must be a YAML mapping of sections")
+    env_file = tree.get("env_file")
+    if isinstance(env_file, str) and env_file:
+        # Read at every load, so a reload picks up rotated secrets even
+        # where the process environment is fixed (systemd).
+        environ = dict(environ, **read_env_file(env_file))
     empties = {}
     tree = _substitute_tree(tree, environ, "", empties)
     if mode is not None:
@@ -652,6 +665,37 @@ def parse_config(text, environ, source=None, mode=None):
     config = _build_section(Config, tree, "")
     warnings = _validate(config, empties)
     return dataclasses.replace(config, source=source, warnings=warnings)
+
+
+def read_env_file(path):
+    """
+    C{KEY=VALUE} lines (systemd's EnvironmentFile format: C{#} comments,
+    optional C{export}, optional matching quotes).
+
+    @raise ConfigError: naming C{env_file} when the file cannot be read or a
+        line is not an assignment; values never appear in the message.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConfigError("env_file", f"cannot read {path}: {e.strerror}") from None
+    values = {}
+    for number, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            raise ConfigError("env_file", f"{path} line {number} is not KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
 
 
 def load_config(path, environ, mode=None):
@@ -687,7 +731,7 @@ def effective(config):
                 continue
             kind = f.metadata.get("kind")
             if f.metadata.get("secret") and value is not None:
-                if f.name == "dsn":
+                if f.name in ("dsn", "url"):
                     value = _DSN_PASSWORD.sub(lambda m: m.group(1) + MASK + m.group(3), value)
                     value = re.sub(r"(password=)[^\s&]*", r"\1" + MASK, value)
                 else:
@@ -716,7 +760,7 @@ def restart_needed(old, new):
     as a list of paths.
     """
     paths = []
-    for path in ("server.listen", "server.debug_listen", "server.mode", "metrics.listen", "storage.backend", "storage.path", "storage.dsn", "log.path", "access_log.path"):
+    for path in ("server.listen", "server.debug_listen", "server.mode", "metrics.listen", "storage.backend", "storage.path", "storage.dsn", "rate_limit.backend", "rate_limit.url", "rate_limit.key_prefix", "log.path", "access_log.path"):
         section, key = path.split(".")
         if getattr(getattr(old, section), key) != getattr(getattr(new, section), key):
             paths.append(path)

@@ -4,6 +4,7 @@ arrives, a site per listener, and the base resource that runs handlers,
 checks method and scope, and renders every error in one place.
 """
 
+import io
 import json
 import time
 import uuid
@@ -19,6 +20,8 @@ from clawdbot.errors import APIError, error_body, internal_error, invalid
 log = Logger(namespace="clawdbot.web")
 
 JSON_TYPE = b"application/json; charset=utf-8"
+# Seconds a refused body is drained before the connection closes.
+LINGER = 2.0
 _REASONS = {413: b"Payload Too Large"}
 
 
@@ -93,6 +96,7 @@ class GatewayRequest(server.Request):
     def gotLength(self, length):
         limit = self._limit()
         if length is not None and limit is not None and length > limit:
+            self.content = io.BytesIO()  # stays empty: the body is dropped
             self._refuse(limit)
             # The body is never stored, so don't ask the client for it.
             self.requestHeaders.removeHeader(b"expect")
@@ -106,14 +110,17 @@ class GatewayRequest(server.Request):
         limit = self._limit()
         if limit is not None and self.body_size > limit:
             self._refuse(limit)
-            self.content = None
+            self.content = io.BytesIO()
             return
         super().handleContentChunk(data)
 
     def _refuse(self, limit):
         """
-        Answer 413 straight onto the connection and close it: the request is
-        still arriving, so the normal response machinery cannot be used.
+        Answer 413 straight onto the connection: the request is still
+        arriving, so the normal response machinery cannot be used.  The rest
+        of the body is read and dropped for a moment before the connection
+        closes (closing on unread data would reset it, and a proxy in front
+        would report a 502 instead of this 413).
         """
         self.refused = True
         err = APIError("PAYLOAD_TOO_LARGE", details=f"the body is larger than the limit of {limit} bytes")
@@ -130,10 +137,22 @@ class GatewayRequest(server.Request):
         transport = self.channel.transport
         transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         log.info("Refused a request body over the {limit} byte limit", limit=limit, request_id=self.request_id)
-        transport.loseConnection()
+        clock = getattr(self._site, "reactor", None)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._linger = clock.callLater(LINGER, transport.loseConnection)
+
+    def _close_refused(self):
+        """The refused body has arrived (and been dropped): close now."""
+        linger = getattr(self, "_linger", None)
+        if linger is not None and linger.active():
+            linger.cancel()
+        if self.channel is not None:
+            self.channel.transport.loseConnection()
 
     def process(self):
         if self.refused:
+            self._close_refused()
             return
         gateway = self._gateway()
         if gateway is not None:

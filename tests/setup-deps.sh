@@ -29,3 +29,24 @@ if [ -n "$pkgs" ]; then
   apt-get update
   DEBIAN_FRONTEND=noninteractive apt-get install -y $pkgs
 fi
+
+# For tests/test_ops.py: nginx (`nginx -t` on etc/nginx/clawdbot.conf, and a
+# real nginx that the test starts itself on loopback ports), systemd-analyze
+# (`verify clawdbot.service`) and curl (the HTTP/2 client).  Nothing here
+# starts nginx: while the package installs, a policy-rc.d (the one the
+# machine has, or a temporary one) tells its postinst not to start the service.
+pkgs=""
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || pkgs="$pkgs nginx"
+command -v systemd-analyze >/dev/null 2>&1 || pkgs="$pkgs systemd"
+command -v curl >/dev/null 2>&1 || pkgs="$pkgs curl"    # the HTTP/2 client
+if [ -n "$pkgs" ]; then
+  need_cmd apt-get
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
+  fi
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y $pkgs || { [ -z "$policy" ] || rm -f "$policy"; exit 1; }
+  [ -z "$policy" ] || rm -f "$policy"
+fi

@@ -148,6 +148,19 @@ class SubstitutionTests(SynchronousTestCase):
         message = error_of(SEED_JWT + SEED_OAUTH, {"JWT_SECRET": GOOD_SECRET, "OAUTH_CLIENT_SECRET": ""})
         self.assertIn("oauth2.client_secret", message)
 
+    def test_env_file_overrides_and_is_reread(self):
+        """env_file values override the process environment and are read again at every load (rotation by reload)."""
+        env_path = write_config(self, "# secrets\nexport JWT_SECRET='" + "a" * 40 + "'\n")
+        path = write_config(self, f"env_file: {env_path}\n" + SEED_JWT)
+        self.assertEqual(load_config(path, {"JWT_SECRET": "b" * 40}).auth.jwt.secret, "a" * 40)
+        with open(env_path, "w") as f:
+            f.write("JWT_SECRET=" + "c" * 40 + "\n")
+        self.assertEqual(load_config(path, {}).auth.jwt.secret, "c" * 40)
+        with open(env_path, "w") as f:
+            f.write("not an assignment\n")
+        error = self.assertRaises(ConfigError, load_config, path, {})
+        self.assertEqual(error.path, "env_file")
+
     def test_dollar_escape(self):
         """$$ is a literal dollar sign."""
         self.assertEqual(substitute("a$${B}c", {}), "a${B}c")
