@@ -146,28 +146,26 @@ def check_claim_types(claims):
             raise _WrongType("aud")
 
 
+# PyJWT's exceptions and what clients are told, most specific first.
+_REASONS = (
+    (ExpiredSignatureError, "token is expired"),
+    (ImmatureSignatureError, "token is not yet valid"),
+    (InvalidAudienceError, "audience does not match"),
+    (InvalidIssuerError, "issuer does not match"),
+    (InvalidIssuedAtError, "token was issued in the future"),
+    (_WrongType, "claim '{claim}' has the wrong type"),
+    (MissingRequiredClaimError, "claim '{claim}' is missing"),
+    (UnknownKeyError, "signing key is unknown"),
+    (InvalidSignatureError, "signature does not match"),
+    (InvalidAlgorithmError, "algorithm not allowed"),
+)
+
+
 def reason_for(error):
     """The curated C{details} for a PyJWT exception."""
-    if isinstance(error, ExpiredSignatureError):
-        return "token is expired"
-    if isinstance(error, ImmatureSignatureError):
-        return "token is not yet valid"
-    if isinstance(error, InvalidAudienceError):
-        return "audience does not match"
-    if isinstance(error, InvalidIssuerError):
-        return "issuer does not match"
-    if isinstance(error, InvalidIssuedAtError):
-        return "token was issued in the future"
-    if isinstance(error, _WrongType):
-        return f"claim '{error.claim}' has the wrong type"
-    if isinstance(error, MissingRequiredClaimError):
-        return f"claim '{error.claim}' is missing"
-    if isinstance(error, UnknownKeyError):
-        return "signing key is unknown"
-    if isinstance(error, InvalidSignatureError):
-        return "signature does not match"
-    if isinstance(error, InvalidAlgorithmError):
-        return "algorithm not allowed"
+    for kind, reason in _REASONS:
+        if isinstance(error, kind):
+            return reason.format(claim=getattr(error, "claim", ""))
     return "token is malformed"
 
 
