@@ -22,7 +22,7 @@ from clawdbot.errors import APIError, error_body
 from clawdbot.images import image_filter as build_image_filter
 from clawdbot.observe import AccessLog, Metrics
 from clawdbot.ollama import Ollama
-from clawdbot.ratelimit import MemoryLimiter, rule_for
+from clawdbot.ratelimit import build_limiter, rule_for
 from clawdbot.sessions import SessionLocks
 from clawdbot.storage import open_store
 from clawdbot.translate import sse_error
@@ -57,19 +57,25 @@ class Gateway:
         self.store = open_store(config, reactor)
         self.session_locks = SessionLocks()
         self.auth = build_authenticator(config, reactor, self.fetcher.fetch_json)
-        self.limiter = MemoryLimiter(reactor)
+        self.limiter = build_limiter(config, reactor, on_error=lambda: self.metrics.ratelimit_backend_errors.inc())
         self.access_log = AccessLog(config.access_log.path)
         self.metrics = Metrics(self)
         self.inflight = set()
         self.draining = False
         self.on_reload(self._rebuild_auth)
+        self.on_reload(self._limiter_policy)
 
     def _rebuild_auth(self, old, new):
         self.auth = build_authenticator(new, self.reactor, self.fetcher.fetch_json)
 
+    def _limiter_policy(self, old, new):
+        # The Redis outage policy applies at once; backend and url need a restart.
+        self.limiter.on_backend_error = new.rate_limit.on_backend_error
+
     def stop(self):
         """Close outbound connections at shutdown."""
         self.store.close()
+        self.limiter.close()
         return gatherResults([self.backend.close(), self.fetcher.close()])
 
     # --- requests ----------------------------------------------------------------

@@ -158,6 +158,9 @@ class Metrics:
         self.active_streams = Gauge("clawdbot_active_streams", "Streamed replies in progress.", registry=r)
         self.rejections = Counter("clawdbot_rejections_total", "Requests refused, by error code.", ["code"], registry=r)
         self.reloads = Counter("clawdbot_config_reloads_total", "Config reloads by result.", ["result"], registry=r)
+        self.ratelimit_backend_errors = Counter(
+            "clawdbot_ratelimit_backend_errors_total", "Rate-limit checks the shared backend (Redis) could not answer.", registry=r
+        )
         self.backend_up = Gauge("clawdbot_backend_up", "1 when the last contact with Ollama succeeded.", registry=r)
         queue = Gauge("clawdbot_queue_depth", "Requests waiting for a backend slot.", registry=r)
         queue.set_function(lambda: len(gateway.backend.slots.waiting))

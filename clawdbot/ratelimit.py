@@ -8,10 +8,23 @@ tokens (Ollama's C{prompt_eval_count + eval_count}) are taken from the token
 bucket afterwards, which may go below zero and then refuses until it has
 refilled.  The rule in force is read from the config of each request, so a
 reload changes limits at once while the buckets keep their state.
+
+L{MemoryLimiter} keeps the buckets in this process (one gateway);
+L{RedisLimiter} keeps them in Redis, updated by one atomic script, so the
+budgets hold across every gateway that shares it.
 """
 
+import hashlib
 import math
 from dataclasses import dataclass
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from clawdbot.errors import APIError
+
+log = Logger(namespace="clawdbot.ratelimit")
 
 WINDOW = 60.0
 
@@ -76,6 +89,22 @@ def rule_for(principal, config):
     return Rule(requests, tokens)
 
 
+def take_decision(limit, level, allowed, cost, kind):
+    """The answer to a take of C{cost} that left C{level} in the bucket."""
+    rate = limit / WINDOW
+    if allowed:
+        return Decision(True, limit, int(level), (limit - level) / rate, kind=kind)
+    return Decision(False, limit, int(max(0, level)), (limit - level) / rate, (cost - level) / rate, kind=kind)
+
+
+def peek_decision(limit, level, kind):
+    """The answer to a peek at a bucket holding C{level}: refused when empty or in debt."""
+    rate = limit / WINDOW
+    if level > 0:
+        return Decision(True, limit, int(level), (limit - level) / rate, kind=kind)
+    return Decision(False, limit, 0, (limit - level) / rate, (1 - level) / rate, kind=kind)
+
+
 class Bucket:
     __slots__ = ("level", "stamp")
 
@@ -120,11 +149,10 @@ class MemoryLimiter:
             return UNLIMITED
         now = self.clock.seconds()
         bucket = self._bucket((kind, key), limit, now)
-        rate = limit / WINDOW
-        if bucket.level >= cost:
+        allowed = bucket.level >= cost
+        if allowed:
             bucket.level -= cost
-            return Decision(True, limit, int(bucket.level), (limit - bucket.level) / rate, kind=kind)
-        return Decision(False, limit, int(max(0, bucket.level)), (limit - bucket.level) / rate, (cost - bucket.level) / rate, kind=kind)
+        return take_decision(limit, bucket.level, allowed, cost, kind)
 
     async def peek(self, key, limit, kind):
         """Refuse when the bucket is empty (or in debt), without taking anything."""
@@ -132,10 +160,7 @@ class MemoryLimiter:
             return UNLIMITED
         now = self.clock.seconds()
         bucket = self._bucket((kind, key), limit, now)
-        rate = limit / WINDOW
-        if bucket.level > 0:
-            return Decision(True, limit, int(bucket.level), (limit - bucket.level) / rate, kind=kind)
-        return Decision(False, limit, 0, (limit - bucket.level) / rate, (1 - bucket.level) / rate, kind=kind)
+        return peek_decision(limit, bucket.level, kind)
 
     async def spend(self, key, limit, cost, kind):
         """Take C{cost} whatever the level (token budgets are known only afterwards)."""
@@ -144,3 +169,238 @@ class MemoryLimiter:
         now = self.clock.seconds()
         bucket = self._bucket((kind, key), limit, now)
         bucket.level -= cost
+
+    def close(self):
+        """Nothing to release."""
+
+
+# --- Redis ----------------------------------------------------------------------
+
+# One bucket, refilled, changed and written back in one atomic step: the same
+# arithmetic as Bucket.refill and MemoryLimiter, on Redis's clock (TIME) so
+# that gateways with skewed clocks agree.  A clock that steps back refills
+# nothing.  The key lives until the bucket would be full again (at least two
+# minutes), so a bucket in debt is not forgiven early.
+#   KEYS[1]  the bucket, a hash {level, stamp}
+#   ARGV     op ("take" | "peek" | "spend"), limit, cost, now ("" = Redis TIME)
+#   returns  {allowed (0 | 1), level after, as text}
+BUCKET_SCRIPT = """
+local limit = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local now
+if ARGV[4] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+else
+  now = tonumber(ARGV[4])
+end
+local rate = limit / 60
+local level = limit
+local stamp = now
+local saved = redis.call('HMGET', KEYS[1], 'level', 'stamp')
+if saved[1] and saved[2] then
+  local last = tonumber(saved[2])
+  level = math.min(limit, tonumber(saved[1]) + math.max(0, now - last) * rate)
+  stamp = math.max(now, last)
+end
+local allowed = 1
+if ARGV[1] == 'take' then
+  if level >= cost then level = level - cost else allowed = 0 end
+elseif ARGV[1] == 'spend' then
+  level = level - cost
+end
+redis.call('HSET', KEYS[1], 'level', string.format('%.17g', level), 'stamp', string.format('%.17g', stamp))
+redis.call('PEXPIRE', KEYS[1], math.max(120000, math.ceil((limit - level) / rate * 1000) + 60000))
+return {allowed, string.format('%.17g', level)}
+"""
+SCRIPT_SHA = hashlib.sha1(BUCKET_SCRIPT.encode()).hexdigest()
+
+
+class LimiterUnavailable(APIError):
+    """The shared limiter cannot answer and C{on_backend_error} is C{closed}."""
+
+    def __init__(self):
+        super().__init__("GATEWAY_BUSY", details="the rate limiter is unavailable; retry shortly", headers={"Retry-After": "1"})
+
+
+class RedisLimiter:
+    """
+    Buckets in Redis, shared by every gateway that points at it.
+
+    Each check is one EVALSHA of L{BUCKET_SCRIPT} (EVAL when the server does
+    not know the script yet), run with redis-py's blocking client on a small
+    thread pool of its own, so the reactor never waits on the network.
+
+    When Redis cannot answer (refused, timed out, any error) the check is
+    decided by C{on_backend_error}: C{"open"} lets the request through,
+    C{"closed"} refuses it with L{LimiterUnavailable} (503 C{GATEWAY_BUSY},
+    C{Retry-After: 1}).  Each such check calls C{on_error()} (the gateway
+    counts it in a metric) and the log gets one line per C{LOG_EVERY}
+    seconds at most.  After a failure, Redis is left alone for
+    C{RETRY_AFTER} seconds and checks are decided at once, so an outage
+    costs each request at most one short timeout, and most of them none.
+
+    @param clock: a bucket clock (C{seconds()}) for tests; by default Redis's
+        own clock decides, so instances with skewed clocks agree.
+    """
+
+    RETRY_AFTER = 1.0
+    LOG_EVERY = 10.0
+
+    def __init__(
+        self,
+        reactor,
+        url,
+        key_prefix="clawdbot:rl:",
+        on_backend_error="open",
+        on_error=None,
+        clock=None,
+        threads=4,
+        connect_timeout=0.2,
+        timeout=0.25,
+    ):
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self.reactor = reactor
+        self.key_prefix = key_prefix
+        self.on_backend_error = on_backend_error
+        self.on_error = on_error
+        self.clock = clock
+        # No retries inside redis-py: its default retries ten times with backoff.
+        self.client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=threads,
+            health_check_interval=0,
+        )
+        self._no_script = redis.exceptions.NoScriptError
+        # How long a check may wait for a thread and Redis together.
+        self.deadline = connect_timeout + timeout + 0.25
+        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="clawdbot-ratelimit")
+        self._down_until = 0.0
+        self._last_log = None
+        self._unlogged = 0
+
+    # --- the limiter interface -----------------------------------------------
+
+    async def take(self, key, limit, cost=1.0, kind="requests"):
+        """Take C{cost} from C{key}'s bucket if it has it."""
+        if not limit:
+            return UNLIMITED
+        result = await self._run("take", kind, key, limit, cost)
+        if result is None:
+            return UNLIMITED
+        allowed, level = result
+        return take_decision(limit, level, allowed, cost, kind)
+
+    async def peek(self, key, limit, kind):
+        """Refuse when the bucket is empty (or in debt), without taking anything."""
+        if not limit:
+            return UNLIMITED
+        result = await self._run("peek", kind, key, limit, 0)
+        if result is None:
+            return UNLIMITED
+        return peek_decision(limit, result[1], kind)
+
+    async def spend(self, key, limit, cost, kind):
+        """Take C{cost} whatever the level (token budgets are known only afterwards)."""
+        if not limit or cost <= 0:
+            return
+        await self._run("spend", kind, key, limit, cost, refuse=False)
+
+    def close(self):
+        """Stop the threads and drop the connections (at gateway stop)."""
+        if self.pool.started:
+            self.pool.stop()
+        self.client.close()
+
+    # --- the work ----------------------------------------------------------------
+
+    def bucket_key(self, kind, key):
+        return f"{self.key_prefix}{kind}:{key}"
+
+    async def _run(self, op, kind, key, limit, cost, refuse=True):
+        """
+        C{(allowed, level)} from the script, or C{None} when Redis could not
+        answer and the policy lets the request through.
+        """
+        if self.reactor.seconds() < self._down_until:
+            return self._unavailable(op, None, refuse)
+        now = "" if self.clock is None else repr(float(self.clock.seconds()))
+        args = (op, repr(float(limit)), repr(float(cost)), now)
+        if not self.pool.started:
+            self.pool.start()
+        d = deferToThreadPool(self.reactor, self.pool, self._call, self.bucket_key(kind, key), args)
+        d.addTimeout(self.deadline, self.reactor)
+        try:
+            allowed, level = await d
+        except Exception as e:
+            self._down_until = self.reactor.seconds() + self.RETRY_AFTER
+            return self._unavailable(op, e, refuse)
+        self._down_until = 0.0
+        return bool(int(allowed)), float(level)
+
+    def _call(self, key, args):
+        """On a pool thread: EVALSHA, or EVAL when Redis does not have the script (yet, or after a restart)."""
+        try:
+            return self.client.evalsha(SCRIPT_SHA, 1, key, *args)
+        except self._no_script:
+            return self.client.eval(BUCKET_SCRIPT, 1, key, *args)
+
+    def _unavailable(self, op, error, refuse):
+        if self.on_error is not None:
+            try:
+                self.on_error()
+            except Exception:
+                log.failure("Counting a rate-limiter error failed")
+        self._log(op, error)
+        if refuse and self.on_backend_error == "closed":
+            raise LimiterUnavailable()
+        return None
+
+    def _log(self, op, error):
+        """One line per C{LOG_EVERY} seconds, saying how many checks it covers."""
+        now = self.reactor.seconds()
+        self._unlogged += 1
+        if self._last_log is not None and now - self._last_log < self.LOG_EVERY:
+            return
+        self._last_log = now
+        count, self._unlogged = self._unlogged, 0
+        reason = "Redis is marked down after a recent failure" if error is None else _describe(error)
+        log.error(
+            "Rate limiter backend unavailable ({reason}); {count} check(s) decided by rate_limit.on_backend_error={policy}",
+            reason=reason,
+            count=count,
+            policy=self.on_backend_error,
+            op=op,
+        )
+
+
+def _describe(error):
+    """A short reason without addresses or secrets (the URL may hold a password)."""
+    from twisted.internet.defer import TimeoutError as DeferTimeout
+
+    if isinstance(error, DeferTimeout):
+        return "no answer in time"
+    name = type(error).__name__
+    if "Timeout" in name:
+        return "timed out"
+    if "Connection" in name:
+        return "cannot connect"
+    if "Authentication" in name or "NoPermission" in name:
+        return "refused the credentials"
+    if "ResponseError" in name:
+        return "script error"
+    return name
+
+
+def build_limiter(config, reactor, on_error=None):
+    """The limiter C{rate_limit.backend} names."""
+    limits = config.rate_limit
+    if limits.backend == "redis":
+        return RedisLimiter(reactor, limits.url, key_prefix=limits.key_prefix, on_backend_error=limits.on_backend_error, on_error=on_error)
+    return MemoryLimiter(reactor)

@@ -472,9 +472,9 @@ class Callback(_AuthRoute):
             return self.refused(request, "state", "state does not match the login cookie")
         marker = "login:" + hashlib.sha256(state.encode("utf-8")).hexdigest()
         store = self.gateway.store
-        if await store.is_revoked(marker):
+        # Single use, atomically, across every instance sharing the store.
+        if not await store.revoke(marker, float(login["exp"])):
             return self.refused(request, "state", "state already used (replayed callback)")
-        await store.revoke(marker, float(login["exp"]))
         provider = self.sso.provider(config)
         try:
             identity = await provider.identify(params, oauth2.redirect_uri, login["v"], login["n"])

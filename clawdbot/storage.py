@@ -271,13 +271,20 @@ class SQLStore:
     # --- revoked refresh credentials ---------------------------------------
 
     async def revoke(self, rid, expires_at):
+        """
+        Record C{rid} as used or revoked until C{expires_at}.
+
+        @return: C{True} when this call recorded it, C{False} when it was
+            already there (atomic: of concurrent calls, across instances
+            sharing the database, exactly one gets C{True}).
+        """
+
         def revoke(cur):
             cur.execute(self._sql("DELETE FROM revocations WHERE expires_at < ?"), (self.clock(),))
-            cur.execute(self._sql("SELECT 1 FROM revocations WHERE id = ?"), (rid,))
-            if cur.fetchone() is None:
-                cur.execute(self._sql("INSERT INTO revocations (id, expires_at) VALUES (?, ?)"), (rid, expires_at))
+            cur.execute(self._sql("INSERT INTO revocations (id, expires_at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING"), (rid, expires_at))
+            return cur.rowcount == 1
 
-        await self.engine.run(revoke)
+        return await self.engine.run(revoke)
 
     async def is_revoked(self, rid):
         def check(cur):

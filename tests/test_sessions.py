@@ -116,10 +116,10 @@ class StoreSuite:
 
     async def test_revocations(self):
         """A revoked refresh credential stays revoked until it expires; expired entries are swept."""
-        await self.store.revoke("r1", expires_at=2000.0)
+        self.assertTrue(await self.store.revoke("r1", expires_at=2000.0))
         self.assertTrue(await self.store.is_revoked("r1"))
         self.assertFalse(await self.store.is_revoked("r2"))
-        await self.store.revoke("r1", expires_at=2000.0)
+        self.assertFalse(await self.store.revoke("r1", expires_at=2000.0))
         self.now[0] = 3000.0
         await self.store.revoke("r3", expires_at=4000.0)
         self.assertFalse(await self.store.is_revoked("r1"))
