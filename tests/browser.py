@@ -103,16 +103,25 @@ class WatchedPage:
         except Exception:
             return []
 
-    def problems(self, allowed_http_errors=("/v1/", "/auth/")):
+    def problems(self, allowed_http_errors=("/v1/", "/auth/"), origin=None):
         """
         Console errors, uncaught exceptions and CSP violations, as strings.
         A console "Failed to load resource" for an API path in
         C{allowed_http_errors} is not a problem: the browser logs every
         4xx/5xx fetch that way, and the page handles those answers itself.
+        With C{origin} (C{"http://host:port"}), console messages and
+        responses from other origins (an identity provider's pages the
+        page passed through, say) are left out.
         """
+        def ours(url):
+            parts = urlsplit(url or "")
+            if origin is None or not parts.netloc:
+                return True
+            return f"{parts.scheme}://{parts.netloc}" == origin.rstrip("/")
+
         found = []
         for kind, text, url in self.console:
-            if kind != "error":
+            if kind != "error" or not ours(url):
                 continue
             if text.startswith("Failed to load resource") and urlsplit(url).path.startswith(tuple(allowed_http_errors)):
                 continue
@@ -121,10 +130,10 @@ class WatchedPage:
         found += [f"CSP violation: {v}" for v in self.csp_violations()]
         for status, url in self.responses:
             path = urlsplit(url).path
-            if status >= 400 and not path.startswith(tuple(allowed_http_errors)):
+            if ours(url) and status >= 400 and not path.startswith(tuple(allowed_http_errors)):
                 found.append(f"HTTP {status} for {url}")
         for url, failure in self.failed_requests:
-            if not urlsplit(url).path.startswith(tuple(allowed_http_errors)):
+            if ours(url) and not urlsplit(url).path.startswith(tuple(allowed_http_errors)):
                 found.append(f"request failed: {url} ({failure})")
         return found
 
