@@ -546,12 +546,7 @@ class WeComProvider(_Preset):
 
     async def _fetch_token(self):
         url = with_query(self.url("api", "/cgi-bin/gettoken"), {"corpid": self.oauth2.client_id, "corpsecret": self.oauth2.client_secret})
-        status, body = await self._call("gettoken", "GET", url)
-        if status != 200 or not isinstance(body, dict) or body.get("errcode", 0) != 0 or not _str(body.get("access_token")):
-            raise ProviderError("invalid_response", f"gettoken answered {status} ({_errcode(body)})")
-        expires = body.get("expires_in")
-        ttl = max(60.0, float(expires) - 300.0) if isinstance(expires, (int, float)) and not isinstance(expires, bool) else 3600.0
-        return body["access_token"], ttl
+        return app_token(*await self._call("gettoken", "GET", url))
 
     async def _api(self, what, method, path, query, json_body=None):
         """A C{qyapi} call with the corp token; a stale token is renewed once."""
@@ -602,6 +597,18 @@ class WeComProvider(_Preset):
 
 def _errcode(body):
     return f"errcode {word(body.get('errcode'))}" if isinstance(body, dict) else "not JSON"
+
+
+def app_token(status, body):
+    """
+    The (token, seconds to cache it) of a WeCom or DingTalk C{gettoken}
+    answer, which share a shape: C{errcode}, C{access_token}, C{expires_in}.
+    """
+    if status != 200 or not isinstance(body, dict) or body.get("errcode", 0) != 0 or not _str(body.get("access_token")):
+        raise ProviderError("invalid_response", f"gettoken answered {status} ({_errcode(body)})")
+    expires = body.get("expires_in")
+    ttl = max(60.0, float(expires) - 300.0) if isinstance(expires, (int, float)) and not isinstance(expires, bool) else 3600.0
+    return body["access_token"], ttl
 
 
 class DingTalkProvider(_Preset):
@@ -665,12 +672,7 @@ class DingTalkProvider(_Preset):
 
     async def _fetch_app_token(self):
         url = with_query(self.url("oapi", "/gettoken"), {"appkey": self.oauth2.client_id, "appsecret": self.oauth2.client_secret})
-        status, body = await self._call("gettoken", "GET", url)
-        if status != 200 or not isinstance(body, dict) or body.get("errcode", 0) != 0 or not _str(body.get("access_token")):
-            raise ProviderError("invalid_response", f"gettoken answered {status} ({_errcode(body)})")
-        expires = body.get("expires_in")
-        ttl = max(60.0, float(expires) - 300.0) if isinstance(expires, (int, float)) and not isinstance(expires, bool) else 3600.0
-        return body["access_token"], ttl
+        return app_token(*await self._call("gettoken", "GET", url))
 
     async def _oapi(self, what, path, payload):
         token = await self._token.get()
