@@ -17,6 +17,7 @@ test: $(INSTALLED) test-deps
 	$(PY) -m pytest -q
 
 bench: $(INSTALLED)
+	@command -v wrk >/dev/null 2>&1 || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk; } || echo "wrk not installed: bench/loadgen.py measures instead"
 	$(PY) bench/run.py
 
 # Python packages, pinned in setup.cfg.

@@ -15,7 +15,9 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from clawdbot.backend import quiet_pool
@@ -177,6 +179,35 @@ class BodyReader(Protocol):
             self.finished.errback(unavailable("the model backend closed the connection mid-reply"))
 
 
+@implementer(IAgentEndpointFactory)
+class CachedEndpoints:
+    """
+    One endpoint per backend address, made once, instead of a new endpoint
+    (and an IDNA encoding of the host) for every request.
+    """
+
+    def __init__(self, reactor, connect_timeout):
+        self.reactor = reactor
+        self.timeout = connect_timeout
+        self._cache = {}
+
+    def endpointForURI(self, uri):
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._cache.get(key)
+        if endpoint is None:
+            endpoint = HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=self.timeout)
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(optionsForClientTLS(uri.host.decode("idna")), endpoint)
+            self._cache[key] = endpoint
+        return endpoint
+
+
+def _cancelled(error):
+    """A request failure that is only the echo of our own cancellation."""
+    reasons = getattr(error, "reasons", None) or ()
+    return isinstance(error, (ResponseNeverReceived, ResponseFailed)) and any(r.check(CancelledError) for r in reasons)
+
+
 def backend_urls(config):
     """C{backend.urls}, or C{backend.url} alone."""
     return config.backend.urls or (config.backend.url,)
@@ -240,7 +271,8 @@ class Ollama:
         timeout = config.backend.connect_timeout
         agent = self._agents.get(timeout)
         if agent is None:
-            agent = self._agents[timeout] = Agent(self.reactor, pool=self.pool, connectTimeout=timeout)
+            endpoints = CachedEndpoints(self.reactor, timeout)
+            agent = self._agents[timeout] = Agent.usingEndpointFactory(self.reactor, endpoints, pool=self.pool)
         return agent
 
     # --- several backends ------------------------------------------------------
@@ -315,8 +347,9 @@ class Ollama:
         except Exception as e:
             if fired:
                 raise timed_out("the model backend did not answer in time") from None
-            if isinstance(e, (CancelledError, ConnectingCancelledError)):
-                # The caller was cancelled (its client went away).
+            if isinstance(e, (CancelledError, ConnectingCancelledError)) or _cancelled(e):
+                # The caller was cancelled (its client went away): not the
+                # backend's fault.
                 raise CancelledError() from None
             if isinstance(e, TimeoutError):
                 raise BackendUnreachable(timed_out("connecting to the model backend timed out")) from None

@@ -50,6 +50,9 @@ class GatewayRequest(server.Request):
     stream_format = None
 
     def __init__(self, *args, **kwargs):
+        # The API takes JSON only: skip twisted.web's form parsing (costly
+        # content-type parsing on every POST).
+        kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(*args, **kwargs)
         self.request_id = uuid.uuid4().hex
         self.started = time.perf_counter()
@@ -79,12 +82,13 @@ class GatewayRequest(server.Request):
 
     def body_copy(self, limit=65536):
         """The start of the request body, for sampled access-log lines."""
-        if self.content is None:
-            return b""
-        position = self.content.tell()
-        self.content.seek(0)
-        data = self.content.read(limit)
-        self.content.seek(position)
+        try:
+            position = self.content.tell()
+            self.content.seek(0)
+            data = self.content.read(limit)
+            self.content.seek(position)
+        except (AttributeError, ValueError):
+            return b""  # no body, or already released with the connection
         return data
 
     def _limit(self):

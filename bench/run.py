@@ -1,0 +1,1176 @@
+#!/usr/bin/env python3
+"""
+Clawdbot's benchmark: the fake Ollama directly vs the same fake through the
+gateway, side by side in one run, printed as one markdown table.
+
+    .venv/bin/python bench/run.py            # or: make bench
+    .venv/bin/python bench/run.py --full     # also 1,000 concurrent paced streams
+
+It starts, as separate processes on 127.0.0.1 only:
+
+- the fake Ollama (C{python -m tests.fake_ollama --port 0 ...}): a fresh
+  unpaced one for each unpaced measurement, and one paced instance
+  (C{--pace-ms 20 --tokens 64}) for the paced scenarios;
+- the real gateway (C{python -m clawdbot start --config TMP}) in production
+  mode in front of a fake, with JWT auth on and the rate limit off;
+- the load generators: wrk (Debian's C{wrk} package) for non-streaming
+  throughput, and bench/loadgen.py (asyncio, raw HTTP/1.1 keep-alive,
+  several processes) for streams and time to first token.
+
+Everything it starts runs in its own session and is stopped at the end, on
+errors and on Ctrl-C (and dies with this process even if it is killed).
+Performance is measured and printed, never asserted.  See bench/README.md.
+"""
+
+import argparse
+import atexit
+import collections
+import ctypes
+import json
+import os
+import platform
+import queue
+import re
+import resource
+import secrets
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PY = sys.executable
+LOADGEN = os.path.join(HERE, "loadgen.py")
+WRK_SCRIPT = os.path.join(HERE, "wrk_post.lua")
+MODEL = "qwen3:32b"
+PROMPT = "Hello"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+WRK_INSTALL = "apt-get install -y wrk"
+
+
+# What is being measured right now, to attribute the gateway's log lines.
+PHASE = {"now": "start-up"}
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on; the message says why."""
+
+
+def say(*parts):
+    print(*parts, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Child processes
+# ---------------------------------------------------------------------------
+
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved now, not after fork
+except (OSError, AttributeError):
+    _prctl = None
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup():
+    """In the child, before exec: die with the parent; enough descriptors."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+class Child:
+    """
+    A process this benchmark started, in its own session (so it and anything
+    it forks can be stopped by its process group id), with its output read
+    by threads so that it never blocks on a full pipe.
+    """
+
+    running = []
+
+    def __init__(self, name, argv, env=None, stdin=False):
+        self.name = name
+        self.argv = argv
+        self.lines = queue.Queue()
+        self.out_tail = collections.deque(maxlen=40)
+        self.err_tail = collections.deque(maxlen=40)
+        self.err_count = 0
+        self.err_messages = collections.Counter()  # (phase, message) -> count
+        full_env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=full_env,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                preexec_fn=_child_setup,
+            )
+        except OSError as e:
+            raise BenchError(f"cannot start {name} ({argv[0]}): {e}") from None
+        self.pid = self.proc.pid
+        Child.running.append(self)
+        threading.Thread(target=self._read, args=(self.proc.stdout, True), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc.stderr, False), daemon=True).start()
+
+    def _read(self, pipe, is_stdout):
+        for raw in iter(pipe.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if is_stdout:
+                self.lines.put(line)
+                self.out_tail.append(line[:500])
+            else:
+                self.err_tail.append(line[:500])
+                self.err_count += 1
+                try:
+                    entry = json.loads(line)
+                    text = entry.get("message") or entry.get("error") or line
+                    message = f"{entry.get('level', '?')}: {text}"
+                except (ValueError, AttributeError):
+                    message = line
+                self.err_messages[(PHASE["now"], message[:200])] += 1
+        if is_stdout:
+            self.lines.put(None)
+
+    def send(self, line):
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def expect(self, pattern, timeout):
+        """The first stdout line matching C{pattern} (a regex), as a match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"{self.name} did not print {pattern!r} within {timeout:g}s{self.tails()}")
+            try:
+                line = self.lines.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if line is None:
+                self.proc.wait(timeout=5)
+                raise BenchError(f"{self.name} exited with status {self.proc.returncode}{self.tails()}")
+            m = re.search(pattern, line)
+            if m:
+                return m
+
+    def tails(self):
+        text = ""
+        if self.out_tail:
+            text += "\n  stdout: " + "\n  stdout: ".join(list(self.out_tail)[-10:])
+        if self.err_tail:
+            text += "\n  stderr: " + "\n  stderr: ".join(list(self.err_tail)[-15:])
+        return text
+
+    def wait(self, timeout):
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"{self.name} did not finish within {timeout:g}s") from None
+        finally:
+            if self.proc.returncode is not None and self in Child.running:
+                Child.running.remove(self)
+
+    def stop(self, grace=5.0):
+        """SIGTERM to its process group, SIGKILL after C{grace} seconds."""
+        if self.proc.poll() is None:
+            self._signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+                self.proc.wait(timeout=5)
+        else:
+            self._signal(signal.SIGKILL)  # whatever it may have left in its group
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        if self in Child.running:
+            Child.running.remove(self)
+
+    def _signal(self, sig):
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    @classmethod
+    def stop_all(cls):
+        for child in reversed(list(cls.running)):
+            try:
+                child.stop(grace=3.0)
+            except Exception as e:  # keep stopping the others
+                say(f"bench: could not stop {child.name} (pid {child.pid}): {e}")
+
+
+def proc_rss_kb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def proc_cpu_seconds(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class RSSSampler(threading.Thread):
+    """Samples a process's VmRSS every 50 ms; the maximum per named phase."""
+
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peaks = {}
+        self.phase = None
+        self.stopping = threading.Event()
+
+    def begin(self, phase):
+        self.phase = phase
+        self._sample()
+
+    def _sample(self):
+        rss = proc_rss_kb(self.pid)
+        if rss is not None and self.phase is not None:
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+        return rss
+
+    def run(self):
+        while not self.stopping.wait(0.05):
+            if self._sample() is None:
+                return
+
+    def stop(self):
+        self._sample()
+        self.stopping.set()
+
+
+# ---------------------------------------------------------------------------
+# The fake Ollama and the gateway
+# ---------------------------------------------------------------------------
+
+
+def start_fake(name, *extra):
+    child = Child(name, [PY, "-m", "tests.fake_ollama", "--host", "127.0.0.1", "--port", "0", *extra])
+    url = child.expect(r"Fake Ollama listening on (http://\S+)", 60).group(1)
+    child.url = url.rstrip("/")
+    return child
+
+
+def _dump_yaml(data):
+    try:
+        import yaml
+    except ImportError:
+        return json.dumps(data, indent=2)  # JSON is YAML
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+# Keys beyond the essentials; one that the gateway in this checkout rejects
+# is dropped (and said so) rather than failing the run.
+OPTIONAL_KEYS = [("rate_limit",), ("metrics",), ("access_log",), ("storage",), ("limits", "max_queue"), ("limits",)]
+
+
+def _drop(config, path):
+    node = config
+    for key in path[:-1]:
+        node = node.get(key)
+        if not isinstance(node, dict):
+            return False
+    return node.pop(path[-1], None) is not None
+
+
+class Gateway:
+    """
+    The gateway in front of C{backend_url}.  The first one's config is
+    validated with C{clawdbot check-config} and its token minted with
+    C{clawdbot token}; later ones (C{like=} an earlier one) reuse both, with
+    only the backend and the file names changed.
+    """
+
+    count = 0
+
+    def __init__(self, backend_url, tmp, max_connections, notes, like=None):
+        Gateway.count += 1
+        self.name = name = f"gateway-{Gateway.count}"
+        self.tmp = tmp
+        if like is None:
+            alphabet = string.ascii_letters + string.digits
+            secret = "".join(secrets.choice(alphabet) for _ in range(48))
+            config = {
+                "server": {"mode": "production", "listen": "tcp:0:interface=127.0.0.1"},
+                "backend": {"url": backend_url},
+                "auth": {
+                    "jwt": {
+                        "secret": secret,
+                        "issuer": "https://bench.clawdbot.invalid",
+                        "audience": "clawdbot-bench",
+                        "algorithms": ["HS256"],
+                    }
+                },
+                "max_connections": max_connections,
+                "limits": {"max_queue": 10000},
+                "rate_limit": {"requests_per_minute": 0},
+                "log": {"level": "warn"},
+                # Not in the way of the measurement: history in a throw-away
+                # file, the access log (default sample rate) to a file rather
+                # than this process's pipe, metrics on a loopback port.
+                "storage": {"path": os.path.join(tmp, f"{name}.sqlite3")},
+                "access_log": {"path": os.path.join(tmp, f"{name}-access.log")},
+                "metrics": {"listen": "tcp:0:interface=127.0.0.1"},
+            }
+        else:
+            config = json.loads(json.dumps(like.config))
+            config["backend"]["url"] = backend_url
+            config["max_connections"] = max_connections
+            if "storage" in config:
+                config["storage"]["path"] = os.path.join(tmp, f"{name}.sqlite3")
+            if "access_log" in config:
+                config["access_log"]["path"] = os.path.join(tmp, f"{name}-access.log")
+        self.config_path = os.path.join(tmp, f"{name}.yaml")
+        if like is None:
+            self._write_checked(config, notes)
+        else:
+            self._write(config)
+        self.config = config
+        self.child = Child(name, [PY, "-m", "clawdbot", "start", "--config", self.config_path])
+        self.url = self.child.expect(r"Gateway listening on (http://\S+)", 60).group(1).rstrip("/")
+        self.pid = self.child.pid
+        self.sampler = RSSSampler(self.pid)
+        self.sampler.start()
+        if like is None:
+            out = self._cli("token", "--sub", "bench", "--scope", "chat:read chat:write", "--ttl", "6h")
+            if out.returncode != 0 or not out.stdout.strip():
+                raise BenchError(f"clawdbot token failed: {out.stderr.strip()}")
+            self.token = out.stdout.strip().splitlines()[-1]
+        else:
+            self.token = like.token
+
+    def _cli(self, *args):
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        return subprocess.run(
+            [PY, "-m", "clawdbot", *args, "--config", self.config_path],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, start_new_session=True,
+        )
+
+    def _write(self, config):
+        with open(self.config_path, "w") as f:
+            os.chmod(self.config_path, 0o600)
+            f.write(_dump_yaml(config))
+
+    def _write_checked(self, config, notes):
+        for _ in range(len(OPTIONAL_KEYS) + 1):
+            self._write(config)
+            out = self._cli("check-config")
+            if out.returncode == 0:
+                return
+            error = out.stderr.strip()
+            for path in OPTIONAL_KEYS:
+                if ".".join(path) in error and _drop(config, path):
+                    note = f"config key {'.'.join(path)} left out: the gateway said {error.splitlines()[-1]!r}"
+                    if note not in notes:
+                        notes.append(note)
+                    break
+            else:
+                raise BenchError(f"the gateway rejects the bench config: {error}")
+        raise BenchError("the gateway rejects the bench config")
+
+    def stop(self):
+        self.sampler.stop()
+        self.child.stop(grace=10.0)
+
+
+# ---------------------------------------------------------------------------
+# Targets and load generators
+# ---------------------------------------------------------------------------
+
+
+class Target:
+    """Where requests go: C{direct} (the fake's /api/chat) or C{gateway}."""
+
+    def __init__(self, kind, url, pid, token=None):
+        self.kind = kind
+        self.url = url
+        self.pid = pid
+        rest = url.split("://", 1)[1]
+        host, port = rest.split("/", 1)[0].rsplit(":", 1)
+        self.host, self.port = host, int(port)
+        self.token = token
+        if kind == "direct":
+            self.path = "/api/chat"
+            self.stream_mode = "ndjson"
+        else:
+            self.path = "/v1/chat/completions"
+            self.stream_mode = "sse"
+
+    def body(self, stream):
+        # The same chat, in each API's words: one user message, default
+        # options.  Ollama streams unless told not to; OpenAI the opposite.
+        return json.dumps(
+            {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "stream": stream},
+            separators=(",", ":"),
+        )
+
+    def auth(self):
+        return f"Bearer {self.token}" if self.token else ""
+
+    def raw_request(self, stream):
+        body = self.body(stream).encode()
+        head = (
+            f"POST {self.path} HTTP/1.1\r\n"
+            f"Host: {self.host}:{self.port}\r\n"
+            "Content-Type: application/json\r\n"
+            + (f"Authorization: {self.auth()}\r\n" if self.token else "")
+            + f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        return (head.encode() + body).decode("latin-1")
+
+
+def percentile(values, p):
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, int(round(p / 100.0 * len(ordered) + 0.5)) - 1))
+    return ordered[k]
+
+
+def system_busy_seconds():
+    """CPU seconds all CPUs spent busy since boot (/proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+class CPUWatch:
+    """CPU used (in cores) by the fake, the gateway and the whole machine over a window."""
+
+    def __init__(self, pids):
+        self.pids = {k: v for k, v in pids.items() if v}
+        self.t0 = time.monotonic()
+        self.c0 = {k: proc_cpu_seconds(p) for k, p in self.pids.items()}
+        self.busy0 = system_busy_seconds()
+
+    def cores(self):
+        elapsed = max(1e-6, time.monotonic() - self.t0)
+        out = {}
+        for k, p in self.pids.items():
+            now = proc_cpu_seconds(p)
+            if now is not None and self.c0[k] is not None:
+                out[k] = (now - self.c0[k]) / elapsed
+        busy = system_busy_seconds()
+        if busy is not None and self.busy0 is not None:
+            out["machine"] = (busy - self.busy0) / elapsed
+        return out
+
+
+def _other_cpu(cpu):
+    """What the rest of the machine used: the machine's busy time less ours."""
+    if "machine" not in cpu:
+        return None
+    ours = sum(v for k, v in cpu.items() if k in ("fake", "gateway", "load generator"))
+    return max(0.0, cpu["machine"] - ours)
+
+
+def run_loadgen(target, stream, connections, duration, grace, procs, cpu_pids, label, stagger=0.0):
+    """
+    Run bench/loadgen.py in C{procs} processes with C{connections} in all,
+    for C{duration} seconds; returns the aggregate.  With C{stagger}, the
+    connections' first requests are spread evenly over that many seconds.
+    """
+    procs = max(1, min(procs, connections))
+    shares = [connections // procs + (1 if i < connections % procs else 0) for i in range(procs)]
+    spec = {
+        "host": target.host,
+        "port": target.port,
+        "mode": target.stream_mode if stream else "plain",
+        "request": target.raw_request(stream),
+        "connect_parallel": 64,
+        "stagger": stagger,
+        "total": connections,
+    }
+    workers = []
+    try:
+        for i, share in enumerate(shares):
+            w = Child(f"loadgen {label} #{i}", [PY, LOADGEN], stdin=True)
+            workers.append(w)
+            w.send(json.dumps(dict(spec, connections=share, index0=sum(shares[:i]))))
+        for w in workers:
+            w.expect(r"^ready$", 120)
+        start = time.monotonic() + 0.05
+        deadline = start + duration
+        hard_stop = deadline + grace
+        watch = CPUWatch(cpu_pids)
+        for w in workers:
+            w.send(f"go {start!r} {deadline!r} {hard_stop!r}")
+        results = []
+        for w in workers:
+            m = w.expect(r"^result (.*)$", duration + grace + 60)
+            results.append(json.loads(m.group(1)))
+        cpu = watch.cores()
+        for w in workers:
+            w.wait(30)
+    finally:
+        for w in workers:
+            w.stop(grace=2.0)
+    errors = collections.Counter()
+    latencies, ttfts = [], []
+    completed, connected, last_end, client_cpu, rate = 0, 0, start, 0.0, 0.0
+    for r in results:
+        # Each connection is a closed loop that starts nothing after the
+        # deadline: its rate is what it completed over the time from its
+        # first start to its last completion; the total is their sum.
+        for done, first_start, its_last_end in r["per_connection"]:
+            if its_last_end > first_start:
+                rate += done / (its_last_end - first_start)
+        errors.update(r["errors"])
+        latencies += r["latency_us"]
+        ttfts += r["ttft_us"]
+        completed += r["completed"]
+        connected += r["connected"]
+        last_end = max(last_end, r["last_end"])
+        client_cpu += r["cpu"]
+    cpu["load generator"] = client_cpu / max(last_end - start, 1e-6)
+    return {
+        "tool": "loadgen.py",
+        "completed": completed,
+        "connected": connected,
+        "rate": rate,
+        "p50": _ms(percentile(latencies, 50)),
+        "p99": _ms(percentile(latencies, 99)),
+        "ttft_p50": _ms(percentile(ttfts, 50)),
+        "ttft_p99": _ms(percentile(ttfts, 99)),
+        "errors": dict(errors),
+        "cpu": cpu,
+    }
+
+
+def _ms(us):
+    return None if us is None else us / 1000.0
+
+
+def run_wrk(target, connections, duration, cpu_pids, label):
+    env = {"BENCH_BODY": target.body(False), "BENCH_AUTH": target.auth()}
+    argv = [
+        "wrk", "-t1", f"-c{connections}", f"-d{max(1, int(round(duration)))}s", "--timeout", "10s",
+        "--latency", "-s", WRK_SCRIPT, target.url + target.path,
+    ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    watch = CPUWatch(cpu_pids)
+    w = Child(f"wrk {label}", argv, env=env)
+    try:
+        m = w.expect(r"BENCH_RESULT (.*)$", duration + 60)
+        cpu = watch.cores()
+        w.wait(30)
+    finally:
+        w.stop(grace=2.0)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    fields = dict(kv.split("=", 1) for kv in m.group(1).split())
+    n = int(fields["requests"])
+    seconds = int(fields["duration_us"]) / 1e6
+    cpu["load generator"] = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / max(seconds, 1e-6)
+    errors = {k: int(fields[k]) for k in ("connect", "read", "write", "status", "timeout") if int(fields[k])}
+    return {
+        "tool": "wrk",
+        "completed": n,
+        "rate": n / seconds if seconds else 0.0,
+        "p50": int(fields["p50_us"]) / 1000.0,
+        "p99": int(fields["p99_us"]) / 1000.0,
+        "errors": {f"wrk {k}": v for k, v in errors.items()},
+        "cpu": cpu,
+    }
+
+
+# ---------------------------------------------------------------------------
+# py-spy
+# ---------------------------------------------------------------------------
+
+
+def find_py_spy():
+    local = os.path.join(os.path.dirname(PY), "py-spy")
+    return local if os.access(local, os.X_OK) else shutil.which("py-spy")
+
+
+# The frames every busy sample of the reactor thread runs under: left out
+# of the inclusive lists, which would otherwise start with them at ~100%.
+_TRUNK = re.compile(
+    r"^(_run_module_as_main|_run_code) \(<frozen runpy>\)$"
+    r"|^<module> \(.*clawdbot/__main__\.py\)$"
+    r"|^(main|run|_start) \(.*clawdbot/cli\.py\)$"
+    r"|^ReactorBase\.(run|mainLoop) \("
+    r"|^\w*Reactor\.do(Poll|Select|Iteration) \("
+    r"|^(callWithLogger|callWithContext) \(.*twisted/python/log\.py\)$"
+    r"|^\w*ContextTracker\.callWithContext \("
+    r"|^_PollLikeMixin\._doReadOrWrite \("
+)
+
+
+def summarise_profile(raw_path, top=12):
+    """
+    From py-spy's collapsed stacks: the reactor thread's busy samples
+    (threads of Twisted's pool waiting for work and the reactor waiting in
+    epoll are left out), with self time per file and per function and
+    inclusive time per function.
+    """
+    self_time = collections.Counter()
+    inclusive = collections.Counter()
+    by_file = collections.Counter()
+    total = idle = other_threads = 0
+    with open(raw_path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            if "Thread._bootstrap" in stack:
+                other_threads += n
+                continue
+            frames = [re.sub(r":\d+\)$", ")", fr) for fr in stack.split(";") if fr.strip()]
+            leaf = frames[-1]
+            if leaf.startswith(("EPollReactor.doPoll ", "PollReactor.doPoll ", "SelectReactor.doSelect ")):
+                idle += n
+                continue
+            self_time[leaf] += n
+            m = re.search(r"\(([^()]*)\)$", leaf)
+            by_file[_short_path(m.group(1)) if m else leaf] += n
+            for fr in set(frames):
+                if not _TRUNK.match(fr):
+                    inclusive[fr] += n
+    busy = total - idle - other_threads
+    ours = [(fr, n) for fr, n in inclusive.most_common() if "clawdbot/" in fr]
+    return {
+        "total": total,
+        "idle": idle,
+        "busy": busy,
+        "by_file": by_file.most_common(top),
+        "self": self_time.most_common(top),
+        "clawdbot": ours[:top],
+        "inclusive": inclusive.most_common(top + 8),
+    }
+
+
+def _short_path(path):
+    for marker in ("site-packages/", "lib/python3"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path.replace(ROOT + "/", "")
+
+
+def _short_frame(frame):
+    m = re.match(r"^(.*) \((.*)\)$", frame)
+    if not m:
+        return frame
+    return f"{m.group(1)} ({_short_path(m.group(2))})"
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args, tmp):
+        self.args = args
+        self.tmp = tmp
+        self.results = collections.OrderedDict()
+        self.rss = collections.OrderedDict()
+        self.notes = []
+        self.profile = None
+        self.first_gateway = None
+        self.gateway_messages = collections.Counter()
+        self.load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        self.wrk = None if args.no_wrk else shutil.which("wrk")
+        if not self.wrk:
+            self.notes.append(
+                "wrk not used" + (" (--no-wrk)" if args.no_wrk else f": not installed (`{WRK_INSTALL}` as root)")
+                + "; non-streaming throughput measured with bench/loadgen.py instead"
+            )
+
+    def procs_for(self, connections):
+        return 1 if connections == 1 else self.args.client_procs
+
+    def measure(self, key, target, stream, connections, duration, grace, cpu_pids, warmup=None, stagger=0.0):
+        """One measurement (after its warm-up) of C{target}; returns its result."""
+        label = f"{key} {target.kind}"
+        warmup = self.args.warmup if warmup is None else warmup
+        use_wrk = self.wrk and not stream
+        procs = self.procs_for(connections)
+        say(f"bench: {label} (c={connections}, {duration:g}s after {warmup:g}s warm-up) ...")
+        PHASE["now"] = label + " warm-up"
+        if warmup > 0:
+            if use_wrk:
+                w = run_wrk(target, connections, warmup, cpu_pids, label + " warm-up")
+            else:
+                w = run_loadgen(target, stream, connections, warmup, grace, procs, cpu_pids, label + " warm-up", stagger)
+            time.sleep(0.1)  # what the end of the run makes the gateway log is still the warm-up's
+            if not w["completed"]:
+                raise BenchError(f"{label}: not one request succeeded in the warm-up (errors: {w['errors']})")
+            if w["errors"]:
+                self.notes.append(f"{label} warm-up (not in the table): errors {w['errors']}")
+        PHASE["now"] = label
+        if use_wrk:
+            r = run_wrk(target, connections, duration, cpu_pids, label)
+        else:
+            r = run_loadgen(target, stream, connections, duration, grace, procs, cpu_pids, label, stagger)
+        r["connections"] = connections
+        time.sleep(0.1)
+        PHASE["now"] = f"just after {label}"
+        extra = f", TTFT p50 {r['ttft_p50']:.2f} ms" if stream and r.get("ttft_p50") is not None else ""
+        p50 = f"{r['p50']:.2f} ms" if r.get("p50") is not None else "-"
+        say(f"bench:   {r['rate']:.1f}/s, p50 {p50}{extra}, errors {sum(r['errors'].values())}")
+        return r
+
+    def compare(self, key, setups, *args, **kwargs):
+        """
+        Measure each target C{--repeat} times, alternating between them, and
+        keep for each the run with the median rate (a whole run, so that its
+        numbers stay consistent with one another).
+
+        @param setups: C{{kind: () -> (target, pids, done)}}: what to measure
+            and, once measured, C{done()} to stop what was started for it.
+        """
+        runs = {kind: [] for kind in setups}
+        for _ in range(self.args.repeat):
+            for kind, setup in setups.items():
+                target, pids, done = setup()
+                try:
+                    runs[kind].append(self.measure(key, target, *args, cpu_pids=pids, **kwargs))
+                finally:
+                    done()
+        pair = self.results.setdefault(key, {})
+        for kind, rs in runs.items():
+            ordered = sorted(rs, key=lambda r: r["rate"])
+            pair[kind] = ordered[(len(ordered) - 1) // 2]
+            if len(rs) > 1:
+                pair[kind]["rates"] = [round(r["rate"], 1) for r in rs]
+
+    # Processes for the unpaced scenarios are started afresh for each
+    # measurement: the fake Ollama keeps a record of every request it
+    # serves (it is the tests' fake), and a fake that has served tens of
+    # thousands has long garbage-collection pauses, which would show up in
+    # the p99 of whichever measurement came later.
+
+    def fresh_direct(self):
+        fake = start_fake("fake-ollama", "--tokens", str(self.args.tokens))
+        return Target("direct", fake.url, fake.pid), {"fake": fake.pid}, fake.stop
+
+    def fresh_gateway(self):
+        fake = start_fake("fake-ollama", "--tokens", str(self.args.tokens))
+        try:
+            gw = self.start_gateway(fake.url)
+        except BaseException:
+            fake.stop()
+            raise
+        gw.sampler.begin("unpaced")
+
+        def done():
+            try:
+                self.stop_gateway(gw)
+                peak = gw.sampler.peaks.get("unpaced")
+                key = "peak, unpaced scenarios"
+                if peak is not None:
+                    self.rss[key] = max(self.rss.get(key) or 0, peak)
+            finally:
+                fake.stop()
+
+        return Target("gateway", gw.url, gw.pid, gw.token), {"fake": fake.pid, "gateway": gw.pid}, done
+
+    def start_gateway(self, backend_url):
+        a = self.args
+        gw = Gateway(backend_url, self.tmp, max(1000, a.full_streams, max(a.concurrency)), self.notes, like=self.first_gateway)
+        if self.first_gateway is None:
+            self.first_gateway = gw
+            time.sleep(1.0)
+            self.rss["idle"] = proc_rss_kb(gw.pid)
+        return gw
+
+    def stop_gateway(self, gw):
+        gw.stop()
+        if gw.child.err_count:
+            for (phase, message), n in gw.child.err_messages.items():
+                self.gateway_messages[(phase, message)] += n
+
+    def run(self):
+        a = self.args
+        self.rss["idle"] = None
+        self.rss["peak, unpaced scenarios"] = None
+        unpaced = {"direct": self.fresh_direct, "gateway": self.fresh_gateway}
+        # -- unpaced: non-streaming and streaming at each concurrency --------
+        for c in a.concurrency:
+            self.compare(f"plain c={c}", unpaced, False, c, a.duration, 10.0)
+        for c in a.concurrency:
+            self.compare(f"stream c={c}", unpaced, True, c, a.duration, 10.0)
+        if a.profile:
+            target, pids, done = self.fresh_gateway()
+            try:
+                self.run_profile(target, pids)
+            finally:
+                done()
+
+        # -- paced: issue 10's 50 streams of 64 tokens 20 ms apart ----------
+        # One fake and one gateway for both paced scenarios (at ~40 streams/s
+        # the fake's records stay few).
+        fake = start_fake("fake-ollama-paced", "--pace-ms", f"{a.pace_ms:g}", "--tokens", str(a.paced_tokens))
+        gw = self.start_gateway(fake.url)
+        paced = {
+            "direct": lambda: (Target("direct", fake.url, fake.pid), {"fake": fake.pid}, lambda: None),
+            "gateway": lambda: (Target("gateway", gw.url, gw.pid, gw.token), {"fake": fake.pid, "gateway": gw.pid}, lambda: None),
+        }
+        stream_s = (a.paced_tokens - 1) * a.pace_ms / 1000.0
+        grace = max(30.0, 10 * stream_s)
+        stagger = 0.0 if a.paced_burst else stream_s
+        gw.sampler.begin("paced")
+        self.compare("paced", paced, True, a.paced_streams, max(a.duration, 4 * stream_s), grace,
+                     warmup=max(a.warmup, 2 * stream_s) if a.warmup else 0, stagger=stagger)
+        self.rss[f"peak, paced {a.paced_streams}"] = gw.sampler.peaks.get("paced")
+        if a.full:
+            gw.sampler.begin("full")
+            self.compare("full", paced, True, a.full_streams, max(a.full_duration, 4 * stream_s),
+                         max(60.0, grace), warmup=0, stagger=stagger)
+            self.rss[f"peak, {a.full_streams} streams"] = gw.sampler.peaks.get("full")
+        self.stop_gateway(gw)
+        fake.stop()
+
+    def gateway_notes(self):
+        total = sum(self.gateway_messages.values())
+        if total:
+            self.notes.append(f"the gateways logged {total} lines at warn or above:")
+            for (phase, message), n in self.gateway_messages.most_common(8):
+                self.notes.append(f"  {n}× ({phase}): {message}")
+
+    def run_profile(self, via, pids):
+        py_spy = find_py_spy()
+        if not py_spy:
+            self.notes.append("--profile: py-spy not found (pip install py-spy)")
+            return
+        a = self.args
+        c = a.profile_concurrency
+        raw = os.path.join(self.tmp, "profile.txt")
+        seconds = max(10, int(a.duration))  # enough samples to tell 1% from 2%
+        if a.warmup:
+            self.measure(f"plain c={c} (before py-spy)", via, False, c, a.warmup, 10.0, cpu_pids=pids, warmup=0)
+        say(f"bench: profiling the gateway with py-spy for {seconds}s under non-streaming c={c} ...")
+        # --nonblocking: py-spy reads the gateway's memory without pausing it,
+        # so the profiled run goes at nearly full speed.
+        spy = Child("py-spy", [py_spy, "record", "--pid", str(via.pid), "--duration", str(seconds), "--rate", "250",
+                               "--nonblocking", "--format", "raw", "--output", raw])
+        time.sleep(0.5)
+        try:
+            r = self.measure(f"plain c={c} (under py-spy)", via, False, c, seconds, 10.0, cpu_pids=pids, warmup=0)
+            if r["errors"]:
+                self.notes.append(f"the profiled run (not in the table): errors {r['errors']}")
+            spy.wait(seconds + 60)
+        finally:
+            spy.stop()
+        if not os.path.exists(raw):
+            self.notes.append(f"--profile: py-spy wrote nothing{spy.tails()}")
+            return
+        if a.profile_out:
+            shutil.copyfile(raw, a.profile_out)
+        self.profile = (c, r, summarise_profile(raw))
+
+    # -- the table -----------------------------------------------------------
+
+    def table(self):
+        a = self.args
+        rows = []
+
+        def num(v, digits):
+            return "-" if v is None else f"{v:,.{digits}f}"
+
+        def cell(r, key, digits):
+            if r is None:
+                return "-"
+            text = num(r.get(key), digits)
+            errs = sum(r["errors"].values())
+            return text + (f" ({errs} errors)" if errs else "")
+
+        def add_latency(label, pair, key):
+            d, g = pair.get("direct"), pair.get("gateway")
+            dv, gv = (d or {}).get(key), (g or {}).get(key)
+            digits = 3 if max(dv or 0, gv or 0) < 10 else 2
+            added = f"{gv - dv:+,.{digits}f}" if dv is not None and gv is not None else "-"
+            rows.append((label, cell(d, key, digits), cell(g, key, digits), added))
+
+        def add_rate(label, pair):
+            d, g = pair.get("direct"), pair.get("gateway")
+            dv, gv = (d or {}).get("rate"), (g or {}).get("rate")
+            digits = 1 if max(dv or 0, gv or 0) < 100 else 0
+            ratio = f"×{gv / dv:.2f} of direct" if dv and gv is not None else "-"
+            rows.append((label, cell(d, "rate", digits), cell(g, "rate", digits), ratio))
+
+        for c in a.concurrency:
+            pair = self.results.get(f"plain c={c}", {})
+            add_rate(f"non-streaming c={c}: requests/s", pair)
+            add_latency(f"non-streaming c={c}: latency p50 (ms)", pair, "p50")
+            add_latency(f"non-streaming c={c}: latency p99 (ms)", pair, "p99")
+        for c in a.concurrency:
+            pair = self.results.get(f"stream c={c}", {})
+            add_rate(f"streaming c={c}: streams/s", pair)
+            add_latency(f"streaming c={c}: TTFT p50 (ms)", pair, "ttft_p50")
+            add_latency(f"streaming c={c}: TTFT p99 (ms)", pair, "ttft_p99")
+        paced = f"paced {a.paced_streams}×{a.paced_tokens} tok @{a.pace_ms:g} ms"
+        pair = self.results.get("paced", {})
+        add_rate(f"{paced}: streams/s", pair)
+        add_latency(f"{paced}: TTFT p50 (ms)", pair, "ttft_p50")
+        add_latency(f"{paced}: TTFT p99 (ms)", pair, "ttft_p99")
+        if a.full:
+            full = f"{a.full_streams} paced streams"
+            pair = self.results.get("full", {})
+            d, g = pair.get("direct"), pair.get("gateway")
+            rows.append((f"{full}: connections open", *(str(x["connected"]) if x else "-" for x in (d, g)), ""))
+            rows.append((f"{full}: errors", *(str(sum(x["errors"].values())) if x else "-" for x in (d, g)), ""))
+            add_rate(f"{full}: streams/s", pair)
+            add_latency(f"{full}: TTFT p50 (ms)", pair, "ttft_p50")
+            add_latency(f"{full}: TTFT p99 (ms)", pair, "ttft_p99")
+        for name, kb in self.rss.items():
+            rows.append((f"gateway RSS {name} (MB)", "", "-" if kb is None else f"{kb / 1024:.1f}", ""))
+        head = ("scenario", "direct", "gateway", "added (ms)")
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+        lines = [
+            "| " + " | ".join(h.ljust(widths[i]) for i, h in enumerate(head)) + " |",
+            "|" + "|".join("-" * (widths[i] + 2) if i == 0 else "-" * (widths[i] + 1) + ":" for i in range(4)) + "|",
+        ]
+        for r in rows:
+            lines.append("| " + " | ".join(r[i].ljust(widths[i]) if i == 0 else r[i].rjust(widths[i]) for i in range(4)) + " |")
+        return "\n".join(lines)
+
+    def cpu_table(self):
+        rows = []
+        for key, pair in self.results.items():
+            for kind in ("direct", "gateway"):
+                r = pair.get(kind)
+                if not r:
+                    continue
+                cpu = dict(r["cpu"])
+                cpu["other"] = _other_cpu(cpu)
+                if kind == "direct":
+                    cpu.pop("gateway", None)  # idle meanwhile
+                rows.append((key, kind, r["tool"]) + tuple(
+                    "-" if cpu.get(k) is None else f"{cpu[k]:.2f}" for k in ("fake", "gateway", "load generator", "other")))
+        head = ("scenario", "target", "client", "fake", "gateway", "client", "other processes")
+        n = len(head)
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(n)]
+        out = ["| " + " | ".join(h.ljust(widths[i]) for i, h in enumerate(head)) + " |",
+               "|" + "|".join("-" * (widths[i] + 2) if i < 3 else "-" * (widths[i] + 1) + ":" for i in range(n)) + "|"]
+        for r in rows:
+            out.append("| " + " | ".join(r[i].ljust(widths[i]) if i < 3 else r[i].rjust(widths[i]) for i in range(n)) + " |")
+        return "\n".join(out)
+
+    def busiest_other(self):
+        worst = 0.0
+        for pair in self.results.values():
+            for r in pair.values():
+                worst = max(worst, _other_cpu(r["cpu"]) or 0.0)
+        return worst
+
+    def report(self, elapsed):
+        a = self.args
+        out = []
+        wrk_version = ""
+        if self.wrk:
+            try:
+                v = subprocess.run([self.wrk, "-v"], capture_output=True, text=True, timeout=10)
+                wrk_version = (v.stdout + v.stderr).split("\n", 1)[0].split(" Copyright")[0]
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        cpu_model = ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu_model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+        except OSError:
+            pass
+        out.append(f"## Clawdbot benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+        out.append("")
+        out.append(
+            f"{os.cpu_count()} CPUs ({cpu_model or platform.machine()}), Python {platform.python_version()}, "
+            f"{wrk_version or 'no wrk'}; {a.duration:g} s per measurement after {a.warmup:g} s warm-up; "
+            f"unpaced replies of {a.tokens} tokens"
+            + (f"; each measurement repeated {a.repeat}×, median kept" if a.repeat > 1 else "")
+            + f"; load average at start {self.load_at_start}; run took {elapsed:.0f} s."
+        )
+        out.append("")
+        out.append(self.table())
+        out.append("")
+        self.gateway_notes()
+        spiky = [k for k, pair in self.results.items()
+                 if k.startswith(("plain", "stream")) and (pair.get("direct") or {}).get("p99")
+                 and pair["direct"]["p99"] > max(10.0, 4 * pair["direct"]["p50"])]
+        if spiky:
+            self.notes.append(
+                "direct p99 well above its p50 (" + ", ".join(spiky) + "): the fake Ollama (the tests' fake) keeps a "
+                "record of every request it serves, and its garbage collector's full passes over tens of thousands "
+                "of them pause it for 10-100+ ms; the gateway rows go through the same fake and include such pauses "
+                "too. Each unpaced measurement gets a fresh fake so they do not compound"
+            )
+        stream_s = (a.paced_tokens - 1) * a.pace_ms / 1000.0
+        full = self.results.get("full", {}).get("direct")
+        if full:
+            self.notes.append(
+                f"{a.full_streams} paced streams: the backend's ceiling would be {a.full_streams / stream_s:.0f} streams/s; "
+                f"the fake delivered {full['rate']:.0f} directly, so there it (and this machine) is the limit, "
+                "and the rows show the gateway holding the connections under overload"
+            )
+        out.append(
+            "direct = the fake Ollama's /api/chat; gateway = POST /v1/chat/completions through Clawdbot "
+            "(production mode, JWT on, rate limit off) to the same fake. added = gateway − direct; "
+            "for rates, gateway ÷ direct. Non-streaming rows: "
+            + ("wrk (one thread, keep-alive)" if self.wrk else "bench/loadgen.py")
+            + "; streaming rows: bench/loadgen.py. TTFT: to the first NDJSON line (direct) or the first SSE "
+            f"event with content (gateway). Paced: one stream lasts ≥ {stream_s:.2f} s, so the backend's "
+            f"ceiling is {a.paced_streams / stream_s:.1f} streams/s."
+        )
+        out.append("")
+        out.append(
+            f"CPU used during each measurement, in cores (this machine has {os.cpu_count()}); "
+            "\"other processes\" is the machine's busy time less the fake's, the gateway's and the client's:"
+        )
+        out.append("")
+        out.append(self.cpu_table())
+        if self.busiest_other() > 0.25:
+            self.notes.append(
+                f"other processes used up to {self.busiest_other():.2f} cores during a measurement: the machine was "
+                "not quiet, and the numbers (direct and gateway alike) are pessimistic; run again on a quiet machine "
+                "or with --repeat 3"
+            )
+        errors = [(k, kind, r["errors"]) for k, pair in self.results.items() for kind, r in pair.items() if r["errors"]]
+        if errors or self.notes:
+            out.append("")
+            out.append("Notes:")
+            for k, kind, e in errors:
+                out.append(f"- {k} {kind}: errors {e}")
+            for n in self.notes:
+                out.append(f"  - {n.strip()}" if n.startswith("  ") else f"- {n}")
+        if self.profile:
+            c, r, prof = self.profile
+            busy = max(prof["busy"], 1)
+            out.append("")
+            out.append(
+                f"### Gateway profile (py-spy, non-streaming c={c}, {r['rate']:.0f} req/s while sampled)"
+            )
+            out.append("")
+            out.append(
+                f"{prof['total']} samples; the reactor thread was busy in {busy} and waiting in epoll in "
+                f"{prof['idle']}; shares below are of the busy samples."
+            )
+            sections = (
+                ("Self time by file", prof["by_file"], str),
+                ("Self time by function", prof["self"], _short_frame),
+                ("Inclusive time, Clawdbot's own functions", prof["clawdbot"], _short_frame),
+                ("Inclusive time, all functions (under the reactor's dispatch)", prof["inclusive"], _short_frame),
+            )
+            for title, items, show in sections:
+                out.append("")
+                out.append(title + ":")
+                out.append("")
+                for name, n in items:
+                    out.append(f"    {100.0 * n / busy:5.1f}%  {show(name)}")
+        return "\n".join(out)
+
+    def as_json(self, elapsed):
+        return {"args": vars(self.args), "elapsed_s": elapsed, "results": self.results,
+                "rss_kb": self.rss, "notes": self.notes}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description="Benchmark Clawdbot against the fake Ollama directly, side by side; prints one markdown table.",
+    )
+    p.add_argument("--duration", type=int, default=5, help="seconds per measurement (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="seconds of warm-up before each measurement (default 1; 0: none)")
+    p.add_argument("--concurrency", default="1,10,50", help="comma-separated levels (default 1,10,50)")
+    p.add_argument("--tokens", type=int, default=16, help="tokens per unpaced reply (default 16)")
+    p.add_argument("--paced-streams", type=int, default=50, help="concurrent paced streams (default 50)")
+    p.add_argument("--paced-tokens", type=int, default=64, help="tokens per paced stream (default 64)")
+    p.add_argument("--pace-ms", type=float, default=20.0, help="ms between paced tokens (default 20)")
+    p.add_argument("--paced-burst", action="store_true",
+                   help="start the paced streams all at once (default: spread over one stream's length)")
+    p.add_argument("--full", action="store_true", help="also hold --full-streams concurrent paced streams open")
+    p.add_argument("--full-streams", type=int, default=1000, help="streams for --full (default 1000)")
+    p.add_argument("--full-duration", type=int, default=10, help="seconds for --full (default 10)")
+    p.add_argument("--repeat", type=int, default=1, help="measure each scenario N times, alternating, keep the median")
+    p.add_argument("--client-procs", type=int, default=2, help="load generator processes above concurrency 1 (default 2)")
+    p.add_argument("--no-wrk", action="store_true", help="use bench/loadgen.py for non-streaming too")
+    p.add_argument("--profile", action="store_true", help="py-spy the gateway during an extra non-streaming run")
+    p.add_argument("--profile-concurrency", type=int, default=10, help="concurrency of that run (default 10)")
+    p.add_argument("--profile-out", metavar="FILE", help="keep py-spy's collapsed stacks in FILE")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    args = p.parse_args(argv)
+    try:
+        args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    except ValueError:
+        p.error("--concurrency: comma-separated integers, e.g. 1,10,50")
+    if not args.concurrency or min(args.concurrency) < 1 or args.duration < 1 or args.warmup < 0 or args.repeat < 1:
+        p.error("concurrency levels and --duration must be at least 1, --warmup at least 0")
+    if args.paced_tokens < 2 or args.pace_ms <= 0 or args.paced_streams < 1 or args.full_streams < 1:
+        p.error("--paced-tokens must be at least 2, --pace-ms positive, stream counts at least 1")
+    return args
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not os.path.exists(os.path.join(ROOT, "tests", "fake_ollama.py")):
+        say("bench: run me from a Clawdbot checkout (tests/fake_ollama.py not found)")
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
+    atexit.register(Child.stop_all)
+    tmp = tempfile.mkdtemp(prefix="clawdbot-bench-")
+    started = time.monotonic()
+    bench = Bench(args, tmp)
+    status = 0
+    try:
+        if not bench.wrk and not args.no_wrk:
+            say(f"bench: wrk is not installed; install it with `{WRK_INSTALL}` (as root). Using bench/loadgen.py instead.")
+        bench.run()
+        elapsed = time.monotonic() - started
+        print(bench.report(elapsed), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(bench.as_json(elapsed), f, indent=2, default=str)
+    except BenchError as e:
+        say(f"bench: {e}")
+        status = 1
+    except KeyboardInterrupt:
+        say("bench: interrupted; stopping everything it started")
+        status = 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        Child.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
