@@ -365,3 +365,27 @@ class SignalTests(TestCase):
         self.assertEqual(set(statuses) - {200, 429}, set())
         self.assertIn(429, statuses)
         self.assertGreater(statuses.count(200), 20)
+
+
+class AuthAddressLimitTests(TestCase):
+    async def test_per_address_limit_on_sign_in(self):
+        """/auth/* calls are limited per client address: past the budget, 429 with Retry-After."""
+        gw = serve(
+            self,
+            extra="""
+rate_limit: {auth_per_ip_per_minute: 2}
+oauth2:
+  enabled: true
+  client_id: gw
+  client_secret: s3cret
+  redirect_uri: "http://127.0.0.1:1/callback"
+  issuer_url: "http://127.0.0.1:9"
+""",
+        )
+        statuses = []
+        for _ in range(3):
+            status, headers, _ = await get_json(gw.url + "/auth/refresh", method="POST", headers={"X-Requested-With": "XMLHttpRequest"})
+            statuses.append(status)
+        self.assertNotEqual(statuses[0], 429)
+        self.assertEqual(statuses[2], 429)
+        self.assertTrue(headers.getRawHeaders("retry-after"))
