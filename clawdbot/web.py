@@ -75,9 +75,12 @@ class GatewayRequest(server.Request):
         if gateway is not None:
             gateway.request_done(self)
 
+    captured_size = 0
+
     def write(self, data):
-        if self.captured is not None and data and sum(map(len, self.captured)) < 65536:
+        if self.captured is not None and data and self.captured_size < 65536:
             self.captured.append(data)
+            self.captured_size += len(data)
         super().write(data)
 
     def body_copy(self, limit=65536):
