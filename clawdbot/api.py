@@ -263,6 +263,17 @@ def native_name(postpath):
     return name if name in NATIVE else None
 
 
+def _count_native(request, raw):
+    """Token counts from one of Ollama's own answers (or its final stream line)."""
+    try:
+        reply = json.loads(raw)
+    except (ValueError, RecursionError):
+        return
+    if isinstance(reply, dict) and reply.get("done", True) and ("eval_count" in reply or "prompt_eval_count" in reply):
+        request.audit["usage"] = translate.usage(reply)
+        request.audit["tokens"] = request.audit["usage"]["total_tokens"]
+
+
 class NativeAPI(APIResource):
     """
     C{/ollama/api/{name}}: Ollama's own API for Ollama clients, behind the
@@ -295,15 +306,30 @@ class NativeAPI(APIResource):
         if name in ("chat", "generate", "embed"):
             request.audit["model"] = model
             await self.gateway.check_rate(request)
+        counted = name in ("chat", "generate", "embed")
         wants_stream = streams and payload.get("stream", True) is not False
         if not wants_stream:
             # Ollama's own body, as Ollama sent it (some answers are empty).
-            return JSONResponse(await self.gateway.backend.call(config, method.encode(), path, payload))
+            raw = await self.gateway.backend.call(config, method.encode(), path, payload)
+            if counted:
+                _count_native(request, raw)
+            return JSONResponse(raw)
 
         def on_error(err):
             return _encode(err.as_dict()) + b"\n"
 
-        await relay(self.gateway, request, config, path, _encode(payload), payload, NDJSON_HEADERS, lambda data: data, None, on_error)
+        splitter = LineSplitter()
+
+        def on_data(data):
+            # Pass the bytes through as they are; read the counts off the
+            # final line so the token budget and the log see them.
+            if counted:
+                for line in splitter.feed(data):
+                    if b'"done":true' in line:
+                        _count_native(request, line)
+            return data
+
+        await relay(self.gateway, request, config, path, _encode(payload), payload, NDJSON_HEADERS, on_data, None, on_error)
         return None
 
     async def handle_GET(self, request):

@@ -345,6 +345,8 @@ class Authenticator:
             principal, expires = await self.verify(token)
         except InvalidTokenError as e:
             raise self._reject(request, reason_for(e)) from None
+        except RecursionError:
+            raise self._reject(request, "token is malformed") from None
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
         self._cache[token] = (principal, expires)
@@ -375,7 +377,7 @@ class Authenticator:
             raise InvalidAlgorithmError("alg")
         try:
             claims = json.loads(_UNVERIFIED.decode_complete(token, options={"verify_signature": False})["payload"])
-        except ValueError:
+        except (ValueError, RecursionError):
             raise DecodeError("payload") from None
         if not isinstance(claims, dict):
             raise DecodeError("payload")

@@ -17,6 +17,7 @@ CODES = {
     "AUTH_MISSING_TOKEN": (401, "authentication_error", "Authentication required"),
     "AUTH_INVALID_TOKEN": (401, "authentication_error", "Invalid or expired token"),
     "AUTH_INSUFFICIENT_SCOPE": (403, "permission_error", "Insufficient scope"),
+    "ORIGIN_REJECTED": (403, "permission_error", "Request origin not allowed"),
     "CSRF_REJECTED": (403, "permission_error", "Cross-site request refused"),
     "INVALID_REQUEST": (400, "invalid_request_error", "Invalid request"),
     "NOT_FOUND": (404, "not_found_error", "Not found"),

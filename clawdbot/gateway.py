@@ -88,6 +88,8 @@ class Gateway:
         if self.access_log.sampled(rate):
             request.sampled = True
             request.captured = []
+            # Copied now: twisted.web releases the body when the response ends.
+            request.body_sample = request.body_copy()
 
     def request_done(self, request):
         """Account for a finished (or abandoned) request: log, metrics, token budget."""

@@ -39,25 +39,23 @@ def redact_body(raw, ctype):
     if not raw:
         return None
     if len(raw) > BODY_LIMIT:
-        raw = raw[:BODY_LIMIT]
-        truncated = True
-    else:
-        truncated = False
-    if ctype and "json" in ctype and not truncated:
+        # A cut JSON document cannot be parsed, so its secret-named fields
+        # could not be found: say how big it was instead.
+        return {"omitted": "body larger than the sampling limit", "bytes_at_least": len(raw)}
+    if ctype and "json" in ctype:
         try:
             return redact(json.loads(raw))
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     text = raw.decode("utf-8", "replace")
-    text = "\n".join(_redact_sse_line(line) for line in text.split("\n"))
-    return redact(text) + ("…" if truncated else "")
+    return redact("\n".join(_redact_sse_line(line) for line in text.split("\n")))
 
 
 def _redact_sse_line(line):
     if line.startswith("data: {"):
         try:
             return "data: " + json.dumps(redact(json.loads(line[6:])), ensure_ascii=False)
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     return line
 
@@ -121,7 +119,7 @@ class AccessLog:
             entry["error"] = {"code": request.error.code, "details": request.error.details}
         if request.sampled:
             entry["sampled"] = True
-            entry["request_body"] = redact_body(request.body_copy(), _header(request.requestHeaders, b"content-type"))
+            entry["request_body"] = redact_body(request.body_sample, _header(request.requestHeaders, b"content-type"))
             entry["response_body"] = redact_body(b"".join(request.captured or []), _header(request.responseHeaders, b"content-type"))
         try:
             self.stream.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")

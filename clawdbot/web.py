@@ -76,6 +76,7 @@ class GatewayRequest(server.Request):
             gateway.request_done(self)
 
     captured_size = 0
+    body_sample = b""
 
     def write(self, data):
         if self.captured is not None and data and self.captured_size < 65536:
@@ -83,8 +84,8 @@ class GatewayRequest(server.Request):
             self.captured_size += len(data)
         super().write(data)
 
-    def body_copy(self, limit=65536):
-        """The start of the request body, for sampled access-log lines."""
+    def body_copy(self, limit=65537):
+        """The start of the request body (one byte past the log's limit, to tell it was cut)."""
         try:
             position = self.content.tell()
             self.content.seek(0)
@@ -171,11 +172,45 @@ class GatewayRequest(server.Request):
         self.setHeader(b"server", b"clawdbot")
         self.setHeader(b"x-content-type-options", b"nosniff")
         self.setHeader(b"x-request-id", self.request_id.encode())
+        if self.site.debug and not _local_request(self):
+            write_error(self, APIError("ORIGIN_REJECTED", details="the debug port only answers pages and tools on this machine"))
+            return
         if self.draining:
             self.setHeader(b"connection", b"close")
             write_error(self, APIError("SHUTTING_DOWN", details="the gateway is restarting; retry shortly", headers={"Retry-After": "1"}))
             return
         super().render(resource)
+
+
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
+
+
+def _host_is_local(value):
+    host = value.strip().lower()
+    if host.startswith("["):
+        host = host.split("]")[0] + "]"
+    else:
+        host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return host in _LOCAL_HOSTS or host.startswith("127.")
+
+
+def _local_request(request):
+    """
+    The debug listener acts as the dev principal without credentials, so
+    only this machine may drive it: a C{Host} naming loopback (no DNS
+    rebinding), and an C{Origin}, when a browser sends one, of a loopback
+    page (no cross-site requests).
+    """
+    host = (request.getHeader(b"host") or "")
+    host = host.decode("latin-1") if isinstance(host, bytes) else host
+    if not _host_is_local(host):
+        return False
+    origin = request.getHeader(b"origin")
+    if origin is None:
+        return True
+    origin = origin.decode("latin-1") if isinstance(origin, bytes) else origin
+    scheme, _, rest = origin.partition("://")
+    return scheme in ("http", "https") and _host_is_local(rest)
 
 
 class GatewaySite(server.Site):
@@ -214,6 +249,20 @@ def write_json(request, status, payload, headers=None):
     request.finish()
 
 
+def end_stream(request, err):
+    """End a response whose headers are sent: an error event (or line), then the end."""
+    if request.gone or request.finished:
+        return
+    request.error = err
+    if request.stream_format == "ndjson":
+        request.write(error_body(err) + b"\n")
+    else:
+        request.write(b"data: " + error_body(err) + b"\n\n")
+    if request.producer is not None:
+        request.unregisterProducer()
+    request.finish()
+
+
 def write_error(request, err):
     request.error = err
     write_json(request, err.status, error_body(err), err.headers)
@@ -241,6 +290,8 @@ def read_json(request, require_object=True):
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise invalid("the body is not valid JSON") from None
+    except RecursionError:
+        raise invalid("the body is nested too deeply") from None
     if require_object and not isinstance(value, dict):
         raise invalid("the body must be a JSON object")
     return value
@@ -357,7 +408,10 @@ class APIResource(Resource):
                 write_error(request, internal_error())
         except Exception:
             log.failure("Unhandled error in {method} {path}", Failure(), method=method, path=request.path.decode("latin-1"), request_id=request.request_id)
-            write_error(request, internal_error())
+            if request.startedWriting:
+                end_stream(request, internal_error())
+            else:
+                write_error(request, internal_error())
         else:
             if result is None:
                 return

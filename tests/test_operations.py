@@ -213,6 +213,10 @@ auth: {{jwt: {{secret: "{canary_secret}"}}}}
         await get_json(gw.url + "/v1/me", headers={"Authorization": "Bearer not.a.token-canary"})
         text = open(self.logfile).read() + "\n".join(json.dumps(event_as_dict(e), default=str) for e in events)
         self.assertIn('"sampled": true', text)
+        # The bodies are there, redacted: the image and the password are not.
+        self.assertIn('"request_body": {"messages"', text)
+        self.assertIn("[image/png data]", text)
+        self.assertIn('"password": "[redacted]"', text)
         for canary in (canary_secret, good, good.split(".")[2], expired.split(".")[2], "canary-cookie-value", "canary-query-token", "canary-password", "QUJDQUJD", "token-canary"):
             self.assertNotIn(canary, text, canary)
 
@@ -389,3 +393,70 @@ oauth2:
         self.assertNotEqual(statuses[0], 429)
         self.assertEqual(statuses[2], 429)
         self.assertTrue(headers.getRawHeaders("retry-after"))
+
+
+class ReviewRegressionTests(Backed):
+    async def test_native_calls_count_tokens(self):
+        """Ollama-native chat (plain and streamed) counts against the token budget like the OpenAI route."""
+        self.start("rate_limit: {requests_per_minute: 0, tokens_per_minute: 20}", fake=FakeOllama(tokens=30))
+        auth = bearer(token(scope="chat:read chat:write"))
+        status, _, _ = await get_json(self.gw.url + "/ollama/api/chat", method="POST", headers=auth, body={"model": "qwen3:32b", "messages": HI, "stream": False})
+        self.assertEqual(status, 200)
+        status, _, body = await get_json(self.gw.url + "/ollama/api/chat", method="POST", headers=auth, body={"model": "qwen3:32b", "messages": HI})
+        self.assertEqual((status, body["error"]["code"]), (429, "RATE_LIMITED"))
+        other = bearer(token(sub="bob", scope="chat:read chat:write"))
+        status, _, raw = await get_json(self.gw.url + "/ollama/api/chat", method="POST", headers=other, body={"model": "qwen3:32b", "messages": HI})
+        self.assertEqual(status, 200)
+        self.assertEqual((await get_json(self.gw.url + "/ollama/api/generate", method="POST", headers=other, body={"model": "qwen3:32b", "prompt": "x"}))[0], 429)
+        self.assertGreater(self.access_lines()[-2]["tokens"], 20)
+
+    async def test_deep_nesting_is_400_and_401(self):
+        """Absurdly nested JSON in a body or a token is a 400 or a 401, never a 500."""
+        import base64
+
+        self.start()
+        auth = bearer(token(scope="chat:read chat:write"))
+        status, _, body = await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=auth, body=b"[" * 100000)
+        self.assertEqual((status, body["error"]["code"]), (400, "INVALID_REQUEST"))
+        head = base64.urlsafe_b64encode(b'{"alg":"HS256"}').rstrip(b"=").decode()
+        payload = base64.urlsafe_b64encode(b"[" * 5000 + b"]" * 5000).rstrip(b"=").decode()
+        status, _, body = await get_json(self.gw.url + "/v1/me", headers={"Authorization": f"Bearer {head}.{payload}.x"})
+        self.assertEqual((status, body["error"]["code"]), (401, "AUTH_INVALID_TOKEN"))
+
+    async def test_debug_port_refuses_other_origins_and_hosts(self):
+        """The unauthenticated debug port refuses cross-site requests and DNS-rebound hosts."""
+        self.start()
+        url = self.gw.debug_url
+        status, _, body = await get_json(url + "/ollama/api/pull", method="POST", headers={"Origin": "https://evil.example"}, body={"model": "x"})
+        self.assertEqual((status, body["error"]["code"]), (403, "ORIGIN_REJECTED"))
+        status, _, _ = await get_json(url + "/v1/me", headers={"Host": "evil.example:18789"})
+        self.assertEqual(status, 403)
+        status, _, _ = await get_json(url + "/v1/me", headers={"Origin": "http://localhost:3000"})
+        self.assertEqual(status, 200)
+        self.assertEqual((await get_json(url + "/v1/me"))[0], 200)
+
+    async def test_unexpected_error_mid_stream_ends_with_event(self):
+        """An unexpected failure after a stream started ends it with an SSE error event, not raw JSON or a silent close."""
+        self.start()
+        owner = bearer(token(scope="chat:read chat:write"))
+        _, _, session = await get_json(self.gw.url + "/v1/sessions", method="POST", headers=owner, body={"title": "x"})
+
+        async def broken(*args, **kwargs):
+            raise RuntimeError("disk full")
+
+        self.gw.gateway.store.append = broken
+        status, _, raw = await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=owner, body={"session_id": session["id"], "messages": HI, "stream": True})
+        last = raw.strip().split(b"\n\n")[-1]
+        self.assertTrue(last.startswith(b"data: "), raw[-200:])
+        self.assertEqual(json.loads(last[6:])["error"]["code"], "INTERNAL_ERROR")
+        self.assertNotIn(b"[DONE]", raw)
+        self.assertGreaterEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    async def test_large_sampled_body_is_omitted(self):
+        """A sampled body over the log's limit is described, not logged cut in half (secrets could not be found in it)."""
+        self.start("access_log: {sample_rate: 1.0}")
+        big = {"messages": [{"role": "user", "content": "x" * 70000}], "client_secret": "canary-big-secret"}
+        await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=bearer(token()), body=big)
+        line = self.access_lines()[-1]
+        self.assertIn("omitted", line["request_body"])
+        self.assertNotIn("canary-big-secret", json.dumps(self.access_lines()))
