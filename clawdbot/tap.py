@@ -7,7 +7,6 @@ C{twistd clawdbot} (through the plugin) and C{clawdbot start} use it.
 
 import os
 import signal
-import sys
 
 from twisted.application import service
 from twisted.internet.endpoints import serverFromString

@@ -6,6 +6,7 @@ real processes.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,34 @@ auth:
     audience: "{AUDIENCE}"
     algorithms: ["HS256"]
 """
+
+
+def free_port():
+    """A loopback port nothing listens on (for a listener to take, or a backend that is down)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+_RSA_KEYS = {}
+
+
+def rsa_key(name="k1"):
+    """A 2048-bit RSA private key, made once per name for the whole run."""
+    if name not in _RSA_KEYS:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        _RSA_KEYS[name] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return _RSA_KEYS[name]
+
+
+def jwk(name):
+    """The public JWK of L{rsa_key}(name), with its name as kid."""
+    from jwt.algorithms import RSAAlgorithm
+
+    entry = RSAAlgorithm.to_jwk(rsa_key(name).public_key(), as_dict=True)
+    entry.update(kid=name, use="sig", alg="RS256")
+    return entry
 
 
 def write_config(testcase, text):

@@ -9,10 +9,8 @@ import time
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jwt.algorithms import RSAAlgorithm
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -23,7 +21,7 @@ from twisted.web.server import Site
 
 from clawdbot.auth import Authenticator, Issuer, KeySet, parse_scopes
 from clawdbot.errors import APIError
-from tests.helpers import AUDIENCE, ISSUER, SECRET, bearer, get_json, serve, token, write_config
+from tests.helpers import AUDIENCE, jwk, rsa_key, ISSUER, SECRET, bearer, get_json, serve, token, write_config
 
 NOW = int(time.time())
 
@@ -54,21 +52,6 @@ def hs_raw(payload, secret=SECRET, header=None):
 
     signing = f"{b64(header or {'alg': 'HS256', 'typ': 'JWT'})}.{b64(payload)}"
     return f"{signing}.{b64(hmac.new(secret.encode(), signing.encode(), hashlib.sha256).digest())}"
-
-
-_KEYS = {}
-
-
-def rsa_key(name="k1"):
-    if name not in _KEYS:
-        _KEYS[name] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return _KEYS[name]
-
-
-def jwk(name):
-    entry = RSAAlgorithm.to_jwk(rsa_key(name).public_key(), as_dict=True)
-    entry.update(kid=name, use="sig", alg="RS256")
-    return entry
 
 
 def rs(payload, name="k1", headers=None):

@@ -18,7 +18,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.fake_ollama import FakeOllama, _pending_bytes
-from tests.helpers import bearer, get_json, merge_yaml, serve, token
+from tests.helpers import bearer, free_port, get_json, merge_yaml, serve, token
 
 ALL = "chat:read chat:write admin"
 HI = [{"role": "user", "content": "hi"}]
@@ -379,10 +379,7 @@ class TimeoutTests(Backed):
 class UpstreamFailureTests(Backed):
     async def test_refused_is_502(self):
         """Ollama not listening: 502 UPSTREAM_UNAVAILABLE without the address in the body."""
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
+        port = free_port()
         gw = serve(self, extra=f'backend: {{url: "http://127.0.0.1:{port}"}}')
         for path, body in (("/v1/chat/completions", {"messages": []}), ("/v1/models", None)):
             status, _, error = await get_json(gw.url + path, method="POST" if body is not None else "GET", headers=bearer(token(scope=ALL)), body=body)

@@ -4,7 +4,6 @@ health and readiness.
 """
 
 import json
-import socket
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -15,7 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from clawdbot.web import APIResource
-from tests.helpers import bearer, get_json, serve, token
+from tests.helpers import bearer, free_port, get_json, serve, token
 
 
 def assert_error_shape(testcase, body, code):
@@ -137,10 +136,7 @@ class ErrorShapeTests(TestCase):
 class ReadinessTests(TestCase):
     async def test_not_ready_without_backend(self):
         """/readyz is 503 and says Ollama is unreachable when nothing listens at backend.url."""
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
+        port = free_port()
         gw = serve(self, extra=f'backend: {{url: "http://127.0.0.1:{port}"}}')
         status, _, body = await get_json(gw.url + "/readyz")
         self.assertEqual(status, 503)

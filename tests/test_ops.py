@@ -31,7 +31,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests.fake_ollama import FakeOllama, tokenize
-from tests.helpers import ROOT, SECRET, Process, bearer, get_json, merge_yaml, process_env, serve, token, write_config
+from tests.helpers import ROOT, free_port, SECRET, Process, bearer, get_json, merge_yaml, process_env, serve, token, write_config
 
 UNIT = os.path.join(ROOT, "clawdbot.service")
 NGINX_SITE = os.path.join(ROOT, "etc", "nginx", "clawdbot.conf")
@@ -46,12 +46,6 @@ def tool(name):
     if path is None:
         raise AssertionError(f"{name} is not installed: run tests/setup-deps.sh")
     return path
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tempdir(testcase):

@@ -10,13 +10,12 @@ backend is down; speaks English and Chinese; and renders untrusted Markdown
 safely.  Screenshots go to artifacts/screenshots/.
 """
 
-import socket
 
 import treq
 from twisted.trial.unittest import TestCase
 
 from tests.browser import DESKTOP, PHONE, run_in_browser
-from tests.helpers import serve
+from tests.helpers import free_port, serve
 
 FINAL_STATES = "[data-testid=message-assistant]:not([data-state=streaming]), [data-testid=message-error]"
 
@@ -187,22 +186,13 @@ def _render(browser, url):
     return seen
 
 
-def closed_port():
-    """A loopback port nothing listens on: the model backend is down."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
 class ChatPageTests(TestCase):
     timeout = 300
 
     def setUp(self):
         # Never a real Ollama that may run on this machine: the page must
         # cope with the backend being down.
-        self.gw = serve(self, extra=f'backend: {{url: "http://127.0.0.1:{closed_port()}"}}')
+        self.gw = serve(self, extra=f'backend: {{url: "http://127.0.0.1:{free_port()}"}}')
 
     async def test_page_and_assets_are_served_with_csp(self):
         """/ and the page's files are served with their types, and the page with the CSP."""

@@ -15,7 +15,6 @@ side.  Screenshots of the main states, at desktop (1280x800) and phone
 import base64
 import io
 import json
-import socket
 
 from PIL import Image
 from playwright.sync_api import expect
@@ -28,7 +27,7 @@ from twisted.trial.unittest import TestCase
 from clawdbot import sso
 from tests.browser import DESKTOP, PHONE, run_in_browser
 from tests.fake_ollama import FakeOllama
-from tests.helpers import bearer, get_json, serve, token
+from tests.helpers import bearer, free_port, get_json, serve, token
 from tests.idp import IdP
 
 CLIENT_ID = "clawdbot-web"
@@ -73,12 +72,6 @@ Here you go: <script>window.__pwned=1</script>
 
 STREAMED = " ".join(f"w{i:02d}" for i in range(40))  # 40 tokens
 LONG_STORY = " ".join(f"story{i}" for i in range(300))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reply_for(path, body):

@@ -36,18 +36,12 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from clawdbot.config import ConfigError, effective, parse_config, restart_needed
 from clawdbot.ratelimit import BUCKET_SCRIPT, LimiterUnavailable, MemoryLimiter, RedisLimiter
 from tests.fake_ollama import FakeOllama
-from tests.helpers import BASE_CONFIG, Process, bearer, clawdbot_argv, get_json, merge_yaml, process_env, serve, token, write_config
+from tests.helpers import BASE_CONFIG, free_port, Process, bearer, clawdbot_argv, get_json, merge_yaml, process_env, serve, token, write_config
 from tests.idp import IdP, browserless_login
 from tests.test_sessions import pg_database
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 HI = [{"role": "user", "content": "hi"}]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def redis_prefix(testcase):

@@ -17,17 +17,9 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from clawdbot.tap import ListenError, Options, makeService
-from tests.helpers import BASE_CONFIG, ROOT, Process, clawdbot_argv, get_json, merge_yaml, serve, write_config
+from tests.helpers import BASE_CONFIG, free_port, ROOT, Process, clawdbot_argv, get_json, merge_yaml, serve, write_config
 
 MATRIX_CONFIG = merge_yaml(BASE_CONFIG, 'server: {listen: "tcp:8080", debug_listen: "tcp:18789:interface=127.0.0.1"}')
-
-
-def free_port():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 class ListenerMatrixTests(SynchronousTestCase):

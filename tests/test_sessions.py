@@ -10,14 +10,12 @@ import secrets
 import signal
 import sqlite3
 import tempfile
-import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from clawdbot.storage import PostgresEngine, SQLiteEngine, SQLStore, decode_cursor

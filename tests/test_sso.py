@@ -14,10 +14,8 @@ import urllib.parse
 
 import jwt
 import treq
-from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given
 from hypothesis import strategies as st
-from jwt.algorithms import RSAAlgorithm
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -32,7 +30,7 @@ from clawdbot.auth import KeySet
 from clawdbot.backend import FetchError
 from clawdbot.config import ConfigError, parse_config
 from clawdbot.providers import Cached, IDTokenError, OIDCProvider, ProviderError, parse_discovery, validate_id_token
-from tests.helpers import SECRET, merge_yaml, serve
+from tests.helpers import SECRET, jwk, rsa_key, merge_yaml, serve
 from tests.idp import IdP, browserless_login, browserless_logout
 
 CLIENT_ID = "clawdbot-gateway"
@@ -313,20 +311,7 @@ oauth2: {enabled: true, client_id: c, client_secret: s, redirect_uri: "https://c
 
 ISS = "https://sso.example.com"
 NONCE = "n-0S6_WzA2Mj"
-_KEYS = {}
 DROP = object()
-
-
-def rsa_key(name):
-    if name not in _KEYS:
-        _KEYS[name] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return _KEYS[name]
-
-
-def jwk(name):
-    entry = RSAAlgorithm.to_jwk(rsa_key(name).public_key(), as_dict=True)
-    entry.update(kid=name, use="sig", alg="RS256")
-    return entry
 
 
 def id_token(signer="k1", kid="k1", alg="RS256", **overrides):
