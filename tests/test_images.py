@@ -19,8 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from clawdbot.config import ConfigError, parse_config
 from clawdbot.errors import APIError
-from clawdbot.gateway import Gateway
-from clawdbot.images import DAMAGED, EMPTY, TOO_MANY_PIXELS, UNSUPPORTED, image_filter, process_image
+from clawdbot.images import DAMAGED, EMPTY, TOO_MANY_PIXELS, UNSUPPORTED, encode_images, process_image
 from clawdbot.translate import chat_request
 from tests.helpers import BASE_CONFIG, merge_yaml
 
@@ -293,7 +292,7 @@ class ProcessingTests(RefusalMixin, SynchronousTestCase):
     def test_declared_type_is_ignored(self):
         """The format is found from the bytes: a JPEG labelled image/png in the data URL is read as a JPEG."""
         body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(GOOD["JPEG"]).decode()}}]}]}
-        out = chat_request(body, config(), image_filter=image_filter(DEFAULTS))[0]
+        out = processed(body, config())
         self.assertEqual(decode_output(base64.b64decode(out["messages"][0]["images"][0])).size, (96, 64))
 
     def test_output_is_the_configured_format(self):
@@ -435,17 +434,52 @@ class ProcessingTests(RefusalMixin, SynchronousTestCase):
 # --- through the translator and the gateway ------------------------------------------------
 
 
+def processed(body, cfg):
+    """C{chat_request}, then the request's image job run here, synchronously (what an image worker does)."""
+    out = chat_request(body, cfg)[0]
+    for message in out["messages"]:
+        if message.get("images"):
+            message["images"] = encode_images(message["images"], cfg.images)
+    return out
+
+
 def image_body(raw, declared="image/png"):
     url = f"data:{declared};base64," + base64.b64encode(raw).decode("ascii")
     return {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]}]}
 
 
 class TranslatorTests(SynchronousTestCase):
+    def test_translation_parses_no_image(self):
+        """
+        chat_request stays pure and cheap: images come out as the raw bytes
+        of their data URLs (which no JSON encoder takes, so they cannot reach
+        the backend unprocessed), and Pillow is never called.
+        """
+        def never(*args, **kwargs):
+            raise AssertionError("Image.open was called")
+
+        self.patch(Image, "open", never)
+        raw = b"\x89PNG\r\n\x1a\nnot really a png"
+        out = chat_request(image_body(raw), config())[0]
+        self.assertEqual(out["messages"][0]["images"], [raw])
+
+    def test_image_count_capped_in_translation(self):
+        """More than images.max_per_request images over all messages is a 400 from chat_request itself."""
+        cfg = config("images: {max_per_request: 2}")
+        one = image_body(GOOD["PNG"])["messages"][0]
+        chat_request({"messages": [one, one]}, cfg)
+        with self.assertRaises(APIError) as caught:
+            chat_request({"messages": [one, one, one]}, cfg)
+        self.assertEqual((caught.exception.status, caught.exception.details), (400, "a request may carry at most 2 images"))
+        with self.assertRaises(APIError) as caught:
+            chat_request({"messages": [one]}, config("images: {max_per_request: 0}"))
+        self.assertEqual(caught.exception.details, "this gateway does not accept images")
+
     def test_chat_request_sends_shrunk_reencoded_image(self):
         """A big PNG data URL reaches Ollama's body as base64 of a JPEG shrunk to max_side (no data: prefix)."""
         cfg = config()
         raw = encode(two_colours((3000, 2000)), "PNG")
-        out = chat_request(image_body(raw), cfg, image_filter=Gateway.image_filter(None, cfg))[0]
+        out = processed(image_body(raw), cfg)
         (message,) = out["messages"]
         self.assertEqual(message["content"], "What is this?")
         (encoded,) = message["images"]
@@ -457,7 +491,7 @@ class TranslatorTests(SynchronousTestCase):
         """The images section of the config given to the filter applies: max_side 256, format webp."""
         cfg = config("images: {max_side: 256, format: webp}")
         raw = encode(two_colours((1000, 500)), "JPEG")
-        out = chat_request(image_body(raw, "image/jpeg"), cfg, image_filter=image_filter(cfg.images))[0]
+        out = processed(image_body(raw, "image/jpeg"), cfg)
         img = decode_output(base64.b64decode(out["messages"][0]["images"][0]))
         self.assertEqual((img.format, img.size), ("WEBP", (256, 128)))
 
@@ -473,7 +507,7 @@ class TranslatorTests(SynchronousTestCase):
             (truncated[: len(truncated) // 2], "image/jpeg", DAMAGED),
         ):
             with self.assertRaises(APIError) as caught:
-                chat_request(image_body(raw, declared), cfg, image_filter=image_filter(cfg.images))
+                processed(image_body(raw, declared), cfg)
             err = caught.exception
             self.assertEqual((err.status, err.code, err.details), (400, "INVALID_REQUEST", reason))
             self.assertEqual(err.as_dict()["error"]["type"], "invalid_request_error")

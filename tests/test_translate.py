@@ -102,7 +102,8 @@ class RequestTests(SynchronousTestCase):
                 ]
             }
         )
-        self.assertEqual(out["messages"], [{"role": "user", "content": "What is this?", "images": [PNG]}])
+        # The images stay raw bytes: the handler has them processed off the reactor.
+        self.assertEqual(out["messages"], [{"role": "user", "content": "What is this?", "images": [base64.b64decode(PNG)]}])
 
     def test_unsupported_values_are_400(self):
         """n > 1, remote images, logprobs and unknown parameters are refused, not dropped."""
