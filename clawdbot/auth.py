@@ -40,6 +40,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from clawdbot.errors import APIError
+from clawdbot.identity import DEV_ISSUER, is_scope_token, owner_key, split_scopes
 
 log = Logger(namespace="clawdbot.auth")
 
@@ -51,13 +52,24 @@ _CACHE_MAX = 10000
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling, and what they may do."""
+    """
+    Who is calling, and what they may do.
+
+    @ivar issuer: the identity provider (see L{clawdbot.identity}); with
+        C{sub} it names the principal, as L{key}.
+    """
 
     sub: str
     scopes: frozenset = field(default_factory=frozenset)
     name: str = None
     email: str = None
     teams: tuple = ()
+    issuer: str = None
+
+    @property
+    def key(self):
+        """The owner key: history and budgets belong to it, not to C{sub} alone."""
+        return owner_key(self.issuer, self.sub)
 
     def as_dict(self):
         return {
@@ -75,29 +87,46 @@ class Principal:
 
 def parse_scopes(claims):
     """
-    The scopes of a verified token: C{scope} (space separated, RFC 8693) or
-    C{scp} (a list, or a space separated string).
+    The scopes of a verified token: C{scope} (separated by U+0020, RFC 8693)
+    or C{scp} (a list, or such a string).  Every token must be an RFC 6749
+    scope-token, so C{"chat:read\\u00a0admin"} is refused, never read as
+    C{admin}.
 
-    @raise InvalidTokenError: when either claim has the wrong type.
+    @raise InvalidTokenError: when either claim has the wrong type or holds
+        a malformed scope.
     """
     scopes = set()
     scope = claims.get("scope")
     if scope is not None:
         if not isinstance(scope, str):
             raise _WrongType("scope")
-        scopes.update(scope.split())
+        scopes.update(_split("scope", scope))
     scp = claims.get("scp")
     if scp is not None:
         if isinstance(scp, str):
-            scopes.update(scp.split())
+            scopes.update(_split("scp", scp))
         elif isinstance(scp, list) and all(isinstance(s, str) for s in scp):
+            if not all(is_scope_token(s) for s in scp):
+                raise _BadScope("scp")
             scopes.update(scp)
         else:
             raise _WrongType("scp")
     return frozenset(scopes)
 
 
-def principal_from_claims(claims):
+def _split(claim, text):
+    try:
+        return split_scopes(text)
+    except ValueError:
+        raise _BadScope(claim) from None
+
+
+def principal_from_claims(claims, issuer=None):
+    """
+    The principal of verified C{claims}.
+
+    @param issuer: its identity provider (by default the token's C{iss}).
+    """
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
         raise _WrongType("sub") if sub is not None else MissingRequiredClaimError("sub")
@@ -108,17 +137,30 @@ def principal_from_claims(claims):
     for key, value in (("name", name), ("email", email)):
         if value is not None and not isinstance(value, str):
             raise _WrongType(key)
-    return Principal(sub=sub, scopes=parse_scopes(claims), name=name, email=email, teams=tuple(teams))
+    issuer = claims.get("iss") if issuer is None else issuer
+    return Principal(sub=sub, scopes=parse_scopes(claims), name=name, email=email, teams=tuple(teams), issuer=issuer)
 
 
 def dev_principal(config):
+    """
+    The debug listener's principal, of its own identity provider.  Its
+    scopes are split like a token's (the config refuses malformed ones).
+    """
     dev = config.auth.dev_principal
-    scopes = frozenset(dev.scope.split())
+    scopes = frozenset(t for t in dev.scope.split(" ") if is_scope_token(t))
     teams = tuple(dev.teams) or tuple(s[8:] for s in sorted(scopes) if s.startswith("history:"))
-    return Principal(sub=dev.sub, scopes=scopes, name=dev.name, email=dev.email, teams=teams)
+    return Principal(sub=dev.sub, scopes=scopes, name=dev.name, email=dev.email, teams=teams, issuer=DEV_ISSUER)
 
 
 class _WrongType(InvalidTokenError):
+    def __init__(self, claim):
+        super().__init__(claim)
+        self.claim = claim
+
+
+class _BadScope(InvalidTokenError):
+    """A scope claim holds something that is not an RFC 6749 scope-token."""
+
     def __init__(self, claim):
         super().__init__(claim)
         self.claim = claim
@@ -154,6 +196,7 @@ _REASONS = (
     (InvalidIssuerError, "issuer does not match"),
     (InvalidIssuedAtError, "token was issued in the future"),
     (_WrongType, "claim '{claim}' has the wrong type"),
+    (_BadScope, "claim '{claim}' holds a malformed scope"),
     (MissingRequiredClaimError, "claim '{claim}' is missing"),
     (UnknownKeyError, "signing key is unknown"),
     (InvalidSignatureError, "signature does not match"),
@@ -195,14 +238,30 @@ class Issuer:
 
     @ivar secret: the HS256 secret, or C{None}.
     @ivar keys: a L{KeySet} for RS256, or C{None}.
+    @ivar identity_claim: for the gateway's own session tokens, the claim
+        naming the identity provider the user signed in through (required);
+        C{None}: the issuer itself is the identity provider.  Only an issuer
+        configured so is believed about another provider.
     """
 
-    def __init__(self, name, audience, algorithms, secret=None, keys=None):
+    def __init__(self, name, audience, algorithms, secret=None, keys=None, identity_claim=None):
         self.name = name
         self.audience = audience
         self.algorithms = tuple(a for a in algorithms if a in SUPPORTED_ALGORITHMS)
         self.secret = secret
         self.keys = keys
+        self.identity_claim = identity_claim
+
+    def identity_provider(self, claims):
+        """The identity provider of a principal this issuer vouched for."""
+        if self.identity_claim is None:
+            return self.name
+        value = claims.get(self.identity_claim)
+        if value is None:
+            raise MissingRequiredClaimError(self.identity_claim)
+        if not isinstance(value, str) or not value:
+            raise _WrongType(self.identity_claim)
+        return value
 
     async def key_for(self, alg, kid):
         if alg == "HS256":
@@ -413,7 +472,7 @@ class Authenticator:
                 last = e
         else:
             raise last or InvalidSignatureError("no key")
-        return principal_from_claims(verified), verified["exp"]
+        return principal_from_claims(verified, issuer.identity_provider(verified)), verified["exp"]
 
     def authorize(self, principal, scope):
         if scope and scope not in principal.scopes:
@@ -449,7 +508,9 @@ def build_authenticator(config, clock, fetch_json):
         # Session tokens minted after a single sign-on login (clawdbot.sso).
         from clawdbot import sso
 
-        issuers.append(Issuer(sso.session_issuer(config), sso.SESSION_AUDIENCE, ["HS256"], secret=sso.session_signing_key(config)))
+        issuers.append(
+            Issuer(sso.session_issuer(config), sso.SESSION_AUDIENCE, ["HS256"], secret=sso.session_signing_key(config), identity_claim="idp")
+        )
     return Authenticator(issuers, clock, leeway=jwt_config.leeway, dev=dev_principal(config))
 
 

@@ -20,6 +20,21 @@ a secret, a URL with credentials in its query, or a provider's free text.
 Groups: OIDC takes them from the C{oauth2.groups_claim} claim; the presets
 use department ids (as strings), read best-effort: a failure there is
 logged and leaves the user with the default scopes only.
+
+Groups are read again at every C{/auth/refresh} (L{_Provider.recheck}), so
+removing someone from a group at the provider takes effect within one
+session TTL: OIDC reads userinfo with the sign-in's access token, and once
+that has expired uses the refresh token (a new access token and ID token);
+Feishu does the same with its user tokens; WeCom and DingTalk read the user
+through the app's own token.  The provider tokens this needs travel in the
+encrypted refresh cookie as the identity's C{grant}.  A provider that
+refuses the refresh token (or says the user left the corp) ends the sign-in
+session (L{SignInEnded}); one that cannot answer leaves the user with the
+default scopes until it can.
+
+Every identity names its provider (L{Identity.issuer}, see
+L{clawdbot.identity}): the ID token's C{iss} for OIDC, the platform and app
+id for the presets.
 """
 
 import base64
@@ -37,6 +52,7 @@ from twisted.python.failure import Failure
 from clawdbot.auth import KeySet, UnknownKey, check_claim_types, reason_for
 from clawdbot.backend import FetchError
 from clawdbot.config import is_loopback
+from clawdbot.identity import preset_issuer
 
 log = Logger(namespace="clawdbot.providers")
 
@@ -102,6 +118,16 @@ class ProviderError(Exception):
         self.reason = reason
 
 
+class SignInEnded(ProviderError):
+    """
+    The provider says the sign-in is over: it refused the refresh token,
+    or the user is no longer in the organisation.
+    """
+
+    def __init__(self, reason):
+        super().__init__("refused", reason)
+
+
 class IDTokenError(Exception):
     """An ID token is not valid; C{reason} is curated."""
 
@@ -112,13 +138,21 @@ class IDTokenError(Exception):
 
 @dataclass(frozen=True)
 class Identity:
-    """Who the provider says signed in."""
+    """
+    Who the provider says signed in.
+
+    @ivar issuer: the identity provider (L{clawdbot.identity}).
+    @ivar grant: what L{_Provider.recheck} needs later (provider tokens), a
+        small JSON-able dict, or C{None}.
+    """
 
     sub: str
     name: str = None
     email: str = None
     email_verified: bool = True
     groups: tuple = field(default=())
+    issuer: str = None
+    grant: dict = field(default=None, compare=False, hash=False)
 
 
 # --- small helpers ----------------------------------------------------------
@@ -132,6 +166,26 @@ def word(value, limit=40):
 
 def _str(value):
     return value if isinstance(value, str) and value else None
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def make_grant(tokens, now, refresh_token=None):
+    """
+    What a token endpoint answer leaves to re-check the user with: the
+    access token and when it expires, and the refresh token (a new one when
+    the provider rotated it, else the one that was used).
+    """
+    expires_in = tokens.get("expires_in")
+    lifetime = expires_in if _number(expires_in) and expires_in > 0 else 60
+    return {"at": tokens["access_token"], "ax": int(now + lifetime), "rt": _str(tokens.get("refresh_token")) or refresh_token}
+
+
+def access_token_valid(grant, now, margin=30):
+    """Does C{grant} hold an access token that is good for a while yet?"""
+    return bool(_str(grant.get("at"))) and _number(grant.get("ax")) and grant["ax"] - margin > now
 
 
 def with_query(url, params):
@@ -275,7 +329,9 @@ async def validate_id_token(token, keys, issuer, client_id, nonce, leeway=30.0):
     by a key of the provider's JWKS (C{keys}, a L{KeySet}), C{iss} the
     discovered issuer, C{aud} containing C{client_id} (and C{azp} equal to it
     when present or when there are several audiences), C{exp} and C{iat}
-    present and C{exp} not past, and C{nonce} the one sent.
+    present and C{exp} not past, and C{nonce} the one sent.  For an ID
+    token from a refresh (OIDC Core §12.2), C{nonce} is C{None}: there is no
+    new one to compare.
 
     @raise IDTokenError: with a curated reason otherwise.
     """
@@ -325,16 +381,19 @@ async def validate_id_token(token, keys, issuer, client_id, nonce, leeway=30.0):
         raise IDTokenError("claim 'azp' is missing")
     if azp is not None and azp != client_id:
         raise IDTokenError("authorized party does not match")
-    sent = claims.get("nonce")
-    if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), nonce.encode()):
-        raise IDTokenError("nonce does not match")
+    if nonce is not None:
+        sent = claims.get("nonce")
+        if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), nonce.encode()):
+            raise IDTokenError("nonce does not match")
     return claims
 
 
-def identity_from_claims(claims, groups_claim="groups"):
+def identity_from_claims(claims, groups_claim="groups", grant=None):
     """The L{Identity} in merged ID token and userinfo claims."""
     verified = claims.get("email_verified")
     return Identity(
+        issuer=claims.get("iss"),
+        grant=grant,
         sub=claims["sub"],
         name=_str(claims.get("name")) or _str(claims.get("preferred_username")),
         email=_str(claims.get("email")),
@@ -366,6 +425,16 @@ class _Provider:
     async def logout_url(self):
         """The provider's end-session URL, or C{None}."""
         return None
+
+    async def recheck(self, sub, grant):
+        """
+        The groups of the user C{sub} now, and the grant to keep (the same,
+        or renewed).
+
+        @raise SignInEnded: the provider says the sign-in is over.
+        @raise ProviderError: the groups cannot be known now.
+        """
+        raise ProviderError("invalid_response", "this provider cannot re-check groups")
 
 
 class OIDCProvider(_Provider):
@@ -433,11 +502,19 @@ class OIDCProvider(_Provider):
         if document.userinfo_endpoint:
             merged.update(await self._userinfo(document, tokens["access_token"], claims["sub"]))
             merged["sub"] = claims["sub"]
-        return identity_from_claims(merged, self.oauth2.groups_claim)
+            merged["iss"] = claims["iss"]
+        grant = make_grant(tokens, self.clock.seconds())
+        return identity_from_claims(merged, self.oauth2.groups_claim, grant=grant)
 
-    async def _exchange(self, document, code, redirect_uri, verifier):
-        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri, "code_verifier": verifier}
+    async def _token_call(self, document, form, refreshing=False):
+        """
+        One call to the token endpoint with the client's credentials; its
+        answer (a Bearer C{access_token} at least).
+
+        @raise SignInEnded: C{refreshing} and the refresh token is refused.
+        """
         headers = {}
+        form = dict(form)
         if document.auth_method == "client_secret_post":
             form.update(client_id=self.oauth2.client_id, client_secret=self.oauth2.client_secret)
         else:
@@ -445,14 +522,63 @@ class OIDCProvider(_Provider):
         status, body = await self._call("token endpoint", "POST", document.token_endpoint, headers=headers, form=form)
         if status != 200 or not isinstance(body, dict):
             error = body.get("error") if isinstance(body, dict) else None
+            if refreshing and error == "invalid_grant":
+                raise SignInEnded("the provider refused the refresh token")
             kind = "refused" if error in ("invalid_grant", "access_denied") or (400 <= status < 500 and error) else "invalid_response"
             raise ProviderError(kind, f"token endpoint answered {status} ({word(error)})")
         if not isinstance(body.get("token_type"), str) or body["token_type"].lower() != "bearer":
             raise ProviderError("invalid_response", "token endpoint: token_type is not Bearer")
-        for key in ("access_token", "id_token"):
-            if not _str(body.get(key)):
-                raise ProviderError("invalid_response", f"token endpoint: no {key}")
+        if not _str(body.get("access_token")):
+            raise ProviderError("invalid_response", "token endpoint: no access_token")
         return body
+
+    async def _exchange(self, document, code, redirect_uri, verifier):
+        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri, "code_verifier": verifier}
+        body = await self._token_call(document, form)
+        if not _str(body.get("id_token")):
+            raise ProviderError("invalid_response", "token endpoint: no id_token")
+        return body
+
+    async def recheck(self, sub, grant):
+        """
+        Userinfo with the sign-in's access token while it is valid (a
+        provider that leaves the groups claim out of userinfo is asked
+        through a refresh instead); after that, the refresh token gets a new
+        access token and ID token, whose claims and userinfo give the groups.
+        A provider that issues no refresh token (some do only for the
+        C{offline_access} scope) leaves group scopes to lapse with its
+        access token, until the next sign-in.
+        """
+        if not isinstance(grant, dict):
+            raise ProviderError("invalid_response", "no provider tokens to re-check the groups with")
+        document = await self.discovery()
+        claim = self.oauth2.groups_claim
+        refresh_token = _str(grant.get("rt"))
+        if document.userinfo_endpoint and access_token_valid(grant, self.clock.seconds()):
+            status, body = await self._call("userinfo", "GET", document.userinfo_endpoint, headers={"Authorization": "Bearer " + grant["at"]})
+            if status == 200 and isinstance(body, dict):
+                if body.get("sub") != sub:
+                    raise SignInEnded("userinfo names another subject")
+                if claim in body or not refresh_token:
+                    return _groups(body.get(claim)), grant
+            elif status != 401:
+                raise ProviderError("invalid_response", f"userinfo answered {status}")
+        if not refresh_token:
+            raise ProviderError("invalid_response", "the access token has expired and there is no refresh token")
+        tokens = await self._token_call(document, {"grant_type": "refresh_token", "refresh_token": refresh_token}, refreshing=True)
+        grant = make_grant(tokens, self.clock.seconds(), refresh_token)
+        merged = {}
+        if _str(tokens.get("id_token")):
+            try:
+                claims = await validate_id_token(tokens["id_token"], await self.keys(), document.issuer, self.oauth2.client_id, None, self.leeway)
+            except IDTokenError as e:
+                raise ProviderError("id_token", f"refreshed ID token refused: {e.reason}") from None
+            if claims["sub"] != sub:
+                raise SignInEnded("the refreshed ID token names another subject")
+            merged.update(claims)
+        if document.userinfo_endpoint:
+            merged.update(await self._userinfo(document, grant["at"], sub))
+        return _groups(merged.get(claim)), grant
 
     async def _userinfo(self, document, access_token, sub):
         status, body = await self._call("userinfo", "GET", document.userinfo_endpoint, headers={"Authorization": "Bearer " + access_token})
@@ -485,6 +611,11 @@ class _Preset(_Provider):
 
     def url(self, name, path=""):
         return self.endpoints[name].rstrip("/") + path if path else self.endpoints[name]
+
+    @property
+    def issuer(self):
+        """The identity provider of this preset's users: the platform and the app's id."""
+        return preset_issuer(self.name, self.oauth2.client_id)
 
     async def logout_url(self, post_logout_redirect_uri=None):
         return None
@@ -592,7 +723,23 @@ class WeComProvider(_Preset):
                 email = _str(detail.get("email")) or _str(detail.get("biz_mail")) or email
             except (ProviderError, _ErrCode) as e:
                 self._best_effort("getuserdetail", e)
-        return Identity(sub=userid, name=name, email=email, groups=departments)
+        return Identity(sub=userid, name=name, email=email, groups=departments, issuer=self.issuer)
+
+    # user/get: 60111 is "userid not found"; status 2 is disabled, 5 left.
+    GONE = (60111,)
+    GONE_STATUS = (2, 5)
+
+    async def recheck(self, sub, grant):
+        """The departments from C{user/get}, with the corp token; a user no longer in the corp ends the sign-in."""
+        try:
+            user = await self._api("user/get", "GET", "/cgi-bin/user/get", {"userid": sub})
+        except _ErrCode as e:
+            if e.errcode in self.GONE:
+                raise SignInEnded(f"user/get: {e.reason} (no longer in the corp)") from None
+            raise ProviderError("invalid_response", f"user/get: {e.reason}") from None
+        if user.get("status") in self.GONE_STATUS:
+            raise SignInEnded("user/get: the member is disabled or has left")
+        return _groups(user.get("department")), grant
 
 
 def _errcode(body):
@@ -668,7 +815,15 @@ class DingTalkProvider(_Preset):
             departments = _groups(user.get("dept_id_list"))
         except (ProviderError, _ErrCode) as e:
             self._best_effort("contact", e)
-        return Identity(sub=me["unionId"], name=name, email=email, groups=departments)
+        return Identity(sub=me["unionId"], name=name, email=email, groups=departments, issuer=self.issuer)
+
+    async def recheck(self, sub, grant):
+        """The departments from the contact API, with the app's token (best-effort at sign-in, so here too)."""
+        try:
+            user = await self._corp_user(sub)
+        except _ErrCode as e:
+            raise ProviderError("invalid_response", f"contact: {e.reason}") from None
+        return _groups(user.get("dept_id_list")), grant
 
     async def _fetch_app_token(self):
         url = with_query(self.url("oapi", "/gettoken"), {"appkey": self.oauth2.client_id, "appsecret": self.oauth2.client_secret})
@@ -728,30 +883,7 @@ class FeishuProvider(_Preset):
         code = params.get("code")
         if not code:
             raise ProviderError("refused", "the callback has no code")
-        status, body = await self._call(
-            "oauth/token",
-            "POST",
-            self.url("token"),
-            json_body={
-                "grant_type": "authorization_code",
-                "client_id": self.oauth2.client_id,
-                "client_secret": self.oauth2.client_secret,
-                "code": code,
-                "redirect_uri": redirect_uri,
-                "code_verifier": verifier,
-            },
-        )
-        if status != 200 or not isinstance(body, dict) or body.get("code", 0) != 0 or not _str(body.get("access_token")):
-            error = body.get("error") if isinstance(body, dict) else None
-            number = body.get("code") if isinstance(body, dict) else None
-            if number == 20010:
-                # The user may not use the app (its availability settings).
-                kind = "not_member"
-            elif error in ("invalid_grant", "access_denied"):
-                kind = "refused"
-            else:
-                kind = "invalid_response"
-            raise ProviderError(kind, f"oauth/token answered {status} ({word(number)} {word(error)})")
+        body = await self._token({"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri, "code_verifier": verifier})
         token = body["access_token"]
         bearer = {"Authorization": "Bearer " + token}
         status, info = await self._call("user_info", "GET", self.url("userinfo"), headers=bearer)
@@ -769,7 +901,44 @@ class FeishuProvider(_Preset):
             name=_str(data.get("name")),
             email=_str(data.get("enterprise_email")) or _str(data.get("email")),
             groups=departments,
+            issuer=self.issuer,
+            grant={**make_grant(body, self.clock.seconds()), "oid": data["open_id"]},
         )
+
+    async def _token(self, grant, refreshing=False):
+        """
+        The v2 token endpoint (JSON, the app's credentials): its answer.
+
+        @raise SignInEnded: C{refreshing} and the refresh token is refused.
+        """
+        payload = {**grant, "client_id": self.oauth2.client_id, "client_secret": self.oauth2.client_secret}
+        status, body = await self._call("oauth/token", "POST", self.url("token"), json_body=payload)
+        if status != 200 or not isinstance(body, dict) or body.get("code", 0) != 0 or not _str(body.get("access_token")):
+            error = body.get("error") if isinstance(body, dict) else None
+            number = body.get("code") if isinstance(body, dict) else None
+            if refreshing and error == "invalid_grant":
+                raise SignInEnded(f"oauth/token refused the refresh token ({word(number)})")
+            if number == 20010:
+                # The user may not use the app (its availability settings).
+                kind = "not_member"
+            elif error in ("invalid_grant", "access_denied"):
+                kind = "refused"
+            else:
+                kind = "invalid_response"
+            raise ProviderError(kind, f"oauth/token answered {status} ({word(number)} {word(error)})")
+        return body
+
+    async def recheck(self, sub, grant):
+        """The departments with the user's token, renewed by its refresh token once it expires."""
+        if not isinstance(grant, dict) or not _str(grant.get("oid")):
+            raise ProviderError("invalid_response", "no user token to re-check the departments with")
+        if not access_token_valid(grant, self.clock.seconds()):
+            refresh_token = _str(grant.get("rt"))
+            if not refresh_token:
+                raise ProviderError("invalid_response", "the user token has expired and there is no refresh token")
+            body = await self._token({"grant_type": "refresh_token", "refresh_token": refresh_token}, refreshing=True)
+            grant = {**make_grant(body, self.clock.seconds(), refresh_token), "oid": grant["oid"]}
+        return await self._departments(grant["oid"], {"Authorization": "Bearer " + grant["at"]}), grant
 
     async def _departments(self, open_id, bearer):
         url = with_query(

@@ -3,9 +3,23 @@ Chat history routes (SPEC.md §6) and the permission rules they share with
 stateful completions.
 
 Who sees a session: its owner, and anyone holding C{history:<team>} for the
-session's team.  A session someone may not see does not exist for them: 404,
-never 403.  Reading needs C{chat:read}; creating, renaming, deleting and
-talking need C{chat:write}.
+session's team.  Who changes it (renames, deletes, clears, adds turns): its
+owner only.  A session someone may not see does not exist for them: 404.  A
+teammate who may read it but tries to change it gets a 403 (they know it
+exists; a 404 would contradict the read) and nothing changes.  Reading needs
+C{chat:read}; creating, renaming, deleting and talking need C{chat:write}.
+
+The owner is a principal's identity provider plus its C{sub}
+(L{clawdbot.identity}); the API shows the C{sub}.
+
+Stored history is capped per request (C{history.max_bytes_per_request}, 413)
+and per owner (C{history.max_bytes_per_user}, 429 QUOTA_EXCEEDED): both are
+checked before the model is called, on the UTF-8 size of the messages the
+request would store.  The reply is stored whatever its size once the turn
+was accepted (a turn is never stored without its reply), so a reply may
+take an owner past the quota; the next turn is then refused.  Titles are
+not counted (at most 200 characters each, and the sessions per user are
+capped).
 """
 
 import json
@@ -13,18 +27,18 @@ import json
 from twisted.internet.defer import DeferredLock
 
 from clawdbot.errors import APIError, invalid
-from clawdbot.storage import decode_cursor
+from clawdbot.storage import decode_cursor, message_bytes
+from clawdbot.units import format_size
 from clawdbot.web import APIResource, JSONResponse, NotFound, read_json
 
 MAX_TITLE = 200
+# A full history frees up only when its owner deletes or clears sessions:
+# there is no time at which a retry would pass by itself.
+QUOTA_RETRY_AFTER = 3600
 
 
-def visible(principal, session):
-    """May C{principal} see (and, with chat:write, change) C{session}?"""
-    if session is None:
-        return False
-    if session.owner == principal.sub:
-        return True
+def team_reader(principal, session):
+    """May C{principal} read C{session} through C{history:<team>}?"""
     return session.team is not None and f"history:{session.team}" in principal.scopes
 
 
@@ -45,11 +59,56 @@ def _title(value):
     return value.strip()
 
 
+def not_owner():
+    return APIError("AUTH_INSUFFICIENT_SCOPE", details="only the owner of a session may change it")
+
+
 async def load_visible(gateway, principal, sid, with_messages=False):
-    session = await gateway.store.get_session(sid, with_messages=with_messages)
-    if not visible(principal, session):
+    """The session C{sid} for reading: its owner's or a readable team's; else 404."""
+    store = gateway.store
+    session = await store.get_session(sid, with_messages=with_messages)
+    if session is None:
         raise not_found()
-    return session
+    if session.owner in await store.owners_of(principal.issuer, principal.sub) or team_reader(principal, session):
+        return session
+    raise not_found()
+
+
+async def load_owned(gateway, principal, sid):
+    """
+    The session C{sid} for changing: its owner's only.  A team reader gets
+    a 403, anyone else a 404.
+    """
+    store = gateway.store
+    session = await store.get_session(sid)
+    if session is None:
+        raise not_found()
+    if session.owner in await store.owners_of(principal.issuer, principal.sub):
+        return session
+    if team_reader(principal, session):
+        raise not_owner()
+    raise not_found()
+
+
+async def check_history_quota(store, principal, limits, new):
+    """
+    Refuse a turn whose messages C{new} (C{[(role, content, incomplete)]})
+    would pass the per-request cap (413) or the owner's stored-bytes quota
+    (429 QUOTA_EXCEEDED with Retry-After); nothing is stored either way.
+    """
+    size = sum(message_bytes(content) for _, content, _ in new)
+    if size > limits.max_bytes_per_request:
+        raise APIError(
+            "PAYLOAD_TOO_LARGE",
+            details=f"the messages to store are larger than the limit of {format_size(limits.max_bytes_per_request)} per request",
+        )
+    used = await store.usage(await store.owners_of(principal.issuer, principal.sub))
+    if used + size > limits.max_bytes_per_user:
+        raise APIError(
+            "QUOTA_EXCEEDED",
+            details=f"your stored chat history has reached its limit of {format_size(limits.max_bytes_per_user)}; delete or clear sessions to go on",
+            headers={"Retry-After": str(QUOTA_RETRY_AFTER)},
+        )
 
 
 class SessionLocks:
@@ -101,7 +160,9 @@ class SessionList(APIResource):
                 cursor = decode_cursor(cursor)
             except ValueError:
                 raise invalid("'cursor' is not valid") from None
-        rows, next_cursor = await self.gateway.store.list_sessions(principal.sub, principal.history_teams(), team=team, limit=limit, cursor=cursor)
+        store = self.gateway.store
+        owners = await store.owners_of(principal.issuer, principal.sub)
+        rows, next_cursor = await store.list_sessions(owners, principal.history_teams(), team=team, limit=limit, cursor=cursor)
         return {"data": [s.as_dict() for s in rows], "next_cursor": next_cursor}
 
     async def handle_POST(self, request):
@@ -118,7 +179,7 @@ class SessionList(APIResource):
             if not may_use_team(principal, team):
                 raise APIError("AUTH_INSUFFICIENT_SCOPE", details=f"you are not a member of team {team}")
         limits = request.config.history
-        session = await self.gateway.store.create_session(principal.sub, title, team, max_sessions=limits.max_sessions_per_user)
+        session = await self.gateway.store.create_session(principal.key, title, team, max_sessions=limits.max_sessions_per_user)
         if session is None:
             raise invalid(f"you have reached the limit of {limits.max_sessions_per_user} sessions; delete some first")
         return JSONResponse(session.as_dict(), status=201)
@@ -158,7 +219,7 @@ class SessionItem(APIResource):
             if key != "title":
                 raise invalid(f"'{key}' cannot be changed")
         title = _title(body.get("title"))
-        await load_visible(self.gateway, request.principal, self.sid)
+        await load_owned(self.gateway, request.principal, self.sid)
         await self.gateway.store.rename(self.sid, title)
         session = await self.gateway.store.get_session(self.sid)
         if session is None:
@@ -166,7 +227,7 @@ class SessionItem(APIResource):
         return session.as_dict()
 
     async def handle_DELETE(self, request):
-        await load_visible(self.gateway, request.principal, self.sid)
+        await load_owned(self.gateway, request.principal, self.sid)
         await self.gateway.store.delete(self.sid)
         return JSONResponse(b"", status=204)
 

@@ -7,22 +7,29 @@ small pure rules they apply.
     POST /auth/refresh            {"access_token", "token_type": "Bearer", "expires_in"}
     POST /auth/logout             {"logout_url": ... or null}
 
-State lives in the browser, signed, never on one instance: the login cookie
-(HttpOnly, SameSite=Lax, Path=<callback path>, 10 minutes) binds C{state},
-C{nonce}, the PKCE C{code_verifier} and C{next}; the callback clears it and
-records the state as used in the shared store, so a callback URL works once.
-The refresh cookie (HttpOnly, SameSite=Strict, Path=/auth, Secure on https)
-carries the identity (sub, name, e-mail, groups) and a random id; logout
-revokes that id in the store until the cookie would have expired.  Scopes
-are never stored: every refresh maps the groups through the current config
-(C{default_scopes} plus C{group_scopes}), so nothing the browser sends can
-add one.
+State lives in the browser, encrypted, never on one instance: the login
+cookie (HttpOnly, SameSite=Lax, Path=<callback path>, 10 minutes) binds
+C{state}, C{nonce}, the PKCE C{code_verifier} and C{next}; the callback
+clears it and records the state as used in the shared store, so a callback
+URL works once.  The refresh cookie (HttpOnly, SameSite=Strict, Path=/auth,
+Secure on https) carries the identity (sub, name, e-mail, the identity
+provider), the provider tokens that re-check it (the identity's C{grant})
+and a random id; logout revokes that id in the store until the cookie would
+have expired.  Neither groups nor scopes are stored: every refresh reads the
+user's groups from the provider again (L{clawdbot.providers}) and maps them
+through the current config (C{default_scopes} plus C{group_scopes}), so
+nothing the browser sends can add a scope, and someone removed from a group
+at the provider loses its scopes within one session TTL.  A provider that
+cannot answer leaves the default scopes only; one that ends the sign-in
+(a refused refresh token, a user who left the corp) ends it here too.
 
-Cookies are signed with HMAC-SHA256 under a key derived from
-C{oauth2.session_secret} (else C{auth.jwt.secret}); session JWTs are HS256
-under another key derived from the same secret, issued by the gateway's
-origin for the audience C{clawdbot-session}, and verified by
-L{clawdbot.auth} like any other token.
+Cookies are sealed with AES-256-GCM (confidential and authenticated, bound
+to their purpose) under a key derived from C{oauth2.session_secret} (else
+C{auth.jwt.secret}); session JWTs are HS256 under another key derived from
+the same secret, issued by the gateway's origin for the audience
+C{clawdbot-session}, and verified by L{clawdbot.auth} like any other token.
+Their C{idp} claim names the identity provider the user signed in through,
+so that the principal is that provider's C{sub} (L{clawdbot.identity}).
 
 Browser navigations that fail (the callback, the login redirect) get a small
 HTML page with a fixed message in English and Chinese and the request id,
@@ -35,14 +42,18 @@ import hashlib
 import hmac
 import html
 import json
+import re
 import secrets
 import urllib.parse
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.logger import Logger
 
 from clawdbot.auth import mint
 from clawdbot.errors import APIError
-from clawdbot.providers import ProviderError, make_provider, word
+from clawdbot.identity import is_scope_token
+from clawdbot.providers import ProviderError, SignInEnded, make_provider, word
 from clawdbot.web import APIResource, JSONResponse, Node
 
 log = Logger(namespace="clawdbot.sso")
@@ -132,23 +143,36 @@ def cookie_key(config):
 
 
 class BadCookie(Exception):
-    """A signed cookie is missing, altered, for another purpose or expired."""
+    """A sealed cookie is missing, altered, for another purpose or expired."""
 
     def __init__(self, reason):
         super().__init__(reason)
         self.reason = reason
 
 
-def sign(key, purpose, payload):
-    """C{payload} (a dict with an C{exp}) as C{BODY.MAC}, bound to C{purpose}."""
-    body = _b64(json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=True).encode("ascii"))
-    mac = hmac.new(key, purpose.encode("ascii") + b"." + body.encode("ascii"), hashlib.sha256).digest()
-    return f"{body}.{_b64(mac)}"
+_NONCE = 12
+_TAG = 16
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def unsign(key, purpose, value, now):
+def _aad(purpose):
+    return b"clawdbot-cookie/" + purpose.encode("ascii")
+
+
+def seal(key, purpose, payload):
     """
-    The payload of a cookie made by L{sign} with the same key and purpose,
+    C{payload} (a dict with an C{exp}) encrypted and authenticated with
+    AES-256-GCM under C{key}, bound to C{purpose}: base64url of
+    C{nonce || ciphertext || tag}.  Nothing in it is readable without the key.
+    """
+    plain = json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=True).encode("ascii")
+    nonce = secrets.token_bytes(_NONCE)
+    return _b64(nonce + AESGCM(key).encrypt(nonce, plain, _aad(purpose)))
+
+
+def unseal(key, purpose, value, now):
+    """
+    The payload of a cookie made by L{seal} with the same key and purpose,
     before its C{exp}.
 
     @raise BadCookie: otherwise.
@@ -160,14 +184,20 @@ def unsign(key, purpose, value, now):
             value = value.decode("ascii")
         except UnicodeDecodeError:
             raise BadCookie("malformed") from None
-    if len(value) > 4096 or value.count(".") != 1:
+    if len(value) > 4096 or not _B64URL.fullmatch(value):
         raise BadCookie("malformed")
-    body, mac = value.split(".")
-    expected = _b64(hmac.new(key, purpose.encode("ascii") + b"." + body.encode("ascii"), hashlib.sha256).digest())
-    if not hmac.compare_digest(mac.encode("ascii"), expected.encode("ascii")):
-        raise BadCookie("signature does not match")
     try:
-        payload = json.loads(_unb64(body))
+        raw = _unb64(value)
+    except ValueError:
+        raise BadCookie("malformed") from None
+    if len(raw) < _NONCE + _TAG:
+        raise BadCookie("malformed")
+    try:
+        plain = AESGCM(key).decrypt(raw[:_NONCE], raw[_NONCE:], _aad(purpose))
+    except InvalidTag:
+        raise BadCookie("not authentic") from None
+    try:
+        payload = json.loads(plain)
     except (ValueError, UnicodeDecodeError):
         raise BadCookie("malformed") from None
     exp = payload.get("exp") if isinstance(payload, dict) else None
@@ -214,11 +244,14 @@ def safe_next(value):
 
 
 def scopes_for(groups, oauth2):
-    """The local scopes of a user in C{groups}: server-side policy only."""
+    """
+    The local scopes of a user in C{groups}: server-side policy only (and
+    only well-formed scope tokens, whatever the config holds).
+    """
     scopes = set(oauth2.default_scopes)
     for group in groups:
         scopes.update(oauth2.group_scopes.get(group, ()))
-    return frozenset(scopes)
+    return frozenset(s for s in scopes if is_scope_token(s))
 
 
 def email_allowed(email, email_verified, oauth2):
@@ -318,10 +351,10 @@ class SSO:
     def now(self):
         return self.gateway.reactor.seconds()
 
-    def mint_session(self, config, session, now):
-        """A session JWT for the identity in a refresh cookie, under today's policy."""
+    def mint_session(self, config, session, groups, now):
+        """A session JWT for the identity in a refresh cookie, in C{groups} now, under today's policy."""
         oauth2 = config.oauth2
-        groups = list(session.get("groups") or [])
+        groups = list(groups)
         scopes = scopes_for(groups, oauth2)
         return mint(
             session_signing_key(config),
@@ -335,6 +368,7 @@ class SSO:
             email=session.get("email"),
             teams=groups,
             sid=session.get("rid"),
+            idp=session["idp"],
         )
 
 
@@ -437,7 +471,7 @@ class Login(_AuthRoute):
         except ProviderError as e:
             return self.refused(request, e.kind, e.reason)
         payload = {"s": state, "n": nonce, "v": verifier, "next": target, "exp": int(self.sso.now()) + LOGIN_TTL}
-        value = sign(cookie_key(config), "login", payload)
+        value = seal(cookie_key(config), "login", payload)
         _set_cookie(request, cookie_header(LOGIN_COOKIE, value, callback_path(config), LOGIN_TTL, secure_cookies(config), "Lax"))
         _redirect(request, location)
 
@@ -464,7 +498,7 @@ class Callback(_AuthRoute):
             log.info("The provider answered the login with an error: {error}", error=word(params["error"]), request_id=request.request_id)
             return _page(request, kind)
         try:
-            login = unsign(cookie_key(config), "login", raw, now)
+            login = unseal(cookie_key(config), "login", raw, now)
         except BadCookie as e:
             return self.refused(request, "state", f"login cookie: {e.reason}")
         state = params.get("state")
@@ -482,30 +516,50 @@ class Callback(_AuthRoute):
             return self.refused(request, e.kind, e.reason)
         if not email_allowed(identity.email, identity.email_verified, oauth2):
             return self.refused(request, "not_allowed", "e-mail address outside oauth2.allowed_email_domains")
+        if not identity.issuer:
+            return self.refused(request, "invalid_response", "the provider's identity names no issuer")
         value = self.refresh_cookie(config, identity, now)
+        if value is None:
+            return self.refused(request, "invalid_response", "the identity is too large for a cookie")
         _set_cookie(request, cookie_header(REFRESH_COOKIE, value, REFRESH_PATH, oauth2.refresh_ttl, secure_cookies(config), "Strict"))
         log.info("Signed in {sub} through {provider}", sub=identity.sub, provider=oauth2.provider, request_id=request.request_id, security_event="sso_login")
         _redirect(request, safe_next(login.get("next")) or "/")
 
     def refresh_cookie(self, config, identity, now):
-        key = cookie_key(config)
         payload = {
             "rid": secrets.token_urlsafe(18),
             "sub": identity.sub,
             "name": identity.name,
             "email": identity.email,
             "ev": identity.email_verified,
-            "groups": list(identity.groups),
+            "idp": identity.issuer,
+            "grant": identity.grant,
             "prov": provider_id(config.oauth2),
             "iat": int(now),
             "exp": int(now + config.oauth2.refresh_ttl),
         }
-        value = sign(key, "refresh", payload)
-        if len(value) > MAX_COOKIE:
-            # Too many groups for a cookie: keep those the policy knows.
-            payload["groups"] = [g for g in identity.groups if g in config.oauth2.group_scopes]
-            value = sign(key, "refresh", payload)
-        return value
+        return seal_refresh(config, payload)
+
+
+def seal_refresh(config, payload):
+    """
+    The refresh cookie's value for C{payload}, or C{None} when even the
+    smallest form is too large for a cookie.  Large provider tokens are
+    dropped in turn: the access token first (a refresh then asks for a new
+    one), then the whole grant (group scopes then lapse until the next
+    sign-in: membership that cannot be re-checked is not granted).
+    """
+    key = cookie_key(config)
+    value = seal(key, "refresh", payload)
+    grant = payload.get("grant")
+    if len(value) > MAX_COOKIE and isinstance(grant, dict) and grant.get("rt"):
+        payload = dict(payload, grant={k: v for k, v in grant.items() if k not in ("at", "ax")})
+        value = seal(key, "refresh", payload)
+    if len(value) > MAX_COOKIE and payload.get("grant") is not None:
+        log.warn("The provider's tokens are too large for the refresh cookie; group scopes will not be re-checked for {sub}", sub=payload.get("sub"))
+        payload = dict(payload, grant=None)
+        value = seal(key, "refresh", payload)
+    return value if len(value) <= MAX_COOKIE else None
 
 
 def check_csrf(request, config):
@@ -545,23 +599,62 @@ class Refresh(_AuthRoute):
             raise APIError("AUTH_MISSING_TOKEN", details="no sign-in session; sign in at /auth/login", headers=NO_STORE)
         reason = None
         try:
-            session = unsign(cookie_key(config), "refresh", raw, now)
+            session = unseal(cookie_key(config), "refresh", raw, now)
         except BadCookie as e:
             reason = "the sign-in session has expired" if e.reason == "expired" else "the sign-in session is not valid"
         else:
-            if session.get("prov") != provider_id(config.oauth2) or not isinstance(session.get("sub"), str) or not isinstance(session.get("rid"), str):
+            well_formed = all(isinstance(session.get(k), str) and session[k] for k in ("sub", "rid", "idp"))
+            if session.get("prov") != provider_id(config.oauth2) or not well_formed:
                 reason = "the sign-in session is not valid"
             elif await self.gateway.store.is_revoked("refresh:" + session["rid"]):
                 reason = "the sign-in session was ended"
             elif not email_allowed(session.get("email"), session.get("ev", True), config.oauth2):
                 reason = "the account is no longer allowed"
+        if reason is None:
+            groups, reason = await self.current_groups(request, config, session, now)
         if reason is not None:
             self.clear(request, config, REFRESH_COOKIE, REFRESH_PATH)
             log.info("Refused a refresh: {reason}", reason=reason, peer=_peer(request), security_event="sso_refresh_refused", request_id=request.request_id)
             raise APIError("AUTH_INVALID_TOKEN", details=reason, headers=NO_STORE)
-        token = self.sso.mint_session(config, session, now)
+        token = self.sso.mint_session(config, session, groups, now)
         request.audit["user"] = session["sub"]
         return JSONResponse({"access_token": token, "token_type": "Bearer", "expires_in": int(config.oauth2.session_ttl)}, headers=NO_STORE)
+
+    async def current_groups(self, request, config, session, now):
+        """
+        C{(groups, None)}: the user's groups at the provider now (none when it
+        cannot say), the cookie renewed when the provider renewed its
+        tokens; or C{(None, reason)} when the provider ended the sign-in,
+        which is then revoked here too.
+        """
+        provider = self.sso.provider(config)
+        grant = session.get("grant")
+        try:
+            groups, renewed = await provider.recheck(session["sub"], grant)
+        except SignInEnded as e:
+            await self.gateway.store.revoke("refresh:" + session["rid"], float(session["exp"]))
+            log.info(
+                "The provider ended the sign-in of {sub}: {reason}",
+                sub=session["sub"],
+                reason=e.reason,
+                request_id=request.request_id,
+                security_event="sso_ended_by_provider",
+            )
+            return None, "the identity provider ended the sign-in session"
+        except ProviderError as e:
+            log.warn(
+                "Could not re-check the groups of {sub} ({reason}); default scopes only for now",
+                sub=session["sub"],
+                reason=e.reason,
+                request_id=request.request_id,
+            )
+            return (), None
+        if renewed != grant:
+            value = seal_refresh(config, dict(session, grant=renewed))
+            if value is not None:
+                max_age = max(1, int(session["exp"] - now))
+                _set_cookie(request, cookie_header(REFRESH_COOKIE, value, REFRESH_PATH, max_age, secure_cookies(config), "Strict"))
+        return groups, None
 
 
 class Logout(_AuthRoute):
@@ -574,7 +667,7 @@ class Logout(_AuthRoute):
         check_csrf(request, config)
         raw = request.getCookie(REFRESH_COOKIE.encode("ascii"))
         try:
-            session = unsign(cookie_key(config), "refresh", raw, self.sso.now())
+            session = unseal(cookie_key(config), "refresh", raw, self.sso.now())
         except BadCookie:
             session = None
         if session is not None and isinstance(session.get("rid"), str):

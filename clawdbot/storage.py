@@ -6,6 +6,16 @@ file, WAL, every commit synced) and L{PostgresEngine} (for several gateway
 instances) run it on their own threads, so a slow disk or database never
 stalls the reactor.  Every public method returns a Deferred-compatible
 coroutine.
+
+Owners are owner keys (L{clawdbot.identity.owner_key}: identity provider
+plus C{sub}).  Rows stored before that rule (migration 3) belong to
+C{*|<sub>}: they stay reachable by that C{sub} of the identity providers the
+gateway trusted when it migrated (recorded in C{legacy_issuers}, from the
+config of the instance that ran the migration), never by one added later.
+
+Each message records its size in bytes (UTF-8) and C{owner_usage} holds the
+sum per owner, updated in the same transaction as the messages, so the
+per-user quota is one indexed read.
 """
 
 import base64
@@ -19,6 +29,8 @@ from dataclasses import dataclass, field
 
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
+
+from clawdbot.identity import configured_issuers, issuer_id, legacy_owner, owner_key, owner_sub
 
 
 @dataclass(frozen=True)
@@ -35,7 +47,7 @@ class Session:
         return {
             "id": self.id,
             "title": self.title,
-            "owner": self.owner,
+            "owner": owner_sub(self.owner),
             "team": self.team,
             "created_at": rfc3339(self.created_at),
             "updated_at": rfc3339(self.updated_at),
@@ -77,6 +89,15 @@ def new_id():
     return "sess_" + secrets.token_hex(12)
 
 
+def _record_legacy_issuers(cur, placeholder, context):
+    """The providers that may claim rows stored before migration 3: those trusted now."""
+    cur.execute("SELECT COUNT(*) FROM sessions")
+    if cur.fetchone()[0] == 0:
+        return
+    for issuer in context.get("legacy_issuers", ()):
+        cur.execute(f"INSERT INTO legacy_issuers (issuer) VALUES ({placeholder}) ON CONFLICT (issuer) DO NOTHING", (issuer_id(issuer),))
+
+
 MIGRATIONS = [
     # 1: sessions and their messages.
     [
@@ -107,7 +128,39 @@ MIGRATIONS = [
             expires_at DOUBLE PRECISION NOT NULL
         )""",
     ],
+    # 3: owners are identity provider + sub; stored bytes per message and
+    # per owner (the history quota).
+    [
+        "ALTER TABLE messages ADD COLUMN bytes BIGINT NOT NULL DEFAULT 0",
+        {
+            "sqlite": "UPDATE messages SET bytes = LENGTH(CAST(content AS BLOB))",
+            "postgresql": "UPDATE messages SET bytes = OCTET_LENGTH(content)",
+        },
+        # Who stored these is unknown: a sub, of some provider trusted then.
+        "UPDATE sessions SET owner = '*|' || owner",
+        "CREATE TABLE legacy_issuers (issuer TEXT PRIMARY KEY)",
+        _record_legacy_issuers,
+        """CREATE TABLE owner_usage (
+            owner TEXT PRIMARY KEY,
+            bytes BIGINT NOT NULL
+        )""",
+        """INSERT INTO owner_usage (owner, bytes)
+            SELECT s.owner, SUM(m.bytes) FROM sessions s JOIN messages m ON m.session_id = s.id GROUP BY s.owner""",
+    ],
 ]
+
+
+def _statements(migration, dialect):
+    """A migration's steps for one engine: SQL text, or C{step(cursor, placeholder, context)}."""
+    for step in migration:
+        if isinstance(step, dict):
+            step = step[dialect]
+        yield step
+
+
+def message_bytes(content):
+    """What a message costs against the quota: its UTF-8 size."""
+    return len(content.encode("utf-8", "surrogatepass"))
 
 
 class SQLStore:
@@ -121,9 +174,53 @@ class SQLStore:
         self.engine = engine
         self.clock = clock
         self.p = engine.placeholder
+        self._legacy_issuers = None
 
     def _sql(self, text):
         return text.replace("?", self.p)
+
+    async def owners_of(self, issuer, sub):
+        """
+        The owner keys the principal C{sub} of C{issuer} owns: its own, and
+        C{*|sub} when C{issuer} was trusted when old rows were migrated.
+        """
+        if self._legacy_issuers is None:
+
+            def read(cur):
+                cur.execute("SELECT issuer FROM legacy_issuers")
+                return frozenset(row[0] for row in cur.fetchall())
+
+            self._legacy_issuers = await self.engine.run(read)
+        owners = [owner_key(issuer, sub)]
+        if issuer is not None and issuer_id(issuer) in self._legacy_issuers:
+            owners.append(legacy_owner(sub))
+        return owners
+
+    async def usage(self, owners):
+        """The bytes stored for C{owners} (a list of owner keys)."""
+        owners = [owners] if isinstance(owners, str) else list(owners)
+
+        def read(cur):
+            cur.execute(self._sql("SELECT COALESCE(SUM(bytes), 0) FROM owner_usage WHERE owner IN (%s)" % ", ".join("?" * len(owners))), owners)
+            return int(cur.fetchone()[0])
+
+        return await self.engine.run(read)
+
+    def _charge(self, cur, owner, delta):
+        if delta:
+            cur.execute(
+                self._sql("INSERT INTO owner_usage (owner, bytes) VALUES (?, ?) ON CONFLICT (owner) DO UPDATE SET bytes = owner_usage.bytes + excluded.bytes"),
+                (owner, delta),
+            )
+
+    def _drop_messages(self, cur, sid):
+        """Delete a session's messages and give their bytes back to its owner."""
+        cur.execute(self._sql("SELECT owner FROM sessions WHERE id = ?"), (sid,))
+        row = cur.fetchone()
+        cur.execute(self._sql("DELETE FROM messages WHERE session_id = ? RETURNING bytes"), (sid,))
+        freed = sum(b for (b,) in cur.fetchall())
+        if row is not None:
+            self._charge(cur, row[0], -freed)
 
     async def create_session(self, owner, title, team=None, max_sessions=None):
         now = self.clock()
@@ -171,24 +268,27 @@ class SQLStore:
         """The last C{last} messages of a session, oldest first."""
         return await self.engine.run(lambda cur: self._messages(cur, sid, last))
 
-    async def list_sessions(self, owner, teams, team=None, limit=50, cursor=None):
+    async def list_sessions(self, owners, teams, team=None, limit=50, cursor=None):
         """
-        Sessions C{owner} may see: their own plus those of C{teams}, newest
-        first; C{team} narrows to one team.
+        Sessions the owner of C{owners} (an owner key, or a list of them) may
+        see: their own plus those of C{teams}, newest first; C{team} narrows
+        to one team.
 
         @return: C{(sessions, next_cursor)}.
         """
+        owners = [owners] if isinstance(owners, str) else list(owners)
+        mine = "owner IN (%s)" % ", ".join("?" * len(owners))
         clauses, params = [], []
         if team is not None:
             if team in teams:
                 clauses.append("team = ?")
                 params.append(team)
             else:
-                clauses.append("(owner = ? AND team = ?)")
-                params += [owner, team]
+                clauses.append(f"({mine} AND team = ?)")
+                params += owners + [team]
         else:
-            visible = ["owner = ?"]
-            params.append(owner)
+            visible = [mine]
+            params += owners
             if teams:
                 visible.append("team IN (%s)" % ", ".join("?" * len(teams)))
                 params += list(teams)
@@ -223,7 +323,7 @@ class SQLStore:
 
     async def delete(self, sid):
         def delete(cur):
-            cur.execute(self._sql("DELETE FROM messages WHERE session_id = ?"), (sid,))
+            self._drop_messages(cur, sid)
             cur.execute(self._sql("DELETE FROM sessions WHERE id = ?"), (sid,))
 
         await self.engine.run(delete)
@@ -232,7 +332,7 @@ class SQLStore:
         now = self.clock()
 
         def clear(cur):
-            cur.execute(self._sql("DELETE FROM messages WHERE session_id = ?"), (sid,))
+            self._drop_messages(cur, sid)
             cur.execute(self._sql("UPDATE sessions SET updated_at = ? WHERE id = ?"), (now, sid))
 
         await self.engine.run(clear)
@@ -240,22 +340,31 @@ class SQLStore:
     async def append(self, sid, messages, max_messages=None):
         """
         Append C{[(role, content, incomplete)]} to a session in one
-        transaction.
+        transaction, charging their bytes to the session's owner.
 
-        @return: C{False} when it would pass C{max_messages} (nothing stored).
+        @return: C{False} when it would pass C{max_messages} (nothing
+            stored), C{None} when the session is gone.
         """
         now = self.clock()
 
         def append(cur):
+            cur.execute(self._sql("SELECT owner FROM sessions WHERE id = ?"), (sid,))
+            row = cur.fetchone()
+            if row is None:
+                return None
             cur.execute(self._sql("SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM messages WHERE session_id = ?"), (sid,))
             last, count = cur.fetchone()
             if max_messages is not None and count + len(messages) > max_messages:
                 return False
+            total = 0
             for i, (role, content, incomplete) in enumerate(messages, start=1):
+                size = message_bytes(content)
+                total += size
                 cur.execute(
-                    self._sql("INSERT INTO messages (session_id, seq, role, content, created_at, incomplete) VALUES (?, ?, ?, ?, ?, ?)"),
-                    (sid, last + i, role, content, now, bool(incomplete)),
+                    self._sql("INSERT INTO messages (session_id, seq, role, content, created_at, incomplete, bytes) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                    (sid, last + i, role, content, now, bool(incomplete), size),
                 )
+            self._charge(cur, row[0], total)
             cur.execute(self._sql("UPDATE sessions SET updated_at = ? WHERE id = ?"), (now, sid))
             return True
 
@@ -325,9 +434,10 @@ class SQLiteEngine(_ThreadEngine):
     so a commit that returned survives a crash.
     """
 
-    def __init__(self, reactor, path):
+    def __init__(self, reactor, path, legacy_issuers=()):
         super().__init__(reactor, threads=1)
         self.path = path
+        self.context = {"legacy_issuers": tuple(legacy_issuers)}
         if path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
@@ -338,7 +448,7 @@ class SQLiteEngine(_ThreadEngine):
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
-            _migrate_sqlite(conn)
+            _migrate_sqlite(conn, self.context)
             self._local.conn = conn
         return conn
 
@@ -370,8 +480,9 @@ class PostgresEngine(_ThreadEngine):
 
     placeholder = "%s"
 
-    def __init__(self, reactor, dsn, size=4):
+    def __init__(self, reactor, dsn, size=4, legacy_issuers=()):
         super().__init__(reactor, threads=size)
+        self.context = {"legacy_issuers": tuple(legacy_issuers)}
         import psycopg_pool
 
         self.connections = psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=size, open=False, timeout=10)
@@ -383,7 +494,7 @@ class PostgresEngine(_ThreadEngine):
             if not self._ready:
                 self.connections.open(wait=True, timeout=10)
                 with self.connections.connection() as conn:
-                    _migrate_postgres(conn)
+                    _migrate_postgres(conn, self.context)
                 self._ready = True
         with self.connections.connection() as conn:
             with conn.transaction():
@@ -396,22 +507,30 @@ class PostgresEngine(_ThreadEngine):
             self.connections.close()
 
 
-def _migrate_sqlite(conn):
+def _migrate_sqlite(conn, context=None):
     """Bring a SQLite schema up to date, one migration per transaction."""
-    for number, statements in enumerate(MIGRATIONS, start=1):
+    for number, migration in enumerate(MIGRATIONS, start=1):
         conn.execute("BEGIN IMMEDIATE")
         # Read the version under the write lock: another process may have
         # migrated meanwhile.
         if conn.execute("PRAGMA user_version").fetchone()[0] >= number:
             conn.execute("COMMIT")
             continue
-        for statement in statements:
-            conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {number}")
+        try:
+            cur = conn.cursor()
+            for step in _statements(migration, "sqlite"):
+                if callable(step):
+                    step(cur, "?", context or {})
+                else:
+                    cur.execute(step)
+            conn.execute(f"PRAGMA user_version = {number}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
         conn.execute("COMMIT")
 
 
-def _migrate_postgres(conn):
+def _migrate_postgres(conn, context=None):
     """Bring a PostgreSQL schema up to date in one transaction, under an advisory lock."""
     with conn.transaction():
         with conn.cursor() as cur:
@@ -422,16 +541,22 @@ def _migrate_postgres(conn):
             if row is None:
                 cur.execute("INSERT INTO clawdbot_schema (version) VALUES (0)")
             version = row[0] if row else 0
-            for number, statements in enumerate(MIGRATIONS, start=1):
+            for number, migration in enumerate(MIGRATIONS, start=1):
                 if number > version:
-                    for statement in statements:
-                        cur.execute(statement)
+                    for step in _statements(migration, "postgresql"):
+                        if callable(step):
+                            step(cur, "%s", context or {})
+                        else:
+                            cur.execute(step)
                     cur.execute("UPDATE clawdbot_schema SET version = %s", (number,))
 
 
 def open_store(config, reactor):
     """The store the config names."""
     storage = config.storage
+    # Should this instance run migration 3, the providers it trusts may
+    # claim the rows stored before owners had a provider.
+    legacy = configured_issuers(config)
     if storage.backend == "postgresql":
-        return SQLStore(PostgresEngine(reactor, storage.dsn))
-    return SQLStore(SQLiteEngine(reactor, storage.path))
+        return SQLStore(PostgresEngine(reactor, storage.dsn, legacy_issuers=legacy))
+    return SQLStore(SQLiteEngine(reactor, storage.path, legacy_issuers=legacy))

@@ -246,6 +246,17 @@ class IdP:
         with urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=10) as r:
             return json.load(r)
 
+    def change_user(self, sub, **claims):
+        """
+        Change a user's claims at the provider from now on (for example
+        C{groups=[...]}), as an administrator would; C{deleted=True} removes
+        the user.  Returns the provider's answer.
+        """
+        body = json.dumps({"sub": sub, **claims}).encode()
+        req = urllib.request.Request(self.issuer + "/__test__/user", data=body, method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.load(r)
+
     def authorize_url(
         self,
         client_id,

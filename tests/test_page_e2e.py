@@ -25,9 +25,10 @@ from twisted.internet.threads import blockingCallFromThread
 from twisted.trial.unittest import TestCase
 
 from clawdbot import sso
+from clawdbot.auth import mint
 from tests.browser import DESKTOP, PHONE, run_in_browser
 from tests.fake_ollama import FakeOllama
-from tests.helpers import bearer, free_port, get_json, serve, token
+from tests.helpers import bearer, free_port, get_json, serve
 from tests.idp import IdP
 
 CLIENT_ID = "clawdbot-web"
@@ -198,8 +199,14 @@ oauth2:
         self.assertEqual(self.gw.url, self.origin)
 
     def api_as(self, sub, scope="chat:read chat:write history:team-a"):
-        """Headers for calling the API directly as sub (a bearer token from the JWT issuer)."""
-        return bearer(token(sub=sub, scope=scope))
+        """
+        Headers for calling the API directly as sub of the IdP the page signs
+        in through (a session JWT as /auth/refresh mints it), so the same
+        owner as that user on the page: an operator-issued token's sub is
+        someone else (SPEC §6).
+        """
+        config = self.gw.gateway.config
+        return bearer(mint(sso.session_signing_key(config), sso.session_issuer(config), sso.SESSION_AUDIENCE, sub, scope, 3600, idp=self.idp.issuer))
 
     def chat_requests(self):
         return [r.body for r in self.fake.requests_to("/api/chat")]

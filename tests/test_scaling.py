@@ -34,9 +34,10 @@ from twisted.protocols.portforward import ProxyFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from clawdbot.config import ConfigError, effective, parse_config, restart_needed
+from clawdbot.identity import owner_key
 from clawdbot.ratelimit import BUCKET_SCRIPT, LimiterUnavailable, MemoryLimiter, RedisLimiter
 from tests.fake_ollama import FakeOllama
-from tests.helpers import BASE_CONFIG, free_port, Process, bearer, clawdbot_argv, get_json, merge_yaml, process_env, serve, token, write_config
+from tests.helpers import BASE_CONFIG, ISSUER, free_port, Process, bearer, clawdbot_argv, get_json, merge_yaml, process_env, serve, token, write_config
 from tests.idp import IdP, browserless_login
 from tests.test_sessions import pg_database
 
@@ -340,7 +341,8 @@ class GatewayWiringTests(TestCase):
         self.assertEqual(replies[2][2]["error"]["code"], "RATE_LIMITED")
         client = redis.Redis.from_url(REDIS_URL)
         self.addCleanup(client.close)
-        self.assertTrue(client.exists(prefix + "requests:alice"))
+        # Buckets are per principal: identity provider plus sub.
+        self.assertTrue(client.exists(prefix + "requests:" + owner_key(ISSUER, "alice")))
 
     async def test_outage_policy_and_metric(self):
         """

@@ -143,7 +143,7 @@ class SQLiteStoreTests(StoreSuite, TestCase):
         conn = sqlite3.connect(self.path)
         self.addCleanup(conn.close)
         self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
-        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 2)
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 3)
 
 
 class PostgresStoreTests(StoreSuite, TestCase):
@@ -190,7 +190,12 @@ class Gateway(TestCase):
 
 class PermissionMatrixTests(Gateway):
     async def test_matrix(self):
-        """Every session route, for owner, team reader, team member without the history scope, other team, read-only and no scope."""
+        """
+        Every session route, for owner, team reader, team member without the
+        history scope, other team, read-only and no scope: team readers read,
+        only the owner changes (a team reader's change is a 403, anyone
+        else who cannot see the session gets a 404).
+        """
         self.start()
         private = await self.create(OWNER, "private")
         shared = await self.create(OWNER, "shared", team="team-a")
@@ -199,12 +204,13 @@ class PermissionMatrixTests(Gateway):
             """(read, write) statuses for a user on a session."""
             if who is NO_SCOPE:
                 return 403, 403
-            sees = who["sub"] == OWNER["sub"] or (session["team"] and f"history:{session['team']}" in who["scope"].split())
+            owns = who["sub"] == OWNER["sub"]
+            sees = owns or (session["team"] and f"history:{session['team']}" in who["scope"].split())
             writes = "chat:write" in who["scope"].split()
             read = 200 if sees else 404
             if not writes:
                 return read, 403
-            return read, (200 if sees else 404)
+            return read, (200 if owns else 403 if sees else 404)
 
         for session in (private, shared):
             sid = session["id"]
@@ -224,11 +230,13 @@ class PermissionMatrixTests(Gateway):
             for who in (TEAM_NO_SCOPE, OTHER_TEAM, READ_ONLY_TEAM, NO_SCOPE):
                 read, write = expect(session, who)
                 self.assertEqual((await self.call(who, "DELETE", f"/v1/sessions/{sid}"))[0], 204 if write == 200 else write)
-        # The team reader may delete the team session; nobody but the owner the private one.
+        # Nobody but the owner deletes: the team reader's attempt changes nothing.
         self.assertEqual((await self.call(TEAM_READER, "DELETE", f"/v1/sessions/{private['id']}"))[0], 404)
-        self.assertEqual((await self.call(TEAM_READER, "DELETE", f"/v1/sessions/{shared['id']}"))[0], 204)
-        self.assertEqual((await self.call(OWNER, "DELETE", f"/v1/sessions/{private['id']}"))[0], 204)
-        self.assertEqual((await self.call(OWNER, "GET", f"/v1/sessions/{private['id']}"))[0], 404)
+        self.assertEqual((await self.call(TEAM_READER, "DELETE", f"/v1/sessions/{shared['id']}"))[0], 403)
+        self.assertEqual((await self.call(OWNER, "GET", f"/v1/sessions/{shared['id']}"))[0], 200)
+        for session in (private, shared):
+            self.assertEqual((await self.call(OWNER, "DELETE", f"/v1/sessions/{session['id']}"))[0], 204)
+            self.assertEqual((await self.call(OWNER, "GET", f"/v1/sessions/{session['id']}"))[0], 404)
         self.assertEqual((await self.call(None, "GET", "/v1/sessions"))[0], 401)
 
     async def test_create_rules(self):

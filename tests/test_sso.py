@@ -175,25 +175,28 @@ class CookieTests(SynchronousTestCase):
     key = sso.derive_key("s" * 40, "cookie")
 
     def test_round_trip(self):
-        """A signed payload comes back as it was, before its expiry."""
-        value = sso.sign(self.key, "login", {"s": "state", "exp": 1000})
-        self.assertEqual(sso.unsign(self.key, "login", value, 999), {"s": "state", "exp": 1000})
+        """A sealed payload comes back as it was, before its expiry."""
+        value = sso.seal(self.key, "login", {"s": "state", "exp": 1000})
+        self.assertEqual(sso.unseal(self.key, "login", value, 999), {"s": "state", "exp": 1000})
 
     def test_refusals(self):
-        """Missing, altered, re-signed elsewhere, for another purpose or expired: all refused."""
-        value = sso.sign(self.key, "login", {"s": "state", "exp": 1000})
-        body, mac = value.split(".")
-        forged_body = sso.sign(self.key, "login", {"s": "other", "exp": 1000}).split(".")[0]
+        """Missing, altered, spliced, sealed elsewhere, for another purpose or expired: all refused."""
+        value = sso.seal(self.key, "login", {"s": "state", "exp": 1000})
+        other = sso.seal(self.key, "login", {"s": "other", "exp": 1000})
+        flipped = value[:20] + ("A" if value[20] != "A" else "B") + value[21:]
         cases = {
             "missing": None,
-            "signature does not match": forged_body + "." + mac,
-            "malformed": "garbage",
+            "not authentic": flipped,
+            "malformed": "garbage.with.dots",
         }
         for reason, bad in cases.items():
-            self.assertEqual(self.assertRaises(sso.BadCookie, sso.unsign, self.key, "login", bad, 999).reason, reason)
-        self.assertRaises(sso.BadCookie, sso.unsign, sso.derive_key("t" * 40, "cookie"), "login", value, 999)
-        self.assertRaises(sso.BadCookie, sso.unsign, self.key, "refresh", value, 999)
-        self.assertEqual(self.assertRaises(sso.BadCookie, sso.unsign, self.key, "login", value, 1000).reason, "expired")
+            self.assertEqual(self.assertRaises(sso.BadCookie, sso.unseal, self.key, "login", bad, 999).reason, reason)
+        # The nonce of one cookie with the ciphertext of another.
+        self.assertRaises(sso.BadCookie, sso.unseal, self.key, "login", other[:16] + value[16:], 999)
+        self.assertRaises(sso.BadCookie, sso.unseal, self.key, "login", value[:-4], 999)
+        self.assertRaises(sso.BadCookie, sso.unseal, sso.derive_key("t" * 40, "cookie"), "login", value, 999)
+        self.assertRaises(sso.BadCookie, sso.unseal, self.key, "refresh", value, 999)
+        self.assertEqual(self.assertRaises(sso.BadCookie, sso.unseal, self.key, "login", value, 1000).reason, "expired")
 
     def test_keys_are_separated(self):
         """The cookie key and the session JWT key differ, and both change with the secret."""
@@ -644,8 +647,7 @@ class OIDCFlowTests(TestCase):
 
         wrong = callback_url.replace("state=", "state=x")
         assert_friendly_page(self, await flow.callback(wrong, cookie), 400, "Sign-in expired")
-        body, mac = cookie.split(".")
-        tampered = body[:-2] + ("AA" if body[-2:] != "AA" else "BB") + "." + mac
+        tampered = cookie[:-6] + ("AA" if cookie[-6:-4] != "AA" else "BB") + cookie[-4:]
         assert_friendly_page(self, await flow.callback(callback_url, tampered), 400, "Sign-in expired")
 
         done = await flow.callback(callback_url, cookie)
@@ -667,14 +669,14 @@ class OIDCFlowTests(TestCase):
         self.assertNotIn(sso.REFRESH_COOKIE, reply.cookies)
 
     async def test_wrong_verifier_refused_by_provider(self):
-        """A validly signed login cookie with another code_verifier makes the provider refuse the code (PKCE)."""
+        """A validly sealed login cookie with another code_verifier makes the provider refuse the code (PKCE)."""
         flow = Flow(self).start()
         _, cookie, location = await flow.begin()
         callback_url = await flow.at_idp(location)
         key = sso.cookie_key(flow.config())
-        payload = sso.unsign(key, "login", cookie, time.time())
+        payload = sso.unseal(key, "login", cookie, time.time())
         payload["v"] = "another-verifier-" + "x" * 40
-        reply = await flow.callback(callback_url, sso.sign(key, "login", payload))
+        reply = await flow.callback(callback_url, sso.seal(key, "login", payload))
         assert_friendly_page(self, reply, 400, "Sign-in failed")
         self.assertNotIn(sso.REFRESH_COOKIE, reply.cookies)
 
@@ -684,7 +686,7 @@ class OIDCFlowTests(TestCase):
         key = sso.cookie_key(flow.config())
         for value in EVIL_NEXTS:
             _, cookie, _ = await flow.begin("next=" + urllib.parse.quote(value, safe=""))
-            self.assertEqual(sso.unsign(key, "login", cookie, time.time())["next"], "/", value)
+            self.assertEqual(sso.unseal(key, "login", cookie, time.time())["next"], "/", value)
         done, _ = await flow.sign_in(query="next=" + urllib.parse.quote("//evil.example/x", safe=""))
         self.assertEqual(done.header(b"location"), "/")
 
@@ -748,7 +750,7 @@ class OIDCFlowTests(TestCase):
         missing = await flow.refresh(None)
         self.assertEqual((missing.code, missing.json()["error"]["code"]), (401, "AUTH_MISSING_TOKEN"))
         _, refresh_cookie = await flow.sign_in()
-        forged = sso.sign(sso.derive_key("guessed-secret-0123456789abcdef0123", "cookie"), "refresh", {"rid": "r", "sub": "admin", "exp": time.time() + 60})
+        forged = sso.seal(sso.derive_key("guessed-secret-0123456789abcdef0123", "cookie"), "refresh", {"rid": "r", "sub": "admin", "exp": time.time() + 60})
         for bad in (forged, refresh_cookie[:-3] + "AAA", "garbage"):
             reply = await flow.refresh(bad)
             self.assertEqual((reply.code, reply.json()["error"]["code"]), (401, "AUTH_INVALID_TOKEN"))
@@ -918,9 +920,18 @@ class PresetFlow:
         return await call("GET", self.gw.url + "/callback?" + urllib.parse.urlencode(params), cookies={sso.LOGIN_COOKIE: cookie})
 
     async def me(self, done):
-        token = await call("POST", self.gw.url + "/auth/refresh", headers=XRW, cookies={sso.REFRESH_COOKIE: done.cookies[sso.REFRESH_COOKIE][0]})
+        token = await self.refresh(done.cookies[sso.REFRESH_COOKIE][0])
         self.t.assertEqual(token.code, 200, token.body)
         return (await call("GET", self.gw.url + "/v1/me", headers={"Authorization": "Bearer " + token.json()["access_token"]})).json()
+
+    async def refresh(self, cookie):
+        return await call("POST", self.gw.url + "/auth/refresh", headers=XRW, cookies={sso.REFRESH_COOKIE: cookie})
+
+    async def claims(self, cookie):
+        """The claims of the session JWT a refresh with C{cookie} gives."""
+        reply = await self.refresh(cookie)
+        self.t.assertEqual(reply.code, 200, reply.body)
+        return jwt.decode(reply.json()["access_token"], options={"verify_signature": False})
 
 
 PRESET_IDS = {"wecom": "ww1234567890abcdef", "dingtalk": "dingxxxxxxxxxxxx", "feishu": "cli_a5d611352af9d00b"}
@@ -960,19 +971,24 @@ class WeComTests(TestCase):
                 return 200, {"errcode": 0, "errmsg": "ok", "openid": "OPENID", "external_userid": "EXTERNAL_USERID"}
             return 200, {"errcode": 40029, "errmsg": "invalid code"}
 
+        self.departments = [1, 2]
+        self.member = {"errcode": 0, "status": 1}
+
         def user_get(query, headers, body):
+            if self.member["errcode"]:
+                return 200, {"errcode": self.member["errcode"], "errmsg": "userid not found"}
             return 200, {
                 "errcode": 0,
                 "errmsg": "ok",
                 "userid": query.get("userid"),
                 "name": "张三",
-                "department": [1, 2],
+                "department": list(self.departments),
                 "order": [1, 2],
                 "position": "后台工程师",
                 "email": "zhangsan@gzdev.com",
                 "biz_mail": "zhangsan@qyycs2.wecom.work",
                 "main_department": 1,
-                "status": 1,
+                "status": self.member["status"],
             }
 
         self.api = FakeAPI(
@@ -1006,6 +1022,30 @@ class WeComTests(TestCase):
         self.assertEqual((await self.flow.back(cookie, code="CODE-ZHANGSAN", state=query_of(location)["state"])).code, 302)
         self.assertEqual(self.tokens, 1)
         self.assertNotIn(PRESET_SECRETS["wecom"], json.dumps(me))
+
+    async def test_refresh_rechecks_departments(self):
+        """
+        Each refresh reads the member's departments again (user/get with the
+        corp token): a department removed at WeCom takes its scopes away; a
+        member disabled, or gone (errcode 60111), ends the sign-in.  The
+        session JWT names the corp as the identity provider.
+        """
+        cookie, location = await self.flow.begin()
+        done = await self.flow.back(cookie, code="CODE-ZHANGSAN", state=query_of(location)["state"])
+        refresh = done.cookies[sso.REFRESH_COOKIE][0]
+        claims = await self.flow.claims(refresh)
+        self.assertEqual((claims["idp"], claims["teams"]), ("wecom:" + PRESET_IDS["wecom"], ["1", "2"]))
+        self.assertIn("history:rd", claims["scope"].split())
+        self.departments = [1]
+        claims = await self.flow.claims(refresh)
+        self.assertEqual((claims["teams"], claims["scope"]), (["1"], "chat:read chat:write"))
+        for member in ({"errcode": 0, "status": 5}, {"errcode": 60111, "status": 1}):
+            self.member = member
+            cookie, location = await self.flow.begin()
+            again = await self.flow.back(cookie, code="CODE-ZHANGSAN", state=query_of(location)["state"])
+            ended = await self.flow.refresh(again.cookies[sso.REFRESH_COOKIE][0])
+            self.assertEqual((ended.code, ended.json()["error"]["details"]), (401, "the identity provider ended the sign-in session"), member)
+        self.assertEqual((await self.flow.refresh(refresh)).json()["error"]["details"], "the identity provider ended the sign-in session")
 
     async def test_invalid_code_and_outsider(self):
         """errcode 40029 (invalid code) is the 'sign-in failed' page; a non-member (openid only) is 'access denied'."""
@@ -1137,8 +1177,23 @@ class FeishuTests(TestCase):
     def setUp(self):
         self.challenges = {}
 
+        self.refreshes = []
+        self.feishu_departments = ["od-4e6ac4d14bcd5071a37a39de902c7141"]
+
         def token(query, headers, body):
             code = body.get("code")
+            if body.get("grant_type") == "refresh_token" and body.get("client_secret") == PRESET_SECRETS["feishu"]:
+                self.refreshes.append(body.get("refresh_token"))
+                if body.get("refresh_token") != "eyJhbGciOiJFUzI1NiIs**********XXOYOZz1mfgIYHwM8ZJA":
+                    return 400, {"code": 20037, "error": "invalid_grant", "error_description": "The refresh token passed has expired. Please generate a new one."}
+                return 200, {
+                    "code": 0,
+                    "access_token": "renewed-user-access-token",
+                    "expires_in": 7200,
+                    "refresh_token": "renewed-refresh-token",
+                    "refresh_token_expires_in": 604800,
+                    "token_type": "Bearer",
+                }
             if body.get("client_secret") != PRESET_SECRETS["feishu"] or body.get("grant_type") != "authorization_code":
                 return 400, {"code": 20002, "error": "invalid_client", "error_description": "The client secret is invalid."}
             if code == "NO-ACCESS":
@@ -1177,10 +1232,12 @@ class FeishuTests(TestCase):
             }
 
         def contact_user(query, headers, body):
+            if headers.get("authorization") not in ("Bearer eyJhbGciOiJFUzI1NiIs**********X6wrZHYKDxJkWwhdkrYg", "Bearer renewed-user-access-token"):
+                return 400, {"code": 99991663, "msg": "Invalid access token for authorization."}
             return 200, {
                 "code": 0,
                 "msg": "success",
-                "data": {"user": {"open_id": "ou-caecc734c2e3328a62489fe0648c4b98779515d3", "name": "张三", "department_ids": ["od-4e6ac4d14bcd5071a37a39de902c7141"]}},
+                "data": {"user": {"open_id": "ou-caecc734c2e3328a62489fe0648c4b98779515d3", "name": "张三", "department_ids": list(self.feishu_departments)}},
             }
 
         self.api = FakeAPI(
@@ -1239,3 +1296,30 @@ class FeishuTests(TestCase):
         assert_friendly_page(self, await self.flow.back(cookie, code="CODE-2", state=query_of(location)["state"]), 400, "Sign-in failed")
         cookie, location = await self.flow.begin()
         assert_friendly_page(self, await self.flow.back(cookie, code="NO-ACCESS", state=query_of(location)["state"]), 403, "Access denied")
+
+    async def test_refresh_renews_user_token(self):
+        """
+        Once the user's access token has expired, a refresh uses the v2
+        refresh_token grant, re-reads the departments with the new token and
+        renews the cookie; a refresh token Feishu refuses (20037) ends the
+        sign-in.
+        """
+        cookie, location = await self.flow.begin()
+        params = query_of(location)
+        self.challenges["CODE-1"] = params["code_challenge"]
+        done = await self.flow.back(cookie, code="CODE-1", state=params["state"])
+        key = sso.cookie_key(self.flow.gw.gateway.config)
+        payload = sso.unseal(key, "refresh", done.cookies[sso.REFRESH_COOKIE][0], time.time())
+        self.assertEqual(payload["idp"], "feishu:" + PRESET_IDS["feishu"])
+        payload["grant"]["ax"] = 0
+        self.feishu_departments = []
+        reply = await self.flow.refresh(sso.seal(key, "refresh", payload))
+        self.assertEqual(reply.code, 200, reply.body)
+        claims = jwt.decode(reply.json()["access_token"], options={"verify_signature": False})
+        self.assertEqual((claims["teams"], claims["scope"]), ([], "chat:read chat:write"))
+        self.assertEqual(self.refreshes, ["eyJhbGciOiJFUzI1NiIs**********XXOYOZz1mfgIYHwM8ZJA"])
+        renewed = sso.unseal(key, "refresh", reply.cookies[sso.REFRESH_COOKIE][0], time.time())
+        self.assertEqual((renewed["grant"]["at"], renewed["grant"]["rt"]), ("renewed-user-access-token", "renewed-refresh-token"))
+        renewed["grant"]["ax"] = 0
+        ended = await self.flow.refresh(sso.seal(key, "refresh", renewed))
+        self.assertEqual((ended.code, ended.json()["error"]["details"]), (401, "the identity provider ended the sign-in session"))

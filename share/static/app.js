@@ -270,14 +270,21 @@ function renderUser() {
   el.userName.title = me.sub || "";
 }
 
+/** Only a session's owner changes it; a teammate with history:<team> reads it. */
+function mine(s) {
+  return !s || !s.owner || !state.me || s.owner === state.me.sub;
+}
+
 function applyScopes() {
   const write = can("chat:write");
+  const talk = write && mine(state.current);
   el.newSession.hidden = !write;
-  el.composerBox.hidden = !write;
-  el.clearContext.hidden = !write;
-  el.modelPicker.hidden = !write;
-  el.readonlyNote.hidden = write;
+  el.composerBox.hidden = !talk;
+  el.clearContext.hidden = !talk;
+  el.modelPicker.hidden = !talk;
+  el.readonlyNote.hidden = talk;
   if (!write) bindText(el.readonlyNote, "composer.readonly");
+  else if (!talk) bindText(el.readonlyNote, "composer.teammate", { owner: state.current.owner });
   bindText(el.empty.querySelector("p"), write ? "empty.hint" : "empty.readonly");
 }
 
@@ -459,7 +466,7 @@ function sessionItem(s) {
   }
   item.append(open);
 
-  if (can("chat:write")) {
+  if (can("chat:write") && mine(s)) {
     const actions = document.createElement("div");
     actions.className = "session-actions";
     for (const [action, name, key] of [
@@ -673,6 +680,7 @@ function renderHeader() {
   else title = t("newchat");
   el.chatTitle.textContent = title;
   document.title = `${title} · Clawdbot`;
+  applyScopes();
   updateComposerState();
 }
 

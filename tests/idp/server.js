@@ -48,7 +48,8 @@
  *   - RP-initiated logout at /session/end, revocation, introspection,
  *     discovery at /.well-known/openid-configuration;
  *   - login without a browser: see the /interaction routes below;
- *   - key rotation for tests: POST /__test__/rotate (see below).
+ *   - key rotation for tests: POST /__test__/rotate (see below);
+ *   - changing a user for tests: POST /__test__/user (see below).
  */
 
 import { generateKeyPairSync, randomBytes, randomUUID } from 'node:crypto';
@@ -286,6 +287,9 @@ async function handle(provider, oidc, req, res) {
   if (url.pathname === '/__test__/rotate' && req.method === 'POST') {
     return rotate(provider, res, url.searchParams.get('drop_old') === '1');
   }
+  if (url.pathname === '/__test__/user' && req.method === 'POST') {
+    return changeUser(res, JSON.parse(await readBody(req)));
+  }
   return oidc(req, res);
 }
 
@@ -371,6 +375,23 @@ function rotate(provider, res, dropOld) {
   signingKeys = dropOld ? [key] : [key, ...signingKeys];
   initializeKeystore.call(provider, { keys: signingKeys });
   return sendJson(res, 200, { kid: key.kid, kids: signingKeys.map((k) => k.kid) });
+}
+
+// POST /__test__/user with a JSON user ({"sub": ..., "groups": [...], ...}):
+// the user's claims from now on (userinfo, refreshed ID tokens), as if an
+// administrator changed them at the provider; {"sub": ..., "deleted": true}
+// removes the user (its tokens then no longer find an account).  Answers the
+// user, or {"deleted": sub}.
+function changeUser(res, change) {
+  const sub = String(change.sub ?? '');
+  if (!sub) return sendJson(res, 400, { error: 'sub is required' });
+  if (change.deleted) {
+    users.delete(sub);
+    return sendJson(res, 200, { deleted: sub });
+  }
+  const user = { ...(users.get(sub) ?? {}), ...change, sub };
+  users.set(sub, user);
+  return sendJson(res, 200, user);
 }
 
 // ---------------------------------------------------------------------------

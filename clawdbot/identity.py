@@ -1,0 +1,103 @@
+"""
+Who someone is, in the forms the gateway compares and stores (SPEC.md §5, §6).
+
+A principal is its identity provider plus its C{sub}: C{alice} of the
+operator's HS256 issuer, C{alice} signed in through an OpenID provider and
+C{alice} of WeCom corp A are three people.  Their I{owner key}, which the
+history store and the rate limiter use, is C{<provider>|<sub>}, the provider
+percent-encoded so that it never holds a C{|} (the first C{|} splits a key).
+
+The identity provider of a principal is:
+
+ - for a bearer JWT, its C{iss} (an issuer of C{auth.jwt});
+ - for a session JWT minted after single sign-on, the provider the user
+   signed in through, carried in the token's C{idp} claim: an OIDC
+   provider's issuer (so signing in through provider X and calling the API
+   with a token X issued are one owner), or C{wecom:<CorpID>},
+   C{dingtalk:<AppKey>}, C{feishu:<App ID>} for the presets;
+ - C{clawdbot:dev} for the debug listener's dev principal.
+
+A trailing C{/} of an issuer does not make another provider.
+
+Rows stored before owners had a provider hold C{*|<sub>} (migration 3 of
+L{clawdbot.storage}); C{*} percent-encodes to C{%2A}, so no real provider
+produces it.
+
+Scopes follow RFC 6749 §3.3: tokens separated by U+0020 only, each made of
+C{%x21 / %x23-5B / %x5D-7E}; anything else (a tab, a no-break space, a
+quote, a backslash, non-ASCII) makes the whole list invalid.
+"""
+
+import re
+import urllib.parse
+
+DEV_ISSUER = "clawdbot:dev"
+LEGACY = "*"
+
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+
+
+def is_scope_token(value):
+    """Is C{value} one RFC 6749 scope-token?"""
+    return isinstance(value, str) and _SCOPE_TOKEN.fullmatch(value) is not None
+
+
+def split_scopes(text):
+    """
+    The scope tokens of a space-separated list, split on U+0020 only (runs
+    of spaces and spaces at either end are tolerated).
+
+    @raise ValueError: when a token has a character outside the scope-token
+        set.
+    """
+    tokens = [t for t in text.split(" ") if t]
+    for token in tokens:
+        if not is_scope_token(token):
+            raise ValueError("not a scope-token")
+    return tokens
+
+
+def issuer_id(issuer):
+    """The identity provider as compared: without a trailing C{/}."""
+    return issuer.rstrip("/") or issuer
+
+
+def owner_key(issuer, sub):
+    """The stable key of the principal C{sub} of C{issuer}."""
+    return urllib.parse.quote(issuer_id(issuer or ""), safe=":/", errors="surrogatepass") + "|" + sub
+
+
+def legacy_owner(sub):
+    """The owner of a row stored before owners had a provider."""
+    return LEGACY + "|" + sub
+
+
+def owner_sub(owner):
+    """The C{sub} part of an owner key (what the API shows as C{owner})."""
+    return owner.split("|", 1)[1] if "|" in owner else owner
+
+
+def preset_issuer(provider, client_id):
+    """
+    The identity provider of a preset login: the platform and the app's id.
+    For WeCom that is the CorpID; DingTalk and Feishu internal apps belong
+    to one organisation each.
+    """
+    return f"{provider}:{client_id}"
+
+
+def sso_issuer(oauth2):
+    """The identity provider that C{oauth2} (the config section) signs people in through."""
+    if oauth2.provider == "oidc":
+        return issuer_id(oauth2.issuer_url or "")
+    return preset_issuer(oauth2.provider, oauth2.client_id)
+
+
+def configured_issuers(config):
+    """Every identity provider C{config} accepts principals from."""
+    issuers = [DEV_ISSUER]
+    if config.auth.jwt.enabled and config.auth.jwt.issuer:
+        issuers.append(issuer_id(config.auth.jwt.issuer))
+    if config.oauth2.enabled:
+        issuers.append(sso_issuer(config.oauth2))
+    return tuple(dict.fromkeys(issuers))
