@@ -46,12 +46,15 @@ def main(argv=None, environ=None):
         return _start(args, environ)
     try:
         config = load_config(args.config, environ, mode=getattr(args, "mode", None))
+        text = dump_effective(config) if args.command == "check-config" else None
     except ConfigError as e:
         return _fail(f"config error in {args.config}: {e}")
+    except Exception as e:  # a bug, not a config mistake: still no traceback, still non-zero
+        return _fail(f"config error in {args.config}: cannot be loaded ({type(e).__name__})")
     if args.command == "check-config":
         for warning in config.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        sys.stdout.write(dump_effective(config))
+        sys.stdout.write(text)
         return 0
     return _token(args, config)
 

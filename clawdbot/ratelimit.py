@@ -15,6 +15,7 @@ budgets hold across every gateway that shares it.
 """
 
 import hashlib
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -106,52 +107,118 @@ def peek_decision(limit, level, kind):
 
 
 class Bucket:
-    __slots__ = ("level", "stamp")
+    __slots__ = ("level", "stamp", "full_at", "seq")
 
     def __init__(self, level, stamp):
         self.level = level
         self.stamp = stamp
+        self.full_at = None  # when it is full again, as of its last change (BucketStore)
+        self.seq = 0
 
     def refill(self, limit, now):
+        # As BUCKET_SCRIPT: a clock that steps back refills nothing.
         rate = limit / WINDOW
-        self.level = min(float(limit), self.level + (now - self.stamp) * rate)
-        self.stamp = now
+        self.level = min(float(limit), self.level + max(0.0, now - self.stamp) * rate)
+        self.stamp = max(now, self.stamp)
 
 
-class MemoryLimiter:
-    """Buckets in this process (the single-box default)."""
+class BucketStore:
+    """
+    At most C{cap} buckets, for one kind of key (principals, or addresses).
 
-    def __init__(self, clock, max_keys=100_000):
-        self.clock = clock
-        self.max_keys = max_keys
-        self._buckets = {}
+    When a new key arrives and the store is full, one bucket goes.
+    Forgetting a bucket that has refilled loses nothing (a new bucket starts
+    full); forgetting any other forgives what it still owes.  So the store
+    drops the bucket that is full again soonest: one that has already
+    refilled if there is any (the one that refilled longest ago, so the
+    least recently used of those), else the one closest to refilled, which
+    forgives the least.  A bucket in debt, or spent by a flood, is forgotten
+    only once every bucket in the store is still refilling, and then after
+    every bucket that would refill sooner.  (Plain LRU would drop an idle
+    user's empty bucket first, which is just what a flood of new keys
+    wants.)
 
-    def _bucket(self, key, limit, now):
-        bucket = self._buckets.get(key)
+    The order is a heap of C{(full_at, seq, key)}; an entry whose C{seq} is
+    no longer its bucket's is stale and skipped, and the heap is rebuilt
+    when stale entries outnumber live ones, so each operation costs
+    O(log n) amortised.
+    """
+
+    def __init__(self, cap):
+        self.cap = max(1, cap)
+        self.buckets = {}
+        self._heap = []
+        self._seq = 0
+
+    def __len__(self):
+        return len(self.buckets)
+
+    def __contains__(self, key):
+        return key in self.buckets
+
+    def bucket(self, key, limit, now):
+        """C{key}'s bucket, refilled to C{now}; a new, full one if there is none."""
+        bucket = self.buckets.get(key)
         if bucket is None:
-            if len(self._buckets) >= self.max_keys:
-                self._sweep(now)
-            bucket = self._buckets[key] = Bucket(float(limit), now)
+            while len(self.buckets) >= self.cap:
+                self._evict()
+            bucket = self.buckets[key] = Bucket(float(limit), now)
         else:
             bucket.refill(limit, now)
         return bucket
 
-    def _sweep(self, now):
-        """Forget full buckets (they carry no state) to bound memory."""
-        for key in [k for k, b in self._buckets.items() if now - b.stamp > WINDOW]:
-            del self._buckets[key]
-        if len(self._buckets) >= self.max_keys:
-            self._buckets.clear()
+    def changed(self, key, bucket, limit):
+        """Note when C{bucket} is full again, after a take or spend changed it."""
+        full_at = bucket.stamp + max(0.0, limit - bucket.level) * WINDOW / limit
+        if full_at == bucket.full_at:
+            return
+        self._seq += 1
+        bucket.full_at, bucket.seq = full_at, self._seq
+        heapq.heappush(self._heap, (full_at, self._seq, key))
+        if len(self._heap) > 2 * len(self.buckets) + 64:
+            self._heap = [(b.full_at, b.seq, k) for k, b in self.buckets.items() if b.full_at is not None]
+            heapq.heapify(self._heap)
+
+    def _evict(self):
+        while self._heap:
+            _, seq, key = heapq.heappop(self._heap)
+            bucket = self.buckets.get(key)
+            if bucket is not None and bucket.seq == seq:
+                del self.buckets[key]
+                return
+        # Only buckets never changed (none in the heap): the oldest goes.
+        del self.buckets[next(iter(self.buckets))]
+
+
+class MemoryLimiter:
+    """
+    Buckets in this process (the single-box default).
+
+    Per-address buckets (a C{kind} ending in C{-ip}, such as C{auth-ip})
+    and per-principal buckets live in two L{BucketStore}s with caps of
+    their own, so a flood from many addresses can evict only other
+    addresses' buckets, never a user's budget.
+    """
+
+    def __init__(self, clock, max_keys=100_000, max_address_keys=100_000):
+        self.clock = clock
+        self.principals = BucketStore(max_keys)
+        self.addresses = BucketStore(max_address_keys)
+
+    def _store(self, kind):
+        return self.addresses if kind.endswith("-ip") else self.principals
 
     async def take(self, key, limit, cost=1.0, kind="requests"):
         """Take C{cost} from C{key}'s bucket if it has it."""
         if not limit:
             return UNLIMITED
         now = self.clock.seconds()
-        bucket = self._bucket((kind, key), limit, now)
+        store = self._store(kind)
+        bucket = store.bucket((kind, key), limit, now)
         allowed = bucket.level >= cost
         if allowed:
             bucket.level -= cost
+        store.changed((kind, key), bucket, limit)
         return take_decision(limit, bucket.level, allowed, cost, kind)
 
     async def peek(self, key, limit, kind):
@@ -159,7 +226,9 @@ class MemoryLimiter:
         if not limit:
             return UNLIMITED
         now = self.clock.seconds()
-        bucket = self._bucket((kind, key), limit, now)
+        store = self._store(kind)
+        bucket = store.bucket((kind, key), limit, now)
+        store.changed((kind, key), bucket, limit)
         return peek_decision(limit, bucket.level, kind)
 
     async def spend(self, key, limit, cost, kind):
@@ -167,8 +236,10 @@ class MemoryLimiter:
         if not limit or cost <= 0:
             return
         now = self.clock.seconds()
-        bucket = self._bucket((kind, key), limit, now)
+        store = self._store(kind)
+        bucket = store.bucket((kind, key), limit, now)
         bucket.level -= cost
+        store.changed((kind, key), bucket, limit)
 
     def close(self):
         """Nothing to release."""
@@ -403,4 +474,4 @@ def build_limiter(config, reactor, on_error=None):
     limits = config.rate_limit
     if limits.backend == "redis":
         return RedisLimiter(reactor, limits.url, key_prefix=limits.key_prefix, on_backend_error=limits.on_backend_error, on_error=on_error)
-    return MemoryLimiter(reactor)
+    return MemoryLimiter(reactor, max_keys=limits.max_buckets, max_address_keys=limits.max_address_buckets)
