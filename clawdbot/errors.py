@@ -28,6 +28,10 @@ CODES = {
     "MODEL_NOT_FOUND": (404, "invalid_request_error", "Model not found"),
     "UPSTREAM_UNAVAILABLE": (502, "upstream_error", "Model backend unavailable"),
     "UPSTREAM_TIMEOUT": (504, "upstream_error", "Model backend timed out"),
+    "QUOTA_EXCEEDED": (429, "rate_limit_error", "Quota exceeded"),
+    "MODEL_NOT_ALLOWED": (403, "permission_error", "Model not allowed"),
+    "STORAGE_UNAVAILABLE": (503, "server_error", "History storage unavailable"),
+    "NOT_IMPLEMENTED": (501, "invalid_request_error", "Method not implemented"),
     "INTERNAL_ERROR": (500, "server_error", "Internal server error"),
     "NOT_READY": (503, "server_error", "Not ready"),
     "SHUTTING_DOWN": (503, "server_error", "The gateway is shutting down"),
@@ -60,8 +64,12 @@ class APIError(Exception):
 
 
 def error_body(err):
-    """The JSON bytes of C{err}'s body."""
-    return json.dumps(err.as_dict(), ensure_ascii=False).encode("utf-8")
+    """The JSON bytes of C{err}'s body; any string (a lone surrogate too) can be written."""
+    text = json.dumps(err.as_dict(), ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(err.as_dict()).encode("ascii")
 
 
 def internal_error():

@@ -57,11 +57,21 @@ class JSONLineObserver:
 
     def __call__(self, event):
         try:
-            line = json.dumps(event_as_dict(event), ensure_ascii=False, default=str)
+            out = event_as_dict(event)
+            line = json.dumps(out, ensure_ascii=False, default=str)
+            if not line.isascii():
+                try:
+                    line.encode("utf-8")
+                except UnicodeEncodeError:
+                    # A string UTF-8 cannot carry (a lone surrogate): escaped.
+                    line = json.dumps(out, default=str)
         except Exception:
             line = json.dumps({"level": "error", "message": "unloggable event"})
-        self.stream.write(line + "\n")
-        self.stream.flush()
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (UnicodeError, ValueError, OSError):
+            pass  # nowhere left to say it
 
 
 def open_log(path):

@@ -5,17 +5,20 @@ checks method and scope, and renders every error in one place.
 """
 
 import io
+import ipaddress
 import json
+import re
 import time
 import uuid
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from clawdbot.errors import APIError, error_body, internal_error, invalid
+from clawdbot.strictjson import parse_json
 
 log = Logger(namespace="clawdbot.web")
 
@@ -23,6 +26,9 @@ JSON_TYPE = b"application/json; charset=utf-8"
 # Seconds a refused body is drained before the connection closes.
 LINGER = 2.0
 _REASONS = {413: b"Payload Too Large"}
+# The methods the gateway knows; any other gets 501 before the resource tree
+# is walked, and counts as one metrics label ("other").
+KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 
 
 class GatewayRequest(server.Request):
@@ -166,51 +172,186 @@ class GatewayRequest(server.Request):
         if gateway is not None:
             self.config = gateway.config
             gateway.request_started(self)
+        self.site = self.channel.site
+        self._common_headers()
+        err = self._refusal()
+        if err is not None:
+            self.setHeader(b"date", http.datetimeToString())
+            if err.code == "SHUTTING_DOWN":
+                self.setHeader(b"connection", b"close")
+            write_error(self, err)
+            return
         super().process()
 
-    def render(self, resource):
+    def _common_headers(self):
         self.setHeader(b"server", b"clawdbot")
         self.setHeader(b"x-content-type-options", b"nosniff")
         self.setHeader(b"x-request-id", self.request_id.encode())
+
+    def _refusal(self):
+        """
+        What refuses this request before the resource tree is walked, or
+        C{None}: a malformed C{Host} (RFC 9112 section 3.2), a method the
+        gateway does not know, a debug-port request from off this machine,
+        or a drain in progress.
+        """
+        hosts = self.requestHeaders.getRawHeaders(b"host") or []
+        if len(hosts) > 1:
+            return invalid("the request has more than one Host header")
+        if not hosts and self.clientproto not in (b"HTTP/1.0", b"HTTP/0.9"):
+            return invalid("an HTTP/1.1 request needs a Host header")
+        if hosts and not valid_host(hosts[0]):
+            return invalid("the Host header is not a host name or address with an optional port")
+        if self.method not in KNOWN_METHODS:
+            return APIError("NOT_IMPLEMENTED", details="the gateway does not implement this method")
         if self.site.debug and not _local_request(self):
-            write_error(self, APIError("ORIGIN_REJECTED", details="the debug port only answers pages and tools on this machine"))
-            return
+            return APIError("ORIGIN_REJECTED", details="the debug port only answers pages and tools on this machine")
         if self.draining:
-            self.setHeader(b"connection", b"close")
-            write_error(self, APIError("SHUTTING_DOWN", details="the gateway is restarting; retry shortly", headers={"Retry-After": "1"}))
-            return
+            return APIError("SHUTTING_DOWN", details="the gateway is restarting; retry shortly", headers={"Retry-After": "1"})
+        return None
+
+    def render(self, resource):
+        # server.Request.process set twisted's own Server header.
+        self._common_headers()
         super().render(resource)
 
 
-_LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
+# RFC 3986 section 3.2.2 and RFC 9110 section 7.2: host = IP-literal /
+# IPv4address / reg-name, then an optional port.  Nothing else: no userinfo,
+# no path, no whitespace.
+_AUTHORITY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::([0-9]{0,5}))?")
 
 
-def _host_is_local(value):
-    host = value.strip().lower()
-    if host.startswith("["):
-        host = host.split("]")[0] + "]"
-    else:
-        host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    return host in _LOCAL_HOSTS or host.startswith("127.")
+def split_authority(value):
+    """
+    C{(host, port)} of a C{Host} value or an origin's C{host[:port]}, the
+    host lower-cased and the port an C{int} or C{None}; C{None} when
+    C{value} is not one.
+    """
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    match = _AUTHORITY.fullmatch(value)
+    if match is None:
+        return None
+    host, port = match.groups()
+    if port and int(port) > 65535:
+        return None
+    return host.lower(), (int(port) if port else None)
+
+
+def valid_host(value):
+    """A C{Host} value a server may accept: empty (no authority) or C{host[:port]}."""
+    return value in (b"", "") or split_authority(value) is not None
+
+
+def is_loopback_host(host):
+    """
+    The literal C{localhost}, or a host that parses as a loopback IP address
+    (C{127.0.0.1}, C{[::1]}).  A name that merely starts with C{127.}, a
+    short or hex form (C{127.1}, C{0x7f.1}), a trailing dot: all refused.
+    """
+    if host == "localhost":
+        return True
+    try:
+        if host.startswith("[") and host.endswith("]"):
+            address = ipaddress.IPv6Address(host[1:-1])
+            mapped = address.ipv4_mapped
+            return address.is_loopback or (mapped is not None and mapped.is_loopback)
+        return ipaddress.IPv4Address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_authority(value):
+    """C{value} is C{host[:port]} and its host is loopback (L{is_loopback_host})."""
+    parsed = split_authority(value)
+    return parsed is not None and is_loopback_host(parsed[0])
+
+
+def loopback_origin(origin):
+    """
+    An C{Origin} of a page on this machine: exactly C{http://} or
+    C{https://} and a loopback C{host[:port]}; no path, no userinfo.
+    """
+    if isinstance(origin, bytes):
+        origin = origin.decode("latin-1")
+    scheme, sep, rest = origin.partition("://")
+    return bool(sep) and scheme.lower() in ("http", "https") and loopback_authority(rest)
 
 
 def _local_request(request):
     """
     The debug listener acts as the dev principal without credentials, so
-    only this machine may drive it: a C{Host} naming loopback (no DNS
-    rebinding), and an C{Origin}, when a browser sends one, of a loopback
-    page (no cross-site requests).
+    only this machine may drive it: exactly one C{Host}, naming loopback (no
+    DNS rebinding), and at most one C{Origin}, of a loopback page when a
+    browser sends one (no cross-site requests).
     """
-    host = (request.getHeader(b"host") or "")
-    host = host.decode("latin-1") if isinstance(host, bytes) else host
-    if not _host_is_local(host):
+    headers = request.requestHeaders
+    hosts = headers.getRawHeaders(b"host") or []
+    if len(hosts) != 1 or not loopback_authority(hosts[0]):
         return False
-    origin = request.getHeader(b"origin")
-    if origin is None:
+    origins = headers.getRawHeaders(b"origin")
+    if origins is None:
         return True
-    origin = origin.decode("latin-1") if isinstance(origin, bytes) else origin
-    scheme, _, rest = origin.partition("://")
-    return scheme in ("http", "https") and _host_is_local(rest)
+    return len(origins) == 1 and loopback_origin(origins[0])
+
+
+class GatewayChannel(http.HTTPChannel):
+    """
+    An HTTP/1.1 channel whose request head (request line and headers) must
+    arrive whole within C{limits.header_timeout}: counted from the
+    connection for its first request, and from the first byte of each later
+    one.  twisted.web's idle timeout restarts on every byte, so alone it
+    lets a client trickle a header forever.
+    """
+
+    _head_timer = None
+    # A request has arrived whole and is being answered; bytes that come
+    # meanwhile are buffered, and their head's deadline starts once it is done.
+    _answering = False
+
+    def connectionMade(self):
+        super().connectionMade()
+        self._start_head_timer()
+
+    def dataReceived(self, data):
+        if self._head_timer is None and self.line_mode and not self._answering:
+            self._start_head_timer()
+        super().dataReceived(data)
+
+    def allHeadersReceived(self):
+        self._stop_head_timer()
+        super().allHeadersReceived()
+
+    def allContentReceived(self):
+        self._answering = True
+        super().allContentReceived()
+
+    def requestDone(self, request):
+        self._answering = False
+        super().requestDone(request)
+
+    def connectionLost(self, reason):
+        self._stop_head_timer()
+        super().connectionLost(reason)
+
+    def _start_head_timer(self):
+        gateway = getattr(self.site, "gateway", None)
+        seconds = gateway.config.limits.header_timeout if gateway is not None else None
+        if seconds:
+            self._head_timer = self.callLater(seconds, lambda: self._head_too_slow(seconds))
+
+    def _stop_head_timer(self):
+        if self._head_timer is not None:
+            if self._head_timer.active():
+                self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self, seconds):
+        self._head_timer = None
+        peer = getattr(self.transport.getPeer(), "host", None)
+        log.info("Closed a connection whose request head took over {seconds}s", seconds=seconds, peer=peer)
+        self.loseConnection()
 
 
 class GatewaySite(server.Site):
@@ -220,6 +361,8 @@ class GatewaySite(server.Site):
     """
 
     requestFactory = GatewayRequest
+    # HTTP/1.1 only (TLS, and so HTTP/2, ends at the proxy in front).
+    protocol = GatewayChannel
     noisy = False
 
     def __init__(self, resource, gateway, debug=False, **kwargs):
@@ -239,7 +382,7 @@ def write_json(request, status, payload, headers=None):
         request.setResponseCode(204)
         request.finish()
         return
-    body = payload if isinstance(payload, bytes) else json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    body = payload if isinstance(payload, bytes) else json_bytes(payload)
     request.setResponseCode(status)
     request.setHeader(b"content-type", JSON_TYPE)
     request.setHeader(b"content-length", str(len(body)).encode())
@@ -268,17 +411,67 @@ def write_error(request, err):
     write_json(request, err.status, error_body(err), err.headers)
 
 
+_BARE_500 = error_body(internal_error())
+
+
+def last_resort(request):
+    """
+    End C{request} after writing its answer failed: a bare 500 when no byte
+    is out yet, else just the end of the response (or of the connection).
+    """
+    if request.gone or request.finished:
+        return
+    request.error = internal_error()
+    try:
+        if not request.startedWriting:
+            request.setResponseCode(500)
+            request.responseHeaders.setRawHeaders(b"content-type", [JSON_TYPE])
+            request.responseHeaders.setRawHeaders(b"content-length", [str(len(_BARE_500)).encode()])
+            request.write(_BARE_500)
+        if request.producer is not None:
+            request.unregisterProducer()
+        request.finish()
+    except Exception:
+        log.failure("Could not end a failed response; closing its connection", request_id=request.request_id)
+        if request.channel is not None:
+            request.channel.transport.abortConnection()
+
+
+def json_bytes(payload):
+    """
+    C{payload} as UTF-8 JSON.  A string no encoder can write as UTF-8 (a lone
+    UTF-16 surrogate, say from a token claim) is written as a C{\\u} escape
+    instead of failing the response.
+    """
+    text = json.dumps(payload, ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(payload).encode("ascii")
+
+
+def is_json_type(value):
+    """
+    C{value} (a Content-Type) names exactly C{application/json}, in any case,
+    parameters such as C{charset=utf-8} allowed.  Not C{text/plain;charset=json}
+    (which a browser sends cross-site without asking first), nor
+    C{application/jsonp} or C{application/json-patch+json}.
+    """
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return value.split(";", 1)[0].strip(" \t").lower() == "application/json"
+
+
 def read_json(request, require_object=True):
     """
-    The request body parsed as JSON.
+    The request body parsed as JSON (L{clawdbot.strictjson.parse_json}).
+    The Content-Type must be C{application/json} (L{is_json_type}), on every listener.
 
     @raise APIError: INVALID_REQUEST with a curated reason.
     """
-    ctype = (request.getHeader(b"content-type") or "")
-    if isinstance(ctype, bytes):
-        ctype = ctype.decode("latin-1")
-    if ctype and "json" not in ctype.lower():
-        raise invalid("the body must be JSON (Content-Type: application/json)")
+    ctypes = request.requestHeaders.getRawHeaders(b"content-type") or []
+    if len(ctypes) != 1 or not is_json_type(ctypes[0]):
+        raise invalid("the body must be JSON sent with Content-Type: application/json")
     content = request.content
     if content is None:
         raise invalid("the body is missing")
@@ -286,12 +479,7 @@ def read_json(request, require_object=True):
     raw = content.read()
     if not raw.strip():
         raise invalid("the body is empty; a JSON object is expected")
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise invalid("the body is not valid JSON") from None
-    except RecursionError:
-        raise invalid("the body is nested too deeply") from None
+    value = parse_json(raw)
     if require_object and not isinstance(value, dict):
         raise invalid("the body must be a JSON object")
     return value
@@ -313,6 +501,7 @@ class NotFound(Resource):
 
     def render(self, request):
         err = APIError("NOT_FOUND", details="no such route")
+        request.route = "not_found"
         request.setResponseCode(err.status)
         request.setHeader(b"content-type", JSON_TYPE)
         return error_body(err)
@@ -383,6 +572,16 @@ class APIResource(Resource):
         return server.NOT_DONE_YET
 
     async def _run(self, request, method, needed):
+        """Run the handler; whatever happens, the request ends with an answer."""
+        try:
+            await self._answer(request, method, needed)
+        except Exception:
+            # Writing the answer (or the error) failed: a bare 500, or at
+            # least the end of the response.
+            log.failure("Could not write the answer to {method} {path}", Failure(), method=method, path=request.path.decode("latin-1"), request_id=request.request_id)
+            last_resort(request)
+
+    async def _answer(self, request, method, needed):
         try:
             if needed is not None:
                 request.principal = await self.gateway.authenticate(request)

@@ -1,0 +1,536 @@
+"""
+What an outside security review broke in the HTTP layer (issue 13, findings
+1, 3, 7, 12, 13 and 16), pinned on real loopback sockets: the debug port's
+loopback check, strict JSON bodies, every request answered, bounded metrics
+labels, redaction by content, and a well-formed, timely request head.
+"""
+
+import json
+import os
+import re
+import tempfile
+from urllib.parse import quote
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import LogLevel
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from clawdbot.errors import APIError, error_body
+from clawdbot.logs import JSONLineObserver
+from clawdbot.observe import log_line, redact_body
+from clawdbot.strictjson import parse_json
+from clawdbot.web import APIResource, JSONResponse, is_json_type, is_loopback_host, loopback_authority, loopback_origin
+from tests.fake_ollama import FakeOllama
+from tests.helpers import bearer, get_json, merge_yaml, serve, token
+
+HI = [{"role": "user", "content": "hi"}]
+
+# Host values the debug port must refuse: names that merely start with
+# 127. or localhost, short and hex forms of 127.0.0.1, trailing dots,
+# userinfo, bad ports, addresses that are not loopback.
+REFUSED_HOSTS = [
+    "127.0.0.1.nip.io",
+    "127.evil.com",
+    "127.0.0.1.evil.com:18789",
+    "localhost.evil.com",
+    "localhost.",
+    "127.0.0.1.",
+    "0x7f.1",
+    "0x7f000001",
+    "127.1",
+    "2130706433",
+    "0177.0.0.1",
+    "127.0.0.01",
+    "user@localhost",
+    "localhost:abc",
+    "localhost:99999",
+    "[::1].evil.com",
+    "[::2]",
+    "10.0.0.1",
+    "0.0.0.0",
+    "evil.example",
+    "",
+]
+ACCEPTED_HOSTS = ["localhost", "LocalHost:18789", "127.0.0.1", "127.0.0.1:3000", "127.8.9.10:1", "[::1]", "[::1]:18789"]
+
+REFUSED_ORIGINS = [
+    "http://127.attacker.example",
+    "http://127.0.0.1.nip.io",
+    "http://localhost.evil.com",
+    "https://localhost.evil.com:3000",
+    "http://127.1",
+    "http://0x7f.1",
+    "http://localhost.",
+    "http://localhost:3000/",
+    "http://localhost:3000/app",
+    "http://user@localhost:3000",
+    "http://localhost:3000@evil.com",
+    "ftp://localhost",
+    "file://",
+    "null",
+    "localhost:3000",
+    "http://evil.example",
+]
+ACCEPTED_ORIGINS = ["http://localhost:3000", "http://localhost", "https://127.0.0.1:5173", "http://[::1]:8080", "HTTP://LOCALHOST:3000"]
+
+
+class RawClient(Protocol):
+    """Collects what the server sends; C{closed} fires with it when the connection ends."""
+
+    def __init__(self):
+        self.data = b""
+        self.closed = Deferred()
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.closed.callback(self.data)
+
+
+async def connect(url):
+    host, port = url.split("//")[1].split(":")
+    proto = RawClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, host, int(port)), proto)
+    return proto
+
+
+async def raw_request(url, head, body=b""):
+    """
+    Send C{head} (request line and header lines, without the blank line) and
+    C{body}; (status, parsed JSON body or raw bytes) of the answer.
+    """
+    proto = await connect(url)
+    proto.transport.write(head.encode("latin-1") + b"\r\n\r\n" + body)
+    data = await proto.closed
+    status_line, _, rest = data.partition(b"\r\n")
+    status = int(status_line.split()[1]) if status_line.startswith(b"HTTP/") else None
+    payload = rest.partition(b"\r\n\r\n")[2]
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, payload
+
+
+def assert_error(testcase, status, body, want_status, code):
+    """The answer is SPEC.md's JSON error shape with this status and code."""
+    testcase.assertEqual(status, want_status, body)
+    testcase.assertEqual(set(body), {"error"}, body)
+    testcase.assertEqual(body["error"]["code"], code, body)
+    testcase.assertIsInstance(body["error"]["message"], str)
+
+
+class Backed(TestCase):
+    """A gateway in front of the fake Ollama, with an access log in a file."""
+
+    timeout = 90
+
+    def start(self, extra=""):
+        self.fake = FakeOllama()
+        self.fake.listen(reactor)
+        self.addCleanup(self.fake.stop)
+        self.logfile = os.path.join(tempfile.mkdtemp(), "access.log")
+        base = merge_yaml(f'backend: {{url: "{self.fake.url}"}}', f'access_log: {{path: "{self.logfile}"}}')
+        self.gw = serve(self, extra=merge_yaml(base, extra))
+        return self.gw
+
+    def access_text(self):
+        with open(self.logfile, encoding="utf-8") as f:
+            return f.read()
+
+    def access_lines(self):
+        return [json.loads(line) for line in self.access_text().splitlines() if line.strip()]
+
+
+# --- finding 1: the debug port's loopback check ----------------------------------
+
+
+class LoopbackRuleTests(SynchronousTestCase):
+    def test_host_rule(self):
+        """Only literal localhost or an address that parses as loopback IP, with an optional numeric port, is a loopback Host."""
+        for host in REFUSED_HOSTS:
+            self.assertFalse(loopback_authority(host), host)
+        for host in ACCEPTED_HOSTS:
+            self.assertTrue(loopback_authority(host), host)
+        self.assertFalse(is_loopback_host("127.0.0.1.nip.io"))
+
+    def test_origin_rule(self):
+        """An Origin is local only as http(s):// plus a loopback host[:port], and nothing after it."""
+        for origin in REFUSED_ORIGINS:
+            self.assertFalse(loopback_origin(origin), origin)
+        for origin in ACCEPTED_ORIGINS:
+            self.assertTrue(loopback_origin(origin), origin)
+
+    def test_json_media_type(self):
+        """Only the media type application/json (any case, with parameters) counts as JSON."""
+        for value in ("application/json", "Application/JSON", "application/json; charset=utf-8", "application/json;charset=UTF-8"):
+            self.assertTrue(is_json_type(value), value)
+        for value in ("text/plain;charset=json", "text/plain; application/json", "application/jsonp", "application/json-patch+json",
+                      "application/x-json", "application/json, text/plain", "text/json", "", "multipart/form-data"):
+            self.assertFalse(is_json_type(value), value)
+
+
+class DebugPortTests(Backed):
+    async def test_host_matrix(self):
+        """The debug port answers 403 ORIGIN_REJECTED to every non-loopback Host and 200 to the loopback ones."""
+        url = self.start().debug_url
+        for host in REFUSED_HOSTS:
+            status, body = await raw_request(url, f"GET /v1/me HTTP/1.1\r\nHost: {host}\r\nConnection: close")
+            self.assertIn(status, (400, 403), host)
+            self.assertEqual(body["error"]["code"], "INVALID_REQUEST" if status == 400 else "ORIGIN_REJECTED", host)
+        for host in ACCEPTED_HOSTS:
+            status, body = await raw_request(url, f"GET /v1/me HTTP/1.1\r\nHost: {host}\r\nConnection: close")
+            self.assertEqual(status, 200, (host, body))
+
+    async def test_origin_matrix_and_cors(self):
+        """Cross-site origins are refused (and get no CORS header); loopback origins are answered and allowed by CORS."""
+        url = self.start().debug_url
+        for origin in REFUSED_ORIGINS:
+            for method in ("GET", "OPTIONS"):
+                status, headers, body = await get_json(url + "/v1/me", method=method, headers={"Origin": origin})
+                self.assertEqual((status, body["error"]["code"]), (403, "ORIGIN_REJECTED"), (origin, method))
+                self.assertIsNone(headers.getRawHeaders("access-control-allow-origin"), origin)
+        for origin in ACCEPTED_ORIGINS:
+            status, headers, _ = await get_json(url + "/v1/me", headers={"Origin": origin})
+            self.assertEqual(status, 200, origin)
+            self.assertEqual(headers.getRawHeaders("access-control-allow-origin"), [origin])
+
+    async def test_repeated_host_or_origin_refused(self):
+        """A second Host (even a loopback one) is a 400; a second Origin is a 403 on the debug port."""
+        url = self.start().debug_url
+        for hosts in (("evil.example", "localhost"), ("localhost", "evil.example"), ("localhost", "localhost")):
+            head = "GET /v1/me HTTP/1.1\r\n" + "".join(f"Host: {h}\r\n" for h in hosts) + "Connection: close"
+            status, body = await raw_request(url, head)
+            assert_error(self, status, body, 400, "INVALID_REQUEST")
+        for origins in (("http://evil.example", "http://localhost:3000"), ("http://localhost:3000", "http://localhost:3000")):
+            head = "GET /v1/me HTTP/1.1\r\nHost: localhost\r\n" + "".join(f"Origin: {o}\r\n" for o in origins) + "Connection: close"
+            status, body = await raw_request(url, head)
+            assert_error(self, status, body, 403, "ORIGIN_REJECTED")
+
+    async def test_simple_cross_site_post_cannot_write(self):
+        """A body a browser may send cross-site without a preflight (text/plain;charset=json, forms) is a 400 and changes nothing."""
+        gw = self.start()
+        body = json.dumps({"title": "planted"}).encode()
+        for ctype in ("text/plain;charset=json", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+            headers = {"Content-Type": [ctype]} if ctype else {}
+            response = await treq.request("POST", gw.debug_url + "/v1/sessions", headers=headers, data=body, persistent=False)
+            answer = json.loads(await response.content())
+            assert_error(self, response.code, answer, 400, "INVALID_REQUEST")
+            self.assertIn("application/json", answer["error"]["details"])
+        response = await treq.request("POST", gw.debug_url + "/ollama/api/create", headers={"Content-Type": ["text/plain;charset=json"]},
+                                      data=json.dumps({"model": "qwen3:32b", "system": "planted"}).encode(), persistent=False)
+        await response.content()
+        self.assertEqual(response.code, 400)
+        self.assertEqual(self.fake.requests_to("/api/create"), [])
+        status, _, listing = await get_json(gw.debug_url + "/v1/sessions")
+        self.assertEqual((status, listing["data"]), (200, []))
+
+
+class ContentTypeTests(Backed):
+    async def test_json_body_needs_json_content_type_on_both_ports(self):
+        """On both listeners a JSON route reads its body only under Content-Type application/json (parameters allowed)."""
+        gw = self.start()
+        auth = bearer(token())
+        body = json.dumps({"title": "t"}).encode()
+        for url, headers in ((gw.url, auth), (gw.debug_url, {})):
+            for ctype in ("text/plain;charset=json", "application/jsonp", "application/json-patch+json", "text/json", None):
+                hdrs = {k: [v] for k, v in headers.items()}
+                if ctype:
+                    hdrs["Content-Type"] = [ctype]
+                response = await treq.request("POST", url + "/v1/sessions", headers=hdrs, data=body, persistent=False)
+                assert_error(self, response.code, json.loads(await response.content()), 400, "INVALID_REQUEST")
+            for ctype in ("application/json", "Application/JSON; charset=utf-8"):
+                status, _, created = await get_json(url + "/v1/sessions", method="POST", headers=dict(headers, **{"Content-Type": ctype}), body=body)
+                self.assertEqual(status, 201, (ctype, created))
+            # Two Content-Type headers are not one exact media type.
+            head = f"POST /v1/sessions HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close"
+            for name, value in headers.items():
+                head += f"\r\n{name}: {value}"
+            status, answer = await raw_request(url, head, body)
+            assert_error(self, status, answer, 400, "INVALID_REQUEST")
+
+
+# --- finding 3: lone surrogates; every request ends with an answer ---------------
+
+
+LONE = [
+    b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+    b'{"\\udfff": 1, "messages": [{"role": "user", "content": "hi"}]}',
+    b'{"messages": [{"role": "user", "content": "a\\ud83db"}]}',
+    b'{"messages": [{"role": "user", "content": "\\ude00\\ud83d"}]}',
+    b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\uD800\\u0041"}]}]}',
+    b'{"input": ["ok", {"deep": ["\\udbff"]}], "model": "nomic-embed-text"}',
+]
+
+
+class SurrogateTests(Backed):
+    async def test_lone_surrogates_are_400_on_every_json_route(self):
+        """A lone UTF-16 surrogate escape, in a key or a value at any depth, is a 400 at parse time on every JSON route, and logged."""
+        gw = self.start()
+        auth = dict(bearer(token()), **{"Content-Type": "application/json"})
+        _, _, session = await get_json(gw.url + "/v1/sessions", method="POST", headers=auth, body={"title": "x"})
+        routes = [("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"), ("POST", "/v1/sessions"), ("PATCH", f"/v1/sessions/{session['id']}")]
+        before = len(self.access_lines())
+        for method, path in routes:
+            for body in LONE + [b'{"title": "\\ud800"}']:
+                status, _, answer = await get_json(gw.url + path, method=method, headers=auth, body=body, timeout=20)
+                assert_error(self, status, answer, 400, "INVALID_REQUEST")
+                self.assertIn("surrogate", answer["error"]["details"])
+        self.assertEqual(len(self.access_lines()) - before, len(routes) * (len(LONE) + 1))
+        self.assertEqual(self.fake.requests_to("/api/chat"), [])
+        status, _, stored = await get_json(gw.url + f"/v1/sessions/{session['id']}", headers=auth)
+        self.assertEqual(stored["title"], "x")
+
+    async def test_escaped_backslash_and_pairs_are_text(self):
+        """An escaped backslash before 'ud800' and a proper surrogate pair are ordinary text, not refused."""
+        gw = self.start()
+        auth = bearer(token())
+        for title in ("\\ud800", "😀 \U0001f600"):
+            raw = json.dumps({"title": title}).encode()  # the pair is written as \\ud83d\\ude00
+            status, _, created = await get_json(gw.url + "/v1/sessions", method="POST", headers=auth, body=raw)
+            self.assertEqual((status, created["title"]), (201, title))
+
+    async def test_surrogate_in_token_subject_answers(self):
+        """A valid token whose sub is a lone surrogate gets an answer from /v1/me (escaped), and an access-log line."""
+        gw = self.start()
+        status, _, body = await get_json(gw.url + "/v1/me", headers=bearer(token(sub="\ud800")), timeout=20)
+        self.assertEqual(status, 200)
+        self.assertEqual(body["sub"], "\ud800")
+        self.assertEqual(self.access_lines()[-1]["path"], "/v1/me")
+
+    async def test_failure_writing_the_answer_is_bare_500(self):
+        """When writing a handler's answer itself fails, the request still ends: a bare 500, and the failure is logged."""
+
+        class Broken(APIResource):
+            scopes = {"GET": None}
+
+            async def handle_GET(self, request):
+                return JSONResponse({"ok": True}, headers={"X-Broken": 12})  # not a header value
+
+        gw = self.start()
+        gw.service.services[0].factory.resource.putChild(b"broken", Broken(gw.gateway))
+        status, _, body = await get_json(gw.url + "/broken", timeout=20)
+        assert_error(self, status, body, 500, "INTERNAL_ERROR")
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
+        self.assertEqual(self.access_lines()[-1]["status"], 500)
+
+
+class NeverFailWritingTests(SynchronousTestCase):
+    def test_error_body_takes_any_string(self):
+        """The one error renderer writes any details string, a lone surrogate too, as valid JSON."""
+        body = error_body(APIError("INVALID_REQUEST", details="model '\ud800' x"))
+        self.assertEqual(json.loads(body)["error"]["details"], "model '\ud800' x")
+
+    def test_access_log_line_takes_any_string(self):
+        """An access-log entry holding a lone surrogate is still one line of JSON that UTF-8 can carry."""
+        line = log_line({"user": "\ud800", "path": "/v1/é"})
+        line.encode("utf-8")
+        self.assertEqual(json.loads(line), {"user": "\ud800", "path": "/v1/é"})
+
+    def test_json_log_takes_any_string(self):
+        """The JSON log observer writes an event with a lone surrogate field to a strict UTF-8 file."""
+        path = os.path.join(tempfile.mkdtemp(), "log.json")
+        with open(path, "w", encoding="utf-8") as f:
+            observer = JSONLineObserver(f)
+            observer({"log_level": LogLevel.info, "log_namespace": "t", "log_format": "who {who}", "who": "\ud800", "log_time": 0})
+        with open(path, encoding="utf-8") as f:
+            event = json.loads(f.read())
+        self.assertEqual(event["who"], "\ud800")
+
+
+# --- finding 13: NaN, Infinity and numbers beyond a double -------------------------
+
+
+NON_FINITE = [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e400", b"2" + b"0" * 308, b"1" + b"0" * 400, b"-" + b"9" * 5000]
+
+
+class NonFiniteTests(Backed):
+    async def test_non_finite_numbers_are_400_and_never_reach_ollama(self):
+        """NaN, Infinity and numbers too large for a double are a 400 wherever they sit, and nothing reaches Ollama."""
+        gw = self.start()
+        auth = bearer(token())
+        for number in NON_FINITE:
+            for template in (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": %s}', b'{"messages": [{"role": "user", "content": "hi"}], "metadata": {"x": [1, %s]}}'):
+                status, _, body = await get_json(gw.url + "/v1/chat/completions", method="POST", headers=auth, body=template % number)
+                assert_error(self, status, body, 400, "INVALID_REQUEST")
+            status, _, body = await get_json(gw.url + "/ollama/api/chat", method="POST", headers=auth, body=b'{"model": "qwen3:32b", "messages": [], "options": {"temperature": %s}}' % number)
+            self.assertEqual(status, 400, body)
+        self.assertEqual(self.fake.requests_to("/api/chat"), [])
+
+    def test_parse_json(self):
+        """The strict parser refuses non-standard constants and non-finite numbers but keeps ordinary ones."""
+        for number in NON_FINITE:
+            with self.assertRaises(APIError):
+                parse_json(b'{"a": %s}' % number)
+        self.assertEqual(parse_json(b'{"a": [1e308, -2.5e-300, 12345678901234567890, "NaN"]}'), {"a": [1e308, -2.5e-300, 12345678901234567890, "NaN"]})
+        self.assertEqual(parse_json(b'{"n": %s}' % (b"9" * 300))["n"], int("9" * 300))
+
+
+# --- finding 7: bounded metrics labels ----------------------------------------------
+
+
+KNOWN_LABEL_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}
+
+
+class MetricsCardinalityTests(Backed):
+    def labels(self, text, name):
+        return {m.group(1) for m in re.finditer(r'\b' + name + r'="([^"]*)"', text)}
+
+    async def metrics(self):
+        status, _, text = await get_json(self.gw.url + "/metrics", headers=bearer(token(scope="admin")))
+        self.assertEqual(status, 200)
+        return text.decode()
+
+    async def flood(self, start, count):
+        for i in range(start, start + count):
+            response = await treq.request(f"M{i}X", self.gw.url + "/healthz", persistent=False)
+            body = json.loads(await response.content())
+            assert_error(self, response.code, body, 501, "NOT_IMPLEMENTED")
+            status, _, _ = await get_json(self.gw.url + f"/made-up-{i}/path")
+            self.assertEqual(status, 404)
+        for method in ("PROPFIND", "TRACE"):
+            response = await treq.request(method, self.gw.url + "/healthz", persistent=False)
+            await response.content()
+            self.assertEqual(response.code, 501, method)
+        status, body = await raw_request(self.gw.url, "get /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close")
+        assert_error(self, status, body, 501, "NOT_IMPLEMENTED")
+
+    async def test_made_up_methods_and_paths_do_not_grow_metrics(self):
+        """Made-up methods (501 NOT_IMPLEMENTED) and unknown paths fold into fixed label values; /metrics stops growing."""
+        self.start()
+        await self.metrics()  # /metrics's own series exist from here on
+        await self.flood(0, 40)
+        first = await self.metrics()
+        await self.flood(1000, 40)
+        second = await self.metrics()
+        print(f"/metrics: {len(first)} bytes, {len(first.splitlines())} lines; then {len(second)} bytes, {len(second.splitlines())} lines")
+        self.assertEqual(len(second.splitlines()), len(first.splitlines()))
+        self.assertLessEqual(self.labels(second, "method"), KNOWN_LABEL_METHODS)
+        self.assertLessEqual(self.labels(second, "route"), {"healthz", "metrics", "not_found", "other"})
+        self.assertNotIn("made-up", second)
+        self.assertIn('method="other"', second)
+
+
+# --- finding 12: redaction by content ----------------------------------------------
+
+
+class RedactionTests(Backed):
+    async def test_secrets_never_reach_the_access_log(self):
+        """Secrets in bodies of any declared type (or none, or broken JSON) and token-shaped path parts never reach the access log."""
+        gw = self.start("access_log: {sample_rate: 1.0}")
+        auth = bearer(token())
+        secrets = {}
+
+        def canary(name):
+            secrets[name] = f"canary-{name}-0123456789"
+            return secrets[name]
+
+        chat = {"messages": HI}
+        bodies = [
+            (None, json.dumps(dict(chat, metadata={"api_key": canary("none")})).encode()),
+            ("text/plain", json.dumps(dict(chat, metadata={"api_key": canary("text")})).encode()),
+            ("text/plain;charset=json", json.dumps(dict(chat, metadata={"Password": canary("charset")})).encode()),
+            ("application/json", b'{"metadata": {"api_key": "%s"},}' % canary("broken").encode()),
+            ("application/json", b'{"client_secret": "%s", "x": NaN}' % canary("nan").encode()),
+            ("application/x-www-form-urlencoded", b"api_key=%s&x=1" % canary("form").encode()),
+            ("text/plain", b"Authorization: Bearer %s" % canary("bearer").encode()),
+        ]
+        for ctype, body in bodies:
+            headers = {k: [v] for k, v in auth.items()}
+            if ctype:
+                headers["Content-Type"] = [ctype]
+            response = await treq.request("POST", gw.url + "/v1/chat/completions", headers=headers, data=body, persistent=False)
+            await response.content()
+        jwt = token(sub="bob")
+        for path in (f"/v1/sessions/{jwt}", f"/v1/sessions/{quote(jwt, safe='').replace('.', '%2E')}", f"/v1/me?{jwt}", "/v1/sessions/sk-Canary0123456789abcdefXYZ"):
+            await get_json(gw.url + path, headers=auth)
+        text = self.access_text()
+        self.assertEqual(len(self.access_lines()), len(bodies) + 4)
+        for name, secret in secrets.items():
+            self.assertNotIn(secret, text, name)
+        self.assertIn('"api_key": "[redacted]"', text)  # the bodies were logged, redacted
+        for part in jwt.split("."):
+            self.assertNotIn(part, text)
+        self.assertNotIn("Canary0123456789", text)
+        self.assertIn("/v1/sessions/[redacted]", text)
+
+    def test_redact_body_by_content(self):
+        """A body is redacted as JSON when it parses, whatever it is declared as; else as text, secret values and tokens removed."""
+        self.assertEqual(redact_body(b'{"api_key": "k1"}', "text/plain"), {"api_key": "[redacted]"})
+        self.assertEqual(redact_body(b'{"api_key": "k1"}', None), {"api_key": "[redacted]"})
+        text = redact_body(b'{"token": "k2",} sk-abcdefghijklmnop1234 eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln', "application/json")
+        for secret in ("k2", "sk-abcdefghijklmnop1234", "eyJzdWIiOiJhIn0"):
+            self.assertNotIn(secret, text)
+
+
+# --- finding 16: Host on HTTP/1.1, and a deadline for the request head ------------
+
+
+class RequestHeadTests(Backed):
+    async def test_host_header_rules_on_every_port(self):
+        """HTTP/1.1 without Host, with two, or with a malformed one is a JSON 400 on every listener; HTTP/1.0 may omit it."""
+        gw = self.start()
+        for url in (gw.url, gw.debug_url):
+            for head in (
+                "GET /healthz HTTP/1.1\r\nConnection: close",
+                "GET /healthz HTTP/1.1\r\nHost: localhost\r\nHost: localhost\r\nConnection: close",
+                "GET /healthz HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close",
+                "GET /healthz HTTP/1.0\r\nHost: localhost\r\nHost: other",
+                "GET /healthz HTTP/1.1\r\nHost: exa mple.com\r\nConnection: close",
+                "GET /healthz HTTP/1.1\r\nHost: localhost/x\r\nConnection: close",
+            ):
+                status, body = await raw_request(url, head)
+                assert_error(self, status, body, 400, "INVALID_REQUEST")
+        status, body = await raw_request(gw.url, "GET /healthz HTTP/1.0")
+        self.assertEqual((status, body), (200, {"status": "ok"}))
+        # Without a Host the debug port cannot tell the request is local.
+        status, body = await raw_request(gw.debug_url, "GET /healthz HTTP/1.0")
+        assert_error(self, status, body, 403, "ORIGIN_REJECTED")
+        status, body = await raw_request(gw.url, "GET /healthz HTTP/1.1\r\nHost: chat.example.com:443\r\nConnection: close")
+        self.assertEqual(status, 200)
+
+    async def trickle(self, url, first):
+        """Send C{first}, then one more header byte every 0.2 s; the bytes received when the server closes, or None."""
+        proto = await connect(url)
+        proto.transport.write(first)
+        sender = LoopingCall(proto.transport.write, b"X")
+        sender.start(0.2, now=False)
+        gave_up = []
+
+        def give_up():
+            gave_up.append(True)
+            proto.transport.abortConnection()
+
+        started = reactor.seconds()
+        guard = reactor.callLater(30, give_up)
+        data = await proto.closed
+        sender.stop()
+        if guard.active():
+            guard.cancel()
+        print(f"closed after {reactor.seconds() - started:.2f}s")
+        return None if gave_up else data
+
+    async def test_trickled_head_is_cut_off(self):
+        """A request head that keeps trickling in (each byte resetting the idle timer) is cut off at limits.header_timeout."""
+        gw = self.start("limits: {header_timeout: 1s}")
+        for url in (gw.url, gw.debug_url):
+            data = await self.trickle(url, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            self.assertIsNotNone(data, "the server never closed the connection")
+            self.assertEqual(data, b"")
+            # A later request on a kept-alive connection has its own deadline.
+            data = await self.trickle(url, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\nGET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            self.assertIsNotNone(data, "the server never closed the kept-alive connection")
+            self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data[:100])
+        # A connection that sends nothing at all is closed too.
+        proto = await connect(gw.url)
+        guard = reactor.callLater(30, proto.transport.abortConnection)
+        self.assertEqual(await proto.closed, b"")
+        self.assertTrue(guard.active(), "the server never closed the silent connection")
+        guard.cancel()
+        # A prompt request is unaffected.
+        self.assertEqual((await get_json(gw.url + "/healthz"))[0], 200)
