@@ -9,10 +9,10 @@ import time
 
 from twisted.internet.defer import CancelledError
 
-from clawdbot import translate
+from clawdbot import native, translate
 from clawdbot.errors import APIError, invalid
 from clawdbot.ollama import upstream_error
-from clawdbot.sessions import load_visible
+from clawdbot.sessions import check_history_quota, load_owned
 from clawdbot.translate import DONE, LineSplitter, StreamTranslator, UpstreamStreamError, sse_error
 from clawdbot.web import APIResource, JSONResponse, Node, read_json
 
@@ -122,12 +122,15 @@ class ChatCompletions(APIResource):
         session_id = body.get("session_id")
         if session_id is not None and not isinstance(session_id, str):
             raise invalid("'session_id' must be a string")
-        ollama_body, opts = translate.chat_request(body, config, request.principal, session_id, self.gateway.image_filter(config))
+        ollama_body, opts = translate.chat_request(body, config, request.principal, session_id)
         request.audit["model"] = ollama_body["model"]
+        # Images are decoded on the image workers, never here on the reactor.
+        await self.gateway.images.process_messages(ollama_body["messages"], config.images)
         if session_id is None:
             return await self._complete(request, config, ollama_body, opts, None)
         request.audit["session"] = session_id
-        await load_visible(self.gateway, request.principal, session_id)
+        # Only the owner adds turns to a session or clears it.
+        await load_owned(self.gateway, request.principal, session_id)
         if body.get("messages") == []:
             await self.gateway.store.clear(session_id)
             return {"object": "session.context_cleared", "session_id": session_id}
@@ -141,6 +144,7 @@ class ChatCompletions(APIResource):
             new = [(m["role"], _text(m), False) for m in ollama_body["messages"]]
             if await self.gateway.store.count_messages(session_id) + len(new) + 1 > limits.max_messages_per_session:
                 raise invalid(f"the session has reached the limit of {limits.max_messages_per_session} messages; start a new one")
+            await check_history_quota(self.gateway.store, request.principal, limits, new)
             ollama_body["messages"] = [{"role": m.role, "content": m.content} for m in context] + ollama_body["messages"]
             return await self._complete(request, config, ollama_body, opts, new)
 
@@ -164,14 +168,23 @@ class ChatCompletions(APIResource):
     async def _stream(self, request, config, ollama_body, opts, new):
         splitter = LineSplitter()
         translator = StreamTranslator(opts["model"], opts["include_usage"], hold_done=new is not None)
+        # Charged however the stream ends: Ollama's counts once its final
+        # line is in, an estimate of what was streamed before that.
+        prompt = translate.estimate_tokens(ollama_body)
+        request.audit["usage_probe"] = lambda: translate.estimated_usage(prompt, translator.streamed)
 
         def on_data(data):
             if translator.done:
                 return b""
             try:
-                return b"".join(translator.line(line) for line in splitter.feed(data) if not translator.done)
+                out = b"".join(translator.line(line) for line in splitter.feed(data) if not translator.done)
             except UpstreamStreamError as e:
                 raise APIError("UPSTREAM_UNAVAILABLE", details=e.args[0]) from None
+            if translator.final is not None and "usage" not in request.audit:
+                # Before the response ends: the budget is charged when it does.
+                request.audit["usage"] = translate.usage(translator.final)
+                request.audit["tokens"] = request.audit["usage"]["total_tokens"]
+            return out
 
         async def on_end():
             tail = b""
@@ -211,6 +224,8 @@ class Models(APIResource):
 
     scopes = {"GET": "chat:read"}
     route_name = "models"
+    # Each call asks Ollama, so it spends the caller's request budget.
+    rate_limited = True
 
     async def handle_GET(self, request):
         tags = await self.gateway.backend.call_json(request.config, b"GET", "/api/tags")
@@ -277,12 +292,16 @@ def _count_native(request, raw):
 class NativeAPI(APIResource):
     """
     C{/ollama/api/{name}}: Ollama's own API for Ollama clients, behind the
-    gateway's authentication.  Model management needs C{admin}; anything not
-    in L{NATIVE} is a 404.
+    gateway's authentication and its rules (L{clawdbot.native}): known
+    fields only, allowed models only, images validated, audit fields set by
+    the gateway, and what changes the shared GPU bounded or admin-only.
+    Model management needs C{admin}; anything not in L{NATIVE} is a 404.
+    Every call counts against the caller's request budget.
     """
 
     isLeaf = True
     route_name = "ollama_native"
+    rate_limited = True
 
     def route(self, request):
         name = native_name(request.postpath)
@@ -297,20 +316,29 @@ class NativeAPI(APIResource):
         method, _, streams = NATIVE[name]
         config = request.config
         path = "/api/" + name
+        backend = self.gateway.backend
+        if name == "tags":
+            raw = await backend.call(config, b"GET", path)
+            if not config.backend.models:
+                return JSONResponse(raw)
+            try:
+                tags = json.loads(raw)
+            except ValueError:
+                raise APIError("UPSTREAM_UNAVAILABLE", details="the model backend sent a malformed reply") from None
+            return native.filter_tags(tags, config)
         if method == "GET":
-            return JSONResponse(await self.gateway.backend.call(config, b"GET", path))
+            return JSONResponse(await backend.call(config, b"GET", path))
         payload = read_json(request)
-        model = payload.get("model") or payload.get("name") or payload.get("source")
-        if name in ("chat", "generate", "embed", "show") and isinstance(model, str) and config.backend.models and model not in config.backend.models:
-            raise APIError("MODEL_NOT_FOUND", details=f"model '{model}' is not available")
-        if name in ("chat", "generate", "embed"):
-            request.audit["model"] = model
-            await self.gateway.check_rate(request)
+        if name in native.FIELDS:
+            payload, images = native.native_request(name, payload, config, request.principal, audit_user(request.principal))
+            request.audit["model"] = payload["model"]
+            if images:
+                await self.gateway.images.process_base64_lists(images, config.images)
         counted = name in ("chat", "generate", "embed")
         wants_stream = streams and payload.get("stream", True) is not False
         if not wants_stream:
             # Ollama's own body, as Ollama sent it (some answers are empty).
-            raw = await self.gateway.backend.call(config, method.encode(), path, payload)
+            raw = await backend.call(config, method.encode(), path, payload)
             if counted:
                 _count_native(request, raw)
             return JSONResponse(raw)
@@ -319,14 +347,21 @@ class NativeAPI(APIResource):
             return _encode(err.as_dict()) + b"\n"
 
         splitter = LineSplitter()
+        streamed = [0]
+        if counted:
+            prompt = translate.estimate_tokens(payload)
+            request.audit["usage_probe"] = lambda: translate.estimated_usage(prompt, streamed[0])
 
         def on_data(data):
             # Pass the bytes through as they are; read the counts off the
-            # final line so the token budget and the log see them.
+            # final line so the token budget and the log see them (and count
+            # lines meanwhile, for a client that leaves before the end).
             if counted:
                 for line in splitter.feed(data):
                     if b'"done":true' in line:
                         _count_native(request, line)
+                    else:
+                        streamed[0] += 1
             return data
 
         await relay(self.gateway, request, config, path, _encode(payload), payload, NDJSON_HEADERS, on_data, None, on_error)
@@ -340,6 +375,11 @@ class NativeAPI(APIResource):
 
     async def handle_DELETE(self, request):
         return JSONResponse(await self.gateway.backend.call(request.config, b"DELETE", "/api/delete", read_json(request)))
+
+
+def audit_user(principal):
+    """The caller as the backend's audit fields name it."""
+    return getattr(principal, "key", None) or principal.sub
 
 
 def add_routes(root, v1, gateway):

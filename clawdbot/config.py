@@ -12,6 +12,7 @@ of whatever is wrong (C{auth.jwt.algorithms[1]: 'none' is not allowed}).
 import collections.abc
 import dataclasses
 import ipaddress
+import math
 import re
 import types
 import typing
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from clawdbot.identity import is_scope_token, split_scopes
 from clawdbot.units import format_duration, format_size, parse_duration, parse_size
 
 PLACEHOLDER_SECRET = "your-32-byte-secret-key-here"
@@ -90,6 +92,12 @@ class BackendConfig:
     connect_timeout: float = _opt(5.0, kind="duration", minimum=0.001, maximum=3600)
     first_byte_timeout: float = _opt(60.0, kind="duration", minimum=0.001, maximum=86400)
     idle_timeout: float = _opt(30.0, kind="duration", minimum=0.001, maximum=86400)
+    # What a caller without the admin scope may ask of the shared backend:
+    # the largest options.num_ctx (0: none may be set), and the longest
+    # keep_alive (unloading with 0 and pinning with a negative value are
+    # admin-only).
+    max_num_ctx: int = _opt(32768, minimum=0, maximum=10**7)
+    keep_alive: float = _opt(1800.0, kind="duration", minimum=0, maximum=7 * 86400)
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,10 @@ class HistoryConfig:
     max_messages_per_session: int = _opt(2000, minimum=2, maximum=10**7)
     max_message_chars: int = _opt(100_000, minimum=1, maximum=10**8)
     context_messages: int = _opt(100, minimum=0, maximum=10**6)
+    # Stored bytes (UTF-8 message text): per owner in total (429
+    # QUOTA_EXCEEDED), and what one request may add (413).
+    max_bytes_per_user: int = _opt(200 * 1000**2, kind="size", minimum=1, maximum=10**13)
+    max_bytes_per_request: int = _opt(2 * 1000**2, kind="size", minimum=1, maximum=10**11)
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,8 @@ class LimitsConfig:
     max_body: int = _opt(20 * 1000**2, kind="size", minimum=1024, maximum=1000**3)
     max_queue: int = _opt(100, minimum=0, maximum=100000)
     queue_timeout: float = _opt(30.0, kind="duration", minimum=0, maximum=3600)
+    # The request line and headers must arrive whole within this (slowloris).
+    header_timeout: float = _opt(10.0, kind="duration", minimum=0.5, maximum=300)
 
 
 _IMAGE_FORMATS = ("png", "jpeg", "gif", "webp", "bmp")
@@ -133,6 +147,14 @@ class ImagesConfig:
     format: str = _opt("jpeg", choices=("jpeg", "png", "webp"))
     quality: int = _opt(85, minimum=1, maximum=95)
     allowed_formats: typing.Tuple[str, ...] = _opt(list(_IMAGE_FORMATS), items=_IMAGE_FORMATS)
+    # Per request, checked before anything is decoded: how many images, and
+    # their declared sizes (width x height) added up.
+    max_per_request: int = _opt(8, minimum=0, maximum=1000)
+    max_total_pixels: int = _opt(80_000_000, minimum=1, maximum=10**10)
+    # The decoding threads (never the reactor) and each request's deadline
+    # for its image work, waiting for a thread included.
+    workers: int = _opt(2, minimum=1, maximum=32)
+    timeout: float = _opt(10.0, kind="duration", minimum=0.001, maximum=3600)
 
 
 @dataclass(frozen=True)
@@ -202,6 +224,10 @@ class RateLimitConfig:
     url: str = _opt("redis://127.0.0.1:6379/0", secret=True)
     key_prefix: str = _opt("clawdbot:rl:")
     on_backend_error: str = _opt("open", choices=("open", "closed"))
+    # backend memory: how many buckets this process keeps, per principal and
+    # per client address, in two separate stores (see ratelimit.BucketStore).
+    max_buckets: int = _opt(100_000, minimum=100, maximum=10**8)
+    max_address_buckets: int = _opt(100_000, minimum=100, maximum=10**8)
 
 
 @dataclass(frozen=True)
@@ -289,7 +315,9 @@ def _substitute_tree(node, environ, path, empties):
 
 
 def _join(path, key):
-    return f"{path}.{key}" if path else str(key)
+    if not isinstance(key, str):
+        key = f"<{_describe(key)}>"  # refused later; str() of a huge number fails
+    return f"{path}.{key}" if path else key
 
 
 # --- the schema walker --------------------------------------------------------
@@ -313,13 +341,19 @@ def _describe(value):
 
 def _scalar(value, tp, meta, path):
     kind = meta.get("kind")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(path, f"{value!r} is not a finite number")
     try:
         if kind == "duration":
             value = parse_duration(value)
         elif kind == "size":
             value = parse_size(value)
     except ValueError as e:
-        raise ConfigError(path, str(e)) from None
+        raise ConfigError(path, _reason(e)) from None
+    except (ArithmeticError, TypeError):
+        raise ConfigError(path, f"is not a {kind} this gateway can use") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(path, f"is not a {kind or 'number'} this gateway can use")
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(path, f"expected true or false, got {_describe(value)}")
@@ -333,6 +367,7 @@ def _scalar(value, tp, meta, path):
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(path, f"expected a string, got {_describe(value)}")
+        _check_text(value, path)
     choices = meta.get("choices")
     if choices and value not in choices:
         raise ConfigError(path, f"{value!r} is not allowed (choose from {', '.join(choices)})")
@@ -349,7 +384,19 @@ def _show(value, kind):
         return format_duration(value)
     if kind == "size":
         return format_size(value)
+    if isinstance(value, int) and abs(value) > 10**30:
+        return "a number that large"
     return repr(value)
+
+
+def _check_text(text, path):
+    """
+    Refuse a string holding a lone UTF-16 surrogate (YAML's C{"\\ud800"}
+    escape, or an environment value that is not UTF-8): it cannot be
+    printed, logged or sent in a header.
+    """
+    if any("\ud800" <= char <= "\udfff" for char in text):
+        raise ConfigError(path, "contains a lone UTF-16 surrogate (write the character itself, or a \\U escape)")
 
 
 def _build(tp, value, meta, path):
@@ -379,7 +426,8 @@ def _build(tp, value, meta, path):
         out = {}
         for key, item in value.items():
             if not isinstance(key, str):
-                raise ConfigError(path, f"key {key!r} must be a string")
+                raise ConfigError(path, f"every key must be a string, got {_describe(key)}")
+            _check_text(key, path)
             out[key] = _build(args[1], item, {}, _join(path, key))
         return types.MappingProxyType(out)
     return _scalar(value, tp, meta, path)
@@ -393,7 +441,10 @@ def _build_section(cls, value, path):
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for key in value:
+        if not isinstance(key, str):
+            raise ConfigError(path or None, f"every key must be a string, got {_describe(key)}")
         if key not in known:
+            _check_text(key, path or None)
             raise ConfigError(_join(path, key), "unknown key")
     kwargs = {}
     for name, f in known.items():
@@ -441,13 +492,18 @@ def strport_port(description):
     parts = _strport_parts(description)
     if len(parts) > 1 and parts[0] in ("tcp", "tcp6", "ssl"):
         for part in parts[1:]:
-            if part.isdigit():
+            if _is_number(part):
                 return int(part)
             if part.startswith("port="):
-                return int(part[5:])
-    elif parts[0].isdigit():
+                return int(part[5:]) if _is_number(part[5:]) else None
+    elif _is_number(parts[0]):
         return int(parts[0])
     return None
+
+
+def _is_number(text):
+    # ASCII digits only: str.isdigit() is also true of "²", which int() refuses.
+    return text.isascii() and text.isdigit() and len(text) <= 10
 
 
 def is_loopback(host):
@@ -463,9 +519,9 @@ def is_loopback(host):
 
 def _check_listen(path, description, loopback_only=False):
     kind = description.split(":", 1)[0]
-    if kind not in ("tcp", "tcp6", "unix", "ssl") and not kind.isdigit():
+    if kind not in ("tcp", "tcp6", "unix", "ssl") and not _is_number(kind):
         raise ConfigError(path, f"{description!r} is not a supported listen description (use tcp:PORT[:interface=ADDR])")
-    if kind in ("tcp", "tcp6", "ssl") or kind.isdigit():
+    if kind in ("tcp", "tcp6", "ssl") or _is_number(kind):
         port = strport_port(description)
         if port is None or not 0 <= port <= 65535:
             raise ConfigError(path, f"{description!r} has no valid port")
@@ -514,10 +570,12 @@ def _validate(config, empties):
     if oauth.enabled:
         for key in ("client_id", "client_secret", "redirect_uri"):
             if not getattr(oauth, key):
-                raise ConfigError(f"oauth2.{key}", f"is required when oauth2 is enabled")
+                raise ConfigError(f"oauth2.{key}", "is required when oauth2 is enabled")
         if oauth.provider == "oidc" and not oauth.issuer_url:
             raise ConfigError("oauth2.issuer_url", "is required for provider oidc")
         _validate_oauth2(config, production, warnings)
+
+    _validate_scopes(config)
 
     urls = [("backend.url", config.backend.url)] + [(f"backend.urls[{i}]", u) for i, u in enumerate(config.backend.urls)]
     for path, url in urls:
@@ -538,10 +596,29 @@ _RESERVED_AUTH = {"login", "refresh", "logout"}
 _CALLBACK_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
 
 
+def _validate_scopes(config):
+    """Configured scopes obey RFC 6749's scope-token grammar, as a token's must (clawdbot.identity)."""
+    try:
+        split_scopes(config.auth.dev_principal.scope)
+    except ValueError:
+        raise ConfigError("auth.dev_principal.scope", "must be scopes separated by spaces, each of RFC 6749 scope characters only") from None
+    listed = [(f"oauth2.default_scopes[{i}]", s) for i, s in enumerate(config.oauth2.default_scopes)]
+    for group, scopes in config.oauth2.group_scopes.items():
+        listed += [(f"oauth2.group_scopes.{group}[{i}]", s) for i, s in enumerate(scopes)]
+    for path, scope in listed:
+        if not is_scope_token(scope):
+            raise ConfigError(path, f"{scope!r} is not one scope (RFC 6749 scope characters only, no spaces)")
+
+
 def _http_url(path, value):
     """The parsed C{value}, which must be an absolute http(s) URL without a fragment."""
-    parts = urllib.parse.urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment or parts.username or parts.password:
+    try:
+        parts = urllib.parse.urlsplit(value)
+        ok = parts.scheme in ("http", "https") and parts.hostname and not (parts.fragment or parts.username or parts.password)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        ok = False
+    if not ok:
         raise ConfigError(path, "must be an absolute http:// or https:// URL (no fragment, no credentials)")
     return parts
 
@@ -629,6 +706,89 @@ def _is_secret_path(path):
     return False
 
 
+# --- reading YAML -------------------------------------------------------------
+
+# A config file is a few kilobytes; anything far bigger is a mistake (or
+# /dev/zero), refused before it is parsed.
+MAX_FILE_BYTES = 1024 * 1024
+# The schema is at most four levels deep; a deeper document is refused
+# before the (recursive) composer can run out of stack.
+MAX_DEPTH = 32
+
+
+def _where(mark):
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+class _Loader(yaml.SafeLoader):
+    """
+    C{yaml.SafeLoader} without anchors and aliases, and with a depth limit.
+
+    Aliases are what make a few hundred bytes expand into billions of nodes
+    ("billion laughs") or into a structure that contains itself
+    (C{a: &a [*a]}); a config has no use for them, so the composer refuses
+    the first anchor or alias it meets, naming its line and column.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise ConfigError(None, f"YAML aliases are not allowed (*{event.anchor}{_where(event.start_mark)})")
+        if getattr(event, "anchor", None) is not None:
+            raise ConfigError(None, f"YAML anchors and aliases are not allowed (&{event.anchor}{_where(event.start_mark)})")
+        if self._depth >= MAX_DEPTH:
+            raise ConfigError(None, f"the document is nested more than {MAX_DEPTH} levels deep{_where(event.start_mark)}")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, ArithmeticError, TypeError) as e:
+            # A constructor's own error, e.g. a timestamp with month 13 or an
+            # integer with more digits than Python converts.
+            raise ConfigError(None, f"the value{_where(node.start_mark)} cannot be read ({_reason(e)})") from None
+
+
+def _load_yaml(text):
+    """
+    The tree of YAML C{text}.
+
+    @raise ConfigError: for any failure, with its line and column when YAML
+        gives one; never another exception.
+    """
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data()
+    except ConfigError:
+        raise
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or getattr(e, "reason", None) or "not valid YAML"
+        raise ConfigError(None, f"{problem}{_where(mark)}") from None
+    except RecursionError:
+        raise ConfigError(None, "the document is nested too deeply") from None
+    except Exception as e:
+        # A constructor's own error, e.g. a timestamp with month 13 or an
+        # integer with more digits than Python converts.
+        raise ConfigError(None, f"a value cannot be read ({_reason(e)})") from None
+    finally:
+        loader.dispose()
+
+
+def _reason(error):
+    """A short, single-line reason from an exception raised by a library."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    return (text[:120] or type(error).__name__).encode("ascii", "backslashreplace").decode("ascii")
+
+
 # --- entry points -------------------------------------------------------------
 
 
@@ -638,15 +798,22 @@ def parse_config(text, environ, source=None, mode=None):
 
     @param mode: C{"dev"} or C{"production"} to override C{server.mode}, as
         the command line's C{--mode} does.
-    @raise ConfigError: for anything that is not a valid configuration.
+    @raise ConfigError: for anything that is not a valid configuration, and
+        for every other failure while reading it (nothing else escapes, so a
+        caller reports and counts one kind of error).
     """
     try:
-        tree = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or "not valid YAML"
-        raise ConfigError(None, f"{problem}{where}") from None
+        return _parse_config(text, environ, source, mode)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError(None, "the document is nested too deeply") from None
+    except Exception as e:
+        raise ConfigError(None, f"cannot be loaded ({_reason(e)})") from None
+
+
+def _parse_config(text, environ, source, mode):
+    tree = _load_yaml(text)
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
@@ -676,10 +843,13 @@ def read_env_file(path):
         line is not an assignment; values never appear in the message.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = _read_text(path).splitlines()
     except OSError as e:
-        raise ConfigError("env_file", f"cannot read {path}: {e.strerror}") from None
+        raise ConfigError("env_file", f"cannot read {path}: {e.strerror or type(e).__name__}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("env_file", f"{path} is not UTF-8 text") from None
+    except ValueError as e:
+        raise ConfigError("env_file", f"{path}: {e}") from None
     values = {}
     for number, line in enumerate(lines, start=1):
         line = line.strip()
@@ -701,13 +871,27 @@ def read_env_file(path):
 def load_config(path, environ, mode=None):
     """Read and parse the file at C{path}; see L{parse_config}."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = _read_text(path)
     except OSError as e:
-        raise ConfigError(None, f"cannot read {path}: {e.strerror}") from None
+        raise ConfigError(None, f"cannot read {path}: {e.strerror or type(e).__name__}") from None
     except UnicodeDecodeError:
         raise ConfigError(None, f"{path} is not UTF-8 text") from None
+    except ValueError as e:
+        raise ConfigError(None, f"{path}: {e}") from None
     return parse_config(text, environ, source=path, mode=mode)
+
+
+def _read_text(path):
+    """
+    The UTF-8 text of the file at C{path}, at most L{MAX_FILE_BYTES}.
+
+    @raise ValueError: when the file is larger (a FIFO or C{/dev/zero} too).
+    """
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"is larger than {MAX_FILE_BYTES // 1024} KiB; a config file is far smaller")
+    return data.decode("utf-8")
 
 
 _DSN_PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
@@ -721,31 +905,33 @@ def effective(config):
 
     def walk(node):
         out = {}
-        hints = typing.get_type_hints(type(node))
         for f in dataclasses.fields(node):
-            if f.metadata.get("internal"):
-                continue
-            value = getattr(node, f.name)
-            if dataclasses.is_dataclass(hints[f.name]):
-                out[f.name] = walk(value)
-                continue
-            kind = f.metadata.get("kind")
-            if f.metadata.get("secret") and value is not None:
-                if f.name in ("dsn", "url"):
-                    value = _DSN_PASSWORD.sub(lambda m: m.group(1) + MASK + m.group(3), value)
-                    value = re.sub(r"(password=)[^\s&]*", r"\1" + MASK, value)
-                else:
-                    value = MASK
-            elif kind == "duration":
-                value = format_duration(value)
-            elif kind == "size":
-                value = format_size(value)
-            elif isinstance(value, tuple):
-                value = list(value)
-            elif isinstance(value, types.MappingProxyType):
-                value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
-            out[f.name] = value
+            if not f.metadata.get("internal"):
+                out[f.name] = render(f.name, getattr(node, f.name), f.metadata)
         return out
+
+    def render(name, value, meta):
+        # Sections, and rules inside mappings (rate_limit.per_team.<team>),
+        # are dataclasses; lists are tuples and mappings read-only proxies.
+        if dataclasses.is_dataclass(value):
+            return walk(value)
+        if isinstance(value, collections.abc.Mapping):
+            return {str(k): render(k, v, {}) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return [render(name, v, {}) for v in value]
+        if value is None:
+            return None
+        if meta.get("secret"):
+            if name in ("dsn", "url"):
+                value = _DSN_PASSWORD.sub(lambda m: m.group(1) + MASK + m.group(3), value)
+                return re.sub(r"(password=)[^\s&]*", r"\1" + MASK, value)
+            return MASK
+        kind = meta.get("kind")
+        if kind == "duration":
+            return format_duration(value)
+        if kind == "size":
+            return format_size(value)
+        return value
 
     return walk(config)
 
@@ -760,7 +946,7 @@ def restart_needed(old, new):
     as a list of paths.
     """
     paths = []
-    for path in ("server.listen", "server.debug_listen", "server.mode", "metrics.listen", "storage.backend", "storage.path", "storage.dsn", "rate_limit.backend", "rate_limit.url", "rate_limit.key_prefix", "log.path", "access_log.path"):
+    for path in ("server.listen", "server.debug_listen", "server.mode", "metrics.listen", "storage.backend", "storage.path", "storage.dsn", "rate_limit.backend", "rate_limit.url", "rate_limit.key_prefix", "rate_limit.max_buckets", "rate_limit.max_address_buckets", "log.path", "access_log.path"):
         section, key = path.split(".")
         if getattr(getattr(old, section), key) != getattr(getattr(new, section), key):
             paths.append(path)

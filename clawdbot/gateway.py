@@ -19,13 +19,14 @@ from clawdbot.auth import build_authenticator
 from clawdbot.backend import HTTPFetcher
 from clawdbot.config import ConfigError, load_config, restart_needed
 from clawdbot.errors import APIError, error_body
-from clawdbot.images import image_filter as build_image_filter
+from clawdbot.images import ImageWorkers
 from clawdbot.observe import AccessLog, Metrics
 from clawdbot.ollama import Ollama
 from clawdbot.ratelimit import build_limiter, rule_for
 from clawdbot.sessions import SessionLocks
 from clawdbot.storage import open_store
 from clawdbot.translate import sse_error
+from clawdbot.web import loopback_origin
 
 log = Logger(namespace="clawdbot.gateway")
 
@@ -56,6 +57,8 @@ class Gateway:
         self.backend = Ollama(reactor, self)
         self.store = open_store(config, reactor)
         self.session_locks = SessionLocks()
+        # Images are decoded on these threads, never on the reactor.
+        self.images = ImageWorkers(reactor)
         self.auth = build_authenticator(config, reactor, self.fetcher.fetch_json)
         self.limiter = build_limiter(config, reactor, on_error=lambda: self.metrics.ratelimit_backend_errors.inc())
         self.access_log = AccessLog(config.access_log.path)
@@ -73,7 +76,8 @@ class Gateway:
         self.limiter.on_backend_error = new.rate_limit.on_backend_error
 
     def stop(self):
-        """Close outbound connections at shutdown."""
+        """Close outbound connections and stop the image workers at shutdown."""
+        self.images.stop()
         self.store.close()
         self.limiter.close()
         return gatherResults([self.backend.close(), self.fetcher.close()])
@@ -97,13 +101,21 @@ class Gateway:
         if request.path is None and not request.refused:
             return  # the connection closed before a request arrived whole
         latency = time.perf_counter() - request.started
+        usage = request.audit.get("usage")
+        probe = request.audit.pop("usage_probe", None)
+        if usage is None and probe is not None:
+            # A stream that ended (client gone, backend cut off) before
+            # Ollama's counts: charge what was streamed.
+            usage = probe()
+            if usage is not None:
+                request.audit["usage"] = usage
+                request.audit["tokens"] = usage["total_tokens"]
         self.access_log.record(request, latency)
         self.metrics.observe(request, latency)
-        usage = request.audit.get("usage")
         if usage and request.principal is not None and request.config is not None:
             rule = rule_for(request.principal, request.config)
             if rule.tokens_per_minute:
-                d = Deferred.fromCoroutine(self.limiter.spend(request.principal.sub, rule.tokens_per_minute, usage["total_tokens"], "tokens"))
+                d = Deferred.fromCoroutine(self.limiter.spend(request.principal.key, rule.tokens_per_minute, usage["total_tokens"], "tokens"))
                 d.addErrback(lambda f: log.failure("Could not count tokens", f))
         if self.draining and not self.inflight and self._drained is not None and not self._drained.called:
             self._drained.callback(None)
@@ -112,14 +124,14 @@ class Gateway:
         """The principal's request and token budgets; 429 RATE_LIMITED when spent."""
         principal = request.principal
         rule = rule_for(principal, request.config)
-        decision = await self.limiter.take(principal.sub, rule.requests_per_minute)
+        decision = await self.limiter.take(principal.key, rule.requests_per_minute)
         for name, value in decision.headers().items():
             if name != "Retry-After":
                 request.setHeader(name, value)
         if not decision.allowed:
             raise rate_limited(decision, "request")
         if rule.tokens_per_minute:
-            tokens = await self.limiter.peek(principal.sub, rule.tokens_per_minute, "tokens")
+            tokens = await self.limiter.peek(principal.key, rule.tokens_per_minute, "tokens")
             if not tokens.allowed:
                 raise rate_limited(tokens, "token")
 
@@ -190,27 +202,48 @@ class Gateway:
         self.reactor.callFromThread(self._reload_now)
 
     def _reload_now(self):
+        # Runs from reactor.callFromThread: an exception escaping here would
+        # only be an "Unhandled Error" traceback, so none does.
         self._reload_pending = False
-        self.reload()
+        try:
+            self.reload()
+        except Exception:
+            self._reload_failed(self.config.source, "unexpected error (see the traceback)", None, unexpected=True)
+
+    def _reload_failed(self, path, error, config_path, unexpected=False):
+        """Count and log a failed reload; the running config stays."""
+        self.reloads["error"] += 1
+        try:
+            self.metrics.reloads.labels("error").inc()
+        except Exception:
+            log.failure("Counting a failed reload failed")
+        if unexpected:
+            log.failure("Config reload failed, keeping the running config: {file}: {error}", file=path, error=error, config_path=config_path)
+        else:
+            log.error("Config reload failed, keeping the running config: {file}: {error}", file=path, error=error, config_path=config_path)
+        return False
 
     def reload(self):
         """
         Re-read the config file and the environment, validate, and swap.  An
-        invalid file keeps the running config.
+        invalid file keeps the running config.  Every failure, whatever
+        raised it, is counted (C{reloads["error"]}, the reload metric) and
+        logged with the file's path; nothing propagates.
 
         @return: C{True} when the new config was applied.
         """
         path = self.config.source
         try:
             new = load_config(path, self.environ, mode=self.mode)
+            restart = restart_needed(self.config, new)
         except ConfigError as e:
-            self.reloads["error"] += 1
-            self.metrics.reloads.labels("error").inc()
-            log.error("Config reload failed, keeping the running config: {file}: {error}", file=path, error=str(e), config_path=e.path)
-            return False
+            return self._reload_failed(path, str(e), e.path)
+        except Exception:
+            # load_config turns every failure into a ConfigError; this is a bug.
+            return self._reload_failed(path, "unexpected error (see the traceback)", None, unexpected=True)
         old = self.config
         self.metrics.reloads.labels("ok").inc()
-        for key in restart_needed(old, new):
+        for key in restart:
             log.warn("Config key {key} changed; it takes effect after a restart", key=key)
         self.config = new
         self.reloads["ok"] += 1
@@ -226,19 +259,13 @@ class Gateway:
 
     # --- the HTTP layer's questions ----------------------------------------------
 
-    def image_filter(self, config):
-        """
-        C{filter(raw_bytes) -> base64 text} for images in chat requests:
-        validated, shrunk and re-encoded (L{clawdbot.images}).
-        """
-        return build_image_filter(config.images)
-
     def cors(self, request):
         """
         CORS for the debug listener: any C{http://localhost:*} (or loopback)
         origin may call it, so a front end on :3000 can.
         """
-        origin = request.getHeader(b"origin")
+        origins = request.requestHeaders.getRawHeaders(b"origin") or []
+        origin = origins[0] if len(origins) == 1 else None
         if origin and _is_local_origin(origin):
             request.setHeader(b"access-control-allow-origin", origin)
             request.setHeader(b"vary", b"Origin")
@@ -255,10 +282,5 @@ class Gateway:
 
 
 def _is_local_origin(origin):
-    if isinstance(origin, bytes):
-        origin = origin.decode("latin-1")
-    for prefix in ("http://localhost", "http://127.0.0.1", "http://[::1]"):
-        if origin == prefix or origin.startswith(prefix + ":"):
-            rest = origin[len(prefix) + 1 :]
-            return origin == prefix or rest.isdigit()
-    return False
+    """The same rule as the debug port's own check (L{clawdbot.web.loopback_origin})."""
+    return loopback_origin(origin)

@@ -10,12 +10,15 @@ an L{APIError} (400) naming the field, never dropped silently.
 import base64
 import binascii
 import json
+import math
 import re
 import secrets
 import struct
 import time
 
 from clawdbot.errors import APIError, invalid
+from clawdbot.strictjson import parse_json
+from clawdbot.images import too_many_images
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 REASONING_EFFORT = {"none": False, "minimal": True, "low": True, "medium": True, "high": True}
@@ -51,11 +54,15 @@ _DATA_URL = re.compile(r"^data:(image/[a-z0-9.+-]+);base64,(.*)$", re.IGNORECASE
 
 
 def _number(value, name, low=None, high=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
         raise invalid(f"'{name}' must be a number")
     if (low is not None and value < low) or (high is not None and value > high):
         raise invalid(f"'{name}' must be between {low} and {high}")
     return value
+
+
+# Ollama reads integers as Go's int64.
+_INT64 = 2**63 - 1
 
 
 def _integer(value, name, low=None):
@@ -63,6 +70,8 @@ def _integer(value, name, low=None):
         raise invalid(f"'{name}' must be an integer")
     if low is not None and value < low:
         raise invalid(f"'{name}' must be at least {low}")
+    if not -_INT64 <= value <= _INT64:
+        raise invalid(f"'{name}' is out of range")
     return value
 
 
@@ -139,8 +148,8 @@ def _tool_calls_in(calls, where):
         args = fn.get("arguments", "{}")
         if isinstance(args, str):
             try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
+                args = parse_json(args.encode("utf-8")) if args.strip() else {}
+            except APIError:
                 raise invalid(f"{where}.tool_calls[{i}].function.arguments must be a JSON string") from None
         if not isinstance(args, dict):
             raise invalid(f"{where}.tool_calls[{i}].function.arguments must encode an object")
@@ -148,13 +157,22 @@ def _tool_calls_in(calls, where):
     return out
 
 
-def translate_messages(messages, image_filter=None):
+def translate_messages(messages, max_images=None):
     """
-    OpenAI C{messages} to Ollama's.  C{image_filter(raw_bytes) -> base64 str}
-    validates and re-encodes each image (the default passes it through).
+    OpenAI C{messages} to Ollama's.
+
+    Images stay raw: a message's C{images} is a list of the C{bytes} decoded
+    from its data URLs, which no JSON encoder takes, so nothing reaches the
+    backend until the handler has had them validated and re-encoded off the
+    reactor (L{clawdbot.images.ImageWorkers.process_messages}).  Nothing here
+    parses an image.
+
+    @param max_images: the most images all messages together may carry
+        (C{images.max_per_request}); C{None}, no cap.
     """
     if not isinstance(messages, list):
         raise invalid("'messages' must be a list")
+    image_count = 0
     out = []
     tool_names = {}
     for i, message in enumerate(messages):
@@ -162,15 +180,17 @@ def translate_messages(messages, image_filter=None):
         if not isinstance(message, dict):
             raise invalid(f"{where} must be an object")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise invalid(f"{where}.role must be one of system, developer, user, assistant, tool")
         images = []
         entry = {"role": "system" if role == "developer" else role, "content": _content(message.get("content"), where, images)}
         if images:
             if role != "user":
                 raise invalid(f"{where}: only user messages may carry images")
-            encode = image_filter or (lambda raw: base64.b64encode(raw).decode("ascii"))
-            entry["images"] = [encode(raw) for raw in images]
+            image_count += len(images)
+            if max_images is not None and image_count > max_images:
+                raise invalid(too_many_images(max_images))
+            entry["images"] = images
         if role == "assistant" and message.get("tool_calls"):
             entry["tool_calls"] = _tool_calls_in(message["tool_calls"], where)
             for call in message["tool_calls"]:
@@ -178,6 +198,8 @@ def translate_messages(messages, image_filter=None):
                     tool_names[call["id"]] = call["function"]["name"]
         if role == "tool":
             call_id = message.get("tool_call_id")
+            if call_id is not None and not isinstance(call_id, str):
+                raise invalid(f"{where}.tool_call_id must be a string")
             if call_id in tool_names:
                 entry["tool_name"] = tool_names[call_id]
         out.append(entry)
@@ -195,19 +217,28 @@ def _tools(tools):
         if not isinstance(fn.get("name"), str):
             raise invalid(f"tools[{i}].function.name must be a string")
         entry = {"name": fn["name"]}
-        if "description" in fn:
+        if fn.get("description") is not None:
+            if not isinstance(fn["description"], str):
+                raise invalid(f"tools[{i}].function.description must be a string")
             entry["description"] = fn["description"]
-        entry["parameters"] = fn.get("parameters", {"type": "object", "properties": {}})
+        parameters = fn.get("parameters")
+        if parameters is None:
+            parameters = {"type": "object", "properties": {}}
+        elif not isinstance(parameters, dict):
+            raise invalid(f"tools[{i}].function.parameters must be a JSON schema object")
+        entry["parameters"] = parameters
         out.append({"type": "function", "function": entry})
     return out
 
 
-def chat_request(body, config, principal=None, session_id=None, image_filter=None):
+def chat_request(body, config, principal=None, session_id=None):
     """
     An OpenAI chat completion request body to Ollama's C{/api/chat} body.
 
     @return: C{(ollama_body, options)} where C{options} notes what the reply
         translation needs (C{stream}, C{include_usage}, the requested model).
+        The messages' C{images} are still raw bytes (L{translate_messages}):
+        the caller has them processed before the body goes anywhere.
     """
     for key in body:
         if key not in _HANDLED and key not in _IGNORED:
@@ -215,7 +246,7 @@ def chat_request(body, config, principal=None, session_id=None, image_filter=Non
     model = resolve_model(body.get("model"), config)
     if "messages" not in body:
         raise invalid("'messages' is required")
-    messages = translate_messages(body["messages"], image_filter)
+    messages = translate_messages(body["messages"], config.images.max_per_request)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise invalid("'stream' must be true or false")
@@ -224,7 +255,10 @@ def chat_request(body, config, principal=None, session_id=None, image_filter=Non
         so = body["stream_options"]
         if not isinstance(so, dict):
             raise invalid("'stream_options' must be an object")
-        include_usage = bool(so.get("include_usage", False))
+        include_usage = so.get("include_usage", False)
+        if not isinstance(include_usage, bool) and include_usage is not None:
+            raise invalid("'stream_options.include_usage' must be true or false")
+        include_usage = bool(include_usage)
 
     n = body.get("n", 1)
     if n is not None and _integer(n, "n") != 1:
@@ -285,7 +319,7 @@ def chat_request(body, config, principal=None, session_id=None, image_filter=Non
 
     effort = body.get("reasoning_effort")
     if effort is not None:
-        if effort not in REASONING_EFFORT:
+        if not isinstance(effort, str) or effort not in REASONING_EFFORT:
             raise invalid("'reasoning_effort' must be none, minimal, low, medium or high")
         out["think"] = REASONING_EFFORT[effort]
 
@@ -336,6 +370,37 @@ def usage(reply):
     prompt = reply.get("prompt_eval_count") or 0
     completion = reply.get("eval_count") or 0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _text_size(value, depth=0):
+    """The characters of text in a request body (message contents, prompts, inputs)."""
+    if isinstance(value, str):
+        return len(value)
+    if depth > 8:
+        return 0
+    if isinstance(value, list):
+        return sum(_text_size(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return sum(_text_size(value[k], depth + 1) for k in ("content", "text", "messages", "prompt", "system", "input") if k in value)
+    return 0
+
+
+def estimate_tokens(body):
+    """
+    A rough prompt size in tokens (four characters a token), for charging a
+    reply that ended before Ollama reported its counts.
+    """
+    return _text_size(body) // 4 + 1
+
+
+def estimated_usage(prompt_tokens, completion_tokens):
+    """
+    A usage record from estimates (a stream cut off before its final line),
+    or C{None} when nothing was streamed (the model produced nothing).
+    """
+    if not completion_tokens:
+        return None
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens, "estimated": True}
 
 
 def chat_response(reply, model, created=None):
@@ -407,6 +472,9 @@ class StreamTranslator:
         self.tool_calls = []
         self.final = None
         self.done = False
+        # Ollama lines relayed so far (about one token each), for charging a
+        # stream that ends before its final line.
+        self.streamed = 0
         self._prefix = (
             '{"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,"system_fingerprint":"fp_ollama","choices":'
             % (self.id, self.created, json.dumps(model, ensure_ascii=False))
@@ -458,6 +526,8 @@ class StreamTranslator:
             self.done = True
             self.final = data
             finish = finish_reason(data.get("done_reason"), bool(self.tool_calls))
+        else:
+            self.streamed += 1
         choice = '[{"index":0,"delta":%s,"logprobs":null,"finish_reason":%s}]' % (
             json.dumps(delta, ensure_ascii=False, separators=(",", ":")),
             "null" if finish is None else '"%s"' % finish,

@@ -1,0 +1,347 @@
+"""
+Regression tests for the security review's findings on the model routes
+(issue 13): the native pass-through keeps the gateway's rules (#5), streamed
+replies are charged to the token budget however they end (#6), read-only
+routes that ask Ollama spend the request budget (#8), and wrong JSON types
+are a 400, never a 500 (#14).
+"""
+
+import base64
+import io
+import json
+import os
+import tempfile
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from clawdbot.native import go_duration, keep_alive_seconds
+from tests.fake_ollama import FakeOllama
+from tests.helpers import bearer, get_json, merge_yaml, serve, token
+
+HI = [{"role": "user", "content": "hi"}]
+WRITE = "chat:read chat:write"
+ADMIN = "chat:read chat:write admin"
+
+
+def png(size=(8, 8)):
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(out, "PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+SVG = base64.b64encode(b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><script>alert(1)</script></svg>').decode()
+
+
+class Backed(TestCase):
+    timeout = 60
+
+    def start(self, extra="", fake=None):
+        self.fake = fake or FakeOllama()
+        self.fake.listen(reactor)
+        self.addCleanup(self.fake.stop)
+        self.logfile = os.path.join(tempfile.mkdtemp(), "access.log")
+        base = merge_yaml(f'backend: {{url: "{self.fake.url}"}}', f'access_log: {{path: "{self.logfile}"}}')
+        self.gw = serve(self, extra=merge_yaml(base, extra))
+        return self.gw
+
+    def access_lines(self):
+        with open(self.logfile) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    async def native(self, name, body, scope=WRITE, sub="alice"):
+        return await get_json(self.gw.url + "/ollama/api/" + name, method="POST", headers=bearer(token(sub=sub, scope=scope)), body=body)
+
+    async def chat(self, scope=WRITE, sub="alice", **body):
+        payload = {"messages": HI}
+        payload.update(body)
+        return await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=bearer(token(sub=sub, scope=scope)), body=payload)
+
+
+class NativeRulesTests(Backed):
+    """#5: /ollama/api/* applies the gateway's rules, not Ollama's defaults."""
+
+    async def test_unknown_fields_are_refused_by_name(self):
+        """A field Ollama's endpoint does not document is a 400 naming it, and nothing reaches Ollama."""
+        self.start()
+        for name, body, field in (
+            ("chat", {"model": "qwen3:32b", "messages": HI, "stream": False, "surprise": 1}, "surprise"),
+            ("generate", {"model": "qwen3:32b", "prompt": "x", "stream": False, "messages": HI}, "messages"),
+            ("embed", {"model": "nomic-embed-text", "input": "x", "prompt": "x"}, "prompt"),
+            ("chat", {"model": "qwen3:32b", "messages": [{"role": "user", "content": "x", "extra": 1}], "stream": False}, "extra"),
+        ):
+            status, _, reply = await self.native(name, body)
+            self.assertEqual(status, 400, (name, body))
+            self.assertEqual(reply["error"]["code"], "INVALID_REQUEST")
+            self.assertIn(field, reply["error"]["details"])
+        self.assertEqual([r.path for r in self.fake.requests if r.path != "/api/version"], [])
+
+    async def test_model_residency_needs_admin_or_stays_in_bounds(self):
+        """keep_alive 0 (unload) and negative (pin) need admin; above backend.keep_alive is a 400 with the bound; within it is sent as seconds."""
+        self.start("backend: {keep_alive: 10m}")
+        for value in (0, -1, "0", "-1m", 0.0, "-0.5h", 0.5, "900ms"):
+            status, _, reply = await self.native("chat", {"model": "qwen3:32b", "messages": HI, "stream": False, "keep_alive": value})
+            self.assertEqual((status, reply["error"]["code"]), (403, "AUTH_INSUFFICIENT_SCOPE"), value)
+        for value in (3600, "2h", "11m", "601s"):
+            status, _, reply = await self.native("chat", {"model": "qwen3:32b", "messages": HI, "stream": False, "keep_alive": value})
+            self.assertEqual(status, 400, value)
+            self.assertIn("10m", reply["error"]["details"])
+        for value in ("5 minutes", "5", "-1", [], {"s": 1}, True, "1e3s"):
+            status, _, reply = await self.native("chat", {"model": "qwen3:32b", "messages": HI, "stream": False, "keep_alive": value})
+            self.assertEqual(status, 400, value)
+        self.assertEqual(self.fake.requests_to("/api/chat"), [])
+        status, _, _ = await self.native("generate", {"model": "qwen3:32b", "prompt": "x", "stream": False, "keep_alive": "5m"})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.fake.requests_to("/api/generate")[-1].body["keep_alive"], 300.0)
+        status, _, _ = await self.native("chat", {"model": "qwen3:32b", "messages": [], "keep_alive": 0}, scope=ADMIN)
+        self.assertEqual(status, 200)
+        self.assertEqual(self.fake.requests_to("/api/chat")[-1].body["keep_alive"], 0.0)
+
+    async def test_resource_options_are_bounded_or_admin_only(self):
+        """options.num_ctx above backend.max_num_ctx is a 400 naming the bound; load-time options need admin; unknown options are a 400."""
+        self.start("backend: {max_num_ctx: 8192}")
+        status, _, reply = await self.native("chat", {"model": "qwen3:32b", "messages": HI, "stream": False, "options": {"num_ctx": 1048576}})
+        self.assertEqual(status, 400)
+        self.assertIn("8192", reply["error"]["details"])
+        for option in ({"num_gpu": 99}, {"num_thread": 64}, {"use_mlock": True}, {"num_batch": 4096}, {"main_gpu": 1}):
+            status, _, reply = await self.native("generate", {"model": "qwen3:32b", "prompt": "x", "stream": False, "options": option})
+            self.assertEqual((status, reply["error"]["code"]), (403, "AUTH_INSUFFICIENT_SCOPE"), option)
+        for option in ({"bogus": 1}, {"temperature": "hot"}, {"num_ctx": 2.5}, {"stop": "x"}, {"seed": 2**70}):
+            status, _, reply = await self.native("chat", {"model": "qwen3:32b", "messages": HI, "stream": False, "options": option})
+            self.assertEqual(status, 400, option)
+        self.assertEqual(self.fake.requests_to("/api/chat") + self.fake.requests_to("/api/generate"), [])
+        status, _, _ = await self.native("chat", {"model": "qwen3:32b", "messages": HI, "stream": False, "options": {"num_ctx": 8192, "temperature": 0.2}})
+        self.assertEqual(status, 200)
+        status, _, _ = await self.native("chat", {"model": "qwen3:32b", "messages": HI, "stream": False, "options": {"num_ctx": 65536, "num_gpu": 10}}, scope=ADMIN)
+        self.assertEqual(status, 200)
+        self.assertEqual(self.fake.requests_to("/api/chat")[-1].body["options"], {"num_ctx": 65536, "num_gpu": 10})
+
+    async def test_raw_and_template_need_admin(self):
+        """/api/generate's raw and template replace the model's prompt template: admin only."""
+        self.start()
+        for extra in ({"raw": True}, {"template": "{{ .Prompt }}"}):
+            status, _, reply = await self.native("generate", dict({"model": "qwen3:32b", "prompt": "x", "stream": False}, **extra))
+            self.assertEqual((status, reply["error"]["code"]), (403, "AUTH_INSUFFICIENT_SCOPE"), extra)
+        status, _, _ = await self.native("generate", {"model": "qwen3:32b", "prompt": "x", "stream": False, "raw": False})
+        self.assertEqual(status, 200)
+        status, _, _ = await self.native("generate", {"model": "qwen3:32b", "prompt": "x", "stream": False, "raw": True}, scope=ADMIN)
+        self.assertEqual(status, 200)
+
+    async def test_audit_fields_are_the_gateways(self):
+        """Client-sent user_id and session_id never reach Ollama as sent: user_id is the caller, session_id is dropped."""
+        self.start()
+        for name, body in (
+            ("chat", {"model": "qwen3:32b", "messages": HI, "stream": False}),
+            ("generate", {"model": "qwen3:32b", "prompt": "x", "stream": False}),
+            ("embed", {"model": "nomic-embed-text", "input": "x"}),
+        ):
+            status, _, _ = await self.native(name, dict(body, user_id="mallory", session_id="sess_forged"))
+            self.assertEqual(status, 200, name)
+            sent = self.fake.requests_to("/api/" + name)[-1].body
+            self.assertNotEqual(sent["user_id"], "mallory")
+            self.assertIn("alice", sent["user_id"])
+            self.assertNotIn("session_id", sent)
+
+    async def test_model_must_be_an_allowed_string(self):
+        """A non-string model is a 400; a model outside backend.models is a 404 on every native route, show included."""
+        self.start('backend: {models: ["qwen3:32b"]}')
+        for model in ([1], {"a": 1}, 5, True):
+            status, _, reply = await self.native("chat", {"model": model, "messages": HI, "stream": False})
+            self.assertEqual(status, 400, model)
+        for name, body in (
+            ("chat", {"model": "llama3.2", "messages": HI, "stream": False}),
+            ("generate", {"model": "llama3.2", "prompt": "x", "stream": False}),
+            ("embed", {"model": "nomic-embed-text", "input": "x"}),
+            ("show", {"model": "nomic-embed-text"}),
+            ("show", {"name": "nomic-embed-text"}),
+        ):
+            status, _, reply = await self.native(name, body)
+            self.assertEqual((status, reply["error"]["code"]), (404, "MODEL_NOT_FOUND"), (name, body))
+        self.assertEqual([r.path for r in self.fake.requests if r.path != "/api/version"], [])
+
+    async def test_tags_follow_the_allow_list(self):
+        """/ollama/api/tags lists only what /v1/models lists."""
+        self.start('backend: {models: ["qwen3:32b"]}')
+        status, _, tags = await get_json(self.gw.url + "/ollama/api/tags", headers=bearer(token(scope=WRITE)))
+        self.assertEqual(status, 200)
+        self.assertEqual([m["name"] for m in tags["models"]], ["qwen3:32b"])
+        status, _, models = await get_json(self.gw.url + "/v1/models", headers=bearer(token(scope=WRITE)))
+        self.assertEqual([m["id"] for m in models["data"]], ["qwen3:32b"])
+
+    async def test_images_go_through_the_image_pipeline(self):
+        """Native images are validated and re-encoded like the OpenAI route's: an SVG is refused, a PNG reaches Ollama re-encoded."""
+        self.start()
+        for name, body in (
+            ("chat", {"model": "qwen3:32b", "messages": [{"role": "user", "content": "x", "images": [SVG]}], "stream": False}),
+            ("generate", {"model": "qwen3:32b", "prompt": "x", "images": [SVG], "stream": False}),
+            ("generate", {"model": "qwen3:32b", "prompt": "x", "images": ["not base64!"], "stream": False}),
+            ("generate", {"model": "qwen3:32b", "prompt": "x", "images": "abc", "stream": False}),
+        ):
+            status, _, reply = await self.native(name, body)
+            self.assertEqual((status, reply["error"]["code"]), (400, "INVALID_REQUEST"), name)
+        self.assertEqual(self.fake.requests_to("/api/chat") + self.fake.requests_to("/api/generate"), [])
+        original = png()
+        status, _, _ = await self.native("chat", {"model": "qwen3:32b", "messages": [{"role": "user", "content": "x", "images": [original]}], "stream": False})
+        self.assertEqual(status, 200)
+        sent = self.fake.requests_to("/api/chat")[-1].body["messages"][0]["images"]
+        self.assertEqual(len(sent), 1)
+        self.assertNotEqual(sent[0], original)
+        self.assertEqual(base64.b64decode(sent[0])[:2], b"\xff\xd8")  # re-encoded as JPEG (images.format)
+
+
+class StreamChargeTests(Backed):
+    """#6: every stream is charged to the token budget."""
+
+    async def test_streamed_completions_are_charged(self):
+        """Streamed chat completions read to [DONE], with and without include_usage, spend the token budget."""
+        for options in ({}, {"stream_options": {"include_usage": True}}):
+            self.start("rate_limit: {requests_per_minute: 0, tokens_per_minute: 20}", fake=FakeOllama(tokens=30))
+            status, _, raw = await self.chat(stream=True, **options)
+            self.assertEqual(status, 200)
+            self.assertIn(b"data: [DONE]", raw)
+            status, _, body = await self.chat(stream=True, **options)
+            self.assertEqual((status, body["error"]["code"]), (429, "RATE_LIMITED"), options)
+            self.assertGreater(self.access_lines()[0]["tokens"], 20)
+            self.assertEqual((await self.chat(sub="bob", stream=True))[0], 200)
+
+    async def test_client_that_leaves_is_charged_for_what_was_streamed(self):
+        """A client that closes the stream before its final line is still charged (an estimate of what was streamed)."""
+        self.start("rate_limit: {requests_per_minute: 0, tokens_per_minute: 10}", fake=FakeOllama(tokens=40))
+        self.fake.behave(stall_after=20)
+        host, port = self.gw.url.split("//")[1].split(":")
+        body = json.dumps({"messages": HI, "stream": True}).encode()
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {token(scope=WRITE)}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+
+        class Quitter(Protocol):
+            def __init__(self):
+                self.data = b""
+                self.enough = Deferred()
+
+            def dataReceived(self, data):
+                self.data += data
+                if self.data.count(b"data: ") >= 20 and not self.enough.called:
+                    self.enough.callback(None)
+
+        quitter = Quitter()
+        await connectProtocol(TCP4ClientEndpoint(reactor, host, int(port)), quitter)
+        quitter.transport.write(head + body)
+        await quitter.enough
+        gone = self.fake.next_disconnect()
+        quitter.transport.loseConnection()
+        await gone
+        self.fake.behave()
+        status, _, reply = await self.chat(stream=True)
+        self.assertEqual((status, reply["error"]["code"]), (429, "RATE_LIMITED"))
+        line = self.access_lines()[0]
+        self.assertTrue(line.get("client_gone"))
+        self.assertGreaterEqual(line["tokens"], 20)
+
+    async def test_native_stream_left_early_is_charged(self):
+        """The native streamed chat is charged too when its client leaves before the final line."""
+        self.start("rate_limit: {requests_per_minute: 0, tokens_per_minute: 10}", fake=FakeOllama(tokens=40))
+        self.fake.behave(stall_after=15)
+        host, port = self.gw.url.split("//")[1].split(":")
+        body = json.dumps({"model": "qwen3:32b", "messages": HI}).encode()
+        head = (
+            f"POST /ollama/api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {token(scope=WRITE)}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+
+        class Quitter(Protocol):
+            def __init__(self):
+                self.data = b""
+                self.enough = Deferred()
+
+            def dataReceived(self, data):
+                self.data += data
+                if self.data.count(b'"done":false') >= 15 and not self.enough.called:
+                    self.enough.callback(None)
+
+        quitter = Quitter()
+        await connectProtocol(TCP4ClientEndpoint(reactor, host, int(port)), quitter)
+        quitter.transport.write(head + body)
+        await quitter.enough
+        gone = self.fake.next_disconnect()
+        quitter.transport.loseConnection()
+        await gone
+        self.fake.behave()
+        status, _, _ = await self.native("chat", {"model": "qwen3:32b", "messages": HI, "stream": False})
+        self.assertEqual(status, 429)
+
+
+class ReadBudgetTests(Backed):
+    """#8: read-only routes that ask Ollama spend the caller's request budget."""
+
+    async def test_models_show_and_tags_spend_the_request_budget(self):
+        """/v1/models, /ollama/api/tags and /ollama/api/show each take one request from the budget; past it, Ollama is not asked."""
+        for method, path, body in (
+            ("GET", "/v1/models", None),
+            ("GET", "/ollama/api/tags", None),
+            ("POST", "/ollama/api/show", {"model": "qwen3:32b"}),
+            ("GET", "/ollama/api/version", None),
+        ):
+            self.start("rate_limit: {requests_per_minute: 2}")
+            statuses = []
+            for _ in range(4):
+                status, _, _ = await get_json(self.gw.url + path, method=method, headers=bearer(token(scope=WRITE)), body=body)
+                statuses.append(status)
+            self.assertEqual(statuses, [200, 200, 429, 429], path)
+            self.assertEqual(len(self.fake.requests), 2, path)
+
+
+class TypeTests(Backed):
+    """#14: a value of the wrong JSON type is a 400 naming it, never a 500."""
+
+    async def test_lists_where_strings_belong(self):
+        """Lists, objects and huge numbers in scalar fields are refused with 400 and nothing reaches Ollama."""
+        self.start()
+        cases = [
+            {"reasoning_effort": [1]},
+            {"reasoning_effort": {"a": 1}},
+            {"messages": [{"role": ["user"], "content": "x"}]},
+            {"messages": [{"role": {"a": 1}, "content": "x"}]},
+            {
+                "messages": [
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                    {"role": "tool", "tool_call_id": ["a"], "content": "x"},
+                ]
+            },
+            {"max_tokens": 10**30},
+            {"seed": -(10**40)},
+            {"tools": [{"type": "function", "function": {"name": "f", "description": ["x"]}}]},
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
+            {"stream_options": {"include_usage": [1]}},
+            {
+                "messages": [
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": NaN}'}}]},
+                ]
+            },
+        ]
+        for extra in cases:
+            status, _, reply = await self.chat(**extra)
+            self.assertEqual(status, 400, extra)
+            self.assertEqual(reply["error"]["code"], "INVALID_REQUEST")
+        self.assertEqual(self.fake.requests_to("/api/chat"), [])
+
+
+class DurationTests(SynchronousTestCase):
+    def test_go_durations(self):
+        """keep_alive strings are read as Go's time.ParseDuration reads them; anything else is refused."""
+        self.assertEqual(go_duration("5m"), 300)
+        self.assertEqual(go_duration("1h30m"), 5400)
+        self.assertEqual(go_duration("-1s"), -1)
+        self.assertEqual(go_duration("0"), 0)
+        self.assertAlmostEqual(go_duration("1.5h"), 5400)
+        self.assertAlmostEqual(go_duration("300ms"), 0.3)
+        for bad in ("", "5", "-", "m", "5 m", "5mm", "1e3s", "h5", "5m-1s", "+"):
+            self.assertIsNone(go_duration(bad), bad)
+        self.assertEqual(keep_alive_seconds(30), 30.0)
+        self.assertEqual(keep_alive_seconds(-1), -1.0)
