@@ -124,16 +124,18 @@ class ChatCompletions(APIResource):
             raise invalid("'session_id' must be a string")
         ollama_body, opts = translate.chat_request(body, config, request.principal, session_id)
         request.audit["model"] = ollama_body["model"]
+        if session_id is not None:
+            request.audit["session"] = session_id
+            # Only the owner adds turns to a session or clears it (checked
+            # before any image is decoded for the turn).
+            await load_owned(self.gateway, request.principal, session_id)
+            if body.get("messages") == []:
+                await self.gateway.store.clear(session_id)
+                return {"object": "session.context_cleared", "session_id": session_id}
         # Images are decoded on the image workers, never here on the reactor.
         await self.gateway.images.process_messages(ollama_body["messages"], config.images)
         if session_id is None:
             return await self._complete(request, config, ollama_body, opts, None)
-        request.audit["session"] = session_id
-        # Only the owner adds turns to a session or clears it.
-        await load_owned(self.gateway, request.principal, session_id)
-        if body.get("messages") == []:
-            await self.gateway.store.clear(session_id)
-            return {"object": "session.context_cleared", "session_id": session_id}
         limits = config.history
         for message in ollama_body["messages"]:
             if len(_text(message)) > limits.max_message_chars:

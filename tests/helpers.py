@@ -15,6 +15,7 @@ import time
 
 import treq
 from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
 
 from clawdbot.tap import Options, makeService
 
@@ -92,6 +93,33 @@ def merge_yaml(base, extra):
         return a
 
     return yaml.safe_dump(merge(yaml.safe_load(base), yaml.safe_load(textwrap.dedent(extra)) or {}))
+
+
+class Backed(TestCase):
+    """
+    A test case whose gateway runs in front of a fake Ollama (in this
+    process, on loopback), with its access log in a file of its own.
+    """
+
+    timeout = 90
+
+    def start(self, extra="", fake=None):
+        from tests.fake_ollama import FakeOllama
+
+        self.fake = fake or FakeOllama()
+        self.fake.listen(reactor)
+        self.addCleanup(self.fake.stop)
+        self.logfile = os.path.join(tempfile.mkdtemp(), "access.log")
+        base = merge_yaml(f'backend: {{url: "{self.fake.url}"}}', f'access_log: {{path: "{self.logfile}"}}')
+        self.gw = serve(self, extra=merge_yaml(base, extra))
+        return self.gw
+
+    def access_text(self):
+        with open(self.logfile, encoding="utf-8") as f:
+            return f.read()
+
+    def access_lines(self):
+        return [json.loads(line) for line in self.access_text().splitlines() if line.strip()]
 
 
 class Running:

@@ -9,18 +9,17 @@ are a 400, never a 500 (#14).
 import base64
 import io
 import json
-import os
-import tempfile
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from clawdbot.native import go_duration, keep_alive_seconds
 from tests.fake_ollama import FakeOllama
-from tests.helpers import bearer, get_json, merge_yaml, serve, token
+from tests import helpers
+from tests.helpers import bearer, get_json, token
 
 HI = [{"role": "user", "content": "hi"}]
 WRITE = "chat:read chat:write"
@@ -38,21 +37,8 @@ def png(size=(8, 8)):
 SVG = base64.b64encode(b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><script>alert(1)</script></svg>').decode()
 
 
-class Backed(TestCase):
+class Backed(helpers.Backed):
     timeout = 60
-
-    def start(self, extra="", fake=None):
-        self.fake = fake or FakeOllama()
-        self.fake.listen(reactor)
-        self.addCleanup(self.fake.stop)
-        self.logfile = os.path.join(tempfile.mkdtemp(), "access.log")
-        base = merge_yaml(f'backend: {{url: "{self.fake.url}"}}', f'access_log: {{path: "{self.logfile}"}}')
-        self.gw = serve(self, extra=merge_yaml(base, extra))
-        return self.gw
-
-    def access_lines(self):
-        with open(self.logfile) as f:
-            return [json.loads(line) for line in f if line.strip()]
 
     async def native(self, name, body, scope=WRITE, sub="alice"):
         return await get_json(self.gw.url + "/ollama/api/" + name, method="POST", headers=bearer(token(sub=sub, scope=scope)), body=body)
@@ -209,15 +195,13 @@ class StreamChargeTests(Backed):
             self.assertGreater(self.access_lines()[0]["tokens"], 20)
             self.assertEqual((await self.chat(sub="bob", stream=True))[0], 200)
 
-    async def test_client_that_leaves_is_charged_for_what_was_streamed(self):
-        """A client that closes the stream before its final line is still charged (an estimate of what was streamed)."""
-        self.start("rate_limit: {requests_per_minute: 0, tokens_per_minute: 10}", fake=FakeOllama(tokens=40))
-        self.fake.behave(stall_after=20)
+    async def stream_then_leave(self, path, body, marker, count):
+        """Post C{body} to C{path}, read until C{marker} was seen C{count} times, then close; wait until Ollama saw it."""
         host, port = self.gw.url.split("//")[1].split(":")
-        body = json.dumps({"messages": HI, "stream": True}).encode()
+        raw = json.dumps(body).encode()
         head = (
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer {token(scope=WRITE)}\r\nContent-Length: {len(body)}\r\n\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {token(scope=WRITE)}\r\nContent-Length: {len(raw)}\r\n\r\n"
         ).encode()
 
         class Quitter(Protocol):
@@ -227,16 +211,22 @@ class StreamChargeTests(Backed):
 
             def dataReceived(self, data):
                 self.data += data
-                if self.data.count(b"data: ") >= 20 and not self.enough.called:
+                if self.data.count(marker) >= count and not self.enough.called:
                     self.enough.callback(None)
 
         quitter = Quitter()
         await connectProtocol(TCP4ClientEndpoint(reactor, host, int(port)), quitter)
-        quitter.transport.write(head + body)
+        quitter.transport.write(head + raw)
         await quitter.enough
         gone = self.fake.next_disconnect()
         quitter.transport.loseConnection()
         await gone
+
+    async def test_client_that_leaves_is_charged_for_what_was_streamed(self):
+        """A client that closes the stream before its final line is still charged (an estimate of what was streamed)."""
+        self.start("rate_limit: {requests_per_minute: 0, tokens_per_minute: 10}", fake=FakeOllama(tokens=40))
+        self.fake.behave(stall_after=20)
+        await self.stream_then_leave("/v1/chat/completions", {"messages": HI, "stream": True}, b"data: ", 20)
         self.fake.behave()
         status, _, reply = await self.chat(stream=True)
         self.assertEqual((status, reply["error"]["code"]), (429, "RATE_LIMITED"))
@@ -248,30 +238,7 @@ class StreamChargeTests(Backed):
         """The native streamed chat is charged too when its client leaves before the final line."""
         self.start("rate_limit: {requests_per_minute: 0, tokens_per_minute: 10}", fake=FakeOllama(tokens=40))
         self.fake.behave(stall_after=15)
-        host, port = self.gw.url.split("//")[1].split(":")
-        body = json.dumps({"model": "qwen3:32b", "messages": HI}).encode()
-        head = (
-            f"POST /ollama/api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer {token(scope=WRITE)}\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode()
-
-        class Quitter(Protocol):
-            def __init__(self):
-                self.data = b""
-                self.enough = Deferred()
-
-            def dataReceived(self, data):
-                self.data += data
-                if self.data.count(b'"done":false') >= 15 and not self.enough.called:
-                    self.enough.callback(None)
-
-        quitter = Quitter()
-        await connectProtocol(TCP4ClientEndpoint(reactor, host, int(port)), quitter)
-        quitter.transport.write(head + body)
-        await quitter.enough
-        gone = self.fake.next_disconnect()
-        quitter.transport.loseConnection()
-        await gone
+        await self.stream_then_leave("/ollama/api/chat", {"model": "qwen3:32b", "messages": HI}, b'"done":false', 15)
         self.fake.behave()
         status, _, _ = await self.native("chat", {"model": "qwen3:32b", "messages": HI, "stream": False})
         self.assertEqual(status, 429)

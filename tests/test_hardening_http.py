@@ -13,20 +13,18 @@ from urllib.parse import quote
 
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import LogLevel
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from clawdbot.errors import APIError, error_body
 from clawdbot.logs import JSONLineObserver
 from clawdbot.observe import log_line, redact_body
 from clawdbot.strictjson import parse_json
 from clawdbot.web import APIResource, JSONResponse, is_json_type, is_loopback_host, loopback_authority, loopback_origin
-from tests.fake_ollama import FakeOllama
-from tests.helpers import bearer, get_json, merge_yaml, serve, token
+from tests.helpers import Backed, bearer, get_json, token
+from tests.test_http import RawClient
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -79,20 +77,6 @@ REFUSED_ORIGINS = [
 ACCEPTED_ORIGINS = ["http://localhost:3000", "http://localhost", "https://127.0.0.1:5173", "http://[::1]:8080", "HTTP://LOCALHOST:3000"]
 
 
-class RawClient(Protocol):
-    """Collects what the server sends; C{closed} fires with it when the connection ends."""
-
-    def __init__(self):
-        self.data = b""
-        self.closed = Deferred()
-
-    def dataReceived(self, data):
-        self.data += data
-
-    def connectionLost(self, reason):
-        self.closed.callback(self.data)
-
-
 async def connect(url):
     host, port = url.split("//")[1].split(":")
     proto = RawClient()
@@ -123,28 +107,6 @@ def assert_error(testcase, status, body, want_status, code):
     testcase.assertEqual(set(body), {"error"}, body)
     testcase.assertEqual(body["error"]["code"], code, body)
     testcase.assertIsInstance(body["error"]["message"], str)
-
-
-class Backed(TestCase):
-    """A gateway in front of the fake Ollama, with an access log in a file."""
-
-    timeout = 90
-
-    def start(self, extra=""):
-        self.fake = FakeOllama()
-        self.fake.listen(reactor)
-        self.addCleanup(self.fake.stop)
-        self.logfile = os.path.join(tempfile.mkdtemp(), "access.log")
-        base = merge_yaml(f'backend: {{url: "{self.fake.url}"}}', f'access_log: {{path: "{self.logfile}"}}')
-        self.gw = serve(self, extra=merge_yaml(base, extra))
-        return self.gw
-
-    def access_text(self):
-        with open(self.logfile, encoding="utf-8") as f:
-            return f.read()
-
-    def access_lines(self):
-        return [json.loads(line) for line in self.access_text().splitlines() if line.strip()]
 
 
 # --- finding 1: the debug port's loopback check ----------------------------------

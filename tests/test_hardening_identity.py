@@ -28,7 +28,7 @@ from clawdbot import sso
 from clawdbot.auth import Authenticator, Issuer, mint, parse_scopes, reason_for
 from clawdbot.config import ConfigError, parse_config
 from clawdbot.identity import DEV_ISSUER, is_scope_token, owner_key, split_scopes
-from clawdbot.storage import PostgresEngine, SQLiteEngine, SQLStore
+from clawdbot.storage import MIGRATIONS, PostgresEngine, SQLiteEngine, SQLStore
 from tests.fake_ollama import FakeOllama
 from tests.helpers import AUDIENCE, BASE_CONFIG, ISSUER, SECRET, bearer, get_json, merge_yaml, rsa_key, serve, token
 from tests.idp import IdP, browserless_login, pkce_pair
@@ -50,31 +50,7 @@ oauth2:
 """
 
 # The schema as migrations 1 and 2 left it, before owners had a provider.
-OLD_SCHEMA = [
-    """CREATE TABLE sessions (
-        id TEXT PRIMARY KEY,
-        title TEXT NOT NULL,
-        owner TEXT NOT NULL,
-        team TEXT,
-        created_at DOUBLE PRECISION NOT NULL,
-        updated_at DOUBLE PRECISION NOT NULL
-    )""",
-    "CREATE INDEX sessions_owner ON sessions (owner, updated_at DESC, id DESC)",
-    "CREATE INDEX sessions_team ON sessions (team, updated_at DESC, id DESC)",
-    """CREATE TABLE messages (
-        session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
-        seq INTEGER NOT NULL,
-        role TEXT NOT NULL,
-        content TEXT NOT NULL,
-        created_at DOUBLE PRECISION NOT NULL,
-        incomplete BOOLEAN NOT NULL DEFAULT FALSE,
-        PRIMARY KEY (session_id, seq)
-    )""",
-    """CREATE TABLE revocations (
-        id TEXT PRIMARY KEY,
-        expires_at DOUBLE PRECISION NOT NULL
-    )""",
-]
+OLD_SCHEMA = [statement for migration in MIGRATIONS[:2] for statement in migration]
 OLD_ROWS = [
     ("sess_old_alice", "Alice's plans", "alice", None, [("user", "你好 world", False), ("assistant", "hello ✓", False)]),
     ("sess_old_team", "Team notes", "alice", "team-a", [("user", "x" * 10, False)]),

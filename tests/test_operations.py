@@ -23,6 +23,7 @@ from clawdbot.logs import event_as_dict
 from clawdbot.observe import AccessLog, redact
 from clawdbot.ratelimit import MemoryLimiter, rule_for
 from tests.fake_ollama import FakeOllama
+from tests import helpers
 from tests.helpers import BASE_CONFIG, Process, bearer, clawdbot_argv, get_json, merge_yaml, serve, token, write_config
 
 HI = [{"role": "user", "content": "hi"}]
@@ -89,21 +90,8 @@ class LimiterTests(SynchronousTestCase):
         self.assertEqual(tuple(rule_for(Principal("a", teams=("interns", "research")), config).__dict__.values()), (600, 1000))
 
 
-class Backed(TestCase):
+class Backed(helpers.Backed):
     timeout = 60
-
-    def start(self, extra="", fake=None):
-        self.fake = fake or FakeOllama()
-        self.fake.listen(reactor)
-        self.addCleanup(self.fake.stop)
-        self.logfile = os.path.join(tempfile.mkdtemp(), "access.log")
-        base = merge_yaml(f'backend: {{url: "{self.fake.url}"}}', f'access_log: {{path: "{self.logfile}"}}')
-        self.gw = serve(self, extra=merge_yaml(base, extra))
-        return self.gw
-
-    def access_lines(self):
-        with open(self.logfile) as f:
-            return [json.loads(line) for line in f if line.strip()]
 
     async def chat(self, who="alice", scope="chat:read chat:write", **body):
         payload = {"messages": HI}
