@@ -28,7 +28,7 @@ def _encode(payload):
     return json.dumps(payload, ensure_ascii=False).encode("utf-8")
 
 
-async def relay(gateway, request, config, path, body, payload, headers, on_data, on_end=None, on_error=None):
+async def relay(gateway, request, config, path, body, payload, headers, on_data, on_end=None, on_error=None, on_sent=None):
     """
     Send C{body} to Ollama at C{path} and stream its reply to C{request}:
     each chunk goes through C{on_data(bytes) -> bytes} and is written as it
@@ -41,6 +41,8 @@ async def relay(gateway, request, config, path, body, payload, headers, on_data,
 
     @param on_end: C{async () -> bytes}, what to write when the body ends;
         it raises an L{APIError} when the body ended too early.
+    @param on_sent: called once the call has its backend slot and goes to
+        Ollama (L{translate.Meter.mark_sent}).
     @return: C{True} when the reply completed.
     """
     backend = gateway.backend
@@ -48,6 +50,8 @@ async def relay(gateway, request, config, path, body, payload, headers, on_data,
     started = clock.seconds()
     deadline = started + config.timeout
     lease = await backend.acquire(config)
+    if on_sent is not None:
+        on_sent()
     try:
         response = await backend.send(config, b"POST", path, body, deadline, lease)
         request.audit["upstream_latency"] = round(clock.seconds() - started, 6)
@@ -118,7 +122,7 @@ class ChatCompletions(APIResource):
 
     async def handle_POST(self, request):
         config = request.config
-        body = read_json(request)
+        body = await read_json(request)
         session_id = body.get("session_id")
         if session_id is not None and not isinstance(session_id, str):
             raise invalid("'session_id' must be a string")
@@ -146,9 +150,12 @@ class ChatCompletions(APIResource):
             new = [(m["role"], _text(m), False) for m in ollama_body["messages"]]
             if await self.gateway.store.count_messages(session_id) + len(new) + 1 > limits.max_messages_per_session:
                 raise invalid(f"the session has reached the limit of {limits.max_messages_per_session} messages; start a new one")
-            await check_history_quota(self.gateway.store, request.principal, limits, new)
-            ollama_body["messages"] = [{"role": m.role, "content": m.content} for m in context] + ollama_body["messages"]
-            return await self._complete(request, config, ollama_body, opts, new)
+            release = await check_history_quota(self.gateway.store, request.principal, limits, new, self.gateway.history_reservations)
+            try:
+                ollama_body["messages"] = [{"role": m.role, "content": m.content} for m in context] + ollama_body["messages"]
+                return await self._complete(request, config, ollama_body, opts, new)
+            finally:
+                release()
 
         return await self.gateway.session_locks.run(session_id, turn)
 
@@ -157,9 +164,10 @@ class ChatCompletions(APIResource):
         await self.gateway.store.append(sid, new + [("assistant", reply, incomplete)])
 
     async def _complete(self, request, config, ollama_body, opts, new):
+        meter = await metered(self.gateway, request, ollama_body)
         if opts["stream"]:
-            return await self._stream(request, config, ollama_body, opts, new)
-        reply = await self.gateway.backend.call_json(config, b"POST", "/api/chat", ollama_body)
+            return await self._stream(request, config, ollama_body, opts, new, meter)
+        reply = await self.gateway.backend.call_json(config, b"POST", "/api/chat", ollama_body, sent=meter.mark_sent)
         result = translate.chat_response(reply, opts["model"])
         request.audit["usage"] = result["usage"]
         request.audit["tokens"] = result["usage"]["total_tokens"]
@@ -167,19 +175,17 @@ class ChatCompletions(APIResource):
             await self._store(request, new, result["choices"][0]["message"].get("content") or "", False)
         return result
 
-    async def _stream(self, request, config, ollama_body, opts, new):
+    async def _stream(self, request, config, ollama_body, opts, new, meter):
         splitter = LineSplitter()
         translator = StreamTranslator(opts["model"], opts["include_usage"], hold_done=new is not None)
-        # Charged however the stream ends: Ollama's counts once its final
-        # line is in, an estimate of what was streamed before that.
-        prompt = translate.estimate_tokens(ollama_body)
-        request.audit["usage_probe"] = lambda: translate.estimated_usage(prompt, translator.streamed)
 
         def on_data(data):
             if translator.done:
                 return b""
             try:
-                out = b"".join(translator.line(line) for line in splitter.feed(data) if not translator.done)
+                lines = splitter.feed(data)
+                meter.streamed += len(lines)
+                out = b"".join(translator.line(line) for line in lines if not translator.done)
             except UpstreamStreamError as e:
                 raise APIError("UPSTREAM_UNAVAILABLE", details=e.args[0]) from None
             if translator.final is not None and "usage" not in request.audit:
@@ -204,7 +210,7 @@ class ChatCompletions(APIResource):
 
         stored = False
         try:
-            ok = await relay(self.gateway, request, config, "/api/chat", _encode(ollama_body), ollama_body, SSE_HEADERS, on_data, on_end, sse_error)
+            ok = await relay(self.gateway, request, config, "/api/chat", _encode(ollama_body), ollama_body, SSE_HEADERS, on_data, on_end, sse_error, meter.mark_sent)
             stored = ok
         except CancelledError:
             # The client went away: keep what was said, marked incomplete.
@@ -243,11 +249,13 @@ class Embeddings(APIResource):
 
     async def handle_POST(self, request):
         config = request.config
-        body, opts = translate.embeddings_request(read_json(request), config)
+        body, opts = translate.embeddings_request(await read_json(request), config)
         request.audit["model"] = body["model"]
-        reply = await self.gateway.backend.call_json(config, b"POST", "/api/embed", body)
+        meter = await metered(self.gateway, request, body)
+        reply = await self.gateway.backend.call_json(config, b"POST", "/api/embed", body, sent=meter.mark_sent)
         tokens = reply.get("prompt_eval_count") or 0
         request.audit["usage"] = {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
+        request.audit["tokens"] = tokens
         return translate.embeddings_response(reply, opts["model"], opts["encoding_format"])
 
 
@@ -330,17 +338,19 @@ class NativeAPI(APIResource):
             return native.filter_tags(tags, config)
         if method == "GET":
             return JSONResponse(await backend.call(config, b"GET", path))
-        payload = read_json(request)
+        payload = await read_json(request)
         if name in native.FIELDS:
-            payload, images = native.native_request(name, payload, config, request.principal, audit_user(request.principal))
+            payload, images = native.native_request(name, payload, config, request.principal, request.principal.key)
             request.audit["model"] = payload["model"]
             if images:
                 await self.gateway.images.process_base64_lists(images, config.images)
         counted = name in ("chat", "generate", "embed")
+        meter = await metered(self.gateway, request, payload) if counted else None
+        sent = meter.mark_sent if counted else None
         wants_stream = streams and payload.get("stream", True) is not False
         if not wants_stream:
             # Ollama's own body, as Ollama sent it (some answers are empty).
-            raw = await backend.call(config, method.encode(), path, payload)
+            raw = await backend.call(config, method.encode(), path, payload, sent=sent)
             if counted:
                 _count_native(request, raw)
             return JSONResponse(raw)
@@ -349,10 +359,6 @@ class NativeAPI(APIResource):
             return _encode(err.as_dict()) + b"\n"
 
         splitter = LineSplitter()
-        streamed = [0]
-        if counted:
-            prompt = translate.estimate_tokens(payload)
-            request.audit["usage_probe"] = lambda: translate.estimated_usage(prompt, streamed[0])
 
         def on_data(data):
             # Pass the bytes through as they are; read the counts off the
@@ -363,10 +369,10 @@ class NativeAPI(APIResource):
                     if b'"done":true' in line:
                         _count_native(request, line)
                     else:
-                        streamed[0] += 1
+                        meter.streamed += 1
             return data
 
-        await relay(self.gateway, request, config, path, _encode(payload), payload, NDJSON_HEADERS, on_data, None, on_error)
+        await relay(self.gateway, request, config, path, _encode(payload), payload, NDJSON_HEADERS, on_data, None, on_error, sent)
         return None
 
     async def handle_GET(self, request):
@@ -376,12 +382,20 @@ class NativeAPI(APIResource):
         return await self._dispatch(request)
 
     async def handle_DELETE(self, request):
-        return JSONResponse(await self.gateway.backend.call(request.config, b"DELETE", "/api/delete", read_json(request)))
+        return JSONResponse(await self.gateway.backend.call(request.config, b"DELETE", "/api/delete", await read_json(request)))
 
 
-def audit_user(principal):
-    """The caller as the backend's audit fields name it."""
-    return getattr(principal, "key", None) or principal.sub
+async def metered(gateway, request, body):
+    """
+    A L{translate.Meter} for one call to the model, with its prompt's
+    estimate reserved from the caller's token budget (429 when the budget is
+    spent); L{clawdbot.gateway.Gateway.request_done} settles it.
+    """
+    meter = request.audit["meter"] = translate.Meter(body)
+    await gateway.reserve_tokens(request, meter.prompt)
+    return meter
+
+
 
 
 def add_routes(root, v1, gateway):

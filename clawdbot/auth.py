@@ -18,7 +18,6 @@ Every refusal is an L{APIError} with a curated C{details}; the token itself
 is never logged.
 """
 
-import json
 import time
 from dataclasses import dataclass, field
 
@@ -40,6 +39,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from clawdbot.errors import APIError
+from clawdbot.strictjson import parse_json
 from clawdbot.identity import DEV_ISSUER, is_scope_token, owner_key, split_scopes
 
 log = Logger(namespace="clawdbot.auth")
@@ -435,8 +435,11 @@ class Authenticator:
         if not isinstance(alg, str) or alg not in SUPPORTED_ALGORITHMS:
             raise InvalidAlgorithmError("alg")
         try:
-            claims = json.loads(_UNVERIFIED.decode_complete(token, options={"verify_signature": False})["payload"])
-        except (ValueError, RecursionError):
+            # Strict JSON: a claim with a lone UTF-16 surrogate (no UTF-8
+            # writer can store or log it), NaN or an out-of-range number
+            # makes the token malformed.
+            claims = parse_json(_UNVERIFIED.decode_complete(token, options={"verify_signature": False})["payload"])
+        except (APIError, ValueError, RecursionError):
             raise DecodeError("payload") from None
         if not isinstance(claims, dict):
             raise DecodeError("payload")

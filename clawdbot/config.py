@@ -132,6 +132,9 @@ class LimitsConfig:
     queue_timeout: float = _opt(30.0, kind="duration", minimum=0, maximum=3600)
     # The request line and headers must arrive whole within this (slowloris).
     header_timeout: float = _opt(10.0, kind="duration", minimum=0.5, maximum=300)
+    # The body must arrive whole within this, counted from the end of the
+    # headers (a body trickled byte by byte); else 408 and the connection closes.
+    body_timeout: float = _opt(120.0, kind="duration", minimum=0.5, maximum=3600)
 
 
 _IMAGE_FORMATS = ("png", "jpeg", "gif", "webp", "bmp")
@@ -747,6 +750,17 @@ class _Loader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        # YAML says keys are unique; PyYAML silently keeps the last, so a
+        # second `issuer:` would quietly replace the first.
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise ConfigError(None, f"the key {key_node.value!r} appears twice in one mapping{_where(key_node.start_mark)}")
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
 
     def construct_object(self, node, deep=False):
         try:

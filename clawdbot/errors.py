@@ -23,6 +23,8 @@ CODES = {
     "NOT_FOUND": (404, "not_found_error", "Not found"),
     "METHOD_NOT_ALLOWED": (405, "invalid_request_error", "Method not allowed"),
     "PAYLOAD_TOO_LARGE": (413, "invalid_request_error", "Request body too large"),
+    "REQUEST_TIMEOUT": (408, "invalid_request_error", "Request timed out"),
+    "HEADER_TOO_LARGE": (431, "invalid_request_error", "Request header fields too large"),
     "RATE_LIMITED": (429, "rate_limit_error", "Rate limit exceeded"),
     "GATEWAY_BUSY": (503, "server_error", "Gateway busy"),
     "MODEL_NOT_FOUND": (404, "invalid_request_error", "Model not found"),

@@ -23,10 +23,10 @@ from clawdbot.images import ImageWorkers
 from clawdbot.observe import AccessLog, Metrics
 from clawdbot.ollama import Ollama
 from clawdbot.ratelimit import build_limiter, rule_for
-from clawdbot.sessions import SessionLocks
+from clawdbot.sessions import HistoryReservations, SessionLocks
 from clawdbot.storage import open_store
 from clawdbot.translate import sse_error
-from clawdbot.web import loopback_origin
+from clawdbot.web import JSONParsers, loopback_origin
 
 log = Logger(namespace="clawdbot.gateway")
 
@@ -57,8 +57,11 @@ class Gateway:
         self.backend = Ollama(reactor, self)
         self.store = open_store(config, reactor)
         self.session_locks = SessionLocks()
+        self.history_reservations = HistoryReservations()
         # Images are decoded on these threads, never on the reactor.
         self.images = ImageWorkers(reactor)
+        # Big JSON bodies are parsed on these threads, never on the reactor.
+        self.parsers = JSONParsers(reactor)
         self.auth = build_authenticator(config, reactor, self.fetcher.fetch_json)
         self.limiter = build_limiter(config, reactor, on_error=lambda: self.metrics.ratelimit_backend_errors.inc())
         self.access_log = AccessLog(config.access_log.path)
@@ -78,6 +81,7 @@ class Gateway:
     def stop(self):
         """Close outbound connections and stop the image workers at shutdown."""
         self.images.stop()
+        self.parsers.stop()
         self.store.close()
         self.limiter.close()
         return gatherResults([self.backend.close(), self.fetcher.close()])
@@ -102,23 +106,49 @@ class Gateway:
             return  # the connection closed before a request arrived whole
         latency = time.perf_counter() - request.started
         usage = request.audit.get("usage")
-        probe = request.audit.pop("usage_probe", None)
-        if usage is None and probe is not None:
-            # A stream that ended (client gone, backend cut off) before
-            # Ollama's counts: charge what was streamed.
-            usage = probe()
+        meter = request.audit.pop("meter", None)
+        if usage is None and meter is not None:
+            # A call that ended (client gone, backend cut off) before
+            # Ollama's counts: charge the meter's estimate.
+            usage = meter.usage()
             if usage is not None:
                 request.audit["usage"] = usage
                 request.audit["tokens"] = usage["total_tokens"]
         self.access_log.record(request, latency)
         self.metrics.observe(request, latency)
-        if usage and request.principal is not None and request.config is not None:
-            rule = rule_for(request.principal, request.config)
-            if rule.tokens_per_minute:
-                d = Deferred.fromCoroutine(self.limiter.spend(request.principal.key, rule.tokens_per_minute, usage["total_tokens"], "tokens"))
-                d.addErrback(lambda f: log.failure("Could not count tokens", f))
+        self._settle_tokens(request, usage)
         if self.draining and not self.inflight and self._drained is not None and not self._drained.called:
             self._drained.callback(None)
+
+    def _settle_tokens(self, request, usage):
+        """Charge what a call cost, less what was reserved for it (a refund when it cost less)."""
+        reserved = request.audit.pop("reserved", 0)
+        spent = usage["total_tokens"] if usage else 0
+        if (spent or reserved) and request.principal is not None and request.config is not None:
+            rule = rule_for(request.principal, request.config)
+            if rule.tokens_per_minute and spent != reserved:
+                d = Deferred.fromCoroutine(self.limiter.spend(request.principal.key, rule.tokens_per_minute, spent - reserved, "tokens"))
+                d.addErrback(lambda f: log.failure("Could not count tokens", f))
+
+    async def reserve_tokens(self, request, estimate):
+        """
+        Take a call's estimated prompt from the token budget before it goes
+        to the model, in one atomic step that refuses once the budget is
+        spent, so that calls made at the same moment cannot all pass a check
+        made before any of them was charged.  L{request_done} settles the
+        difference with Ollama's counts.
+
+        @raise APIError: 429 RATE_LIMITED when the budget is spent.
+        """
+        rule = rule_for(request.principal, request.config)
+        if not rule.tokens_per_minute:
+            return
+        decision = await self.limiter.reserve(request.principal.key, rule.tokens_per_minute, estimate, "tokens")
+        if not decision.allowed:
+            raise rate_limited(decision, "token")
+        if decision.limit:
+            # (Not when an unreachable shared limiter let the call through.)
+            request.audit["reserved"] = estimate
 
     async def check_rate(self, request):
         """The principal's request and token budgets; 429 RATE_LIMITED when spent."""

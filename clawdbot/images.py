@@ -74,9 +74,9 @@ from PIL import ExifTags, Image, ImageFile
 from twisted.internet.defer import CancelledError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from clawdbot.errors import APIError, invalid
+from clawdbot.workers import Workers, shutting_down
 
 log = Logger(namespace="clawdbot.images")
 
@@ -408,7 +408,7 @@ class _Job:
         return work(items, settings, self.cancelled)
 
 
-class ImageWorkers:
+class ImageWorkers(Workers):
     """
     The bounded thread pool that decodes images, so the reactor never does.
 
@@ -424,21 +424,10 @@ class ImageWorkers:
     refused here has still spent it.
     """
 
-    def __init__(self, reactor):
-        self.reactor = reactor
-        self.stopped = False
-        self._pool = None
-        self._jobs = set()
+    name = "clawdbot-images"
 
     def _pool_for(self, settings):
-        if self.stopped:
-            raise APIError("SHUTTING_DOWN", details="the gateway is shutting down; retry the request", headers={"Retry-After": "1"})
-        if self._pool is None:
-            self._pool = ThreadPool(minthreads=0, maxthreads=settings.workers, name="clawdbot-images")
-            self._pool.start()
-        elif self._pool.max != settings.workers:
-            self._pool.adjustPoolsize(0, settings.workers)
-        return self._pool
+        return self.pool(settings.workers)
 
     async def process_all(self, raws, settings):
         """
@@ -529,21 +518,8 @@ class ImageWorkers:
             raise APIError("GATEWAY_BUSY", details=BUSY, headers={"Retry-After": "1"}) from None
         except Abandoned:
             # Cancelled by stop(): the gateway is going down.
-            raise APIError("SHUTTING_DOWN", details="the gateway is shutting down; retry the request", headers={"Retry-After": "1"}) from None
+            raise shutting_down() from None
         finally:
             self._jobs.discard(job)
             if timer.active():
                 timer.cancel()
-
-    def stop(self):
-        """
-        At gateway shutdown: ask every job to stop before its next image,
-        then end the threads (this waits for the images being decoded right
-        now, at most one per thread).  Later requests get 503 SHUTTING_DOWN.
-        """
-        self.stopped = True
-        for job in list(self._jobs):
-            job.cancel()
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.stop()

@@ -3,13 +3,14 @@ What the gateway tells its operator: one JSON access-log line per request
 (a sampled share with bodies, secrets redacted) and Prometheus metrics.
 """
 
+import functools
 import json
 import os
 import random
 import re
 import sys
 import time
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from twisted.logger import Logger
@@ -19,8 +20,27 @@ from clawdbot.web import KNOWN_METHODS
 log = Logger(namespace="clawdbot.observe")
 
 REDACTED = "[redacted]"
-_SECRET_WORDS = r"pass(?:word)?|secret|token(?!s)|authorization|cookie|api[_-]?key|credential|code_verifier"
-_SECRET_KEYS = re.compile(rf"({_SECRET_WORDS}|^code$)", re.IGNORECASE)
+
+# Secret-ish names, judged on the name split into lower-case words
+# (camelCase, snake_case, kebab-case, dotted: "clientSecret", "x_api_key",
+# "X-Auth-Token" are all words).  Three kinds:
+# - parts that name a secret wherever they appear, glued to other words or
+#   not ("mypassword", "xapikey", "refreshToken"); "tokens" and "tokenizer"
+#   are counts and tools, not credentials;
+_SECRET_PARTS = re.compile(
+    r"pass(?:word|wd|phrase|code)|secret|credential|cookie|authori[sz]ation|bearer|signature|verifier|assertion"
+    r"|token(?!s|iz)|(?:api|access|private|priv|secret|auth|session|signing|master|encryption|client)_?key|pin_?code"
+)
+# - short words that do only as a whole word ("auth" but not "author", "pin"
+#   but not "pinned", "key" but not "monkey");
+_SECRET_WORDS = frozenset({"pwd", "pass", "auth", "oauth", "sig", "otp", "totp", "pin", "jwt", "key", "keys", "hmac", "csrf", "xsrf"})
+# - names that are a secret only as the whole name: "session" (a cookie's
+#   value; "session_id" is an audit field and stays), "refresh" (a refresh
+#   credential), and "code" where it is an OAuth authorization code (in
+#   requests and query strings, not the error code of a response).
+_SECRET_NAMES = frozenset({"session", "refresh"})
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+_SEPARATORS = re.compile(r"[^a-z0-9]+")
 _DATA_URL = re.compile(r"data:([a-z]+/[a-z0-9.+-]+);base64,[A-Za-z0-9+/=\s]+", re.IGNORECASE)
 # Token-shaped text wherever it is: an Authorization value, a JWT, a
 # prefixed API key (sk-..., cb-...), or a long run of key characters that
@@ -32,14 +52,33 @@ _TOKENS = re.compile(
     r"|(?P<long>(?<![A-Za-z0-9_+/=-])[A-Za-z0-9_+/=-]{32,})",
     re.IGNORECASE,
 )
-# A secret-named key and its value (JSON-ish "key": "value", key=value,
-# key: value) in text that is not (or not valid) JSON: the value is dropped.
-_SECRET_PAIRS = re.compile(
-    rf"""((?:{_SECRET_WORDS})[A-Za-z0-9_.-]*["']?\s*[:=]\s*|\bcode=)"""
-    rf"""((?:Bearer|Basic|Digest|Token)\s+[^\s&,;}}\]"']+|"(?:[^"\\]|\\.)*"?|'[^']*'?|[^\s&,;}}\]]+)""",
-    re.IGNORECASE,
-)
+# A name and its value (JSON-ish "name": "value", name=value, name: value)
+# in text that is not (or not valid) JSON: the value is dropped when the
+# name is secret (L{is_secret_name}).  A name starts where a run of name
+# characters starts (linear time on any text).
+_NAME = re.compile(r"""(?<![A-Za-z0-9_.-])([A-Za-z0-9_.-]+)["']?[ \t]*[:=][ \t]*""")
+_VALUE = re.compile(r"""(?:Bearer|Basic|Digest|Token)\s+[^\s&,;}\]"']+|"(?:[^"\\]|\\.)*"?|'[^']*'?|[^\s&,;}\]]+""", re.IGNORECASE)
 BODY_LIMIT = 64 * 1024
+
+
+@functools.lru_cache(maxsize=4096)
+def _name_words(name):
+    return tuple(w for w in _SEPARATORS.split(_CAMEL.sub("_", name).lower()) if w)
+
+
+def is_secret_name(name, oauth_code=True):
+    """
+    C{name} (a JSON key, a form field, a query key) names a secret: see
+    L{_SECRET_PARTS}, L{_SECRET_WORDS}, L{_SECRET_NAMES}.  With
+    C{oauth_code}, a name that is just C{code} is one too.
+    """
+    words = _name_words(name)
+    if not words:
+        return False
+    if _SECRET_PARTS.search("_".join(words)) or any(w in _SECRET_WORDS for w in words):
+        return True
+    whole = "".join(words)
+    return whole in _SECRET_NAMES or (oauth_code and whole == "code")
 
 
 def _token(match):
@@ -51,11 +90,28 @@ def _token(match):
     return REDACTED
 
 
-def redact_text(text):
+def redact_text(text, oauth_code=True):
     """C{text} with image data, secret-named values and token-shaped strings replaced."""
     text = _DATA_URL.sub(lambda m: f"[{m.group(1)} data]", text)
-    text = _SECRET_PAIRS.sub(lambda m: m.group(1) + REDACTED, text)
+    text = _redact_pairs(text, oauth_code)
     return _TOKENS.sub(_token, text)
+
+
+def _redact_pairs(text, oauth_code):
+    """C{text} with the value after each secret name (C{name: value}, C{name=value}) replaced."""
+    out, cursor = [], 0
+    for match in _NAME.finditer(text):
+        if match.start() < cursor or not is_secret_name(match.group(1), oauth_code):
+            continue  # inside a value already dropped, or a harmless name
+        value = _VALUE.match(text, match.end())
+        if value is None:
+            continue
+        out += [text[cursor:match.end()], REDACTED]
+        cursor = value.end()
+    if not out:
+        return text
+    out.append(text[cursor:])
+    return "".join(out)
 
 
 def is_token_shaped(text):
@@ -63,24 +119,48 @@ def is_token_shaped(text):
     return redact_text(text) != text
 
 
-def redact(value):
-    """A copy of a parsed JSON value with secrets and image data replaced."""
+def redact(value, oauth_code=True):
+    """
+    A copy of a parsed JSON value with secrets and image data replaced.
+    C{oauth_code}: a key named C{code} is an OAuth authorization code (in a
+    request), not an error code (in a response).
+    """
     if isinstance(value, dict):
         return {
-            (redact_text(k) if isinstance(k, str) else k): (REDACTED if isinstance(k, str) and _SECRET_KEYS.search(k) else redact(v))
+            (redact_text(k, oauth_code) if isinstance(k, str) else k): (
+                REDACTED if isinstance(k, str) and is_secret_name(k, oauth_code) else redact(v, oauth_code)
+            )
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [redact(v) for v in value]
+        return [redact(v, oauth_code) for v in value]
     if isinstance(value, str):
-        return redact_text(value)
+        return redact_text(value, oauth_code)
     return value
 
 
-def redact_body(raw, ctype=None):
+def _media_type(ctype):
+    return ctype.split(";", 1)[0].strip(" \t").lower() if ctype else None
+
+
+def _is_textual(media):
+    """JSON and text types (and none declared): logged as redacted text."""
+    return (
+        media is None
+        or media.startswith("text/")
+        or media in ("application/json", "application/x-ndjson", "application/ndjson", "application/jsonl")
+        or media.endswith("+json")
+    )
+
+
+def redact_body(raw, ctype=None, response=False):
     """
-    A loggable form of a body, judged by its content, whatever its declared
-    type: parsed and redacted JSON, else redacted, truncated text.
+    A loggable form of a body: parsed and redacted JSON whatever its
+    declared type (judged by content); form fields (urlencoded or
+    multipart) with secret-named fields' values dropped; redacted text for
+    a JSON or text type; for any other type (or text that is not UTF-8),
+    only its size and type, never its bytes.  C{response}: a response body,
+    where C{"code"} is an error code, not a secret.
     """
     if not raw:
         return None
@@ -88,23 +168,97 @@ def redact_body(raw, ctype=None):
         # A cut JSON document cannot be parsed, so its secret-named fields
         # could not be found: say how big it was instead.
         return {"omitted": "body larger than the sampling limit", "bytes_at_least": len(raw)}
+    oauth_code = not response
     try:
-        return redact(json.loads(raw))
+        return redact(json.loads(raw), oauth_code)
     except (ValueError, RecursionError):
         pass
-    text = raw.decode("utf-8", "replace")
-    return "\n".join(_redact_line(line) for line in text.split("\n"))
+    media = _media_type(ctype)
+    if media == "application/x-www-form-urlencoded":
+        fields = _form_fields(raw)
+        if fields is not None:
+            return {"form": _redact_fields(fields, oauth_code)}
+    elif media == "multipart/form-data":
+        fields = _multipart_fields(raw, ctype)
+        if fields is not None:
+            return {"form-data": _redact_fields(fields, oauth_code)}
+    elif _is_textual(media):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            return "\n".join(_redact_line(line, oauth_code) for line in text.split("\n"))
+    return {"omitted": "body not logged: not JSON or text", "bytes": len(raw), "type": media}
 
 
-def _redact_line(line):
+def _redact_fields(fields, oauth_code):
+    """C{[(name, value)]} form fields as C{{name: value}}, secret-named values dropped."""
+    out = {}
+    for name, value in fields:
+        shown = REDACTED if is_secret_name(name, oauth_code) else (redact_text(value, oauth_code) if isinstance(value, str) else value)
+        name = redact_text(name, oauth_code)
+        if name in out:
+            out[name] = (out[name] if isinstance(out[name], list) else [out[name]]) + [shown]
+        else:
+            out[name] = shown
+    return out
+
+
+def _form_fields(raw):
+    try:
+        return parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=1000)
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+_BOUNDARY = re.compile(r"""boundary=(?:"([^"]{1,200})"|([^\s;"]{1,200}))""", re.IGNORECASE)
+_DISPOSITION_PARAM = re.compile(rb"""\b(name|filename)\*?=(?:"([^"]*)"|([^\s;]*))""", re.IGNORECASE)
+
+
+def _multipart_fields(raw, ctype):
+    """
+    The fields of a C{multipart/form-data} body as C{[(name, value)]}: a
+    text field's value as text, a file (or non-UTF-8 value) as a note of
+    its name and size; C{None} when the body is not multipart.
+    """
+    match = _BOUNDARY.search(ctype or "")
+    if match is None:
+        return None
+    boundary = (match.group(1) or match.group(2)).encode("latin-1", "replace")
+    fields = []
+    for part in raw.split(b"--" + boundary)[1:]:
+        if part.startswith(b"--"):
+            break  # the closing delimiter
+        head, sep, value = part.lstrip(b"\r\n").partition(b"\r\n\r\n")
+        if not sep:
+            return None
+        if value.endswith(b"\r\n"):
+            value = value[:-2]
+        params = {}
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-disposition:"):
+                params = {m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3)) for m in _DISPOSITION_PARAM.finditer(line)}
+        name = params.get(b"name", b"").decode("utf-8", "replace")
+        if b"filename" in params:
+            fields.append((name, {"file": redact_text(params[b"filename"].decode("utf-8", "replace")), "bytes": len(value)}))
+            continue
+        try:
+            fields.append((name, value.decode("utf-8")))
+        except UnicodeDecodeError:
+            fields.append((name, {"bytes": len(value)}))
+    return fields if fields else None
+
+
+def _redact_line(line, oauth_code=True):
     # A stream's lines (SSE "data: {...}", NDJSON) are JSON one by one.
     head, json_part = ("data: ", line[6:]) if line.startswith("data: {") else ("", line)
     if json_part.startswith("{"):
         try:
-            return head + json.dumps(redact(json.loads(json_part)), ensure_ascii=False)
+            return head + json.dumps(redact(json.loads(json_part), oauth_code), ensure_ascii=False)
         except (ValueError, RecursionError):
             pass
-    return redact_text(line)
+    return redact_text(line, oauth_code)
 
 
 def safe_path(request):
@@ -159,6 +313,7 @@ class AccessLog:
             "latency_ms": round(latency * 1000, 3),
             "bytes": request.sentLength,
             "user": principal.sub if principal is not None else None,
+            "idp": principal.issuer if principal is not None else None,
             "session": audit.get("session"),
             "model": audit.get("model"),
             "tokens": audit.get("tokens"),
@@ -173,7 +328,7 @@ class AccessLog:
         if request.sampled:
             entry["sampled"] = True
             entry["request_body"] = redact_body(request.body_sample, _header(request.requestHeaders, b"content-type"))
-            entry["response_body"] = redact_body(b"".join(request.captured or []), _header(request.responseHeaders, b"content-type"))
+            entry["response_body"] = redact_body(b"".join(request.captured or []), _header(request.responseHeaders, b"content-type"), response=True)
         try:
             self.stream.write(log_line(entry))
         except Exception:

@@ -383,15 +383,18 @@ class Ollama:
         await reader.finished
         return b"".join(parts)
 
-    async def call(self, config, method, path, payload=None):
+    async def call(self, config, method, path, payload=None, sent=None):
         """
         A complete exchange with a JSON request: the slot, the timeouts and
         the error mapping included.
 
+        @param sent: called once the call has its slot and goes to Ollama.
         @return: the raw body of a 200 answer.
         """
         deadline = self.reactor.seconds() + config.timeout
         lease = await self.acquire(config)
+        if sent is not None:
+            sent()
         try:
             body = None if payload is None else json.dumps(payload).encode("utf-8")
             response = await self.send(config, method, path, body, deadline, lease)
@@ -402,9 +405,9 @@ class Ollama:
             raise upstream_error(response.code, raw, payload)
         return raw
 
-    async def call_json(self, config, method, path, payload=None):
+    async def call_json(self, config, method, path, payload=None, sent=None):
         """L{call}, with the answer parsed as JSON."""
-        raw = await self.call(config, method, path, payload)
+        raw = await self.call(config, method, path, payload, sent)
         try:
             return json.loads(raw)
         except ValueError:

@@ -231,14 +231,36 @@ class MemoryLimiter:
         store.changed((kind, key), bucket, limit)
         return peek_decision(limit, bucket.level, kind)
 
+    async def reserve(self, key, limit, cost, kind):
+        """
+        Take C{cost} if the bucket is not empty (or in debt), in one step:
+        the token budget's reservation before a call, which may leave the
+        bucket in debt but refuses once it is.
+        """
+        if not limit:
+            return UNLIMITED
+        now = self.clock.seconds()
+        store = self._store(kind)
+        bucket = store.bucket((kind, key), limit, now)
+        decision = peek_decision(limit, bucket.level, kind)
+        if decision.allowed:
+            bucket.level -= cost
+            decision = take_decision(limit, bucket.level, True, cost, kind)
+        store.changed((kind, key), bucket, limit)
+        return decision
+
     async def spend(self, key, limit, cost, kind):
-        """Take C{cost} whatever the level (token budgets are known only afterwards)."""
-        if not limit or cost <= 0:
+        """
+        Take C{cost} whatever the level (token budgets are known only
+        afterwards); a negative C{cost} gives back what a reservation took
+        too much, never past a full bucket.
+        """
+        if not limit or not cost:
             return
         now = self.clock.seconds()
         store = self._store(kind)
         bucket = store.bucket((kind, key), limit, now)
-        bucket.level -= cost
+        bucket.level = min(float(limit), bucket.level - cost)
         store.changed((kind, key), bucket, limit)
 
     def close(self):
@@ -253,7 +275,7 @@ class MemoryLimiter:
 # nothing.  The key lives until the bucket would be full again (at least two
 # minutes), so a bucket in debt is not forgiven early.
 #   KEYS[1]  the bucket, a hash {level, stamp}
-#   ARGV     op ("take" | "peek" | "spend"), limit, cost, now ("" = Redis TIME)
+#   ARGV     op ("take" | "peek" | "reserve" | "spend"), limit, cost, now ("" = Redis TIME)
 #   returns  {allowed (0 | 1), level after, as text}
 BUCKET_SCRIPT = """
 local limit = tonumber(ARGV[2])
@@ -277,8 +299,10 @@ end
 local allowed = 1
 if ARGV[1] == 'take' then
   if level >= cost then level = level - cost else allowed = 0 end
+elseif ARGV[1] == 'reserve' then
+  if level > 0 then level = level - cost else allowed = 0 end
 elseif ARGV[1] == 'spend' then
-  level = level - cost
+  level = math.min(limit, level - cost)
 end
 redis.call('HSET', KEYS[1], 'level', string.format('%.17g', level), 'stamp', string.format('%.17g', stamp))
 redis.call('PEXPIRE', KEYS[1], math.max(120000, math.ceil((limit - level) / rate * 1000) + 60000))
@@ -377,9 +401,21 @@ class RedisLimiter:
             return UNLIMITED
         return peek_decision(limit, result[1], kind)
 
+    async def reserve(self, key, limit, cost, kind):
+        """Take C{cost} unless the bucket is empty or in debt, atomically (see L{MemoryLimiter.reserve})."""
+        if not limit:
+            return UNLIMITED
+        result = await self._run("reserve", kind, key, limit, cost)
+        if result is None:
+            return UNLIMITED
+        allowed, level = result
+        if allowed:
+            return take_decision(limit, level, True, cost, kind)
+        return peek_decision(limit, level, kind)
+
     async def spend(self, key, limit, cost, kind):
-        """Take C{cost} whatever the level (token budgets are known only afterwards)."""
-        if not limit or cost <= 0:
+        """Take C{cost} whatever the level; a negative C{cost} is a refund up to a full bucket."""
+        if not limit or not cost:
             return
         await self._run("spend", kind, key, limit, cost, refuse=False)
 

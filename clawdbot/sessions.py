@@ -90,11 +90,43 @@ async def load_owned(gateway, principal, sid):
     raise not_found()
 
 
-async def check_history_quota(store, principal, limits, new):
+class HistoryReservations:
+    """
+    Bytes of turns that passed the stored-history quota and are not stored
+    yet, per owner.  Counting them in the check keeps turns that run at the
+    same moment (on different sessions) from all passing a check made before
+    any of them was stored.  Per process: gateways sharing one database can
+    each let one turn past the quota at the same moment.
+    """
+
+    def __init__(self):
+        self.pending = {}
+
+    def hold(self, owner, size):
+        """Count C{size} bytes for C{owner} until the returned C{release()} is called."""
+        self.pending[owner] = self.pending.get(owner, 0) + size
+        released = []
+
+        def release():
+            if not released:
+                released.append(True)
+                left = self.pending.get(owner, 0) - size
+                if left > 0:
+                    self.pending[owner] = left
+                else:
+                    self.pending.pop(owner, None)
+
+        return release
+
+
+async def check_history_quota(store, principal, limits, new, reservations):
     """
     Refuse a turn whose messages C{new} (C{[(role, content, incomplete)]})
     would pass the per-request cap (413) or the owner's stored-bytes quota
     (429 QUOTA_EXCEEDED with Retry-After); nothing is stored either way.
+
+    @param reservations: the L{HistoryReservations} of turns in flight.
+    @return: C{release()}, to call once the turn is stored (or not).
     """
     size = sum(message_bytes(content) for _, content, _ in new)
     if size > limits.max_bytes_per_request:
@@ -103,12 +135,13 @@ async def check_history_quota(store, principal, limits, new):
             details=f"the messages to store are larger than the limit of {format_size(limits.max_bytes_per_request)} per request",
         )
     used = await store.usage(await store.owners_of(principal.issuer, principal.sub))
-    if used + size > limits.max_bytes_per_user:
+    if used + reservations.pending.get(principal.key, 0) + size > limits.max_bytes_per_user:
         raise APIError(
             "QUOTA_EXCEEDED",
             details=f"your stored chat history has reached its limit of {format_size(limits.max_bytes_per_user)}; delete or clear sessions to go on",
             headers={"Retry-After": str(QUOTA_RETRY_AFTER)},
         )
+    return reservations.hold(principal.key, size)
 
 
 class SessionLocks:
@@ -167,7 +200,7 @@ class SessionList(APIResource):
 
     async def handle_POST(self, request):
         principal = request.principal
-        body = read_json(request)
+        body = await read_json(request)
         for key in body:
             if key not in ("title", "team"):
                 raise invalid(f"'{key}' is not a session field")
@@ -214,7 +247,7 @@ class SessionItem(APIResource):
         return out
 
     async def handle_PATCH(self, request):
-        body = read_json(request)
+        body = await read_json(request)
         for key in body:
             if key != "title":
                 raise invalid(f"'{key}' cannot be changed")

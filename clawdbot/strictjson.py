@@ -5,9 +5,19 @@ Python's C{json.loads} accepts C{NaN} and C{Infinity}, numbers beyond a
 double's range, and lone UTF-16 surrogate escapes (C{"\\ud800"}) that no
 UTF-8 writer can encode later.  L{parse_json} refuses each with a curated
 reason, so nothing past the parser meets them.  Pure: no I/O.
+
+A big body is parsed on a worker thread (L{clawdbot.web.JSONParsers}), and
+the parse is shaped so that the thread gives the interpreter lock back
+often: every number goes through a Python hook (a chance to switch
+threads), the lone-surrogate check reads the escapes in the text instead of
+re-encoding the parsed value, and a body with more than L{MAX_CONTAINERS}
+arrays and objects (millions of C{[]} allocate for seconds inside C, lock
+held, and take hundreds of megabytes) is refused.
 """
 
 import json
+import json.decoder
+import json.scanner
 import math
 import re
 
@@ -23,6 +33,9 @@ def _no_constant(name):
 
 
 def _finite_float(text):
+    if not text.isascii():
+        # Only the pure-Python scanner's number pattern reads other digits.
+        raise _Refused("the body is not valid JSON")
     value = float(text)
     if not math.isfinite(value):
         raise _Refused("the body contains a number too large to represent")
@@ -32,10 +45,16 @@ def _finite_float(text):
 # The largest double has 309 digits; a longer integer is beyond any (and
 # Python's own int() stops at 4300 digits).
 _MAX_INT_DIGITS = 309
-_LONG_DIGITS = re.compile(r"[0-9]{%d}" % _MAX_INT_DIGITS)
+
+# Arrays and objects in one body.  Far beyond any real request (a long
+# conversation with tools has a few per message); a 20 MB body of C{[],}
+# would be 6.6 million lists.
+MAX_CONTAINERS = 100_000
 
 
 def _bounded_int(text):
+    if not text.isascii():
+        raise _Refused("the body is not valid JSON")
     if len(text.lstrip("-")) > _MAX_INT_DIGITS:
         raise _Refused("the body contains a number too large to represent")
     value = int(text)
@@ -46,22 +65,71 @@ def _bounded_int(text):
     return value
 
 
-def _has_lone_surrogate(value):
-    # json.loads joins an escaped pair into one code point, so any surrogate
-    # left in a string (key or value, at any depth) is a lone one, and UTF-8
-    # cannot encode it.
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
+# A \u escape of a UTF-16 surrogate (U+D800-U+DFFF), and of a low one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_LOW_ESCAPE = re.compile(r"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def has_lone_surrogate(text):
+    """
+    C{text}, a valid JSON document, has a C{\\u} escape of a UTF-16
+    surrogate that is not half of a pair: a high one (C{\\ud800}-C{\\udbff})
+    not followed at once by an escaped low one, or a low one alone.  The
+    same rule as C{json}'s decoder, which joins exactly such pairs, read off
+    the text.  C{\\\\ud800} is an escaped backslash and the text C{ud800}:
+    a backslash escapes C{u} only after an even run of backslashes.
+    """
+    pos = 0
+    while True:
+        match = _SURROGATE_ESCAPE.search(text, pos)
+        if match is None:
+            return False
+        start = match.start()
+        run = start
+        while run > 0 and text[run - 1] == "\\":
+            run -= 1
+        if (start - run) % 2:
+            pos = start + 1  # this backslash is escaped: not an escape
+            continue
+        if match.group()[3] in "cdefCDEF":
+            return True  # a low half with no high half just before it
+        low = _LOW_ESCAPE.match(text, match.end())
+        if low is None:
+            return True
+        pos = low.end()
+
+
+def _python_decoder(hooks):
+    """
+    A decoder on json's pure-Python scanner (strings still go through the
+    C string scanner) that refuses the body at its L{MAX_CONTAINERS}+1st
+    array or object, before allocating the rest; every value is a chance
+    for the parsing thread to let others run.
+    """
+    decoder = json.JSONDecoder(**hooks)
+    count = [0]
+
+    def counted(parse):
+        def parse_container(*args, **kwargs):
+            count[0] += 1
+            if count[0] > MAX_CONTAINERS:
+                raise _Refused(f"the body has more than {MAX_CONTAINERS} arrays and objects")
+            return parse(*args, **kwargs)
+
+        return parse_container
+
+    decoder.parse_object = counted(json.decoder.JSONObject)
+    decoder.parse_array = counted(json.decoder.JSONArray)
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)
+    return decoder
 
 
 def parse_json(raw):
     """
     Parse a JSON request body (UTF-8 bytes) strictly: no C{NaN} or
     C{Infinity}, no number beyond a double's range, no lone UTF-16
-    surrogate (C{"\\ud800"}) in any key or value.
+    surrogate (C{"\\ud800"}) in any key or value, at most L{MAX_CONTAINERS}
+    arrays and objects.
 
     @raise APIError: INVALID_REQUEST with a curated reason.
     """
@@ -69,13 +137,19 @@ def parse_json(raw):
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise invalid("the body is not valid UTF-8") from None
-    hooks = {"parse_constant": _no_constant, "parse_float": _finite_float}
-    if _LONG_DIGITS.search(text):
-        hooks["parse_int"] = _bounded_int
+    if not text.strip(" \t\r\n"):
+        raise invalid("the body is empty; a JSON object is expected")
+    hooks = {"parse_constant": _no_constant, "parse_float": _finite_float, "parse_int": _bounded_int}
     try:
-        value = json.loads(text, **hooks)
+        # Each [ or { outside a string opens a container, so their count in
+        # the whole text bounds the containers from above: under the cap,
+        # the fast C scanner; else the counting one.
+        if text.count("[") + text.count("{") <= MAX_CONTAINERS:
+            value = json.loads(text, **hooks)
+        else:
+            value = _python_decoder(hooks).decode(text)
         # Only an escape can put a surrogate in a string (the text is valid UTF-8).
-        surrogate = "\\u" in text and _has_lone_surrogate(value)
+        surrogate = has_lone_surrogate(text)
     except _Refused as e:
         raise invalid(str(e)) from None
     except ValueError:

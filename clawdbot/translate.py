@@ -324,7 +324,9 @@ def chat_request(body, config, principal=None, session_id=None):
         out["think"] = REASONING_EFFORT[effort]
 
     if principal is not None:
-        out["user_id"] = principal.sub
+        # The owner key (provider and sub): alice of one provider is not
+        # alice of another, in Ollama's logs too.
+        out["user_id"] = principal.key
     if session_id is not None:
         out["session_id"] = session_id
     return out, {"stream": stream, "include_usage": include_usage, "model": body.get("model") or model}
@@ -393,14 +395,38 @@ def estimate_tokens(body):
     return _text_size(body) // 4 + 1
 
 
-def estimated_usage(prompt_tokens, completion_tokens):
+class Meter:
     """
-    A usage record from estimates (a stream cut off before its final line),
-    or C{None} when nothing was streamed (the model produced nothing).
+    What one call to the model costs, however it ends.
+
+    Ollama's counts (L{usage}) are exact, but they arrive only with a reply's
+    last line.  Until then the meter holds an estimate: nothing while the
+    call has not reached Ollama (queued, refused), the prompt once it has
+    (Ollama evaluates it whether or not anyone waits for the answer), plus a
+    token per relayed line of a stream.
+
+    @ivar prompt: the estimated prompt size, in tokens.
+    @ivar sent: the request reached Ollama.
+    @ivar streamed: reply lines relayed so far.
+    @ivar exact: Ollama's usage, once known.
     """
-    if not completion_tokens:
-        return None
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens, "estimated": True}
+
+    def __init__(self, body):
+        self.prompt = estimate_tokens(body)
+        self.sent = False
+        self.streamed = 0
+        self.exact = None
+
+    def mark_sent(self):
+        self.sent = True
+
+    def usage(self):
+        """The usage to charge: exact when known, else the estimate, else C{None}."""
+        if self.exact is not None:
+            return self.exact
+        if not self.sent:
+            return None
+        return {"prompt_tokens": self.prompt, "completion_tokens": self.streamed, "total_tokens": self.prompt + self.streamed, "estimated": True}
 
 
 def chat_response(reply, model, created=None):
@@ -472,9 +498,6 @@ class StreamTranslator:
         self.tool_calls = []
         self.final = None
         self.done = False
-        # Ollama lines relayed so far (about one token each), for charging a
-        # stream that ends before its final line.
-        self.streamed = 0
         self._prefix = (
             '{"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,"system_fingerprint":"fp_ollama","choices":'
             % (self.id, self.created, json.dumps(model, ensure_ascii=False))
@@ -526,8 +549,6 @@ class StreamTranslator:
             self.done = True
             self.final = data
             finish = finish_reason(data.get("done_reason"), bool(self.tool_calls))
-        else:
-            self.streamed += 1
         choice = '[{"index":0,"delta":%s,"logprobs":null,"finish_reason":%s}]' % (
             json.dumps(delta, ensure_ascii=False, separators=(",", ":")),
             "null" if finish is None else '"%s"' % finish,

@@ -1,31 +1,121 @@
 """
-The HTTP layer: a request class that enforces the body limit while the body
-arrives, a site per listener, and the base resource that runs handlers,
-checks method and scope, and renders every error in one place.
+The HTTP layer: a request class that enforces the body limits while the body
+arrives, a channel that puts deadlines on the request head and body and
+answers malformed requests in the JSON error shape, a site per listener, the
+threads that parse big JSON bodies, and the base resource that runs
+handlers, checks method and scope, and renders every error in one place.
 """
 
 import io
 import ipaddress
 import json
 import re
+import threading
 import time
 import uuid
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
+from clawdbot.auth import missing_token
 from clawdbot.errors import APIError, error_body, internal_error, invalid
 from clawdbot.strictjson import parse_json
+from clawdbot.workers import Workers, shutting_down
 
 log = Logger(namespace="clawdbot.web")
 
 JSON_TYPE = b"application/json; charset=utf-8"
 # Seconds a refused body is drained before the connection closes.
 LINGER = 2.0
-_REASONS = {413: b"Payload Too Large"}
+# On the secure listener a request without credentials may send at most
+# this much body: the body is stored before the token is checked, so
+# strangers get no more than this (no public route reads a body).
+ANONYMOUS_BODY = 64 * 1024
+# Bodies up to this size are parsed on the reactor (a few milliseconds at
+# worst, 32,000 numbers; a typical body far less); bigger ones on
+# L{JSONParsers}.
+INLINE_JSON = 64 * 1024
+# The reason phrase of every status the gateway sends (RFC 9110 section 15,
+# RFC 6585 for 429 and 431): twisted.web's table lacks some ("429 Unknown
+# Status") and has older wordings for others.
+REASONS = {
+    100: b"Continue",
+    200: b"OK",
+    201: b"Created",
+    202: b"Accepted",
+    204: b"No Content",
+    206: b"Partial Content",
+    301: b"Moved Permanently",
+    302: b"Found",
+    303: b"See Other",
+    304: b"Not Modified",
+    307: b"Temporary Redirect",
+    308: b"Permanent Redirect",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    406: b"Not Acceptable",
+    408: b"Request Timeout",
+    409: b"Conflict",
+    410: b"Gone",
+    411: b"Length Required",
+    412: b"Precondition Failed",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    415: b"Unsupported Media Type",
+    416: b"Range Not Satisfiable",
+    417: b"Expectation Failed",
+    422: b"Unprocessable Content",
+    428: b"Precondition Required",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
+
+
+def reason_phrase(code):
+    """The reason phrase of status C{code} (L{REASONS}, else twisted.web's, else a generic one by class)."""
+    phrase = REASONS.get(code) or http.RESPONSES.get(code)
+    if phrase is None:
+        phrase = {1: b"Informational", 2: b"Success", 3: b"Redirection", 4: b"Client Error"}.get(code // 100, b"Server Error")
+    return phrase
+
+
+def early_response(err, request_id=None):
+    """
+    The bytes of a whole response carrying C{err} in the JSON error shape,
+    for the moments the normal response machinery cannot be used (the
+    request is still arriving, or could not be parsed), always closing.
+    """
+    body = error_body(err)
+    head = [
+        b"HTTP/1.1 %d %s" % (err.status, reason_phrase(err.status)),
+        b"Content-Type: " + JSON_TYPE,
+        b"Content-Length: " + str(len(body)).encode(),
+        b"X-Content-Type-Options: nosniff",
+    ]
+    if request_id is not None:
+        head.append(b"X-Request-Id: " + request_id.encode())
+    for name, value in err.headers.items():
+        head.append(_header_bytes(name) + b": " + _header_bytes(value))
+    head.append(b"Connection: close")
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+def _header_bytes(value):
+    value = value if isinstance(value, bytes) else str(value).encode("latin-1", "replace")
+    return value.replace(b"\r", b" ").replace(b"\n", b" ")
 # The methods the gateway knows; any other gets 501 before the resource tree
 # is walked, and counts as one metrics label ("other").
 KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
@@ -60,6 +150,8 @@ class GatewayRequest(server.Request):
         # content-type parsing on every POST).
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(*args, **kwargs)
+        # The reason phrase of the default 200 (setResponseCode gives every other).
+        self.code_message = reason_phrase(self.code)
         self.request_id = uuid.uuid4().hex
         self.started = time.perf_counter()
         self._site = getattr(self.channel, "site", None)
@@ -107,11 +199,16 @@ class GatewayRequest(server.Request):
             return None
         return gateway.config.limits.max_body
 
+    def setResponseCode(self, code, message=None):
+        super().setResponseCode(code, message if message is not None else reason_phrase(code))
+
     def gotLength(self, length):
-        limit = self._limit()
-        if length is not None and limit is not None and length > limit:
+        err = None
+        if length is not None:
+            err = self._body_refusal(length)
+        if err is not None:
             self.content = io.BytesIO()  # stays empty: the body is dropped
-            self._refuse(limit)
+            self._refuse(err)
             # The body is never stored, so don't ask the client for it.
             self.requestHeaders.removeHeader(b"expect")
             return
@@ -121,48 +218,86 @@ class GatewayRequest(server.Request):
         if self.refused:
             return
         self.body_size += len(data)
-        limit = self._limit()
-        if limit is not None and self.body_size > limit:
-            self._refuse(limit)
+        err = self._body_refusal(self.body_size)
+        if err is not None:
+            self._refuse(err)
             self.content = io.BytesIO()
             return
         super().handleContentChunk(data)
 
-    def _refuse(self, limit):
+    def _body_refusal(self, size):
         """
-        Answer 413 straight onto the connection: the request is still
-        arriving, so the normal response machinery cannot be used.  The rest
-        of the body is read and dropped for a moment before the connection
-        closes (closing on unread data would reset it, and a proxy in front
-        would report a 502 instead of this 413).
+        Why a body of (at least) C{size} bytes is refused before it is read,
+        or C{None}: over C{limits.max_body} for anyone (413), or over
+        L{ANONYMOUS_BODY} without credentials on the secure listener (401).
+        """
+        limit = self._limit()
+        if limit is not None and size > limit:
+            return APIError("PAYLOAD_TOO_LARGE", details=f"the body is larger than the limit of {limit} bytes")
+        if size > ANONYMOUS_BODY and self._site is not None and not getattr(self._site, "debug", True) and not self._has_credentials():
+            return missing_token(f"a request body over {ANONYMOUS_BODY} bytes needs a Bearer token")
+        return None
+
+    def _has_credentials(self):
+        """The request carries an C{Authorization: Bearer <token>} header (checked later, as usual)."""
+        values = self.requestHeaders.getRawHeaders(b"authorization") or []
+        if len(values) != 1:
+            return False
+        scheme, _, rest = values[0].strip().partition(b" ")
+        return scheme.lower() == b"bearer" and bool(rest.strip())
+
+    def _refuse(self, err, linger=True):
+        """
+        Answer C{err} straight onto the connection: the request is still
+        arriving, so the normal response machinery cannot be used.  With
+        C{linger}, the rest of the body is read and dropped for a moment
+        before the connection closes (closing on unread data would reset it,
+        and a proxy in front would report a 502 instead of this answer);
+        without, the connection closes at once.
         """
         self.refused = True
-        err = APIError("PAYLOAD_TOO_LARGE", details=f"the body is larger than the limit of {limit} bytes")
-        self.code, self.error = 413, err
-        body = error_body(err)
-        head = [
-            b"HTTP/1.1 413 Payload Too Large",
-            b"Content-Type: " + JSON_TYPE,
-            b"Content-Length: " + str(len(body)).encode(),
-            b"X-Content-Type-Options: nosniff",
-            b"X-Request-Id: " + self.request_id.encode(),
-            b"Connection: close",
-        ]
+        self.code, self.error = err.status, err
+        self.code_message = reason_phrase(err.status)
+        self._name_from_channel()
         transport = self.channel.transport
-        transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        log.info("Refused a request body over the {limit} byte limit", limit=limit, request_id=self.request_id)
+        transport.write(early_response(err, self.request_id))
+        log.info("Refused a request while its body arrived: {code}", code=err.code, details=err.details, request_id=self.request_id)
+        if not linger:
+            self.channel.loseConnection()
+            return
         clock = getattr(self._site, "reactor", None)
         if clock is None:
             from twisted.internet import reactor as clock
         self._linger = clock.callLater(LINGER, transport.loseConnection)
 
+    def _name_from_channel(self):
+        """
+        The method and path, for the access log, of a request refused before
+        twisted.web filled them in (it does once the whole body is in).
+        """
+        if self.path is not None or self.channel is None:
+            return
+        command = getattr(self.channel, "_command", None)
+        target = getattr(self.channel, "_path", None)
+        if isinstance(command, bytes) and isinstance(target, bytes):
+            self.method = command
+            self.uri = target
+            self.path = target.split(b"?", 1)[0]
+
     def _close_refused(self):
         """The refused body has arrived (and been dropped): close now."""
+        self._stop_linger()
+        if self.channel is not None:
+            self.channel.transport.loseConnection()
+
+    def _stop_linger(self):
         linger = getattr(self, "_linger", None)
         if linger is not None and linger.active():
             linger.cancel()
-        if self.channel is not None:
-            self.channel.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self._stop_linger()
+        super().connectionLost(reason)
 
     def process(self):
         if self.refused:
@@ -298,32 +433,48 @@ def _local_request(request):
 
 class GatewayChannel(http.HTTPChannel):
     """
-    An HTTP/1.1 channel whose request head (request line and headers) must
-    arrive whole within C{limits.header_timeout}: counted from the
-    connection for its first request, and from the first byte of each later
-    one.  twisted.web's idle timeout restarts on every byte, so alone it
-    lets a client trickle a header forever.
+    An HTTP/1.1 channel with deadlines and JSON answers to what twisted.web
+    refuses by itself.
+
+    The request head (request line and headers) must arrive whole within
+    C{limits.header_timeout}: counted from the connection for its first
+    request, and from the first byte of each later one.  The body must then
+    arrive whole within C{limits.body_timeout} (else 408).  twisted.web's
+    idle timeout restarts on every byte, so alone it lets a client trickle a
+    head or a body forever.
+
+    A head twisted.web cannot parse (a bad request line, HTTP/0.9, a NUL or
+    a bare name in a header, a bad chunk) gets a JSON 400 INVALID_REQUEST,
+    and one over its size limits (a line over C{MAX_LENGTH}, all lines over
+    C{totalHeadersSize}, more than C{maxHeaders} headers) a JSON 431
+    HEADER_TOO_LARGE, instead of twisted.web's bare 400 or a silent close.
     """
 
     _head_timer = None
+    _body_timer = None
     # A request has arrived whole and is being answered; bytes that come
     # meanwhile are buffered, and their head's deadline starts once it is done.
     _answering = False
+    # An early answer went out; the connection is closing.
+    _answered_early = False
 
     def connectionMade(self):
         super().connectionMade()
         self._start_head_timer()
 
     def dataReceived(self, data):
-        if self._head_timer is None and self.line_mode and not self._answering:
+        if self._head_timer is None and self.line_mode and not self._answering and not self._answered_early:
             self._start_head_timer()
         super().dataReceived(data)
 
     def allHeadersReceived(self):
         self._stop_head_timer()
         super().allHeadersReceived()
+        if self.length != 0 and not self._answered_early:
+            self._start_body_timer()
 
     def allContentReceived(self):
+        self._stop_body_timer()
         self._answering = True
         super().allContentReceived()
 
@@ -333,11 +484,64 @@ class GatewayChannel(http.HTTPChannel):
 
     def connectionLost(self, reason):
         self._stop_head_timer()
+        self._stop_body_timer()
         super().connectionLost(reason)
 
-    def _start_head_timer(self):
+    # --- what twisted.web refuses by itself, in the JSON error shape ---------
+
+    def lineReceived(self, line):
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._answer_early(APIError("HEADER_TOO_LARGE", details=f"the request line and headers are longer than {self.totalHeadersSize} bytes"))
+            return
+        super().lineReceived(line)
+
+    def headerReceived(self, line):
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._answer_early(APIError("HEADER_TOO_LARGE", details=f"the request has more than {self.maxHeaders} header lines"))
+            return False
+        return super().headerReceived(line)
+
+    def lineLengthExceeded(self, line):
+        what = "header line" if self._receivedHeaderSize else "request line"
+        self._answer_early(APIError("HEADER_TOO_LARGE", details=f"a {what} is longer than {self.MAX_LENGTH} bytes"))
+
+    def _respondToBadRequestAndDisconnect(self):
+        self._answer_early(invalid("the request is not well-formed HTTP/1.1"))
+
+    def _answer_early(self, err):
+        """
+        Answer C{err} on the connection and close it: the request being
+        read, if any, is marked refused so that it is logged and counted.
+        """
+        if self._answered_early:
+            return
+        self._answered_early = True
+        self._stop_head_timer()
+        self._stop_body_timer()
+        request = self.requests[-1] if self.requests and not self._answering else None
+        if isinstance(request, GatewayRequest) and request.refused:
+            # Its answer is out already (a refused body being drained).
+            self.loseConnection()
+            return
+        if isinstance(request, GatewayRequest):
+            request.refused = True
+            request.code, request.error = err.status, err
+            request._name_from_channel()
+        request_id = request.request_id if isinstance(request, GatewayRequest) else None
+        peer = getattr(self.transport.getPeer(), "host", None)
+        log.info("Refused a malformed request: {code}", code=err.code, details=err.details, peer=peer, request_id=request_id)
+        self.transport.write(early_response(err, request_id))
+        self.loseConnection()
+
+    # --- deadlines ----------------------------------------------------------------
+
+    def _limits(self):
         gateway = getattr(self.site, "gateway", None)
-        seconds = gateway.config.limits.header_timeout if gateway is not None else None
+        return gateway.config.limits if gateway is not None else None
+
+    def _start_head_timer(self):
+        limits = self._limits()
+        seconds = limits.header_timeout if limits is not None else None
         if seconds:
             self._head_timer = self.callLater(seconds, lambda: self._head_too_slow(seconds))
 
@@ -352,6 +556,28 @@ class GatewayChannel(http.HTTPChannel):
         peer = getattr(self.transport.getPeer(), "host", None)
         log.info("Closed a connection whose request head took over {seconds}s", seconds=seconds, peer=peer)
         self.loseConnection()
+
+    def _start_body_timer(self):
+        limits = self._limits()
+        seconds = limits.body_timeout if limits is not None else None
+        if seconds:
+            self._body_timer = self.callLater(seconds, lambda: self._body_too_slow(seconds))
+
+    def _stop_body_timer(self):
+        if self._body_timer is not None:
+            if self._body_timer.active():
+                self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_too_slow(self, seconds):
+        """The body did not arrive whole in time: 408, and the connection closes."""
+        self._body_timer = None
+        request = self.requests[-1] if self.requests else None
+        if not isinstance(request, GatewayRequest) or request.refused:
+            # Already answered (a refused body being drained): just close.
+            self.loseConnection()
+            return
+        request._refuse(APIError("REQUEST_TIMEOUT", details=f"the request body did not arrive within {seconds:g}s"), linger=False)
 
 
 class GatewaySite(server.Site):
@@ -462,10 +688,60 @@ def is_json_type(value):
     return value.split(";", 1)[0].strip(" \t").lower() == "application/json"
 
 
-def read_json(request, require_object=True):
+class _ParseJob:
+    """One body on its way through L{JSONParsers}."""
+
+    def __init__(self):
+        self._cancelled = threading.Event()
+
+    def cancel(self):
+        self._cancelled.set()
+
+    def run(self, raw):
+        """On a parser thread: the parsed value, or the L{APIError} refusing it."""
+        if self._cancelled.is_set():
+            # The client left (nobody hears this), or the gateway is stopping.
+            raise shutting_down()
+        return parse_json(raw)
+
+
+class JSONParsers(Workers):
     """
-    The request body parsed as JSON (L{clawdbot.strictjson.parse_json}).
-    The Content-Type must be C{application/json} (L{is_json_type}), on every listener.
+    The threads that parse big JSON bodies, so the reactor never does.
+
+    Parsing a 20 MB body takes the better part of a second or more; on a
+    thread the reactor still runs between the interpreter's switches
+    (L{clawdbot.strictjson} shapes the parse so they come often).  The pool
+    starts with the first big body, has C{threads} threads, and L{stop} ends
+    it at gateway shutdown; later big bodies get 503 SHUTTING_DOWN.
+    """
+
+    name = "clawdbot-json"
+
+    def __init__(self, reactor, threads=2):
+        super().__init__(reactor)
+        self.threads = threads
+
+    async def parse(self, raw):
+        """L{parse_json} of C{raw} on a parser thread."""
+        pool = self.pool(self.threads)
+        job = _ParseJob()
+        self._jobs.add(job)
+        try:
+            # Cancelling (the client left) drops the answer at once; a job
+            # still queued is skipped, one running finishes unseen.
+            return await deferToThreadPool(self.reactor, pool, job.run, raw)
+        finally:
+            job.cancel()
+            self._jobs.discard(job)
+
+
+async def read_json(request, require_object=True):
+    """
+    The request body parsed as JSON (L{clawdbot.strictjson.parse_json}); a
+    body over L{INLINE_JSON} bytes is parsed on the gateway's
+    L{JSONParsers}, off the reactor.  The Content-Type must be
+    C{application/json} (L{is_json_type}), on every listener.
 
     @raise APIError: INVALID_REQUEST with a curated reason.
     """
@@ -477,9 +753,11 @@ def read_json(request, require_object=True):
         raise invalid("the body is missing")
     content.seek(0)
     raw = content.read()
-    if not raw.strip():
-        raise invalid("the body is empty; a JSON object is expected")
-    value = parse_json(raw)
+    parsers = getattr(request._gateway(), "parsers", None) if isinstance(request, GatewayRequest) else None
+    if len(raw) > INLINE_JSON and parsers is not None:
+        value = await parsers.parse(raw)
+    else:
+        value = parse_json(raw)
     if require_object and not isinstance(value, dict):
         raise invalid("the body must be a JSON object")
     return value

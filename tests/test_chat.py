@@ -64,7 +64,7 @@ class OfficialClientTests(Backed):
         self.assertEqual(result.choices[0].finish_reason, "stop")
         self.assertGreater(result.usage.completion_tokens, 0)
         sent = self.fake.requests_to("/api/chat")[-1]
-        self.assertEqual(sent.body["user_id"], "alice")
+        self.assertTrue(sent.body["user_id"].endswith("|alice"), sent.body["user_id"])
         self.assertNotIn("authorization", sent.headers)
         self.assertNotIn("cookie", sent.headers)
 

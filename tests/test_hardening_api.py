@@ -11,11 +11,13 @@ import io
 import json
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.task import deferLater
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import SynchronousTestCase
 
+from clawdbot.identity import owner_key
 from clawdbot.native import go_duration, keep_alive_seconds
 from tests.fake_ollama import FakeOllama
 from tests import helpers
@@ -312,3 +314,102 @@ class DurationTests(SynchronousTestCase):
             self.assertIsNone(go_duration(bad), bad)
         self.assertEqual(keep_alive_seconds(30), 30.0)
         self.assertEqual(keep_alive_seconds(-1), -1.0)
+
+
+class ReservationTests(Backed):
+    """Second review: budgets and quotas hold for calls made at the same moment, and for clients that leave early."""
+
+    async def test_client_leaving_before_the_first_byte_is_charged_the_prompt(self):
+        """A call that reached Ollama is charged its prompt even when the client leaves before any reply byte."""
+        self.start("rate_limit: {requests_per_minute: 0, tokens_per_minute: 30}")
+        self.fake.behave(delay_first_byte=30)
+        prompt = [{"role": "user", "content": "word " * 400}]
+        d = ensureDeferred(self.chat(messages=prompt, stream=True))
+        await self.fake.next_request("/api/chat")
+        gone = self.fake.next_disconnect()
+        d.cancel()
+        await gone
+        self.failureResultOf(d)
+        self.fake.behave()
+        status, _, reply = await self.chat()
+        self.assertEqual((status, reply["error"]["code"]), (429, "RATE_LIMITED"))
+        line = self.access_lines()[0]
+        self.assertTrue(line.get("client_gone"))
+        self.assertGreaterEqual(line["tokens"], 400)
+
+    async def test_client_leaving_while_queued_is_not_charged(self):
+        """A call that never reached Ollama (its client left while it waited for a slot) costs nothing: its reservation is given back."""
+        self.start("max_connections: 1\nrate_limit: {requests_per_minute: 0, tokens_per_minute: 200}")
+        self.fake.behave(delay_first_byte=30)
+        first = ensureDeferred(self.chat(sub="bob"))
+        await self.fake.next_request("/api/chat")
+        queued = ensureDeferred(self.chat(messages=[{"role": "user", "content": "word " * 150}]))
+        while not self.gw.gateway.backend.slots.waiting:
+            await deferLater(reactor, 0.01)
+        queued.cancel()
+        self.failureResultOf(queued)
+        first.cancel()
+        self.failureResultOf(first)
+        self.fake.behave()
+        for _ in range(100):
+            if len(self.access_lines()) >= 2:
+                break
+            await deferLater(reactor, 0.01)
+        mine = [line for line in self.access_lines() if line["user"] == "alice"]
+        self.assertEqual(mine[0]["tokens"], None)
+        status, _, _ = await self.chat(messages=[{"role": "user", "content": "word " * 150}])
+        self.assertEqual(status, 200)
+
+    async def test_parallel_calls_cannot_all_pass_the_token_budget(self):
+        """Calls made at the same moment each reserve their prompt first, so once the budget is spent the others are refused."""
+        self.start("rate_limit: {requests_per_minute: 0, tokens_per_minute: 30}")
+        self.fake.behave(delay_first_byte=0.5)
+        prompt = [{"role": "user", "content": "word " * 80}]
+        results = await gatherResults([ensureDeferred(self.chat(messages=prompt)) for _ in range(6)])
+        statuses = sorted(status for status, _, _ in results)
+        self.assertEqual(statuses, [200, 429, 429, 429, 429, 429])
+        self.assertEqual(len(self.fake.requests_to("/api/chat")), 1)
+
+    async def test_reservation_is_settled_to_the_real_count(self):
+        """An overestimated reservation is given back once Ollama reports the real count."""
+        self.start("rate_limit: {requests_per_minute: 0, tokens_per_minute: 1000}", fake=FakeOllama(tokens=5))
+        prompt = [{"role": "user", "content": "word " * 600}]
+        status, _, reply = await self.chat(messages=prompt)
+        self.assertEqual(status, 200)
+        real = reply["usage"]["total_tokens"]
+        self.assertLess(real, 750)
+        left = await self.gw.gateway.limiter.peek(owner_key(helpers.ISSUER, "alice"), 1000, "tokens")
+        self.assertGreaterEqual(left.remaining, 1000 - real - 1)
+
+    async def test_parallel_turns_cannot_all_pass_the_history_quota(self):
+        """Turns on different sessions at the same moment count each other's bytes, so the stored-history quota holds."""
+        self.start("history: {max_bytes_per_user: 2KB, max_bytes_per_request: 1KB}")
+        self.fake.behave(delay_first_byte=0.5)
+        auth = bearer(token(scope=WRITE))
+        sids = []
+        for i in range(6):
+            status, _, session = await get_json(self.gw.url + "/v1/sessions", method="POST", headers=auth, body={"title": f"s{i}"})
+            sids.append(session["id"])
+        turn = [{"role": "user", "content": "x" * 900}]
+        results = await gatherResults([ensureDeferred(self.chat(messages=turn, session_id=sid)) for sid in sids])
+        statuses = sorted(status for status, _, _ in results)
+        self.assertEqual(statuses, [200, 200, 429, 429, 429, 429])
+        self.assertEqual({body["error"]["code"] for status, _, body in results if status == 429}, {"QUOTA_EXCEEDED"})
+
+    async def test_lone_surrogate_in_a_claim_is_401(self):
+        """A signed token whose claims hold a lone UTF-16 surrogate is malformed: 401 everywhere, never a 500."""
+        self.start()
+        for claims in ({"sub": "\ud800"}, {"sub": "alice", "name": "a\udfff"}, {"sub": "alice", "teams": ["\udbff"]}):
+            tok = token(scope=WRITE, **({"sub": claims.pop("sub")} | claims))
+            for method, path, body in (("POST", "/v1/sessions", {"title": "t"}), ("GET", "/v1/sessions", None), ("POST", "/v1/chat/completions", {"messages": HI, "stream": True}), ("GET", "/v1/me", None)):
+                status, _, reply = await get_json(self.gw.url + path, method=method, headers=bearer(tok), body=body)
+                self.assertEqual((status, reply["error"]["code"]), (401, "AUTH_INVALID_TOKEN"), (claims, path))
+
+    async def test_embeddings_and_audit_identity_in_the_access_log(self):
+        """Embeddings log their token count, and every line names the caller's identity provider beside the sub."""
+        self.start()
+        status, _, _ = await get_json(self.gw.url + "/v1/embeddings", method="POST", headers=bearer(token(scope=WRITE)), body={"model": "nomic-embed-text", "input": "hello there"})
+        self.assertEqual(status, 200)
+        line = self.access_lines()[-1]
+        self.assertGreater(line["tokens"], 0)
+        self.assertEqual((line["user"], line["idp"]), ("alice", helpers.ISSUER))

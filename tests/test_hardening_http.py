@@ -9,20 +9,26 @@ import json
 import os
 import re
 import tempfile
+import threading
 from urllib.parse import quote
 
 import treq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
+from clawdbot import strictjson
 from clawdbot.errors import APIError, error_body
 from clawdbot.logs import JSONLineObserver
-from clawdbot.observe import log_line, redact_body
-from clawdbot.strictjson import parse_json
-from clawdbot.web import APIResource, JSONResponse, is_json_type, is_loopback_host, loopback_authority, loopback_origin
+from clawdbot.observe import log_line, redact, redact_body, redact_text
+from clawdbot.strictjson import has_lone_surrogate, parse_json
+from clawdbot.web import REASONS, APIResource, JSONResponse, is_json_type, is_loopback_host, loopback_authority, loopback_origin, reason_phrase
 from tests.helpers import Backed, bearer, get_json, token
 from tests.test_http import RawClient
 
@@ -258,11 +264,10 @@ class SurrogateTests(Backed):
             self.assertEqual((status, created["title"]), (201, title))
 
     async def test_surrogate_in_token_subject_answers(self):
-        """A valid token whose sub is a lone surrogate gets an answer from /v1/me (escaped), and an access-log line."""
+        """A signed token whose sub is a lone surrogate gets an answer from /v1/me (401: its claims are not strict JSON), and an access-log line."""
         gw = self.start()
         status, _, body = await get_json(gw.url + "/v1/me", headers=bearer(token(sub="\ud800")), timeout=20)
-        self.assertEqual(status, 200)
-        self.assertEqual(body["sub"], "\ud800")
+        assert_error(self, status, body, 401, "AUTH_INVALID_TOKEN")
         self.assertEqual(self.access_lines()[-1]["path"], "/v1/me")
 
     async def test_failure_writing_the_answer_is_bare_500(self):
@@ -496,3 +501,464 @@ class RequestHeadTests(Backed):
         guard.cancel()
         # A prompt request is unaffected.
         self.assertEqual((await get_json(gw.url + "/healthz"))[0], 200)
+
+
+# --- second round (issue 13, HTTP layer): what the re-test still broke -----------
+#
+# Big JSON bodies are parsed off the reactor; a trickled body is cut off with
+# 408; strangers cannot make the gateway store a big body; every status has
+# its reason phrase and everything twisted.web refuses by itself is answered
+# in the JSON error shape; the access log redacts secret-ish names however
+# they are spelled, form fields by name, and never logs opaque bodies.
+
+
+class AnswerClient(Protocol):
+    """Collects one answer: done when its head and Content-Length body are in, or when the server closes."""
+
+    def __init__(self):
+        self.data = b""
+        self.answered = Deferred()
+
+    def dataReceived(self, data):
+        self.data += data
+        head, sep, body = self.data.partition(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+        if sep and length and len(body) >= int(length.group(1)) and not self.answered.called:
+            self.answered.callback(self.data)
+
+    def connectionLost(self, reason):
+        if not self.answered.called:
+            self.answered.callback(self.data)
+
+
+async def raw_answer(url, data, guard=20):
+    """
+    Send C{data} raw; (status, reason, {lower-case header: value}, body, bytes)
+    of the answer, or C{None} when none came within C{guard} seconds.
+    """
+    host, port = url.split("//")[1].split(":")
+    proto = AnswerClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, host, int(port)), proto)
+    proto.transport.write(data)
+    timer = reactor.callLater(guard, proto.transport.abortConnection)
+    received = await proto.answered
+    if timer.active():
+        timer.cancel()
+    proto.transport.abortConnection()
+    return split_answer(received) if received else None
+
+
+def split_answer(received):
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2) if lines[0].startswith("HTTP/") else [None, None, None]
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = body
+    status = int(parts[1]) if parts[1] else None
+    return status, (parts[2] if len(parts) > 2 else None), headers, parsed, received
+
+
+def assert_json_answer(testcase, answer, want_status, code, reason=None):
+    """The answer is the JSON error shape with this status, code (and reason phrase), with nosniff."""
+    testcase.assertIsNotNone(answer, "no answer: the server never closed the connection")
+    status, phrase, headers, body, raw = answer
+    testcase.assertIsInstance(body, dict, raw[:300])
+    assert_error(testcase, status, body, want_status, code)
+    testcase.assertEqual(headers.get("x-content-type-options"), "nosniff", raw[:300])
+    testcase.assertTrue(headers.get("content-type", "").startswith("application/json"), raw[:300])
+    if reason is not None:
+        testcase.assertEqual(phrase, reason)
+
+
+# --- 1: big bodies are parsed off the reactor ---------------------------------------
+
+
+def chat_body(metadata):
+    return json.dumps({"model": "qwen3:32b", "messages": HI, "metadata": metadata}, separators=(",", ":")).encode()
+
+
+class BigBodyParseTests(Backed):
+    async def post_big(self, body):
+        headers = {"Content-Type": ["application/json"], "Authorization": [f"Bearer {token()}"]}
+        response = await treq.post(self.gw.url + "/v1/chat/completions", data=body, headers=headers, persistent=False)
+        return response.code, json.loads(await response.content())
+
+    async def test_healthz_answers_while_a_big_body_is_parsed(self):
+        """While a body over 64 KiB is being parsed, /healthz is answered (the parse waits for it), and before the big request's own answer."""
+        from clawdbot import web
+
+        self.start()
+        started = Deferred()
+        healthz_done = threading.Event()
+        seen = {}
+        real = web.parse_json
+
+        def parse_and_wait(raw):
+            if len(raw) > web.INLINE_JSON:
+                seen["on_reactor"] = threading.get_ident() == reactor_thread
+                reactor.callFromThread(started.callback, None)
+                # On the reactor thread this wait would hold /healthz back: it times out.
+                seen["healthz_answered_during_parse"] = healthz_done.wait(10)
+            return real(raw)
+
+        reactor_thread = threading.get_ident()
+        self.patch(web, "parse_json", parse_and_wait)
+        order = []
+        big = Deferred.fromCoroutine(self.post_big(chat_body([1.5] * 30000)))
+        big.addCallback(lambda answer: order.append("big") or answer)
+        await started
+        status, _, body = await get_json(self.gw.url + "/healthz", timeout=20)
+        order.append("healthz")
+        healthz_done.set()
+        self.assertEqual((status, body), (200, {"status": "ok"}))
+        status, answer = await big
+        self.assertEqual(status, 200, answer)
+        self.assertEqual(seen, {"on_reactor": False, "healthz_answered_during_parse": True})
+        self.assertEqual(order, ["healthz", "big"])
+
+    async def test_reported_body_measured(self):
+        """The reported 19.6 MB body (4.9M floats, one escape): /healthz keeps answering while it is parsed; latencies printed."""
+        from clawdbot import web
+
+        self.start()
+        events = []
+        real = web.parse_json
+
+        def parse_and_tell(raw):
+            reactor.callFromThread(events.append, "parse started")
+            try:
+                return real(raw)
+            finally:
+                reactor.callFromThread(events.append, "parse ended")
+
+        self.patch(web, "parse_json", parse_and_tell)
+        body = b'{"model":"qwen3:32b","messages":[{"role":"user","content":"hi"}],"metadata":[' + b"1e1," * 4_900_000 + b'"\\u00e9"]}'
+        print(f"body: {len(body) / 1e6:.1f} MB")
+        started = reactor.seconds()
+        big = Deferred.fromCoroutine(self.post_big(body))
+        done = []
+        big.addBoth(lambda result: done.append(reactor.seconds()) or result)
+        latencies, during = [], 0
+        while not done:
+            t0 = reactor.seconds()
+            status, _, _ = await get_json(self.gw.url + "/healthz", timeout=30)
+            self.assertEqual(status, 200)
+            latencies.append(reactor.seconds() - t0)
+            if events == ["parse started"]:
+                during += 1
+        status, answer = await big
+        self.assertEqual(status, 200, answer)
+        latencies.sort()
+        print(
+            f"big request answered after {done[0] - started:.2f}s; {len(latencies)} /healthz calls meanwhile, "
+            f"{during} of them answered while the body was being parsed; latency median {latencies[len(latencies) // 2] * 1000:.1f} ms, "
+            f"max {latencies[-1] * 1000:.1f} ms"
+        )
+        self.assertEqual(events, ["parse started", "parse ended"])
+        self.assertGreater(during, 0, "no /healthz answer while the body was being parsed")
+
+    async def test_big_bodies_refused_the_same_way(self):
+        """A big body is refused with the same 400s as a small one (surrogate, NaN, not an object, too many containers), off the reactor."""
+        self.start()
+        pad = b'"' + b"x" * 70000 + b'"'
+        for body, words in (
+            (b'{"pad": %s, "model": "\\ud800"}' % pad, "surrogate"),
+            (b'{"pad": %s, "temperature": NaN}' % pad, "NaN"),
+            (b'[%s]' % pad, "JSON object"),
+            (b'{"pad": %s, "m": [%s]}' % (pad, b",".join([b"[]"] * 100_001)), "arrays and objects"),
+            (b'{"pad": %s,}' % pad, "not valid JSON"),
+        ):
+            status, answer = await self.post_big(body)
+            assert_error(self, status, answer, 400, "INVALID_REQUEST")
+            self.assertIn(words, answer["error"]["details"])
+        self.assertEqual(self.fake.requests_to("/api/chat"), [])
+
+
+REFERENCE_PIECES = ["\\ud800", "\\uDBFF", "\\udc00", "\\uDFFF", "\\uD83D", "\\ude00", "\\uDe00", "\\\\", "\\\\ud800", "\\\\\\ud800", "\\u0041", "\\n", '\\"', "a", "ud800", "\\u00e9", "é", "\\/"]
+
+
+def reference_lone_surrogate(text):
+    """The old, slow rule: re-encode the parsed value."""
+    try:
+        json.dumps(json.loads(text), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+class StrictJSONTextTests(SynchronousTestCase):
+    @settings(max_examples=3000, deadline=None)
+    @given(st.lists(st.lists(st.sampled_from(REFERENCE_PIECES), max_size=8), min_size=1, max_size=4))
+    def test_surrogate_check_reads_the_text(self, strings):
+        """The text-level lone-surrogate check agrees with re-encoding the parsed value, escaped backslashes and case included."""
+        text = "{" + ", ".join(f'"k{i}": "{"".join(pieces)}"' for i, pieces in enumerate(strings)) + "}"
+        lone = reference_lone_surrogate(text)
+        self.assertEqual(has_lone_surrogate(text), lone, text)
+        if lone:
+            with self.assertRaises(APIError):
+                parse_json(text.encode())
+        else:
+            self.assertEqual(parse_json(text.encode()), json.loads(text))
+
+    def test_surrogate_examples(self):
+        """Pairs in any case are text; a lone half, a reversed pair or a half after an escaped backslash is refused."""
+        for ok in ('"\\ud83d\\ude00"', '"\\uD83D\\uDE00"', '"\\\\ud800"', '"\\\\\\\\ud800"', '"x\\u00e9"', '"ud800"'):
+            self.assertFalse(has_lone_surrogate(ok), ok)
+        for bad in ('"\\ud800"', '"\\uDC00"', '"\\ude00\\ud83d"', '"\\ud83d\\\\ude00"', '"\\\\\\ud800"', '"\\ud83d\\ud83d\\ude00"', '"\\ud83dx\\ude00"'):
+            self.assertTrue(has_lone_surrogate(bad), bad)
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+        max_leaves=30,
+    ))
+    def test_counting_scanner_parses_the_same(self, value):
+        """Past the container cap's quick count (brackets inside strings too), the counting scanner gives the same value as the C one."""
+        text = json.dumps({"pad": "[{" * 3, "v": value})
+        containers = text.count("[") + text.count("{") - 6
+        self.patch(strictjson, "MAX_CONTAINERS", containers + 3)  # the quick count is over the cap, the real one is not
+        self.assertEqual(parse_json(text.encode()), json.loads(text))
+
+    def test_container_cap(self):
+        """More than MAX_CONTAINERS arrays and objects are refused; as many brackets inside strings are not."""
+        many = b'{"m": [%s]}' % b",".join([b"[]"] * strictjson.MAX_CONTAINERS)
+        with self.assertRaises(APIError) as caught:
+            parse_json(many)
+        self.assertIn("arrays and objects", caught.exception.details)
+        brackets = b'{"text": "%s"}' % (b"[{" * strictjson.MAX_CONTAINERS)
+        self.assertEqual(len(parse_json(brackets)["text"]), 2 * strictjson.MAX_CONTAINERS)
+
+
+# --- 2: a trickled body is cut off; strangers cannot make the gateway store a big body
+
+
+class BodyArrivalTests(Backed):
+    async def trickle_body(self, url, head):
+        """Send C{head} and then one body byte every 0.2 s; the answer once the server closes, or None."""
+        proto = await connect(url)
+        proto.transport.write(head)
+        sender = LoopingCall(proto.transport.write, b"x")
+        sender.start(0.2, now=False)
+        gave_up = []
+
+        def give_up():
+            gave_up.append(True)
+            proto.transport.abortConnection()
+
+        started = reactor.seconds()
+        guard = reactor.callLater(30, give_up)
+        data = await proto.closed
+        sender.stop()
+        if guard.active():
+            guard.cancel()
+        print(f"answered and closed after {reactor.seconds() - started:.2f}s")
+        return None if gave_up else split_answer(data)
+
+    async def test_trickled_body_is_408(self):
+        """A body that keeps trickling in (each byte restarting the idle timer) gets a JSON 408 at limits.body_timeout, then the close."""
+        gw = self.start("limits: {body_timeout: 1s}")
+        auth = f"Authorization: Bearer {token()}\r\n"
+        for url, head in (
+            (gw.url, f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"),
+            (gw.url, f"POST /v1/sessions HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n"),
+            (gw.debug_url, "POST /v1/sessions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n"),
+        ):
+            answer = await self.trickle_body(url, head.encode())
+            assert_json_answer(self, answer, 408, "REQUEST_TIMEOUT", reason="Request Timeout")
+            self.assertEqual(answer[2].get("connection"), "close")
+        logged = [line for line in self.access_lines() if line["status"] == 408]
+        self.assertEqual([line["path"] for line in logged], ["/v1/chat/completions", "/v1/sessions", "/v1/sessions"])
+        self.assertEqual(self.fake.requests_to("/api/chat"), [])
+        # A body that arrives in time is unaffected.
+        status, _, _ = await get_json(gw.url + "/v1/sessions", method="POST", headers=bearer(token()), body={"title": "t"})
+        self.assertEqual(status, 201)
+
+    async def test_anonymous_big_body_refused_before_it_is_read(self):
+        """On the secure port a body over 64 KiB without a Bearer token is a 401 at once, declared or chunked, on any path."""
+        gw = self.start()
+        for path in ("/v1/chat/completions", "/v1/sessions", "/auth/refresh", "/nope"):
+            for auth in ("", "Authorization: Basic YWxpY2U6cHc=\r\n", "Authorization: Bearer\r\n"):
+                head = f"POST {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: 70000\r\n\r\n"
+                answer = await raw_answer(gw.url, head.encode())  # the body is never sent
+                assert_json_answer(self, answer, 401, "AUTH_MISSING_TOKEN", reason="Unauthorized")
+                self.assertEqual(answer[2].get("www-authenticate"), 'Bearer realm="clawdbot"')
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        chunk = b"x" * 40000
+        answer = await raw_answer(gw.url, head + (b"%x\r\n%s\r\n" % (len(chunk), chunk)) * 2)
+        assert_json_answer(self, answer, 401, "AUTH_MISSING_TOKEN")
+
+    async def test_big_body_with_token_or_on_debug_port_is_read(self):
+        """A big body with a Bearer token, or on the debug port, or a small one without a token, reaches the route as before."""
+        gw = self.start()
+        body = chat_body(["x" * 100] * 1000)
+        self.assertGreater(len(body), 64 * 1024)
+        status, _, answer = await get_json(gw.url + "/v1/chat/completions", method="POST", headers=bearer(token()), body=body)
+        self.assertEqual(status, 200, answer)
+        status, _, answer = await get_json(gw.debug_url + "/v1/chat/completions", method="POST", body=body)
+        self.assertEqual(status, 200, answer)
+        status, headers, answer = await get_json(gw.url + "/v1/chat/completions", method="POST", body=chat_body([]))
+        assert_error(self, status, answer, 401, "AUTH_MISSING_TOKEN")
+        # An invalid token is checked after the body, as usual.
+        status, _, answer = await get_json(gw.url + "/v1/chat/completions", method="POST", headers=bearer("not-a-token"), body=body)
+        assert_error(self, status, answer, 401, "AUTH_INVALID_TOKEN")
+
+
+# --- 3: reason phrases; what twisted.web refuses itself gets the JSON shape -------
+
+
+class StatusLineTests(Backed):
+    def test_every_status_has_its_reason(self):
+        """Every status the gateway sends has its RFC 9110 / RFC 6585 reason phrase."""
+        from clawdbot.errors import CODES
+
+        for code, (status, _, _) in CODES.items():
+            self.assertIn(status, REASONS, code)
+        expected = {200: b"OK", 201: b"Created", 204: b"No Content", 302: b"Found", 408: b"Request Timeout", 413: b"Content Too Large",
+                    429: b"Too Many Requests", 431: b"Request Header Fields Too Large", 501: b"Not Implemented", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
+        for status, phrase in expected.items():
+            self.assertEqual(reason_phrase(status), phrase)
+        self.assertNotIn(b"Unknown", reason_phrase(599))
+
+    async def test_reason_phrases_on_the_wire(self):
+        """429, 413, 501, 404 and 200 go out with their reason phrases, never 'Unknown Status'."""
+        gw = self.start("rate_limit: {requests_per_minute: 1}\nlimits: {max_body: 2KB}")
+        auth = bearer(token())
+        seen = {}
+        for _ in range(2):
+            response = await treq.get(gw.url + "/v1/models", headers=auth, persistent=False)
+            await response.content()
+            seen[response.code] = response.phrase
+        response = await treq.post(gw.url + "/v1/sessions", headers=auth, data=b"x" * 5000, persistent=False)
+        await response.content()
+        seen[response.code] = response.phrase
+        for method, path in (("BREW", "/healthz"), ("GET", "/nope"), ("GET", "/healthz")):
+            response = await treq.request(method, gw.url + path, persistent=False)
+            await response.content()
+            seen[response.code] = response.phrase
+        self.assertEqual(seen, {200: b"OK", 429: b"Too Many Requests", 413: b"Content Too Large", 501: b"Not Implemented", 404: b"Not Found"})
+
+
+MALFORMED = [
+    b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Nul: a\x00b\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nno-colon-here\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nBad Name: x\r\n\r\n",
+    b"GET /healthz\r\n\r\n",
+    b"GARBAGE\r\n\r\n",
+    b"GET /healthz HTTP/1.1 extra\r\nHost: localhost\r\n\r\n",
+    b"POST /v1/sessions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nab",
+    b"POST /v1/sessions HTTP/1.1\r\nHost: localhost\r\nContent-Length: -1\r\n\r\n",
+    b"POST /v1/sessions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"POST /v1/sessions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+]
+
+
+class MalformedRequestTests(Backed):
+    async def test_malformed_requests_get_json_400(self):
+        """What twisted.web refuses by itself (NUL, bad header, HTTP/0.9, bad request line, bad length or chunk) is a JSON 400 with nosniff."""
+        gw = self.start()
+        for url in (gw.url, gw.debug_url):
+            for data in MALFORMED:
+                answer = await raw_answer(url, data)
+                assert_json_answer(self, answer, 400, "INVALID_REQUEST", reason="Bad Request")
+                self.assertEqual(answer[2].get("connection"), "close")
+        status, _, _ = await get_json(gw.url + "/healthz")
+        self.assertEqual(status, 200)
+
+    async def test_oversized_heads_get_json_431(self):
+        """A 20 KB Authorization header, a long request line, headers over 16 KB in all, or over 500 of them: a JSON 431."""
+        gw = self.start()
+        heads = [
+            b"GET /v1/me HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer " + b"a" * 20000 + b"\r\n\r\n",
+            b"GET /v1/me?" + b"q" * 20000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            b"GET /v1/me HTTP/1.1\r\nHost: localhost\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 2000) for i in range(10)) + b"\r\n",
+            b"GET /v1/me HTTP/1.1\r\nHost: localhost\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(501)) + b"\r\n",
+        ]
+        for data in heads:
+            answer = await raw_answer(gw.url, data)
+            assert_json_answer(self, answer, 431, "HEADER_TOO_LARGE", reason="Request Header Fields Too Large")
+        # Just under every limit is fine.
+        ok = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Bearer " + b"a" * 8000 + b"\r\n\r\n"
+        answer = await raw_answer(gw.url, ok)
+        self.assertEqual(answer[0], 200)
+
+
+# --- 4: redaction of secret-ish names, forms and opaque bodies ----------------------
+
+
+SECRET_NAMES = [
+    "private_key", "privateKey", "access_key", "AWS_SECRET_ACCESS_KEY", "pwd", "PWD", "passwd", "Password", "userPassword",
+    "auth", "Auth", "basic_auth", "bearer", "refresh", "refreshToken", "refresh_token", "session", "Session", "session_token",
+    "sessionKey", "sig", "signature", "x-signature", "otp", "totp", "pin", "PIN", "api_key", "apiKey", "API-KEY", "x_api_key",
+    "X-Api-Key", "xapikey", "clientSecret", "client_secret", "CLIENT_SECRET", "id_token", "X-Auth-Token", "cookie", "credentials",
+    "code_verifier", "key", "hmac", "passphrase",
+]
+PLAIN_NAMES = ["session_id", "sessionId", "max_tokens", "prompt_tokens", "completion_tokens", "total_tokens", "author", "model",
+               "messages", "content", "pinned", "keep_alive", "tokenizer", "monkey", "temperature", "role", "title"]
+
+
+class RedactionVariantTests(Backed):
+    def test_secret_names_in_every_spelling(self):
+        """Secret-ish key names in any case, prefix or camelCase are redacted in logged bodies; session_id, token counts and others are not."""
+        for name in SECRET_NAMES:
+            self.assertEqual(redact({"metadata": {name: "canary-value"}}), {"metadata": {name: "[redacted]"}}, name)
+            self.assertNotIn("canary-value", redact_text(f"{name}=canary-value&x=1"), name)
+            self.assertNotIn("canary-value", redact_text(f'prefix "{name}": "canary-value"'), name)
+        for name in PLAIN_NAMES:
+            self.assertEqual(redact({name: "shown"}), {name: "shown"}, name)
+            self.assertEqual(redact_text(f"{name}=shown"), f"{name}=shown", name)
+        # An OAuth code is a secret in a request; an error code in a response is not.
+        self.assertEqual(redact({"code": "oauth-code"}), {"code": "[redacted]"})
+        error = b'{"error": {"message": "Rate limit exceeded", "type": "rate_limit_error", "code": "RATE_LIMITED"}}'
+        self.assertEqual(redact_body(error, "application/json; charset=utf-8", response=True)["error"]["code"], "RATE_LIMITED")
+        stream = redact_body(b'data: {"error": {"code": "UPSTREAM_TIMEOUT"}}\n\n', "text/event-stream", response=True)
+        self.assertIn("UPSTREAM_TIMEOUT", stream)
+
+    def test_forms_and_opaque_bodies(self):
+        """Form fields are redacted by name (urlencoded and multipart); a body that is neither JSON nor text is logged by size and type only."""
+        multipart = (
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"password\"\r\n\r\ncanary-pw\r\n"
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"clientSecret\"\r\n\r\ncanary-cs\r\n"
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n"
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.bin\"\r\nContent-Type: application/octet-stream\r\n\r\ncanary-file\r\n"
+            b"--XyZ--\r\n"
+        )
+        logged = redact_body(multipart, 'multipart/form-data; boundary="XyZ"')
+        self.assertEqual(logged, {"form-data": {"password": "[redacted]", "clientSecret": "[redacted]", "note": "hello", "file": {"file": "a.bin", "bytes": 11}}})
+        logged = redact_body(b"user=al&PWD=canary-a&x_api_key=canary-b&otp=123456", "application/x-www-form-urlencoded")
+        self.assertEqual(logged, {"form": {"user": "al", "PWD": "[redacted]", "x_api_key": "[redacted]", "otp": "[redacted]"}})
+        for ctype in ("application/octet-stream", "image/png", "multipart/form-data", "application/xml", "multipart/form-data; boundary=nope"):
+            logged = redact_body(b"password=canary-opaque\x00\x01", ctype)
+            self.assertEqual(logged, {"omitted": "body not logged: not JSON or text", "bytes": 24, "type": ctype.split(";")[0]}, ctype)
+
+    async def test_access_log_redacts_variants(self):
+        """Sampled access-log lines never carry a secret-named value, a form secret or an opaque body; session_id and error codes stay visible."""
+        gw = self.start("access_log: {sample_rate: 1.0}")
+        auth = {"Authorization": [f"Bearer {token()}"]}
+        canaries = {name: f"canary{i:03d}value" for i, name in enumerate(SECRET_NAMES)}
+        body = json.dumps({"messages": HI, "session_id": "not-a-session", "metadata": canaries}).encode()
+        bodies = [
+            ("application/json", body),
+            ("text/plain", body),
+            ("multipart/form-data; boundary=b0", b'--b0\r\nContent-Disposition: form-data; name="password"\r\n\r\ncanary-multipart\r\n--b0--\r\n'),
+            ("application/x-www-form-urlencoded", b"pwd=canary-form&signature=canary-sig"),
+            ("application/octet-stream", b"opaque canary-opaque \x00" * 3),
+        ]
+        for ctype, data in bodies:
+            response = await treq.post(gw.url + "/v1/chat/completions", headers=dict(auth, **{"Content-Type": [ctype]}), data=data, persistent=False)
+            await response.content()
+        text = self.access_text()
+        for canary in list(canaries.values()) + ["canary-multipart", "canary-form", "canary-sig", "canary-opaque"]:
+            self.assertNotIn(canary, text)
+        lines = self.access_lines()
+        self.assertEqual(lines[0]["request_body"]["session_id"], "not-a-session")
+        self.assertEqual(lines[0]["session"], "not-a-session")
+        self.assertEqual(lines[0]["response_body"]["error"]["code"], "NOT_FOUND")
+        self.assertEqual(lines[4]["request_body"], {"omitted": "body not logged: not JSON or text", "bytes": 66, "type": "application/octet-stream"})
+        self.assertEqual(lines[4]["response_body"]["error"]["code"], "INVALID_REQUEST")

@@ -580,3 +580,13 @@ class ReadinessHTTPTests(TestCase):
         self.assertIn("Ollama", body["reason"])
         self.assertEqual(readiness.checks, 1)
         self.assertEqual(json.loads(json.dumps(body))["checks"]["backend"], body["reason"].split(": ", 1)[1])
+
+
+class DuplicateKeyTests(SynchronousTestCase):
+    def test_a_key_written_twice_is_refused(self):
+        """A key written twice in one mapping is a config error naming it and its line, not a silent last-wins."""
+        for text in ("auth:\n  jwt:\n    issuer: a\n    issuer: b\n", "server: {mode: dev, mode: production}\n", "backend: {}\nbackend: {}\n"):
+            with self.assertRaises(ConfigError) as caught:
+                parse_config(text, {})
+            self.assertIn("appears twice", str(caught.exception))
+            self.assertIn("line", str(caught.exception))

@@ -87,7 +87,8 @@ class RedisLimiterTests(TestCase):
     async def test_same_decisions_as_memory(self):
         """
         Over a scripted run of takes (of 1 and of more), peeks, spends that
-        put a budget in debt, limits changed as by a reload, and the clock
+        put a budget in debt, reservations (refused once in debt), refunds
+        (never past a full bucket), limits changed as by a reload, and the clock
         moving by fractions of a second to more than a minute, the Redis
         limiter gives exactly the decisions of the in-memory one on the same
         clock: same allowed, remaining, reset and retry_after.
@@ -99,7 +100,7 @@ class RedisLimiterTests(TestCase):
         rng = random.Random(20240609)
         compared = refused = 0
         for step in range(400):
-            op = rng.choice(("take", "take", "take", "take", "peek", "spend", "advance"))
+            op = rng.choice(("take", "take", "take", "take", "peek", "spend", "reserve", "refund", "advance"))
             key = rng.choice(("alice", "bob"))
             limit = rng.choice((3, 3, 3, 5, 60))
             if op == "advance":
@@ -110,6 +111,16 @@ class RedisLimiterTests(TestCase):
                 want = await memory.take(key, limit, cost)
                 got = await shared.take(key, limit, cost)
             elif op == "peek":
+                want = await memory.peek(key, limit * 10, "tokens")
+                got = await shared.peek(key, limit * 10, "tokens")
+            elif op == "reserve":
+                cost = rng.choice((5, 40, 90))
+                want = await memory.reserve(key, limit * 10, cost, "tokens")
+                got = await shared.reserve(key, limit * 10, cost, "tokens")
+            elif op == "refund":
+                cost = -rng.choice((5, 40, 900))
+                await memory.spend(key, limit * 10, cost, "tokens")
+                await shared.spend(key, limit * 10, cost, "tokens")
                 want = await memory.peek(key, limit * 10, "tokens")
                 got = await shared.peek(key, limit * 10, "tokens")
             else:

@@ -75,9 +75,11 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(translate({"messages": [], "max_completion_tokens": 7, "max_tokens": 9})["options"], {"num_predict": 7})
 
     def test_audit_fields(self):
-        """The gateway adds user_id and session_id to the Ollama body."""
-        out = translate({"messages": []}, principal=Principal(sub="alice"), session_id="s1")
-        self.assertEqual((out["user_id"], out["session_id"]), ("alice", "s1"))
+        """The gateway adds user_id (the owner key: provider and sub) and session_id to the Ollama body."""
+        alice = Principal(sub="alice", issuer="https://idp.example.com")
+        out = translate({"messages": []}, principal=alice, session_id="s1")
+        self.assertEqual((out["user_id"], out["session_id"]), (alice.key, "s1"))
+        self.assertNotEqual(Principal(sub="alice", issuer="https://other.example.com").key, alice.key)
 
     def test_aliases_and_allow_list(self):
         """Aliases resolve; a model outside the allow-list is MODEL_NOT_FOUND."""
