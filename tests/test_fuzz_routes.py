@@ -50,6 +50,8 @@ TEMPLATES = {
     ("POST", "/ollama/api/show", WRITE): {"model": "qwen3:32b"},
     ("POST", "/ollama/api/copy", ADMIN): {"source": "qwen3:32b", "destination": "fuzz-copy"},
     ("POST", "/ollama/api/pull", ADMIN): {"model": "fuzz-model", "stream": False},
+    ("POST", "/ollama/api/push", ADMIN): {"model": "qwen3:32b", "stream": False},
+    ("POST", "/ollama/api/create", ADMIN): {"model": "fuzz-new", "from": "qwen3:32b", "stream": False},
     ("DELETE", "/ollama/api/delete", ADMIN): {"model": "fuzz-copy"},
     ("POST", "/auth/refresh", None): {},
     ("POST", "/auth/logout", None): {},
