@@ -56,6 +56,8 @@ async def relay(gateway, request, config, path, body, payload, headers, on_data,
         response = await backend.send(config, b"POST", path, body, deadline, lease)
         request.audit["upstream_latency"] = round(clock.seconds() - started, 6)
         if response.code != 200:
+            if on_sent is not None:
+                on_sent(False)
             raw = await backend.collect(response, config, deadline, limit=1024 * 1024)
             raise upstream_error(response.code, raw, payload)
         request.setResponseCode(200)
@@ -251,7 +253,7 @@ class Embeddings(APIResource):
         config = request.config
         body, opts = translate.embeddings_request(await read_json(request), config)
         request.audit["model"] = body["model"]
-        meter = await metered(self.gateway, request, body)
+        meter = await metered(self.gateway, request, body, reply=False)
         reply = await self.gateway.backend.call_json(config, b"POST", "/api/embed", body, sent=meter.mark_sent)
         tokens = reply.get("prompt_eval_count") or 0
         request.audit["usage"] = {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
@@ -345,7 +347,7 @@ class NativeAPI(APIResource):
             if images:
                 await self.gateway.images.process_base64_lists(images, config.images)
         counted = name in ("chat", "generate", "embed")
-        meter = await metered(self.gateway, request, payload) if counted else None
+        meter = await metered(self.gateway, request, payload, reply=name != "embed") if counted else None
         sent = meter.mark_sent if counted else None
         wants_stream = streams and payload.get("stream", True) is not False
         if not wants_stream:
@@ -385,14 +387,19 @@ class NativeAPI(APIResource):
         return JSONResponse(await self.gateway.backend.call(request.config, b"DELETE", "/api/delete", await read_json(request)))
 
 
-async def metered(gateway, request, body):
+async def metered(gateway, request, body, reply=True):
     """
-    A L{translate.Meter} for one call to the model, with its prompt's
-    estimate reserved from the caller's token budget (429 when the budget is
-    spent); L{clawdbot.gateway.Gateway.request_done} settles it.
+    A L{translate.Meter} for one call to the model, with its estimated
+    prompt and reply (C{num_predict}, else a default; both at most
+    C{backend.max_num_ctx}) reserved from the caller's token budget (429
+    when the budget is spent); L{clawdbot.gateway.Gateway.request_done}
+    settles it to Ollama's counts.
+
+    @param reply: whether the call produces a reply (embeddings do not).
     """
-    meter = request.audit["meter"] = translate.Meter(body)
-    await gateway.reserve_tokens(request, meter.prompt)
+    ceiling = request.config.backend.max_num_ctx
+    meter = request.audit["meter"] = translate.Meter(body, ceiling)
+    await gateway.reserve_tokens(request, meter.prompt + (translate.reply_reserve(body, ceiling) if reply else 0))
     return meter
 
 

@@ -24,7 +24,7 @@ import math
 import re
 
 from clawdbot.errors import APIError, invalid
-from clawdbot.translate import resolve_model
+from clawdbot.translate import MAX_EMBEDDING_INPUTS, MAX_MESSAGES, resolve_model
 from clawdbot.units import format_duration
 
 ADMIN = "admin"
@@ -242,6 +242,8 @@ def _images(value, where, images):
 def _messages(value, images):
     if not isinstance(value, list):
         raise invalid("'messages' must be a list")
+    if len(value) > MAX_MESSAGES:
+        raise invalid(f"'messages' may hold at most {MAX_MESSAGES} messages")
     out = []
     for i, message in enumerate(value):
         where = f"messages[{i}]"
@@ -275,6 +277,8 @@ def _context(value):
 
 
 def _input(value):
+    if isinstance(value, list) and len(value) > MAX_EMBEDDING_INPUTS:
+        raise invalid(f"'input' may hold at most {MAX_EMBEDDING_INPUTS} texts")
     if isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value)):
         return value
     raise invalid("'input' must be a string or a list of strings")

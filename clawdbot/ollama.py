@@ -388,7 +388,8 @@ class Ollama:
         A complete exchange with a JSON request: the slot, the timeouts and
         the error mapping included.
 
-        @param sent: called once the call has its slot and goes to Ollama.
+        @param sent: called once the call has its slot and goes to Ollama,
+            and with C{False} when Ollama refuses it (a status other than 200).
         @return: the raw body of a 200 answer.
         """
         deadline = self.reactor.seconds() + config.timeout
@@ -402,6 +403,8 @@ class Ollama:
         finally:
             self.release(config, lease)
         if response.code != 200:
+            if sent is not None:
+                sent(False)
             raise upstream_error(response.code, raw, payload)
         return raw
 

@@ -27,7 +27,7 @@ import json
 from twisted.internet.defer import DeferredLock
 
 from clawdbot.errors import APIError, invalid
-from clawdbot.storage import decode_cursor, message_bytes
+from clawdbot.storage import decode_cursor, is_session_id, message_bytes
 from clawdbot.units import format_size
 from clawdbot.web import APIResource, JSONResponse, NotFound, read_json
 
@@ -66,7 +66,7 @@ def not_owner():
 async def load_visible(gateway, principal, sid, with_messages=False):
     """The session C{sid} for reading: its owner's or a readable team's; else 404."""
     store = gateway.store
-    session = await store.get_session(sid, with_messages=with_messages)
+    session = await store.get_session(sid, with_messages=with_messages) if is_session_id(sid) else None
     if session is None:
         raise not_found()
     if session.owner in await store.owners_of(principal.issuer, principal.sub) or team_reader(principal, session):
@@ -80,7 +80,7 @@ async def load_owned(gateway, principal, sid):
     a 403, anyone else a 404.
     """
     store = gateway.store
-    session = await store.get_session(sid)
+    session = await store.get_session(sid) if is_session_id(sid) else None
     if session is None:
         raise not_found()
     if session.owner in await store.owners_of(principal.issuer, principal.sub):
@@ -88,6 +88,11 @@ async def load_owned(gateway, principal, sid):
     if team_reader(principal, session):
         raise not_owner()
     raise not_found()
+
+
+# Bytes held for a reply while its turn is in flight (replies are stored
+# whatever their size once the turn was accepted).
+REPLY_ALLOWANCE = 16 * 1024
 
 
 class HistoryReservations:
@@ -141,7 +146,9 @@ async def check_history_quota(store, principal, limits, new, reservations):
             details=f"your stored chat history has reached its limit of {format_size(limits.max_bytes_per_user)}; delete or clear sessions to go on",
             headers={"Retry-After": str(QUOTA_RETRY_AFTER)},
         )
-    return reservations.hold(principal.key, size)
+    # Held until the turn is stored: its messages and an allowance for the
+    # reply, so that turns running at the same moment leave room for theirs.
+    return reservations.hold(principal.key, size + REPLY_ALLOWANCE)
 
 
 class SessionLocks:
@@ -181,6 +188,8 @@ class SessionList(APIResource):
         principal = request.principal
         args = request.args
         team = _arg(args, b"team")
+        if team is not None and not team.isprintable():
+            raise invalid("'team' must be a team name")
         try:
             limit = int(_arg(args, b"limit") or 50)
         except ValueError:

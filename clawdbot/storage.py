@@ -21,6 +21,7 @@ per-user quota is one indexed read.
 import base64
 import json
 import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -87,6 +88,16 @@ def decode_cursor(cursor):
 
 def new_id():
     return "sess_" + secrets.token_hex(12)
+
+
+# Ids are made by new_id; anything outside this alphabet (a NUL, a slash,
+# text PostgreSQL cannot store) names no session and is never looked up.
+_SESSION_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+def is_session_id(value):
+    """Whether C{value} could be a session id (anything else names no session)."""
+    return isinstance(value, str) and _SESSION_ID.fullmatch(value) is not None
 
 
 def _record_legacy_issuers(cur, placeholder, context):
@@ -228,6 +239,8 @@ class SQLStore:
 
         def create(cur):
             if max_sessions is not None:
+                # Concurrent creates for one owner count one after another.
+                self.engine.lock_owner(cur, owner)
                 cur.execute(self._sql("SELECT COUNT(*) FROM sessions WHERE owner = ?"), (owner,))
                 if cur.fetchone()[0] >= max_sessions:
                     return None
@@ -411,6 +424,9 @@ class _ThreadEngine:
 
     placeholder = "?"
 
+    def lock_owner(self, cur, owner):
+        """Serialise this transaction with others for C{owner} (SQLite: BEGIN IMMEDIATE already does)."""
+
     def __init__(self, reactor, threads):
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="clawdbot-storage")
@@ -479,6 +495,10 @@ class PostgresEngine(_ThreadEngine):
     """PostgreSQL through psycopg's connection pool, on a few threads."""
 
     placeholder = "%s"
+
+    def lock_owner(self, cur, owner):
+        """A transaction-scoped advisory lock on the owner: counts and inserts for one owner cannot interleave."""
+        cur.execute("SELECT pg_advisory_xact_lock(724214, hashtext(%s))", (owner,))
 
     def __init__(self, reactor, dsn, size=4, legacy_issuers=()):
         super().__init__(reactor, threads=size)

@@ -50,6 +50,15 @@ _MAX_INT_DIGITS = 309
 # conversation with tools has a few per message); a 20 MB body of C{[],}
 # would be 6.6 million lists.
 MAX_CONTAINERS = 100_000
+# Values in arrays and objects of one body, counted by the pure-Python
+# scanner; a tool schema with a million keys would cost the reactor a third
+# of a second to encode again for Ollama.
+MAX_ELEMENTS = 200_000
+# Separators (C{,} and C{:}) beyond which a body goes to the pure-Python
+# scanner: the C scanner holds the interpreter lock for a whole object or
+# array of keys, C{null}s and strings (0.7 s for a million keys), the
+# Python one lets other threads in between values.
+DENSE = 50_000
 
 
 def _bounded_int(text):
@@ -108,16 +117,33 @@ def _python_decoder(hooks):
     """
     decoder = json.JSONDecoder(**hooks)
     count = [0]
+    elements = [0]
 
     def counted(parse):
         def parse_container(*args, **kwargs):
             count[0] += 1
             if count[0] > MAX_CONTAINERS:
                 raise _Refused(f"the body has more than {MAX_CONTAINERS} arrays and objects")
-            return parse(*args, **kwargs)
+            result = parse(*args, **kwargs)
+            if isinstance(result[0], list):
+                # (An object's keys were counted as they were read.)
+                elements[0] += len(result[0])
+            if elements[0] > MAX_ELEMENTS:
+                raise _Refused(f"the body has more than {MAX_ELEMENTS} values in its arrays and objects")
+            return result
 
         return parse_container
 
+    class KeyCounter(dict):
+        # The scanner interns every object key through memo.setdefault: a
+        # chance to refuse an object of a million keys while it is read.
+        def setdefault(self, key, default=None):
+            elements[0] += 1
+            if elements[0] > MAX_ELEMENTS:
+                raise _Refused(f"the body has more than {MAX_ELEMENTS} values in its arrays and objects")
+            return super().setdefault(key, default)
+
+    decoder.memo = KeyCounter()
     decoder.parse_object = counted(json.decoder.JSONObject)
     decoder.parse_array = counted(json.decoder.JSONArray)
     decoder.scan_once = json.scanner.py_make_scanner(decoder)
@@ -144,7 +170,7 @@ def parse_json(raw):
         # Each [ or { outside a string opens a container, so their count in
         # the whole text bounds the containers from above: under the cap,
         # the fast C scanner; else the counting one.
-        if text.count("[") + text.count("{") <= MAX_CONTAINERS:
+        if text.count("[") + text.count("{") <= MAX_CONTAINERS and text.count(",") + text.count(":") <= DENSE:
             value = json.loads(text, **hooks)
         else:
             value = _python_decoder(hooks).decode(text)
@@ -158,4 +184,24 @@ def parse_json(raw):
         raise invalid("the body is nested too deeply") from None
     if surrogate:
         raise invalid("the body contains a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not a character")
+    if "\\u0000" in text and _has_nul(value):
+        # JSON forbids a raw NUL in a string, so only an escape puts one
+        # there; PostgreSQL cannot store it and no chat needs it.
+        raise invalid("the body contains a NUL character (\\u0000)")
     return value
+
+
+def _has_nul(value):
+    """Whether a NUL character is in any key or string of a parsed value."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False

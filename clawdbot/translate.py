@@ -50,6 +50,12 @@ _HANDLED = {
     "modalities",
 }
 
+# Far beyond a model's context: a conversation of this many messages would
+# not fit.  Bounds the work of translating (and re-encoding) one body.
+MAX_MESSAGES = 10_000
+# OpenAI's own limit on the texts of one embeddings request.
+MAX_EMBEDDING_INPUTS = 2048
+
 _DATA_URL = re.compile(r"^data:(image/[a-z0-9.+-]+);base64,(.*)$", re.IGNORECASE | re.DOTALL)
 
 
@@ -172,6 +178,8 @@ def translate_messages(messages, max_images=None):
     """
     if not isinstance(messages, list):
         raise invalid("'messages' must be a list")
+    if len(messages) > MAX_MESSAGES:
+        raise invalid(f"'messages' may hold at most {MAX_MESSAGES} messages")
     image_count = 0
     out = []
     tool_names = {}
@@ -411,14 +419,17 @@ class Meter:
     @ivar exact: Ollama's usage, once known.
     """
 
-    def __init__(self, body):
-        self.prompt = estimate_tokens(body)
+    def __init__(self, body, ceiling=0):
+        prompt = estimate_tokens(body)
+        # Ollama evaluates at most a context's worth of the prompt.
+        self.prompt = min(prompt, ceiling) if ceiling else prompt
         self.sent = False
         self.streamed = 0
         self.exact = None
 
-    def mark_sent(self):
-        self.sent = True
+    def mark_sent(self, sent=True):
+        """The call went to Ollama (or, with C{False}, Ollama refused it: nothing was evaluated)."""
+        self.sent = sent
 
     def usage(self):
         """The usage to charge: exact when known, else the estimate, else C{None}."""
@@ -427,6 +438,19 @@ class Meter:
         if not self.sent:
             return None
         return {"prompt_tokens": self.prompt, "completion_tokens": self.streamed, "total_tokens": self.prompt + self.streamed, "estimated": True}
+
+
+# The reply a call is assumed to produce when it sets no limit of its own,
+# for the reservation taken before the call (settled to the real count).
+DEFAULT_REPLY_RESERVE = 256
+
+
+def reply_reserve(body, ceiling=0):
+    """The tokens to reserve for a call's reply: its C{num_predict}, else L{DEFAULT_REPLY_RESERVE}, at most C{ceiling}."""
+    options = body.get("options") if isinstance(body.get("options"), dict) else {}
+    limit = options.get("num_predict")
+    tokens = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else DEFAULT_REPLY_RESERVE
+    return min(tokens, ceiling) if ceiling else tokens
 
 
 def chat_response(reply, model, created=None):
@@ -614,7 +638,8 @@ def embeddings_request(body, config):
     if isinstance(data, str):
         pass
     elif isinstance(data, list) and data and all(isinstance(s, str) for s in data):
-        pass
+        if len(data) > MAX_EMBEDDING_INPUTS:
+            raise invalid(f"'input' may hold at most {MAX_EMBEDDING_INPUTS} texts")
     else:
         raise invalid("'input' must be a string or a non-empty list of strings")
     fmt = body.get("encoding_format", "float")

@@ -45,6 +45,33 @@ class Backed(helpers.Backed):
     async def native(self, name, body, scope=WRITE, sub="alice"):
         return await get_json(self.gw.url + "/ollama/api/" + name, method="POST", headers=bearer(token(sub=sub, scope=scope)), body=body)
 
+    async def stream_then_leave(self, path, body, marker, count):
+        """Post C{body} to C{path}, read until C{marker} was seen C{count} times, then close; wait until Ollama saw it."""
+        host, port = self.gw.url.split("//")[1].split(":")
+        raw = json.dumps(body).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {token(scope=WRITE)}\r\nContent-Length: {len(raw)}\r\n\r\n"
+        ).encode()
+
+        class Quitter(Protocol):
+            def __init__(self):
+                self.data = b""
+                self.enough = Deferred()
+
+            def dataReceived(self, data):
+                self.data += data
+                if self.data.count(marker) >= count and not self.enough.called:
+                    self.enough.callback(None)
+
+        quitter = Quitter()
+        await connectProtocol(TCP4ClientEndpoint(reactor, host, int(port)), quitter)
+        quitter.transport.write(head + raw)
+        await quitter.enough
+        gone = self.fake.next_disconnect()
+        quitter.transport.loseConnection()
+        await gone
+
     async def chat(self, scope=WRITE, sub="alice", **body):
         payload = {"messages": HI}
         payload.update(body)
@@ -196,33 +223,6 @@ class StreamChargeTests(Backed):
             self.assertEqual((status, body["error"]["code"]), (429, "RATE_LIMITED"), options)
             self.assertGreater(self.access_lines()[0]["tokens"], 20)
             self.assertEqual((await self.chat(sub="bob", stream=True))[0], 200)
-
-    async def stream_then_leave(self, path, body, marker, count):
-        """Post C{body} to C{path}, read until C{marker} was seen C{count} times, then close; wait until Ollama saw it."""
-        host, port = self.gw.url.split("//")[1].split(":")
-        raw = json.dumps(body).encode()
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer {token(scope=WRITE)}\r\nContent-Length: {len(raw)}\r\n\r\n"
-        ).encode()
-
-        class Quitter(Protocol):
-            def __init__(self):
-                self.data = b""
-                self.enough = Deferred()
-
-            def dataReceived(self, data):
-                self.data += data
-                if self.data.count(marker) >= count and not self.enough.called:
-                    self.enough.callback(None)
-
-        quitter = Quitter()
-        await connectProtocol(TCP4ClientEndpoint(reactor, host, int(port)), quitter)
-        quitter.transport.write(head + raw)
-        await quitter.enough
-        gone = self.fake.next_disconnect()
-        quitter.transport.loseConnection()
-        await gone
 
     async def test_client_that_leaves_is_charged_for_what_was_streamed(self):
         """A client that closes the stream before its final line is still charged (an estimate of what was streamed)."""
@@ -382,7 +382,7 @@ class ReservationTests(Backed):
         self.assertGreaterEqual(left.remaining, 1000 - real - 1)
 
     async def test_parallel_turns_cannot_all_pass_the_history_quota(self):
-        """Turns on different sessions at the same moment count each other's bytes, so the stored-history quota holds."""
+        """Turns on different sessions at the same moment count each other's bytes (and reply allowances), so the stored-history quota holds."""
         self.start("history: {max_bytes_per_user: 2KB, max_bytes_per_request: 1KB}")
         self.fake.behave(delay_first_byte=0.5)
         auth = bearer(token(scope=WRITE))
@@ -393,7 +393,9 @@ class ReservationTests(Backed):
         turn = [{"role": "user", "content": "x" * 900}]
         results = await gatherResults([ensureDeferred(self.chat(messages=turn, session_id=sid)) for sid in sids])
         statuses = sorted(status for status, _, _ in results)
-        self.assertEqual(statuses, [200, 200, 429, 429, 429, 429])
+        # Each turn in flight holds its bytes and an allowance for its reply,
+        # so with room for two turns' messages but not their replies, one passes.
+        self.assertEqual(statuses, [200, 429, 429, 429, 429, 429])
         self.assertEqual({body["error"]["code"] for status, _, body in results if status == 429}, {"QUOTA_EXCEEDED"})
 
     async def test_lone_surrogate_in_a_claim_is_401(self):
@@ -413,3 +415,92 @@ class ReservationTests(Backed):
         line = self.access_lines()[-1]
         self.assertGreater(line["tokens"], 0)
         self.assertEqual((line["user"], line["idp"]), ("alice", helpers.ISSUER))
+
+
+class PostgresBoundaryTests(Backed):
+    """Second review: text PostgreSQL cannot store never reaches it, and per-owner limits hold under concurrency."""
+
+    async def test_nul_is_refused_before_the_database(self):
+        """A NUL character in a body, a path id or a query is a 400 or 404 at the door, never a 500 from PostgreSQL."""
+        from tests.test_sessions import pg_database
+
+        self.start(f'storage: {{backend: postgresql, dsn: "{pg_database(self)}"}}')
+        auth = bearer(token(scope=WRITE))
+        status, _, session = await get_json(self.gw.url + "/v1/sessions", method="POST", headers=auth, body={"title": "ok"})
+        self.assertEqual(status, 201)
+        sid = session["id"]
+        for method, path, body, want in (
+            ("POST", "/v1/sessions", {"title": "a\u0000b"}, 400),
+            ("PATCH", f"/v1/sessions/{sid}", {"title": "a\u0000b"}, 400),
+            ("POST", "/v1/chat/completions", {"messages": HI, "session_id": "s\u0000"}, 400),
+            ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x\u0000y"}], "session_id": sid}, 400),
+            ("GET", "/v1/sessions/a%00b", None, 404),
+            ("DELETE", "/v1/sessions/a%00b", None, 404),
+            ("GET", "/v1/sessions?team=a%00b", None, 400),
+        ):
+            status, _, reply = await get_json(self.gw.url + path, method=method, headers=auth, body=body)
+            self.assertEqual(status, want, (method, path, body, reply))
+        self.assertEqual(self.fake.requests_to("/api/chat"), [])
+        status, _, reply = await get_json(self.gw.url + f"/v1/sessions/{sid}", headers=auth)
+        self.assertEqual((status, reply["title"], reply["messages"]), (200, "ok", []))
+
+    async def test_parallel_creates_respect_the_session_limit(self):
+        """Forty sessions created at once for one owner on PostgreSQL: exactly max_sessions_per_user exist afterwards."""
+        from tests.test_sessions import pg_database
+
+        self.start(f'storage: {{backend: postgresql, dsn: "{pg_database(self)}"}}\nhistory: {{max_sessions_per_user: 3}}')
+        auth = bearer(token(scope=WRITE))
+        results = await gatherResults([ensureDeferred(get_json(self.gw.url + "/v1/sessions", method="POST", headers=auth, body={"title": f"s{i}"})) for i in range(40)])
+        self.assertEqual(sum(1 for status, _, _ in results if status == 201), 3)
+        status, _, listing = await get_json(self.gw.url + "/v1/sessions", headers=auth)
+        self.assertEqual(len(listing["data"]), 3)
+
+
+class BudgetBoundsTests(Backed):
+    """Second review: reservations cover the reply, estimates are bounded, refused calls cost nothing."""
+
+    async def test_parallel_small_prompts_with_big_replies(self):
+        """Calls with tiny prompts reserve their max_tokens too, so a burst cannot overrun the budget many times over."""
+        self.start("rate_limit: {requests_per_minute: 0, tokens_per_minute: 1000}")
+        self.fake.behave(delay_first_byte=0.5)
+        results = await gatherResults([ensureDeferred(self.chat(max_tokens=100000)) for _ in range(10)])
+        self.assertEqual(sorted(status for status, _, _ in results), [200] + [429] * 9)
+        self.fake.behave()
+        results = await gatherResults([ensureDeferred(self.chat(sub="bob", stream=True)) for _ in range(10)])
+        # Without max_tokens a default reply is reserved: 1000 tokens hold about four calls at once.
+        self.assertLessEqual(sum(1 for status, _, _ in results if status == 200), 5)
+
+    async def test_estimate_is_bounded_by_the_context(self):
+        """A huge prompt cut off early is charged at most backend.max_num_ctx, not millions of tokens."""
+        self.start("backend: {max_num_ctx: 4096}\nrate_limit: {requests_per_minute: 0, tokens_per_minute: 100000}")
+        self.fake.behave(stall_after=3)
+        await self.stream_then_leave("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 200000}], "stream": True}, b"data: ", 3)
+        line = self.access_lines()[0]
+        self.assertLessEqual(line["tokens"], 4096 + 10)
+
+    async def test_refused_by_ollama_costs_nothing(self):
+        """A call Ollama refuses (a model it does not have) is not charged its estimate."""
+        self.start("rate_limit: {requests_per_minute: 0, tokens_per_minute: 300}")
+        prompt = [{"role": "user", "content": "word " * 200}]
+        for _ in range(3):
+            status, _, reply = await self.chat(model="no-such-model:1b", messages=prompt)
+            self.assertEqual(status, 404, reply)
+        self.assertEqual((await self.chat(messages=prompt))[0], 200)
+
+
+class BodyCapTests(Backed):
+    """Second review: bodies whose work is unbounded are refused at the door."""
+
+    async def test_too_many_messages_or_inputs(self):
+        """More than 10,000 messages, or more than 2,048 embedding inputs, is a 400 on the OpenAI and native routes."""
+        self.start()
+        many = [{"role": "user", "content": "x"}] * 10001
+        for path, body in (
+            ("/v1/chat/completions", {"messages": many}),
+            ("/ollama/api/chat", {"model": "qwen3:32b", "messages": many, "stream": False}),
+            ("/v1/embeddings", {"model": "nomic-embed-text", "input": ["x"] * 2049}),
+            ("/ollama/api/embed", {"model": "nomic-embed-text", "input": ["x"] * 2049}),
+        ):
+            status, _, reply = await get_json(self.gw.url + path, method="POST", headers=bearer(token(scope=WRITE)), body=body)
+            self.assertEqual(status, 400, path)
+        self.assertEqual([r.path for r in self.fake.requests], [])
