@@ -42,11 +42,15 @@ _SECRET_NAMES = frozenset({"session", "refresh"})
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 _SEPARATORS = re.compile(r"[^a-z0-9]+")
 _DATA_URL = re.compile(r"data:([a-z]+/[a-z0-9.+-]+);base64,[A-Za-z0-9+/=\s]+", re.IGNORECASE)
-# Token-shaped text wherever it is: an Authorization value, a JWT, a
+# Token-shaped text wherever it is: an Authorization value (the Bearer,
+# Token, Basic or Digest scheme and its credentials, auth-params included;
+# "bearer" in any case, the others capitalised or upper-case, so that prose
+# such as "token is expired" stays readable), a JWT, a
 # prefixed API key (sk-..., cb-...), or a long run of key characters that
 # mixes letters and digits (checked in _token).
 _TOKENS = re.compile(
-    r"(?P<bearer>Bearer\s+)[A-Za-z0-9._~+/=-]+"
+    r"(?P<bearer>(?<![A-Za-z0-9])(?:Bearer|(?-i:Token|TOKEN|Basic|BASIC|Digest|DIGEST))\s+)"
+    r"[A-Za-z0-9._~+/=-]+(?:\"[^\"]*\")?(?:[ \t]*,[ \t]*[A-Za-z0-9_-]+=(?:\"[^\"]*\"|[A-Za-z0-9._~+/=-]*))*"
     r"|(?P<jwt>eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*)"
     r"|(?P<key>(?<![A-Za-z0-9])(?:sk|cb|pk|rk|ghp|gho|ghs|xox[abprs]|AKIA)[-_][A-Za-z0-9_-]{12,})"
     r"|(?P<long>(?<![A-Za-z0-9_+/=-])[A-Za-z0-9_+/=-]{32,})",
@@ -143,24 +147,27 @@ def _media_type(ctype):
     return ctype.split(";", 1)[0].strip(" \t").lower() if ctype else None
 
 
-def _is_textual(media):
-    """JSON and text types (and none declared): logged as redacted text."""
-    return (
-        media is None
-        or media.startswith("text/")
-        or media in ("application/json", "application/x-ndjson", "application/ndjson", "application/jsonl")
-        or media.endswith("+json")
-    )
+# Lines of a stream that are not JSON but are logged as they are: SSE's end
+# marker and the blank line that ends each event.  Any other line that does
+# not parse keeps the whole body out of the log.
+STREAM_MARKERS = frozenset({"", "data: [DONE]"})
+
+
+def _omitted(raw, media):
+    return {"omitted": "body not logged: not JSON, a JSON stream or a form", "bytes": len(raw), "type": media}
 
 
 def redact_body(raw, ctype=None, response=False):
     """
-    A loggable form of a body: parsed and redacted JSON whatever its
-    declared type (judged by content); form fields (urlencoded or
-    multipart) with secret-named fields' values dropped; redacted text for
-    a JSON or text type; for any other type (or text that is not UTF-8),
-    only its size and type, never its bytes.  C{response}: a response body,
-    where C{"code"} is an error code, not a secret.
+    A loggable form of a body, only ever from a parsed form of it: JSON that
+    parses, whatever its declared type (secret-named keys dropped, free
+    values redacted); a stream (SSE C{data:} lines, NDJSON) whose every line
+    parses as JSON or is one of L{STREAM_MARKERS}, each line redacted; the
+    fields of a form (urlencoded or multipart, by its declared type) with
+    secret-named values dropped.  Anything else (a body that does not parse,
+    XML, text, bytes) is described by its size and type, never its text: a
+    secret in a form no parser understood cannot be found.  C{response}: a
+    response body, where C{"code"} is an error code, not a secret.
     """
     if not raw:
         return None
@@ -182,14 +189,34 @@ def redact_body(raw, ctype=None, response=False):
         fields = _multipart_fields(raw, ctype)
         if fields is not None:
             return {"form-data": _redact_fields(fields, oauth_code)}
-    elif _is_textual(media):
+    else:
+        stream = _redact_stream(raw, oauth_code)
+        if stream is not None:
+            return stream
+    return _omitted(raw, media)
+
+
+def _redact_stream(raw, oauth_code):
+    """
+    C{raw} as a stream of JSON lines (NDJSON, or SSE C{data: } lines), each
+    redacted, as text; C{None} unless every line parses or is a marker.
+    """
+    try:
+        lines = raw.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        return None
+    out = []
+    for line in lines:
+        if line in STREAM_MARKERS:
+            out.append(line)
+            continue
+        head, json_part = ("data: ", line[6:]) if line.startswith("data: ") else ("", line)
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
-        else:
-            return "\n".join(_redact_line(line, oauth_code) for line in text.split("\n"))
-    return {"omitted": "body not logged: not JSON or text", "bytes": len(raw), "type": media}
+            value = json.loads(json_part)
+        except (ValueError, RecursionError):
+            return None
+        out.append(head + json.dumps(redact(value, oauth_code), ensure_ascii=False))
+    return "\n".join(out)
 
 
 def _redact_fields(fields, oauth_code):
@@ -250,17 +277,6 @@ def _multipart_fields(raw, ctype):
     return fields if fields else None
 
 
-def _redact_line(line, oauth_code=True):
-    # A stream's lines (SSE "data: {...}", NDJSON) are JSON one by one.
-    head, json_part = ("data: ", line[6:]) if line.startswith("data: {") else ("", line)
-    if json_part.startswith("{"):
-        try:
-            return head + json.dumps(redact(json.loads(json_part), oauth_code), ensure_ascii=False)
-        except (ValueError, RecursionError):
-            pass
-    return redact_text(line, oauth_code)
-
-
 def safe_path(request):
     """
     The path without its query string (query keys are kept, values
@@ -273,6 +289,23 @@ def safe_path(request):
     keys = sorted(k.decode("utf-8", "replace") for k in (request.args or ()))
     keys = [REDACTED if is_token_shaped(k) else k for k in keys]
     return path + ("?" + "&".join(f"{k}=…" for k in keys) if keys else "")
+
+
+# nginx's "client closed request": the client left before any byte of an
+# answer was sent (while queued, or before the first chunk).
+CLIENT_CLOSED = 499
+
+
+def logged_status(request):
+    """
+    The status the access log and metrics record: the response's, or
+    L{CLIENT_CLOSED} when the client left and nothing was written (a 200
+    no one was sent is not a 200).  A request refused early has its answer
+    out already, written straight to the connection.
+    """
+    if request.gone and not request.startedWriting and not request.refused:
+        return CLIENT_CLOSED
+    return request.code
 
 
 class AccessLog:
@@ -303,7 +336,7 @@ class AccessLog:
     def record(self, request, latency):
         audit = request.audit
         principal = request.principal
-        status = request.code
+        status = logged_status(request)
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() % 1 * 1000):03d}Z",
             "request_id": request.request_id,
@@ -393,7 +426,7 @@ class Metrics:
         # route names are the resources' own, a method outside the known ones is "other".
         route = request.route or "other"
         method = request.method.decode("ascii") if request.method in KNOWN_METHODS else "other"
-        self.requests.labels(route, method, str(request.code)).inc()
+        self.requests.labels(route, method, str(logged_status(request))).inc()
         self.latency.labels(route).observe(latency)
         if request.error is not None and request.code >= 400 and request.code != 404:
             self.rejections.labels(request.error.code).inc()

@@ -29,6 +29,8 @@ from clawdbot.workers import Workers, shutting_down
 log = Logger(namespace="clawdbot.web")
 
 JSON_TYPE = b"application/json; charset=utf-8"
+# The Server header of every answer (never twisted.web's, which names its version).
+SERVER = b"clawdbot"
 # Seconds a refused body is drained before the connection closes.
 LINGER = 2.0
 # On the secure listener a request without credentials may send at most
@@ -104,6 +106,7 @@ def early_response(err, request_id=None):
         b"Content-Type: " + JSON_TYPE,
         b"Content-Length: " + str(len(body)).encode(),
         b"X-Content-Type-Options: nosniff",
+        b"Server: " + SERVER,
     ]
     if request_id is not None:
         head.append(b"X-Request-Id: " + request_id.encode())
@@ -118,7 +121,8 @@ def _header_bytes(value):
     return value.replace(b"\r", b" ").replace(b"\n", b" ")
 # The methods the gateway knows; any other gets 501 before the resource tree
 # is walked, and counts as one metrics label ("other").
-KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
+_METHOD_ORDER = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
+KNOWN_METHODS = frozenset(_METHOD_ORDER)
 
 
 class GatewayRequest(server.Request):
@@ -177,6 +181,10 @@ class GatewayRequest(server.Request):
     body_sample = b""
 
     def write(self, data):
+        if not self.startedWriting:
+            # Whatever path wrote this answer (twisted.web's own included),
+            # it carries the gateway's headers, not twisted.web's Server.
+            self._common_headers()
         if self.captured is not None and data and self.captured_size < 65536:
             self.captured.append(data)
             self.captured_size += len(data)
@@ -310,16 +318,51 @@ class GatewayRequest(server.Request):
         self.site = self.channel.site
         self._common_headers()
         err = self._refusal()
+        if err is None and self.path == b"*":
+            if self.method == b"OPTIONS":
+                self._options_star()
+                return
+            err = invalid("the request target '*' is not supported")
         if err is not None:
+            # Refused before routing (a malformed Host, an unknown method,
+            # a foreign origin, a drain): answer, then close the connection,
+            # whose framing the client may have got wrong too.
             self.setHeader(b"date", http.datetimeToString())
-            if err.code == "SHUTTING_DOWN":
-                self.setHeader(b"connection", b"close")
+            self.setHeader(b"connection", b"close")
+            channel = self.channel
             write_error(self, err)
+            if channel is not None and channel.transport is not None:
+                channel.transport.loseConnection()
             return
         super().process()
 
+    def _options_star(self):
+        """
+        C{OPTIONS *} (RFC 9110 section 9.3.7), a probe of the server as a
+        whole: 204 with the methods the gateway knows in C{Allow}.
+        """
+        self.setHeader(b"date", http.datetimeToString())
+        self.setHeader(b"allow", b", ".join(_METHOD_ORDER))
+        write_json(self, 204, None)
+
+    def processingFailed(self, reason):
+        """
+        Something failed outside the API handlers (which answer their own
+        errors): a JSON 500, never twisted.web's HTML page, the traceback only
+        in the log.
+        """
+        log.failure("Unhandled error answering a request", reason, request_id=self.request_id)
+        if not self.startedWriting and not self.gone and not self.finished:
+            try:
+                write_error(self, internal_error())
+                return reason
+            except Exception:
+                log.failure("Could not write a 500", request_id=self.request_id)
+        last_resort(self)
+        return reason
+
     def _common_headers(self):
-        self.setHeader(b"server", b"clawdbot")
+        self.setHeader(b"server", SERVER)
         self.setHeader(b"x-content-type-options", b"nosniff")
         self.setHeader(b"x-request-id", self.request_id.encode())
 
