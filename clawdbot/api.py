@@ -14,7 +14,7 @@ from clawdbot.errors import APIError, invalid
 from clawdbot.ollama import upstream_error
 from clawdbot.sessions import check_history_quota, load_owned
 from clawdbot.translate import DONE, LineSplitter, StreamTranslator, UpstreamStreamError, sse_error
-from clawdbot.web import APIResource, JSONResponse, Node, read_json
+from clawdbot.web import APIResource, JSONResponse, Node, NotFound, read_json
 
 SSE_HEADERS = {
     b"content-type": b"text/event-stream; charset=utf-8",
@@ -170,7 +170,7 @@ class ChatCompletions(APIResource):
         if opts["stream"]:
             return await self._stream(request, config, ollama_body, opts, new, meter)
         reply = await self.gateway.backend.call_json(config, b"POST", "/api/chat", ollama_body, sent=meter.mark_sent)
-        result = translate.chat_response(reply, opts["model"])
+        result = translate.chat_response(reply, opts["model"], single_tool_call=opts["single_tool_call"])
         request.audit["usage"] = result["usage"]
         request.audit["tokens"] = result["usage"]["total_tokens"]
         if new is not None:
@@ -179,7 +179,7 @@ class ChatCompletions(APIResource):
 
     async def _stream(self, request, config, ollama_body, opts, new, meter):
         splitter = LineSplitter()
-        translator = StreamTranslator(opts["model"], opts["include_usage"], hold_done=new is not None)
+        translator = StreamTranslator(opts["model"], opts["include_usage"], hold_done=new is not None, single_tool_call=opts["single_tool_call"])
 
         def on_data(data):
             if translator.done:
@@ -237,9 +237,33 @@ class Models(APIResource):
     # Each call asks Ollama, so it spends the caller's request budget.
     rate_limited = True
 
+    def getChild(self, path, request):
+        if not path:
+            return NotFound()
+        return ModelItem(self.gateway, path.decode("utf-8", "replace"))
+
     async def handle_GET(self, request):
         tags = await self.gateway.backend.call_json(request.config, b"GET", "/api/tags")
         return translate.models_response(tags, request.config)
+
+
+class ModelItem(APIResource):
+    """C{GET /v1/models/{id}}: one model of the list (C{client.models.retrieve}), else 404 MODEL_NOT_FOUND."""
+
+    scopes = {"GET": "chat:read"}
+    route_name = "model"
+    rate_limited = True
+
+    def __init__(self, gateway, model):
+        super().__init__(gateway)
+        self.model = model
+
+    async def handle_GET(self, request):
+        tags = await self.gateway.backend.call_json(request.config, b"GET", "/api/tags")
+        for entry in translate.models_response(tags, request.config)["data"]:
+            if entry["id"] == self.model:
+                return entry
+        raise APIError("MODEL_NOT_FOUND", details=f"model '{self.model}' is not available")
 
 
 class Embeddings(APIResource):

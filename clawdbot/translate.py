@@ -24,7 +24,7 @@ ROLES = {"system", "user", "assistant", "tool", "developer"}
 REASONING_EFFORT = {"none": False, "minimal": True, "low": True, "medium": True, "high": True}
 
 # Accepted and ignored: they change nothing the model produces.
-_IGNORED = {"user", "metadata", "store", "service_tier", "session_id"}
+_IGNORED = {"user", "metadata", "store", "service_tier", "session_id", "prompt_cache_key", "safety_identifier", "verbosity"}
 _HANDLED = {
     "model",
     "messages",
@@ -43,6 +43,7 @@ _HANDLED = {
     "tool_choice",
     "parallel_tool_calls",
     "reasoning_effort",
+    "think",
     "n",
     "logprobs",
     "top_logprobs",
@@ -278,8 +279,9 @@ def chat_request(body, config, principal=None, session_id=None):
     modalities = body.get("modalities")
     if modalities is not None and modalities != ["text"]:
         raise invalid("only the text modality is supported")
-    if body.get("parallel_tool_calls") is False:
-        raise invalid("'parallel_tool_calls': false is not supported")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise invalid("'parallel_tool_calls' must be true or false")
 
     options = {}
     if body.get("temperature") is not None:
@@ -330,6 +332,14 @@ def chat_request(body, config, principal=None, session_id=None):
         if not isinstance(effort, str) or effort not in REASONING_EFFORT:
             raise invalid("'reasoning_effort' must be none, minimal, low, medium or high")
         out["think"] = REASONING_EFFORT[effort]
+    think = body.get("think")
+    if think is not None:
+        # Ollama's own switch, as Ollama users send it.
+        if effort is not None:
+            raise invalid("send 'reasoning_effort' or 'think', not both")
+        if not (isinstance(think, bool) or (isinstance(think, str) and think in ("low", "medium", "high"))):
+            raise invalid("'think' must be true, false, \"low\", \"medium\" or \"high\"")
+        out["think"] = think
 
     if principal is not None:
         # The owner key (provider and sub): alice of one provider is not
@@ -337,7 +347,8 @@ def chat_request(body, config, principal=None, session_id=None):
         out["user_id"] = principal.key
     if session_id is not None:
         out["session_id"] = session_id
-    return out, {"stream": stream, "include_usage": include_usage, "model": body.get("model") or model}
+    # parallel_tool_calls: false keeps only the model's first tool call.
+    return out, {"stream": stream, "include_usage": include_usage, "model": body.get("model") or model, "single_tool_call": parallel is False}
 
 
 # --- replies ------------------------------------------------------------------
@@ -453,10 +464,17 @@ def reply_reserve(body, ceiling=0):
     return min(tokens, ceiling) if ceiling else tokens
 
 
-def chat_response(reply, model, created=None):
-    """A non-streamed Ollama C{/api/chat} reply as an OpenAI C{chat.completion}."""
+def chat_response(reply, model, created=None, single_tool_call=False):
+    """
+    A non-streamed Ollama C{/api/chat} reply as an OpenAI C{chat.completion}.
+
+    @param single_tool_call: keep only the first tool call (the request's
+        C{parallel_tool_calls: false}).
+    """
     message = reply.get("message") or {}
     calls = tool_calls_out(message.get("tool_calls"))
+    if single_tool_call:
+        calls = calls[:1]
     out_message = {"role": "assistant", "content": message.get("content", "")}
     if message.get("thinking"):
         out_message["reasoning_content"] = message["thinking"]
@@ -509,8 +527,9 @@ class StreamTranslator:
     @ivar final: the last Ollama line (counts and durations), once seen.
     """
 
-    def __init__(self, model, include_usage=False, created=None, hold_done=False):
+    def __init__(self, model, include_usage=False, created=None, hold_done=False, single_tool_call=False):
         self.id = completion_id()
+        self.single_tool_call = single_tool_call
         self.hold_done = hold_done
         self.model = model
         self.created = int(created or time.time())
@@ -561,6 +580,8 @@ class StreamTranslator:
             delta["reasoning_content"] = thinking
             self.reasoning.append(thinking)
         calls = message.get("tool_calls")
+        if calls and self.single_tool_call:
+            calls = calls[: max(0, 1 - self.tool_index)]
         if calls:
             out = tool_calls_out(calls)
             for call in out:
@@ -637,6 +658,11 @@ def embeddings_request(body, config):
     data = body.get("input")
     if isinstance(data, str):
         pass
+    elif isinstance(data, list) and data and all(isinstance(s, int) and not isinstance(s, bool) or isinstance(s, list) for s in data):
+        raise invalid(
+            "'input' holds token ids; the model backend embeds text only: send strings "
+            "(LangChain's OpenAIEmbeddings: set check_embedding_ctx_length=False)"
+        )
     elif isinstance(data, list) and data and all(isinstance(s, str) for s in data):
         if len(data) > MAX_EMBEDDING_INPUTS:
             raise invalid(f"'input' may hold at most {MAX_EMBEDDING_INPUTS} texts")

@@ -1,0 +1,77 @@
+"""
+Client compatibility (issue 14, the first items): what real clients send by
+default is accepted and honoured, driven with the official openai SDK.
+"""
+
+import json
+
+from twisted.internet.threads import deferToThread
+
+from tests.fake_ollama import FakeOllama
+from tests.helpers import bearer, get_json, token
+from tests.test_chat import HI, Backed
+
+TWO_CALLS = [
+    {"function": {"name": "get_weather", "arguments": {"city": "Hangzhou"}}},
+    {"function": {"name": "get_weather", "arguments": {"city": "Beijing"}}},
+]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+class CompatTests(Backed):
+    async def test_parallel_tool_calls_false_keeps_the_first_call(self):
+        """parallel_tool_calls: false (LlamaIndex's default) is accepted and only the first tool call comes back, streamed and not."""
+        self.start(fake=FakeOllama(tool_calls=TWO_CALLS))
+        messages = [{"role": "user", "content": "weather?"}]
+        both = await deferToThread(lambda: self.sdk().chat.completions.create(model="qwen3:32b", messages=messages, tools=TOOLS))
+        self.assertEqual(len(both.choices[0].message.tool_calls), 2)
+        one = await deferToThread(lambda: self.sdk().chat.completions.create(model="qwen3:32b", messages=messages, tools=TOOLS, parallel_tool_calls=False))
+        calls = one.choices[0].message.tool_calls
+        self.assertEqual([json.loads(c.function.arguments) for c in calls], [{"city": "Hangzhou"}])
+        self.assertEqual(one.choices[0].finish_reason, "tool_calls")
+
+        def run():
+            stream = self.sdk().chat.completions.create(model="qwen3:32b", messages=messages, tools=TOOLS, parallel_tool_calls=False, stream=True)
+            return [c for c in stream if c.choices]
+
+        chunks = await deferToThread(run)
+        streamed = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+        self.assertEqual([json.loads(tc.function.arguments) for tc in streamed], [{"city": "Hangzhou"}])
+        self.assertEqual(chunks[-1].choices[0].finish_reason, "tool_calls")
+
+    async def test_models_retrieve(self):
+        """client.models.retrieve works for a listed model (and an alias); an unknown one is 404 MODEL_NOT_FOUND."""
+        import openai
+
+        self.start('backend: {aliases: {gpt-4o: "qwen3:32b"}}')
+        model = await deferToThread(lambda: self.sdk().models.retrieve("qwen3:32b"))
+        self.assertEqual((model.id, model.object), ("qwen3:32b", "model"))
+        alias = await deferToThread(lambda: self.sdk().models.retrieve("gpt-4o"))
+        self.assertEqual(alias.id, "gpt-4o")
+        with self.assertRaises(openai.NotFoundError) as caught:
+            await deferToThread(lambda: self.sdk().models.retrieve("nope:1b"))
+        self.assertEqual(caught.exception.body["code"], "MODEL_NOT_FOUND")
+
+    async def test_newer_metadata_fields_and_think(self):
+        """prompt_cache_key, safety_identifier and verbosity are accepted and ignored; think is Ollama's switch, refused beside reasoning_effort."""
+        self.start()
+        for extra in ({"prompt_cache_key": "k", "safety_identifier": "u1", "verbosity": "low"}, {"think": True}, {"think": "high"}, {"think": False}):
+            status, _, reply = await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body=dict({"messages": HI}, **extra))
+            self.assertEqual(status, 200, (extra, reply))
+            sent = self.fake.requests_to("/api/chat")[-1].body
+            for key in ("prompt_cache_key", "safety_identifier", "verbosity"):
+                self.assertNotIn(key, sent)
+            if "think" in extra:
+                self.assertEqual(sent["think"], extra["think"])
+        for extra in ({"think": "max"}, {"think": [1]}, {"think": True, "reasoning_effort": "low"}):
+            status, _, reply = await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body=dict({"messages": HI}, **extra))
+            self.assertEqual(status, 400, extra)
+
+    async def test_token_id_embeddings_say_what_to_do(self):
+        """Token-id input (LangChain OpenAIEmbeddings' default) is refused with a reason naming the setting to change."""
+        self.start()
+        for data in ([[15339, 1917]], [15339, 1917]):
+            status, _, reply = await get_json(self.gw.url + "/v1/embeddings", method="POST", headers=bearer(token(scope="chat:write")), body={"model": "nomic-embed-text", "input": data})
+            self.assertEqual(status, 400)
+            self.assertIn("check_embedding_ctx_length=False", reply["error"]["details"])
+        self.assertEqual(self.fake.requests_to("/api/embed"), [])
