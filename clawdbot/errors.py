@@ -11,6 +11,7 @@ exception text or an internal address.
 """
 
 import json
+import re
 
 # code -> (HTTP status, OpenAI-style type, default message)
 CODES = {
@@ -49,20 +50,38 @@ class APIError(Exception):
     @ivar headers: extra response headers, as C{{name: value}}.
     """
 
-    def __init__(self, code, details=None, message=None, headers=None, status=None):
+    def __init__(self, code, details=None, message=None, headers=None, status=None, param=None):
         default_status, self.type, default_message = CODES[code]
         self.code = code
         self.status = status or default_status
         self.message = message or default_message
         self.details = details
+        self.param = param if param is not None else param_of(details)
         self.headers = dict(headers or {})
         super().__init__(f"{code}: {details or self.message}")
 
     def as_dict(self):
-        error = {"message": self.message, "type": self.type, "code": self.code}
+        # OpenAI SDKs show only `message`, so it carries the reason too.
+        message = f"{self.message}: {self.details}" if self.details else self.message
+        error = {"message": message, "type": self.type, "code": self.code, "param": self.param}
         if self.details is not None:
             error["details"] = self.details
         return {"error": error}
+
+
+# A curated reason names the request field it refuses first: 'model' ...,
+# messages[2].content ..., 'options.num_ctx' ..., tools[0].function.name ...
+_FIELD = re.compile(r"^(?:'([A-Za-z_][\w.\[\]]*)'|((?:messages|tools|input)\[\d+\][\w.\[\]]*))")
+
+
+def param_of(details):
+    """The request field a curated reason names at its start (OpenAI's C{param}), or C{None}."""
+    if not isinstance(details, str):
+        return None
+    match = _FIELD.match(details)
+    if match is None:
+        return None
+    return (match.group(1) or match.group(2)).rstrip(".:")
 
 
 def error_body(err):

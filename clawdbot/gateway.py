@@ -162,6 +162,9 @@ class Gateway:
             raise rate_limited(decision, "request")
         if rule.tokens_per_minute:
             tokens = await self.limiter.peek(principal.key, rule.tokens_per_minute, "tokens")
+            for name, value in tokens.headers(generic=False).items():
+                if name != "Retry-After":
+                    request.setHeader(name, value)
             if not tokens.allowed:
                 raise rate_limited(tokens, "token")
 

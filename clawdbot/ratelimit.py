@@ -53,14 +53,32 @@ class Decision:
     retry_after: float = 0.0
     kind: str = "requests"
 
-    def headers(self):
+    def headers(self, generic=True):
+        """
+        The answer's rate-limit headers: C{x-ratelimit-limit}, C{-remaining}
+        and C{-reset} (seconds), and OpenAI's names for the same
+        (C{x-ratelimit-limit-requests}, C{-remaining-requests},
+        C{-reset-requests} as C{"12s"}, or C{-tokens} for a token budget),
+        which OpenAI clients read.
+
+        @param generic: include the unsuffixed names (only one budget, the
+            request budget, may own them).
+        """
         if not self.limit:
             return {}
-        out = {
-            "x-ratelimit-limit": str(self.limit),
-            "x-ratelimit-remaining": str(max(0, self.remaining)),
-            "x-ratelimit-reset": str(math.ceil(self.reset)),
-        }
+        out = {}
+        remaining = str(max(0, self.remaining))
+        reset = math.ceil(self.reset)
+        if generic:
+            out.update({"x-ratelimit-limit": str(self.limit), "x-ratelimit-remaining": remaining, "x-ratelimit-reset": str(reset)})
+        if self.kind in ("requests", "tokens"):
+            out.update(
+                {
+                    f"x-ratelimit-limit-{self.kind}": str(self.limit),
+                    f"x-ratelimit-remaining-{self.kind}": remaining,
+                    f"x-ratelimit-reset-{self.kind}": f"{reset}s",
+                }
+            )
         if not self.allowed:
             out["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
         return out

@@ -107,13 +107,19 @@ class HS256Tests(Verifier):
         self.assertEqual((p.name, p.email, p.teams), ("Alice", "a@example.com", ("team-a",)))
 
     def test_expired_token_reproduces_seed_body(self):
-        """An expired token gives the seed's example error body."""
+        """An expired token gives SPEC §4's example error body (the reason in message and details, param null)."""
         err = self.rejection(hs(claims(exp=NOW - 3600)))
         self.assertEqual(err.status, 401)
         body = err.as_dict()["error"]
         self.assertEqual(
-            {k: body[k] for k in ("message", "code", "details")},
-            {"message": "Invalid or expired token", "code": "AUTH_INVALID_TOKEN", "details": "token is expired"},
+            body,
+            {
+                "message": "Invalid or expired token: token is expired",
+                "type": "authentication_error",
+                "code": "AUTH_INVALID_TOKEN",
+                "param": None,
+                "details": "token is expired",
+            },
         )
         self.assertIn('error="invalid_token"', err.headers["WWW-Authenticate"])
 

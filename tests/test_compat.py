@@ -75,3 +75,29 @@ class CompatTests(Backed):
             self.assertEqual(status, 400)
             self.assertIn("check_embedding_ctx_length=False", reply["error"]["details"])
         self.assertEqual(self.fake.requests_to("/api/embed"), [])
+
+    async def test_sdk_errors_carry_the_reason_and_param(self):
+        """OpenAI SDKs show only `message`: it carries the curated reason, and `param` names the field (null when none)."""
+        import openai
+
+        self.start()
+        with self.assertRaises(openai.BadRequestError) as caught:
+            await deferToThread(lambda: self.sdk().chat.completions.create(model="qwen3:32b", messages=HI, temperature=5))
+        self.assertIn("'temperature' must be between 0 and 2", str(caught.exception))
+        self.assertEqual(caught.exception.body["param"], "temperature")
+        status, _, reply = await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body={"messages": [{"role": "user", "content": 5}]})
+        self.assertEqual((status, reply["error"]["param"]), (400, "messages[0].content"))
+        status, _, reply = await get_json(self.gw.url + "/v1/me")
+        self.assertEqual(reply["error"]["param"], None)
+        self.assertEqual(reply["error"]["message"], "Authentication required: a Bearer token is required")
+
+    async def test_openai_rate_limit_header_names(self):
+        """Answers carry OpenAI's x-ratelimit-*-requests and, with a token budget, *-tokens headers beside the generic ones."""
+        self.start("rate_limit: {requests_per_minute: 30, tokens_per_minute: 5000}")
+        status, headers, _ = await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body={"messages": HI})
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.getRawHeaders("x-ratelimit-limit-requests"), ["30"])
+        self.assertEqual(headers.getRawHeaders("x-ratelimit-remaining-requests"), ["29"])
+        self.assertRegex(headers.getRawHeaders("x-ratelimit-reset-requests")[0], r"^\d+s$")
+        self.assertEqual(headers.getRawHeaders("x-ratelimit-limit-tokens"), ["5000"])
+        self.assertEqual(headers.getRawHeaders("x-ratelimit-limit"), ["30"])

@@ -24,7 +24,7 @@ def assert_error_shape(testcase, body, code):
     testcase.assertEqual(error["code"], code)
     testcase.assertIsInstance(error["message"], str)
     testcase.assertIsInstance(error["type"], str)
-    testcase.assertLessEqual(set(error), {"message", "type", "code", "details"})
+    testcase.assertLessEqual(set(error), {"message", "type", "code", "param", "details"})
 
 
 class RawClient(Protocol):
