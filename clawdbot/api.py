@@ -10,7 +10,7 @@ import time
 from twisted.internet.defer import CancelledError
 
 from clawdbot import native, translate
-from clawdbot.errors import APIError, invalid
+from clawdbot.errors import APIError, invalid, ollama_error_body
 from clawdbot.ollama import upstream_error
 from clawdbot.sessions import check_history_quota, load_owned
 from clawdbot.translate import DONE, LineSplitter, StreamTranslator, UpstreamStreamError, sse_error
@@ -293,6 +293,8 @@ NATIVE = {
     "show": ("POST", "chat:read", False),
     "tags": ("GET", "chat:read", False),
     "version": ("GET", "chat:read", False),
+    "ps": ("GET", "chat:read", False),
+    "embeddings": ("POST", "chat:write", False),
     "pull": ("POST", "admin", True),
     "push": ("POST", "admin", True),
     "create": ("POST", "admin", True),
@@ -338,6 +340,8 @@ class NativeAPI(APIResource):
     isLeaf = True
     route_name = "ollama_native"
     rate_limited = True
+    # Ollama clients read a string in "error" (ollama-python's ResponseError).
+    error_body = staticmethod(ollama_error_body)
 
     def route(self, request):
         name = native_name(request.postpath)
@@ -353,7 +357,7 @@ class NativeAPI(APIResource):
         config = request.config
         path = "/api/" + name
         backend = self.gateway.backend
-        if name == "tags":
+        if name in ("tags", "ps"):
             raw = await backend.call(config, b"GET", path)
             if not config.backend.models:
                 return JSONResponse(raw)
@@ -370,8 +374,8 @@ class NativeAPI(APIResource):
             request.audit["model"] = payload["model"]
             if images:
                 await self.gateway.images.process_base64_lists(images, config.images)
-        counted = name in ("chat", "generate", "embed")
-        meter = await metered(self.gateway, request, payload, reply=name != "embed") if counted else None
+        counted = name in ("chat", "generate", "embed", "embeddings")
+        meter = await metered(self.gateway, request, payload, reply=name in ("chat", "generate")) if counted else None
         sent = meter.mark_sent if counted else None
         wants_stream = streams and payload.get("stream", True) is not False
         if not wants_stream:
@@ -382,7 +386,7 @@ class NativeAPI(APIResource):
             return JSONResponse(raw)
 
         def on_error(err):
-            return _encode(err.as_dict()) + b"\n"
+            return ollama_error_body(err) + b"\n"
 
         splitter = LineSplitter()
 

@@ -93,6 +93,19 @@ def error_body(err):
         return json.dumps(err.as_dict()).encode("ascii")
 
 
+def ollama_error_body(err):
+    """
+    The JSON bytes of C{err} in Ollama's own shape, C{{"error": "<message>"}},
+    for the native routes (Ollama clients read a string there).
+    """
+    message = err.as_dict()["error"]["message"]
+    text = json.dumps({"error": message}, ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps({"error": message}).encode("ascii")
+
+
 def internal_error():
     return APIError("INTERNAL_ERROR", details="the gateway hit an unexpected error; it has been logged")
 

@@ -81,6 +81,8 @@ FIELDS = {
     "generate": {"model", "prompt", "suffix", "system", "images", "think", "format", "options", "stream", "keep_alive", "context", "raw", "template"},
     "embed": {"model", "input", "truncate", "options", "keep_alive", "dimensions"},
     "show": {"model", "name", "verbose", "system", "template", "options"},
+    # The legacy single-text embedding endpoint.
+    "embeddings": {"model", "prompt", "options", "keep_alive"},
 }
 ADMIN_FIELDS = {"generate": {"raw", "template"}, "show": {"system", "template", "options"}}
 # Fields the gateway sets itself; whatever a client sends there is replaced.
@@ -346,7 +348,7 @@ def native_request(name, body, config, principal, audit_user):
             out[key] = value
     if name == "chat" and "messages" not in out:
         out["messages"] = []
-    if name in ("chat", "generate", "embed"):
+    if name in ("chat", "generate", "embed", "embeddings"):
         out["user_id"] = audit_user
     return out, images
 

@@ -22,7 +22,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from clawdbot.auth import missing_token
-from clawdbot.errors import APIError, error_body, internal_error, invalid
+from clawdbot.errors import APIError, error_body, internal_error, invalid, ollama_error_body
 from clawdbot.strictjson import parse_json
 from clawdbot.workers import Workers, shutting_down
 
@@ -667,7 +667,8 @@ def end_stream(request, err):
         return
     request.error = err
     if request.stream_format == "ndjson":
-        request.write(error_body(err) + b"\n")
+        # (Only the native routes stream NDJSON: Ollama's error line.)
+        request.write(ollama_error_body(err) + b"\n")
     else:
         request.write(b"data: " + error_body(err) + b"\n\n")
     if request.producer is not None:
@@ -675,9 +676,10 @@ def end_stream(request, err):
     request.finish()
 
 
-def write_error(request, err):
+def write_error(request, err, render=error_body):
+    """Finish C{request} with C{err}, rendered by C{render} (the §4 shape, or Ollama's on the native routes)."""
     request.error = err
-    write_json(request, err.status, error_body(err), err.headers)
+    write_json(request, err.status, render(err), err.headers)
 
 
 _BARE_500 = error_body(internal_error())
@@ -869,10 +871,15 @@ class APIResource(Resource):
         """The C{{method: scope}} this request may use, or C{None} for a 404."""
         return self.scopes
 
+    # How this route's errors look: SPEC §4's shape (Ollama's on the native routes).
+    error_body = staticmethod(error_body)
+
     def render(self, request):
         scopes = self.route(request)
         if scopes is None:
-            return NotFound().render(request)
+            request.route = "not_found"
+            write_error(request, APIError("NOT_FOUND", details="no such route"), self.error_body)
+            return server.NOT_DONE_YET
         method = request.method.decode("ascii", "replace")
         if method == "HEAD" and "GET" in scopes:
             method = "GET"
@@ -883,7 +890,7 @@ class APIResource(Resource):
         if method not in scopes:
             allowed = ", ".join(sorted(scopes))
             err = APIError("METHOD_NOT_ALLOWED", details=f"use {allowed}", headers={"Allow": allowed})
-            write_error(request, err)
+            write_error(request, err, self.error_body)
             return server.NOT_DONE_YET
         if request.site.debug:
             self.gateway.cors(request)
@@ -914,7 +921,7 @@ class APIResource(Resource):
             handler = getattr(self, "handle_" + method)
             result = await handler(request)
         except APIError as err:
-            write_error(request, err)
+            write_error(request, err, self.error_body)
         except CancelledError:
             if request.draining and not request.gone:
                 # Shutting down: a stream already carries its error event.
@@ -922,16 +929,16 @@ class APIResource(Resource):
                     if not request.finished:
                         request.finish()
                 else:
-                    write_error(request, APIError("SHUTTING_DOWN", details="the gateway is restarting; retry shortly", headers={"Retry-After": "1"}))
+                    write_error(request, APIError("SHUTTING_DOWN", details="the gateway is restarting; retry shortly", headers={"Retry-After": "1"}), self.error_body)
             elif not request.gone:
                 log.failure("Handler cancelled without a disconnect", request_id=request.request_id)
-                write_error(request, internal_error())
+                write_error(request, internal_error(), self.error_body)
         except Exception:
             log.failure("Unhandled error in {method} {path}", Failure(), method=method, path=request.path.decode("latin-1"), request_id=request.request_id)
             if request.startedWriting:
                 end_stream(request, internal_error())
             else:
-                write_error(request, internal_error())
+                write_error(request, internal_error(), self.error_body)
         else:
             if result is None:
                 return

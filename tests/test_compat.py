@@ -101,3 +101,64 @@ class CompatTests(Backed):
         self.assertRegex(headers.getRawHeaders("x-ratelimit-reset-requests")[0], r"^\d+s$")
         self.assertEqual(headers.getRawHeaders("x-ratelimit-limit-tokens"), ["5000"])
         self.assertEqual(headers.getRawHeaders("x-ratelimit-limit"), ["30"])
+
+
+class OllamaClientTests(Backed):
+    async def test_native_errors_have_ollamas_shape(self):
+        """On /ollama/* every refusal is {"error": "<message>"}: the ollama client's ResponseError.error is a string ("not found" checks keep working)."""
+        import ollama
+
+        self.start('backend: {models: ["qwen3:32b"]}')
+        host = self.gw.url + "/ollama"
+        writer = {"Authorization": f"Bearer {token(scope='chat:read chat:write')}"}
+        cases = (
+            ({}, lambda c: c.chat(model="qwen3:32b", messages=HI), 401),
+            ({"Authorization": f"Bearer {token(scope='chat:read')}"}, lambda c: c.chat(model="qwen3:32b", messages=HI), 403),
+            (writer, lambda c: c.chat(model="llama3.2", messages=HI), 404),
+            (writer, lambda c: c.chat(model="qwen3:32b", messages=HI, keep_alive="2h"), 400),
+        )
+        errors = {}
+        def closing(call, headers):
+            client = ollama.Client(host=host, headers=headers)
+            try:
+                return call(client)
+            finally:
+                client._client.close()
+
+        for headers, call, status in cases:
+            with self.assertRaises(ollama.ResponseError) as caught:
+                await deferToThread(closing, call, headers)
+            self.assertEqual(caught.exception.status_code, status)
+            self.assertIsInstance(caught.exception.error, str)
+            errors[status] = caught.exception.error
+        # The common auto-pull check: `if "not found" in e.error`.
+        self.assertIn("not found", errors[404].lower())
+        self.assertIn("keep_alive", errors[400])
+        status, _, body = await get_json(host + "/api/nope", headers=self.auth)
+        self.assertEqual((status, set(body)), (404, {"error"}))
+        status, _, body = await get_json(host + "/api/chat", method="POST", headers=self.auth, body={"model": "llama3.2", "messages": HI})
+        self.assertEqual(status, 404)
+        self.assertIn("not available", body["error"])
+
+    async def test_ps_and_legacy_embeddings(self):
+        """/ollama/api/ps (chat:read, allow-list applied) and the legacy /ollama/api/embeddings (chat:write, rules applied, counted) work with the ollama client."""
+        import ollama
+
+        self.start()
+
+        def calls():
+            client = ollama.Client(host=self.gw.url + "/ollama", headers=self.auth)
+            try:
+                client.chat(model="qwen3:32b", messages=HI)
+                return client.ps(), client.embeddings(model="nomic-embed-text", prompt="hello")
+            finally:
+                client._client.close()
+
+        running, vector = await deferToThread(calls)
+        self.assertIn("qwen3:32b", [m.model for m in running.models])
+        self.assertGreater(len(vector.embedding), 0)
+        sent = self.fake.requests_to("/api/embeddings")[-1].body
+        self.assertTrue(sent["user_id"].endswith("|alice"))
+        status, _, body = await get_json(self.gw.url + "/ollama/api/embeddings", method="POST", headers=self.auth, body={"model": "nomic-embed-text", "prompt": "x", "input": "y"})
+        self.assertEqual(status, 400)
+        self.assertIn("input", body["error"])

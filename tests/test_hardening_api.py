@@ -92,8 +92,8 @@ class NativeRulesTests(Backed):
         ):
             status, _, reply = await self.native(name, body)
             self.assertEqual(status, 400, (name, body))
-            self.assertEqual(reply["error"]["code"], "INVALID_REQUEST")
-            self.assertIn(field, reply["error"]["details"])
+            self.assertTrue(reply["error"].startswith("Invalid request"), reply)
+            self.assertIn(field, reply["error"])
         self.assertEqual([r.path for r in self.fake.requests if r.path != "/api/version"], [])
 
     async def test_model_residency_needs_admin_or_stays_in_bounds(self):
@@ -101,11 +101,11 @@ class NativeRulesTests(Backed):
         self.start("backend: {keep_alive: 10m}")
         for value in (0, -1, "0", "-1m", 0.0, "-0.5h", 0.5, "900ms"):
             status, _, reply = await self.native("chat", {"model": "qwen3:32b", "messages": HI, "stream": False, "keep_alive": value})
-            self.assertEqual((status, reply["error"]["code"]), (403, "AUTH_INSUFFICIENT_SCOPE"), value)
+            self.assertEqual((status, reply["error"].split(":")[0]), (403, "Insufficient scope"), value)
         for value in (3600, "2h", "11m", "601s"):
             status, _, reply = await self.native("chat", {"model": "qwen3:32b", "messages": HI, "stream": False, "keep_alive": value})
             self.assertEqual(status, 400, value)
-            self.assertIn("10m", reply["error"]["details"])
+            self.assertIn("10m", reply["error"])
         for value in ("5 minutes", "5", "-1", [], {"s": 1}, True, "1e3s"):
             status, _, reply = await self.native("chat", {"model": "qwen3:32b", "messages": HI, "stream": False, "keep_alive": value})
             self.assertEqual(status, 400, value)
@@ -122,10 +122,10 @@ class NativeRulesTests(Backed):
         self.start("backend: {max_num_ctx: 8192}")
         status, _, reply = await self.native("chat", {"model": "qwen3:32b", "messages": HI, "stream": False, "options": {"num_ctx": 1048576}})
         self.assertEqual(status, 400)
-        self.assertIn("8192", reply["error"]["details"])
+        self.assertIn("8192", reply["error"])
         for option in ({"num_gpu": 99}, {"num_thread": 64}, {"use_mlock": True}, {"num_batch": 4096}, {"main_gpu": 1}):
             status, _, reply = await self.native("generate", {"model": "qwen3:32b", "prompt": "x", "stream": False, "options": option})
-            self.assertEqual((status, reply["error"]["code"]), (403, "AUTH_INSUFFICIENT_SCOPE"), option)
+            self.assertEqual((status, reply["error"].split(":")[0]), (403, "Insufficient scope"), option)
         for option in ({"bogus": 1}, {"temperature": "hot"}, {"num_ctx": 2.5}, {"stop": "x"}, {"seed": 2**70}):
             status, _, reply = await self.native("chat", {"model": "qwen3:32b", "messages": HI, "stream": False, "options": option})
             self.assertEqual(status, 400, option)
@@ -141,7 +141,7 @@ class NativeRulesTests(Backed):
         self.start()
         for extra in ({"raw": True}, {"template": "{{ .Prompt }}"}):
             status, _, reply = await self.native("generate", dict({"model": "qwen3:32b", "prompt": "x", "stream": False}, **extra))
-            self.assertEqual((status, reply["error"]["code"]), (403, "AUTH_INSUFFICIENT_SCOPE"), extra)
+            self.assertEqual((status, reply["error"].split(":")[0]), (403, "Insufficient scope"), extra)
         status, _, _ = await self.native("generate", {"model": "qwen3:32b", "prompt": "x", "stream": False, "raw": False})
         self.assertEqual(status, 200)
         status, _, _ = await self.native("generate", {"model": "qwen3:32b", "prompt": "x", "stream": False, "raw": True}, scope=ADMIN)
@@ -176,7 +176,7 @@ class NativeRulesTests(Backed):
             ("show", {"name": "nomic-embed-text"}),
         ):
             status, _, reply = await self.native(name, body)
-            self.assertEqual((status, reply["error"]["code"]), (404, "MODEL_NOT_FOUND"), (name, body))
+            self.assertEqual((status, reply["error"].split(":")[0]), (404, "Model not found"), (name, body))
         self.assertEqual([r.path for r in self.fake.requests if r.path != "/api/version"], [])
 
     async def test_tags_follow_the_allow_list(self):
@@ -198,7 +198,7 @@ class NativeRulesTests(Backed):
             ("generate", {"model": "qwen3:32b", "prompt": "x", "images": "abc", "stream": False}),
         ):
             status, _, reply = await self.native(name, body)
-            self.assertEqual((status, reply["error"]["code"]), (400, "INVALID_REQUEST"), name)
+            self.assertEqual((status, reply["error"].split(":")[0]), (400, "Invalid request"), name)
         self.assertEqual(self.fake.requests_to("/api/chat") + self.fake.requests_to("/api/generate"), [])
         original = png()
         status, _, _ = await self.native("chat", {"model": "qwen3:32b", "messages": [{"role": "user", "content": "x", "images": [original]}], "stream": False})
