@@ -370,7 +370,7 @@ class NativeAPI(APIResource):
             return JSONResponse(await backend.call(config, b"GET", path))
         payload = await read_json(request)
         if name in native.FIELDS:
-            payload, images = native.native_request(name, payload, config, request.principal, request.principal.key)
+            payload, images = native.native_request(name, payload, config, request.principal)
             request.audit["model"] = payload["model"]
             if images:
                 await self.gateway.images.process_base64_lists(images, config.images)

@@ -24,7 +24,7 @@ import math
 import re
 
 from clawdbot.errors import APIError, invalid
-from clawdbot.translate import MAX_EMBEDDING_INPUTS, MAX_MESSAGES, resolve_model
+from clawdbot.translate import INT64_MAX, MAX_EMBEDDING_INPUTS, MAX_MESSAGES, resolve_model
 from clawdbot.units import format_duration
 
 ADMIN = "admin"
@@ -70,8 +70,6 @@ _LOAD_OPTIONS = {
     "rope_frequency_scale": float,
 }
 
-# Go's int64, the widest integer Ollama reads.
-_INT_MAX = 2**63 - 1
 
 # The request fields of each endpoint (Ollama's api/types.go), and those
 # that need admin.  Model management (pull, push, create, copy, delete) is
@@ -180,7 +178,7 @@ def _check(value, kind, where):
     elif kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise invalid(f"'{where}' must be an integer")
-        if not -_INT_MAX <= value <= _INT_MAX:
+        if not -INT64_MAX <= value <= INT64_MAX:
             raise invalid(f"'{where}' is out of range")
     elif kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -273,7 +271,7 @@ def _messages(value, images):
 
 
 def _context(value):
-    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= _INT_MAX for t in value):
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT64_MAX for t in value):
         raise invalid("'context' must be a list of token ids")
     return value
 
@@ -286,11 +284,10 @@ def _input(value):
     raise invalid("'input' must be a string or a list of strings")
 
 
-def native_request(name, body, config, principal, audit_user):
+def native_request(name, body, config, principal):
     """
     The body to send to Ollama's C{/api/<name>} for a caller's C{body}.
 
-    @param audit_user: the gateway's name for the caller, sent as C{user_id}.
     @return: C{(out, images)} where C{images} lists the lists of base64
         images in C{out} (each to be replaced by the image pipeline's output).
     @raise APIError: 400 for an unknown field or a wrong value, 403 for what
@@ -349,7 +346,8 @@ def native_request(name, body, config, principal, audit_user):
     if name == "chat" and "messages" not in out:
         out["messages"] = []
     if name in ("chat", "generate", "embed", "embeddings"):
-        out["user_id"] = audit_user
+        # The owner key (provider and sub), whatever the client sent.
+        out["user_id"] = principal.key
     return out, images
 
 

@@ -69,7 +69,7 @@ def _number(value, name, low=None, high=None):
 
 
 # Ollama reads integers as Go's int64.
-_INT64 = 2**63 - 1
+INT64_MAX = 2**63 - 1
 
 
 def _integer(value, name, low=None):
@@ -77,7 +77,7 @@ def _integer(value, name, low=None):
         raise invalid(f"'{name}' must be an integer")
     if low is not None and value < low:
         raise invalid(f"'{name}' must be at least {low}")
-    if not -_INT64 <= value <= _INT64:
+    if not -INT64_MAX <= value <= INT64_MAX:
         raise invalid(f"'{name}' is out of range")
     return value
 

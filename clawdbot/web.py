@@ -94,13 +94,14 @@ def reason_phrase(code):
     return phrase
 
 
-def early_response(err, request_id=None):
+def early_response(err, request_id=None, render=error_body):
     """
-    The bytes of a whole response carrying C{err} in the JSON error shape,
-    for the moments the normal response machinery cannot be used (the
-    request is still arriving, or could not be parsed), always closing.
+    The bytes of a whole response carrying C{err} in the JSON error shape
+    (C{render}: Ollama's on the native routes), for the moments the normal
+    response machinery cannot be used (the request is still arriving, or
+    could not be parsed), always closing.
     """
-    body = error_body(err)
+    body = render(err)
     head = [
         b"HTTP/1.1 %d %s" % (err.status, reason_phrase(err.status)),
         b"Content-Type: " + JSON_TYPE,
@@ -268,7 +269,8 @@ class GatewayRequest(server.Request):
         self.code_message = reason_phrase(err.status)
         self._name_from_channel()
         transport = self.channel.transport
-        transport.write(early_response(err, self.request_id))
+        native = (self.path or b"").startswith(b"/ollama/")
+        transport.write(early_response(err, self.request_id, ollama_error_body if native else error_body))
         log.info("Refused a request while its body arrived: {code}", code=err.code, details=err.details, request_id=self.request_id)
         if not linger:
             self.channel.loseConnection()
@@ -316,7 +318,6 @@ class GatewayRequest(server.Request):
             self.config = gateway.config
             gateway.request_started(self)
         self.site = self.channel.site
-        self._common_headers()
         err = self._refusal()
         if err is None and self.path == b"*":
             if self.method == b"OPTIONS":
@@ -387,11 +388,6 @@ class GatewayRequest(server.Request):
         if self.draining:
             return APIError("SHUTTING_DOWN", details="the gateway is restarting; retry shortly", headers={"Retry-After": "1"})
         return None
-
-    def render(self, resource):
-        # server.Request.process set twisted's own Server header.
-        self._common_headers()
-        super().render(resource)
 
 
 # RFC 3986 section 3.2.2 and RFC 9110 section 7.2: host = IP-literal /
@@ -493,8 +489,9 @@ class GatewayChannel(http.HTTPChannel):
     HEADER_TOO_LARGE, instead of twisted.web's bare 400 or a silent close.
     """
 
-    _head_timer = None
-    _body_timer = None
+    # The armed deadlines (see _start_timer).
+    _header_timeout = None
+    _body_timeout = None
     # A request has arrived whole and is being answered; bytes that come
     # meanwhile are buffered, and their head's deadline starts once it is done.
     _answering = False
@@ -503,21 +500,21 @@ class GatewayChannel(http.HTTPChannel):
 
     def connectionMade(self):
         super().connectionMade()
-        self._start_head_timer()
+        self._start_timer("header_timeout", self._head_too_slow)
 
     def dataReceived(self, data):
-        if self._head_timer is None and self.line_mode and not self._answering and not self._answered_early:
-            self._start_head_timer()
+        if self._header_timeout is None and self.line_mode and not self._answering and not self._answered_early:
+            self._start_timer("header_timeout", self._head_too_slow)
         super().dataReceived(data)
 
     def allHeadersReceived(self):
-        self._stop_head_timer()
+        self._stop_timer("header_timeout")
         super().allHeadersReceived()
         if self.length != 0 and not self._answered_early:
-            self._start_body_timer()
+            self._start_timer("body_timeout", self._body_too_slow)
 
     def allContentReceived(self):
-        self._stop_body_timer()
+        self._stop_timer("body_timeout")
         self._answering = True
         super().allContentReceived()
 
@@ -526,8 +523,8 @@ class GatewayChannel(http.HTTPChannel):
         super().requestDone(request)
 
     def connectionLost(self, reason):
-        self._stop_head_timer()
-        self._stop_body_timer()
+        self._stop_timer("header_timeout")
+        self._stop_timer("body_timeout")
         super().connectionLost(reason)
 
     # --- what twisted.web refuses by itself, in the JSON error shape ---------
@@ -559,8 +556,8 @@ class GatewayChannel(http.HTTPChannel):
         if self._answered_early:
             return
         self._answered_early = True
-        self._stop_head_timer()
-        self._stop_body_timer()
+        self._stop_timer("header_timeout")
+        self._stop_timer("body_timeout")
         request = self.requests[-1] if self.requests and not self._answering else None
         if isinstance(request, GatewayRequest) and request.refused:
             # Its answer is out already (a refused body being drained).
@@ -582,39 +579,32 @@ class GatewayChannel(http.HTTPChannel):
         gateway = getattr(self.site, "gateway", None)
         return gateway.config.limits if gateway is not None else None
 
-    def _start_head_timer(self):
+    def _start_timer(self, name, fire):
+        """
+        Arm the deadline C{limits.<name>} (header_timeout or body_timeout)
+        as C{self._<name>}; C{fire(seconds)} runs when it passes.
+        """
         limits = self._limits()
-        seconds = limits.header_timeout if limits is not None else None
+        seconds = getattr(limits, name) if limits is not None else None
         if seconds:
-            self._head_timer = self.callLater(seconds, lambda: self._head_too_slow(seconds))
+            setattr(self, "_" + name, self.callLater(seconds, lambda: fire(seconds)))
 
-    def _stop_head_timer(self):
-        if self._head_timer is not None:
-            if self._head_timer.active():
-                self._head_timer.cancel()
-            self._head_timer = None
+    def _stop_timer(self, name):
+        timer = getattr(self, "_" + name)
+        if timer is not None:
+            if timer.active():
+                timer.cancel()
+            setattr(self, "_" + name, None)
 
     def _head_too_slow(self, seconds):
-        self._head_timer = None
+        self._header_timeout = None
         peer = getattr(self.transport.getPeer(), "host", None)
         log.info("Closed a connection whose request head took over {seconds}s", seconds=seconds, peer=peer)
         self.loseConnection()
 
-    def _start_body_timer(self):
-        limits = self._limits()
-        seconds = limits.body_timeout if limits is not None else None
-        if seconds:
-            self._body_timer = self.callLater(seconds, lambda: self._body_too_slow(seconds))
-
-    def _stop_body_timer(self):
-        if self._body_timer is not None:
-            if self._body_timer.active():
-                self._body_timer.cancel()
-            self._body_timer = None
-
     def _body_too_slow(self, seconds):
         """The body did not arrive whole in time: 408, and the connection closes."""
-        self._body_timer = None
+        self._body_timeout = None
         request = self.requests[-1] if self.requests else None
         if not isinstance(request, GatewayRequest) or request.refused:
             # Already answered (a refused body being drained): just close.

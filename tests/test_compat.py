@@ -162,3 +162,25 @@ class OllamaClientTests(Backed):
         status, _, body = await get_json(self.gw.url + "/ollama/api/embeddings", method="POST", headers=self.auth, body={"model": "nomic-embed-text", "prompt": "x", "input": "y"})
         self.assertEqual(status, 400)
         self.assertIn("input", body["error"])
+
+    async def test_refusals_while_the_body_arrives_have_ollamas_shape(self):
+        """A native request refused before its body is read (too large, no token) answers {"error": "<message>"} too."""
+        from tests.test_hardening_http import raw_request
+
+        self.start()
+        status, body = await raw_request(
+            self.gw.url,
+            f"POST /ollama/api/chat HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token()}\r\nContent-Type: application/json\r\nContent-Length: 25000000",
+            b"x" * 5000,
+        )
+        self.assertEqual(status, 413)
+        self.assertIsInstance(body["error"], str)
+        status, body = await raw_request(self.gw.url, "POST /ollama/api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100000", b"x" * 100000)
+        self.assertEqual(status, 401)
+        self.assertIsInstance(body["error"], str)
+        status, body = await raw_request(
+            self.gw.url,
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token()}\r\nContent-Type: application/json\r\nContent-Length: 25000000",
+            b"x" * 5000,
+        )
+        self.assertEqual((status, body["error"]["code"]), (413, "PAYLOAD_TOO_LARGE"))

@@ -107,6 +107,31 @@ async def raw_request(url, head, body=b""):
         return status, payload
 
 
+async def trickle(url, first, byte=b"X"):
+    """
+    Send C{first}, then one more C{byte} every 0.2 s until the server closes;
+    the bytes it sent, or C{None} when it had not closed after 30 s.
+    """
+    proto = await connect(url)
+    proto.transport.write(first)
+    sender = LoopingCall(proto.transport.write, byte)
+    sender.start(0.2, now=False)
+    gave_up = []
+
+    def give_up():
+        gave_up.append(True)
+        proto.transport.abortConnection()
+
+    started = reactor.seconds()
+    guard = reactor.callLater(30, give_up)
+    data = await proto.closed
+    sender.stop()
+    if guard.active():
+        guard.cancel()
+    print(f"closed after {reactor.seconds() - started:.2f}s")
+    return None if gave_up else data
+
+
 def assert_error(testcase, status, body, want_status, code):
     """The answer is SPEC.md's JSON error shape with this status and code."""
     testcase.assertEqual(status, want_status, body)
@@ -460,36 +485,15 @@ class RequestHeadTests(Backed):
         status, body = await raw_request(gw.url, "GET /healthz HTTP/1.1\r\nHost: chat.example.com:443\r\nConnection: close")
         self.assertEqual(status, 200)
 
-    async def trickle(self, url, first):
-        """Send C{first}, then one more header byte every 0.2 s; the bytes received when the server closes, or None."""
-        proto = await connect(url)
-        proto.transport.write(first)
-        sender = LoopingCall(proto.transport.write, b"X")
-        sender.start(0.2, now=False)
-        gave_up = []
-
-        def give_up():
-            gave_up.append(True)
-            proto.transport.abortConnection()
-
-        started = reactor.seconds()
-        guard = reactor.callLater(30, give_up)
-        data = await proto.closed
-        sender.stop()
-        if guard.active():
-            guard.cancel()
-        print(f"closed after {reactor.seconds() - started:.2f}s")
-        return None if gave_up else data
-
     async def test_trickled_head_is_cut_off(self):
         """A request head that keeps trickling in (each byte resetting the idle timer) is cut off at limits.header_timeout."""
         gw = self.start("limits: {header_timeout: 1s}")
         for url in (gw.url, gw.debug_url):
-            data = await self.trickle(url, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            data = await trickle(url, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
             self.assertIsNotNone(data, "the server never closed the connection")
             self.assertEqual(data, b"")
             # A later request on a kept-alive connection has its own deadline.
-            data = await self.trickle(url, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\nGET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            data = await trickle(url, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\nGET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
             self.assertIsNotNone(data, "the server never closed the kept-alive connection")
             self.assertTrue(data.startswith(b"HTTP/1.1 200 "), data[:100])
         # A connection that sends nothing at all is closed too.
@@ -741,27 +745,6 @@ class StrictJSONTextTests(SynchronousTestCase):
 
 
 class BodyArrivalTests(Backed):
-    async def trickle_body(self, url, head):
-        """Send C{head} and then one body byte every 0.2 s; the answer once the server closes, or None."""
-        proto = await connect(url)
-        proto.transport.write(head)
-        sender = LoopingCall(proto.transport.write, b"x")
-        sender.start(0.2, now=False)
-        gave_up = []
-
-        def give_up():
-            gave_up.append(True)
-            proto.transport.abortConnection()
-
-        started = reactor.seconds()
-        guard = reactor.callLater(30, give_up)
-        data = await proto.closed
-        sender.stop()
-        if guard.active():
-            guard.cancel()
-        print(f"answered and closed after {reactor.seconds() - started:.2f}s")
-        return None if gave_up else split_answer(data)
-
     async def test_trickled_body_is_408(self):
         """A body that keeps trickling in (each byte restarting the idle timer) gets a JSON 408 at limits.body_timeout, then the close."""
         gw = self.start("limits: {body_timeout: 1s}")
@@ -771,7 +754,8 @@ class BodyArrivalTests(Backed):
             (gw.url, f"POST /v1/sessions HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n"),
             (gw.debug_url, "POST /v1/sessions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n"),
         ):
-            answer = await self.trickle_body(url, head.encode())
+            data = await trickle(url, head.encode(), b"x")
+            answer = None if data is None else split_answer(data)
             assert_json_answer(self, answer, 408, "REQUEST_TIMEOUT", reason="Request Timeout")
             self.assertEqual(answer[2].get("connection"), "close")
         logged = [line for line in self.access_lines() if line["status"] == 408]
