@@ -1,6 +1,6 @@
 """
-The model routes: OpenAI's chat completions, models and embeddings, and the
-authenticated pass-through of Ollama's native API.
+The model routes: OpenAI's chat and legacy completions, models and
+embeddings, and the authenticated pass-through of Ollama's native API.
 """
 
 import json
@@ -111,6 +111,47 @@ def _text(message):
     return message.get("content") or ""
 
 
+def translated(request, meter, translator):
+    """
+    The relay's C{on_data} for a stream that C{translator} turns from
+    Ollama's lines into SSE (counting lines on C{meter}, and Ollama's counts
+    into the audit once the last line is in), and C{rest()}: the bytes of a
+    last line that came without its newline, raising when the stream ended
+    before Ollama said it was done.
+    """
+    splitter = LineSplitter()
+
+    def on_data(data):
+        if translator.done:
+            return b""
+        try:
+            lines = splitter.feed(data)
+            meter.streamed += len(lines)
+            out = b"".join(translator.line(line) for line in lines if not translator.done)
+        except UpstreamStreamError as e:
+            raise APIError("UPSTREAM_UNAVAILABLE", details=e.args[0]) from None
+        if translator.final is not None and "usage" not in request.audit:
+            # Before the response ends: the budget is charged when it does.
+            _count(request, translator.final)
+        return out
+
+    def rest():
+        tail = b""
+        if not translator.done:
+            tail = b"".join(on_data(line + b"\n") for line in splitter.rest())
+        if not translator.done:
+            raise APIError("UPSTREAM_UNAVAILABLE", details="the model backend ended the stream early")
+        return tail
+
+    return on_data, rest
+
+
+def _count(request, reply):
+    """Ollama's counts for a whole reply, for the log and the token budget."""
+    request.audit["usage"] = translate.usage(reply)
+    request.audit["tokens"] = request.audit["usage"]["total_tokens"]
+
+
 class ChatCompletions(APIResource):
     """
     C{POST /v1/chat/completions}: OpenAI chat, translated to Ollama's
@@ -166,44 +207,65 @@ class ChatCompletions(APIResource):
         await self.gateway.store.append(sid, new + [("assistant", reply, incomplete)])
 
     async def _complete(self, request, config, ollama_body, opts, new):
+        if opts["instruction"]:
+            # For the model only: a session stores the turn as the user sent it.
+            ollama_body["messages"] = translate.with_instruction(ollama_body["messages"], opts["instruction"])
         meter = await metered(self.gateway, request, ollama_body)
+        if opts["required_tools"]:
+            return await self._required(request, config, ollama_body, opts, new, meter)
         if opts["stream"]:
             return await self._stream(request, config, ollama_body, opts, new, meter)
         reply = await self.gateway.backend.call_json(config, b"POST", "/api/chat", ollama_body, sent=meter.mark_sent)
-        result = translate.chat_response(reply, opts["model"], single_tool_call=opts["single_tool_call"])
-        request.audit["usage"] = result["usage"]
-        request.audit["tokens"] = result["usage"]["total_tokens"]
+        return await self._result(request, reply, opts, new)
+
+    async def _result(self, request, reply, opts, new):
+        """A whole Ollama reply as a C{chat.completion}, counted (and stored for a session turn)."""
+        result = translate.chat_response(reply, opts["model"], single_tool_call=opts["single_tool_call"], forced_tool=opts["forced_tool"])
+        _count(request, reply)
         if new is not None:
             await self._store(request, new, result["choices"][0]["message"].get("content") or "", False)
         return result
 
-    async def _stream(self, request, config, ollama_body, opts, new, meter):
-        splitter = LineSplitter()
-        translator = StreamTranslator(opts["model"], opts["include_usage"], hold_done=new is not None, single_tool_call=opts["single_tool_call"])
+    async def _required(self, request, config, ollama_body, opts, new, meter):
+        """
+        C{tool_choice: "required"} with several tools: the model gets the
+        tools, and when it answers without calling one it is asked once
+        more, held by a schema to a call of one of them (L{translate.union_format}).
+        Whether a call came is known only at the end, so Ollama's reply is
+        taken whole; a streaming client gets it as one chunk.
+        """
+        body = dict(ollama_body, stream=False)
+        backend = self.gateway.backend
+        reply = await backend.call_json(config, b"POST", "/api/chat", body, sent=meter.mark_sent)
+        _count(request, reply)
+        if not (reply.get("message") or {}).get("tool_calls"):
+            functions = opts["required_tools"]
+            retry = {key: value for key, value in body.items() if key != "tools"}
+            retry["format"] = translate.union_format(functions)
+            retry["messages"] = translate.with_instruction(body["messages"], translate.union_instruction(functions))
+            second = await backend.call_json(config, b"POST", "/api/chat", retry)
+            reply = translate.with_counts_of(second, reply)
+            _count(request, reply)
+            reply = translate.call_from_union(reply, functions)
+        if not opts["stream"]:
+            return await self._result(request, reply, opts, new)
+        translator = StreamTranslator(opts["model"], opts["include_usage"], single_tool_call=opts["single_tool_call"])
+        out = translator.line(_encode(reply))
+        if new is not None:
+            await self._store(request, new, "".join(translator.content), False)
+        request.setResponseCode(200)
+        for name, value in SSE_HEADERS.items():
+            request.setHeader(name, value)
+        request.write(out)
+        request.finish()
+        return None
 
-        def on_data(data):
-            if translator.done:
-                return b""
-            try:
-                lines = splitter.feed(data)
-                meter.streamed += len(lines)
-                out = b"".join(translator.line(line) for line in lines if not translator.done)
-            except UpstreamStreamError as e:
-                raise APIError("UPSTREAM_UNAVAILABLE", details=e.args[0]) from None
-            if translator.final is not None and "usage" not in request.audit:
-                # Before the response ends: the budget is charged when it does.
-                request.audit["usage"] = translate.usage(translator.final)
-                request.audit["tokens"] = request.audit["usage"]["total_tokens"]
-            return out
+    async def _stream(self, request, config, ollama_body, opts, new, meter):
+        translator = StreamTranslator(opts["model"], opts["include_usage"], hold_done=new is not None, single_tool_call=opts["single_tool_call"], forced_tool=opts["forced_tool"])
+        on_data, rest = translated(request, meter, translator)
 
         async def on_end():
-            tail = b""
-            if not translator.done:
-                # A last line without its newline.
-                for line in splitter.rest():
-                    tail += on_data(line + b"\n")
-            if not translator.done:
-                raise APIError("UPSTREAM_UNAVAILABLE", details="the model backend ended the stream early")
+            tail = rest()
             if new is not None:
                 # Acknowledge ([DONE]) only once the turn is stored.
                 await self._store(request, new, "".join(translator.content), False)
@@ -222,10 +284,42 @@ class ChatCompletions(APIResource):
             raise
         finally:
             if translator.final is not None:
-                request.audit["usage"] = translate.usage(translator.final)
-                request.audit["tokens"] = request.audit["usage"]["total_tokens"]
+                _count(request, translator.final)
         if not stored and new is not None and translator.sent_role:
             await self._store(request, new, "".join(translator.content), True)
+        return None
+
+
+class Completions(APIResource):
+    """
+    C{POST /v1/completions}: OpenAI's legacy text completions, translated
+    to Ollama's C{/api/generate} (L{translate.completion_request}).  No
+    sessions.
+    """
+
+    scopes = {"POST": "chat:write"}
+    route_name = "completions"
+    rate_limited = True
+
+    async def handle_POST(self, request):
+        config = request.config
+        ollama_body, opts = translate.completion_request(await read_json(request), config, request.principal)
+        request.audit["model"] = ollama_body["model"]
+        meter = await metered(self.gateway, request, ollama_body)
+        if opts["stream"]:
+            return await self._stream(request, config, ollama_body, opts, meter)
+        reply = await self.gateway.backend.call_json(config, b"POST", "/api/generate", ollama_body, sent=meter.mark_sent)
+        _count(request, reply)
+        return translate.completion_response(reply, opts["model"], opts["echo_prompt"])
+
+    async def _stream(self, request, config, ollama_body, opts, meter):
+        translator = translate.CompletionStreamTranslator(opts["model"], opts["include_usage"], opts["echo_prompt"])
+        on_data, rest = translated(request, meter, translator)
+
+        async def on_end():
+            return rest()
+
+        await relay(self.gateway, request, config, "/api/generate", _encode(ollama_body), ollama_body, SSE_HEADERS, on_data, on_end, sse_error, meter.mark_sent)
         return None
 
 
@@ -436,6 +530,7 @@ async def metered(gateway, request, body, reply=True):
 def add_routes(root, v1, gateway):
     v1.putChild(b"models", Models(gateway))
     v1.putChild(b"embeddings", Embeddings(gateway))
+    v1.putChild(b"completions", Completions(gateway))
     chat = Node()
     v1.putChild(b"chat", chat)
     chat.putChild(b"completions", ChatCompletions(gateway))

@@ -17,6 +17,7 @@ import struct
 import time
 
 from clawdbot.errors import APIError, invalid
+from clawdbot.options import ADMIN, INT64_MAX, keep_alive_policy, options_policy
 from clawdbot.strictjson import parse_json
 from clawdbot.images import too_many_images
 
@@ -49,6 +50,8 @@ _HANDLED = {
     "top_logprobs",
     "logit_bias",
     "modalities",
+    "options",
+    "keep_alive",
 }
 
 # Far beyond a model's context: a conversation of this many messages would
@@ -66,10 +69,6 @@ def _number(value, name, low=None, high=None):
     if (low is not None and value < low) or (high is not None and value > high):
         raise invalid(f"'{name}' must be between {low} and {high}")
     return value
-
-
-# Ollama reads integers as Go's int64.
-INT64_MAX = 2**63 - 1
 
 
 def _integer(value, name, low=None):
@@ -240,6 +239,187 @@ def _tools(tools):
     return out
 
 
+def _one_choice(body, name):
+    value = body.get(name)
+    if value is not None and _integer(value, name) != 1:
+        raise invalid(f"'{name}' must be 1: one choice per request is supported")
+
+
+def _think(value):
+    """Ollama's C{think} switch, as Ollama users send it."""
+    if not (isinstance(value, bool) or (isinstance(value, str) and value in ("low", "medium", "high"))):
+        raise invalid("'think' must be true, false, \"low\", \"medium\" or \"high\"")
+    return value
+
+
+def _include_usage(body):
+    """C{stream_options.include_usage}, checked."""
+    so = body.get("stream_options")
+    if so is None:
+        return False
+    if not isinstance(so, dict):
+        raise invalid("'stream_options' must be an object")
+    include_usage = so.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise invalid("'stream_options.include_usage' must be true or false")
+    return bool(include_usage)
+
+
+# OpenAI's sampling fields and the Ollama option each one sets.
+_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "num_predict", "stop": "stop", "seed": "seed", "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+
+
+def ollama_settings(body, config, principal=None):
+    """
+    Ollama's C{options} and C{keep_alive} for an OpenAI-style body: its
+    sampling fields, plus Ollama's own C{options} object and C{keep_alive}
+    (sent by Ollama users through C{extra_body}), under the same policy as
+    the native API (L{clawdbot.options}).  A setting sent both ways is
+    refused rather than one of them dropped.
+
+    @return: the fields to add to the Ollama body (possibly none).
+    """
+    is_admin = principal is not None and ADMIN in principal.scopes
+    options = {}
+    if body.get("options") is not None:
+        options = options_policy(body["options"], config, is_admin)
+    own = {}
+    if body.get("temperature") is not None:
+        own["temperature"] = _number(body["temperature"], "temperature", 0, 2)
+    if body.get("top_p") is not None:
+        own["top_p"] = _number(body["top_p"], "top_p", 0, 1)
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if limit is not None:
+        own["num_predict"] = _integer(limit, "max_tokens", 1)
+    if body.get("stop") is not None:
+        stop = body["stop"]
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 16:
+            raise invalid("'stop' must be a string or a list of up to 16 strings")
+        own["stop"] = stop
+    if body.get("seed") is not None:
+        own["seed"] = _integer(body["seed"], "seed")
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if body.get(penalty) is not None:
+            own[penalty] = _number(body[penalty], penalty, -2, 2)
+    for key in own:
+        if key in options:
+            field = next(name for name, option in _SAMPLING.items() if option == key)
+            raise invalid(f"send '{field}' or 'options.{key}', not both")
+    options.update(own)
+    out = {"options": options} if options else {}
+    if body.get("keep_alive") is not None:
+        out["keep_alive"] = keep_alive_policy(body["keep_alive"], config, is_admin)
+    return out
+
+
+def tool_choice(choice, tools):
+    """
+    What C{tool_choice} asks of the model, and the tools it may use.
+
+    @return: C{(mode, tools)}: C{"auto"}, C{"none"}, C{"forced"} (C{tools}
+        is then the one function to call) or C{"required"} (several tools,
+        one of them must be called).
+    """
+    if choice is None or choice == "auto":
+        return "auto", tools
+    if choice == "none":
+        return "none", tools
+    if choice == "required":
+        if not tools:
+            raise invalid("'tool_choice' is required but no 'tools' are given")
+        return ("forced" if len(tools) == 1 else "required"), tools
+    if not isinstance(choice, dict):
+        raise invalid("'tool_choice' must be none, auto, required or a function to call")
+    kind = choice.get("type")
+    if kind == "function":
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str):
+            raise invalid("'tool_choice.function.name' must be a string")
+        return "forced", [_tool_named(name, tools, "tool_choice.function.name")]
+    if kind == "allowed_tools":
+        allowed = choice.get("allowed_tools")
+        if not isinstance(allowed, dict) or allowed.get("mode") not in ("auto", "required") or not isinstance(allowed.get("tools"), list) or not allowed["tools"]:
+            raise invalid("'tool_choice.allowed_tools' must have a mode (auto or required) and a non-empty list of tools")
+        subset = []
+        for i, entry in enumerate(allowed["tools"]):
+            fn = entry.get("function") if isinstance(entry, dict) else None
+            name = fn.get("name") if isinstance(fn, dict) else None
+            if not isinstance(entry, dict) or entry.get("type") != "function" or not isinstance(name, str):
+                raise invalid(f"'tool_choice.allowed_tools.tools[{i}]' must name a function")
+            subset.append(_tool_named(name, tools, f"tool_choice.allowed_tools.tools[{i}]"))
+        return tool_choice(allowed["mode"], subset)
+    raise invalid("'tool_choice' must be none, auto, required or a function tool; other tool types are not supported")
+
+
+def _tool_named(name, tools, where):
+    for tool in tools:
+        if tool["function"]["name"] == name:
+            return tool
+    raise invalid(f"'{where}' names a function that is not in 'tools'")
+
+
+def forced_instruction(function):
+    text = f"Call the function {function['name']} now: answer with nothing but its arguments, as one JSON object that matches its parameters."
+    if function.get("description"):
+        text += f" The function: {function['description']}"
+    return text
+
+
+def with_instruction(messages, text):
+    """C{messages} with C{text} added to the system prompt (a new system message when there is none)."""
+    if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+        first = dict(messages[0], content=(messages[0]["content"] + "\n\n" + text).strip())
+        return [first] + messages[1:]
+    return [{"role": "system", "content": text}] + messages
+
+
+def union_format(functions):
+    """
+    The schema of a call to any one of C{functions} (C{{"name", "arguments"}}),
+    for asking a model that answered without a call once more.
+    """
+    return {
+        "anyOf": [
+            {"type": "object", "properties": {"name": {"enum": [fn["name"]]}, "arguments": fn["parameters"]}, "required": ["name", "arguments"]}
+            for fn in functions
+        ]
+    }
+
+
+def union_instruction(functions):
+    listed = "; ".join(f"{fn['name']}: {fn['description']}" if fn.get("description") else fn["name"] for fn in functions)
+    return (
+        "Call one of these functions now: answer with nothing but one JSON object with the function's "
+        f"\"name\" and its \"arguments\". The functions: {listed}"
+    )
+
+
+def call_from_union(reply, functions):
+    """
+    The Ollama tool call in a reply made under L{union_format}.
+
+    @raise APIError: 502 when the model still did not produce a call.
+    """
+    content = (reply.get("message") or {}).get("content") or ""
+    try:
+        call = json.loads(content)
+    except ValueError:
+        call = None
+    names = {fn["name"] for fn in functions}
+    if not isinstance(call, dict) or call.get("name") not in names or not isinstance(call.get("arguments"), dict):
+        raise APIError("UPSTREAM_UNAVAILABLE", details="the model did not call a tool although 'tool_choice' requires one")
+    message = dict(reply.get("message") or {}, content="", tool_calls=[{"function": {"name": call["name"], "arguments": call["arguments"]}}])
+    return dict(reply, message=message)
+
+
+def with_counts_of(reply, earlier):
+    """C{reply} with an C{earlier} call's token counts added to its own (both calls are charged)."""
+    return dict(reply, **{key: (reply.get(key) or 0) + (earlier.get(key) or 0) for key in ("prompt_eval_count", "eval_count")})
+
+
 def chat_request(body, config, principal=None, session_id=None):
     """
     An OpenAI chat completion request body to Ollama's C{/api/chat} body.
@@ -259,19 +439,9 @@ def chat_request(body, config, principal=None, session_id=None):
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise invalid("'stream' must be true or false")
-    include_usage = False
-    if body.get("stream_options") is not None:
-        so = body["stream_options"]
-        if not isinstance(so, dict):
-            raise invalid("'stream_options' must be an object")
-        include_usage = so.get("include_usage", False)
-        if not isinstance(include_usage, bool) and include_usage is not None:
-            raise invalid("'stream_options.include_usage' must be true or false")
-        include_usage = bool(include_usage)
+    include_usage = _include_usage(body)
 
-    n = body.get("n", 1)
-    if n is not None and _integer(n, "n") != 1:
-        raise invalid("'n' must be 1: one choice per request is supported")
+    _one_choice(body, "n")
     if body.get("logprobs") or body.get("top_logprobs"):
         raise invalid("'logprobs' is not supported")
     if body.get("logit_bias"):
@@ -283,30 +453,8 @@ def chat_request(body, config, principal=None, session_id=None):
     if parallel is not None and not isinstance(parallel, bool):
         raise invalid("'parallel_tool_calls' must be true or false")
 
-    options = {}
-    if body.get("temperature") is not None:
-        options["temperature"] = _number(body["temperature"], "temperature", 0, 2)
-    if body.get("top_p") is not None:
-        options["top_p"] = _number(body["top_p"], "top_p", 0, 1)
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    if limit is not None:
-        options["num_predict"] = _integer(limit, "max_tokens", 1)
-    if body.get("stop") is not None:
-        stop = body["stop"]
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 16:
-            raise invalid("'stop' must be a string or a list of up to 16 strings")
-        options["stop"] = stop
-    if body.get("seed") is not None:
-        options["seed"] = _integer(body["seed"], "seed")
-    for penalty in ("presence_penalty", "frequency_penalty"):
-        if body.get(penalty) is not None:
-            options[penalty] = _number(body[penalty], penalty, -2, 2)
-
     out = {"model": model, "messages": messages, "stream": stream}
-    if options:
-        out["options"] = options
+    out.update(ollama_settings(body, config, principal))
 
     fmt = body.get("response_format")
     if fmt is not None:
@@ -321,11 +469,20 @@ def chat_request(body, config, principal=None, session_id=None):
         elif kind != "text":
             raise invalid("'response_format.type' must be text, json_object or json_schema")
 
-    tool_choice = body.get("tool_choice")
-    if tool_choice not in (None, "auto", "none"):
-        raise invalid("'tool_choice' must be auto or none")
-    if body.get("tools") and tool_choice != "none":
-        out["tools"] = _tools(body["tools"])
+    tools = _tools(body["tools"]) if body.get("tools") is not None else []
+    mode, tools = tool_choice(body.get("tool_choice"), tools)
+    forced = required = None
+    if mode == "forced":
+        # Ollama has no tool_choice: the model is held to the function's
+        # arguments by a JSON schema, and its answer becomes the call.
+        if "format" in out:
+            raise invalid("'tool_choice' forces a function call; it cannot be combined with a JSON 'response_format'")
+        forced = tools[0]["function"]
+        out["format"] = forced["parameters"]
+    elif mode != "none" and tools:
+        out["tools"] = tools
+        if mode == "required":
+            required = [t["function"] for t in tools]
 
     effort = body.get("reasoning_effort")
     if effort is not None:
@@ -337,9 +494,7 @@ def chat_request(body, config, principal=None, session_id=None):
         # Ollama's own switch, as Ollama users send it.
         if effort is not None:
             raise invalid("send 'reasoning_effort' or 'think', not both")
-        if not (isinstance(think, bool) or (isinstance(think, str) and think in ("low", "medium", "high"))):
-            raise invalid("'think' must be true, false, \"low\", \"medium\" or \"high\"")
-        out["think"] = think
+        out["think"] = _think(think)
 
     if principal is not None:
         # The owner key (provider and sub): alice of one provider is not
@@ -348,7 +503,18 @@ def chat_request(body, config, principal=None, session_id=None):
     if session_id is not None:
         out["session_id"] = session_id
     # parallel_tool_calls: false keeps only the model's first tool call.
-    return out, {"stream": stream, "include_usage": include_usage, "model": body.get("model") or model, "single_tool_call": parallel is False}
+    return out, {
+        "stream": stream,
+        "include_usage": include_usage,
+        "model": body.get("model") or model,
+        "single_tool_call": parallel is False,
+        # tool_choice naming one function: its name (the reply is its call),
+        # and what to tell the model (added once a session's context is in).
+        "forced_tool": forced["name"] if forced else None,
+        "instruction": forced_instruction(forced) if forced else None,
+        # tool_choice "required" with several tools: the functions offered.
+        "required_tools": required,
+    }
 
 
 # --- replies ------------------------------------------------------------------
@@ -380,10 +546,11 @@ def tool_calls_out(calls):
 
 
 def finish_reason(done_reason, has_tool_calls):
-    if has_tool_calls:
-        return "tool_calls"
+    # A reply cut short says so, a tool call too (its arguments are cut).
     if done_reason == "length":
         return "length"
+    if has_tool_calls:
+        return "tool_calls"
     return "stop"
 
 
@@ -464,14 +631,18 @@ def reply_reserve(body, ceiling=0):
     return min(tokens, ceiling) if ceiling else tokens
 
 
-def chat_response(reply, model, created=None, single_tool_call=False):
+def chat_response(reply, model, created=None, single_tool_call=False, forced_tool=None):
     """
     A non-streamed Ollama C{/api/chat} reply as an OpenAI C{chat.completion}.
 
     @param single_tool_call: keep only the first tool call (the request's
         C{parallel_tool_calls: false}).
+    @param forced_tool: the function C{tool_choice} named: the reply's
+        content is its arguments (the call was made under its schema).
     """
     message = reply.get("message") or {}
+    if forced_tool is not None:
+        message = dict(message, content="", tool_calls=[{"function": {"name": forced_tool, "arguments": message.get("content") or "{}"}}])
     calls = tool_calls_out(message.get("tool_calls"))
     if single_tool_call:
         calls = calls[:1]
@@ -527,9 +698,11 @@ class StreamTranslator:
     @ivar final: the last Ollama line (counts and durations), once seen.
     """
 
-    def __init__(self, model, include_usage=False, created=None, hold_done=False, single_tool_call=False):
+    def __init__(self, model, include_usage=False, created=None, hold_done=False, single_tool_call=False, forced_tool=None):
         self.id = completion_id()
         self.single_tool_call = single_tool_call
+        # The function tool_choice named: the content streams as its arguments.
+        self.forced_tool = forced_tool
         self.hold_done = hold_done
         self.model = model
         self.created = int(created or time.time())
@@ -547,8 +720,19 @@ class StreamTranslator:
         )
 
     def _chunk(self, choices_json, usage_json=None):
-        tail = "" if usage_json is None else ',"usage":' + usage_json
+        # With include_usage every chunk has the field, null until the last.
+        tail = ',"usage":' + (usage_json or "null") if self.include_usage else ""
         return b"data: " + (self._prefix + choices_json + tail + "}").encode("utf-8") + b"\n\n"
+
+    def _forced_arguments(self, delta, text):
+        """The forced call's head in the first chunk, then each piece of content as an arguments delta."""
+        if not self.tool_calls:
+            call = {"index": 0, "id": _call_id(), "type": "function", "function": {"name": self.forced_tool, "arguments": text}}
+            self.tool_calls.append(call)
+            delta["content"] = None
+            delta["tool_calls"] = [call]
+        elif text:
+            delta["tool_calls"] = [{"index": 0, "function": {"arguments": text}}]
 
     def line(self, raw):
         """
@@ -556,21 +740,16 @@ class StreamTranslator:
 
         @raise UpstreamStreamError: when the line is an error or not JSON.
         """
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            raise UpstreamStreamError("the model backend sent a malformed line") from None
-        if not isinstance(data, dict):
-            raise UpstreamStreamError("the model backend sent a malformed line")
-        if "error" in data:
-            raise UpstreamStreamError("the model backend reported an error mid-stream")
+        data = stream_line(raw)
         message = data.get("message") or {}
         delta = {}
         if not self.sent_role:
             delta["role"] = "assistant"
             self.sent_role = True
         text = message.get("content")
-        if text:
+        if self.forced_tool is not None:
+            self._forced_arguments(delta, text or "")
+        elif text:
             delta["content"] = text
             self.content.append(text)
         elif "role" in delta:
@@ -614,9 +793,200 @@ class UpstreamStreamError(Exception):
     """The backend's stream went wrong; C{args[0]} is the curated reason."""
 
 
+def stream_line(raw):
+    """
+    One line of Ollama's NDJSON stream, parsed.
+
+    @raise UpstreamStreamError: when the line is an error or not a JSON object.
+    """
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise UpstreamStreamError("the model backend sent a malformed line") from None
+    if not isinstance(data, dict):
+        raise UpstreamStreamError("the model backend sent a malformed line")
+    if "error" in data:
+        raise UpstreamStreamError("the model backend reported an error mid-stream")
+    return data
+
+
 def sse_error(err):
     """The SSE event that ends a stream with an error, in the §4 shape."""
     return b"data: " + json.dumps(err.as_dict(), ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+# --- legacy text completions --------------------------------------------------
+
+# What C{POST /v1/completions} takes; the rest is refused by name.
+_COMPLETION_FIELDS = {
+    "model",
+    "prompt",
+    "suffix",
+    "stream",
+    "stream_options",
+    "echo",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "n",
+    "best_of",
+    "logprobs",
+    "logit_bias",
+    "user",
+    "options",
+    "keep_alive",
+    "think",
+}
+
+
+def _completion_prompt(prompt):
+    """The one text of a completion's C{prompt}: a string, or a list holding one string."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            # Ollama answers an empty prompt by loading the model, with no text.
+            raise invalid("'prompt' must not be empty")
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) and not isinstance(p, bool) or isinstance(p, list) for p in prompt):
+        raise invalid("'prompt' holds token ids; the model backend completes text only: send a string")
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
+        raise invalid("'prompt' may hold one text: send one request per prompt")
+    raise invalid("'prompt' must be a string, or a list holding one string")
+
+
+def completion_request(body, config, principal=None):
+    """
+    An OpenAI legacy completion request body (C{POST /v1/completions}) to
+    Ollama's C{/api/generate} body.  Ollama applies the model's prompt
+    template to the prompt (C{raw} stays off); C{max_tokens} unset leaves
+    Ollama's default length rather than OpenAI's 16.
+
+    @return: C{(ollama_body, options)} where C{options} notes what the reply
+        translation needs (C{stream}, C{include_usage}, the requested
+        C{model}, and C{echo_prompt}: the prompt when C{echo} is set, else
+        C{None}).
+    """
+    for key in body:
+        if key not in _COMPLETION_FIELDS:
+            raise invalid(f"'{key}' is not a supported parameter")
+    model = resolve_model(body.get("model"), config)
+    if "prompt" not in body:
+        raise invalid("'prompt' is required")
+    prompt = _completion_prompt(body["prompt"])
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise invalid("'stream' must be true or false")
+    stream = bool(stream)
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise invalid("'echo' must be true or false")
+    _one_choice(body, "n")
+    _one_choice(body, "best_of")
+    if body.get("logprobs") is not None:
+        raise invalid("'logprobs' is not supported: the model backend reports no token log probabilities")
+    if body.get("logit_bias"):
+        raise invalid("'logit_bias' is not supported")
+
+    out = {"model": model, "prompt": prompt, "stream": stream}
+    suffix = body.get("suffix")
+    if suffix is not None:
+        if not isinstance(suffix, str):
+            raise invalid("'suffix' must be a string")
+        if suffix:
+            out["suffix"] = suffix
+    out.update(ollama_settings(body, config, principal))
+    think = body.get("think")
+    if think is not None:
+        # Ollama's switch: on by default for a thinking model on /api/generate.
+        out["think"] = _think(think)
+    if principal is not None:
+        out["user_id"] = principal.key
+    return out, {"stream": stream, "include_usage": _include_usage(body), "model": body.get("model") or model, "echo_prompt": prompt if echo else None}
+
+
+def text_completion_id():
+    return "cmpl-" + secrets.token_hex(12)
+
+
+def completion_response(reply, model, echo_prompt=None):
+    """
+    A non-streamed Ollama C{/api/generate} reply as an OpenAI
+    C{text_completion}; a thinking model's C{thinking} is left out of the
+    text.
+
+    @param echo_prompt: the prompt to put before the text (the request's
+        C{echo}), or C{None}.
+    """
+    text = (echo_prompt or "") + (reply.get("response") or "")
+    return {
+        "id": text_completion_id(),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason(reply.get("done_reason"), False)}],
+        "usage": usage(reply),
+        "system_fingerprint": "fp_ollama",
+    }
+
+
+class CompletionStreamTranslator:
+    """
+    Ollama's NDJSON generate stream to OpenAI's SSE C{text_completion}
+    chunks: one chunk per Ollama line, the echoed prompt (if any) in the
+    first, C{finish_reason} in the last, then the usage chunk (no choices)
+    when asked for, then C{[DONE]}.  With usage asked for, every other chunk
+    carries C{"usage": null}, as OpenAI's do.  A thinking model's
+    C{thinking} is not part of the text.
+
+    @ivar final: the last Ollama line (counts and durations), once seen.
+    """
+
+    def __init__(self, model, include_usage=False, echo_prompt=None):
+        self.id = text_completion_id()
+        self.include_usage = include_usage
+        self.pending = echo_prompt or ""
+        self.final = None
+        self.done = False
+        self._prefix = '{"id":"%s","object":"text_completion","created":%d,"model":%s,"system_fingerprint":"fp_ollama","choices":' % (
+            self.id,
+            int(time.time()),
+            json.dumps(model, ensure_ascii=False),
+        )
+
+    def _chunk(self, choices_json, usage_json="null"):
+        tail = ',"usage":' + usage_json if self.include_usage else ""
+        return b"data: " + (self._prefix + choices_json + tail + "}").encode("utf-8") + b"\n\n"
+
+    def line(self, raw):
+        """
+        The SSE bytes for one Ollama line.
+
+        @raise UpstreamStreamError: when the line is an error or not JSON.
+        """
+        data = stream_line(raw)
+        text = data.get("response")
+        text = self.pending + (text if isinstance(text, str) else "")
+        self.pending = ""
+        finish = None
+        if data.get("done"):
+            self.done = True
+            self.final = data
+            finish = finish_reason(data.get("done_reason"), False)
+        choice = '[{"text":%s,"index":0,"logprobs":null,"finish_reason":%s}]' % (
+            json.dumps(text, ensure_ascii=False),
+            "null" if finish is None else '"%s"' % finish,
+        )
+        out = self._chunk(choice)
+        if self.done:
+            if self.include_usage:
+                out += self._chunk("[]", json.dumps(usage(self.final), separators=(",", ":")))
+            out += DONE
+        return out
 
 
 # --- models and embeddings ----------------------------------------------------

@@ -182,24 +182,45 @@ def words(count: int) -> str:
     return " ".join(_WORDS[i % len(_WORDS)] for i in range(count)) + "."
 
 
-def example_for_schema(schema: Any) -> Any:
+def example_for_schema(schema: Any, root: Any = None) -> Any:
     """
-    A deterministic value that fits the JSON schema C{schema}: the first
-    C{enum} value, C{"example"} for strings, 1 for integers, 1.5 for
-    numbers, C{true} for booleans, one item for arrays, and every property
-    for objects.
+    A deterministic value that fits the JSON schema C{schema}: the C{const}
+    or first C{enum} value, the first branch of C{anyOf}/C{oneOf}, every
+    branch of C{allOf} merged, local C{$ref}s followed, C{"example"} for
+    strings, 1 for integers, 1.5 for numbers, C{true} for booleans, one
+    item for arrays, and every property for objects.
     """
+    root = schema if root is None else root
     if not isinstance(schema, dict):
         return "example"
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target = root
+        for part in ref[2:].split("/"):
+            target = target.get(part, {}) if isinstance(target, dict) else {}
+        return example_for_schema(target, root)
+    if "const" in schema:
+        return schema["const"]
     if schema.get("enum"):
         return schema["enum"][0]
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            branches = [b for b in schema[key] if not (isinstance(b, dict) and b.get("type") == "null")] or schema[key]
+            return example_for_schema(branches[0], root)
+    if isinstance(schema.get("allOf"), list):
+        merged: dict = {}
+        for branch in schema["allOf"]:
+            value = example_for_schema(branch, root)
+            if isinstance(value, dict):
+                merged.update(value)
+        return merged
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "string")
     if kind == "object" or (kind is None and "properties" in schema):
-        return {name: example_for_schema(sub) for name, sub in (schema.get("properties") or {}).items()}
+        return {name: example_for_schema(sub, root) for name, sub in (schema.get("properties") or {}).items()}
     if kind == "array":
-        return [example_for_schema(schema.get("items") or {})]
+        return [example_for_schema(schema.get("items") or {}, root)]
     return {"integer": 1, "number": 1.5, "boolean": True, "null": None}.get(kind, "example")
 
 
@@ -1430,6 +1451,9 @@ class FakeOllama:
             raise _ApiError(400, f"{go_quote(name)} does not support generate")
         if body.get("think") and "thinking" not in spec.capabilities:
             raise _ApiError(400, f"{go_quote(name)} does not support thinking")
+        if body.get("suffix") and "insert" not in spec.capabilities:
+            # The model's template has no suffix: no fill-in-the-middle.
+            raise _ApiError(400, f"{spec.full_name} does not support insert")
         self._touch(spec, keep_alive)
         if not prompt:
             return _Body(200, self._generate_done(name, "load"))

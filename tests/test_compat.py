@@ -103,6 +103,171 @@ class CompatTests(Backed):
         self.assertEqual(headers.getRawHeaders("x-ratelimit-limit"), ["30"])
 
 
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city"]}
+TIME = {"type": "object", "properties": {"zone": {"type": "string", "enum": ["Asia/Shanghai", "UTC"]}}, "required": ["zone"]}
+TWO_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "parameters": TIME}},
+]
+
+
+class ForcedToolTests(Backed):
+    """tool_choice that forces a call, emulated with Ollama's format (Ollama has no tool_choice)."""
+
+    def create(self, **kw):
+        kw.setdefault("model", "qwen3:32b")
+        kw.setdefault("messages", [{"role": "user", "content": "weather in Hangzhou?"}])
+        return deferToThread(lambda: self.sdk().chat.completions.create(**kw))
+
+    async def streamed(self, **kw):
+        def run():
+            return list(self.sdk().chat.completions.create(stream=True, model="qwen3:32b", messages=[{"role": "user", "content": "weather in Hangzhou?"}], **kw))
+
+        return await deferToThread(run)
+
+    async def test_named_function_becomes_the_call(self):
+        """tool_choice naming a function: Ollama gets format = its parameters (no tools, an instruction), the answer is that call."""
+        self.start(fake=FakeOllama(json_reply={"city": "Hangzhou", "days": 3}))
+        reply = await self.create(tools=TWO_TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        choice = reply.choices[0]
+        self.assertEqual(choice.finish_reason, "tool_calls")
+        self.assertIsNone(choice.message.content)
+        [call] = choice.message.tool_calls
+        self.assertEqual((call.type, call.function.name), ("function", "get_weather"))
+        self.assertEqual(json.loads(call.function.arguments), {"city": "Hangzhou", "days": 3})
+        self.assertTrue(call.id.startswith("call_"))
+        sent = self.fake.requests_to("/api/chat")[-1].body
+        self.assertEqual(sent["format"], WEATHER)
+        self.assertNotIn("tools", sent)
+        self.assertEqual(sent["messages"][0]["role"], "system")
+        self.assertIn("get_weather", sent["messages"][0]["content"])
+        self.assertGreater(reply.usage.total_tokens, 0)
+
+    async def test_named_function_streams_its_arguments(self):
+        """Streamed: the call's head first, then the model's JSON as argument deltas, finish_reason tool_calls; usage null until the usage chunk."""
+        self.start(fake=FakeOllama(json_reply={"city": "Hangzhou", "days": 3}))
+        chunks = await self.streamed(tools=TWO_TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}, stream_options={"include_usage": True})
+        deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        self.assertEqual(deltas[0].function.name, "get_weather")
+        self.assertTrue(deltas[0].id)
+        self.assertGreater(len(deltas), 2)  # the arguments arrive piece by piece
+        self.assertEqual({d.index for d in deltas}, {0})
+        self.assertEqual(json.loads("".join(d.function.arguments or "" for d in deltas)), {"city": "Hangzhou", "days": 3})
+        self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "tool_calls")
+        self.assertTrue(all(c.usage is None for c in chunks[:-1]))
+        self.assertGreater(chunks[-1].usage.total_tokens, 0)
+        self.assertEqual(chunks[-1].choices, [])
+
+    async def test_required_with_one_tool_forces_it(self):
+        """tool_choice "required" with one tool is that tool, forced (streamed and not)."""
+        self.start()
+        reply = await self.create(tools=TWO_TOOLS[1:], tool_choice="required")
+        [call] = reply.choices[0].message.tool_calls
+        self.assertEqual((call.function.name, json.loads(call.function.arguments)), ("get_time", {"zone": "Asia/Shanghai"}))
+        self.assertEqual(self.fake.requests_to("/api/chat")[-1].body["format"], TIME)
+
+    async def test_required_with_several_tools_when_the_model_calls(self):
+        """tool_choice "required" with several tools: Ollama gets the tools; a call comes back as it is, in one call to Ollama."""
+        self.start()
+        reply = await self.create(tools=TWO_TOOLS, tool_choice="required")
+        self.assertEqual(reply.choices[0].finish_reason, "tool_calls")
+        self.assertEqual(reply.choices[0].message.tool_calls[0].function.name, "get_weather")
+        [sent] = self.fake.requests_to("/api/chat")
+        self.assertEqual([t["function"]["name"] for t in sent.body["tools"]], ["get_weather", "get_time"])
+        self.assertNotIn("format", sent.body)
+
+    async def test_required_retries_once_with_a_union_schema(self):
+        """A model that answers "required" without a call is asked once more under a union schema; both calls are charged; streamed too."""
+        self.start(fake=FakeOllama(tool_calls=[]))
+        reply = await self.create(tools=TWO_TOOLS, tool_choice="required")
+        [call] = reply.choices[0].message.tool_calls
+        self.assertEqual((call.function.name, json.loads(call.function.arguments)), ("get_weather", {"city": "example", "days": 1}))
+        first, second = self.fake.requests_to("/api/chat")
+        self.assertIn("tools", first.body)
+        self.assertNotIn("tools", second.body)
+        self.assertEqual([b["properties"]["name"]["enum"] for b in second.body["format"]["anyOf"]], [["get_weather"], ["get_time"]])
+        self.assertGreater(reply.usage.prompt_tokens, 2 * len(first.body["messages"]))
+        chunks = await self.streamed(tools=TWO_TOOLS, tool_choice="required", stream_options={"include_usage": True})
+        calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        self.assertEqual([c.function.name for c in calls], ["get_weather"])
+        self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "tool_calls")
+        self.assertEqual(chunks[-1].usage.total_tokens, reply.usage.total_tokens)
+
+    async def test_required_without_any_call_is_a_clear_error(self):
+        """When the model still answers without a call, the client gets a 502 that says so, never a plain answer."""
+        import openai
+
+        self.start(fake=FakeOllama(tool_calls=[], json_reply={"nothing": True}))
+        with self.assertRaises(openai.APIStatusError) as caught:
+            await self.create(tools=TWO_TOOLS, tool_choice="required")
+        self.assertEqual(caught.exception.status_code, 502)
+        self.assertIn("did not call a tool", str(caught.exception))
+        self.assertEqual(len(self.fake.requests_to("/api/chat")), 2)
+
+    async def test_allowed_tools_and_refusals(self):
+        """allowed_tools narrows the offer; a function not in tools, required without tools, other tool types and a JSON response_format beside a forced call are 400s naming the field."""
+        self.start()
+        reply = await self.create(tools=TWO_TOOLS, tool_choice={"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [{"type": "function", "function": {"name": "get_time"}}]}})
+        self.assertEqual(reply.choices[0].message.tool_calls[0].function.name, "get_time")
+        bad = (
+            ({"tools": TWO_TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice.function.name"),
+            ({"tool_choice": "required"}, "tool_choice"),
+            ({"tools": TWO_TOOLS, "tool_choice": {"type": "custom", "custom": {"name": "x"}}}, "tool_choice"),
+            ({"tools": TWO_TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+            ({"tools": TWO_TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}, "response_format": {"type": "json_object"}}, "tool_choice"),
+        )
+        for extra, param in bad:
+            status, _, body = await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body=dict({"messages": HI}, **extra))
+            self.assertEqual((status, body["error"]["param"]), (400, param), (extra, body))
+        self.assertEqual(len(self.fake.requests_to("/api/chat")), 1)
+
+    async def test_forced_call_in_a_session_and_length(self):
+        """In a session the instruction goes to the model first, ahead of the stored context, and is never stored; a forced call cut short by max_tokens ends with finish_reason length, as OpenAI's does."""
+        self.start()
+        status, _, session = await get_json(self.gw.url + "/v1/sessions", method="POST", headers=self.auth, body={"title": "t"})
+        self.assertEqual(status, 201)
+        sid = session["id"]
+        for text in ("first", "second"):
+            status, _, reply = await get_json(
+                self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth,
+                body={"session_id": sid, "messages": [{"role": "user", "content": text}], "tools": TWO_TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+            )
+            self.assertEqual((status, reply["choices"][0]["finish_reason"]), (200, "tool_calls"), reply)
+        sent = self.fake.requests_to("/api/chat")[-1].body["messages"]
+        self.assertEqual(sent[0]["role"], "system")
+        self.assertIn("get_time", sent[0]["content"])
+        self.assertEqual([m["content"] for m in sent[1:]], ["first", "", "second"])
+        status, _, stored = await get_json(self.gw.url + f"/v1/sessions/{sid}", headers=self.auth)
+        self.assertEqual([m["role"] for m in stored["messages"]], ["user", "assistant", "user", "assistant"])
+        reply = await self.create(tools=TWO_TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=2)
+        self.assertEqual(reply.choices[0].finish_reason, "length")
+        self.assertEqual(reply.choices[0].message.tool_calls[0].function.name, "get_weather")
+
+
+class OllamaSettingsTests(Backed):
+    async def test_num_ctx_and_keep_alive_on_v1(self):
+        """options.num_ctx and keep_alive (sent through extra_body) reach Ollama within backend.max_num_ctx and backend.keep_alive; beyond them the bound is named."""
+        import openai
+
+        self.start("backend: {max_num_ctx: 16384, keep_alive: 10m}")
+        await deferToThread(lambda: self.sdk(scope="chat:write").chat.completions.create(model="qwen3:32b", messages=HI, temperature=0.2, extra_body={"options": {"num_ctx": 8192, "top_k": 20}, "keep_alive": "5m"}))
+        sent = self.fake.requests_to("/api/chat")[-1].body
+        self.assertEqual(sent["options"], {"num_ctx": 8192, "top_k": 20, "temperature": 0.2})
+        self.assertEqual(sent["keep_alive"], 300)
+        cases = (
+            ({"options": {"num_ctx": 32768}}, "16384 (backend.max_num_ctx)"),
+            ({"keep_alive": "1h"}, "10m"),
+            ({"options": {"temperature": 0.1}, "temperature": 0.3}, "not both"),
+            ({"options": {"num_gpu": 1}}, "admin"),
+            ({"options": {"bogus": 1}}, "options.bogus"),
+        )
+        for extra, reason in cases:
+            with self.assertRaises(openai.APIStatusError) as caught:
+                await deferToThread(lambda: self.sdk(scope="chat:write").chat.completions.create(model="qwen3:32b", messages=HI, extra_body=extra))
+            self.assertIn(reason, str(caught.exception), extra)
+        self.assertEqual(len(self.fake.requests_to("/api/chat")), 1)
+
+
 class OllamaClientTests(Backed):
     async def test_native_errors_have_ollamas_shape(self):
         """On /ollama/* every refusal is {"error": "<message>"}: the ollama client's ResponseError.error is a string ("not found" checks keep working)."""
