@@ -79,6 +79,9 @@ class ServerConfig:
     debug_listen: str = _opt("tcp:18789:interface=127.0.0.1")
     public_url: typing.Optional[str] = _opt(None)
     drain_timeout: float = _opt(30.0, kind="duration", maximum=3600)
+    # Pages on these origins may call the secure listener from a browser
+    # (CORS, clawdbot.cors): exact origins, none by default, never "*".
+    cors_origins: typing.Tuple[str, ...] = _opt([], kind="origin")
 
 
 @dataclass(frozen=True)
@@ -351,6 +354,8 @@ def _scalar(value, tp, meta, path):
             value = parse_duration(value)
         elif kind == "size":
             value = parse_size(value)
+        elif kind == "origin" and isinstance(value, str):
+            value = web_origin(value)
     except ValueError as e:
         raise ConfigError(path, _reason(e)) from None
     except (ArithmeticError, TypeError):
@@ -392,6 +397,48 @@ def _show(value, kind):
     return repr(value)
 
 
+_ORIGIN_HOST = re.compile(r"\[[0-9a-f:.]+\]|[a-z0-9_]([a-z0-9_.-]*[a-z0-9_.])?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def web_origin(text):
+    """
+    C{text} as a browser writes an origin in C{Origin}: C{http://} or
+    C{https://}, a host and an optional port; scheme and host in lower case,
+    an IPv6 address in its short form, a default port left out.
+
+    @raise ValueError: with the reason when C{text} is not one such origin.
+    """
+    if "*" in text or text == "null":
+        raise ValueError(f"{text!r} is not allowed: list each origin that may call the gateway")
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in _DEFAULT_PORTS:
+        raise ValueError("must start with http:// or https://")
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if rest[len(authority) :] == "/":
+        raise ValueError("must not end with a slash (an origin has no path: https://app.example.com)")
+    if rest != authority:
+        raise ValueError("must be an origin only, without a path, query or fragment (https://app.example.com)")
+    if "@" in authority:
+        raise ValueError("must not contain credentials (user@)")
+    if not authority.isascii():
+        raise ValueError("must write the host in ASCII (an international name in its xn-- form)")
+    host, port = re.fullmatch(r"(.*?)(?::([0-9]{1,5}))?", authority.lower()).groups()
+    if not _ORIGIN_HOST.fullmatch(host) or (port is not None and not 0 < int(port) <= 65535):
+        raise ValueError("must be scheme://host or scheme://host:port, with a host name or IP address and a port from 1 to 65535")
+    try:
+        if host.startswith("["):
+            host = "[" + str(ipaddress.IPv6Address(host[1:-1])) + "]"
+        elif re.fullmatch(r"[0-9.]+", host):
+            host = str(ipaddress.IPv4Address(host))
+    except ValueError:
+        raise ValueError("has a host that is neither a name nor an IP address") from None
+    if port is None or int(port) == _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{int(port)}"
+
+
 def _check_text(text, path):
     """
     Refuse a string holding a lone UTF-16 surrogate (YAML's C{"\\ud800"}
@@ -418,7 +465,7 @@ def _build(tp, value, meta, path):
         out = []
         for i, item in enumerate(value):
             item_path = f"{path}[{i}]"
-            item = _build(args[0], item, {}, item_path)
+            item = _build(args[0], item, {"kind": meta.get("kind")}, item_path)
             if allowed and item not in allowed:
                 raise ConfigError(item_path, f"{item!r} is not allowed (choose from {', '.join(allowed)})")
             out.append(item)

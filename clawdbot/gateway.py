@@ -292,19 +292,16 @@ class Gateway:
 
     # --- the HTTP layer's questions ----------------------------------------------
 
-    def cors(self, request):
+    def cors_rule(self, request, debug):
         """
-        CORS for the debug listener: any C{http://localhost:*} (or loopback)
-        origin may call it, so a front end on :3000 can.
+        Which C{Origin}s may read a listener's answers (L{clawdbot.cors}):
+        any page on this machine on the debug listener (the rule of its own
+        check, L{loopback_origin}), and on the secure one exactly those in
+        C{server.cors_origins} of the config the request started under.
         """
-        origins = request.requestHeaders.getRawHeaders(b"origin") or []
-        origin = origins[0] if len(origins) == 1 else None
-        if origin and _is_local_origin(origin):
-            request.setHeader(b"access-control-allow-origin", origin)
-            request.setHeader(b"vary", b"Origin")
-            request.setHeader(b"access-control-allow-methods", b"GET, POST, PATCH, DELETE, OPTIONS")
-            request.setHeader(b"access-control-allow-headers", b"Authorization, Content-Type, X-Requested-With")
-            request.setHeader(b"access-control-max-age", b"600")
+        if debug:
+            return loopback_origin
+        return (request.config or self.config).server.cors_origins.__contains__
 
     async def authenticate(self, request):
         """The request's principal; see L{clawdbot.auth}."""
@@ -312,8 +309,3 @@ class Gateway:
 
     def authorize(self, request, principal, scope):
         self.auth.authorize(principal, scope)
-
-
-def _is_local_origin(origin):
-    """The same rule as the debug port's own check (L{clawdbot.web.loopback_origin})."""
-    return loopback_origin(origin)

@@ -424,6 +424,8 @@ class _AuthRoute(APIResource):
     """An SSO route: there only on the secure listener and while oauth2 is enabled."""
 
     ip_limited = True
+    # The page's own, with cookies: no CORS headers, whatever server.cors_origins lists.
+    cross_origin = False
 
     def __init__(self, gateway, sso):
         super().__init__(gateway)

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
+from clawdbot import cors
 from clawdbot.auth import missing_token
 from clawdbot.errors import APIError, error_body, internal_error, invalid, ollama_error_body
 from clawdbot.strictjson import parse_json
@@ -94,12 +95,14 @@ def reason_phrase(code):
     return phrase
 
 
-def early_response(err, request_id=None, render=error_body):
+def early_response(err, request_id=None, render=error_body, headers=None):
     """
     The bytes of a whole response carrying C{err} in the JSON error shape
     (C{render}: Ollama's on the native routes), for the moments the normal
     response machinery cannot be used (the request is still arriving, or
     could not be parsed), always closing.
+
+    @param headers: more headers (the CORS ones), beside C{err}'s.
     """
     body = render(err)
     head = [
@@ -111,7 +114,7 @@ def early_response(err, request_id=None, render=error_body):
     ]
     if request_id is not None:
         head.append(b"X-Request-Id: " + request_id.encode())
-    for name, value in err.headers.items():
+    for name, value in [*err.headers.items(), *(headers or {}).items()]:
         head.append(_header_bytes(name) + b": " + _header_bytes(value))
     head.append(b"Connection: close")
     return b"\r\n".join(head) + b"\r\n\r\n" + body
@@ -149,6 +152,8 @@ class GatewayRequest(server.Request):
     captured = None
     handler = None
     stream_format = None
+    # The answer may carry CORS headers (not on the sign-in routes).
+    cross_origin = True
 
     def __init__(self, *args, **kwargs):
         # The API takes JSON only: skip twisted.web's form parsing (costly
@@ -270,7 +275,7 @@ class GatewayRequest(server.Request):
         self._name_from_channel()
         transport = self.channel.transport
         native = (self.path or b"").startswith(b"/ollama/")
-        transport.write(early_response(err, self.request_id, ollama_error_body if native else error_body))
+        transport.write(early_response(err, self.request_id, ollama_error_body if native else error_body, self.cors_headers()))
         log.info("Refused a request while its body arrived: {code}", code=err.code, details=err.details, request_id=self.request_id)
         if not linger:
             self.channel.loseConnection()
@@ -366,6 +371,18 @@ class GatewayRequest(server.Request):
         self.setHeader(b"server", SERVER)
         self.setHeader(b"x-content-type-options", b"nosniff")
         self.setHeader(b"x-request-id", self.request_id.encode())
+        for name, value in self.cors_headers().items():
+            self.setHeader(name, value)
+
+    def cors_rule(self):
+        """Which origins may read this listener's answers (L{clawdbot.gateway.Gateway.cors_rule})."""
+        return self._gateway().cors_rule(self, getattr(self._site, "debug", True))
+
+    def cors_headers(self):
+        """The CORS headers of this request's answer (L{clawdbot.cors.answer_headers})."""
+        if not self.cross_origin or self._gateway() is None:
+            return {}
+        return cors.answer_headers(self, self.cors_rule())
 
     def _refusal(self):
         """
@@ -849,6 +866,8 @@ class APIResource(Resource):
     rate_limited = False
     # Subject to the per-address limit (the sign-in endpoints).
     ip_limited = False
+    # Browser pages on other origins may call it (clawdbot.cors).
+    cross_origin = True
 
     def __init__(self, gateway):
         super().__init__()
@@ -865,6 +884,7 @@ class APIResource(Resource):
     error_body = staticmethod(error_body)
 
     def render(self, request):
+        request.cross_origin = self.cross_origin
         scopes = self.route(request)
         if scopes is None:
             request.route = "not_found"
@@ -873,21 +893,39 @@ class APIResource(Resource):
         method = request.method.decode("ascii", "replace")
         if method == "HEAD" and "GET" in scopes:
             method = "GET"
-        if method == "OPTIONS" and request.site.debug:
-            self.gateway.cors(request)
-            request.setResponseCode(204)
-            return b""
+        if method == "OPTIONS" and self.cross_origin and (request.site.debug or cors.is_preflight(request)):
+            request.route = self.route_name or type(self).__name__
+            self._preflight(request, scopes)
+            return server.NOT_DONE_YET
         if method not in scopes:
             allowed = ", ".join(sorted(scopes))
             err = APIError("METHOD_NOT_ALLOWED", details=f"use {allowed}", headers={"Allow": allowed})
             write_error(request, err, self.error_body)
             return server.NOT_DONE_YET
-        if request.site.debug:
-            self.gateway.cors(request)
         request.route = self.route_name or type(self).__name__
         d = request.handler = Deferred.fromCoroutine(self._run(request, method, scopes[method]))
         request.notifyFinish().addErrback(lambda _: d.cancel())
         return server.NOT_DONE_YET
+
+    def _preflight(self, request, scopes):
+        """
+        Answer C{OPTIONS} (L{clawdbot.cors.preflight_headers}), before and
+        without authentication: 204, granting the route's methods to an
+        origin the listener allows.  On the secure listener a preflight from
+        any other origin gets 403 ORIGIN_REJECTED; the debug listener answers
+        every C{OPTIONS} 204 (it refuses foreign origins before routing).
+        """
+        try:
+            headers = cors.preflight_headers(request, request.cors_rule(), scopes)
+        except APIError as err:
+            write_error(request, err, self.error_body)
+            return
+        if headers is None and not request.site.debug:
+            write_error(request, APIError("ORIGIN_REJECTED", details="this origin may not call the gateway from a browser (server.cors_origins)"), self.error_body)
+            return
+        for name, value in (headers or {}).items():
+            request.setHeader(name, value)
+        write_json(request, 204, None)
 
     async def _run(self, request, method, needed):
         """Run the handler; whatever happens, the request ends with an answer."""
