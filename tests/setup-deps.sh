@@ -18,6 +18,23 @@ if [ ! -f "$stamp" ] || ! cmp -s tests/idp/package-lock.json "$stamp"; then
   cp tests/idp/package-lock.json "$stamp"
 fi
 
+# The Node client libraries of the compatibility tests (tests/clients), the same way.
+stamp=tests/clients/node_modules/.clawdbot-lock
+if [ ! -f "$stamp" ] || ! cmp -s tests/clients/package-lock.json "$stamp"; then
+  (cd tests/clients && npm ci --no-audit --no-fund --loglevel=error)
+  cp tests/clients/package-lock.json "$stamp"
+fi
+
+# The Python clients that need openai 2.x (tests/clients/requirements.txt says
+# why) in a virtualenv of their own, remade when that list changes.
+stamp=tests/clients/.venv/.clawdbot-requirements
+if [ ! -f "$stamp" ] || ! cmp -s tests/clients/requirements.txt "$stamp"; then
+  rm -rf tests/clients/.venv
+  "${PYTHON:-python3}" -m venv tests/clients/.venv
+  tests/clients/.venv/bin/python -m pip install -q -r tests/clients/requirements.txt
+  cp tests/clients/requirements.txt "$stamp"
+fi
+
 # Headless Chromium for the page tests (tests/browser.py drives Debian's
 # /usr/bin/chromium with Playwright; no browser is ever downloaded), and a CJK
 # font so the Chinese UI renders in screenshots.
