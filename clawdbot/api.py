@@ -236,14 +236,18 @@ class ChatCompletions(APIResource):
         """
         body = dict(ollama_body, stream=False)
         backend = self.gateway.backend
-        reply = await backend.call_json(config, b"POST", "/api/chat", body, sent=meter.mark_sent)
+        functions = opts["required_tools"]
+        # One timeout for the request, both calls included.
+        deadline = self.gateway.reactor.seconds() + config.timeout
+        reply = translate.offered_calls_only(await backend.call_json(config, b"POST", "/api/chat", body, sent=meter.mark_sent, deadline=deadline), functions)
         _count(request, reply)
-        if not (reply.get("message") or {}).get("tool_calls"):
-            functions = opts["required_tools"]
+        if not reply["message"].get("tool_calls") and reply.get("done_reason") != "length":
             retry = {key: value for key, value in body.items() if key != "tools"}
             retry["format"] = translate.union_format(functions)
             retry["messages"] = translate.with_instruction(body["messages"], translate.union_instruction(functions))
-            second = await backend.call_json(config, b"POST", "/api/chat", retry)
+            ceiling = config.backend.max_num_ctx
+            await self.gateway.reserve_tokens(request, translate.Meter(retry, ceiling).prompt + translate.reply_reserve(retry, ceiling))
+            second = await backend.call_json(config, b"POST", "/api/chat", retry, deadline=deadline)
             reply = translate.with_counts_of(second, reply)
             _count(request, reply)
             reply = translate.call_from_union(reply, functions)
@@ -334,7 +338,7 @@ class Models(APIResource):
     def getChild(self, path, request):
         if not path:
             return NotFound()
-        return ModelItem(self.gateway, path.decode("utf-8", "replace"))
+        return ModelItem(self.gateway)
 
     async def handle_GET(self, request):
         tags = await self.gateway.backend.call_json(request.config, b"GET", "/api/tags")
@@ -342,22 +346,24 @@ class Models(APIResource):
 
 
 class ModelItem(APIResource):
-    """C{GET /v1/models/{id}}: one model of the list (C{client.models.retrieve}), else 404 MODEL_NOT_FOUND."""
+    """
+    C{GET /v1/models/{id}}: one model of the list (C{client.models.retrieve}),
+    else 404 MODEL_NOT_FOUND.  The id is the rest of the path, slashes
+    included (C{hf.co/org/model:tag}).
+    """
 
+    isLeaf = True
     scopes = {"GET": "chat:read"}
     route_name = "model"
     rate_limited = True
 
-    def __init__(self, gateway, model):
-        super().__init__(gateway)
-        self.model = model
-
     async def handle_GET(self, request):
+        model = "/".join(p.decode("utf-8", "replace") for p in request.prepath[-1:] + request.postpath)
         tags = await self.gateway.backend.call_json(request.config, b"GET", "/api/tags")
         for entry in translate.models_response(tags, request.config)["data"]:
-            if entry["id"] == self.model:
+            if entry["id"] == model:
                 return entry
-        raise APIError("MODEL_NOT_FOUND", details=f"model '{self.model}' is not available")
+        raise APIError("MODEL_NOT_FOUND", details=f"model '{model}' is not available")
 
 
 class Embeddings(APIResource):

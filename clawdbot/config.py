@@ -397,7 +397,11 @@ def _show(value, kind):
     return repr(value)
 
 
-_ORIGIN_HOST = re.compile(r"\[[0-9a-f:.]+\]|[a-z0-9_]([a-z0-9_.-]*[a-z0-9_.])?")
+# A host as a browser writes it in an origin: an IPv6 literal, or dot-separated
+# labels of letters, digits, '-' and '_' (neither empty nor dashed at an end).
+_ORIGIN_HOST = re.compile(r"\[[0-9a-f:.]+\]|(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
+# A last label a browser reads as a number, making the host an IPv4 address.
+_NUMERIC_LABEL = re.compile(r"0x[0-9a-f]*|[0-9]+")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -411,6 +415,8 @@ def web_origin(text):
     """
     if "*" in text or text == "null":
         raise ValueError(f"{text!r} is not allowed: list each origin that may call the gateway")
+    if not re.fullmatch(r"[!-~]+", text):
+        raise ValueError("must not contain spaces, control characters or non-ASCII characters (an international name in its xn-- form)")
     scheme, sep, rest = text.partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in _DEFAULT_PORTS:
@@ -422,18 +428,18 @@ def web_origin(text):
         raise ValueError("must be an origin only, without a path, query or fragment (https://app.example.com)")
     if "@" in authority:
         raise ValueError("must not contain credentials (user@)")
-    if not authority.isascii():
-        raise ValueError("must write the host in ASCII (an international name in its xn-- form)")
     host, port = re.fullmatch(r"(.*?)(?::([0-9]{1,5}))?", authority.lower()).groups()
     if not _ORIGIN_HOST.fullmatch(host) or (port is not None and not 0 < int(port) <= 65535):
         raise ValueError("must be scheme://host or scheme://host:port, with a host name or IP address and a port from 1 to 65535")
     try:
         if host.startswith("["):
             host = "[" + str(ipaddress.IPv6Address(host[1:-1])) + "]"
-        elif re.fullmatch(r"[0-9.]+", host):
+        elif _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
+            # A browser reads it as IPv4 (127.1, 0x7f000001 too) and sends
+            # the dotted form: only that form can ever match.
             host = str(ipaddress.IPv4Address(host))
     except ValueError:
-        raise ValueError("has a host that is neither a name nor an IP address") from None
+        raise ValueError("has a host that is neither a name nor an IP address (write IPv4 as four decimal numbers)") from None
     if port is None or int(port) == _DEFAULT_PORTS[scheme]:
         return f"{scheme}://{host}"
     return f"{scheme}://{host}:{int(port)}"

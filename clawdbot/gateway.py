@@ -133,7 +133,8 @@ class Gateway:
     async def reserve_tokens(self, request, estimate):
         """
         Take a call's estimated prompt from the token budget before it goes
-        to the model, in one atomic step that refuses once the budget is
+        to the model (added to what the request reserved before, when it
+        makes a second call), in one atomic step that refuses once the budget is
         spent, so that calls made at the same moment cannot all pass a check
         made before any of them was charged.  L{request_done} settles the
         difference with Ollama's counts.
@@ -148,7 +149,7 @@ class Gateway:
             raise rate_limited(decision, "token")
         if decision.limit:
             # (Not when an unreachable shared limiter let the call through.)
-            request.audit["reserved"] = estimate
+            request.audit["reserved"] = request.audit.get("reserved", 0) + estimate
 
     async def check_rate(self, request):
         """The principal's request and token budgets; 429 RATE_LIMITED when spent."""

@@ -383,16 +383,20 @@ class Ollama:
         await reader.finished
         return b"".join(parts)
 
-    async def call(self, config, method, path, payload=None, sent=None):
+    async def call(self, config, method, path, payload=None, sent=None, deadline=None):
         """
         A complete exchange with a JSON request: the slot, the timeouts and
         the error mapping included.
 
         @param sent: called once the call has its slot and goes to Ollama,
             and with C{False} when Ollama refuses it (a status other than 200).
+        @param deadline: when the call must be over (reactor seconds);
+            C{timeout} from now by default.  Calls made for one request
+            share the request's.
         @return: the raw body of a 200 answer.
         """
-        deadline = self.reactor.seconds() + config.timeout
+        if deadline is None:
+            deadline = self.reactor.seconds() + config.timeout
         lease = await self.acquire(config)
         if sent is not None:
             sent()
@@ -408,9 +412,9 @@ class Ollama:
             raise upstream_error(response.code, raw, payload)
         return raw
 
-    async def call_json(self, config, method, path, payload=None, sent=None):
+    async def call_json(self, config, method, path, payload=None, sent=None, deadline=None):
         """L{call}, with the answer parsed as JSON."""
-        raw = await self.call(config, method, path, payload, sent)
+        raw = await self.call(config, method, path, payload, sent, deadline)
         try:
             return json.loads(raw)
         except ValueError:

@@ -59,6 +59,10 @@ MAX_ELEMENTS = 200_000
 # array of keys, C{null}s and strings (0.7 s for a million keys), the
 # Python one lets other threads in between values.
 DENSE = 50_000
+# Levels of nesting in one body.  A JSON schema of a tool is a dozen deep at
+# most; what is parsed must also be encoded again (for Ollama, for a log
+# line) by recursive code, which needs the headroom.
+MAX_DEPTH = 128
 
 
 def _bounded_int(text):
@@ -184,11 +188,27 @@ def parse_json(raw):
         raise invalid("the body is nested too deeply") from None
     if surrogate:
         raise invalid("the body contains a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not a character")
+    if _too_deep(value):
+        raise invalid(f"the body is nested too deeply (more than {MAX_DEPTH} levels)")
     if "\\u0000" in text and _has_nul(value):
         # JSON forbids a raw NUL in a string, so only an escape puts one
         # there; PostgreSQL cannot store it and no chat needs it.
         raise invalid("the body contains a NUL character (\\u0000)")
     return value
+
+
+def _too_deep(value):
+    """Whether arrays and objects nest more than L{MAX_DEPTH} levels in a parsed value."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth >= MAX_DEPTH:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def _has_nul(value):

@@ -214,6 +214,11 @@ def translate_messages(messages, max_images=None):
     return out
 
 
+# What OpenAI allows in a function's name, plus the '.' and ':' that tool
+# names of some agent frameworks carry; never a space or a line break.
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
 def _tools(tools):
     if not isinstance(tools, list):
         raise invalid("'tools' must be a list")
@@ -222,8 +227,8 @@ def _tools(tools):
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
             raise invalid(f"tools[{i}] must be a function tool")
         fn = tool["function"]
-        if not isinstance(fn.get("name"), str):
-            raise invalid(f"tools[{i}].function.name must be a string")
+        if not isinstance(fn.get("name"), str) or not _TOOL_NAME.fullmatch(fn["name"]):
+            raise invalid(f"tools[{i}].function.name must be 1 to 64 letters, digits, '_', '-', '.' or ':'")
         entry = {"name": fn["name"]}
         if fn.get("description") is not None:
             if not isinstance(fn["description"], str):
@@ -232,8 +237,8 @@ def _tools(tools):
         parameters = fn.get("parameters")
         if parameters is None:
             parameters = {"type": "object", "properties": {}}
-        elif not isinstance(parameters, dict):
-            raise invalid(f"tools[{i}].function.parameters must be a JSON schema object")
+        elif not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+            raise invalid(f"tools[{i}].function.parameters must be a JSON schema of an object")
         entry["parameters"] = parameters
         out.append({"type": "function", "function": entry})
     return out
@@ -361,6 +366,23 @@ def _tool_named(name, tools, where):
     raise invalid(f"'{where}' names a function that is not in 'tools'")
 
 
+def check_forced_arguments(arguments, name, done_reason):
+    """
+    A forced call's arguments must be one JSON object, unless the reply was
+    cut short (then it ends with C{finish_reason: "length"}, as OpenAI's).
+
+    @raise APIError: 502 when the model answered something else.
+    """
+    if done_reason == "length":
+        return
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise APIError("UPSTREAM_UNAVAILABLE", details=f"the model did not answer with the arguments of {name}")
+
+
 def forced_instruction(function):
     text = f"Call the function {function['name']} now: answer with nothing but its arguments, as one JSON object that matches its parameters."
     if function.get("description"):
@@ -380,13 +402,34 @@ def union_format(functions):
     """
     The schema of a call to any one of C{functions} (C{{"name", "arguments"}}),
     for asking a model that answered without a call once more.
+
+    Each function's parameters go under the root's C{$defs} (as C{f0},
+    C{f1}...), their own local references rebased there, so that a
+    C{"$ref": "#/$defs/Loc"} of a pydantic schema still finds its target.
     """
+    defs = {f"f{i}": _rebase_refs(fn["parameters"], f"#/$defs/f{i}") for i, fn in enumerate(functions)}
     return {
+        "$defs": defs,
         "anyOf": [
-            {"type": "object", "properties": {"name": {"enum": [fn["name"]]}, "arguments": fn["parameters"]}, "required": ["name", "arguments"]}
-            for fn in functions
-        ]
+            {"type": "object", "properties": {"name": {"enum": [fn["name"]]}, "arguments": {"$ref": f"#/$defs/f{i}"}}, "required": ["name", "arguments"]}
+            for i, fn in enumerate(functions)
+        ],
     }
+
+
+def _rebase_refs(schema, base):
+    """C{schema} with every local C{$ref} (C{#...}) made relative to C{base}."""
+    if isinstance(schema, list):
+        return [_rebase_refs(item, base) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            out[key] = base + value[1:]
+        else:
+            out[key] = _rebase_refs(value, base)
+    return out
 
 
 def union_instruction(functions):
@@ -412,6 +455,16 @@ def call_from_union(reply, functions):
     if not isinstance(call, dict) or call.get("name") not in names or not isinstance(call.get("arguments"), dict):
         raise APIError("UPSTREAM_UNAVAILABLE", details="the model did not call a tool although 'tool_choice' requires one")
     message = dict(reply.get("message") or {}, content="", tool_calls=[{"function": {"name": call["name"], "arguments": call["arguments"]}}])
+    return dict(reply, message=message)
+
+
+def offered_calls_only(reply, functions):
+    """C{reply} with only the tool calls to functions that were offered (a call to any other is no call)."""
+    message = dict(reply.get("message") or {})
+    names = {fn["name"] for fn in functions}
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        message["tool_calls"] = [c for c in calls if isinstance(c, dict) and isinstance(c.get("function"), dict) and c["function"].get("name") in names]
     return dict(reply, message=message)
 
 
@@ -472,11 +525,12 @@ def chat_request(body, config, principal=None, session_id=None):
     tools = _tools(body["tools"]) if body.get("tools") is not None else []
     mode, tools = tool_choice(body.get("tool_choice"), tools)
     forced = required = None
+    if mode in ("forced", "required") and "format" in out:
+        # Both would hold the model to a schema of their own.
+        raise invalid("'tool_choice' requires a function call; it cannot be combined with a JSON 'response_format'")
     if mode == "forced":
         # Ollama has no tool_choice: the model is held to the function's
         # arguments by a JSON schema, and its answer becomes the call.
-        if "format" in out:
-            raise invalid("'tool_choice' forces a function call; it cannot be combined with a JSON 'response_format'")
         forced = tools[0]["function"]
         out["format"] = forced["parameters"]
     elif mode != "none" and tools:
@@ -642,7 +696,9 @@ def chat_response(reply, model, created=None, single_tool_call=False, forced_too
     """
     message = reply.get("message") or {}
     if forced_tool is not None:
-        message = dict(message, content="", tool_calls=[{"function": {"name": forced_tool, "arguments": message.get("content") or "{}"}}])
+        arguments = message.get("content") or ""
+        check_forced_arguments(arguments, forced_tool, reply.get("done_reason"))
+        message = dict(message, content="", tool_calls=[{"function": {"name": forced_tool, "arguments": arguments}}])
     calls = tool_calls_out(message.get("tool_calls"))
     if single_tool_call:
         calls = calls[:1]
@@ -703,6 +759,7 @@ class StreamTranslator:
         self.single_tool_call = single_tool_call
         # The function tool_choice named: the content streams as its arguments.
         self.forced_tool = forced_tool
+        self.arguments = []
         self.hold_done = hold_done
         self.model = model
         self.created = int(created or time.time())
@@ -733,6 +790,7 @@ class StreamTranslator:
             delta["tool_calls"] = [call]
         elif text:
             delta["tool_calls"] = [{"index": 0, "function": {"arguments": text}}]
+        self.arguments.append(text)
 
     def line(self, raw):
         """
@@ -770,6 +828,8 @@ class StreamTranslator:
             self.tool_calls.extend(out)
         finish = None
         if data.get("done"):
+            if self.forced_tool is not None:
+                check_forced_arguments("".join(self.arguments), self.forced_tool, data.get("done_reason"))
             self.done = True
             self.final = data
             finish = finish_reason(data.get("done_reason"), bool(self.tool_calls))

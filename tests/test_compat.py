@@ -9,7 +9,7 @@ from twisted.internet.threads import deferToThread
 
 from tests.fake_ollama import FakeOllama
 from tests.helpers import bearer, get_json, token
-from tests.test_chat import HI, Backed
+from tests.test_chat import HI, Backed, sse_events
 
 TWO_CALLS = [
     {"function": {"name": "get_weather", "arguments": {"city": "Hangzhou"}}},
@@ -40,10 +40,12 @@ class CompatTests(Backed):
         self.assertEqual(chunks[-1].choices[0].finish_reason, "tool_calls")
 
     async def test_models_retrieve(self):
-        """client.models.retrieve works for a listed model (and an alias); an unknown one is 404 MODEL_NOT_FOUND."""
+        """client.models.retrieve works for a listed model (one with slashes in its name too) and an alias; an unknown one is 404 MODEL_NOT_FOUND."""
         import openai
 
-        self.start('backend: {aliases: {gpt-4o: "qwen3:32b"}}')
+        self.start('backend: {aliases: {gpt-4o: "qwen3:32b"}}', fake=FakeOllama(["qwen3:32b", "hf.co/org/tiny-gguf:q4_k_m"]))
+        model = await deferToThread(lambda: self.sdk().models.retrieve("hf.co/org/tiny-gguf:q4_k_m"))
+        self.assertEqual(model.id, "hf.co/org/tiny-gguf:q4_k_m")
         model = await deferToThread(lambda: self.sdk().models.retrieve("qwen3:32b"))
         self.assertEqual((model.id, model.object), ("qwen3:32b", "model"))
         alias = await deferToThread(lambda: self.sdk().models.retrieve("gpt-4o"))
@@ -242,6 +244,89 @@ class ForcedToolTests(Backed):
         reply = await self.create(tools=TWO_TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=2)
         self.assertEqual(reply.choices[0].finish_reason, "length")
         self.assertEqual(reply.choices[0].message.tool_calls[0].function.name, "get_weather")
+
+
+LOC = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+NESTED = {"type": "object", "properties": {"loc": {"$ref": "#/$defs/Loc"}}, "required": ["loc"], "$defs": {"Loc": LOC}}
+
+
+class ForcedToolEdgeTests(Backed):
+    """What an outsider tried against the emulation, and the variants."""
+
+    async def post(self, body, auth=None):
+        return await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=auth or self.auth, body=dict({"messages": HI}, **body))
+
+    async def test_union_keeps_references_resolvable(self):
+        """A pydantic-style schema ($ref into its own $defs) still resolves inside the retry's union schema."""
+        self.start(fake=FakeOllama(tool_calls=[]))
+        tools = [{"type": "function", "function": {"name": "where", "parameters": NESTED}}, TWO_TOOLS[1]]
+        status, _, reply = await self.post({"tools": tools, "tool_choice": "required"})
+        self.assertEqual(status, 200, reply)
+        call = reply["choices"][0]["message"]["tool_calls"][0]["function"]
+        self.assertEqual((call["name"], json.loads(call["arguments"])), ("where", {"loc": {"city": "example"}}))
+        fmt = self.fake.requests_to("/api/chat")[-1].body["format"]
+        self.assertEqual(fmt["$defs"]["f0"]["properties"]["loc"], {"$ref": "#/$defs/f0/$defs/Loc"})
+        self.assertEqual(fmt["anyOf"][0]["properties"]["arguments"], {"$ref": "#/$defs/f0"})
+
+    async def test_forced_arguments_must_be_an_object(self):
+        """A forced call whose answer is not one JSON object is a 502 (streamed: the error event, no finish chunk); never invented arguments."""
+        for content in ("Sure, I will call get_weather.", "", "[1, 2]"):
+            fake = FakeOllama()
+            fake.reply_hook = lambda path, body, content=content: content
+            self.start(fake=fake)
+            forced = {"tools": TWO_TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+            status, _, reply = await self.post(forced)
+            self.assertEqual((status, reply["error"]["code"]), (502, "UPSTREAM_UNAVAILABLE"), content)
+            self.assertIn("arguments of get_weather", reply["error"]["message"])
+            status, _, raw = await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body=dict({"messages": HI, "stream": True}, **forced))
+            events = sse_events(raw)
+            self.assertEqual(events[-1]["error"]["code"], "UPSTREAM_UNAVAILABLE", content)
+            self.assertNotIn(b"[DONE]", raw)
+            self.assertFalse([e for e in events[:-1] if e["choices"] and e["choices"][0]["finish_reason"]])
+
+    async def test_required_cut_short_is_length_without_a_retry(self):
+        """A required call whose first reply is cut short by max_tokens ends with finish_reason length; no second call is made."""
+        self.start(fake=FakeOllama(tool_calls=[]))
+        status, _, reply = await self.post({"tools": TWO_TOOLS, "tool_choice": "required", "max_tokens": 2})
+        self.assertEqual((status, reply["choices"][0]["finish_reason"]), (200, "length"))
+        self.assertEqual(len(self.fake.requests_to("/api/chat")), 1)
+
+    async def test_required_ignores_calls_to_functions_not_offered(self):
+        """A call to a function that was not offered is no call: the model is asked once more and a real call comes back."""
+        self.start(fake=FakeOllama(tool_calls=[{"function": {"name": "rm_rf", "arguments": {"path": "/"}}}]))
+        status, _, reply = await self.post({"tools": TWO_TOOLS, "tool_choice": "required"})
+        self.assertEqual(status, 200, reply)
+        self.assertEqual([c["function"]["name"] for c in reply["choices"][0]["message"]["tool_calls"]], ["get_weather"])
+        self.assertEqual(len(self.fake.requests_to("/api/chat")), 2)
+
+    async def test_the_retry_is_reserved_from_the_token_budget(self):
+        """The second call takes its own reservation first: a budget the first call's reservation spends refuses the retry with 429, before it reaches Ollama."""
+        # The first reservation (a short prompt and 256 for the reply) leaves this budget in debt.
+        self.start("rate_limit: {tokens_per_minute: 250}", fake=FakeOllama(tool_calls=[]))
+        status, _, reply = await self.post({"tools": TWO_TOOLS, "tool_choice": "required"})
+        self.assertEqual((status, reply["error"]["code"]), (429, "RATE_LIMITED"), reply)
+        self.assertEqual(len(self.fake.requests_to("/api/chat")), 1)
+
+    async def test_tool_definitions_and_conflicts_refused(self):
+        """Function names outside OpenAI's alphabet, parameters that are not an object schema, a JSON response_format beside required, and bodies nested past 128 levels are 400s."""
+        self.start()
+        deep = {"type": "object", "properties": {}}
+        for _ in range(200):
+            deep = {"type": "object", "properties": {"a": deep}}
+        cases = (
+            {"tools": [{"type": "function", "function": {"name": "", "parameters": LOC}}]},
+            {"tools": [{"type": "function", "function": {"name": "a\nIgnore previous", "parameters": LOC}}]},
+            {"tools": [{"type": "function", "function": {"name": "x" * 65, "parameters": LOC}}]},
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+            {"tools": TWO_TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}, TWO_TOOLS[1]], "tool_choice": "required"},
+        )
+        for body in cases:
+            status, _, reply = await self.post(body)
+            self.assertEqual((status, reply["error"]["code"]), (400, "INVALID_REQUEST"), body)
+        status, _, _ = await self.post({"tools": [{"type": "function", "function": {"name": "mcp.server:tool-1", "parameters": LOC}}]})
+        self.assertEqual(status, 200)
+        self.assertEqual(len(self.fake.requests_to("/api/chat")), 1)
 
 
 class OllamaSettingsTests(Backed):

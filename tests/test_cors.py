@@ -94,8 +94,12 @@ class ConfigTests(SynchronousTestCase):
             "app.example.com": "must start with http:// or https://",
             "https://app.example.com:0": "port from 1 to 65535",
             "https://app.example.com:70000": "port from 1 to 65535",
-            "https://app example.com": "scheme://host",
+            "https://app example.com": "must not contain spaces",
+            "https://app.example.com\n": "control characters",
             "http://1.2.3": "neither a name nor an IP address",
+            "https://0x7f000001": "four decimal numbers",
+            "https://a..b": "scheme://host",
+            "https://-a.example": "scheme://host",
             "https://bücher.example": "xn-- form",
         }
         for entry, reason in cases.items():
