@@ -13,6 +13,7 @@ from clawdbot import native, translate
 from clawdbot.errors import APIError, invalid, ollama_error_body
 from clawdbot.ollama import upstream_error
 from clawdbot.sessions import check_history_quota, load_owned
+from clawdbot.strictjson import loads_checked
 from clawdbot.translate import DONE, LineSplitter, StreamTranslator, UpstreamStreamError, sse_error
 from clawdbot.web import APIResource, JSONResponse, Node, NotFound, read_json
 
@@ -220,7 +221,7 @@ class ChatCompletions(APIResource):
 
     async def _result(self, request, reply, opts, new):
         """A whole Ollama reply as a C{chat.completion}, counted (and stored for a session turn)."""
-        result = translate.chat_response(reply, opts["model"], single_tool_call=opts["single_tool_call"], forced_tool=opts["forced_tool"])
+        result = translate.chat_response(reply, opts["model"], single_tool_call=opts["single_tool_call"], forced_tool=opts["forced_tool"], offered=opts["offered"])
         _count(request, reply)
         if new is not None:
             await self._store(request, new, result["choices"][0]["message"].get("content") or "", False)
@@ -265,7 +266,7 @@ class ChatCompletions(APIResource):
         return None
 
     async def _stream(self, request, config, ollama_body, opts, new, meter):
-        translator = StreamTranslator(opts["model"], opts["include_usage"], hold_done=new is not None, single_tool_call=opts["single_tool_call"], forced_tool=opts["forced_tool"])
+        translator = StreamTranslator(opts["model"], opts["include_usage"], hold_done=new is not None, single_tool_call=opts["single_tool_call"], forced_tool=opts["forced_tool"], offered=opts["offered"])
         on_data, rest = translated(request, meter, translator)
 
         async def on_end():
@@ -462,7 +463,7 @@ class NativeAPI(APIResource):
             if not config.backend.models:
                 return JSONResponse(raw)
             try:
-                tags = json.loads(raw)
+                tags = loads_checked(raw)
             except ValueError:
                 raise APIError("UPSTREAM_UNAVAILABLE", details="the model backend sent a malformed reply") from None
             return native.filter_tags(tags, config)

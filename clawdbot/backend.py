@@ -2,7 +2,6 @@
 The client side: HTTP calls to Ollama and to identity providers.
 """
 
-import json
 
 import treq
 from twisted.internet.defer import CancelledError
@@ -10,6 +9,8 @@ from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLo
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
+
+from clawdbot.strictjson import loads_checked
 
 log = Logger(namespace="clawdbot.backend")
 
@@ -64,7 +65,7 @@ class HTTPFetcher:
         if response.code != 200:
             raise FetchError(f"status {response.code}")
         try:
-            return json.loads(body)
+            return loads_checked(body)
         except ValueError:
             raise FetchError("not JSON") from None
 
@@ -91,7 +92,7 @@ class HTTPFetcher:
         except (ConnectError, DNSLookupError, TimeoutError, ConnectingCancelledError, CancelledError, ResponseFailed) as e:
             raise FetchError(f"cannot reach {type(e).__name__}") from None
         try:
-            return response.code, json.loads(body)
+            return response.code, loads_checked(body)
         except ValueError:
             if 200 <= response.code < 300:
                 raise FetchError("not JSON") from None

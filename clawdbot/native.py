@@ -15,7 +15,7 @@ Pure functions over parsed JSON: no I/O.  Every refusal names the field.
 
 from clawdbot.errors import invalid
 from clawdbot.options import ADMIN, INT64_MAX, check, keep_alive_policy, needs_admin, options_policy
-from clawdbot.translate import MAX_EMBEDDING_INPUTS, MAX_MESSAGES, resolve_model
+from clawdbot.translate import MAX_EMBEDDING_INPUTS, MAX_MESSAGES, check_tool_name, resolve_model
 
 # The request fields of each endpoint (Ollama's api/types.go), and those
 # that need admin.  Model management (pull, push, create, copy, delete) is
@@ -152,6 +152,9 @@ def native_request(name, body, config, principal):
         elif key == "tools":
             if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
                 raise invalid("'tools' must be a list of tool objects")
+            for i, tool in enumerate(value):
+                if isinstance(tool.get("function"), dict):
+                    check_tool_name(tool["function"].get("name"), f"tools[{i}].function.name")
             out[key] = value
         elif key == "context":
             out[key] = _context(value)

@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, unquote
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from twisted.logger import Logger
 
+from clawdbot.strictjson import loads_checked
 from clawdbot.web import KNOWN_METHODS
 
 log = Logger(namespace="clawdbot.observe")
@@ -177,7 +178,7 @@ def redact_body(raw, ctype=None, response=False):
         return {"omitted": "body larger than the sampling limit", "bytes_at_least": len(raw)}
     oauth_code = not response
     try:
-        return redact(json.loads(raw), oauth_code)
+        return redact(loads_checked(raw), oauth_code)
     except (ValueError, RecursionError):
         pass
     media = _media_type(ctype)
@@ -212,7 +213,7 @@ def _redact_stream(raw, oauth_code):
             continue
         head, json_part = ("data: ", line[6:]) if line.startswith("data: ") else ("", line)
         try:
-            value = json.loads(json_part)
+            value = loads_checked(json_part)
         except (ValueError, RecursionError):
             return None
         out.append(head + json.dumps(redact(value, oauth_code), ensure_ascii=False))

@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from clawdbot.backend import quiet_pool
 from clawdbot.errors import APIError
+from clawdbot.strictjson import loads_checked
 
 log = Logger(namespace="clawdbot.ollama")
 
@@ -416,7 +417,7 @@ class Ollama:
         """L{call}, with the answer parsed as JSON."""
         raw = await self.call(config, method, path, payload, sent, deadline)
         try:
-            return json.loads(raw)
+            return loads_checked(raw)
         except ValueError:
             raise unavailable("the model backend sent a malformed reply") from None
 
@@ -469,7 +470,7 @@ class Ollama:
 
 def ollama_error_text(raw):
     try:
-        value = json.loads(raw)
+        value = loads_checked(raw)
     except ValueError:
         return ""
     if isinstance(value, dict) and isinstance(value.get("error"), str):

@@ -211,6 +211,27 @@ def _too_deep(value):
     return False
 
 
+def loads_checked(raw):
+    """
+    Parse JSON another party sent (the model backend's replies, stream
+    lines and tool arguments, an identity provider's documents, a body
+    being logged): standard JSON only (no C{NaN} or C{Infinity}, which
+    clients' parsers refuse), nested at most L{MAX_DEPTH} levels, so that
+    what is parsed can be encoded again.
+
+    @raise ValueError: for anything else (the caller's curated error).
+    """
+    try:
+        value = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    # Each level opens a bracket: a text with few cannot be too deep.
+    brackets = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
+    if brackets >= MAX_DEPTH and _too_deep(value):
+        raise ValueError("nested too deeply")
+    return value
+
+
 def _has_nul(value):
     """Whether a NUL character is in any key or string of a parsed value."""
     stack = [value]

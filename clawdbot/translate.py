@@ -18,7 +18,7 @@ import time
 
 from clawdbot.errors import APIError, invalid
 from clawdbot.options import ADMIN, INT64_MAX, keep_alive_policy, options_policy
-from clawdbot.strictjson import parse_json
+from clawdbot.strictjson import loads_checked, parse_json
 from clawdbot.images import too_many_images
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -155,8 +155,8 @@ def _tool_calls_in(calls, where):
         if isinstance(args, str):
             try:
                 args = parse_json(args.encode("utf-8")) if args.strip() else {}
-            except APIError:
-                raise invalid(f"{where}.tool_calls[{i}].function.arguments must be a JSON string") from None
+            except APIError as e:
+                raise invalid(f"{where}.tool_calls[{i}].function.arguments must be a JSON string of an object ({e.details.replace('the body', 'it', 1)})") from None
         if not isinstance(args, dict):
             raise invalid(f"{where}.tool_calls[{i}].function.arguments must encode an object")
         out.append({"function": {"name": fn["name"], "arguments": args}})
@@ -219,6 +219,24 @@ def translate_messages(messages, max_images=None):
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
+def is_object_schema(schema):
+    """
+    C{schema} describes an object at its root: C{"type": "object"}, or no
+    type and nothing else that decides one (C{{}}), with C{properties}, if
+    any, an object.
+    """
+    if not isinstance(schema, dict) or not isinstance(schema.get("properties", {}), dict):
+        return False
+    if "type" in schema:
+        return schema["type"] == "object"
+    return not any(key in schema for key in ("anyOf", "oneOf", "allOf", "$ref", "enum", "const", "not", "if"))
+
+
+def check_tool_name(name, where):
+    if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+        raise invalid(f"{where} must be 1 to 64 letters, digits, '_', '-', '.' or ':'")
+
+
 def _tools(tools):
     if not isinstance(tools, list):
         raise invalid("'tools' must be a list")
@@ -227,8 +245,7 @@ def _tools(tools):
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
             raise invalid(f"tools[{i}] must be a function tool")
         fn = tool["function"]
-        if not isinstance(fn.get("name"), str) or not _TOOL_NAME.fullmatch(fn["name"]):
-            raise invalid(f"tools[{i}].function.name must be 1 to 64 letters, digits, '_', '-', '.' or ':'")
+        check_tool_name(fn.get("name"), f"tools[{i}].function.name")
         entry = {"name": fn["name"]}
         if fn.get("description") is not None:
             if not isinstance(fn["description"], str):
@@ -237,8 +254,8 @@ def _tools(tools):
         parameters = fn.get("parameters")
         if parameters is None:
             parameters = {"type": "object", "properties": {}}
-        elif not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
-            raise invalid(f"tools[{i}].function.parameters must be a JSON schema of an object")
+        elif not is_object_schema(parameters):
+            raise invalid(f"tools[{i}].function.parameters must be a JSON schema of an object (\"type\": \"object\")")
         entry["parameters"] = parameters
         out.append({"type": "function", "function": entry})
     return out
@@ -376,7 +393,7 @@ def check_forced_arguments(arguments, name, done_reason):
     if done_reason == "length":
         return
     try:
-        value = json.loads(arguments)
+        value = loads_checked(arguments)
     except ValueError:
         value = None
     if not isinstance(value, dict):
@@ -418,18 +435,32 @@ def union_format(functions):
 
 
 def _rebase_refs(schema, base):
-    """C{schema} with every local C{$ref} (C{#...}) made relative to C{base}."""
+    """
+    C{schema} with every JSON-pointer C{$ref} into it (C{#}, C{#/...}) made
+    relative to C{base}.  Left as they are: a schema with its own C{$id}
+    (its references resolve against that), anchors (C{#name}, found
+    wherever they move), and values that are data, not schemas
+    (C{const}, C{enum}, C{default}, C{examples}).
+    """
+    if isinstance(schema, dict) and "$id" in schema:
+        return schema
     if isinstance(schema, list):
         return [_rebase_refs(item, base) for item in schema]
     if not isinstance(schema, dict):
         return schema
     out = {}
     for key, value in schema.items():
-        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
             out[key] = base + value[1:]
+        elif key in _SCHEMA_DATA:
+            out[key] = value
         else:
             out[key] = _rebase_refs(value, base)
     return out
+
+
+# Keywords whose values are instances, not schemas.
+_SCHEMA_DATA = {"const", "enum", "default", "examples"}
 
 
 def union_instruction(functions):
@@ -446,9 +477,12 @@ def call_from_union(reply, functions):
 
     @raise APIError: 502 when the model still did not produce a call.
     """
+    if reply.get("done_reason") == "length":
+        # Cut short: no call to read; it ends as OpenAI's do.
+        return dict(reply, message=dict(reply.get("message") or {}, content=""))
     content = (reply.get("message") or {}).get("content") or ""
     try:
-        call = json.loads(content)
+        call = loads_checked(content)
     except ValueError:
         call = None
     names = {fn["name"] for fn in functions}
@@ -458,13 +492,23 @@ def call_from_union(reply, functions):
     return dict(reply, message=message)
 
 
+def offered_calls(calls, offered):
+    """
+    The tool calls (Ollama's) to functions that were C{offered} (names):
+    a model's call to any other is no call.  All of them when C{offered} is
+    C{None} (no tools were sent, as on a forced call).
+    """
+    if not isinstance(calls, list):
+        return []
+    if offered is None:
+        return calls
+    return [c for c in calls if isinstance(c, dict) and isinstance(c.get("function"), dict) and c["function"].get("name") in offered]
+
+
 def offered_calls_only(reply, functions):
-    """C{reply} with only the tool calls to functions that were offered (a call to any other is no call)."""
+    """C{reply} with only the tool calls to C{functions} (L{offered_calls})."""
     message = dict(reply.get("message") or {})
-    names = {fn["name"] for fn in functions}
-    calls = message.get("tool_calls")
-    if isinstance(calls, list):
-        message["tool_calls"] = [c for c in calls if isinstance(c, dict) and isinstance(c.get("function"), dict) and c["function"].get("name") in names]
+    message["tool_calls"] = offered_calls(message.get("tool_calls"), {fn["name"] for fn in functions})
     return dict(reply, message=message)
 
 
@@ -568,6 +612,8 @@ def chat_request(body, config, principal=None, session_id=None):
         "instruction": forced_instruction(forced) if forced else None,
         # tool_choice "required" with several tools: the functions offered.
         "required_tools": required,
+        # The names of the functions offered: calls to others are dropped.
+        "offered": {t["function"]["name"] for t in out["tools"]} if "tools" in out else None,
     }
 
 
@@ -685,7 +731,7 @@ def reply_reserve(body, ceiling=0):
     return min(tokens, ceiling) if ceiling else tokens
 
 
-def chat_response(reply, model, created=None, single_tool_call=False, forced_tool=None):
+def chat_response(reply, model, created=None, single_tool_call=False, forced_tool=None, offered=None):
     """
     A non-streamed Ollama C{/api/chat} reply as an OpenAI C{chat.completion}.
 
@@ -693,13 +739,14 @@ def chat_response(reply, model, created=None, single_tool_call=False, forced_too
         C{parallel_tool_calls: false}).
     @param forced_tool: the function C{tool_choice} named: the reply's
         content is its arguments (the call was made under its schema).
+    @param offered: the names of the functions offered (L{offered_calls}).
     """
     message = reply.get("message") or {}
     if forced_tool is not None:
         arguments = message.get("content") or ""
         check_forced_arguments(arguments, forced_tool, reply.get("done_reason"))
         message = dict(message, content="", tool_calls=[{"function": {"name": forced_tool, "arguments": arguments}}])
-    calls = tool_calls_out(message.get("tool_calls"))
+    calls = tool_calls_out(offered_calls(message.get("tool_calls"), offered))
     if single_tool_call:
         calls = calls[:1]
     out_message = {"role": "assistant", "content": message.get("content", "")}
@@ -754,8 +801,9 @@ class StreamTranslator:
     @ivar final: the last Ollama line (counts and durations), once seen.
     """
 
-    def __init__(self, model, include_usage=False, created=None, hold_done=False, single_tool_call=False, forced_tool=None):
+    def __init__(self, model, include_usage=False, created=None, hold_done=False, single_tool_call=False, forced_tool=None, offered=None):
         self.id = completion_id()
+        self.offered = offered
         self.single_tool_call = single_tool_call
         # The function tool_choice named: the content streams as its arguments.
         self.forced_tool = forced_tool
@@ -816,7 +864,7 @@ class StreamTranslator:
         if thinking:
             delta["reasoning_content"] = thinking
             self.reasoning.append(thinking)
-        calls = message.get("tool_calls")
+        calls = offered_calls(message.get("tool_calls"), self.offered)
         if calls and self.single_tool_call:
             calls = calls[: max(0, 1 - self.tool_index)]
         if calls:
@@ -860,7 +908,7 @@ def stream_line(raw):
     @raise UpstreamStreamError: when the line is an error or not a JSON object.
     """
     try:
-        data = json.loads(raw)
+        data = loads_checked(raw)
     except ValueError:
         raise UpstreamStreamError("the model backend sent a malformed line") from None
     if not isinstance(data, dict):

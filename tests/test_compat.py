@@ -7,7 +7,7 @@ import json
 
 from twisted.internet.threads import deferToThread
 
-from tests.fake_ollama import FakeOllama
+from tests.fake_ollama import FakeOllama, Reply
 from tests.helpers import bearer, get_json, token
 from tests.test_chat import HI, Backed, sse_events
 
@@ -327,6 +327,78 @@ class ForcedToolEdgeTests(Backed):
         status, _, _ = await self.post({"tools": [{"type": "function", "function": {"name": "mcp.server:tool-1", "parameters": LOC}}]})
         self.assertEqual(status, 200)
         self.assertEqual(len(self.fake.requests_to("/api/chat")), 1)
+
+
+    async def test_what_the_model_sends_is_read_strictly(self):
+        """Model output nested past 128 levels, or with NaN/Infinity, is a 502 (streamed: the error event), never a 500 or arguments a client cannot parse."""
+        deep = "[" * 3000 + "]" * 3000
+        cases = (
+            ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, Reply(content=deep)),
+            ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, Reply(content='{"city": NaN}')),
+            ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, Reply(content='{"city": Infinity}')),
+            ({"tool_choice": "required"}, Reply(content='{"name": "get_weather", "arguments": {"city": NaN}}')),
+        )
+        for extra, answer in cases:
+            fake = FakeOllama(tool_calls=[])
+            fake.reply_hook = lambda path, body, answer=answer: answer
+            self.start(fake=fake)
+            status, _, reply = await self.post(dict({"tools": TWO_TOOLS}, **extra))
+            self.assertEqual((status, reply["error"]["code"]), (502, "UPSTREAM_UNAVAILABLE"), (extra, answer.content[:30]))
+            status, _, raw = await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body=dict({"messages": HI, "stream": True, "tools": TWO_TOOLS}, **extra))
+            if status == 200:
+                self.assertEqual(sse_events(raw)[-1]["error"]["code"], "UPSTREAM_UNAVAILABLE")
+            else:
+                self.assertEqual(status, 502)
+
+    async def test_calls_to_functions_not_offered_are_dropped(self):
+        """Whatever the tool_choice, a call to a function that was not offered never reaches the client, streamed or not."""
+        self.start(fake=FakeOllama(tool_calls=[{"function": {"name": "rm_rf", "arguments": {}}}, {"function": {"name": "get_time", "arguments": {"zone": "UTC"}}}]))
+        status, _, reply = await self.post({"tools": TWO_TOOLS})
+        self.assertEqual([c["function"]["name"] for c in reply["choices"][0]["message"]["tool_calls"]], ["get_time"])
+        status, _, raw = await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body={"messages": HI, "stream": True, "tools": TWO_TOOLS})
+        names = [tc["function"]["name"] for e in sse_events(raw)[:-1] if e["choices"] for tc in e["choices"][0]["delta"].get("tool_calls", [])]
+        self.assertEqual(names, ["get_time"])
+
+    async def test_retry_cut_short_is_length(self):
+        """When the retry itself is cut short, the answer is finish_reason length (as a forced call's), not a 502."""
+        fake = FakeOllama(tool_calls=[])
+        fake.reply_hook = lambda path, body: Reply(content='{"name": "get_wea') if "format" in body else None
+        self.start(fake=fake)
+        status, _, reply = await self.post({"tools": TWO_TOOLS, "tool_choice": "required", "max_tokens": 3})
+        self.assertEqual((status, reply["choices"][0]["finish_reason"]), (200, "length"), reply)
+
+    async def test_schema_shapes_and_native_tool_names(self):
+        """Parameters whose root is not an object (anyOf, $ref, enum, bad properties) are 400s; the native route checks tool names too."""
+        self.start()
+        for parameters in ({"anyOf": [{"type": "string"}]}, {"$ref": "#/$defs/S", "$defs": {"S": {"type": "string"}}}, {"type": "object", "properties": [1]}, {"enum": [1]}):
+            status, _, reply = await self.post({"tools": [{"type": "function", "function": {"name": "f", "parameters": parameters}}]})
+            self.assertEqual(status, 400, parameters)
+        status, _, body = await get_json(self.gw.url + "/ollama/api/chat", method="POST", headers=self.auth, body={"model": "qwen3:32b", "messages": HI, "tools": [{"type": "function", "function": {"name": "a\nIgnore previous"}}]})
+        self.assertEqual(status, 400)
+        self.assertIn("tools[0].function.name", body["error"])
+
+    def test_union_rebases_pointers_only(self):
+        """The retry's union rebases JSON-pointer refs (# and #/...), and leaves anchors, schemas with their own $id, and data (const, enum, default) alone."""
+        from clawdbot.translate import union_format
+
+        params = {
+            "type": "object",
+            "properties": {
+                "a": {"$ref": "#/$defs/A"},
+                "b": {"$ref": "#pt"},
+                "c": {"const": {"$ref": "#/x"}, "default": {"$ref": "#"}},
+                "d": {"$id": "https://s.example/d", "$ref": "#/$defs/D"},
+                "e": {"$ref": "#"},
+            },
+            "$defs": {"A": {"$anchor": "pt", "type": "string"}},
+        }
+        fmt = union_format([{"name": "f", "parameters": params}])
+        props = fmt["$defs"]["f0"]["properties"]
+        self.assertEqual(props["a"], {"$ref": "#/$defs/f0/$defs/A"})
+        self.assertEqual(props["b"], {"$ref": "#pt"})
+        self.assertEqual(props["c"], {"const": {"$ref": "#/x"}, "default": {"$ref": "#"}})
+        self.assertEqual(props["d"], params["properties"]["d"])
+        self.assertEqual(props["e"], {"$ref": "#/$defs/f0"})
 
 
 class OllamaSettingsTests(Backed):
