@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps
 INSTALLED := $(VENV)/.installed
-SOURCES := $(wildcard clawdbot/*.py) twisted/plugins/clawdbot_plugin.py setup.cfg pyproject.toml
+SOURCES := $(wildcard clawdbot/*.py clawdbot/*/*.py) twisted/plugins/clawdbot_plugin.py setup.cfg pyproject.toml
 
 .PHONY: run test bench clean
 

@@ -60,7 +60,7 @@ def main(argv=None, environ=None):
 
 
 def _token(args, config):
-    from clawdbot.auth import mint
+    from clawdbot.auth.tokens import mint
 
     jwt = config.auth.jwt
     if not jwt.enabled or "HS256" not in jwt.algorithms or not jwt.secret:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from clawdbot.identity import is_scope_token, split_scopes
+from clawdbot.auth.identity import is_scope_token, split_scopes
 from clawdbot.units import format_duration, format_size, parse_duration, parse_size
 
 PLACEHOLDER_SECRET = "your-32-byte-secret-key-here"
@@ -80,7 +80,7 @@ class ServerConfig:
     public_url: typing.Optional[str] = _opt(None)
     drain_timeout: float = _opt(30.0, kind="duration", maximum=3600)
     # Pages on these origins may call the secure listener from a browser
-    # (CORS, clawdbot.cors): exact origins, none by default, never "*".
+    # (CORS, clawdbot.http.cors): exact origins, none by default, never "*".
     cors_origins: typing.Tuple[str, ...] = _opt([], kind="origin")
 
 
@@ -145,7 +145,7 @@ _IMAGE_FORMATS = ("png", "jpeg", "gif", "webp", "bmp")
 
 @dataclass(frozen=True)
 class ImagesConfig:
-    # Images in chat requests (clawdbot.images).  max_pixels stays below
+    # Images in chat requests (clawdbot.backend.images).  max_pixels stays below
     # Pillow's own decompression-bomb threshold (about 89.5 megapixels).
     max_bytes: int = _opt(10 * 1000**2, kind="size", minimum=1024, maximum=100 * 1000**2)
     max_pixels: int = _opt(40_000_000, minimum=1, maximum=80_000_000)
@@ -653,7 +653,7 @@ _CALLBACK_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
 
 
 def _validate_scopes(config):
-    """Configured scopes obey RFC 6749's scope-token grammar, as a token's must (clawdbot.identity)."""
+    """Configured scopes obey RFC 6749's scope-token grammar, as a token's must (clawdbot.auth.identity)."""
     try:
         split_scopes(config.auth.dev_principal.scope)
     except ValueError:
@@ -680,7 +680,7 @@ def _http_url(path, value):
 
 
 def _validate_oauth2(config, production, warnings):
-    """The single sign-on keys, once oauth2 is enabled (see clawdbot.sso)."""
+    """The single sign-on keys, once oauth2 is enabled (see clawdbot.http.sso)."""
     oauth = config.oauth2
     redirect = _http_url("oauth2.redirect_uri", oauth.redirect_uri)
     if production and redirect.scheme != "https" and not is_loopback(redirect.hostname):
@@ -705,7 +705,7 @@ def _validate_oauth2(config, production, warnings):
         if oauth.endpoints:
             raise ConfigError("oauth2.endpoints", "is for the wecom, dingtalk and feishu presets; oidc discovers its endpoints")
     else:
-        from clawdbot.providers import PRESET_ENDPOINTS
+        from clawdbot.auth.providers import PRESET_ENDPOINTS
 
         known = PRESET_ENDPOINTS[oauth.provider]
         for name, url in oauth.endpoints.items():
@@ -731,7 +731,7 @@ def _validate_oauth2(config, production, warnings):
             raise ConfigError("oauth2.session_secret", f"must be at least {MIN_SECRET_BYTES} bytes in production mode")
         warnings.append(f"oauth2.session_secret is shorter than {MIN_SECRET_BYTES} bytes")
 
-    from clawdbot.sso import session_issuer
+    from clawdbot.http.sso import session_issuer
 
     if config.auth.jwt.enabled and session_issuer(config) == config.auth.jwt.issuer:
         raise ConfigError("auth.jwt.issuer", "must differ from the gateway's own session issuer (server.public_url or the origin of oauth2.redirect_uri)")

@@ -117,7 +117,7 @@ class GatewayService(service.MultiService):
         """With several backends, check each every backend.health_interval."""
         from twisted.internet.task import LoopingCall
 
-        from clawdbot.ollama import backend_urls
+        from clawdbot.backend.ollama import backend_urls
 
         config = self.gateway.config
         if len(backend_urls(config)) < 2:
@@ -154,9 +154,9 @@ def makeService(options, reactor=None, say=_say):
     @param reactor: the reactor; C{None} means the real one, and also names
         the process C{clawdbot} and installs the SIGHUP handler.
     """
-    from clawdbot.gateway import Gateway
-    from clawdbot.resources import build_root
-    from clawdbot.web import GatewaySite
+    from clawdbot.ops.runtime import Gateway
+    from clawdbot.http.tree import build_root
+    from clawdbot.http.site import GatewaySite
 
     real = reactor is None
     if real:
@@ -175,7 +175,7 @@ def makeService(options, reactor=None, say=_say):
     Listener(reactor, listen, site, lambda addr: say(f"Gateway listening on {_url(listen, addr)}")).setServiceParent(top)
 
     if config.metrics.listen:
-        from clawdbot.resources import metrics_root
+        from clawdbot.http.tree import metrics_root
 
         metrics_site = GatewaySite(metrics_root(gateway), gateway, debug=False, timeout=60, reactor=reactor)
         metrics_listen = config.metrics.listen

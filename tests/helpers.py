@@ -154,7 +154,7 @@ def serve(testcase, extra="", environ=None, no_debug=False, mode=None, base=BASE
 
 
 def token(sub="alice", scope="chat:read chat:write", ttl=3600, secret=SECRET, issuer=ISSUER, audience=AUDIENCE, **extra):
-    from clawdbot.auth import mint
+    from clawdbot.auth.tokens import mint
 
     return mint(secret, issuer, audience, sub, scope, ttl, **extra)
 

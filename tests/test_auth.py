@@ -19,7 +19,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from clawdbot.auth import Authenticator, Issuer, KeySet, parse_scopes
+from clawdbot.auth.tokens import Authenticator, Issuer, KeySet, parse_scopes
 from clawdbot.errors import APIError
 from tests.helpers import AUDIENCE, jwk, rsa_key, ISSUER, SECRET, bearer, get_json, serve, token, write_config
 

@@ -379,7 +379,7 @@ class ForcedToolEdgeTests(Backed):
 
     def test_union_rebases_pointers_only(self):
         """The retry's union rebases JSON-pointer refs (# and #/...), and leaves anchors, schemas with their own $id, and data (const, enum, default) alone."""
-        from clawdbot.translate import union_format
+        from clawdbot.backend.translate import union_format
 
         params = {
             "type": "object",

@@ -14,9 +14,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from clawdbot import cors
+from clawdbot.http import cors
 from clawdbot.config import ConfigError, parse_config, restart_needed
-from clawdbot.ratelimit import Decision
+from clawdbot.ops.ratelimit import Decision
 from tests.browser import run_in_browser
 from tests.helpers import get_json, token
 from tests.test_chat import HI, Backed

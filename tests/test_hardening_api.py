@@ -17,8 +17,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import SynchronousTestCase
 
-from clawdbot.identity import owner_key
-from clawdbot.options import go_duration, keep_alive_seconds
+from clawdbot.auth.identity import owner_key
+from clawdbot.backend.options import go_duration, keep_alive_seconds
 from tests.fake_ollama import FakeOllama
 from tests import helpers
 from tests.helpers import bearer, get_json, token

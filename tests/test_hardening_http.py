@@ -23,12 +23,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
-from clawdbot import strictjson, web
+from clawdbot import strictjson
+from clawdbot.http import site as web
 from clawdbot.errors import APIError, error_body
 from clawdbot.logs import JSONLineObserver
-from clawdbot.observe import log_line, redact, redact_body, redact_text
+from clawdbot.ops.observe import log_line, redact, redact_body, redact_text
 from clawdbot.strictjson import has_lone_surrogate, parse_json
-from clawdbot.web import REASONS, APIResource, JSONResponse, is_json_type, is_loopback_host, loopback_authority, loopback_origin, reason_phrase
+from clawdbot.http.site import REASONS, APIResource, JSONResponse, is_json_type, is_loopback_host, loopback_authority, loopback_origin, reason_phrase
 from tests.helpers import Backed, bearer, get_json, token
 from tests.test_http import RawClient
 
@@ -594,7 +595,7 @@ class BigBodyParseTests(Backed):
 
     async def test_healthz_answers_while_a_big_body_is_parsed(self):
         """While a body over 64 KiB is being parsed, /healthz is answered (the parse waits for it), and before the big request's own answer."""
-        from clawdbot import web
+        from clawdbot.http import site as web
 
         self.start()
         started = Deferred()
@@ -627,7 +628,7 @@ class BigBodyParseTests(Backed):
 
     async def test_reported_body_measured(self):
         """The reported 19.6 MB body (4.9M floats, one escape): /healthz keeps answering while it is parsed (and refused for its number of values); latencies printed."""
-        from clawdbot import web
+        from clawdbot.http import site as web
 
         self.start()
         events = []

@@ -24,11 +24,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from clawdbot import sso
-from clawdbot.auth import Authenticator, Issuer, mint, parse_scopes, reason_for
+from clawdbot.http import sso
+from clawdbot.auth.tokens import Authenticator, Issuer, mint, parse_scopes, reason_for
 from clawdbot.config import ConfigError, parse_config
-from clawdbot.identity import DEV_ISSUER, is_scope_token, owner_key, split_scopes
-from clawdbot.storage import MIGRATIONS, PostgresEngine, SQLiteEngine, SQLStore
+from clawdbot.auth.identity import DEV_ISSUER, is_scope_token, owner_key, split_scopes
+from clawdbot.storage.store import MIGRATIONS, PostgresEngine, SQLiteEngine, SQLStore
 from tests.fake_ollama import FakeOllama
 from tests.helpers import AUDIENCE, BASE_CONFIG, ISSUER, SECRET, bearer, get_json, merge_yaml, rsa_key, serve, token
 from tests.idp import IdP, browserless_login, pkce_pair

@@ -20,10 +20,10 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from clawdbot import cli
-from clawdbot import gateway as gateway_module
+from clawdbot.ops import runtime as gateway_module
 from clawdbot.config import ConfigError, dump_effective, effective, parse_config
-from clawdbot.ratelimit import WINDOW, MemoryLimiter
-from clawdbot.resources import Readiness
+from clawdbot.ops.ratelimit import WINDOW, MemoryLimiter
+from clawdbot.http.tree import Readiness
 from tests.fake_ollama import FakeOllama
 from tests.helpers import BASE_CONFIG, Process, clawdbot_argv, get_json, merge_yaml, serve, write_config
 

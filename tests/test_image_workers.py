@@ -1,7 +1,7 @@
 """
 Image work runs on a bounded pool of worker threads under a deadline, never
 on the reactor, and each request's images are capped by count and by total
-declared pixels before anything is decoded (clawdbot.images.ImageWorkers,
+declared pixels before anything is decoded (clawdbot.backend.images.ImageWorkers,
 issue 13 finding 2).
 
 Real sockets: a gateway in front of the fake Ollama.  Workers are held with
@@ -23,10 +23,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from clawdbot import images as images_module
+from clawdbot.backend import images as images_module
 from clawdbot.config import ConfigError, load_config, parse_config
 from clawdbot.errors import APIError
-from clawdbot.images import BUSY, TOO_SLOW, UNSUPPORTED, ImageWorkers, encode_images
+from clawdbot.backend.images import BUSY, TOO_SLOW, UNSUPPORTED, ImageWorkers, encode_images
 from tests.fake_ollama import FakeOllama
 from tests.helpers import BASE_CONFIG, ROOT, bearer, get_json, merge_yaml, serve, token
 

@@ -1,5 +1,5 @@
 """
-Images in chat requests (clawdbot.images): hostile files are refused with a
+Images in chat requests (clawdbot.backend.images): hostile files are refused with a
 curated reason, good ones come out upright, shrunk, metadata-free and
 re-encoded in the configured format.
 
@@ -19,8 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from clawdbot.config import ConfigError, parse_config
 from clawdbot.errors import APIError
-from clawdbot.images import DAMAGED, EMPTY, TOO_MANY_PIXELS, UNSUPPORTED, encode_images, process_image
-from clawdbot.translate import chat_request
+from clawdbot.backend.images import DAMAGED, EMPTY, TOO_MANY_PIXELS, UNSUPPORTED, encode_images, process_image
+from clawdbot.backend.translate import chat_request
 from tests.helpers import BASE_CONFIG, merge_yaml
 
 CURATED = {DAMAGED, EMPTY, TOO_MANY_PIXELS, UNSUPPORTED}

@@ -17,11 +17,11 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from clawdbot.auth import Principal
+from clawdbot.auth.tokens import Principal
 from clawdbot.config import parse_config
 from clawdbot.logs import event_as_dict
-from clawdbot.observe import AccessLog, redact
-from clawdbot.ratelimit import MemoryLimiter, rule_for
+from clawdbot.ops.observe import AccessLog, redact
+from clawdbot.ops.ratelimit import MemoryLimiter, rule_for
 from tests.fake_ollama import FakeOllama
 from tests import helpers
 from tests.helpers import BASE_CONFIG, Process, bearer, clawdbot_argv, get_json, merge_yaml, serve, token, write_config

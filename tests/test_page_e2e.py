@@ -24,8 +24,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread
 from twisted.trial.unittest import TestCase
 
-from clawdbot import sso
-from clawdbot.auth import mint
+from clawdbot.http import sso
+from clawdbot.auth.tokens import mint
 from tests.browser import DESKTOP, PHONE, run_in_browser
 from tests.fake_ollama import FakeOllama
 from tests.helpers import bearer, free_port, get_json, serve

@@ -34,8 +34,8 @@ from twisted.protocols.portforward import ProxyFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from clawdbot.config import ConfigError, effective, parse_config, restart_needed
-from clawdbot.identity import owner_key
-from clawdbot.ratelimit import BUCKET_SCRIPT, LimiterUnavailable, MemoryLimiter, RedisLimiter
+from clawdbot.auth.identity import owner_key
+from clawdbot.ops.ratelimit import BUCKET_SCRIPT, LimiterUnavailable, MemoryLimiter, RedisLimiter
 from tests.fake_ollama import FakeOllama
 from tests.helpers import BASE_CONFIG, ISSUER, free_port, Process, bearer, clawdbot_argv, get_json, merge_yaml, process_env, serve, token, write_config
 from tests.idp import IdP, browserless_login

@@ -110,7 +110,7 @@ class ReloadTests(TestCase):
 
     async def test_in_flight_request_keeps_its_config(self):
         """A request holds the config it started under after a reload swaps in a new one."""
-        from clawdbot.web import APIResource
+        from clawdbot.http.site import APIResource
 
         gw = serve(self)
         seen = {}
@@ -148,7 +148,7 @@ class ReloadTests(TestCase):
 
     def test_signals_coalesce(self):
         """Several reload requests before the reactor turns run one reload."""
-        from clawdbot.gateway import Gateway
+        from clawdbot.ops.runtime import Gateway
         from clawdbot.config import load_config
 
         class Reactor(MemoryReactorClock):

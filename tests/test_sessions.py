@@ -18,7 +18,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from clawdbot.storage import PostgresEngine, SQLiteEngine, SQLStore, decode_cursor
+from clawdbot.storage.store import PostgresEngine, SQLiteEngine, SQLStore, decode_cursor
 from tests.fake_ollama import FakeOllama
 from tests.helpers import BASE_CONFIG, Process, bearer, clawdbot_argv, get_json, merge_yaml, serve, token, write_config
 

@@ -25,11 +25,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from clawdbot import sso
-from clawdbot.auth import KeySet
-from clawdbot.backend import FetchError
+from clawdbot.http import sso
+from clawdbot.auth.tokens import KeySet
+from clawdbot.auth.fetch import FetchError
 from clawdbot.config import ConfigError, parse_config
-from clawdbot.providers import Cached, IDTokenError, OIDCProvider, ProviderError, parse_discovery, validate_id_token
+from clawdbot.auth.providers import Cached, IDTokenError, OIDCProvider, ProviderError, parse_discovery, validate_id_token
 from tests.helpers import SECRET, jwk, rsa_key, merge_yaml, serve
 from tests.idp import IdP, browserless_login, browserless_logout
 
@@ -853,10 +853,10 @@ def listen(testcase, resource):
 
 
 class FetcherTests(TestCase):
-    """The outbound client used for providers (clawdbot.backend.HTTPFetcher.call)."""
+    """The outbound client used for providers (clawdbot.auth.fetch.HTTPFetcher.call)."""
 
     def setUp(self):
-        from clawdbot.backend import HTTPFetcher
+        from clawdbot.auth.fetch import HTTPFetcher
 
         def redirect(query, headers, body):
             return 302, {"moved": True}

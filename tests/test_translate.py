@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from clawdbot.auth import Principal
+from clawdbot.auth.tokens import Principal
 from clawdbot.config import parse_config
 from clawdbot.errors import APIError
-from clawdbot.translate import (
+from clawdbot.backend.translate import (
     LineSplitter,
     StreamTranslator,
     UpstreamStreamError,

@@ -4,7 +4,7 @@ The gateway: the running state that outlives any one config.
 It holds the current L{Config} and everything derived from it, swaps both in
 one assignment on reload, and gives the HTTP layer authentication,
 authorization and the backend.  Requests take a snapshot of the config when
-they start (L{clawdbot.web.GatewayRequest.process}), so a reload never
+they start (L{clawdbot.http.site.GatewayRequest.process}), so a reload never
 changes a request in flight.
 """
 
@@ -15,18 +15,18 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from clawdbot.auth import build_authenticator
-from clawdbot.backend import HTTPFetcher
+from clawdbot.auth.tokens import build_authenticator
+from clawdbot.auth.fetch import HTTPFetcher
 from clawdbot.config import ConfigError, load_config, restart_needed
 from clawdbot.errors import APIError, error_body
-from clawdbot.images import ImageWorkers
-from clawdbot.observe import AccessLog, Metrics
-from clawdbot.ollama import Ollama
-from clawdbot.ratelimit import build_limiter, rule_for
-from clawdbot.sessions import HistoryReservations, SessionLocks
-from clawdbot.storage import open_store
-from clawdbot.translate import sse_error
-from clawdbot.web import JSONParsers, loopback_origin
+from clawdbot.backend.images import ImageWorkers
+from clawdbot.ops.observe import AccessLog, Metrics
+from clawdbot.backend.ollama import Ollama
+from clawdbot.ops.ratelimit import build_limiter, rule_for
+from clawdbot.http.history import HistoryReservations, SessionLocks
+from clawdbot.storage.store import open_store
+from clawdbot.backend.translate import sse_error
+from clawdbot.http.site import JSONParsers, loopback_origin
 
 log = Logger(namespace="clawdbot.gateway")
 
@@ -295,7 +295,7 @@ class Gateway:
 
     def cors_rule(self, request, debug):
         """
-        Which C{Origin}s may read a listener's answers (L{clawdbot.cors}):
+        Which C{Origin}s may read a listener's answers (L{clawdbot.http.cors}):
         any page on this machine on the debug listener (the rule of its own
         check, L{loopback_origin}), and on the secure one exactly those in
         C{server.cors_origins} of the config the request started under.
@@ -305,7 +305,7 @@ class Gateway:
         return (request.config or self.config).server.cors_origins.__contains__
 
     async def authenticate(self, request):
-        """The request's principal; see L{clawdbot.auth}."""
+        """The request's principal; see L{clawdbot.auth.tokens}."""
         return await self.auth.authenticate(request)
 
     def authorize(self, request, principal, scope):

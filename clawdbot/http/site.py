@@ -21,8 +21,8 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from clawdbot import cors
-from clawdbot.auth import missing_token
+from clawdbot.http import cors
+from clawdbot.auth.tokens import missing_token
 from clawdbot.errors import APIError, error_body, internal_error, invalid, ollama_error_body
 from clawdbot.strictjson import parse_json
 from clawdbot.workers import Workers, shutting_down
@@ -375,11 +375,11 @@ class GatewayRequest(server.Request):
             self.setHeader(name, value)
 
     def cors_rule(self):
-        """Which origins may read this listener's answers (L{clawdbot.gateway.Gateway.cors_rule})."""
+        """Which origins may read this listener's answers (L{clawdbot.ops.runtime.Gateway.cors_rule})."""
         return self._gateway().cors_rule(self, getattr(self._site, "debug", True))
 
     def cors_headers(self):
-        """The CORS headers of this request's answer (L{clawdbot.cors.answer_headers})."""
+        """The CORS headers of this request's answer (L{clawdbot.http.cors.answer_headers})."""
         if not self.cross_origin or self._gateway() is None:
             return {}
         return cors.answer_headers(self, self.cors_rule())
@@ -866,7 +866,7 @@ class APIResource(Resource):
     rate_limited = False
     # Subject to the per-address limit (the sign-in endpoints).
     ip_limited = False
-    # Browser pages on other origins may call it (clawdbot.cors).
+    # Browser pages on other origins may call it (clawdbot.http.cors).
     cross_origin = True
 
     def __init__(self, gateway):
@@ -909,7 +909,7 @@ class APIResource(Resource):
 
     def _preflight(self, request, scopes):
         """
-        Answer C{OPTIONS} (L{clawdbot.cors.preflight_headers}), before and
+        Answer C{OPTIONS} (L{clawdbot.http.cors.preflight_headers}), before and
         without authentication: 204, granting the route's methods to an
         origin the listener allows.  On the secure listener a preflight from
         any other origin gets 403 ORIGIN_REJECTED; the debug listener answers

@@ -20,7 +20,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
-from clawdbot.backend import quiet_pool
+from clawdbot.auth.fetch import quiet_pool
 from clawdbot.errors import APIError
 from clawdbot.strictjson import loads_checked
 

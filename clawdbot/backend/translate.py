@@ -17,9 +17,9 @@ import struct
 import time
 
 from clawdbot.errors import APIError, invalid
-from clawdbot.options import ADMIN, INT64_MAX, keep_alive_policy, options_policy
+from clawdbot.backend.options import ADMIN, INT64_MAX, keep_alive_policy, options_policy
 from clawdbot.strictjson import loads_checked, parse_json
-from clawdbot.images import too_many_images
+from clawdbot.backend.images import too_many_images
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 REASONING_EFFORT = {"none": False, "minimal": True, "low": True, "medium": True, "high": True}
@@ -170,7 +170,7 @@ def translate_messages(messages, max_images=None):
     Images stay raw: a message's C{images} is a list of the C{bytes} decoded
     from its data URLs, which no JSON encoder takes, so nothing reaches the
     backend until the handler has had them validated and re-encoded off the
-    reactor (L{clawdbot.images.ImageWorkers.process_messages}).  Nothing here
+    reactor (L{clawdbot.backend.images.ImageWorkers.process_messages}).  Nothing here
     parses an image.
 
     @param max_images: the most images all messages together may carry
@@ -296,7 +296,7 @@ def ollama_settings(body, config, principal=None):
     Ollama's C{options} and C{keep_alive} for an OpenAI-style body: its
     sampling fields, plus Ollama's own C{options} object and C{keep_alive}
     (sent by Ollama users through C{extra_body}), under the same policy as
-    the native API (L{clawdbot.options}).  A setting sent both ways is
+    the native API (L{clawdbot.backend.options}).  A setting sent both ways is
     refused rather than one of them dropped.
 
     @return: the fields to add to the Ollama body (possibly none).

@@ -40,7 +40,7 @@ from twisted.logger import Logger
 
 from clawdbot.errors import APIError
 from clawdbot.strictjson import parse_json
-from clawdbot.identity import DEV_ISSUER, is_scope_token, owner_key, split_scopes
+from clawdbot.auth.identity import DEV_ISSUER, is_scope_token, owner_key, split_scopes
 
 log = Logger(namespace="clawdbot.auth")
 
@@ -55,7 +55,7 @@ class Principal:
     """
     Who is calling, and what they may do.
 
-    @ivar issuer: the identity provider (see L{clawdbot.identity}); with
+    @ivar issuer: the identity provider (see L{clawdbot.auth.identity}); with
         C{sub} it names the principal, as L{key}.
     """
 
@@ -508,8 +508,8 @@ def build_authenticator(config, clock, fetch_json):
                 keys = KeySet(clock, fetch=_jwks_fetcher(jwt_config, config.oauth2, fetch_json))
         issuers.append(Issuer(jwt_config.issuer, jwt_config.audience, jwt_config.algorithms, secret=jwt_config.secret, keys=keys))
     if config.oauth2.enabled:
-        # Session tokens minted after a single sign-on login (clawdbot.sso).
-        from clawdbot import sso
+        # Session tokens minted after a single sign-on login (clawdbot.http.sso).
+        from clawdbot.http import sso
 
         issuers.append(
             Issuer(sso.session_issuer(config), sso.SESSION_AUDIENCE, ["HS256"], secret=sso.session_signing_key(config), identity_claim="idp")

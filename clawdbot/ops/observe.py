@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from twisted.logger import Logger
 
 from clawdbot.strictjson import loads_checked
-from clawdbot.web import KNOWN_METHODS
+from clawdbot.http.site import KNOWN_METHODS
 
 log = Logger(namespace="clawdbot.observe")
 

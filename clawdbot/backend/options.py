@@ -2,8 +2,8 @@
 What a caller may ask of the shared model: Ollama's C{options} and
 C{keep_alive}, checked against the gateway's policy.
 
-Used by both doors to the model (the OpenAI routes in L{clawdbot.translate}
-and the native pass-through in L{clawdbot.native}), so a setting has one
+Used by both doors to the model (the OpenAI routes in L{clawdbot.backend.translate}
+and the native pass-through in L{clawdbot.backend.native}), so a setting has one
 rule wherever it comes in:
 
   - C{keep_alive}: up to C{backend.keep_alive}; C{0} (unload the model now)

@@ -9,7 +9,7 @@ all of one request's images: the per-request caps, then L{process_image} on
 each.  L{ImageWorkers} runs that job on its own bounded thread pool under a
 deadline; the HTTP handlers await it before they call the backend:
 L{ImageWorkers.process_messages} (the OpenAI route, whose translated messages
-carry raw bytes, see L{clawdbot.translate.translate_messages}) and
+carry raw bytes, see L{clawdbot.backend.translate.translate_messages}) and
 L{ImageWorkers.process_base64} (Ollama's native routes, whose C{images} are
 base64 strings).
 
@@ -419,7 +419,7 @@ class ImageWorkers(Workers):
     caller gets when it passes.
 
     The cost is charged before this runs: the routes that take images are
-    C{rate_limited}, so L{clawdbot.web.APIResource._run} takes the caller's
+    C{rate_limited}, so L{clawdbot.http.site.APIResource._run} takes the caller's
     request budget before the handler asks for any image work, and a request
     refused here has still spent it.
     """
@@ -478,7 +478,7 @@ class ImageWorkers(Workers):
     async def process_messages(self, messages, settings):
         """
         Replace, in place, the raw bytes in each translated message's
-        C{images} (L{clawdbot.translate.chat_request}) with the base64 text
+        C{images} (L{clawdbot.backend.translate.chat_request}) with the base64 text
         of the re-encoded images: all of the request's images are one job.
         """
         raws = [raw for message in messages for raw in message.get("images") or ()]

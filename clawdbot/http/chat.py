@@ -9,13 +9,14 @@ import time
 
 from twisted.internet.defer import CancelledError
 
-from clawdbot import native, translate
+from clawdbot.backend import native
+from clawdbot.backend import translate
 from clawdbot.errors import APIError, invalid, ollama_error_body
-from clawdbot.ollama import upstream_error
-from clawdbot.sessions import check_history_quota, load_owned
+from clawdbot.backend.ollama import upstream_error
+from clawdbot.http.history import check_history_quota, load_owned
 from clawdbot.strictjson import loads_checked
-from clawdbot.translate import DONE, LineSplitter, StreamTranslator, UpstreamStreamError, sse_error
-from clawdbot.web import APIResource, JSONResponse, Node, NotFound, read_json
+from clawdbot.backend.translate import DONE, LineSplitter, StreamTranslator, UpstreamStreamError, sse_error
+from clawdbot.http.site import APIResource, JSONResponse, Node, NotFound, read_json
 
 SSE_HEADERS = {
     b"content-type": b"text/event-stream; charset=utf-8",
@@ -431,7 +432,7 @@ def _count_native(request, raw):
 class NativeAPI(APIResource):
     """
     C{/ollama/api/{name}}: Ollama's own API for Ollama clients, behind the
-    gateway's authentication and its rules (L{clawdbot.native}): known
+    gateway's authentication and its rules (L{clawdbot.backend.native}): known
     fields only, allowed models only, images validated, audit fields set by
     the gateway, and what changes the shared GPU bounded or admin-only.
     Model management needs C{admin}; anything not in L{NATIVE} is a 404.
@@ -521,7 +522,7 @@ async def metered(gateway, request, body, reply=True):
     A L{translate.Meter} for one call to the model, with its estimated
     prompt and reply (C{num_predict}, else a default; both at most
     C{backend.max_num_ctx}) reserved from the caller's token budget (429
-    when the budget is spent); L{clawdbot.gateway.Gateway.request_done}
+    when the budget is spent); L{clawdbot.ops.runtime.Gateway.request_done}
     settles it to Ollama's counts.
 
     @param reply: whether the call produces a reply (embeddings do not).

@@ -8,9 +8,11 @@ import weakref
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from clawdbot import api, sessions, sso
-from clawdbot.static import StaticFiles, static_dir
-from clawdbot.web import APIResource, JSONResponse, Node
+from clawdbot.http import chat as api
+from clawdbot.http import history as sessions
+from clawdbot.http import sso
+from clawdbot.http.static import StaticFiles, static_dir
+from clawdbot.http.site import APIResource, JSONResponse, Node
 
 
 class Health(APIResource):
@@ -58,7 +60,7 @@ class Readiness:
         return readiness
 
     async def reason(self):
-        """C{None} when ready, else a short reason (L{clawdbot.ollama.Ollama.check})."""
+        """C{None} when ready, else a short reason (L{clawdbot.backend.ollama.Ollama.check})."""
         if self._answer is not None:
             reason, when, config = self._answer
             age = self.clock.seconds() - when

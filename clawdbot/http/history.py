@@ -10,7 +10,7 @@ exists; a 404 would contradict the read) and nothing changes.  Reading needs
 C{chat:read}; creating, renaming, deleting and talking need C{chat:write}.
 
 The owner is a principal's identity provider plus its C{sub}
-(L{clawdbot.identity}); the API shows the C{sub}.
+(L{clawdbot.auth.identity}); the API shows the C{sub}.
 
 Stored history is capped per request (C{history.max_bytes_per_request}, 413)
 and per owner (C{history.max_bytes_per_user}, 429 QUOTA_EXCEEDED): both are
@@ -27,9 +27,9 @@ import json
 from twisted.internet.defer import DeferredLock
 
 from clawdbot.errors import APIError, invalid
-from clawdbot.storage import decode_cursor, is_session_id, message_bytes
+from clawdbot.storage.store import decode_cursor, is_session_id, message_bytes
 from clawdbot.units import format_size
-from clawdbot.web import APIResource, JSONResponse, NotFound, read_json
+from clawdbot.http.site import APIResource, JSONResponse, NotFound, read_json
 
 MAX_TITLE = 200
 # A full history frees up only when its owner deletes or clears sessions:

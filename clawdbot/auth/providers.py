@@ -33,7 +33,7 @@ session (L{SignInEnded}); one that cannot answer leaves the user with the
 default scopes until it can.
 
 Every identity names its provider (L{Identity.issuer}, see
-L{clawdbot.identity}): the ID token's C{iss} for OIDC, the platform and app
+L{clawdbot.auth.identity}): the ID token's C{iss} for OIDC, the platform and app
 id for the presets.
 """
 
@@ -49,10 +49,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from clawdbot.auth import KeySet, UnknownKey, check_claim_types, reason_for
-from clawdbot.backend import FetchError
+from clawdbot.auth.tokens import KeySet, UnknownKey, check_claim_types, reason_for
+from clawdbot.auth.fetch import FetchError
 from clawdbot.config import is_loopback
-from clawdbot.identity import preset_issuer
+from clawdbot.auth.identity import preset_issuer
 
 log = Logger(namespace="clawdbot.providers")
 
@@ -106,7 +106,7 @@ class ProviderError(Exception):
     """
     A login cannot be completed.
 
-    @ivar kind: what the user is told (see L{clawdbot.sso.PAGES}):
+    @ivar kind: what the user is told (see L{clawdbot.http.sso.PAGES}):
         C{unreachable}, C{refused}, C{invalid_response}, C{id_token},
         C{mixup}, C{not_member}.
     @ivar reason: a short curated text for the log.
@@ -141,7 +141,7 @@ class Identity:
     """
     Who the provider says signed in.
 
-    @ivar issuer: the identity provider (L{clawdbot.identity}).
+    @ivar issuer: the identity provider (L{clawdbot.auth.identity}).
     @ivar grant: what L{_Provider.recheck} needs later (provider tokens), a
         small JSON-able dict, or C{None}.
     """
@@ -962,6 +962,6 @@ def make_provider(oauth2, http, clock, leeway=30.0):
 
     @param http: an object with C{fetch_json(url)} and C{call(method, url,
         headers=, form=, json_body=) -> (status, body)}, as
-        L{clawdbot.backend.HTTPFetcher}.
+        L{clawdbot.auth.fetch.HTTPFetcher}.
     """
     return PROVIDERS[oauth2.provider](oauth2, http, clock, leeway)

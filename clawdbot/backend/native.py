@@ -7,15 +7,15 @@ endpoint (anything else is a 400 naming it), the model must be an allowed
 name, images go through the same validation as the OpenAI route, the audit
 fields are the gateway's, and what changes the shared GPU for everyone is
 bounded: C{keep_alive} and C{options} by the rules of
-L{clawdbot.options}, and C{/api/generate}'s C{raw} and C{template} (which
+L{clawdbot.backend.options}, and C{/api/generate}'s C{raw} and C{template} (which
 replace the model's prompt template) need C{admin}.
 
 Pure functions over parsed JSON: no I/O.  Every refusal names the field.
 """
 
 from clawdbot.errors import invalid
-from clawdbot.options import ADMIN, INT64_MAX, check, keep_alive_policy, needs_admin, options_policy
-from clawdbot.translate import MAX_EMBEDDING_INPUTS, MAX_MESSAGES, check_tool_name, resolve_model
+from clawdbot.backend.options import ADMIN, INT64_MAX, check, keep_alive_policy, needs_admin, options_policy
+from clawdbot.backend.translate import MAX_EMBEDDING_INPUTS, MAX_MESSAGES, check_tool_name, resolve_model
 
 # The request fields of each endpoint (Ollama's api/types.go), and those
 # that need admin.  Model management (pull, push, create, copy, delete) is

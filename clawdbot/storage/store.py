@@ -7,7 +7,7 @@ instances) run it on their own threads, so a slow disk or database never
 stalls the reactor.  Every public method returns a Deferred-compatible
 coroutine.
 
-Owners are owner keys (L{clawdbot.identity.owner_key}: identity provider
+Owners are owner keys (L{clawdbot.auth.identity.owner_key}: identity provider
 plus C{sub}).  Rows stored before that rule (migration 3) belong to
 C{*|<sub>}: they stay reachable by that C{sub} of the identity providers the
 gateway trusted when it migrated (recorded in C{legacy_issuers}, from the
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from clawdbot.identity import configured_issuers, issuer_id, legacy_owner, owner_key, owner_sub
+from clawdbot.auth.identity import configured_issuers, issuer_id, legacy_owner, owner_key, owner_sub
 
 
 @dataclass(frozen=True)

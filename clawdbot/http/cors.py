@@ -1,7 +1,7 @@
 """
 Cross-origin calls from browser pages (the CORS protocol of the Fetch
 standard): one implementation, which each listener gives its own rule of
-which origins may call it (L{clawdbot.gateway.Gateway.cors_rule}).
+which origins may call it (L{clawdbot.ops.runtime.Gateway.cors_rule}).
 
 The debug listener allows any page on this machine; the secure listener
 exactly the origins in C{server.cors_origins}, none by default and never
@@ -28,7 +28,7 @@ from clawdbot.errors import invalid
 
 # The response headers a cross-origin page may read beyond the CORS-safelisted
 # ones: the request id, and the rate-limit headers of
-# L{clawdbot.ratelimit.Decision.headers}, generic and OpenAI's.
+# L{clawdbot.ops.ratelimit.Decision.headers}, generic and OpenAI's.
 EXPOSED = b", ".join(
     [
         b"X-Request-Id",

@@ -20,7 +20,7 @@ The identity provider of a principal is:
 A trailing C{/} of an issuer does not make another provider.
 
 Rows stored before owners had a provider hold C{*|<sub>} (migration 3 of
-L{clawdbot.storage}); C{*} percent-encodes to C{%2A}, so no real provider
+L{clawdbot.storage.store}); C{*} percent-encodes to C{%2A}, so no real provider
 produces it.
 
 Scopes follow RFC 6749 §3.3: tokens separated by U+0020 only, each made of

@@ -16,7 +16,7 @@ Secure on https) carries the identity (sub, name, e-mail, the identity
 provider), the provider tokens that re-check it (the identity's C{grant})
 and a random id; logout revokes that id in the store until the cookie would
 have expired.  Neither groups nor scopes are stored: every refresh reads the
-user's groups from the provider again (L{clawdbot.providers}) and maps them
+user's groups from the provider again (L{clawdbot.auth.providers}) and maps them
 through the current config (C{default_scopes} plus C{group_scopes}), so
 nothing the browser sends can add a scope, and someone removed from a group
 at the provider loses its scopes within one session TTL.  A provider that
@@ -27,9 +27,9 @@ Cookies are sealed with AES-256-GCM (confidential and authenticated, bound
 to their purpose) under a key derived from C{oauth2.session_secret} (else
 C{auth.jwt.secret}); session JWTs are HS256 under another key derived from
 the same secret, issued by the gateway's origin for the audience
-C{clawdbot-session}, and verified by L{clawdbot.auth} like any other token.
+C{clawdbot-session}, and verified by L{clawdbot.auth.tokens} like any other token.
 Their C{idp} claim names the identity provider the user signed in through,
-so that the principal is that provider's C{sub} (L{clawdbot.identity}).
+so that the principal is that provider's C{sub} (L{clawdbot.auth.identity}).
 
 Browser navigations that fail (the callback, the login redirect) get a small
 HTML page with a fixed message in English and Chinese and the request id,
@@ -50,11 +50,11 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.logger import Logger
 
-from clawdbot.auth import mint
+from clawdbot.auth.tokens import mint
 from clawdbot.errors import APIError
-from clawdbot.identity import is_scope_token
-from clawdbot.providers import ProviderError, SignInEnded, make_provider, word
-from clawdbot.web import APIResource, JSONResponse, Node
+from clawdbot.auth.identity import is_scope_token
+from clawdbot.auth.providers import ProviderError, SignInEnded, make_provider, word
+from clawdbot.http.site import APIResource, JSONResponse, Node
 
 log = Logger(namespace="clawdbot.sso")
 

@@ -1,0 +1,1 @@
+"""Who is calling: tokens, identity providers, sign-in sessions."""

@@ -1,0 +1,1 @@
+"""Running the service: the runtime (config, reload, drain), limits, logs and metrics."""
