@@ -208,6 +208,8 @@ class ChatPageTests(TestCase):
             ("/static/api.js", "text/javascript"),
             ("/static/render.js", "text/javascript"),
             ("/static/i18n.js", "text/javascript"),
+            *[(f"/static/{name}.js", "text/javascript") for name in (
+                "store", "dom", "auth", "sessions", "conversation", "reply", "markdown-stream", "composer", "chat", "notify")],
             ("/static/app.css", "text/css"),
             ("/static/icon.svg", "image/svg+xml"),
             ("/static/vendor/marked.esm.js", "text/javascript"),

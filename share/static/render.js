@@ -123,11 +123,6 @@ export function renderMarkdown(text) {
   return frag;
 }
 
-/** Put Markdown text into el, replacing what was there. */
-export function renderInto(el, text) {
-  el.replaceChildren(renderMarkdown(text));
-}
-
 function decorateCode(pre) {
   let code = pre.querySelector("code");
   if (!code) {
