@@ -8,7 +8,7 @@ gateway, side by side in one run, printed as one markdown table.
 
 It starts, as separate processes on 127.0.0.1 only:
 
-- the fake Ollama (C{python -m tests.fake_ollama --port 0 ...}): a fresh
+- the fake Ollama (C{python -m testing.fake_ollama --port 0 ...}): a fresh
   unpaced one for each unpaced measurement, and one paced instance
   (C{--pace-ms 20 --tokens 64}) for the paced scenarios;
 - the real gateway (C{python -m clawdbot start --config TMP}) in production
@@ -272,7 +272,7 @@ class RSSSampler(threading.Thread):
 
 
 def start_fake(name, *extra):
-    child = Child(name, [PY, "-m", "tests.fake_ollama", "--host", "127.0.0.1", "--port", "0", *extra])
+    child = Child(name, [PY, "-m", "testing.fake_ollama", "--host", "127.0.0.1", "--port", "0", *extra])
     url = child.expect(r"Fake Ollama listening on (http://\S+)", 60).group(1)
     child.url = url.rstrip("/")
     return child
@@ -1138,8 +1138,8 @@ def _terminate(signum, frame):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not os.path.exists(os.path.join(ROOT, "tests", "fake_ollama.py")):
-        say("bench: run me from a Clawdbot checkout (tests/fake_ollama.py not found)")
+    if not os.path.exists(os.path.join(ROOT, "testing", "fake_ollama.py")):
+        say("bench: run me from a Clawdbot checkout (testing/fake_ollama.py not found)")
         return 2
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)

@@ -6,7 +6,13 @@ import argparse
 import os
 import sys
 
+from twisted.application import service
+from twisted.python import usage
+
+from clawdbot.auth.tokens import mint
 from clawdbot.config import ConfigError, dump_effective, load_config
+from clawdbot.logs import start_logging
+from clawdbot.tap import ListenError, Options, makeService
 from clawdbot.units import parse_duration
 
 
@@ -60,8 +66,6 @@ def main(argv=None, environ=None):
 
 
 def _token(args, config):
-    from clawdbot.auth.tokens import mint
-
     jwt = config.auth.jwt
     if not jwt.enabled or "HS256" not in jwt.algorithms or not jwt.secret:
         return _fail("auth.jwt must be enabled with HS256 and a secret to mint tokens")
@@ -76,12 +80,8 @@ def _token(args, config):
 
 
 def _start(args, environ):
-    from twisted.application import service
+    # The reactor is installed only by the command that runs it.
     from twisted.internet import reactor
-    from twisted.python import usage
-
-    from clawdbot.logs import start_logging
-    from clawdbot.tap import ListenError, Options, makeService
 
     options = Options(environ)
     argv = ["--config", args.config]

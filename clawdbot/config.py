@@ -11,7 +11,6 @@ of whatever is wrong (C{auth.jwt.algorithms[1]: 'none' is not allowed}).
 
 import collections.abc
 import dataclasses
-import ipaddress
 import math
 import re
 import types
@@ -22,6 +21,9 @@ from dataclasses import dataclass, field
 import yaml
 
 from clawdbot.auth.identity import is_scope_token, split_scopes
+from clawdbot.auth.presets import PRESET_ENDPOINTS
+from clawdbot.auth.session import session_issuer
+from clawdbot.net import is_decimal, is_loopback, strport_interface, strport_port, web_origin
 from clawdbot.units import format_duration, format_size, parse_duration, parse_size
 
 PLACEHOLDER_SECRET = "your-32-byte-secret-key-here"
@@ -397,54 +399,6 @@ def _show(value, kind):
     return repr(value)
 
 
-# A host as a browser writes it in an origin: an IPv6 literal, or dot-separated
-# labels of letters, digits, '-' and '_' (neither empty nor dashed at an end).
-_ORIGIN_HOST = re.compile(r"\[[0-9a-f:.]+\]|(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
-# A last label a browser reads as a number, making the host an IPv4 address.
-_NUMERIC_LABEL = re.compile(r"0x[0-9a-f]*|[0-9]+")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def web_origin(text):
-    """
-    C{text} as a browser writes an origin in C{Origin}: C{http://} or
-    C{https://}, a host and an optional port; scheme and host in lower case,
-    an IPv6 address in its short form, a default port left out.
-
-    @raise ValueError: with the reason when C{text} is not one such origin.
-    """
-    if "*" in text or text == "null":
-        raise ValueError(f"{text!r} is not allowed: list each origin that may call the gateway")
-    if not re.fullmatch(r"[!-~]+", text):
-        raise ValueError("must not contain spaces, control characters or non-ASCII characters (an international name in its xn-- form)")
-    scheme, sep, rest = text.partition("://")
-    scheme = scheme.lower()
-    if not sep or scheme not in _DEFAULT_PORTS:
-        raise ValueError("must start with http:// or https://")
-    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    if rest[len(authority) :] == "/":
-        raise ValueError("must not end with a slash (an origin has no path: https://app.example.com)")
-    if rest != authority:
-        raise ValueError("must be an origin only, without a path, query or fragment (https://app.example.com)")
-    if "@" in authority:
-        raise ValueError("must not contain credentials (user@)")
-    host, port = re.fullmatch(r"(.*?)(?::([0-9]{1,5}))?", authority.lower()).groups()
-    if not _ORIGIN_HOST.fullmatch(host) or (port is not None and not 0 < int(port) <= 65535):
-        raise ValueError("must be scheme://host or scheme://host:port, with a host name or IP address and a port from 1 to 65535")
-    try:
-        if host.startswith("["):
-            host = "[" + str(ipaddress.IPv6Address(host[1:-1])) + "]"
-        elif _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
-            # A browser reads it as IPv4 (127.1, 0x7f000001 too) and sends
-            # the dotted form: only that form can ever match.
-            host = str(ipaddress.IPv4Address(host))
-    except ValueError:
-        raise ValueError("has a host that is neither a name nor an IP address (write IPv4 as four decimal numbers)") from None
-    if port is None or int(port) == _DEFAULT_PORTS[scheme]:
-        return f"{scheme}://{host}"
-    return f"{scheme}://{host}:{int(port)}"
-
-
 def _check_text(text, path):
     """
     Refuse a string holding a lone UTF-16 surrogate (YAML's C{"\\ud800"}
@@ -511,73 +465,11 @@ def _build_section(cls, value, path):
 
 # --- cross-field rules --------------------------------------------------------
 
-_LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
-
-
-def _strport_parts(description):
-    """Split a strports description on colons that are not escaped."""
-    parts, current, escaped = [], "", False
-    for char in description:
-        if escaped:
-            current += char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
-    return parts
-
-
-def strport_interface(description):
-    """
-    The C{interface=} of a Twisted strports description, or C{None} when it
-    binds every address.
-    """
-    for part in _strport_parts(description)[1:]:
-        if part.startswith("interface="):
-            return part[len("interface=") :]
-    return None
-
-
-def strport_port(description):
-    """The port number of a C{tcp:PORT:...} description, or C{None}."""
-    parts = _strport_parts(description)
-    if len(parts) > 1 and parts[0] in ("tcp", "tcp6", "ssl"):
-        for part in parts[1:]:
-            if _is_number(part):
-                return int(part)
-            if part.startswith("port="):
-                return int(part[5:]) if _is_number(part[5:]) else None
-    elif _is_number(parts[0]):
-        return int(parts[0])
-    return None
-
-
-def _is_number(text):
-    # ASCII digits only: str.isdigit() is also true of "²", which int() refuses.
-    return text.isascii() and text.isdigit() and len(text) <= 10
-
-
-def is_loopback(host):
-    if host is None:
-        return False
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _check_listen(path, description, loopback_only=False):
     kind = description.split(":", 1)[0]
-    if kind not in ("tcp", "tcp6", "unix", "ssl") and not _is_number(kind):
+    if kind not in ("tcp", "tcp6", "unix", "ssl") and not is_decimal(kind):
         raise ConfigError(path, f"{description!r} is not a supported listen description (use tcp:PORT[:interface=ADDR])")
-    if kind in ("tcp", "tcp6", "ssl") or _is_number(kind):
+    if kind in ("tcp", "tcp6", "ssl") or is_decimal(kind):
         port = strport_port(description)
         if port is None or not 0 <= port <= 65535:
             raise ConfigError(path, f"{description!r} has no valid port")
@@ -705,8 +597,6 @@ def _validate_oauth2(config, production, warnings):
         if oauth.endpoints:
             raise ConfigError("oauth2.endpoints", "is for the wecom, dingtalk and feishu presets; oidc discovers its endpoints")
     else:
-        from clawdbot.auth.providers import PRESET_ENDPOINTS
-
         known = PRESET_ENDPOINTS[oauth.provider]
         for name, url in oauth.endpoints.items():
             if name not in known:
@@ -730,8 +620,6 @@ def _validate_oauth2(config, production, warnings):
         if production:
             raise ConfigError("oauth2.session_secret", f"must be at least {MIN_SECRET_BYTES} bytes in production mode")
         warnings.append(f"oauth2.session_secret is shorter than {MIN_SECRET_BYTES} bytes")
-
-    from clawdbot.http.sso import session_issuer
 
     if config.auth.jwt.enabled and session_issuer(config) == config.auth.jwt.issuer:
         raise ConfigError("auth.jwt.issuer", "must differ from the gateway's own session issuer (server.public_url or the origin of oauth2.redirect_uri)")

@@ -12,6 +12,8 @@ exception text or an internal address.
 
 import json
 import re
+from collections.abc import Mapping
+from typing import Any
 
 # code -> (HTTP status, OpenAI-style type, default message)
 CODES = {
@@ -50,7 +52,15 @@ class APIError(Exception):
     @ivar headers: extra response headers, as C{{name: value}}.
     """
 
-    def __init__(self, code, details=None, message=None, headers=None, status=None, param=None):
+    def __init__(
+        self,
+        code: str,
+        details: str | None = None,
+        message: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        status: int | None = None,
+        param: str | None = None,
+    ) -> None:
         default_status, self.type, default_message = CODES[code]
         self.code = code
         self.status = status or default_status
@@ -60,10 +70,10 @@ class APIError(Exception):
         self.headers = dict(headers or {})
         super().__init__(f"{code}: {details or self.message}")
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, dict[str, Any]]:
         # OpenAI SDKs show only `message`, so it carries the reason too.
         message = f"{self.message}: {self.details}" if self.details else self.message
-        error = {"message": message, "type": self.type, "code": self.code, "param": self.param}
+        error: dict[str, Any] = {"message": message, "type": self.type, "code": self.code, "param": self.param}
         if self.details is not None:
             error["details"] = self.details
         return {"error": error}
@@ -74,7 +84,7 @@ class APIError(Exception):
 _FIELD = re.compile(r"^(?:'([A-Za-z_][\w.\[\]]*)'|((?:messages|tools|input)\[\d+\][\w.\[\]]*))")
 
 
-def param_of(details):
+def param_of(details: object) -> str | None:
     """The request field a curated reason names at its start (OpenAI's C{param}), or C{None}."""
     if not isinstance(details, str):
         return None
@@ -84,7 +94,7 @@ def param_of(details):
     return (match.group(1) or match.group(2)).rstrip(".:")
 
 
-def error_body(err):
+def error_body(err: APIError) -> bytes:
     """The JSON bytes of C{err}'s body; any string (a lone surrogate too) can be written."""
     text = json.dumps(err.as_dict(), ensure_ascii=False)
     try:
@@ -93,7 +103,7 @@ def error_body(err):
         return json.dumps(err.as_dict()).encode("ascii")
 
 
-def ollama_error_body(err):
+def ollama_error_body(err: APIError) -> bytes:
     """
     The JSON bytes of C{err} in Ollama's own shape, C{{"error": "<message>"}},
     for the native routes (Ollama clients read a string there).
@@ -106,10 +116,10 @@ def ollama_error_body(err):
         return json.dumps({"error": message}).encode("ascii")
 
 
-def internal_error():
+def internal_error() -> APIError:
     return APIError("INTERNAL_ERROR", details="the gateway hit an unexpected error; it has been logged")
 
 
-def invalid(details):
+def invalid(details: str) -> APIError:
     """A 400 INVALID_REQUEST with the given curated reason."""
     return APIError("INVALID_REQUEST", details=details)

@@ -18,6 +18,8 @@ from twisted.logger import (
     globalLogBeginner,
 )
 
+from clawdbot.units import rfc3339
+
 _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
 _PLAIN = (str, int, float, bool, type(None))
 
@@ -26,7 +28,7 @@ def event_as_dict(event):
     """The JSON-able form of one twisted.logger event."""
     level = event.get("log_level")
     out = {
-        "time": _rfc3339(event.get("log_time", time.time())),
+        "time": rfc3339(event.get("log_time", time.time())),
         "level": level.name if level is not None else "info",
         "namespace": event.get("log_namespace", ""),
         "message": formatEvent(event),
@@ -43,10 +45,6 @@ def event_as_dict(event):
         out["error"] = failure.getErrorMessage()
         out["traceback"] = failure.getTraceback()
     return out
-
-
-def _rfc3339(t):
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
 class JSONLineObserver:
@@ -81,9 +79,27 @@ def open_log(path):
     return open(path, "a", encoding="utf-8", buffering=1)
 
 
+# The level every observer made here filters at: C{log.level}, set at start
+# and again at each reload.
+_LEVEL = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+
+
+def set_level(level):
+    """Log events at C{level} (C{debug}, C{info}, C{warn}, C{error}) and above from now on."""
+    _LEVEL.setLogLevelForNamespace("", _LEVELS[level])
+
+
 def start_logging(level="info", path="-"):
-    """Send every event from now on to JSON lines at C{path}."""
-    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
-    observer = FilteringLogObserver(JSONLineObserver(open_log(path)), [predicate])
+    """Send every event from now on to JSON lines at C{path}, at C{level} and above."""
+    set_level(level)
+    observer = FilteringLogObserver(JSONLineObserver(open_log(path)), [_LEVEL])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     return observer
+
+
+def twistd_observer():
+    """
+    For C{twistd --logger clawdbot.logs.twistd_observer}: JSON lines on
+    standard error at C{log.level} (the config's, once the service is made).
+    """
+    return FilteringLogObserver(JSONLineObserver(sys.stderr), [_LEVEL])

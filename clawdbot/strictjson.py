@@ -20,6 +20,8 @@ import json.decoder
 import json.scanner
 import math
 import re
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from clawdbot.errors import invalid
 
@@ -28,11 +30,11 @@ class _Refused(ValueError):
     """A JSON document the parser reads but the gateway does not accept."""
 
 
-def _no_constant(name):
+def _no_constant(name: str) -> NoReturn:
     raise _Refused(f"the body contains {name}, which is not a JSON number")
 
 
-def _finite_float(text):
+def _finite_float(text: str) -> float:
     if not text.isascii():
         # Only the pure-Python scanner's number pattern reads other digits.
         raise _Refused("the body is not valid JSON")
@@ -65,7 +67,7 @@ DENSE = 50_000
 MAX_DEPTH = 128
 
 
-def _bounded_int(text):
+def _bounded_int(text: str) -> int:
     if not text.isascii():
         raise _Refused("the body is not valid JSON")
     if len(text.lstrip("-")) > _MAX_INT_DIGITS:
@@ -83,7 +85,7 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _LOW_ESCAPE = re.compile(r"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
-def has_lone_surrogate(text):
+def has_lone_surrogate(text: str) -> bool:
     """
     C{text}, a valid JSON document, has a C{\\u} escape of a UTF-16
     surrogate that is not half of a pair: a high one (C{\\ud800}-C{\\udbff})
@@ -112,19 +114,20 @@ def has_lone_surrogate(text):
         pos = low.end()
 
 
-def _python_decoder(hooks):
+def _python_decoder(hooks: dict[str, Any]) -> json.JSONDecoder:
     """
     A decoder on json's pure-Python scanner (strings still go through the
     C string scanner) that refuses the body at its L{MAX_CONTAINERS}+1st
     array or object, before allocating the rest; every value is a chance
     for the parsing thread to let others run.
     """
-    decoder = json.JSONDecoder(**hooks)
+    # The scanner's internals set below (memo, parse_object, scan_once...) have no types.
+    decoder: Any = json.JSONDecoder(**hooks)
     count = [0]
     elements = [0]
 
-    def counted(parse):
-        def parse_container(*args, **kwargs):
+    def counted(parse: Callable[..., tuple[Any, int]]) -> Callable[..., tuple[Any, int]]:
+        def parse_container(*args: Any, **kwargs: Any) -> tuple[Any, int]:
             count[0] += 1
             if count[0] > MAX_CONTAINERS:
                 raise _Refused(f"the body has more than {MAX_CONTAINERS} arrays and objects")
@@ -141,20 +144,20 @@ def _python_decoder(hooks):
     class KeyCounter(dict):
         # The scanner interns every object key through memo.setdefault: a
         # chance to refuse an object of a million keys while it is read.
-        def setdefault(self, key, default=None):
+        def setdefault(self, key: Any, default: Any = None) -> Any:
             elements[0] += 1
             if elements[0] > MAX_ELEMENTS:
                 raise _Refused(f"the body has more than {MAX_ELEMENTS} values in its arrays and objects")
             return super().setdefault(key, default)
 
     decoder.memo = KeyCounter()
-    decoder.parse_object = counted(json.decoder.JSONObject)
-    decoder.parse_array = counted(json.decoder.JSONArray)
-    decoder.scan_once = json.scanner.py_make_scanner(decoder)
+    decoder.parse_object = counted(json.decoder.JSONObject)  # type: ignore[attr-defined]
+    decoder.parse_array = counted(json.decoder.JSONArray)  # type: ignore[attr-defined]
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]
     return decoder
 
 
-def parse_json(raw):
+def parse_json(raw: bytes) -> Any:
     """
     Parse a JSON request body (UTF-8 bytes) strictly: no C{NaN} or
     C{Infinity}, no number beyond a double's range, no lone UTF-16
@@ -169,7 +172,7 @@ def parse_json(raw):
         raise invalid("the body is not valid UTF-8") from None
     if not text.strip(" \t\r\n"):
         raise invalid("the body is empty; a JSON object is expected")
-    hooks = {"parse_constant": _no_constant, "parse_float": _finite_float, "parse_int": _bounded_int}
+    hooks: dict[str, Any] = {"parse_constant": _no_constant, "parse_float": _finite_float, "parse_int": _bounded_int}
     try:
         # Each [ or { outside a string opens a container, so their count in
         # the whole text bounds the containers from above: under the cap,
@@ -197,7 +200,7 @@ def parse_json(raw):
     return value
 
 
-def _too_deep(value):
+def _too_deep(value: Any) -> bool:
     """Whether arrays and objects nest more than L{MAX_DEPTH} levels in a parsed value."""
     stack = [(value, 1)]
     while stack:
@@ -211,7 +214,7 @@ def _too_deep(value):
     return False
 
 
-def loads_checked(raw):
+def loads_checked(raw: str | bytes) -> Any:
     """
     Parse JSON another party sent (the model backend's replies, stream
     lines and tool arguments, an identity provider's documents, a body
@@ -232,7 +235,7 @@ def loads_checked(raw):
     return value
 
 
-def _has_nul(value):
+def _has_nul(value: Any) -> bool:
     """Whether a NUL character is in any key or string of a parsed value."""
     stack = [value]
     while stack:

@@ -1,20 +1,38 @@
 """
 Command-line options and service composition for the gateway.
 
-C{makeService} is the one place where the pieces are put together; both
-C{twistd clawdbot} (through the plugin) and C{clawdbot start} use it.
+C{makeService} (with L{compose}) is the one place where the pieces are
+put together; both C{twistd clawdbot} (through the plugin) and
+C{clawdbot start} use it.
 """
 
 import os
 import signal
 
 from twisted.application import service
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from clawdbot.config import ConfigError, is_loopback, load_config, strport_interface
+from clawdbot.auth.fetch import HTTPFetcher
+from clawdbot.auth.tokens import Authentication
+from clawdbot.backend.images import ImageWorkers
+from clawdbot.backend.ollama import Ollama, backend_urls
+from clawdbot.config import ConfigError, load_config
+from clawdbot.http.site import GatewaySite, JSONParsers
+from clawdbot.http.tree import Parts, Readiness, build_root, metrics_root
+from clawdbot.logs import set_level
+from clawdbot.net import is_loopback, strport_interface
+from clawdbot.ops.accounting import Accounting
+from clawdbot.ops.health import health_checks
+from clawdbot.ops.observe import AccessLog, Metrics
+from clawdbot.ops.ratelimit import build_limiter
+from clawdbot.ops.runtime import Runtime
+from clawdbot.ops.signals import SignalHandlers
+from clawdbot.storage.history import History
+from clawdbot.storage.store import open_store
 
 log = Logger(namespace="clawdbot.tap")
 
@@ -95,69 +113,83 @@ def _say(line):
     print(line, flush=True)
 
 
+def compose(config, reactor, environ=None, mode=None, agent_factory=None):
+    """
+    The gateway's parts, each built once and handed to whoever uses it:
+    the composition root.  Reload hooks keep the parts that derive
+    something from the config current.
+
+    @param agent_factory: the Ollama client's (L{Ollama}); tests give one
+        that answers in memory.
+    @return: the L{Parts} the routes are built on.
+    """
+    fetcher = HTTPFetcher(reactor)
+    # (The lambda reads the runtime, made just below, when it is called.)
+    ollama = Ollama(reactor, lambda: runtime.config, agent_factory)
+    metrics = Metrics(ollama.slots)
+    runtime = Runtime(config, reactor, metrics, environ=environ, mode=mode)
+    limiter = build_limiter(config, reactor, on_error=metrics.ratelimit_backend_errors.inc)
+    authentication = Authentication(config, reactor, fetcher.fetch_json)
+    runtime.on_reload(authentication.rebuild)
+
+    def limiter_policy(old, new):
+        # The Redis outage policy applies at once; backend and url need a restart.
+        limiter.on_backend_error = new.rate_limit.on_backend_error
+
+    runtime.on_reload(limiter_policy)
+    runtime.on_reload(lambda old, new: set_level(new.log.level))
+    return Parts(
+        runtime=runtime,
+        accounting=Accounting(limiter, AccessLog(config.access_log.path), metrics),
+        authentication=authentication,
+        ollama=ollama,
+        history=History(open_store(config, reactor)),
+        # Images and big JSON bodies are handled on these threads, never on the reactor.
+        images=ImageWorkers(reactor),
+        parsers=JSONParsers(reactor),
+        fetcher=fetcher,
+        metrics=metrics,
+        readiness=Readiness(runtime, ollama, metrics),
+        reactor=reactor,
+    )
+
+
+def stop(parts):
+    """Close what the parts hold (threads, connections, files) at shutdown."""
+    parts.images.stop()
+    parts.parsers.stop()
+    parts.history.store.close()
+    parts.accounting.limiter.close()
+    return gatherResults([parts.ollama.close(), parts.fetcher.close()])
+
+
 class GatewayService(service.MultiService):
-    """The listeners plus the gateway's own start and stop work."""
+    """
+    The listeners, the signal handlers and the backend health checks as
+    child parts, plus the gateway's own stop work: drain what is in
+    flight, then close the parts.
+    """
 
-    def __init__(self, gateway, install_signals):
+    def __init__(self, parts):
         super().__init__()
-        self.gateway = gateway
-        self.install_signals = install_signals
-
-    def startService(self):
-        super().startService()
-        self._start_health_checks()
-        if self.install_signals:
-            reactor = self.gateway.reactor
-            signal.signal(signal.SIGHUP, lambda signum, frame: self.gateway.request_reload())
-            signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(self.gateway.access_log.reopen))
-
-    _health = None
-
-    def _start_health_checks(self):
-        """With several backends, check each every backend.health_interval."""
-        from twisted.internet.task import LoopingCall
-
-        from clawdbot.backend.ollama import backend_urls
-
-        config = self.gateway.config
-        if len(backend_urls(config)) < 2:
-            return
-        self._health = LoopingCall(self._check_backends)
-        self._health.clock = self.gateway.reactor
-        self._health.start(config.backend.health_interval, now=False)
-
-    def _check_backends(self):
-        from twisted.internet.defer import Deferred
-
-        d = Deferred.fromCoroutine(self.gateway.backend.check())
-        d.addCallback(lambda reason: self.gateway.metrics.backend_up.set(0 if reason else 1))
-        # Never let a failure stop the loop.
-        d.addErrback(lambda failure: log.failure("Backend health check failed", failure))
-        return d
+        self.parts = parts
 
     def stopService(self):
         """Stop accepting, drain what is in flight, then close outbound connections."""
-        from twisted.internet.defer import Deferred
-
-        if self._health is not None and self._health.running:
-            self._health.stop()
+        runtime = self.parts.runtime
         d = super().stopService()
-        d.addCallback(lambda _: Deferred.fromCoroutine(self.gateway.drain(self.gateway.config.server.drain_timeout)))
-        d.addCallback(lambda _: self.gateway.stop())
+        d.addCallback(lambda _: Deferred.fromCoroutine(runtime.drain(runtime.config.server.drain_timeout)))
+        d.addCallback(lambda _: stop(self.parts))
         return d
 
 
-def makeService(options, reactor=None, say=_say):
+def makeService(options, reactor=None, say=_say, agent_factory=None):
     """
-    Compose the gateway's services from parsed L{Options}.
+    Compose the gateway's service (listeners, signals, health checks) from parsed L{Options}.
 
     @param reactor: the reactor; C{None} means the real one, and also names
-        the process C{clawdbot} and installs the SIGHUP handler.
+        the process C{clawdbot} and installs the signal handlers.
     """
-    from clawdbot.ops.runtime import Gateway
-    from clawdbot.http.tree import build_root
-    from clawdbot.http.site import GatewaySite
-
     real = reactor is None
     if real:
         from twisted.internet import reactor as global_reactor
@@ -167,17 +199,26 @@ def makeService(options, reactor=None, say=_say):
     config = options.loaded
     for warning in config.warnings:
         log.warn("Config warning: {warning}", warning=warning)
-    gateway = Gateway(config, reactor, environ=options.environ, mode=options["mode"])
-    top = GatewayService(gateway, install_signals=real)
+    set_level(config.log.level)
+    parts = compose(config, reactor, environ=options.environ, mode=options["mode"], agent_factory=agent_factory)
+    top = GatewayService(parts)
+    runtime = parts.runtime
+    if real:
+        handlers = {
+            signal.SIGHUP: runtime.request_reload,
+            signal.SIGUSR1: lambda: reactor.callFromThread(parts.accounting.access_log.reopen),
+        }
+        SignalHandlers(handlers).setServiceParent(top)
+    if len(backend_urls(config)) > 1:
+        # With several backends, each is checked every backend.health_interval.
+        health_checks(parts.ollama, parts.metrics, config.backend.health_interval, reactor).setServiceParent(top)
 
-    site = GatewaySite(build_root(gateway, debug=False), gateway, debug=False, timeout=60, reactor=reactor)
+    site = GatewaySite(build_root(parts, debug=False), parts, debug=False, timeout=60, reactor=reactor)
     listen = config.server.listen
     Listener(reactor, listen, site, lambda addr: say(f"Gateway listening on {_url(listen, addr)}")).setServiceParent(top)
 
     if config.metrics.listen:
-        from clawdbot.http.tree import metrics_root
-
-        metrics_site = GatewaySite(metrics_root(gateway), gateway, debug=False, timeout=60, reactor=reactor)
+        metrics_site = GatewaySite(metrics_root(parts), parts, debug=False, timeout=60, reactor=reactor)
         metrics_listen = config.metrics.listen
         Listener(reactor, metrics_listen, metrics_site, lambda addr: say(f"Metrics listening on {_url(metrics_listen, addr)}")).setServiceParent(top)
 
@@ -186,7 +227,7 @@ def makeService(options, reactor=None, say=_say):
     elif options["no-debug-port"]:
         log.info("Debug listener disabled by --no-debug-port")
     else:
-        debug_site = GatewaySite(build_root(gateway, debug=True), gateway, debug=True, timeout=60, reactor=reactor)
+        debug_site = GatewaySite(build_root(parts, debug=True), parts, debug=True, timeout=60, reactor=reactor)
         debug = config.server.debug_listen
         Listener(
             reactor,

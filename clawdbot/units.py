@@ -5,6 +5,7 @@ Pure functions: no I/O, so they are tested directly and with hypothesis.
 """
 
 import re
+import time
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -23,7 +24,7 @@ _SIZE_UNITS = {
 }
 
 
-def parse_duration(value):
+def parse_duration(value: object) -> float:
     """
     Seconds (a float) from C{"120s"}, C{"5m"}, C{"250ms"}, C{"1h"}, C{"2d"} or
     a bare number of seconds.
@@ -45,7 +46,7 @@ def parse_duration(value):
     return float(number) * _DURATION_UNITS[unit]
 
 
-def parse_size(value):
+def parse_size(value: object) -> int:
     """
     Bytes (an int) from C{"20MB"}, C{"512KiB"}, C{"1GB"} or a bare number of
     bytes.  C{KB}/C{MB}/C{GB} are decimal, C{KiB}/C{MiB}/C{GiB} binary.
@@ -67,7 +68,7 @@ def parse_size(value):
     return int(float(number) * _SIZE_UNITS[(unit or "b").lower()])
 
 
-def format_duration(seconds):
+def format_duration(seconds: float) -> str:
     """The shortest exact human spelling of C{seconds}, for printing configs."""
     if seconds == int(seconds):
         seconds = int(seconds)
@@ -81,9 +82,16 @@ def format_duration(seconds):
     return f"{seconds}s"
 
 
-def format_size(size):
+def format_size(size: int) -> str:
     """The shortest exact human spelling of C{size} bytes."""
     for unit, factor in (("GB", 1000**3), ("MB", 1000**2), ("KB", 1000), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if size and size % factor == 0:
             return f"{size // factor}{unit}"
     return f"{size}B"
+
+
+def rfc3339(t: float, digits: int = 3) -> str:
+    """The UTC time C{t} (seconds since the epoch) as RFC 3339, with C{digits} (3 or 6) of the second's fraction."""
+    scale = 10**digits
+    fraction = int(round(t % 1, digits) * scale) % scale
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{fraction:0{digits}d}Z"

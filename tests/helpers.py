@@ -15,6 +15,8 @@ import time
 
 import treq
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from clawdbot.tap import Options, makeService
@@ -43,11 +45,43 @@ auth:
 """
 
 
-def free_port():
-    """A loopback port nothing listens on (for a listener to take, or a backend that is down)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def closed_port(owner):
+    """
+    A loopback port where nothing listens, and nothing can, while the test
+    runs: a socket is bound to it and never listens, so connections to it
+    are refused (a backend that is down) and no one else can bind it.
+
+    @param owner: the test case, or from C{setUpClass} its class; its
+        cleanups close the socket.
+    @return: the port number.
+    """
+    return _held_port(owner, reuse=False)
+
+
+def reserved_port(owner):
+    """
+    A loopback port kept for a server the test configures with that port
+    before starting it (a gateway whose own URL is in its config, nginx):
+    a socket bound with C{SO_REUSEADDR} that never listens.  The system
+    hands the port to nobody else (port 0 and outgoing connections skip
+    it) and a plain C{bind} of it fails, but a listener that sets
+    C{SO_REUSEADDR}, as Twisted and nginx do, binds and listens on it.
+    Until the server listens, connections to it are refused.
+
+    @param owner: the test case, or from C{setUpClass} its class; its
+        cleanups close the socket.
+    @return: the port number.
+    """
+    return _held_port(owner, reuse=True)
+
+
+def _held_port(owner, reuse):
+    sock = socket.socket()
+    if reuse:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    (owner.addClassCleanup if isinstance(owner, type) else owner.addCleanup)(sock.close)
+    return sock.getsockname()[1]
 
 
 _RSA_KEYS = {}
@@ -104,7 +138,7 @@ class Backed(TestCase):
     timeout = 90
 
     def start(self, extra="", fake=None):
-        from tests.fake_ollama import FakeOllama
+        from testing.fake_ollama import FakeOllama
 
         self.fake = fake or FakeOllama()
         self.fake.listen(reactor)
@@ -127,7 +161,7 @@ class Running:
 
     def __init__(self, service, said):
         self.service = service
-        self.gateway = service.gateway
+        self.parts = service.parts
         self.said = said
         urls = [line.split(" listening on ")[1].split()[0] for line in said]
         self.url = urls[0]
@@ -177,6 +211,106 @@ async def get_json(url, headers=None, method="GET", body=None, **kwargs):
     except ValueError:
         parsed = raw
     return response.code, response.headers, parsed
+
+
+class Streamed:
+    """
+    A call whose answer is read as it arrives (see L{stream_call}).
+
+    @ivar data: the body bytes received so far.
+    @ivar done: a Deferred firing with (status, body bytes) once the whole
+        answer is in.
+    """
+
+    def __init__(self):
+        self.data = b""
+        self.done = None
+        self._waits = []
+
+    def when_seen(self, marker, count=1):
+        """A Deferred firing with the body so far once C{marker} arrived C{count} times."""
+        d = Deferred()
+        self._waits.append((marker, count, d))
+        self._check()
+        return d
+
+    def _received(self, data):
+        self.data += data
+        self._check()
+
+    def _check(self):
+        waits, self._waits = self._waits, []
+        for marker, count, d in waits:
+            if self.data.count(marker) >= count:
+                d.callback(self.data)
+            else:
+                self._waits.append((marker, count, d))
+
+    def _ended(self, result):
+        waits, self._waits = self._waits, []
+        for marker, count, d in waits:
+            d.errback(AssertionError(f"the answer ended before {marker!r} came {count} times: {self.data[-300:]!r}"))
+        return result
+
+
+def stream_call(url, body, headers):
+    """POST C{body} (JSON) to C{url} and read the answer as it arrives; a L{Streamed}."""
+    streamed = Streamed()
+
+    def read(response):
+        return treq.collect(response, streamed._received).addCallback(lambda _: (response.code, streamed.data))
+
+    hdrs = dict(headers, **{"Content-Type": "application/json"})
+    d = treq.post(url, json.dumps(body).encode(), headers=hdrs, persistent=False)
+    streamed.done = d.addCallback(read).addBoth(streamed._ended)
+    return streamed
+
+
+def when_queued(testcase, parts):
+    """A Deferred that fires once a call starts waiting in the backend's queue for a slot (C{parts}: the gateway's L{Parts})."""
+    slots, queued = parts.ollama.slots, Deferred()
+    acquire = slots.acquire
+
+    def acquire_and_tell(*args, **kwargs):
+        before = len(slots.waiting)
+        d = Deferred.fromCoroutine(acquire(*args, **kwargs))
+        if len(slots.waiting) > before and not queued.called:
+            queued.callback(None)
+        return d
+
+    testcase.patch(slots, "acquire", acquire_and_tell)
+    return queued
+
+
+def when_done(testcase, parts, count=1):
+    """
+    A Deferred firing with the next C{count} requests the gateway (its
+    L{Parts}) accounts for (access log and metrics written), once they all are.
+    """
+    done, d = [], Deferred()
+    original = parts.accounting.done
+
+    def request_done(request):
+        original(request)
+        done.append(request)
+        if len(done) == count:
+            d.callback(done)
+
+    testcase.patch(parts.accounting, "done", request_done)
+    return d
+
+
+async def until(predicate, timeout=20.0, what="the condition"):
+    """
+    Wait until C{predicate()} is true, looking again after each short turn
+    of the reactor; fail after C{timeout} seconds.  For states nothing
+    announces (counts kept by running clients).
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        await deferLater(reactor, 0.01)
 
 
 def process_env(**extra):

@@ -17,8 +17,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.fake_ollama import FakeOllama, _pending_bytes
-from tests.helpers import bearer, free_port, get_json, merge_yaml, serve, token
+from testing.fake_ollama import FakeOllama, _pending_bytes
+from tests.helpers import bearer, closed_port, get_json, merge_yaml, serve, token, when_queued
 
 ALL = "chat:read chat:write admin"
 HI = [{"role": "user", "content": "hi"}]
@@ -275,11 +275,11 @@ class StreamingTests(Backed):
         quitter = Quitter()
         await connectProtocol(TCP4ClientEndpoint(reactor, host, int(port)), quitter)
         await quitter.got
-        self.assertEqual(self.gw.gateway.backend.slots.active, 1)
+        self.assertEqual(self.gw.parts.ollama.slots.active, 1)
         disconnected = self.fake.next_disconnect()
         quitter.transport.loseConnection()
         await disconnected.addTimeout(1.0, reactor)
-        self.assertEqual(self.gw.gateway.backend.slots.active, 0)
+        self.assertEqual(self.gw.parts.ollama.slots.active, 0)
         self.fake.behave()
         status, _, body = await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body={"messages": HI})
         self.assertEqual(status, 200)
@@ -289,21 +289,26 @@ class LimitTests(Backed):
     async def test_queue_full_is_503(self):
         """With every slot busy and the wait queue full, a request gets 503 GATEWAY_BUSY with Retry-After; waiters run in order."""
         self.start("max_connections: 1\nlimits: {max_queue: 1, queue_timeout: 30s}")
-        self.fake.behave(pace=0.2, times=1)
-        body = {"messages": [{"role": "user", "content": "hi"}]}
-        first = get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body=body)
+        self.fake.hold(times=1)
         from twisted.internet.defer import ensureDeferred
 
-        first = ensureDeferred(first)
-        await deferLater(reactor, 0.2)
-        second = ensureDeferred(get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body=body))
-        await deferLater(reactor, 0.1)
-        status, headers, error = await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body=body)
+        def call(text):
+            body = {"messages": [{"role": "user", "content": text}]}
+            return ensureDeferred(get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body=body))
+
+        first = call("first")
+        await self.fake.next_request("/api/chat")  # it holds the one slot
+        queued = when_queued(self, self.gw.parts)
+        second = call("second")
+        await queued  # it fills the queue
+        status, headers, error = await call("third")
         self.assertEqual(status, 503)
         self.assertEqual(error["error"]["code"], "GATEWAY_BUSY")
         self.assertTrue(headers.getRawHeaders("retry-after"))
+        self.fake.release()
         self.assertEqual((await first)[0], 200)
         self.assertEqual((await second)[0], 200)
+        self.assertEqual([r.body["messages"][-1]["content"] for r in self.fake.requests_to("/api/chat")], ["first", "second"])
 
     async def test_queue_wait_times_out(self):
         """A request that waits longer than queue_timeout for a slot gets 503."""
@@ -314,7 +319,7 @@ class LimitTests(Backed):
         stuck = ensureDeferred(
             get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body={"messages": HI, "stream": True})
         )
-        await deferLater(reactor, 0.2)
+        await self.fake.next_request("/api/chat")  # it holds the one slot
         status, _, error = await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body={"messages": HI})
         self.assertEqual((status, error["error"]["code"]), (503, "GATEWAY_BUSY"))
         stuck.cancel()
@@ -327,10 +332,10 @@ class TimeoutTests(Backed):
     async def test_first_byte_timeout(self):
         """No response headers within first_byte_timeout: 504 UPSTREAM_TIMEOUT."""
         self.start("backend: {first_byte_timeout: 300ms}")
-        self.fake.behave(delay_first_byte=2)
+        self.fake.hold()  # never answers
         status, _, body = await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body={"messages": HI})
         self.assertEqual((status, body["error"]["code"]), (504, "UPSTREAM_TIMEOUT"))
-        self.assertEqual(self.gw.gateway.backend.slots.active, 0)
+        self.assertEqual(self.gw.parts.ollama.slots.active, 0)
 
     async def test_idle_timeout_mid_stream(self):
         """A stream that stalls longer than idle_timeout ends with an SSE error event, not a silent close."""
@@ -379,7 +384,7 @@ class TimeoutTests(Backed):
 class UpstreamFailureTests(Backed):
     async def test_refused_is_502(self):
         """Ollama not listening: 502 UPSTREAM_UNAVAILABLE without the address in the body."""
-        port = free_port()
+        port = closed_port(self)
         gw = serve(self, extra=f'backend: {{url: "http://127.0.0.1:{port}"}}')
         for path, body in (("/v1/chat/completions", {"messages": []}), ("/v1/models", None)):
             status, _, error = await get_json(gw.url + path, method="POST" if body is not None else "GET", headers=bearer(token(scope=ALL)), body=body)
@@ -433,19 +438,28 @@ class SeveralBackendsTests(TestCase):
         a, b = self.two()
         gw = serve(self, extra=f'backend: {{urls: ["{a.url}", "{b.url}"]}}')
         auth = bearer(token(scope=ALL))
-        a.behave(pace=0.4)
-        b.behave(pace=0.4)
-        from twisted.internet.defer import ensureDeferred
+        a.hold()
+        b.hold()
+        from twisted.internet.defer import DeferredList, ensureDeferred
 
+        def next_arrival():
+            """Fires when either backend gets its next call."""
+            waits = [fake.when_requests(len(fake.requests_to("/api/chat")) + 1, "/api/chat") for fake in (a, b)]
+            return DeferredList(waits, fireOnOneCallback=True)
+
+        arrival = next_arrival()
         first = ensureDeferred(get_json(gw.url + "/v1/chat/completions", method="POST", headers=auth, body={"messages": HI, "stream": True}))
-        await deferLater(reactor, 0.3)
+        await arrival
+        arrival = next_arrival()
         second = ensureDeferred(get_json(gw.url + "/v1/chat/completions", method="POST", headers=auth, body={"messages": HI, "stream": True}))
-        await deferLater(reactor, 0.3)
+        await arrival
         self.assertEqual((len(a.requests_to("/api/chat")), len(b.requests_to("/api/chat"))), (1, 1))
-        self.assertEqual(sorted(u.active for u in gw.gateway.backend.upstreams(gw.gateway.config)), [1, 1])
+        self.assertEqual(sorted(u.active for u in gw.parts.ollama.upstreams(gw.parts.runtime.config)), [1, 1])
+        a.release()
+        b.release()
         for d in (first, second):
             self.assertEqual((await d)[0], 200)
-        self.assertEqual(gw.gateway.backend.slots.active, 0)
+        self.assertEqual(gw.parts.ollama.slots.active, 0)
 
     async def test_failover_when_one_dies(self):
         """With one backend gone, every call still succeeds on the other; /readyz stays ready and shows which is down."""
@@ -460,8 +474,8 @@ class SeveralBackendsTests(TestCase):
         status, _, ready = await get_json(gw.url + "/readyz")
         self.assertEqual(status, 200)
         self.assertEqual([x["up"] for x in ready["checks"]["backends"]], [False, True])
-        self.assertEqual(gw.gateway.backend.slots.active, 0)
-        self.assertEqual([u.active for u in gw.gateway.backend.upstreams(gw.gateway.config)], [0, 0])
+        self.assertEqual(gw.parts.ollama.slots.active, 0)
+        self.assertEqual([u.active for u in gw.parts.ollama.upstreams(gw.parts.runtime.config)], [0, 0])
 
     async def test_all_down_is_502(self):
         """With every backend gone the call is a 502 and /readyz is 503."""

@@ -25,7 +25,7 @@ import tiktoken.load
 from pydantic import BaseModel
 from twisted.internet.threads import deferToThread
 
-from tests.fake_ollama import FakeOllama, example_for_schema
+from testing.fake_ollama import FakeOllama, example_for_schema
 from tests.helpers import ROOT, bearer, token
 from tests.test_chat import ALL, HI, Backed
 

@@ -7,7 +7,7 @@ import json
 
 from twisted.internet.threads import deferToThread
 
-from tests.fake_ollama import FakeOllama, Reply
+from testing.fake_ollama import FakeOllama, Reply
 from tests.helpers import bearer, get_json, token
 from tests.test_chat import HI, Backed, sse_events
 

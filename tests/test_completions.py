@@ -7,7 +7,7 @@ C{OpenAILike} drives them: plain and streamed, refusals, failures.
 import openai
 from twisted.internet.threads import deferToThread
 
-from tests.fake_ollama import FakeOllama, ModelSpec, tokenize
+from testing.fake_ollama import FakeOllama, ModelSpec, tokenize
 from tests.helpers import bearer, get_json, token
 from tests.test_chat import Backed, sse_events
 

@@ -271,7 +271,7 @@ class SecurePortTests(Backed):
         self.assertIn(APP, text)
         with open(gw.config_path, "w") as f:
             f.write(text.replace(APP, "https://new.example.com"))
-        self.assertTrue(gw.gateway.reload())
+        self.assertTrue(gw.parts.runtime.reload())
         _, headers, _ = await get_json(gw.url + "/v1/models", headers=dict(self.auth, Origin=APP))
         self.assert_no_cors(headers)
         status, _, _ = await get_json(gw.url + "/v1/models", method="OPTIONS", headers=preflight(APP, "GET"))
@@ -280,7 +280,7 @@ class SecurePortTests(Backed):
         self.assert_cors(headers, "https://new.example.com")
         with open(gw.config_path, "w") as f:
             f.write(text.replace(APP, "https://new.example.com/"))
-        self.assertFalse(gw.gateway.reload())
+        self.assertFalse(gw.parts.runtime.reload())
         _, headers, _ = await get_json(gw.url + "/v1/models", headers=dict(self.auth, Origin="https://new.example.com"))
         self.assert_cors(headers, "https://new.example.com")
 

@@ -1,5 +1,5 @@
 """
-The fake Ollama server (tests/fake_ollama.py): its bytes on the wire, the
+The fake Ollama server (testing/fake_ollama.py): its bytes on the wire, the
 official C{ollama} Python client talking to it, the behaviours tests switch
 on, and the benchmark's way of running it as a process.
 """
@@ -19,7 +19,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.fake_ollama import (
+from testing.fake_ollama import (
     DEFAULT_REPLY,
     DEFAULT_THINKING,
     FakeOllama,
@@ -814,6 +814,60 @@ class BehaviourTests(FakeCase):
         self.assertEqual((event.request, event.lines_sent, record.status), (record, 0, None))
         self.assertEqual(self.fake._exchanges, set())
 
+    async def test_hold_until_released(self):
+        """
+        hold() keeps answers back, status line included, until release()
+        lets them go, oldest first; when_requests(n) fires with the first n
+        requests once they have arrived.
+        """
+        self.fake.reply_text = words(4)
+        self.fake.hold(times=2)
+        clients = [await raw_request(self.fake, "POST", "/api/chat", CHAT) for _ in range(2)]
+        records = await self.fake.when_requests(2, "/api/chat")
+        self.assertEqual(self.fake.held, records)
+        self.assertEqual([(r.held, r.status, r.lines_sent) for r in records], [(True, None, 0)] * 2)
+        self.assertEqual(self.fake.release(1), records[:1])
+        chunks, complete = dechunk(split_response(await clients[0].closed)[2])
+        self.assertEqual((len(chunks), complete), (5, True))
+        self.assertEqual((self.fake.held, records[1].status), ([records[1]], None))
+        self.assertEqual(self.fake.release(), records[1:])
+        chunks, complete = dechunk(split_response(await clients[1].closed)[2])
+        self.assertEqual((len(chunks), complete, self.fake.held), (5, True, []))
+        self.assertEqual((await self.client_call(lambda c: c.chat(**CHAT))).message.content, words(4))
+
+    async def test_hold_after_lines(self):
+        """hold(after=n) sends n lines, then waits for release() to send the rest."""
+        self.fake.reply_text = words(4)
+        self.fake.hold(after=2)
+        client = await raw_request(self.fake, "POST", "/api/chat", CHAT)
+        await client.wait_for(lambda data: lines_in(data) >= 2)
+        record = self.fake.requests[-1]
+        self.assertEqual((record.held, record.lines_sent, self.fake.held), (True, 2, [record]))
+        self.fake.release()
+        chunks, complete = dechunk(split_response(await client.closed)[2])
+        self.assertEqual((len(chunks), complete, record.outcome), (5, True, "completed"))
+
+    async def test_release_from_a_waiter_and_client_leaving_while_held(self):
+        """
+        A release() run as soon as a request is announced (before its answer
+        has started) lets it go; a held request whose client leaves is a
+        disconnect, and release() passes it over.
+        """
+        arrived = self.fake.next_request("/api/chat")
+        arrived.addCallback(lambda record: self.fake.release())
+        self.fake.hold(times=1)
+        client = await raw_request(self.fake, "POST", "/api/chat", CHAT)
+        self.assertTrue(dechunk(split_response(await client.closed)[2])[1])
+
+        self.fake.hold(times=1)
+        disconnected = self.fake.next_disconnect()
+        client = await raw_request(self.fake, "POST", "/api/chat", CHAT, close=False)
+        (record,) = (await self.fake.when_requests(2, "/api/chat"))[1:]
+        client.transport.loseConnection()
+        event = await disconnected
+        self.assertEqual((event.request, event.lines_sent, record.held), (record, 0, False))
+        self.assertEqual((self.fake.held, self.fake.release()), ([], []))
+
     async def test_recording(self):
         """Every request is recorded with method, path, headers and parsed body."""
         response = await treq.post(
@@ -872,11 +926,11 @@ class ProcessTests(TestCase):
 
     async def test_runs_as_a_process(self):
         """
-        python -m tests.fake_ollama --port 0 --pace-ms 5 --tokens 8 prints
+        python -m testing.fake_ollama --port 0 --pace-ms 5 --tokens 8 prints
         "Fake Ollama listening on URL" and streams 8 paced tokens.
         """
         proc = Process(
-            [sys.executable, "-m", "tests.fake_ollama", "--port", "0", "--pace-ms", "5", "--tokens", "8"],
+            [sys.executable, "-m", "testing.fake_ollama", "--port", "0", "--pace-ms", "5", "--tokens", "8"],
             env=process_env(),
             cwd=ROOT,
         )

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.helpers import ISSUER, SECRET, AUDIENCE, Process, clawdbot_argv, free_port, process_env, token
+from tests.helpers import ISSUER, SECRET, AUDIENCE, Process, clawdbot_argv, closed_port, process_env, reserved_port, token
 
 WRITE = token(sub="fuzz", scope="chat:read chat:write history:team-a", ttl=86400)
 ADMIN = token(sub="root", scope="chat:read chat:write admin", ttl=86400)
@@ -95,15 +95,16 @@ class FuzzRoutesTests(SynchronousTestCase):
     @classmethod
     def setUpClass(cls):
         cls.tmp = tempfile.mkdtemp(prefix="clawdbot-fuzz-")
-        fake_port, cls.port = free_port(), free_port()
-        cls.fake = Process([sys.executable, "-m", "tests.fake_ollama", "--port", str(fake_port)], env=process_env())
+        cls.port = reserved_port(cls)  # the gateway's own URL is in its config
+        cls.fake = Process([sys.executable, "-m", "testing.fake_ollama", "--port", "0"], env=process_env())
         cls.fake.wait_for("listening on")
+        fake_url = cls.fake.url("Fake Ollama")
         config = os.path.join(cls.tmp, "clawdbot.yaml")
         with open(config, "w") as f:
             f.write(
                 f"""
 server: {{mode: dev, listen: "tcp:{cls.port}:interface=127.0.0.1", debug_listen: "tcp:0:interface=127.0.0.1"}}
-backend: {{url: "http://127.0.0.1:{fake_port}"}}
+backend: {{url: "{fake_url}"}}
 storage: {{path: "{cls.tmp}/history.sqlite3"}}
 access_log: {{path: "{cls.tmp}/access.log", sample_rate: 1.0}}
 log: {{path: "{cls.tmp}/gateway.log"}}
@@ -115,7 +116,7 @@ oauth2:
   client_id: gw
   client_secret: fuzz-secret-0123456789-abcdefghijkl
   redirect_uri: "http://127.0.0.1:{cls.port}/callback"
-  issuer_url: "http://127.0.0.1:{free_port()}"
+  issuer_url: "http://127.0.0.1:{closed_port(cls)}"
 """
             )
         cls.gateway = Process(clawdbot_argv("start", "--config", config), env=process_env())

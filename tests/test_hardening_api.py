@@ -12,14 +12,13 @@ import json
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
-from twisted.internet.task import deferLater
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import SynchronousTestCase
 
 from clawdbot.auth.identity import owner_key
 from clawdbot.backend.options import go_duration, keep_alive_seconds
-from tests.fake_ollama import FakeOllama
+from testing.fake_ollama import FakeOllama
 from tests import helpers
 from tests.helpers import bearer, get_json, token
 
@@ -71,6 +70,24 @@ class Backed(helpers.Backed):
         gone = self.fake.next_disconnect()
         quitter.transport.loseConnection()
         await gone
+
+    async def burst(self, calls, path="/api/chat"):
+        """
+        Make C{calls} (coroutines) at the same moment while Ollama holds
+        every answer back; once each call is either answered by the gateway
+        or waiting at Ollama, let Ollama answer.  Their results, in order.
+        """
+        self.fake.hold()
+        before = len(self.fake.requests_to(path))
+        running = [ensureDeferred(call) for call in calls]
+
+        def settled():
+            return sum(d.called for d in running) + len(self.fake.requests_to(path)) - before == len(running)
+
+        await helpers.until(settled, what="every call answered or at Ollama")
+        self.fake.behave()
+        self.fake.release()
+        return await gatherResults(running)
 
     async def chat(self, scope=WRITE, sub="alice", **body):
         payload = {"messages": HI}
@@ -322,7 +339,7 @@ class ReservationTests(Backed):
     async def test_client_leaving_before_the_first_byte_is_charged_the_prompt(self):
         """A call that reached Ollama is charged its prompt even when the client leaves before any reply byte."""
         self.start("rate_limit: {requests_per_minute: 0, tokens_per_minute: 30}")
-        self.fake.behave(delay_first_byte=30)
+        self.fake.hold()
         prompt = [{"role": "user", "content": "word " * 400}]
         d = ensureDeferred(self.chat(messages=prompt, stream=True))
         await self.fake.next_request("/api/chat")
@@ -340,21 +357,19 @@ class ReservationTests(Backed):
     async def test_client_leaving_while_queued_is_not_charged(self):
         """A call that never reached Ollama (its client left while it waited for a slot) costs nothing: its reservation is given back."""
         self.start("max_connections: 1\nrate_limit: {requests_per_minute: 0, tokens_per_minute: 200}")
-        self.fake.behave(delay_first_byte=30)
+        self.fake.hold()
         first = ensureDeferred(self.chat(sub="bob"))
         await self.fake.next_request("/api/chat")
+        waiting = helpers.when_queued(self, self.gw.parts)
         queued = ensureDeferred(self.chat(messages=[{"role": "user", "content": "word " * 150}]))
-        while not self.gw.gateway.backend.slots.waiting:
-            await deferLater(reactor, 0.01)
+        await waiting
+        done = helpers.when_done(self, self.gw.parts, 2)
         queued.cancel()
         self.failureResultOf(queued)
         first.cancel()
         self.failureResultOf(first)
         self.fake.behave()
-        for _ in range(100):
-            if len(self.access_lines()) >= 2:
-                break
-            await deferLater(reactor, 0.01)
+        await done
         mine = [line for line in self.access_lines() if line["user"] == "alice"]
         self.assertEqual(mine[0]["tokens"], None)
         status, _, _ = await self.chat(messages=[{"role": "user", "content": "word " * 150}])
@@ -363,9 +378,8 @@ class ReservationTests(Backed):
     async def test_parallel_calls_cannot_all_pass_the_token_budget(self):
         """Calls made at the same moment each reserve their prompt first, so once the budget is spent the others are refused."""
         self.start("rate_limit: {requests_per_minute: 0, tokens_per_minute: 30}")
-        self.fake.behave(delay_first_byte=0.5)
         prompt = [{"role": "user", "content": "word " * 80}]
-        results = await gatherResults([ensureDeferred(self.chat(messages=prompt)) for _ in range(6)])
+        results = await self.burst([self.chat(messages=prompt) for _ in range(6)])
         statuses = sorted(status for status, _, _ in results)
         self.assertEqual(statuses, [200, 429, 429, 429, 429, 429])
         self.assertEqual(len(self.fake.requests_to("/api/chat")), 1)
@@ -378,20 +392,19 @@ class ReservationTests(Backed):
         self.assertEqual(status, 200)
         real = reply["usage"]["total_tokens"]
         self.assertLess(real, 750)
-        left = await self.gw.gateway.limiter.peek(owner_key(helpers.ISSUER, "alice"), 1000, "tokens")
+        left = await self.gw.parts.accounting.limiter.peek(owner_key(helpers.ISSUER, "alice"), 1000, "tokens")
         self.assertGreaterEqual(left.remaining, 1000 - real - 1)
 
     async def test_parallel_turns_cannot_all_pass_the_history_quota(self):
         """Turns on different sessions at the same moment count each other's bytes (and reply allowances), so the stored-history quota holds."""
         self.start("history: {max_bytes_per_user: 2KB, max_bytes_per_request: 1KB}")
-        self.fake.behave(delay_first_byte=0.5)
         auth = bearer(token(scope=WRITE))
         sids = []
         for i in range(6):
             status, _, session = await get_json(self.gw.url + "/v1/sessions", method="POST", headers=auth, body={"title": f"s{i}"})
             sids.append(session["id"])
         turn = [{"role": "user", "content": "x" * 900}]
-        results = await gatherResults([ensureDeferred(self.chat(messages=turn, session_id=sid)) for sid in sids])
+        results = await self.burst([self.chat(messages=turn, session_id=sid) for sid in sids])
         statuses = sorted(status for status, _, _ in results)
         # Each turn in flight holds its bytes and an allowance for its reply,
         # so with room for two turns' messages but not their replies, one passes.
@@ -462,11 +475,9 @@ class BudgetBoundsTests(Backed):
     async def test_parallel_small_prompts_with_big_replies(self):
         """Calls with tiny prompts reserve their max_tokens too, so a burst cannot overrun the budget many times over."""
         self.start("rate_limit: {requests_per_minute: 0, tokens_per_minute: 1000}")
-        self.fake.behave(delay_first_byte=0.5)
-        results = await gatherResults([ensureDeferred(self.chat(max_tokens=100000)) for _ in range(10)])
+        results = await self.burst([self.chat(max_tokens=100000) for _ in range(10)])
         self.assertEqual(sorted(status for status, _, _ in results), [200] + [429] * 9)
-        self.fake.behave()
-        results = await gatherResults([ensureDeferred(self.chat(sub="bob", stream=True)) for _ in range(10)])
+        results = await self.burst([self.chat(sub="bob", stream=True) for _ in range(10)])
         # Without max_tokens a default reply is reserved: 1000 tokens hold about four calls at once.
         self.assertLessEqual(sum(1 for status, _, _ in results if status == 200), 5)
 

@@ -29,8 +29,9 @@ from clawdbot.errors import APIError, error_body
 from clawdbot.logs import JSONLineObserver
 from clawdbot.ops.observe import log_line, redact, redact_body, redact_text
 from clawdbot.strictjson import has_lone_surrogate, parse_json
-from clawdbot.http.site import REASONS, APIResource, JSONResponse, is_json_type, is_loopback_host, loopback_authority, loopback_origin, reason_phrase
-from tests.helpers import Backed, bearer, get_json, token
+from clawdbot.http.site import REASONS, APIResource, JSONResponse, is_json_type, reason_phrase
+from clawdbot.net import is_loopback_host, loopback_authority, loopback_origin
+from tests.helpers import Backed, bearer, get_json, token, when_queued
 from tests.test_http import RawClient
 
 HI = [{"role": "user", "content": "hi"}]
@@ -306,7 +307,7 @@ class SurrogateTests(Backed):
                 return JSONResponse({"ok": True}, headers={"X-Broken": 12})  # not a header value
 
         gw = self.start()
-        gw.service.services[0].factory.resource.putChild(b"broken", Broken(gw.gateway))
+        gw.service.services[0].factory.resource.putChild(b"broken", Broken(gw.parts))
         status, _, body = await get_json(gw.url + "/broken", timeout=20)
         assert_error(self, status, body, 500, "INTERNAL_ERROR")
         self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
@@ -1078,25 +1079,25 @@ class FollowUpTests(Backed):
 
     def _next_done(self):
         """A Deferred that fires with the next request the gateway accounts for (access log and metrics written)."""
-        gateway, d = self.gw.gateway, Deferred()
-        original = gateway.request_done
+        accounting, d = self.gw.parts.accounting, Deferred()
+        original = accounting.done
 
         def request_done(request):
             original(request)
             if not d.called:
                 d.callback(request)
 
-        self.patch(gateway, "request_done", request_done)
+        self.patch(accounting, "done", request_done)
         return d
 
     def _status_count(self, status):
-        metrics = self.gw.gateway.metrics.render().decode()
+        metrics = self.gw.parts.metrics.render().decode()
         return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("clawdbot_requests_total{") and f'status="{status}"' in line)
 
     async def test_client_gone_before_first_byte_is_499(self):
         """A client that leaves before any byte of the answer is logged and counted as 499 (client closed request), not 200."""
         self.start("access_log: {sample_rate: 0}")
-        self.fake.behave(delay_first_byte=30)
+        self.fake.hold()
         body = json.dumps({"messages": HI, "stream": True}).encode()
         head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token()}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
         proto = await connect(self.gw.url)
@@ -1114,17 +1115,8 @@ class FollowUpTests(Backed):
     async def test_client_gone_while_queued_is_499(self):
         """A client that leaves while waiting for a backend slot is logged and counted as 499; one answered normally stays 200."""
         self.start("max_connections: 1\naccess_log: {sample_rate: 0}")
-        self.fake.behave(delay_first_byte=30)
-        slots = self.gw.gateway.backend.slots
-        queued, acquire = Deferred(), slots.acquire
-
-        def acquire_and_tell(*args, **kwargs):
-            d = Deferred.fromCoroutine(acquire(*args, **kwargs))
-            if slots.waiting and not queued.called:
-                queued.callback(None)
-            return d
-
-        self.patch(slots, "acquire", acquire_and_tell)
+        self.fake.hold()
+        queued = when_queued(self, self.gw.parts)
         body = json.dumps({"messages": HI}).encode()
         head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token()}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
         first = await connect(self.gw.url)

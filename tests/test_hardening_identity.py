@@ -24,12 +24,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from clawdbot.auth import session
 from clawdbot.http import sso
 from clawdbot.auth.tokens import Authenticator, Issuer, mint, parse_scopes, reason_for
 from clawdbot.config import ConfigError, parse_config
 from clawdbot.auth.identity import DEV_ISSUER, is_scope_token, owner_key, split_scopes
 from clawdbot.storage.store import MIGRATIONS, PostgresEngine, SQLiteEngine, SQLStore
-from tests.fake_ollama import FakeOllama
+from testing.fake_ollama import FakeOllama
 from tests.helpers import AUDIENCE, BASE_CONFIG, ISSUER, SECRET, bearer, get_json, merge_yaml, rsa_key, serve, token
 from tests.idp import IdP, browserless_login, pkce_pair
 from tests.test_sessions import pg_database
@@ -64,7 +65,7 @@ def as_user(who, **extra):
 
 def session_token(config, sub, idp, scope="chat:read chat:write", **extra):
     """A session JWT as /auth/refresh mints it, for a user of provider C{idp}."""
-    return mint(sso.session_signing_key(config), sso.session_issuer(config), sso.SESSION_AUDIENCE, sub, scope, 600, idp=idp, **extra)
+    return mint(session.session_signing_key(config), session.session_issuer(config), session.SESSION_AUDIENCE, sub, scope, 600, idp=idp, **extra)
 
 
 def old_sqlite_file():
@@ -230,7 +231,7 @@ class QuotaTests(Gateway):
         near = [{"role": "user", "content": "a" * (1000 - reply_bytes // 2)}]
         self.assertEqual((await self.call(alice, "POST", "/v1/chat/completions", {"session_id": sid, "messages": near}))[0], 200)
         self.assertEqual([r for r, _ in await self.messages(alice, sid)], ["user", "assistant"])
-        used = await self.gw.gateway.store.usage([owner_key(ISSUER, "alice")])
+        used = await self.gw.parts.history.store.usage([owner_key(ISSUER, "alice")])
         print(f"stored {used} bytes against a quota of 1000")
         self.assertGreater(used, 1000)
         self.assertEqual((await self.call(alice, "POST", "/v1/chat/completions", {"session_id": sid, "messages": [{"role": "user", "content": "a"}]}))[0], 429)
@@ -380,7 +381,7 @@ class IdentityTests(Gateway):
         an idp claim in an operator token changes nothing.
         """
         gw = self.start(OAUTH2 + "rate_limit: {requests_per_minute: 3}")
-        config = gw.gateway.config
+        config = gw.parts.runtime.config
         bearer_alice = as_user(ALICE)
         sso_alice = bearer(session_token(config, "alice", OTHER_IDP, teams=["team-a"]))
         spoof = as_user(ALICE, idp=OTHER_IDP)
@@ -401,19 +402,19 @@ class IdentityTests(Gateway):
     async def test_session_token_needs_idp(self):
         """A session JWT without an idp claim (as minted before) is a 401, not a principal of the gateway's own origin."""
         gw = self.start(OAUTH2)
-        config = gw.gateway.config
-        bare = mint(sso.session_signing_key(config), sso.session_issuer(config), sso.SESSION_AUDIENCE, "alice", "chat:read", 600)
+        config = gw.parts.runtime.config
+        bare = mint(session.session_signing_key(config), session.session_issuer(config), session.SESSION_AUDIENCE, "alice", "chat:read", 600)
         status, _, body = await self.call(bearer(bare), "GET", "/v1/me")
         self.assertEqual((status, body["error"]["details"]), (401, "claim 'idp' is missing"))
         for bad in ("", 42, ["x"]):
-            tok = mint(sso.session_signing_key(config), sso.session_issuer(config), sso.SESSION_AUDIENCE, "alice", "chat:read", 600, idp=bad)
+            tok = mint(session.session_signing_key(config), session.session_issuer(config), session.SESSION_AUDIENCE, "alice", "chat:read", 600, idp=bad)
             self.assertEqual((await self.call(bearer(tok), "GET", "/v1/me"))[0], 401, bad)
         self.assertEqual((await self.call(bearer(session_token(config, "alice", OTHER_IDP)), "GET", "/v1/me"))[0], 200)
 
     async def test_presets_corps_apart(self):
         """The same userid from WeCom corp A and corp B (their session JWTs' idp) are two owners."""
         gw = self.start(OAUTH2)
-        config = gw.gateway.config
+        config = gw.parts.runtime.config
         corp_a = bearer(session_token(config, "zhangsan", "wecom:ww-corp-a"))
         corp_b = bearer(session_token(config, "zhangsan", "wecom:ww-corp-b"))
         sid = (await self.create(corp_a))["id"]
@@ -428,7 +429,7 @@ class IdentityTests(Gateway):
         self.assertEqual(made["owner"], "dev")
         other = bearer(token(sub="dev"))
         self.assertEqual((await self.call(other, "GET", f"/v1/sessions/{made['id']}"))[0], 404)
-        self.assertEqual(gw.gateway.auth.dev.issuer, DEV_ISSUER)
+        self.assertEqual(gw.parts.authentication.current.dev.issuer, DEV_ISSUER)
 
 
 class MigrationTests(Gateway):
@@ -452,7 +453,7 @@ class MigrationTests(Gateway):
         self.assertEqual((await self.call(bob, "PATCH", "/v1/sessions/sess_old_team", {"title": "x"}))[0], 403)
         self.assertEqual((await self.call(alice, "PATCH", "/v1/sessions/sess_old_alice", {"title": "renamed"}))[0], 200)
         self.assertEqual((await self.call(alice, "POST", "/v1/chat/completions", {"session_id": "sess_old_alice", "messages": HI}))[0], 200)
-        store = self.gw.gateway.store
+        store = self.gw.parts.history.store
         owners = await store.owners_of(ISSUER, "alice")
         self.assertEqual(await store.usage(owners), old_bytes("alice") + 2 + len(self.fake.reply_text.encode()))
         # The dev principal's provider was trusted too: the debug port's "dev" would see a "dev" row.
@@ -461,7 +462,7 @@ class MigrationTests(Gateway):
 
         # Restarted with single sign-on added: its alice is someone else.
         gw = self.start(f'storage: {{path: "{path}"}}\n' + OAUTH2)
-        sso_alice = bearer(session_token(gw.gateway.config, "alice", OTHER_IDP))
+        sso_alice = bearer(session_token(gw.parts.runtime.config, "alice", OTHER_IDP))
         self.assertEqual((await self.call(sso_alice, "GET", "/v1/sessions"))[2]["data"], [])
         self.assertEqual((await self.call(sso_alice, "GET", "/v1/sessions/sess_old_alice"))[0], 404)
         self.assertEqual((await self.call(as_user(ALICE), "GET", "/v1/sessions/sess_old_alice"))[0], 200)
@@ -470,9 +471,9 @@ class MigrationTests(Gateway):
         """When single sign-on was configured as the file migrated, its users keep reaching their old sessions too."""
         path = old_sqlite_file()
         gw = self.start(f'storage: {{path: "{path}"}}\n' + OAUTH2)
-        sso_alice = bearer(session_token(gw.gateway.config, "alice", OTHER_IDP + "/"))
+        sso_alice = bearer(session_token(gw.parts.runtime.config, "alice", OTHER_IDP + "/"))
         self.assertEqual((await self.call(sso_alice, "GET", "/v1/sessions/sess_old_alice"))[0], 200)
-        other_idp = bearer(session_token(gw.gateway.config, "alice", "https://elsewhere.example"))
+        other_idp = bearer(session_token(gw.parts.runtime.config, "alice", "https://elsewhere.example"))
         self.assertEqual((await self.call(other_idp, "GET", "/v1/sessions/sess_old_alice"))[0], 404)
 
     async def test_sqlite_schema(self):
@@ -552,7 +553,7 @@ class RefreshRecheckTests(TestCase):
         await deferToThread(flow.idp.change_user, "alice", deleted=True)
         ended = await flow.refresh(cookie)
         self.assertEqual((ended.code, ended.json()["error"]["details"]), (401, "the identity provider ended the sign-in session"))
-        self.assertIn("max-age=0", ended.cookies[sso.REFRESH_COOKIE][1])
+        self.assertIn("max-age=0", ended.cookies[session.REFRESH_COOKIE][1])
         again = await flow.refresh(cookie)
         self.assertEqual((again.code, again.json()["error"]["details"]), (401, "the sign-in session was ended"))
 
@@ -560,17 +561,17 @@ class RefreshRecheckTests(TestCase):
         """Once the provider's access token has expired, refresh uses the refresh token, re-reads the groups and renews the cookie."""
         flow = Flow(self).start()
         _, cookie = await flow.sign_in()
-        key = sso.cookie_key(flow.config())
-        payload = sso.unseal(key, "refresh", cookie, time.time())
+        key = session.cookie_key(flow.config())
+        payload = session.unseal(key, "refresh", cookie, time.time())
         self.assertTrue(payload["grant"]["rt"])
         payload["grant"]["ax"] = 0
-        stale = sso.seal(key, "refresh", payload)
+        stale = session.seal(key, "refresh", payload)
         await deferToThread(flow.idp.change_user, "alice", groups=["admins"])
         claims, reply = await self.refreshed(flow, stale)
         self.assertEqual(claims["teams"], ["admins"])
-        renewed, attrs = reply.cookies[sso.REFRESH_COOKIE]
+        renewed, attrs = reply.cookies[session.REFRESH_COOKIE]
         self.assertIn("path=/auth", attrs)
-        fresh = sso.unseal(key, "refresh", renewed, time.time())
+        fresh = session.unseal(key, "refresh", renewed, time.time())
         self.assertGreater(fresh["grant"]["ax"], time.time())
         self.assertNotEqual(fresh["grant"]["at"], payload["grant"]["at"])
         self.assertEqual((fresh["rid"], fresh["exp"]), (payload["rid"], payload["exp"]))
@@ -595,10 +596,10 @@ class RefreshRecheckTests(TestCase):
         for secret in (params["state"], params["nonce"], "secret-next-path"):
             self.assertNotIn(secret.encode(), raw)
             self.assertNotIn(secret, login)
-        opened = sso.unseal(sso.cookie_key(flow.config()), "login", login, time.time())
+        opened = session.unseal(session.cookie_key(flow.config()), "login", login, time.time())
         self.assertEqual((opened["s"], opened["n"], opened["next"]), (params["state"], params["nonce"], "/secret-next-path"))
         _, refresh = await flow.sign_in()
-        opened = sso.unseal(sso.cookie_key(flow.config()), "refresh", refresh, time.time())
+        opened = session.unseal(session.cookie_key(flow.config()), "refresh", refresh, time.time())
         for secret in ("alice@example.test", "Alice Example", opened["grant"]["at"], opened["grant"]["rt"]):
             self.assertNotIn(secret.encode(), cookie_bytes(refresh))
             self.assertNotIn(secret, refresh)
@@ -674,7 +675,7 @@ oauth2:
         status, _, seen = await get_json(gw.url + f"/v1/sessions/{sid}", headers=bearer(session_jwt))
         self.assertEqual((status, seen["title"]), (200, "from the API"))
         # Same provider, another sub: someone else.
-        self.assertEqual((await get_json(gw.url + f"/v1/sessions/{sid}", headers=bearer(session_token(gw.gateway.config, "bob", idp.issuer))))[0], 404)
+        self.assertEqual((await get_json(gw.url + f"/v1/sessions/{sid}", headers=bearer(session_token(gw.parts.runtime.config, "bob", idp.issuer))))[0], 404)
 
 
 # --- the refresh route's failure modes, unit level -------------------------------------
@@ -686,9 +687,9 @@ class RefreshCookieSizeTests(SynchronousTestCase):
         config = parse_config(merge_yaml(BASE_CONFIG, OAUTH2), {})
         payload = {"rid": "r", "sub": "alice", "idp": OTHER_IDP, "exp": time.time() + 60, "grant": {"at": "a" * 3000, "ax": 1, "rt": "r" * 500}}
         value = sso.seal_refresh(config, payload)
-        opened = sso.unseal(sso.cookie_key(config), "refresh", value, time.time())
+        opened = session.unseal(session.cookie_key(config), "refresh", value, time.time())
         self.assertEqual(opened["grant"], {"rt": "r" * 500})
         payload["grant"]["rt"] = "r" * 4000
-        opened = sso.unseal(sso.cookie_key(config), "refresh", sso.seal_refresh(config, payload), time.time())
+        opened = session.unseal(session.cookie_key(config), "refresh", sso.seal_refresh(config, payload), time.time())
         self.assertIsNone(opened["grant"])
         self.assertIsNone(sso.seal_refresh(config, dict(payload, name="n" * 5000)))

@@ -24,8 +24,8 @@ from clawdbot.ops import runtime as gateway_module
 from clawdbot.config import ConfigError, dump_effective, effective, parse_config
 from clawdbot.ops.ratelimit import WINDOW, MemoryLimiter
 from clawdbot.http.tree import Readiness
-from tests.fake_ollama import FakeOllama
-from tests.helpers import BASE_CONFIG, Process, clawdbot_argv, get_json, merge_yaml, serve, write_config
+from testing.fake_ollama import FakeOllama
+from tests.helpers import BASE_CONFIG, Process, clawdbot_argv, closed_port, get_json, merge_yaml, serve, write_config
 
 SECRET = "s" * 32
 BASE = f'auth: {{jwt: {{secret: "{SECRET}", issuer: "https://sso.example.com", audience: "chat"}}}}\n'
@@ -248,7 +248,7 @@ class ReloadFailureTests(TestCase):
         return events
 
     def error_count(self, gw):
-        text = gw.gateway.metrics.render().decode()
+        text = gw.parts.metrics.render().decode()
         for line in text.splitlines():
             if line.startswith('clawdbot_config_reloads_total{result="error"}'):
                 return float(line.split()[-1])
@@ -257,13 +257,13 @@ class ReloadFailureTests(TestCase):
     def test_self_referencing_alias_is_a_counted_failed_reload(self):
         """A reload of a file with a self-referencing alias keeps the config, counts an error and logs it with the path."""
         gw = serve(self)
-        before = gw.gateway.config
+        before = gw.parts.runtime.config
         events = self.watch_log()
         with open(gw.config_path, "a") as f:
             f.write("x: &a [*a]\n")
-        self.assertFalse(gw.gateway.reload())
-        self.assertIs(gw.gateway.config, before)
-        self.assertEqual(gw.gateway.reloads["error"], 1)
+        self.assertFalse(gw.parts.runtime.reload())
+        self.assertIs(gw.parts.runtime.config, before)
+        self.assertEqual(gw.parts.runtime.reloads["error"], 1)
         self.assertEqual(self.error_count(gw), 1.0)
         failed = [e for e in events if e.get("log_format", "").startswith("Config reload failed")]
         self.assertEqual(len(failed), 1)
@@ -279,8 +279,8 @@ class ReloadFailureTests(TestCase):
             raise TypeError("a bug")
 
         self.patch(gateway_module, "restart_needed", broken)
-        self.assertFalse(gw.gateway.reload())
-        self.assertEqual(gw.gateway.reloads, {"ok": 0, "error": 1})
+        self.assertFalse(gw.parts.runtime.reload())
+        self.assertEqual(gw.parts.runtime.reloads, {"ok": 0, "error": 1})
         self.assertEqual(self.error_count(gw), 1.0)
         failed = [e for e in events if e.get("log_format", "").startswith("Config reload failed")]
         self.assertEqual([e["file"] for e in failed], [gw.config_path])
@@ -295,23 +295,23 @@ class ReloadFailureTests(TestCase):
             def callFromThread(self, f, *args):
                 calls.append((f, args))
 
-        real = gw.gateway.reactor
-        gw.gateway.reactor = Recorder()
+        real = gw.parts.runtime.reactor
+        gw.parts.runtime.reactor = Recorder()
         try:
-            gw.gateway.request_reload()
-            gw.gateway.request_reload()  # coalesced
+            gw.parts.runtime.request_reload()
+            gw.parts.runtime.request_reload()  # coalesced
         finally:
-            gw.gateway.reactor = real
+            gw.parts.runtime.reactor = real
         self.assertEqual(len(calls), 1)
 
         def boom():
             raise RuntimeError("a bug")
 
-        self.patch(gw.gateway, "reload", boom)
+        self.patch(gw.parts.runtime, "reload", boom)
         f, args = calls[0]
         f(*args)
-        self.assertEqual(gw.gateway.reloads["error"], 1)
-        self.assertFalse(gw.gateway._reload_pending)
+        self.assertEqual(gw.parts.runtime.reloads["error"], 1)
+        self.assertFalse(gw.parts.runtime._reload_pending)
         self.flushLoggedErrors(RuntimeError)
 
     def test_sighup_with_self_referencing_alias(self):
@@ -490,7 +490,7 @@ class ReadinessUnitTests(SynchronousTestCase):
     def test_concurrent_checks_coalesce(self):
         """Ten callers while a check is under way share that one check and all get its answer."""
         gw = StubGateway()
-        readiness = Readiness(gw)
+        readiness = Readiness(gw, gw.backend, gw.metrics)
         waits = [Deferred.fromCoroutine(readiness.reason()) for _ in range(10)]
         self.assertEqual(len(gw.backend.pending), 1)
         gw.backend.pending[0].callback("not reachable")
@@ -500,7 +500,7 @@ class ReadinessUnitTests(SynchronousTestCase):
     def test_answer_cached_for_the_ttl_then_asked_again(self):
         """An answer (ready or not) is reused for TTL seconds; after that, or after a reload, the backend is asked again."""
         gw = StubGateway()
-        readiness = Readiness(gw)
+        readiness = Readiness(gw, gw.backend, gw.metrics)
         first = Deferred.fromCoroutine(readiness.reason())
         gw.backend.pending[0].callback(None)
         self.assertIsNone(self.successResultOf(first))
@@ -520,7 +520,7 @@ class ReadinessUnitTests(SynchronousTestCase):
     def test_a_caller_leaving_does_not_cancel_the_check(self):
         """A caller that goes away (its wait cancelled) leaves the shared check and the other callers' answers intact."""
         gw = StubGateway()
-        readiness = Readiness(gw)
+        readiness = Readiness(gw, gw.backend, gw.metrics)
         leaving = Deferred.fromCoroutine(readiness.reason())
         staying = Deferred.fromCoroutine(readiness.reason())
         leaving.cancel()
@@ -531,7 +531,7 @@ class ReadinessUnitTests(SynchronousTestCase):
     def test_failure_is_shared_but_not_cached(self):
         """A check that raises fails its waiters once; the next call checks again."""
         gw = StubGateway()
-        readiness = Readiness(gw)
+        readiness = Readiness(gw, gw.backend, gw.metrics)
         waits = [Deferred.fromCoroutine(readiness.reason()) for _ in range(3)]
         gw.backend.pending[0].errback(RuntimeError("bug"))
         for d in waits:
@@ -550,7 +550,7 @@ class ReadinessHTTPTests(TestCase):
         self.addCleanup(fake.stop)
         gw = serve(self, extra=f'backend: {{url: "{fake.url}"}}')
         clock = Clock()
-        Readiness.of(gw.gateway).clock = clock
+        gw.parts.readiness.clock = clock
         before = len(fake.requests_to("/api/version"))
         results = await gatherResults([ensureDeferred(get_json(gw.url + "/readyz")) for _ in range(50)])
         for _ in range(100):
@@ -567,10 +567,8 @@ class ReadinessHTTPTests(TestCase):
 
     async def test_not_ready_answer_is_cached_too(self):
         """With Ollama down, repeated /readyz answer 503 with the reason from one check."""
-        from tests.helpers import free_port
-
-        gw = serve(self, extra=f'backend: {{url: "http://127.0.0.1:{free_port()}"}}')
-        readiness = Readiness.of(gw.gateway)
+        gw = serve(self, extra=f'backend: {{url: "http://127.0.0.1:{closed_port(self)}"}}')
+        readiness = gw.parts.readiness
         readiness.clock = Clock()
         statuses = []
         for _ in range(20):

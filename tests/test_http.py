@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from clawdbot.http.site import APIResource
-from tests.helpers import bearer, free_port, get_json, serve, token
+from tests.helpers import bearer, closed_port, get_json, serve, token
 
 
 def assert_error_shape(testcase, body, code):
@@ -122,9 +122,8 @@ class ErrorShapeTests(TestCase):
             async def handle_GET(self, request):
                 raise RuntimeError("secret internal detail at 10.1.2.3:5432")
 
-        self.gw.service.gateway  # the site's root is shared by both listeners
         root = self.gw.service.services[0].factory.resource
-        root.putChild(b"boom", Boom(self.gw.gateway))
+        root.putChild(b"boom", Boom(self.gw.parts))
         status, _, body = await get_json(self.gw.url + "/boom")
         self.assertEqual(status, 500)
         assert_error_shape(self, body, "INTERNAL_ERROR")
@@ -136,7 +135,7 @@ class ErrorShapeTests(TestCase):
 class ReadinessTests(TestCase):
     async def test_not_ready_without_backend(self):
         """/readyz is 503 and says Ollama is unreachable when nothing listens at backend.url."""
-        port = free_port()
+        port = closed_port(self)
         gw = serve(self, extra=f'backend: {{url: "http://127.0.0.1:{port}"}}')
         status, _, body = await get_json(gw.url + "/readyz")
         self.assertEqual(status, 503)

@@ -27,7 +27,7 @@ from clawdbot.backend import images as images_module
 from clawdbot.config import ConfigError, load_config, parse_config
 from clawdbot.errors import APIError
 from clawdbot.backend.images import BUSY, TOO_SLOW, UNSUPPORTED, ImageWorkers, encode_images
-from tests.fake_ollama import FakeOllama
+from testing.fake_ollama import FakeOllama
 from tests.helpers import BASE_CONFIG, ROOT, bearer, get_json, merge_yaml, serve, token
 
 ALL = "chat:read chat:write admin"
@@ -303,7 +303,7 @@ class DeadlineTests(Backed):
         self.assertEqual(headers.getRawHeaders("retry-after"), ["1"])
         spy.release.set()
         # Stopping the pool waits for its thread to finish what it is doing.
-        self.gw.gateway.images.stop()
+        self.gw.parts.images.stop()
         self.assertEqual(spy.calls, 1)
         self.assertEqual(self.fake.requests_to("/api/chat"), [])
 
@@ -325,7 +325,7 @@ class DeadlineTests(Backed):
         request.cancel()
         await wait_for(cancelled)
         spy.release.set()
-        self.gw.gateway.images.stop()
+        self.gw.parts.images.stop()
         self.assertEqual(spy.calls, 1)
         self.assertEqual(self.fake.requests_to("/api/chat"), [])
 

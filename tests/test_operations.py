@@ -13,18 +13,18 @@ import tempfile
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from clawdbot.auth.tokens import Principal
+from clawdbot.auth.identity import Principal
 from clawdbot.config import parse_config
 from clawdbot.logs import event_as_dict
 from clawdbot.ops.observe import AccessLog, redact
 from clawdbot.ops.ratelimit import MemoryLimiter, rule_for
-from tests.fake_ollama import FakeOllama
+from testing.fake_ollama import FakeOllama
 from tests import helpers
-from tests.helpers import BASE_CONFIG, Process, bearer, clawdbot_argv, get_json, merge_yaml, serve, token, write_config
+from tests.helpers import BASE_CONFIG, Process, bearer, clawdbot_argv, get_json, merge_yaml, serve, stream_call, token, write_config
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -134,7 +134,7 @@ class RateLimitHTTPTests(Backed):
             text = f.read()
         with open(gw.config_path, "w") as f:
             f.write(text.replace("requests_per_minute: 1000", "requests_per_minute: 2"))
-        self.assertTrue(gw.gateway.reload())
+        self.assertTrue(gw.parts.runtime.reload())
         # The bucket now holds at most the new budget: two more, then 429.
         self.assertEqual([(await self.chat())[0] for _ in range(3)], [200, 200, 429])
 
@@ -237,7 +237,7 @@ class MetricsTests(Backed):
         await self.chat()
         await get_json(gw.url + "/v1/me")
         await get_json(gw.url + "/v1/me", headers=bearer(token(ttl=-600)))
-        self.assertTrue(gw.gateway.reload())
+        self.assertTrue(gw.parts.runtime.reload())
         status, _, _ = await get_json(gw.url + "/metrics", headers=bearer(token(scope="chat:read")))
         self.assertEqual(status, 403)
         status, headers, text = await get_json(gw.url + "/metrics", headers=bearer(token(scope="admin")))
@@ -292,21 +292,21 @@ class SignalTests(TestCase):
         fake = FakeOllama(tokens=15)
         fake.listen(reactor)
         self.addCleanup(fake.stop)
-        fake.behave(pace=0.1)
+        fake.hold(after=1)
         proc, _ = self.start("server: {drain_timeout: 20s}", fake)
         url = proc.url()
-        stream = ensureDeferred(get_json(url + "/v1/chat/completions", method="POST", headers=bearer(token()), body={"messages": HI, "stream": True}))
-        await fake.next_request("/api/chat")
-        await deferLater(reactor, 0.3)
+        stream = stream_call(url + "/v1/chat/completions", {"messages": HI, "stream": True}, bearer(token()))
+        await stream.when_seen(b"data: ")
         proc.signal(signal.SIGTERM)
-        await deferLater(reactor, 0.3)
+        proc.wait_for("Draining 1 requests", stream="stderr")  # logged once the listeners are closed
         refused = None
         try:
             await get_json(url + "/healthz")
         except Exception as e:
             refused = e
         self.assertIsNotNone(refused, "the gateway still accepted connections while draining")
-        status, _, raw = await stream
+        fake.release()
+        status, raw = await stream.done
         self.assertTrue(raw.endswith(b"data: [DONE]\n\n"), raw[-200:])
         self.assertEqual(proc.proc.wait(10), 0)
 
@@ -315,13 +315,12 @@ class SignalTests(TestCase):
         fake = FakeOllama(tokens=200)
         fake.listen(reactor)
         self.addCleanup(fake.stop)
-        fake.behave(pace=0.1)
+        fake.hold(after=1)  # still running at the deadline
         proc, _ = self.start("server: {drain_timeout: 500ms}", fake)
-        stream = ensureDeferred(get_json(proc.url() + "/v1/chat/completions", method="POST", headers=bearer(token()), body={"messages": HI, "stream": True}))
-        await fake.next_request("/api/chat")
-        await deferLater(reactor, 0.3)
+        stream = stream_call(proc.url() + "/v1/chat/completions", {"messages": HI, "stream": True}, bearer(token()))
+        await stream.when_seen(b"data: ")
         proc.signal(signal.SIGTERM)
-        status, _, raw = await stream
+        status, raw = await stream.done
         last = raw.strip().split(b"\n\n")[-1]
         self.assertEqual(json.loads(last[6:])["error"]["code"], "SHUTTING_DOWN")
         self.assertEqual(proc.proc.wait(10), 0)
@@ -343,14 +342,15 @@ class SignalTests(TestCase):
                 statuses.append(status)
 
         clients = [ensureDeferred(client(n)) for n in range(6)]
-        await deferLater(reactor, 0.8)
+        await helpers.until(lambda: len(statuses) >= 30, what="30 answers before the reload")
         with open(path) as f:
             text = f.read()
         with open(path, "w") as f:
             f.write(text.replace("requests_per_minute: 100000", "requests_per_minute: 5"))
         proc.signal(signal.SIGHUP)
         proc.wait_for("Config reloaded", stream="stderr")
-        await deferLater(reactor, 0.8)
+        reloaded = len(statuses)
+        await helpers.until(lambda: 429 in statuses[reloaded:] and len(statuses) - reloaded >= 30, what="30 answers, a 429 among them, after the reload")
         stop[0] = True
         for c in clients:
             await c
@@ -432,7 +432,7 @@ class ReviewRegressionTests(Backed):
         async def broken(*args, **kwargs):
             raise RuntimeError("disk full")
 
-        self.gw.gateway.store.append = broken
+        self.gw.parts.history.store.append = broken
         status, _, raw = await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=owner, body={"session_id": session["id"], "messages": HI, "stream": True})
         last = raw.strip().split(b"\n\n")[-1]
         self.assertTrue(last.startswith(b"data: "), raw[-200:])

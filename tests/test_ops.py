@@ -30,8 +30,8 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.fake_ollama import FakeOllama, tokenize
-from tests.helpers import ROOT, free_port, SECRET, Process, bearer, get_json, merge_yaml, process_env, serve, token, write_config
+from testing.fake_ollama import FakeOllama, tokenize
+from tests.helpers import ROOT, SECRET, Process, bearer, get_json, merge_yaml, process_env, reserved_port, serve, token, write_config
 
 UNIT = os.path.join(ROOT, "clawdbot.service")
 NGINX_SITE = os.path.join(ROOT, "etc", "nginx", "clawdbot.conf")
@@ -276,11 +276,10 @@ class UnitCommandLineTests(TestCase):
         fake.listen(reactor)
         self.addCleanup(fake.stop)
         state = tempdir(self)  # plays /var/lib/clawdbot, the unit's WorkingDirectory
-        port = free_port()
         config = write_config(
             self,
             f"""
-            server: {{listen: "tcp:{port}:interface=127.0.0.1"}}
+            server: {{listen: "tcp:0:interface=127.0.0.1"}}
             backend: {{url: "{fake.url}"}}
             storage: {{backend: sqlite, path: clawdbot.sqlite3}}
             auth:
@@ -293,7 +292,7 @@ class UnitCommandLineTests(TestCase):
         proc = Process(tied_to_test([sys.executable, "-c", UNDER_UNIT, *argv]), env=env, cwd=state)
         self.addCleanup(proc.stop)
         proc.wait_for("Gateway listening on")
-        return proc, fake, state, f"http://127.0.0.1:{port}"
+        return proc, fake, state, proc.url()
 
     async def test_exec_start_reload_and_stop(self):
         """The unit's ExecStart runs: production, no debug port, SQLite in the working directory (mode 0600 under UMask=0077), SIGHUP reloads, SIGTERM exits 0."""
@@ -412,7 +411,7 @@ class Nginx:
     def __init__(self, testcase, upstream_port, tweak=None):
         self.prefix = tempdir(testcase)
         self.cert, self.key = self_signed(self.prefix)
-        self.https_port, self.http_port = free_port(), free_port()
+        self.https_port, self.http_port = reserved_port(testcase), reserved_port(testcase)  # written into the site file
         site = render_site(site_text(), self.https_port, self.http_port, upstream_port, self.cert, self.key)
         if tweak:
             site = tweak(site)

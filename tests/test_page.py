@@ -15,7 +15,7 @@ import treq
 from twisted.trial.unittest import TestCase
 
 from tests.browser import DESKTOP, PHONE, run_in_browser
-from tests.helpers import free_port, serve
+from tests.helpers import closed_port, serve
 
 FINAL_STATES = "[data-testid=message-assistant]:not([data-state=streaming]), [data-testid=message-error]"
 
@@ -192,7 +192,7 @@ class ChatPageTests(TestCase):
     def setUp(self):
         # Never a real Ollama that may run on this machine: the page must
         # cope with the backend being down.
-        self.gw = serve(self, extra=f'backend: {{url: "http://127.0.0.1:{free_port()}"}}')
+        self.gw = serve(self, extra=f'backend: {{url: "http://127.0.0.1:{closed_port(self)}"}}')
 
     async def test_page_and_assets_are_served_with_csp(self):
         """/ and the page's files are served with their types, and the page with the CSP."""

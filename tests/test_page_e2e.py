@@ -2,7 +2,7 @@
 The chat page end to end: Debian's Chromium driven by Playwright
 (tests/browser.py) against a real gateway started in this process, the real
 OpenID Connect provider (tests/idp.py, oidc-provider under node) and the
-fake Ollama (tests/fake_ollama.py).
+fake Ollama (testing/fake_ollama.py).
 
 Every test signs in the way a person does -- the page's "Sign in" button,
 the provider's login form, back through the gateway's /callback -- and then
@@ -24,11 +24,11 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread
 from twisted.trial.unittest import TestCase
 
-from clawdbot.http import sso
+from clawdbot.auth import session
 from clawdbot.auth.tokens import mint
 from tests.browser import DESKTOP, PHONE, run_in_browser
-from tests.fake_ollama import FakeOllama
-from tests.helpers import bearer, free_port, get_json, serve
+from testing.fake_ollama import FakeOllama
+from tests.helpers import bearer, get_json, reserved_port, serve
 from tests.idp import IdP
 
 CLIENT_ID = "clawdbot-web"
@@ -164,7 +164,7 @@ class PageE2E(TestCase):
         self.addCleanup(self.fake.stop)
         self.fake.reply_hook = reply_for
 
-        port = free_port()
+        port = reserved_port(self)  # the gateway's own URL is in its config
         self.origin = f"http://127.0.0.1:{port}"
         self.idp = IdP().start(
             clients=[
@@ -205,8 +205,8 @@ oauth2:
         owner as that user on the page: an operator-issued token's sub is
         someone else (SPEC §6).
         """
-        config = self.gw.gateway.config
-        return bearer(mint(sso.session_signing_key(config), sso.session_issuer(config), sso.SESSION_AUDIENCE, sub, scope, 3600, idp=self.idp.issuer))
+        config = self.gw.parts.runtime.config
+        return bearer(mint(session.session_signing_key(config), session.session_issuer(config), session.SESSION_AUDIENCE, sub, scope, 3600, idp=self.idp.issuer))
 
     def chat_requests(self):
         return [r.body for r in self.fake.requests_to("/api/chat")]
@@ -266,7 +266,7 @@ oauth2:
         self.assertEqual(seen["teams"], ["All chats", "Team: team-a"])
         self.assertEqual(seen["storage"], [0, 0, ""])
         # The refresh credential: HttpOnly, SameSite=Strict, scoped to /auth.
-        refresh_cookie = seen["cookies"][sso.REFRESH_COOKIE]
+        refresh_cookie = seen["cookies"][session.REFRESH_COOKIE]
         self.assertEqual((refresh_cookie["httpOnly"], refresh_cookie["sameSite"], refresh_cookie["path"]), (True, "Strict", "/auth"))
 
         self.assertEqual(seen["after_signout_url"].split("#")[0], self.origin + "/")

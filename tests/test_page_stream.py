@@ -15,7 +15,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from tests.browser import DESKTOP, run_in_browser
-from tests.fake_ollama import FakeOllama
+from testing.fake_ollama import FakeOllama
 from tests.helpers import serve
 
 

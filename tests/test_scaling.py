@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher
 from twisted.protocols.portforward import ProxyFactory
@@ -36,8 +37,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from clawdbot.config import ConfigError, effective, parse_config, restart_needed
 from clawdbot.auth.identity import owner_key
 from clawdbot.ops.ratelimit import BUCKET_SCRIPT, LimiterUnavailable, MemoryLimiter, RedisLimiter
-from tests.fake_ollama import FakeOllama
-from tests.helpers import BASE_CONFIG, ISSUER, free_port, Process, bearer, clawdbot_argv, get_json, merge_yaml, process_env, serve, token, write_config
+from testing.fake_ollama import FakeOllama
+from tests.helpers import BASE_CONFIG, ISSUER, Process, bearer, clawdbot_argv, closed_port, get_json, merge_yaml, process_env, reserved_port, serve, token, write_config
 from tests.idp import IdP, browserless_login
 from tests.test_sessions import pg_database
 
@@ -207,7 +208,7 @@ class RedisLimiterTests(TestCase):
         (C{Retry-After: 1}) while spending never raises; each check is
         counted, and none takes more than a moment.
         """
-        port = free_port()
+        port = closed_port(self)
         errors = []
         open_ = self.limiter(f"redis://127.0.0.1:{port}/0", on_backend_error="open", on_error=lambda: errors.append("open"))
         started = time.monotonic()
@@ -243,10 +244,10 @@ class RedisLimiterTests(TestCase):
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        silent = socket.socket()
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(64)
-        port = silent.getsockname()[1]
+        silent = SilentThenForwarding()
+        listening = reactor.listenTCP(0, silent, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
         errors = []
         limiter = self.limiter(f"redis://127.0.0.1:{port}/0", on_error=lambda: errors.append(1))
         limiter.RETRY_AFTER = 0.5
@@ -265,12 +266,34 @@ class RedisLimiterTests(TestCase):
         self.assertEqual(lines[0]["log_level"].name, "error")
 
         # Redis comes back on that port (a forwarder to the real one).
-        silent.close()
-        back_up = reactor.listenTCP(port, ProxyFactory("127.0.0.1", 6379), interface="127.0.0.1")
-        self.addCleanup(back_up.stopListening)
-        await deferLater(reactor, 0.5)
+        silent.forward_to("127.0.0.1", 6379)
+        await deferLater(reactor, 0.5)  # RETRY_AFTER: real time the limiter must let pass
         back = await limiter.take("alice", 3)
         self.assertEqual((back.allowed, back.limit, back.remaining), (True, 3, 2))
+
+
+class SilentThenForwarding(Factory):
+    """
+    A server that accepts connections and never answers, until
+    L{forward_to} drops those connections and forwards every new one to a
+    real server: the same port throughout, never closed and bound again.
+    """
+
+    def __init__(self):
+        self.silent = []
+        self.forward = None
+
+    def buildProtocol(self, addr):
+        if self.forward is not None:
+            return self.forward.buildProtocol(addr)
+        protocol = Protocol()
+        self.silent.append(protocol)
+        return protocol
+
+    def forward_to(self, host, port):
+        self.forward = ProxyFactory(host, port)
+        for protocol in self.silent:
+            protocol.transport.abortConnection()
 
 
 # --- config and wiring ---------------------------------------------------------------
@@ -345,7 +368,7 @@ class GatewayWiringTests(TestCase):
         """rate_limit.backend: redis puts the gateway's buckets in Redis: the request budget holds, with its headers."""
         prefix = redis_prefix(self)
         gw = self.start(f'rate_limit: {{backend: redis, url: "{REDIS_URL}", key_prefix: "{prefix}", requests_per_minute: 2}}')
-        self.assertIsInstance(gw.gateway.limiter, RedisLimiter)
+        self.assertIsInstance(gw.parts.accounting.limiter, RedisLimiter)
         replies = [await self.chat(gw) for _ in range(3)]
         self.assertEqual([r[0] for r in replies], [200, 200, 429])
         self.assertEqual(replies[1][1].getRawHeaders("x-ratelimit-remaining"), ["0"])
@@ -362,7 +385,7 @@ class GatewayWiringTests(TestCase):
         C{closed} the same request is refused with 503 GATEWAY_BUSY and
         C{Retry-After}, at once.
         """
-        gw = self.start(f'rate_limit: {{backend: redis, url: "redis://127.0.0.1:{free_port()}/0", requests_per_minute: 5}}')
+        gw = self.start(f'rate_limit: {{backend: redis, url: "redis://127.0.0.1:{closed_port(self)}/0", requests_per_minute: 5}}')
         self.assertEqual(await self.metric(gw, "clawdbot_ratelimit_backend_errors_total"), 0.0)
         status, _, _ = await self.chat(gw)
         self.assertEqual(status, 200)
@@ -372,7 +395,7 @@ class GatewayWiringTests(TestCase):
             text = f.read()
         with open(gw.config_path, "w") as f:
             f.write(text.replace("requests_per_minute: 5", "requests_per_minute: 5\n  on_backend_error: closed"))
-        self.assertTrue(gw.gateway.reload())
+        self.assertTrue(gw.parts.runtime.reload())
         started = time.monotonic()
         status, headers, body = await self.chat(gw)
         self.assertLess(time.monotonic() - started, 1.0)
@@ -477,25 +500,22 @@ class Cluster:
         self.t = testcase
         self.tmp = tempfile.mkdtemp(prefix="clawdbot-scaling-")
         testcase.addCleanup(shutil.rmtree, self.tmp, True)
-        self.ports = [free_port(), free_port()]
-        self.nginx_port = free_port()
+        self.nginx_port = reserved_port(testcase)  # the origin is in the gateways' config
         self.origin = f"http://127.0.0.1:{self.nginx_port}"
-        self.urls = [f"http://127.0.0.1:{p}" for p in self.ports]
 
     def start(self):
         t = self.t
         dsn = pg_database(t)
         prefix = redis_prefix(t)
-        ollama = Process([sys.executable, "-m", "tests.fake_ollama", "--port", "0"], env=process_env())
+        ollama = Process([sys.executable, "-m", "testing.fake_ollama", "--port", "0"], env=process_env())
         t.addCleanup(ollama.stop)
         self.idp = IdP().start(clients=[{"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "redirect_uris": [self.origin + "/callback"]}], users=USERS)
         t.addCleanup(self.idp.stop)
         ollama.wait_for("Fake Ollama listening on")
         ollama_url = ollama.stdout().split("Fake Ollama listening on ")[1].split()[0]
         self.gateways = []
-        for port in self.ports:
+        for _ in range(2):
             extra = f"""
-server: {{listen: "tcp:{port}:interface=127.0.0.1"}}
 backend: {{url: "{ollama_url}"}}
 storage: {{backend: postgresql, dsn: "{dsn}"}}
 rate_limit:
@@ -516,9 +536,10 @@ oauth2:
             gateway = Process(clawdbot_argv("start", "--config", path, "--no-debug-port"), env=process_env())
             t.addCleanup(gateway.stop)
             self.gateways.append(gateway)
-        for gateway, url in zip(self.gateways, self.urls):
+        for gateway in self.gateways:
             gateway.wait_for("Gateway listening on")
-            t.assertEqual(gateway.url(), url)
+        self.urls = [gateway.url() for gateway in self.gateways]
+        self.ports = [int(url.rsplit(":", 1)[1]) for url in self.urls]
         self.start_nginx()
         return self
 
@@ -679,20 +700,24 @@ class MultiInstanceTests(SynchronousTestCase):
                 with lock:
                     acked.append((sid, f"w{n}-{i}", 2, cluster.upstream(turn)))
 
+        def wait_until(predicate, timeout=10):
+            """Look at C{acked} (under the lock) until C{predicate(acked)} holds or C{timeout} seconds passed."""
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                with lock:
+                    if predicate(acked):
+                        return
+                time.sleep(0.01)
+
         victim = 0
         with ThreadPoolExecutor(4) as pool:
             running = [pool.submit(write, n) for n in range(4)]
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                with lock:
-                    if sum(1 for a in acked if a[3] == victim) >= 10:
-                        break
-                time.sleep(0.01)
+            wait_until(lambda acked: sum(1 for a in acked if a[3] == victim) >= 10)
             cluster.gateways[victim].proc.send_signal(signal.SIGKILL)
             cluster.gateways[victim].proc.wait()
             with lock:
                 before = len(acked)
-            time.sleep(1.0)
+            wait_until(lambda acked: len(acked) >= before + 10)
             stop.set()
             for future in running:
                 future.result()

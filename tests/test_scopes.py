@@ -6,7 +6,7 @@ or 403 exactly as its declared scope says (SPEC.md §4-§5).
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from tests.fake_ollama import FakeOllama
+from testing.fake_ollama import FakeOllama
 from tests.helpers import bearer, get_json, merge_yaml, serve, token
 
 HI = [{"role": "user", "content": "hi"}]

@@ -17,7 +17,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from clawdbot.tap import ListenError, Options, makeService
-from tests.helpers import BASE_CONFIG, free_port, ROOT, Process, clawdbot_argv, get_json, merge_yaml, serve, write_config
+from tests.helpers import BASE_CONFIG, reserved_port, ROOT, Process, clawdbot_argv, get_json, merge_yaml, serve, write_config
 
 MATRIX_CONFIG = merge_yaml(BASE_CONFIG, 'server: {listen: "tcp:8080", debug_listen: "tcp:18789:interface=127.0.0.1"}')
 
@@ -92,21 +92,21 @@ class ReloadTests(TestCase):
             original = f.read()
         with open(path, "w") as f:
             f.write(original.replace("timeout: 120s", "timeout: 5s").replace("timeout: 120.0", "timeout: 5s"))
-        self.assertTrue(gw.gateway.reload())
-        self.assertEqual(gw.gateway.config.timeout, 5.0)
+        self.assertTrue(gw.parts.runtime.reload())
+        self.assertEqual(gw.parts.runtime.config.timeout, 5.0)
 
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         with open(path, "w") as f:
             f.write(original + "\nbogus_key: 1\n")
-        self.assertFalse(gw.gateway.reload())
-        self.assertEqual(gw.gateway.config.timeout, 5.0)
+        self.assertFalse(gw.parts.runtime.reload())
+        self.assertEqual(gw.parts.runtime.config.timeout, 5.0)
         failed = [e for e in events if e.get("log_format", "").startswith("Config reload failed")]
         self.assertEqual(len(failed), 1)
         self.assertEqual(failed[0]["file"], path)
         self.assertIn("bogus_key: unknown key", failed[0]["error"])
-        self.assertEqual(gw.gateway.reloads, {"ok": 1, "error": 1})
+        self.assertEqual(gw.parts.runtime.reloads, {"ok": 1, "error": 1})
 
     async def test_in_flight_request_keeps_its_config(self):
         """A request holds the config it started under after a reload swaps in a new one."""
@@ -116,40 +116,40 @@ class ReloadTests(TestCase):
         seen = {}
         from twisted.internet.defer import Deferred
 
-        gate = Deferred()
+        gate, started = Deferred(), Deferred()
 
         class Probe(APIResource):
             scopes = {"GET": None}
 
             async def handle_GET(self, request):
                 before = request.config
+                started.callback(None)
                 await gate
                 seen["same"] = request.config is before
                 seen["timeout"] = request.config.timeout
                 return {}
 
-        gw.service.services[0].factory.resource.putChild(b"probe", Probe(gw.gateway))
-        pending = get_json(gw.url + "/probe")
+        gw.service.services[0].factory.resource.putChild(b"probe", Probe(gw.parts))
         from twisted.internet.defer import ensureDeferred
-        from twisted.internet import reactor
-        from twisted.internet.task import deferLater
 
-        pending = ensureDeferred(pending)
-        await deferLater(reactor, 0.1)
+        pending = ensureDeferred(get_json(gw.url + "/probe"))
+        await started
         with open(gw.config_path) as f:
             text = f.read()
         with open(gw.config_path, "w") as f:
             f.write(text + "\ntimeout: 7s\n")
-        self.assertTrue(gw.gateway.reload())
-        self.assertEqual(gw.gateway.config.timeout, 7.0)
+        self.assertTrue(gw.parts.runtime.reload())
+        self.assertEqual(gw.parts.runtime.config.timeout, 7.0)
         gate.callback(None)
         await pending
         self.assertEqual(seen, {"same": True, "timeout": 120.0})
 
     def test_signals_coalesce(self):
         """Several reload requests before the reactor turns run one reload."""
-        from clawdbot.ops.runtime import Gateway
+        from clawdbot.backend.ollama import Slots
         from clawdbot.config import load_config
+        from clawdbot.ops.observe import Metrics
+        from clawdbot.ops.runtime import Runtime
 
         class Reactor(MemoryReactorClock):
             def callFromThread(self, f, *args):
@@ -158,7 +158,7 @@ class ReloadTests(TestCase):
         path = write_config(self, BASE_CONFIG)
         reactor = Reactor()
         reactor.queued = []
-        gateway = Gateway(load_config(path, {}), reactor, environ={})
+        gateway = Runtime(load_config(path, {}), reactor, Metrics(Slots(reactor)), environ={})
         gateway.request_reload()
         gateway.request_reload()
         gateway.request_reload()
@@ -168,6 +168,34 @@ class ReloadTests(TestCase):
         self.assertEqual(gateway.reloads["ok"], 1)
         gateway.request_reload()
         self.assertEqual(len(reactor.queued), 1)
+
+
+class LogLevelTests(TestCase):
+    async def test_log_level_at_start_and_on_reload(self):
+        """log.level filters from start-up on and a reload applies a new one; twistd's observer (--logger) filters at it too."""
+        import io
+
+        from twisted.logger import LogLevel, LogPublisher, Logger
+
+        from clawdbot import logs
+
+        self.addCleanup(logs.set_level, "info")
+        gw = serve(self, extra="log: {level: warn}")
+        stream = io.StringIO()
+        publisher = LogPublisher(logs.FilteringLogObserver(logs.JSONLineObserver(stream), [logs._LEVEL]))
+        log = Logger(namespace="clawdbot.test", observer=publisher)
+        log.info("hidden at warn")
+        log.warn("shown at warn")
+        path = gw.config_path
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text.replace("level: warn", "level: debug"))
+        self.assertTrue(gw.parts.runtime.reload())
+        log.debug("shown at debug")
+        self.assertEqual([line.split('"message": ')[1].split('"')[1] for line in stream.getvalue().splitlines()], ["shown at warn", "shown at debug"])
+        self.assertIsInstance(logs.twistd_observer(), logs.FilteringLogObserver)
+        self.assertEqual(logs._LEVEL.logLevelForNamespace("clawdbot"), LogLevel.debug)
 
 
 class RealProcessTests(TestCase):
@@ -184,7 +212,7 @@ class RealProcessTests(TestCase):
 
     async def test_production_leaves_debug_port_closed(self):
         """In production mode nothing listens on the debug port, whatever the file says."""
-        debug = free_port()
+        debug = reserved_port(self)  # free for the gateway to take, were it to open the listener
         proc, _ = self.start(f'server: {{debug_listen: "tcp:{debug}:interface=127.0.0.1"}}', "--mode", "production")
         status, _, _ = await get_json(proc.url() + "/healthz")
         self.assertEqual(status, 200)
@@ -234,15 +262,16 @@ class RealProcessTests(TestCase):
         """The installed `clawdbot` script starts on etc/clawdbot.yaml with an empty environment."""
         script = os.path.join(os.path.dirname(sys.executable), "clawdbot")
         self.assertTrue(os.path.exists(script), "the package is not installed in this environment")
-        port, debug = free_port(), free_port()
         text = open(os.path.join(ROOT, "etc", "clawdbot.yaml")).read()
-        text = text.replace('"tcp:8080"', f'"tcp:{port}:interface=127.0.0.1"').replace("tcp:18789:", f"tcp:{debug}:")
+        text = text.replace('"tcp:8080"', '"tcp:0:interface=127.0.0.1"').replace("tcp:18789:", "tcp:0:")
         path = write_config(self, text)
         env = {k: v for k, v in os.environ.items() if k != "JWT_SECRET"}
         proc = Process([script, "start", "--config", path], env=env)
         self.addCleanup(proc.stop)
-        out = proc.wait_for("Gateway listening on")
-        self.assertIn(f"Gateway listening on http://127.0.0.1:{port}", out)
+        proc.wait_for("Gateway listening on")
+        host, _, port = proc.url().rpartition(":")
+        self.assertEqual(host, "http://127.0.0.1")
+        port = int(port)
         deadline = time.monotonic() + 5
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")

@@ -19,8 +19,8 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from clawdbot.storage.store import PostgresEngine, SQLiteEngine, SQLStore, decode_cursor
-from tests.fake_ollama import FakeOllama
-from tests.helpers import BASE_CONFIG, Process, bearer, clawdbot_argv, get_json, merge_yaml, serve, token, write_config
+from testing.fake_ollama import FakeOllama
+from tests.helpers import BASE_CONFIG, Process, bearer, clawdbot_argv, get_json, merge_yaml, serve, token, until, write_config
 
 PG_ADMIN_DSN = os.environ.get("CLAWDBOT_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 HI = [{"role": "user", "content": "hi"}]
@@ -329,8 +329,9 @@ class StatefulTests(Gateway):
         quitter = Quitter()
         await connectProtocol(TCP4ClientEndpoint(reactor, host, int(port)), quitter)
         await quitter.got
+        gone = self.fake.next_disconnect()
         quitter.transport.loseConnection()
-        await self.fake.next_disconnect().addTimeout(2, reactor)
+        await gone.addTimeout(2, reactor)
         for _ in range(50):
             _, _, session = await self.call(OWNER, "GET", f"/v1/sessions/{sid}")
             if session["messages"]:
@@ -429,7 +430,7 @@ class CrashTests(TestCase):
                 acknowledged[session["id"]] += 1
 
         workers = [ensureDeferred(worker(n)) for n in range(8)]
-        await deferLater(reactor, 2.0)
+        await until(lambda: sum(acknowledged.values()) >= 16, what="16 replies acknowledged")  # and more in flight
         proc.proc.send_signal(signal.SIGKILL)
         proc.proc.wait()
         for w in workers:

@@ -8,7 +8,6 @@ signed cookies, scope policy, CSRF, ID token validation, discovery).
 
 import http.cookiejar
 import json
-import socket
 import time
 import urllib.parse
 
@@ -25,12 +24,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from clawdbot.auth import session
 from clawdbot.http import sso
 from clawdbot.auth.tokens import KeySet
 from clawdbot.auth.fetch import FetchError
 from clawdbot.config import ConfigError, parse_config
 from clawdbot.auth.providers import Cached, IDTokenError, OIDCProvider, ProviderError, parse_discovery, validate_id_token
-from tests.helpers import SECRET, jwk, rsa_key, merge_yaml, serve
+from tests.helpers import SECRET, closed_port, jwk, rsa_key, merge_yaml, reserved_port, serve
 from tests.idp import IdP, browserless_login, browserless_logout
 
 CLIENT_ID = "clawdbot-gateway"
@@ -56,12 +56,6 @@ EVIL_NEXTS = [
 
 
 # --- helpers ------------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Reply:
@@ -153,17 +147,17 @@ class NextTests(SynchronousTestCase):
     def test_relative_paths_accepted(self):
         """Same-origin relative paths pass unchanged, with query and fragment."""
         for value in ("/", "/x", "/chat/42?tab=a&b=1#top", "/a%20b", "/%E4%B8%AD"):
-            self.assertEqual(sso.safe_next(value), value)
+            self.assertEqual(session.safe_next(value), value)
 
     def test_open_redirects_refused(self):
         """Other hosts, schemes, backslash tricks and their encoded forms are refused."""
         for value in EVIL_NEXTS + ["", None, 42, "/x\r\nSet-Cookie: a=b", "/\t/evil", "/中文", "/auth/logout", "/auth", "/x" * 2000]:
-            self.assertIsNone(sso.safe_next(value), value)
+            self.assertIsNone(session.safe_next(value), value)
 
     @given(st.text(max_size=60))
     def test_anything_accepted_stays_on_this_origin(self, value):
         """Whatever is accepted resolves, in a browser, to a path on the gateway's own origin."""
-        accepted = sso.safe_next(value)
+        accepted = session.safe_next(value)
         if accepted is not None:
             resolved = urllib.parse.urlsplit(urllib.parse.urljoin("https://chat.example.com/callback", accepted))
             self.assertEqual((resolved.scheme, resolved.netloc), ("https", "chat.example.com"))
@@ -172,17 +166,17 @@ class NextTests(SynchronousTestCase):
 
 
 class CookieTests(SynchronousTestCase):
-    key = sso.derive_key("s" * 40, "cookie")
+    key = session.derive_key("s" * 40, "cookie")
 
     def test_round_trip(self):
         """A sealed payload comes back as it was, before its expiry."""
-        value = sso.seal(self.key, "login", {"s": "state", "exp": 1000})
-        self.assertEqual(sso.unseal(self.key, "login", value, 999), {"s": "state", "exp": 1000})
+        value = session.seal(self.key, "login", {"s": "state", "exp": 1000})
+        self.assertEqual(session.unseal(self.key, "login", value, 999), {"s": "state", "exp": 1000})
 
     def test_refusals(self):
         """Missing, altered, spliced, sealed elsewhere, for another purpose or expired: all refused."""
-        value = sso.seal(self.key, "login", {"s": "state", "exp": 1000})
-        other = sso.seal(self.key, "login", {"s": "other", "exp": 1000})
+        value = session.seal(self.key, "login", {"s": "state", "exp": 1000})
+        other = session.seal(self.key, "login", {"s": "other", "exp": 1000})
         flipped = value[:20] + ("A" if value[20] != "A" else "B") + value[21:]
         cases = {
             "missing": None,
@@ -190,30 +184,30 @@ class CookieTests(SynchronousTestCase):
             "malformed": "garbage.with.dots",
         }
         for reason, bad in cases.items():
-            self.assertEqual(self.assertRaises(sso.BadCookie, sso.unseal, self.key, "login", bad, 999).reason, reason)
+            self.assertEqual(self.assertRaises(session.BadCookie, session.unseal, self.key, "login", bad, 999).reason, reason)
         # The nonce of one cookie with the ciphertext of another.
-        self.assertRaises(sso.BadCookie, sso.unseal, self.key, "login", other[:16] + value[16:], 999)
-        self.assertRaises(sso.BadCookie, sso.unseal, self.key, "login", value[:-4], 999)
-        self.assertRaises(sso.BadCookie, sso.unseal, sso.derive_key("t" * 40, "cookie"), "login", value, 999)
-        self.assertRaises(sso.BadCookie, sso.unseal, self.key, "refresh", value, 999)
-        self.assertEqual(self.assertRaises(sso.BadCookie, sso.unseal, self.key, "login", value, 1000).reason, "expired")
+        self.assertRaises(session.BadCookie, session.unseal, self.key, "login", other[:16] + value[16:], 999)
+        self.assertRaises(session.BadCookie, session.unseal, self.key, "login", value[:-4], 999)
+        self.assertRaises(session.BadCookie, session.unseal, session.derive_key("t" * 40, "cookie"), "login", value, 999)
+        self.assertRaises(session.BadCookie, session.unseal, self.key, "refresh", value, 999)
+        self.assertEqual(self.assertRaises(session.BadCookie, session.unseal, self.key, "login", value, 1000).reason, "expired")
 
     def test_keys_are_separated(self):
         """The cookie key and the session JWT key differ, and both change with the secret."""
         config = oauth2_config()
-        self.assertNotEqual(sso.cookie_key(config).hex(), sso.session_signing_key(config))
+        self.assertNotEqual(session.cookie_key(config).hex(), session.session_signing_key(config))
         other = oauth2_config(session_secret="another-session-secret-0123456789abcdef")
-        self.assertNotEqual(sso.cookie_key(config), sso.cookie_key(other))
-        self.assertNotIn(SECRET, sso.session_signing_key(config))
+        self.assertNotEqual(session.cookie_key(config), session.cookie_key(other))
+        self.assertNotIn(SECRET, session.session_signing_key(config))
 
     def test_cookie_header(self):
         """Cookies are HttpOnly with the given SameSite and Path, Secure only on https, and clearable."""
         self.assertEqual(
-            sso.cookie_header("a", "v", "/callback", 600, False, "Lax"),
+            session.cookie_header("a", "v", "/callback", 600, False, "Lax"),
             b"a=v; Path=/callback; Max-Age=600; HttpOnly; SameSite=Lax",
         )
         self.assertEqual(
-            sso.cookie_header("a", "", "/auth", 0, True, "Strict"),
+            session.cookie_header("a", "", "/auth", 0, True, "Strict"),
             b"a=; Path=/auth; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; HttpOnly; SameSite=Strict; Secure",
         )
 
@@ -222,30 +216,30 @@ class PolicyTests(SynchronousTestCase):
     def test_scopes_from_config_only(self):
         """Scopes are the defaults plus the group rules; unknown groups add nothing."""
         oauth2 = oauth2_config(group_scopes={"team-a": ["history:team-a"], "ops": ["admin"]}).oauth2
-        self.assertEqual(sso.scopes_for(["team-a", "nobody", "admin"], oauth2), {"chat:read", "chat:write", "history:team-a"})
-        self.assertEqual(sso.scopes_for([], oauth2), {"chat:read", "chat:write"})
+        self.assertEqual(session.scopes_for(["team-a", "nobody", "admin"], oauth2), {"chat:read", "chat:write", "history:team-a"})
+        self.assertEqual(session.scopes_for([], oauth2), {"chat:read", "chat:write"})
 
     def test_email_domains(self):
         """With a domain list, only verified addresses in those domains pass; without one, anyone."""
         oauth2 = oauth2_config(allowed_email_domains=["Example.com"]).oauth2
-        self.assertTrue(sso.email_allowed("a@example.COM", True, oauth2))
-        self.assertFalse(sso.email_allowed("a@example.com", False, oauth2))
-        self.assertFalse(sso.email_allowed("a@evil.example.com", True, oauth2))
-        self.assertFalse(sso.email_allowed("a@example.com@evil.test", True, oauth2))
-        self.assertFalse(sso.email_allowed(None, True, oauth2))
-        self.assertTrue(sso.email_allowed(None, False, oauth2_config().oauth2))
+        self.assertTrue(session.email_allowed("a@example.COM", True, oauth2))
+        self.assertFalse(session.email_allowed("a@example.com", False, oauth2))
+        self.assertFalse(session.email_allowed("a@evil.example.com", True, oauth2))
+        self.assertFalse(session.email_allowed("a@example.com@evil.test", True, oauth2))
+        self.assertFalse(session.email_allowed(None, True, oauth2))
+        self.assertTrue(session.email_allowed(None, False, oauth2_config().oauth2))
 
     def test_origins(self):
         """The gateway's origin comes from public_url, the redirect URI, or (without public_url) the Host."""
         config = oauth2_config()
-        self.assertEqual(sso.allowed_origins(config, "gw.internal:8080"), {"https://chat.example.com", "http://gw.internal:8080"})
+        self.assertEqual(session.allowed_origins(config, "gw.internal:8080"), {"https://chat.example.com", "http://gw.internal:8080"})
         public = oauth2_config('server: {public_url: "https://Chat.Example.com:443"}')
-        self.assertEqual(sso.allowed_origins(public, "gw.internal:8080"), {"https://chat.example.com"})
-        self.assertEqual(sso.session_issuer(public), "https://chat.example.com")
+        self.assertEqual(session.allowed_origins(public, "gw.internal:8080"), {"https://chat.example.com"})
+        self.assertEqual(session.session_issuer(public), "https://chat.example.com")
 
     def test_pkce_challenge(self):
         """S256 as RFC 7636 appendix B computes it."""
-        self.assertEqual(sso.pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"), "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM")
+        self.assertEqual(session.pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"), "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM")
 
     def test_friendly_page_escapes(self):
         """The page has only fixed text and the escaped request id."""
@@ -483,7 +477,7 @@ class Flow:
 
     def __init__(self, testcase):
         self.t = testcase
-        self.port = free_port()
+        self.port = reserved_port(testcase)  # the gateway's own URL is in its config
         self.origin = f"http://127.0.0.1:{self.port}"
         self.redirect_uri = self.origin + "/callback"
         self.jar = http.cookiejar.CookieJar()
@@ -517,14 +511,14 @@ oauth2:
         """GET /auth/login: (reply, login cookie value, authorize URL)."""
         reply = await call("GET", f"{self.gw.url}/auth/login?{query}")
         self.t.assertEqual(reply.code, 302, reply.body)
-        return reply, reply.cookies[sso.LOGIN_COOKIE][0], reply.header(b"location")
+        return reply, reply.cookies[session.LOGIN_COOKIE][0], reply.header(b"location")
 
     async def at_idp(self, authorize_url, user="alice"):
         """The IdP's redirect back to the callback (code, state, iss)."""
         return await deferToThread(browserless_login, authorize_url, user, cookies=self.jar)
 
     async def callback(self, callback_url, login_cookie):
-        cookies = {sso.LOGIN_COOKIE: login_cookie} if login_cookie else None
+        cookies = {session.LOGIN_COOKIE: login_cookie} if login_cookie else None
         return await call("GET", self.gw.url + path_and_query(callback_url), cookies=cookies)
 
     async def sign_in(self, user="alice", query="next=/x"):
@@ -532,19 +526,19 @@ oauth2:
         _, cookie, location = await self.begin(query)
         done = await self.callback(await self.at_idp(location, user), cookie)
         self.t.assertEqual(done.code, 302, done.body)
-        return done, done.cookies[sso.REFRESH_COOKIE][0]
+        return done, done.cookies[session.REFRESH_COOKIE][0]
 
     async def refresh(self, refresh_cookie, headers=XRW):
-        return await call("POST", self.gw.url + "/auth/refresh", headers=headers, cookies={sso.REFRESH_COOKIE: refresh_cookie} if refresh_cookie else None)
+        return await call("POST", self.gw.url + "/auth/refresh", headers=headers, cookies={session.REFRESH_COOKIE: refresh_cookie} if refresh_cookie else None)
 
     async def logout(self, refresh_cookie, headers=XRW):
-        return await call("POST", self.gw.url + "/auth/logout", headers=headers, cookies={sso.REFRESH_COOKIE: refresh_cookie})
+        return await call("POST", self.gw.url + "/auth/logout", headers=headers, cookies={session.REFRESH_COOKIE: refresh_cookie})
 
     async def me(self, access_token):
         return await call("GET", self.gw.url + "/v1/me", headers={"Authorization": "Bearer " + access_token})
 
     def config(self):
-        return self.gw.gateway.config
+        return self.gw.parts.runtime.config
 
 
 class OIDCFlowTests(TestCase):
@@ -576,7 +570,7 @@ class OIDCFlowTests(TestCase):
         self.assertEqual(len(params["code_challenge"]), 43)
         self.assertGreaterEqual(len(params["state"]), 40)
         self.assertNotEqual(params["state"], params["nonce"])
-        self.assertEqual(reply.cookies[sso.LOGIN_COOKIE][1], ["path=/callback", "max-age=600", "httponly", "samesite=lax"])
+        self.assertEqual(reply.cookies[session.LOGIN_COOKIE][1], ["path=/callback", "max-age=600", "httponly", "samesite=lax"])
         self.assertEqual(reply.header(b"cache-control"), "no-store")
 
         callback_url = await flow.at_idp(location)
@@ -584,9 +578,9 @@ class OIDCFlowTests(TestCase):
         done = await flow.callback(callback_url, login_cookie)
         self.assertEqual(done.code, 302)
         self.assertEqual(done.header(b"location"), "/x?y=1")
-        refresh_cookie, attrs = done.cookies[sso.REFRESH_COOKIE]
+        refresh_cookie, attrs = done.cookies[session.REFRESH_COOKIE]
         self.assertEqual(attrs, ["path=/auth", "max-age=43200", "httponly", "samesite=strict"])
-        self.assertIn("max-age=0", done.cookies[sso.LOGIN_COOKIE][1])
+        self.assertIn("max-age=0", done.cookies[session.LOGIN_COOKIE][1])
 
         first = await flow.refresh(refresh_cookie)
         self.assertEqual(first.code, 200, first.body)
@@ -617,7 +611,7 @@ class OIDCFlowTests(TestCase):
         logout_url = out.json()["logout_url"]
         self.assertTrue(logout_url.startswith(flow.idp.issuer + "/session/end?"))
         self.assertEqual(query_of(logout_url), {"client_id": CLIENT_ID, "post_logout_redirect_uri": flow.origin + "/signed-out"})
-        self.assertIn("max-age=0", out.cookies[sso.REFRESH_COOKIE][1])
+        self.assertIn("max-age=0", out.cookies[session.REFRESH_COOKIE][1])
         left = await deferToThread(browserless_logout, logout_url, cookies=flow.jar)
         self.assertTrue(left.startswith(flow.origin + "/signed-out"))
 
@@ -643,7 +637,7 @@ class OIDCFlowTests(TestCase):
 
         missing = await flow.callback(callback_url, None)
         assert_friendly_page(self, missing, 400, "Sign-in expired")
-        self.assertNotIn(sso.REFRESH_COOKIE, missing.cookies)
+        self.assertNotIn(session.REFRESH_COOKIE, missing.cookies)
 
         wrong = callback_url.replace("state=", "state=x")
         assert_friendly_page(self, await flow.callback(wrong, cookie), 400, "Sign-in expired")
@@ -654,7 +648,7 @@ class OIDCFlowTests(TestCase):
         self.assertEqual(done.code, 302)
         again = await flow.callback(callback_url, cookie)
         assert_friendly_page(self, again, 400, "Sign-in expired")
-        self.assertNotIn(sso.REFRESH_COOKIE, again.cookies)
+        self.assertNotIn(session.REFRESH_COOKIE, again.cookies)
 
     async def test_code_replay_refused_by_provider(self):
         """A code already redeemed, brought back under a fresh login's state, is refused by the provider."""
@@ -666,27 +660,27 @@ class OIDCFlowTests(TestCase):
         replay = flow.redirect_uri + "?" + urllib.parse.urlencode({"code": query_of(used)["code"], "state": query_of(location2)["state"], "iss": flow.idp.issuer})
         reply = await flow.callback(replay, cookie2)
         assert_friendly_page(self, reply, 400, "Sign-in failed")
-        self.assertNotIn(sso.REFRESH_COOKIE, reply.cookies)
+        self.assertNotIn(session.REFRESH_COOKIE, reply.cookies)
 
     async def test_wrong_verifier_refused_by_provider(self):
         """A validly sealed login cookie with another code_verifier makes the provider refuse the code (PKCE)."""
         flow = Flow(self).start()
         _, cookie, location = await flow.begin()
         callback_url = await flow.at_idp(location)
-        key = sso.cookie_key(flow.config())
-        payload = sso.unseal(key, "login", cookie, time.time())
+        key = session.cookie_key(flow.config())
+        payload = session.unseal(key, "login", cookie, time.time())
         payload["v"] = "another-verifier-" + "x" * 40
-        reply = await flow.callback(callback_url, sso.seal(key, "login", payload))
+        reply = await flow.callback(callback_url, session.seal(key, "login", payload))
         assert_friendly_page(self, reply, 400, "Sign-in failed")
-        self.assertNotIn(sso.REFRESH_COOKIE, reply.cookies)
+        self.assertNotIn(session.REFRESH_COOKIE, reply.cookies)
 
     async def test_open_redirect_through_next(self):
         """Unsafe next values are replaced by / before the provider is even asked, and the callback lands on /."""
         flow = Flow(self).start()
-        key = sso.cookie_key(flow.config())
+        key = session.cookie_key(flow.config())
         for value in EVIL_NEXTS:
             _, cookie, _ = await flow.begin("next=" + urllib.parse.quote(value, safe=""))
-            self.assertEqual(sso.unseal(key, "login", cookie, time.time())["next"], "/", value)
+            self.assertEqual(session.unseal(key, "login", cookie, time.time())["next"], "/", value)
         done, _ = await flow.sign_in(query="next=" + urllib.parse.quote("//evil.example/x", safe=""))
         self.assertEqual(done.header(b"location"), "/")
 
@@ -698,7 +692,7 @@ class OIDCFlowTests(TestCase):
         callback_url = await flow.at_idp(location, "bob")
         done = await flow.callback(callback_url + "&scope=admin", cookie)
         self.assertEqual(done.code, 302)
-        token = (await flow.refresh(done.cookies[sso.REFRESH_COOKIE][0])).json()["access_token"]
+        token = (await flow.refresh(done.cookies[session.REFRESH_COOKIE][0])).json()["access_token"]
         me = (await flow.me(token)).json()
         self.assertEqual((me["sub"], me["scopes"], me["teams"]), ("bob", ["chat:read", "chat:write"], []))
 
@@ -740,7 +734,7 @@ class OIDCFlowTests(TestCase):
                 self.assertEqual((error["code"], error["type"]), ("CSRF_REJECTED", "permission_error"))
                 for secret in (refresh_cookie, CLIENT_SECRET, SECRET):
                     self.assertNotIn(secret, reply.text)
-                self.assertNotIn(sso.REFRESH_COOKIE, reply.cookies)
+                self.assertNotIn(session.REFRESH_COOKIE, reply.cookies)
         ok = await flow.refresh(refresh_cookie, headers=dict(XRW, Origin=flow.origin))
         self.assertEqual(ok.code, 200)
 
@@ -750,11 +744,11 @@ class OIDCFlowTests(TestCase):
         missing = await flow.refresh(None)
         self.assertEqual((missing.code, missing.json()["error"]["code"]), (401, "AUTH_MISSING_TOKEN"))
         _, refresh_cookie = await flow.sign_in()
-        forged = sso.seal(sso.derive_key("guessed-secret-0123456789abcdef0123", "cookie"), "refresh", {"rid": "r", "sub": "admin", "exp": time.time() + 60})
+        forged = session.seal(session.derive_key("guessed-secret-0123456789abcdef0123", "cookie"), "refresh", {"rid": "r", "sub": "admin", "exp": time.time() + 60})
         for bad in (forged, refresh_cookie[:-3] + "AAA", "garbage"):
             reply = await flow.refresh(bad)
             self.assertEqual((reply.code, reply.json()["error"]["code"]), (401, "AUTH_INVALID_TOKEN"))
-            self.assertIn("max-age=0", reply.cookies[sso.REFRESH_COOKIE][1])
+            self.assertIn("max-age=0", reply.cookies[session.REFRESH_COOKIE][1])
             self.assertNotIn(bad, reply.text)
 
     async def test_key_rotation(self):
@@ -772,13 +766,13 @@ class OIDCFlowTests(TestCase):
         _, cookie, location = await flow.begin()
         reply = await flow.callback(await flow.at_idp(location), cookie)
         assert_friendly_page(self, reply, 403, "Access denied")
-        self.assertNotIn(sso.REFRESH_COOKIE, reply.cookies)
+        self.assertNotIn(session.REFRESH_COOKIE, reply.cookies)
 
 
 class RouteTests(TestCase):
     async def test_not_on_the_debug_port_nor_when_disabled(self):
         """The debug listener never serves /auth/* or the callback; with oauth2 off they are 404 everywhere."""
-        port = free_port()
+        port = reserved_port(self)
         gw = serve(
             self,
             f"""
@@ -796,12 +790,12 @@ oauth2: {{enabled: true, client_id: c, client_secret: s, redirect_uri: "http://1
 
     async def test_unreachable_provider(self):
         """When the provider cannot be reached, /auth/login is a friendly 502 page; the gateway still runs."""
-        port = free_port()
+        port = reserved_port(self)
         gw = serve(
             self,
             f"""
 server: {{listen: "tcp:{port}:interface=127.0.0.1"}}
-oauth2: {{enabled: true, client_id: c, client_secret: s, redirect_uri: "http://127.0.0.1:{port}/callback", issuer_url: "http://127.0.0.1:{free_port()}"}}
+oauth2: {{enabled: true, client_id: c, client_secret: s, redirect_uri: "http://127.0.0.1:{port}/callback", issuer_url: "http://127.0.0.1:{closed_port(self)}"}}
 """,
         )
         reply = await call("GET", gw.url + "/auth/login?next=/")
@@ -886,7 +880,7 @@ class FetcherTests(TestCase):
         with self.assertRaises(FetchError):
             await self.fetcher.call("GET", self.base + "/big")
         with self.assertRaises(FetchError):
-            await self.fetcher.call("GET", f"http://127.0.0.1:{free_port()}/closed")
+            await self.fetcher.call("GET", f"http://127.0.0.1:{closed_port(self)}/closed")
 
 
 class PresetFlow:
@@ -913,19 +907,19 @@ class PresetFlow:
     async def begin(self):
         reply = await call("GET", self.gw.url + "/auth/login?next=/chat")
         self.t.assertEqual(reply.code, 302, reply.body)
-        return reply.cookies[sso.LOGIN_COOKIE][0], reply.header(b"location")
+        return reply.cookies[session.LOGIN_COOKIE][0], reply.header(b"location")
 
     async def back(self, cookie, **params):
         """The platform's redirect to the callback with these parameters."""
-        return await call("GET", self.gw.url + "/callback?" + urllib.parse.urlencode(params), cookies={sso.LOGIN_COOKIE: cookie})
+        return await call("GET", self.gw.url + "/callback?" + urllib.parse.urlencode(params), cookies={session.LOGIN_COOKIE: cookie})
 
     async def me(self, done):
-        token = await self.refresh(done.cookies[sso.REFRESH_COOKIE][0])
+        token = await self.refresh(done.cookies[session.REFRESH_COOKIE][0])
         self.t.assertEqual(token.code, 200, token.body)
         return (await call("GET", self.gw.url + "/v1/me", headers={"Authorization": "Bearer " + token.json()["access_token"]})).json()
 
     async def refresh(self, cookie):
-        return await call("POST", self.gw.url + "/auth/refresh", headers=XRW, cookies={sso.REFRESH_COOKIE: cookie})
+        return await call("POST", self.gw.url + "/auth/refresh", headers=XRW, cookies={session.REFRESH_COOKIE: cookie})
 
     async def claims(self, cookie):
         """The claims of the session JWT a refresh with C{cookie} gives."""
@@ -1032,7 +1026,7 @@ class WeComTests(TestCase):
         """
         cookie, location = await self.flow.begin()
         done = await self.flow.back(cookie, code="CODE-ZHANGSAN", state=query_of(location)["state"])
-        refresh = done.cookies[sso.REFRESH_COOKIE][0]
+        refresh = done.cookies[session.REFRESH_COOKIE][0]
         claims = await self.flow.claims(refresh)
         self.assertEqual((claims["idp"], claims["teams"]), ("wecom:" + PRESET_IDS["wecom"], ["1", "2"]))
         self.assertIn("history:rd", claims["scope"].split())
@@ -1043,7 +1037,7 @@ class WeComTests(TestCase):
             self.member = member
             cookie, location = await self.flow.begin()
             again = await self.flow.back(cookie, code="CODE-ZHANGSAN", state=query_of(location)["state"])
-            ended = await self.flow.refresh(again.cookies[sso.REFRESH_COOKIE][0])
+            ended = await self.flow.refresh(again.cookies[session.REFRESH_COOKIE][0])
             self.assertEqual((ended.code, ended.json()["error"]["details"]), (401, "the identity provider ended the sign-in session"), member)
         self.assertEqual((await self.flow.refresh(refresh)).json()["error"]["details"], "the identity provider ended the sign-in session")
 
@@ -1198,7 +1192,7 @@ class FeishuTests(TestCase):
                 return 400, {"code": 20002, "error": "invalid_client", "error_description": "The client secret is invalid."}
             if code == "NO-ACCESS":
                 return 400, {"code": 20010, "error": "invalid_grant", "error_description": "The user does not have permission to use this app."}
-            if code not in self.challenges or sso.pkce_challenge(body.get("code_verifier", "")) != self.challenges[code]:
+            if code not in self.challenges or session.pkce_challenge(body.get("code_verifier", "")) != self.challenges[code]:
                 return 400, {"code": 20003, "error": "invalid_grant", "error_description": "The authorization code is not found. Please ensure you use the correct code."}
             return 200, {
                 "code": 0,
@@ -1308,18 +1302,18 @@ class FeishuTests(TestCase):
         params = query_of(location)
         self.challenges["CODE-1"] = params["code_challenge"]
         done = await self.flow.back(cookie, code="CODE-1", state=params["state"])
-        key = sso.cookie_key(self.flow.gw.gateway.config)
-        payload = sso.unseal(key, "refresh", done.cookies[sso.REFRESH_COOKIE][0], time.time())
+        key = session.cookie_key(self.flow.gw.parts.runtime.config)
+        payload = session.unseal(key, "refresh", done.cookies[session.REFRESH_COOKIE][0], time.time())
         self.assertEqual(payload["idp"], "feishu:" + PRESET_IDS["feishu"])
         payload["grant"]["ax"] = 0
         self.feishu_departments = []
-        reply = await self.flow.refresh(sso.seal(key, "refresh", payload))
+        reply = await self.flow.refresh(session.seal(key, "refresh", payload))
         self.assertEqual(reply.code, 200, reply.body)
         claims = jwt.decode(reply.json()["access_token"], options={"verify_signature": False})
         self.assertEqual((claims["teams"], claims["scope"]), ([], "chat:read chat:write"))
         self.assertEqual(self.refreshes, ["eyJhbGciOiJFUzI1NiIs**********XXOYOZz1mfgIYHwM8ZJA"])
-        renewed = sso.unseal(key, "refresh", reply.cookies[sso.REFRESH_COOKIE][0], time.time())
+        renewed = session.unseal(key, "refresh", reply.cookies[session.REFRESH_COOKIE][0], time.time())
         self.assertEqual((renewed["grant"]["at"], renewed["grant"]["rt"]), ("renewed-user-access-token", "renewed-refresh-token"))
         renewed["grant"]["ax"] = 0
-        ended = await self.flow.refresh(sso.seal(key, "refresh", renewed))
+        ended = await self.flow.refresh(session.seal(key, "refresh", renewed))
         self.assertEqual((ended.code, ended.json()["error"]["details"]), (401, "the identity provider ended the sign-in session"))

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from clawdbot.auth.tokens import Principal
+from clawdbot.auth.identity import Principal
 from clawdbot.config import parse_config
 from clawdbot.errors import APIError
 from clawdbot.backend.translate import (

@@ -8,8 +8,9 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, _HTTP11ClientFactory
+from twisted.web.client import Agent, ResponseFailed
 
+from clawdbot.net import quiet_pool
 from clawdbot.strictjson import loads_checked
 
 log = Logger(namespace="clawdbot.backend")
@@ -23,25 +24,11 @@ class FetchError(Exception):
         self.reason = reason
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    noisy = False
-
-
 class _Discard(Protocol):
     """Drops a body that will not be read, and closes its connection."""
 
     def connectionMade(self):
         self.transport.stopProducing()
-
-
-def quiet_pool(reactor, size):
-    """A persistent connection pool that does not log every connection."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = size
-    pool.cachedConnectionTimeout = 120
-    pool.retryAutomatically = False
-    pool._factory = _QuietClientFactory
-    return pool
 
 
 class HTTPFetcher:

@@ -30,6 +30,7 @@ quote, a backslash, non-ASCII) makes the whole list invalid.
 
 import re
 import urllib.parse
+from dataclasses import dataclass, field
 
 DEV_ISSUER = "clawdbot:dev"
 LEGACY = "*"
@@ -101,3 +102,38 @@ def configured_issuers(config):
     if config.oauth2.enabled:
         issuers.append(sso_issuer(config.oauth2))
     return tuple(dict.fromkeys(issuers))
+
+
+@dataclass(frozen=True)
+class Principal:
+    """
+    Who is calling, and what they may do.
+
+    @ivar issuer: the identity provider (L{issuer_id}); with
+        C{sub} it names the principal, as L{key}.
+    """
+
+    sub: str
+    scopes: frozenset = field(default_factory=frozenset)
+    name: str = None
+    email: str = None
+    teams: tuple = ()
+    issuer: str = None
+
+    @property
+    def key(self):
+        """The owner key: history and budgets belong to it, not to C{sub} alone."""
+        return owner_key(self.issuer, self.sub)
+
+    def as_dict(self):
+        return {
+            "sub": self.sub,
+            "name": self.name,
+            "email": self.email,
+            "scopes": sorted(self.scopes),
+            "teams": list(self.teams),
+        }
+
+    def history_teams(self):
+        """The teams whose history this principal may read."""
+        return sorted(s[len("history:") :] for s in self.scopes if s.startswith("history:") and len(s) > 8)

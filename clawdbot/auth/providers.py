@@ -45,59 +45,18 @@ from dataclasses import dataclass, field
 
 import jwt
 from jwt.exceptions import InvalidSignatureError, InvalidTokenError
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
+from clawdbot.auth.cache import Cached
+from clawdbot.auth.presets import OIDC_DEFAULT_SCOPES, PRESET_ENDPOINTS, PRESET_SCOPES
 from clawdbot.auth.tokens import KeySet, UnknownKey, check_claim_types, reason_for
 from clawdbot.auth.fetch import FetchError
-from clawdbot.config import is_loopback
+from clawdbot.net import is_loopback
 from clawdbot.auth.identity import preset_issuer
 
 log = Logger(namespace="clawdbot.providers")
 
 # The platforms' documented endpoints; C{oauth2.endpoints} may override each.
-PRESET_ENDPOINTS = {
-    # WeCom, self-built app:
-    #   Web login link   https://developer.work.weixin.qq.com/document/path/98171
-    #   gettoken         https://developer.work.weixin.qq.com/document/path/91039
-    #   auth/getuserinfo https://developer.work.weixin.qq.com/document/path/98177
-    #                    (in-client OAuth: .../path/96442)
-    #   user/get         https://developer.work.weixin.qq.com/document/path/90196
-    #   getuserdetail    https://developer.work.weixin.qq.com/document/path/96443
-    "wecom": {
-        "authorize": "https://login.work.weixin.qq.com/wwlogin/sso/login",
-        "api": "https://qyapi.weixin.qq.com",
-    },
-    # DingTalk, internal app:
-    #   login            https://open.dingtalk.com/document/isvapp/tutorial-enabling-login-to-third-party-websites
-    #   userAccessToken  https://open.dingtalk.com/document/orgapp/obtain-user-token
-    #   users/me         https://open.dingtalk.com/document/orgapp/dingtalk-retrieve-user-information
-    #   getbyunionid     https://open.dingtalk.com/document/isvapp/query-a-user-by-the-union-id
-    #   v2/user/get      https://open.dingtalk.com/document/orgapp/query-user-details
-    "dingtalk": {
-        "authorize": "https://login.dingtalk.com/oauth2/auth",
-        "token": "https://api.dingtalk.com/v1.0/oauth2/userAccessToken",
-        "userinfo": "https://api.dingtalk.com/v1.0/contact/users/me",
-        "oapi": "https://oapi.dingtalk.com",
-    },
-    # Feishu:
-    #   authorize        https://open.feishu.cn/document/common-capabilities/sso/api/obtain-oauth-code
-    #   token (v2)       https://open.feishu.cn/document/uAjLw4CM/ukTMukTMukTM/authentication-management/access-token/get-user-access-token
-    #   user_info        https://open.feishu.cn/document/uAjLw4CM/ukTMukTMukTM/reference/authen-v1/user_info/get
-    #   contact user     https://open.feishu.cn/document/uAjLw4CM/ukTMukTMukTM/reference/contact-v3/user/get
-    "feishu": {
-        "authorize": "https://accounts.feishu.cn/open-apis/authen/v1/authorize",
-        "token": "https://open.feishu.cn/open-apis/authen/v2/oauth/token",
-        "userinfo": "https://open.feishu.cn/open-apis/authen/v1/user_info",
-        "contact": "https://open.feishu.cn/open-apis/contact/v3/users",
-    },
-}
-
-# What a preset asks for when C{oauth2.scopes} is left at its OIDC default.
-OIDC_DEFAULT_SCOPES = ("openid", "profile", "email")
-PRESET_SCOPES = {"wecom": ("snsapi_base",), "dingtalk": ("openid", "corpid"), "feishu": ()}
-
 MAX_GROUPS = 200
 DISCOVERY_TTL = 3600.0
 
@@ -227,55 +186,6 @@ def basic_auth(client_id, client_secret):
     """RFC 6749 §2.3.1: both parts form-encoded, then Basic."""
     raw = f"{urllib.parse.quote(client_id, safe='')}:{urllib.parse.quote(client_secret, safe='')}"
     return "Basic " + base64.b64encode(raw.encode("utf-8")).decode("ascii")
-
-
-class Cached:
-    """
-    One value fetched on demand and kept for the TTL its fetch returns;
-    callers that arrive during a fetch share it.
-
-    @param fetch: C{async fetch() -> (value, ttl)}.
-    @param serve_stale: on a failed refresh, keep answering the old value.
-    """
-
-    def __init__(self, clock, fetch, serve_stale=False):
-        self.clock = clock
-        self.fetch = fetch
-        self.serve_stale = serve_stale
-        self.value = None
-        self.expires = 0.0
-        self._waiters = None
-
-    def clear(self):
-        self.value = None
-        self.expires = 0.0
-
-    async def get(self):
-        if self.value is not None and self.clock.seconds() < self.expires:
-            return self.value
-        if self._waiters is not None:
-            waiter = Deferred()
-            self._waiters.append(waiter)
-            return await waiter
-        self._waiters = []
-        try:
-            value, ttl = await self.fetch()
-        except Exception as e:
-            failure = Failure()
-            waiters, self._waiters = self._waiters, None
-            if self.serve_stale and self.value is not None:
-                for waiter in waiters:
-                    waiter.callback(self.value)
-                log.warn("Refresh failed, serving the cached copy: {error}", error=getattr(e, "reason", type(e).__name__))
-                return self.value
-            for waiter in waiters:
-                waiter.errback(failure)
-            raise
-        self.value, self.expires = value, self.clock.seconds() + ttl
-        waiters, self._waiters = self._waiters, None
-        for waiter in waiters:
-            waiter.callback(value)
-        return value
 
 
 # --- OpenID Connect -----------------------------------------------------------

@@ -19,7 +19,6 @@ is never logged.
 """
 
 import time
-from dataclasses import dataclass, field
 
 import jwt
 from jwt.exceptions import (
@@ -35,12 +34,13 @@ from jwt.exceptions import (
     MissingRequiredClaimError,
     PyJWKError,
 )
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from clawdbot.errors import APIError
 from clawdbot.strictjson import parse_json
-from clawdbot.auth.identity import DEV_ISSUER, is_scope_token, owner_key, split_scopes
+from clawdbot.auth import session
+from clawdbot.auth.cache import SingleFlight
+from clawdbot.auth.identity import DEV_ISSUER, Principal, is_scope_token, split_scopes
 
 log = Logger(namespace="clawdbot.auth")
 
@@ -48,41 +48,6 @@ REALM = 'Bearer realm="clawdbot"'
 _UNVERIFIED = jwt.api_jws.PyJWS()
 SUPPORTED_ALGORITHMS = ("HS256", "RS256")
 _CACHE_MAX = 10000
-
-
-@dataclass(frozen=True)
-class Principal:
-    """
-    Who is calling, and what they may do.
-
-    @ivar issuer: the identity provider (see L{clawdbot.auth.identity}); with
-        C{sub} it names the principal, as L{key}.
-    """
-
-    sub: str
-    scopes: frozenset = field(default_factory=frozenset)
-    name: str = None
-    email: str = None
-    teams: tuple = ()
-    issuer: str = None
-
-    @property
-    def key(self):
-        """The owner key: history and budgets belong to it, not to C{sub} alone."""
-        return owner_key(self.issuer, self.sub)
-
-    def as_dict(self):
-        return {
-            "sub": self.sub,
-            "name": self.name,
-            "email": self.email,
-            "scopes": sorted(self.scopes),
-            "teams": list(self.teams),
-        }
-
-    def history_teams(self):
-        """The teams whose history this principal may read."""
-        return sorted(s[len("history:") :] for s in self.scopes if s.startswith("history:") and len(s) > 8)
 
 
 def parse_scopes(claims):
@@ -292,7 +257,8 @@ class KeySet:
         self._keys = dict(static_keys or {})
         self._fetched_at = None
         self._unknown_refresh_at = None
-        self._waiters = None
+        # Callers that arrive during a fetch wait for that one.
+        self._try_refresh = SingleFlight(self._refresh)
 
     @classmethod
     def from_pem_file(cls, clock, path):
@@ -303,21 +269,14 @@ class KeySet:
         return cls(clock, static_keys={None: key})
 
     async def _refresh(self):
-        """Fetch the keys; callers that arrive meanwhile wait for that fetch."""
-        if self._waiters is not None:
-            waiter = Deferred()
-            self._waiters.append(waiter)
-            await waiter
-            return
-        self._waiters = []
+        """Fetch the keys once; a failure is logged and the keys stay as they were."""
         try:
             self._keys = parse_jwks(await self.fetch())
             log.info("Loaded {count} signing keys", count=len(self._keys))
+        except Exception as e:
+            log.warn("Could not fetch the signing keys: {error}", error=type(e).__name__)
         finally:
             self._fetched_at = self.clock.seconds()
-            waiters, self._waiters = self._waiters, None
-            for waiter in waiters:
-                waiter.callback(None)
 
     async def lookup(self, kid):
         if self.fetch is None:
@@ -341,12 +300,6 @@ class KeySet:
         """Refreshes for unknown kids happen at most once per C{min_refresh}."""
         last = self._unknown_refresh_at
         return last is None or self.clock.seconds() - last >= self.min_refresh
-
-    async def _try_refresh(self):
-        try:
-            await self._refresh()
-        except Exception as e:
-            log.warn("Could not fetch the signing keys: {error}", error=type(e).__name__)
 
 
 def parse_jwks(document):
@@ -509,12 +462,34 @@ def build_authenticator(config, clock, fetch_json):
         issuers.append(Issuer(jwt_config.issuer, jwt_config.audience, jwt_config.algorithms, secret=jwt_config.secret, keys=keys))
     if config.oauth2.enabled:
         # Session tokens minted after a single sign-on login (clawdbot.http.sso).
-        from clawdbot.http import sso
-
         issuers.append(
-            Issuer(sso.session_issuer(config), sso.SESSION_AUDIENCE, ["HS256"], secret=sso.session_signing_key(config), identity_claim="idp")
+            Issuer(session.session_issuer(config), session.SESSION_AUDIENCE, ["HS256"], secret=session.session_signing_key(config), identity_claim="idp")
         )
     return Authenticator(issuers, clock, leeway=jwt_config.leeway, dev=dev_principal(config))
+
+
+class Authentication:
+    """
+    Who a request is, by the current config: the L{Authenticator} built
+    from it, built again when the config is reloaded (L{rebuild}, a reload
+    hook), so a rotated secret or a new issuer applies to the next request.
+    """
+
+    def __init__(self, config, clock, fetch_json):
+        self.clock = clock
+        self.fetch_json = fetch_json
+        self.current = build_authenticator(config, clock, fetch_json)
+
+    def rebuild(self, old, new):
+        self.current = build_authenticator(new, self.clock, self.fetch_json)
+
+    async def authenticate(self, request):
+        """The request's principal (L{Authenticator.authenticate})."""
+        return await self.current.authenticate(request)
+
+    def authorize(self, principal, scope):
+        """L{Authenticator.authorize}."""
+        self.current.authorize(principal, scope)
 
 
 def _jwks_fetcher(jwt_config, oauth2, fetch_json):

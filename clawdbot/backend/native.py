@@ -13,9 +13,14 @@ replace the model's prompt template) need C{admin}.
 Pure functions over parsed JSON: no I/O.  Every refusal names the field.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from clawdbot.errors import invalid
 from clawdbot.backend.options import ADMIN, INT64_MAX, check, keep_alive_policy, needs_admin, options_policy
 from clawdbot.backend.translate import MAX_EMBEDDING_INPUTS, MAX_MESSAGES, check_tool_name, resolve_model
+
+if TYPE_CHECKING:
+    from clawdbot.config import Config
 
 # The request fields of each endpoint (Ollama's api/types.go), and those
 # that need admin.  Model management (pull, push, create, copy, delete) is
@@ -37,19 +42,19 @@ _MESSAGE_ROLES = {"system", "user", "assistant", "tool"}
 _THINK = {"low", "medium", "high"}
 
 
-def _format(value):
+def _format(value: Any) -> Any:
     if value is None or value == "" or value == "json" or isinstance(value, dict):
         return value
     raise invalid("'format' must be \"json\" or a JSON schema object")
 
 
-def _think(value):
+def _think(value: object) -> bool | str:
     if isinstance(value, bool) or (isinstance(value, str) and value in _THINK):
         return value
     raise invalid("'think' must be true, false, \"low\", \"medium\" or \"high\"")
 
 
-def _images(value, where, images):
+def _images(value: object, where: str, images: list[list[str]]) -> list[str]:
     """Base64 images, collected into C{images} as (container, index) for the image pipeline."""
     if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
         raise invalid(f"'{where}' must be a list of base64 strings")
@@ -57,7 +62,7 @@ def _images(value, where, images):
     return value
 
 
-def _messages(value, images):
+def _messages(value: object, images: list[list[str]]) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         raise invalid("'messages' must be a list")
     if len(value) > MAX_MESSAGES:
@@ -73,7 +78,7 @@ def _messages(value, images):
         role = message.get("role")
         if not isinstance(role, str) or role not in _MESSAGE_ROLES:
             raise invalid(f"'{where}.role' must be one of system, user, assistant, tool")
-        entry = {"role": role}
+        entry: dict[str, Any] = {"role": role}
         for key in ("content", "thinking", "tool_name"):
             if key in message and message[key] is not None:
                 entry[key] = check(message[key], str, f"{where}.{key}")
@@ -88,13 +93,13 @@ def _messages(value, images):
     return out
 
 
-def _context(value):
+def _context(value: object) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= INT64_MAX for t in value):
         raise invalid("'context' must be a list of token ids")
     return value
 
 
-def _input(value):
+def _input(value: object) -> str | list[str]:
     if isinstance(value, list) and len(value) > MAX_EMBEDDING_INPUTS:
         raise invalid(f"'input' may hold at most {MAX_EMBEDDING_INPUTS} texts")
     if isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value)):
@@ -102,7 +107,7 @@ def _input(value):
     raise invalid("'input' must be a string or a list of strings")
 
 
-def native_request(name, body, config, principal):
+def native_request(name: str, body: dict[str, Any], config: "Config", principal: Any) -> tuple[dict[str, Any], list[list[str]]]:
     """
     The body to send to Ollama's C{/api/<name>} for a caller's C{body}.
 
@@ -128,8 +133,8 @@ def native_request(name, body, config, principal):
         raise invalid("'model' is required")
     if not isinstance(model, str):
         raise invalid("'model' must be a string")
-    out = {"model": resolve_model(model, config)}
-    images = []
+    out: dict[str, Any] = {"model": resolve_model(model, config)}
+    images: list[list[str]] = []
     for key, value in body.items():
         if key in AUDIT_FIELDS or key in ("model", "name") or value is None:
             continue
@@ -172,7 +177,7 @@ def native_request(name, body, config, principal):
     return out, images
 
 
-def filter_tags(tags, config):
+def filter_tags(tags: Any, config: "Config") -> Any:
     """Ollama's C{/api/tags} answer with only the models the allow-list has."""
     allowed = set(config.backend.models)
     if not allowed or not isinstance(tags, dict) or not isinstance(tags.get("models"), list):

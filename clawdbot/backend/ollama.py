@@ -18,15 +18,45 @@ from twisted.web.http_headers import Headers
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
-from zope.interface import implementer
+from zope.interface import Attribute, Interface, implementer
 
-from clawdbot.auth.fetch import quiet_pool
+from clawdbot.net import quiet_pool
 from clawdbot.errors import APIError
 from clawdbot.strictjson import loads_checked
 
 log = Logger(namespace="clawdbot.ollama")
 
 MAX_REPLY = 64 * 1024 * 1024
+
+
+class IStreamConsumer(Interface):
+    """Where L{Ollama.stream} writes a reply as it arrives: a client's response."""
+
+    gone = Attribute("The client has left: nothing more is written.")
+
+    def responded(seconds):
+        """Ollama answered (its status line) after C{seconds}."""
+
+    def begin():
+        """Ollama said 200: start the response."""
+
+    def write(data):
+        """Write C{data} (bytes) to the client."""
+
+    def registerProducer(producer, streaming):
+        """Pace the client by C{producer} (Ollama's connection)."""
+
+    def unregisterProducer():
+        """Stop pacing by the producer."""
+
+    def end(tail):
+        """Write C{tail} (bytes, maybe empty) and end the response."""
+
+    def fail(error):
+        """End the response with C{error} (an L{APIError}) in the stream's own framing."""
+
+    def close():
+        """The exchange is over, however it ended (after L{end} or an exception)."""
 
 
 def unavailable(details="the model backend is not reachable"):
@@ -255,14 +285,25 @@ class BackendUnreachable(Exception):
         self.error = error
 
 
+def _endpoint_agent(reactor, connect_timeout, pool):
+    """An L{Agent} on L{CachedEndpoints}: the production client."""
+    return Agent.usingEndpointFactory(reactor, CachedEndpoints(reactor, connect_timeout), pool=pool)
+
+
 class Ollama:
     """
-    @param gateway: gives the current config (C{gateway.config}).
+    @param current_config: C{() -> Config}, the config now (for the health
+        checks, which no request starts).
+    @param agent_factory: C{(reactor, connect_timeout, pool) -> IAgent},
+        what makes the HTTP client for a connect timeout; by default an
+        L{Agent} on cached endpoints.  Tests give one that answers from a
+        fake Ollama in memory.
     """
 
-    def __init__(self, reactor, gateway):
+    def __init__(self, reactor, current_config, agent_factory=None):
         self.reactor = reactor
-        self.gateway = gateway
+        self.current_config = current_config
+        self.agent_factory = agent_factory or _endpoint_agent
         self.pool = quiet_pool(reactor, 256)
         self.slots = Slots(reactor)
         self._agents = {}
@@ -272,8 +313,7 @@ class Ollama:
         timeout = config.backend.connect_timeout
         agent = self._agents.get(timeout)
         if agent is None:
-            endpoints = CachedEndpoints(self.reactor, timeout)
-            agent = self._agents[timeout] = Agent.usingEndpointFactory(self.reactor, endpoints, pool=self.pool)
+            agent = self._agents[timeout] = self.agent_factory(self.reactor, timeout, self.pool)
         return agent
 
     # --- several backends ------------------------------------------------------
@@ -413,6 +453,71 @@ class Ollama:
             raise upstream_error(response.code, raw, payload)
         return raw
 
+    async def stream(self, config, path, payload, consumer, transform, on_end=None, sent=None):
+        """
+        Send C{payload} (a JSON body) to Ollama at C{path} and stream its
+        reply into C{consumer} as it comes, each chunk through
+        C{transform(bytes) -> bytes}, with the backend connection as the
+        consumer's producer (a slow client slows the read from Ollama; a
+        client that leaves drops it).
+
+        Errors before the first byte raise L{APIError} (the caller answers
+        them whole); after it they end the stream (C{consumer.fail}).
+
+        @param consumer: the response being written (an L{IStreamConsumer}
+            provider, see L{clawdbot.http.site.StreamResponse}).
+        @param on_end: C{async () -> bytes}, what to write when the body
+            ends; it raises L{APIError} when the body ended too early.
+        @param sent: called once the call has its slot and goes to Ollama,
+            and with C{False} when Ollama refuses it.
+        @return: C{True} when the reply completed.
+        """
+        clock = self.reactor
+        started = clock.seconds()
+        deadline = started + config.timeout
+        lease = await self.acquire(config)
+        if sent is not None:
+            sent()
+        try:
+            response = await self.send(config, b"POST", path, json.dumps(payload, ensure_ascii=False).encode("utf-8"), deadline, lease)
+            consumer.responded(clock.seconds() - started)
+            if response.code != 200:
+                if sent is not None:
+                    sent(False)
+                raw = await self.collect(response, config, deadline, limit=1024 * 1024)
+                raise upstream_error(response.code, raw, payload)
+            consumer.begin()
+
+            def deliver(data):
+                out = transform(data)
+                if out:
+                    consumer.write(out)
+
+            reader = await self.read(response, deliver, config, deadline)
+            consumer.registerProducer(reader.transport, True)
+            try:
+                await reader.finished
+            except APIError as err:
+                ok, error = False, err
+            else:
+                ok, error = True, None
+            finally:
+                consumer.unregisterProducer()
+            tail = b""
+            if ok and on_end is not None:
+                try:
+                    tail = await on_end()
+                except APIError as err:
+                    ok, error = False, err
+            if ok:
+                consumer.end(tail)
+            else:
+                consumer.fail(error)
+            return ok
+        finally:
+            consumer.close()
+            self.release(config, lease)
+
     async def call_json(self, config, method, path, payload=None, sent=None, deadline=None):
         """L{call}, with the answer parsed as JSON."""
         raw = await self.call(config, method, path, payload, sent, deadline)
@@ -451,7 +556,7 @@ class Ollama:
         C{None} when at least one backend answers, else a short reason.
         Every backend is checked, so this doubles as the health check.
         """
-        config = self.gateway.config
+        config = self.current_config()
         reasons = []
         for upstream in self.upstreams(config):
             reasons.append(await self.check_one(config, upstream))

@@ -19,9 +19,13 @@ Pure functions: no I/O.  Every refusal names the field.
 
 import math
 import re
+from typing import TYPE_CHECKING, Any
 
 from clawdbot.errors import APIError, invalid
 from clawdbot.units import format_duration
+
+if TYPE_CHECKING:
+    from clawdbot.config import Config
 
 # Ollama reads integers as Go's int64.
 INT64_MAX = 2**63 - 1
@@ -70,7 +74,7 @@ _LOAD_OPTIONS = {
 }
 
 
-def needs_admin(field):
+def needs_admin(field: str) -> APIError:
     return APIError(
         "AUTH_INSUFFICIENT_SCOPE",
         details=f"'{field}' changes the shared model for everyone; it needs the admin scope",
@@ -84,7 +88,7 @@ _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-
 _GO_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
 
 
-def go_duration(text):
+def go_duration(text: str) -> float | None:
     """
     Seconds from a Go duration string (C{time.ParseDuration}: C{"5m"},
     C{"1h30m"}, C{"-1s"}, C{"0"}), or C{None} when it is not one.
@@ -109,7 +113,7 @@ def go_duration(text):
     return sign * total
 
 
-def keep_alive_seconds(value):
+def keep_alive_seconds(value: object) -> float:
     """
     C{keep_alive} as Ollama reads it, in seconds (negative: forever).
 
@@ -127,7 +131,7 @@ def keep_alive_seconds(value):
     return float(value)
 
 
-def keep_alive_policy(value, config, is_admin):
+def keep_alive_policy(value: object, config: "Config", is_admin: bool) -> float:
     """
     The C{keep_alive} to send on, in seconds, for a caller's value.
 
@@ -150,7 +154,7 @@ def keep_alive_policy(value, config, is_admin):
 # --- typed checks ---------------------------------------------------------------
 
 
-def check(value, kind, where):
+def check(value: Any, kind: type, where: str) -> Any:
     if kind is bool:
         if not isinstance(value, bool):
             raise invalid(f"'{where}' must be true or false")
@@ -173,11 +177,11 @@ def check(value, kind, where):
     return value
 
 
-def options_policy(options, config, is_admin):
+def options_policy(options: object, config: "Config", is_admin: bool) -> dict[str, Any]:
     """A caller's C{options}, checked: known keys, right types, bounded C{num_ctx}."""
     if not isinstance(options, dict):
         raise invalid("'options' must be an object")
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in options.items():
         where = f"options.{key}"
         if key in _RUNTIME_OPTIONS:

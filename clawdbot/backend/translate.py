@@ -15,11 +15,16 @@ import re
 import secrets
 import struct
 import time
+from collections.abc import Container
+from typing import TYPE_CHECKING, Any, cast
 
 from clawdbot.errors import APIError, invalid
 from clawdbot.backend.options import ADMIN, INT64_MAX, keep_alive_policy, options_policy
 from clawdbot.strictjson import loads_checked, parse_json
 from clawdbot.backend.images import too_many_images
+
+if TYPE_CHECKING:
+    from clawdbot.config import Config
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 REASONING_EFFORT = {"none": False, "minimal": True, "low": True, "medium": True, "high": True}
@@ -63,7 +68,7 @@ MAX_EMBEDDING_INPUTS = 2048
 _DATA_URL = re.compile(r"^data:(image/[a-z0-9.+-]+);base64,(.*)$", re.IGNORECASE | re.DOTALL)
 
 
-def _number(value, name, low=None, high=None):
+def _number(value: object, name: str, low: float | None = None, high: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
         raise invalid(f"'{name}' must be a number")
     if (low is not None and value < low) or (high is not None and value > high):
@@ -71,7 +76,7 @@ def _number(value, name, low=None, high=None):
     return value
 
 
-def _integer(value, name, low=None):
+def _integer(value: object, name: str, low: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise invalid(f"'{name}' must be an integer")
     if low is not None and value < low:
@@ -81,7 +86,7 @@ def _integer(value, name, low=None):
     return value
 
 
-def resolve_model(requested, config):
+def resolve_model(requested: object, config: "Config") -> str:
     """
     The Ollama model for a request's C{model}: the default when absent, an
     alias resolved, and the allow-list applied.
@@ -99,7 +104,7 @@ def resolve_model(requested, config):
     return model
 
 
-def data_url_image(url, where):
+def data_url_image(url: object, where: str) -> bytes:
     """The base64 payload of an image C{data:} URL; anything else is a 400."""
     if not isinstance(url, str):
         raise invalid(f"{where}.image_url.url must be a string")
@@ -116,7 +121,7 @@ def data_url_image(url, where):
     return raw
 
 
-def _content(content, where, images):
+def _content(content: object, where: str, images: list[bytes]) -> str:
     """Text of a message's content; image parts are appended to C{images} (raw bytes)."""
     if content is None:
         return ""
@@ -143,8 +148,8 @@ def _content(content, where, images):
     return "\n".join(texts)
 
 
-def _tool_calls_in(calls, where):
-    out = []
+def _tool_calls_in(calls: object, where: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
     if not isinstance(calls, list):
         raise invalid(f"{where}.tool_calls must be a list")
     for i, call in enumerate(calls):
@@ -156,14 +161,14 @@ def _tool_calls_in(calls, where):
             try:
                 args = parse_json(args.encode("utf-8")) if args.strip() else {}
             except APIError as e:
-                raise invalid(f"{where}.tool_calls[{i}].function.arguments must be a JSON string of an object ({e.details.replace('the body', 'it', 1)})") from None
+                raise invalid(f"{where}.tool_calls[{i}].function.arguments must be a JSON string of an object ({cast(str, e.details).replace('the body', 'it', 1)})") from None
         if not isinstance(args, dict):
             raise invalid(f"{where}.tool_calls[{i}].function.arguments must encode an object")
         out.append({"function": {"name": fn["name"], "arguments": args}})
     return out
 
 
-def translate_messages(messages, max_images=None):
+def translate_messages(messages: object, max_images: int | None = None) -> list[dict[str, Any]]:
     """
     OpenAI C{messages} to Ollama's.
 
@@ -182,7 +187,7 @@ def translate_messages(messages, max_images=None):
         raise invalid(f"'messages' may hold at most {MAX_MESSAGES} messages")
     image_count = 0
     out = []
-    tool_names = {}
+    tool_names: dict[str, str] = {}
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -190,8 +195,8 @@ def translate_messages(messages, max_images=None):
         role = message.get("role")
         if not isinstance(role, str) or role not in ROLES:
             raise invalid(f"{where}.role must be one of system, developer, user, assistant, tool")
-        images = []
-        entry = {"role": "system" if role == "developer" else role, "content": _content(message.get("content"), where, images)}
+        images: list[bytes] = []
+        entry: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": _content(message.get("content"), where, images)}
         if images:
             if role != "user":
                 raise invalid(f"{where}: only user messages may carry images")
@@ -219,7 +224,7 @@ def translate_messages(messages, max_images=None):
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
-def is_object_schema(schema):
+def is_object_schema(schema: object) -> bool:
     """
     C{schema} describes an object at its root: C{"type": "object"}, or no
     type and nothing else that decides one (C{{}}), with C{properties}, if
@@ -232,12 +237,12 @@ def is_object_schema(schema):
     return not any(key in schema for key in ("anyOf", "oneOf", "allOf", "$ref", "enum", "const", "not", "if"))
 
 
-def check_tool_name(name, where):
+def check_tool_name(name: object, where: str) -> None:
     if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
         raise invalid(f"{where} must be 1 to 64 letters, digits, '_', '-', '.' or ':'")
 
 
-def _tools(tools):
+def _tools(tools: object) -> list[dict[str, Any]]:
     if not isinstance(tools, list):
         raise invalid("'tools' must be a list")
     out = []
@@ -246,7 +251,7 @@ def _tools(tools):
             raise invalid(f"tools[{i}] must be a function tool")
         fn = tool["function"]
         check_tool_name(fn.get("name"), f"tools[{i}].function.name")
-        entry = {"name": fn["name"]}
+        entry: dict[str, Any] = {"name": fn["name"]}
         if fn.get("description") is not None:
             if not isinstance(fn["description"], str):
                 raise invalid(f"tools[{i}].function.description must be a string")
@@ -261,20 +266,20 @@ def _tools(tools):
     return out
 
 
-def _one_choice(body, name):
+def _one_choice(body: dict[str, Any], name: str) -> None:
     value = body.get(name)
     if value is not None and _integer(value, name) != 1:
         raise invalid(f"'{name}' must be 1: one choice per request is supported")
 
 
-def _think(value):
+def _think(value: object) -> bool | str:
     """Ollama's C{think} switch, as Ollama users send it."""
     if not (isinstance(value, bool) or (isinstance(value, str) and value in ("low", "medium", "high"))):
         raise invalid("'think' must be true, false, \"low\", \"medium\" or \"high\"")
     return value
 
 
-def _include_usage(body):
+def _include_usage(body: dict[str, Any]) -> bool:
     """C{stream_options.include_usage}, checked."""
     so = body.get("stream_options")
     if so is None:
@@ -291,7 +296,7 @@ def _include_usage(body):
 _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "num_predict", "stop": "stop", "seed": "seed", "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 
 
-def ollama_settings(body, config, principal=None):
+def ollama_settings(body: dict[str, Any], config: "Config", principal: Any = None) -> dict[str, Any]:
     """
     Ollama's C{options} and C{keep_alive} for an OpenAI-style body: its
     sampling fields, plus Ollama's own C{options} object and C{keep_alive}
@@ -302,10 +307,10 @@ def ollama_settings(body, config, principal=None):
     @return: the fields to add to the Ollama body (possibly none).
     """
     is_admin = principal is not None and ADMIN in principal.scopes
-    options = {}
+    options: dict[str, Any] = {}
     if body.get("options") is not None:
         options = options_policy(body["options"], config, is_admin)
-    own = {}
+    own: dict[str, Any] = {}
     if body.get("temperature") is not None:
         own["temperature"] = _number(body["temperature"], "temperature", 0, 2)
     if body.get("top_p") is not None:
@@ -330,13 +335,13 @@ def ollama_settings(body, config, principal=None):
             field = next(name for name, option in _SAMPLING.items() if option == key)
             raise invalid(f"send '{field}' or 'options.{key}', not both")
     options.update(own)
-    out = {"options": options} if options else {}
+    out: dict[str, Any] = {"options": options} if options else {}
     if body.get("keep_alive") is not None:
         out["keep_alive"] = keep_alive_policy(body["keep_alive"], config, is_admin)
     return out
 
 
-def tool_choice(choice, tools):
+def tool_choice(choice: object, tools: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     """
     What C{tool_choice} asks of the model, and the tools it may use.
 
@@ -376,14 +381,14 @@ def tool_choice(choice, tools):
     raise invalid("'tool_choice' must be none, auto, required or a function tool; other tool types are not supported")
 
 
-def _tool_named(name, tools, where):
+def _tool_named(name: str, tools: list[dict[str, Any]], where: str) -> dict[str, Any]:
     for tool in tools:
         if tool["function"]["name"] == name:
             return tool
     raise invalid(f"'{where}' names a function that is not in 'tools'")
 
 
-def check_forced_arguments(arguments, name, done_reason):
+def check_forced_arguments(arguments: str, name: str, done_reason: object) -> None:
     """
     A forced call's arguments must be one JSON object, unless the reply was
     cut short (then it ends with C{finish_reason: "length"}, as OpenAI's).
@@ -400,14 +405,14 @@ def check_forced_arguments(arguments, name, done_reason):
         raise APIError("UPSTREAM_UNAVAILABLE", details=f"the model did not answer with the arguments of {name}")
 
 
-def forced_instruction(function):
+def forced_instruction(function: dict[str, Any]) -> str:
     text = f"Call the function {function['name']} now: answer with nothing but its arguments, as one JSON object that matches its parameters."
     if function.get("description"):
         text += f" The function: {function['description']}"
     return text
 
 
-def with_instruction(messages, text):
+def with_instruction(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
     """C{messages} with C{text} added to the system prompt (a new system message when there is none)."""
     if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
         first = dict(messages[0], content=(messages[0]["content"] + "\n\n" + text).strip())
@@ -415,7 +420,7 @@ def with_instruction(messages, text):
     return [{"role": "system", "content": text}] + messages
 
 
-def union_format(functions):
+def union_format(functions: list[dict[str, Any]]) -> dict[str, Any]:
     """
     The schema of a call to any one of C{functions} (C{{"name", "arguments"}}),
     for asking a model that answered without a call once more.
@@ -434,7 +439,7 @@ def union_format(functions):
     }
 
 
-def _rebase_refs(schema, base):
+def _rebase_refs(schema: Any, base: str) -> Any:
     """
     C{schema} with every JSON-pointer C{$ref} into it (C{#}, C{#/...}) made
     relative to C{base}.  Left as they are: a schema with its own C{$id}
@@ -448,7 +453,7 @@ def _rebase_refs(schema, base):
         return [_rebase_refs(item, base) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in schema.items():
         if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
             out[key] = base + value[1:]
@@ -463,7 +468,7 @@ def _rebase_refs(schema, base):
 _SCHEMA_DATA = {"const", "enum", "default", "examples"}
 
 
-def union_instruction(functions):
+def union_instruction(functions: list[dict[str, Any]]) -> str:
     listed = "; ".join(f"{fn['name']}: {fn['description']}" if fn.get("description") else fn["name"] for fn in functions)
     return (
         "Call one of these functions now: answer with nothing but one JSON object with the function's "
@@ -471,7 +476,7 @@ def union_instruction(functions):
     )
 
 
-def call_from_union(reply, functions):
+def call_from_union(reply: dict[str, Any], functions: list[dict[str, Any]]) -> dict[str, Any]:
     """
     The Ollama tool call in a reply made under L{union_format}.
 
@@ -492,7 +497,7 @@ def call_from_union(reply, functions):
     return dict(reply, message=message)
 
 
-def offered_calls(calls, offered):
+def offered_calls(calls: object, offered: Container[str] | None) -> list[Any]:
     """
     The tool calls (Ollama's) to functions that were C{offered} (names):
     a model's call to any other is no call.  All of them when C{offered} is
@@ -505,19 +510,19 @@ def offered_calls(calls, offered):
     return [c for c in calls if isinstance(c, dict) and isinstance(c.get("function"), dict) and c["function"].get("name") in offered]
 
 
-def offered_calls_only(reply, functions):
+def offered_calls_only(reply: dict[str, Any], functions: list[dict[str, Any]]) -> dict[str, Any]:
     """C{reply} with only the tool calls to C{functions} (L{offered_calls})."""
     message = dict(reply.get("message") or {})
     message["tool_calls"] = offered_calls(message.get("tool_calls"), {fn["name"] for fn in functions})
     return dict(reply, message=message)
 
 
-def with_counts_of(reply, earlier):
+def with_counts_of(reply: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
     """C{reply} with an C{earlier} call's token counts added to its own (both calls are charged)."""
     return dict(reply, **{key: (reply.get(key) or 0) + (earlier.get(key) or 0) for key in ("prompt_eval_count", "eval_count")})
 
 
-def chat_request(body, config, principal=None, session_id=None):
+def chat_request(body: dict[str, Any], config: "Config", principal: Any = None, session_id: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     An OpenAI chat completion request body to Ollama's C{/api/chat} body.
 
@@ -550,7 +555,7 @@ def chat_request(body, config, principal=None, session_id=None):
     if parallel is not None and not isinstance(parallel, bool):
         raise invalid("'parallel_tool_calls' must be true or false")
 
-    out = {"model": model, "messages": messages, "stream": stream}
+    out: dict[str, Any] = {"model": model, "messages": messages, "stream": stream}
     out.update(ollama_settings(body, config, principal))
 
     fmt = body.get("response_format")
@@ -620,17 +625,17 @@ def chat_request(body, config, principal=None, session_id=None):
 # --- replies ------------------------------------------------------------------
 
 
-def completion_id():
+def completion_id() -> str:
     return "chatcmpl-" + secrets.token_hex(12)
 
 
-def _call_id():
+def _call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
 
-def tool_calls_out(calls):
+def tool_calls_out(calls: Any) -> list[dict[str, Any]]:
     """Ollama tool calls to OpenAI's, with arguments as a JSON string."""
-    out = []
+    out: list[dict[str, Any]] = []
     for i, call in enumerate(calls or []):
         fn = call.get("function", {}) if isinstance(call, dict) else {}
         args = fn.get("arguments", {})
@@ -645,7 +650,7 @@ def tool_calls_out(calls):
     return out
 
 
-def finish_reason(done_reason, has_tool_calls):
+def finish_reason(done_reason: object, has_tool_calls: bool) -> str:
     # A reply cut short says so, a tool call too (its arguments are cut).
     if done_reason == "length":
         return "length"
@@ -654,13 +659,13 @@ def finish_reason(done_reason, has_tool_calls):
     return "stop"
 
 
-def usage(reply):
+def usage(reply: dict[str, Any]) -> dict[str, int]:
     prompt = reply.get("prompt_eval_count") or 0
     completion = reply.get("eval_count") or 0
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _text_size(value, depth=0):
+def _text_size(value: Any, depth: int = 0) -> int:
     """The characters of text in a request body (message contents, prompts, inputs)."""
     if isinstance(value, str):
         return len(value)
@@ -673,7 +678,7 @@ def _text_size(value, depth=0):
     return 0
 
 
-def estimate_tokens(body):
+def estimate_tokens(body: Any) -> int:
     """
     A rough prompt size in tokens (four characters a token), for charging a
     reply that ended before Ollama reported its counts.
@@ -686,7 +691,8 @@ class Meter:
     What one call to the model costs, however it ends.
 
     Ollama's counts (L{usage}) are exact, but they arrive only with a reply's
-    last line.  Until then the meter holds an estimate: nothing while the
+    last line (the routes record them in the request's audit, which wins
+    over the meter).  Until then the meter holds an estimate: nothing while the
     call has not reached Ollama (queued, refused), the prompt once it has
     (Ollama evaluates it whether or not anyone waits for the answer), plus a
     token per relayed line of a stream.
@@ -694,25 +700,21 @@ class Meter:
     @ivar prompt: the estimated prompt size, in tokens.
     @ivar sent: the request reached Ollama.
     @ivar streamed: reply lines relayed so far.
-    @ivar exact: Ollama's usage, once known.
     """
 
-    def __init__(self, body, ceiling=0):
+    def __init__(self, body: Any, ceiling: int = 0) -> None:
         prompt = estimate_tokens(body)
         # Ollama evaluates at most a context's worth of the prompt.
         self.prompt = min(prompt, ceiling) if ceiling else prompt
         self.sent = False
         self.streamed = 0
-        self.exact = None
 
-    def mark_sent(self, sent=True):
+    def mark_sent(self, sent: bool = True) -> None:
         """The call went to Ollama (or, with C{False}, Ollama refused it: nothing was evaluated)."""
         self.sent = sent
 
-    def usage(self):
-        """The usage to charge: exact when known, else the estimate, else C{None}."""
-        if self.exact is not None:
-            return self.exact
+    def usage(self) -> dict[str, Any] | None:
+        """The estimated usage to charge, or C{None} when the call never reached Ollama."""
         if not self.sent:
             return None
         return {"prompt_tokens": self.prompt, "completion_tokens": self.streamed, "total_tokens": self.prompt + self.streamed, "estimated": True}
@@ -723,15 +725,22 @@ class Meter:
 DEFAULT_REPLY_RESERVE = 256
 
 
-def reply_reserve(body, ceiling=0):
+def reply_reserve(body: dict[str, Any], ceiling: int = 0) -> int:
     """The tokens to reserve for a call's reply: its C{num_predict}, else L{DEFAULT_REPLY_RESERVE}, at most C{ceiling}."""
-    options = body.get("options") if isinstance(body.get("options"), dict) else {}
+    options: Any = body.get("options") if isinstance(body.get("options"), dict) else {}
     limit = options.get("num_predict")
     tokens = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else DEFAULT_REPLY_RESERVE
     return min(tokens, ceiling) if ceiling else tokens
 
 
-def chat_response(reply, model, created=None, single_tool_call=False, forced_tool=None, offered=None):
+def chat_response(
+    reply: dict[str, Any],
+    model: str,
+    created: float | None = None,
+    single_tool_call: bool = False,
+    forced_tool: str | None = None,
+    offered: Container[str] | None = None,
+) -> dict[str, Any]:
     """
     A non-streamed Ollama C{/api/chat} reply as an OpenAI C{chat.completion}.
 
@@ -749,7 +758,7 @@ def chat_response(reply, model, created=None, single_tool_call=False, forced_too
     calls = tool_calls_out(offered_calls(message.get("tool_calls"), offered))
     if single_tool_call:
         calls = calls[:1]
-    out_message = {"role": "assistant", "content": message.get("content", "")}
+    out_message: dict[str, Any] = {"role": "assistant", "content": message.get("content", "")}
     if message.get("thinking"):
         out_message["reasoning_content"] = message["thinking"]
     if calls:
@@ -772,11 +781,11 @@ def chat_response(reply, model, created=None, single_tool_call=False, forced_too
 class LineSplitter:
     """Reassemble NDJSON lines from chunks split anywhere."""
 
-    def __init__(self, max_line=16 * 1024 * 1024):
+    def __init__(self, max_line: int = 16 * 1024 * 1024) -> None:
         self.buffer = b""
         self.max_line = max_line
 
-    def feed(self, data):
+    def feed(self, data: bytes) -> list[bytes]:
         """The complete lines in C{data} (plus what was buffered), without newlines."""
         self.buffer += data
         if b"\n" not in data:
@@ -786,7 +795,7 @@ class LineSplitter:
         *lines, self.buffer = self.buffer.split(b"\n")
         return [line for line in lines if line.strip()]
 
-    def rest(self):
+    def rest(self) -> list[bytes]:
         line, self.buffer = self.buffer, b""
         return [line] if line.strip() else []
 
@@ -801,35 +810,44 @@ class StreamTranslator:
     @ivar final: the last Ollama line (counts and durations), once seen.
     """
 
-    def __init__(self, model, include_usage=False, created=None, hold_done=False, single_tool_call=False, forced_tool=None, offered=None):
+    def __init__(
+        self,
+        model: str,
+        include_usage: bool = False,
+        created: float | None = None,
+        hold_done: bool = False,
+        single_tool_call: bool = False,
+        forced_tool: str | None = None,
+        offered: Container[str] | None = None,
+    ) -> None:
         self.id = completion_id()
         self.offered = offered
         self.single_tool_call = single_tool_call
         # The function tool_choice named: the content streams as its arguments.
         self.forced_tool = forced_tool
-        self.arguments = []
+        self.arguments: list[str] = []
         self.hold_done = hold_done
         self.model = model
         self.created = int(created or time.time())
         self.include_usage = include_usage
         self.sent_role = False
         self.tool_index = 0
-        self.content = []
-        self.reasoning = []
-        self.tool_calls = []
-        self.final = None
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.tool_calls: list[dict[str, Any]] = []
+        self.final: dict[str, Any] | None = None
         self.done = False
         self._prefix = (
             '{"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,"system_fingerprint":"fp_ollama","choices":'
             % (self.id, self.created, json.dumps(model, ensure_ascii=False))
         )
 
-    def _chunk(self, choices_json, usage_json=None):
+    def _chunk(self, choices_json: str, usage_json: str | None = None) -> bytes:
         # With include_usage every chunk has the field, null until the last.
         tail = ',"usage":' + (usage_json or "null") if self.include_usage else ""
         return b"data: " + (self._prefix + choices_json + tail + "}").encode("utf-8") + b"\n\n"
 
-    def _forced_arguments(self, delta, text):
+    def _forced_arguments(self, delta: dict[str, Any], text: str) -> None:
         """The forced call's head in the first chunk, then each piece of content as an arguments delta."""
         if not self.tool_calls:
             call = {"index": 0, "id": _call_id(), "type": "function", "function": {"name": self.forced_tool, "arguments": text}}
@@ -840,7 +858,7 @@ class StreamTranslator:
             delta["tool_calls"] = [{"index": 0, "function": {"arguments": text}}]
         self.arguments.append(text)
 
-    def line(self, raw):
+    def line(self, raw: bytes) -> bytes:
         """
         The SSE bytes for one Ollama line.
 
@@ -848,7 +866,7 @@ class StreamTranslator:
         """
         data = stream_line(raw)
         message = data.get("message") or {}
-        delta = {}
+        delta: dict[str, Any] = {}
         if not self.sent_role:
             delta["role"] = "assistant"
             self.sent_role = True
@@ -888,7 +906,7 @@ class StreamTranslator:
         out = self._chunk(choice)
         if self.done:
             if self.include_usage:
-                out += self._chunk("[]", json.dumps(usage(self.final), separators=(",", ":")))
+                out += self._chunk("[]", json.dumps(usage(cast(dict[str, Any], self.final)), separators=(",", ":")))
             if not self.hold_done:
                 out += DONE
         return out
@@ -901,7 +919,7 @@ class UpstreamStreamError(Exception):
     """The backend's stream went wrong; C{args[0]} is the curated reason."""
 
 
-def stream_line(raw):
+def stream_line(raw: bytes) -> dict[str, Any]:
     """
     One line of Ollama's NDJSON stream, parsed.
 
@@ -916,11 +934,6 @@ def stream_line(raw):
     if "error" in data:
         raise UpstreamStreamError("the model backend reported an error mid-stream")
     return data
-
-
-def sse_error(err):
-    """The SSE event that ends a stream with an error, in the §4 shape."""
-    return b"data: " + json.dumps(err.as_dict(), ensure_ascii=False).encode("utf-8") + b"\n\n"
 
 
 # --- legacy text completions --------------------------------------------------
@@ -951,7 +964,7 @@ _COMPLETION_FIELDS = {
 }
 
 
-def _completion_prompt(prompt):
+def _completion_prompt(prompt: object) -> str:
     """The one text of a completion's C{prompt}: a string, or a list holding one string."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -967,7 +980,7 @@ def _completion_prompt(prompt):
     raise invalid("'prompt' must be a string, or a list holding one string")
 
 
-def completion_request(body, config, principal=None):
+def completion_request(body: dict[str, Any], config: "Config", principal: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     An OpenAI legacy completion request body (C{POST /v1/completions}) to
     Ollama's C{/api/generate} body.  Ollama applies the model's prompt
@@ -1000,7 +1013,7 @@ def completion_request(body, config, principal=None):
     if body.get("logit_bias"):
         raise invalid("'logit_bias' is not supported")
 
-    out = {"model": model, "prompt": prompt, "stream": stream}
+    out: dict[str, Any] = {"model": model, "prompt": prompt, "stream": stream}
     suffix = body.get("suffix")
     if suffix is not None:
         if not isinstance(suffix, str):
@@ -1017,11 +1030,11 @@ def completion_request(body, config, principal=None):
     return out, {"stream": stream, "include_usage": _include_usage(body), "model": body.get("model") or model, "echo_prompt": prompt if echo else None}
 
 
-def text_completion_id():
+def text_completion_id() -> str:
     return "cmpl-" + secrets.token_hex(12)
 
 
-def completion_response(reply, model, echo_prompt=None):
+def completion_response(reply: dict[str, Any], model: str, echo_prompt: str | None = None) -> dict[str, Any]:
     """
     A non-streamed Ollama C{/api/generate} reply as an OpenAI
     C{text_completion}; a thinking model's C{thinking} is left out of the
@@ -1054,11 +1067,11 @@ class CompletionStreamTranslator:
     @ivar final: the last Ollama line (counts and durations), once seen.
     """
 
-    def __init__(self, model, include_usage=False, echo_prompt=None):
+    def __init__(self, model: str, include_usage: bool = False, echo_prompt: str | None = None) -> None:
         self.id = text_completion_id()
         self.include_usage = include_usage
         self.pending = echo_prompt or ""
-        self.final = None
+        self.final: dict[str, Any] | None = None
         self.done = False
         self._prefix = '{"id":"%s","object":"text_completion","created":%d,"model":%s,"system_fingerprint":"fp_ollama","choices":' % (
             self.id,
@@ -1066,11 +1079,11 @@ class CompletionStreamTranslator:
             json.dumps(model, ensure_ascii=False),
         )
 
-    def _chunk(self, choices_json, usage_json="null"):
+    def _chunk(self, choices_json: str, usage_json: str = "null") -> bytes:
         tail = ',"usage":' + usage_json if self.include_usage else ""
         return b"data: " + (self._prefix + choices_json + tail + "}").encode("utf-8") + b"\n\n"
 
-    def line(self, raw):
+    def line(self, raw: bytes) -> bytes:
         """
         The SSE bytes for one Ollama line.
 
@@ -1092,7 +1105,7 @@ class CompletionStreamTranslator:
         out = self._chunk(choice)
         if self.done:
             if self.include_usage:
-                out += self._chunk("[]", json.dumps(usage(self.final), separators=(",", ":")))
+                out += self._chunk("[]", json.dumps(usage(cast(dict[str, Any], self.final)), separators=(",", ":")))
             out += DONE
         return out
 
@@ -1100,11 +1113,11 @@ class CompletionStreamTranslator:
 # --- models and embeddings ----------------------------------------------------
 
 
-def models_response(tags, config):
+def models_response(tags: dict[str, Any], config: "Config") -> dict[str, Any]:
     """Ollama's C{/api/tags} as OpenAI's model list, filtered by config."""
     allowed = set(config.backend.models)
-    data = []
-    seen = set()
+    data: list[dict[str, Any]] = []
+    seen: set[str] = set()
     for entry in tags.get("models") or []:
         name = entry.get("name") or entry.get("model")
         if not isinstance(name, str) or (allowed and name not in allowed) or name in seen:
@@ -1117,7 +1130,7 @@ def models_response(tags, config):
     return {"object": "list", "data": data}
 
 
-def _created(stamp):
+def _created(stamp: object) -> int:
     if not isinstance(stamp, str):
         return 0
     from datetime import datetime
@@ -1128,7 +1141,7 @@ def _created(stamp):
         return 0
 
 
-def embeddings_request(body, config):
+def embeddings_request(body: dict[str, Any], config: "Config") -> tuple[dict[str, Any], dict[str, Any]]:
     for key in body:
         if key not in ("model", "input", "encoding_format", "dimensions", "user"):
             raise invalid(f"'{key}' is not a supported parameter")
@@ -1149,13 +1162,13 @@ def embeddings_request(body, config):
     fmt = body.get("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise invalid("'encoding_format' must be float or base64")
-    out = {"model": model, "input": data}
+    out: dict[str, Any] = {"model": model, "input": data}
     if body.get("dimensions") is not None:
         out["dimensions"] = _integer(body["dimensions"], "dimensions", 1)
     return out, {"encoding_format": fmt, "model": body.get("model") or model}
 
 
-def embeddings_response(reply, model, encoding_format):
+def embeddings_response(reply: dict[str, Any], model: str, encoding_format: str) -> dict[str, Any]:
     data = []
     for i, vector in enumerate(reply.get("embeddings") or []):
         if encoding_format == "base64":

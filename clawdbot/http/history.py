@@ -24,31 +24,12 @@ capped).
 
 import json
 
-from twisted.internet.defer import DeferredLock
-
 from clawdbot.errors import APIError, invalid
-from clawdbot.storage.store import decode_cursor, is_session_id, message_bytes
-from clawdbot.units import format_size
-from clawdbot.http.site import APIResource, JSONResponse, NotFound, read_json
+from clawdbot.storage.history import may_use_team, not_found
+from clawdbot.storage.store import decode_cursor
+from clawdbot.http.site import APIResource, JSONResponse, NotFound, query_arg, read_json
 
 MAX_TITLE = 200
-# A full history frees up only when its owner deletes or clears sessions:
-# there is no time at which a retry would pass by itself.
-QUOTA_RETRY_AFTER = 3600
-
-
-def team_reader(principal, session):
-    """May C{principal} read C{session} through C{history:<team>}?"""
-    return session.team is not None and f"history:{session.team}" in principal.scopes
-
-
-def may_use_team(principal, team):
-    """A session may be created for a team the principal belongs to or reads."""
-    return team in principal.teams or f"history:{team}" in principal.scopes
-
-
-def not_found():
-    return APIError("NOT_FOUND", details="no such session")
 
 
 def _title(value):
@@ -59,121 +40,16 @@ def _title(value):
     return value.strip()
 
 
-def not_owner():
-    return APIError("AUTH_INSUFFICIENT_SCOPE", details="only the owner of a session may change it")
+class HistoryRoute(APIResource):
+    """A history route: the history rules, from the parts at construction (kept for the per-session children)."""
+
+    def __init__(self, parts):
+        super().__init__(parts)
+        self.parts = parts
+        self.history = parts.history
 
 
-async def load_visible(gateway, principal, sid, with_messages=False):
-    """The session C{sid} for reading: its owner's or a readable team's; else 404."""
-    store = gateway.store
-    session = await store.get_session(sid, with_messages=with_messages) if is_session_id(sid) else None
-    if session is None:
-        raise not_found()
-    if session.owner in await store.owners_of(principal.issuer, principal.sub) or team_reader(principal, session):
-        return session
-    raise not_found()
-
-
-async def load_owned(gateway, principal, sid):
-    """
-    The session C{sid} for changing: its owner's only.  A team reader gets
-    a 403, anyone else a 404.
-    """
-    store = gateway.store
-    session = await store.get_session(sid) if is_session_id(sid) else None
-    if session is None:
-        raise not_found()
-    if session.owner in await store.owners_of(principal.issuer, principal.sub):
-        return session
-    if team_reader(principal, session):
-        raise not_owner()
-    raise not_found()
-
-
-# Bytes held for a reply while its turn is in flight (replies are stored
-# whatever their size once the turn was accepted).
-REPLY_ALLOWANCE = 16 * 1024
-
-
-class HistoryReservations:
-    """
-    Bytes of turns that passed the stored-history quota and are not stored
-    yet, per owner.  Counting them in the check keeps turns that run at the
-    same moment (on different sessions) from all passing a check made before
-    any of them was stored.  Per process: gateways sharing one database can
-    each let one turn past the quota at the same moment.
-    """
-
-    def __init__(self):
-        self.pending = {}
-
-    def hold(self, owner, size):
-        """Count C{size} bytes for C{owner} until the returned C{release()} is called."""
-        self.pending[owner] = self.pending.get(owner, 0) + size
-        released = []
-
-        def release():
-            if not released:
-                released.append(True)
-                left = self.pending.get(owner, 0) - size
-                if left > 0:
-                    self.pending[owner] = left
-                else:
-                    self.pending.pop(owner, None)
-
-        return release
-
-
-async def check_history_quota(store, principal, limits, new, reservations):
-    """
-    Refuse a turn whose messages C{new} (C{[(role, content, incomplete)]})
-    would pass the per-request cap (413) or the owner's stored-bytes quota
-    (429 QUOTA_EXCEEDED with Retry-After); nothing is stored either way.
-
-    @param reservations: the L{HistoryReservations} of turns in flight.
-    @return: C{release()}, to call once the turn is stored (or not).
-    """
-    size = sum(message_bytes(content) for _, content, _ in new)
-    if size > limits.max_bytes_per_request:
-        raise APIError(
-            "PAYLOAD_TOO_LARGE",
-            details=f"the messages to store are larger than the limit of {format_size(limits.max_bytes_per_request)} per request",
-        )
-    used = await store.usage(await store.owners_of(principal.issuer, principal.sub))
-    if used + reservations.pending.get(principal.key, 0) + size > limits.max_bytes_per_user:
-        raise APIError(
-            "QUOTA_EXCEEDED",
-            details=f"your stored chat history has reached its limit of {format_size(limits.max_bytes_per_user)}; delete or clear sessions to go on",
-            headers={"Retry-After": str(QUOTA_RETRY_AFTER)},
-        )
-    # Held until the turn is stored: its messages and an allowance for the
-    # reply, so that turns running at the same moment leave room for theirs.
-    return reservations.hold(principal.key, size + REPLY_ALLOWANCE)
-
-
-class SessionLocks:
-    """
-    One lock per session, so concurrent turns on a session run one after the
-    other and the stored order is the order the model saw.
-    """
-
-    def __init__(self):
-        self._locks = {}
-
-    async def run(self, sid, fn):
-        lock = self._locks.get(sid)
-        if lock is None:
-            lock = self._locks[sid] = DeferredLock()
-        await lock.acquire()
-        try:
-            return await fn()
-        finally:
-            lock.release()
-            if not lock.locked and not lock.waiting:
-                self._locks.pop(sid, None)
-
-
-class SessionList(APIResource):
+class SessionList(HistoryRoute):
     """C{GET|POST /v1/sessions}."""
 
     scopes = {"GET": "chat:read", "POST": "chat:write"}
@@ -182,27 +58,26 @@ class SessionList(APIResource):
     def getChild(self, path, request):
         if not path:
             return NotFound()
-        return SessionItem(self.gateway, path.decode("utf-8", "replace"))
+        return SessionItem(self.parts, path.decode("utf-8", "replace"))
 
     async def handle_GET(self, request):
         principal = request.principal
-        args = request.args
-        team = _arg(args, b"team")
+        team = _arg(request, "team")
         if team is not None and not team.isprintable():
             raise invalid("'team' must be a team name")
         try:
-            limit = int(_arg(args, b"limit") or 50)
+            limit = int(_arg(request, "limit") or 50)
         except ValueError:
             raise invalid("'limit' must be an integer") from None
         if not 1 <= limit <= 200:
             raise invalid("'limit' must be between 1 and 200")
-        cursor = _arg(args, b"cursor")
+        cursor = _arg(request, "cursor")
         if cursor is not None:
             try:
                 cursor = decode_cursor(cursor)
             except ValueError:
                 raise invalid("'cursor' is not valid") from None
-        store = self.gateway.store
+        store = self.history.store
         owners = await store.owners_of(principal.issuer, principal.sub)
         rows, next_cursor = await store.list_sessions(owners, principal.history_teams(), team=team, limit=limit, cursor=cursor)
         return {"data": [s.as_dict() for s in rows], "next_cursor": next_cursor}
@@ -221,36 +96,37 @@ class SessionList(APIResource):
             if not may_use_team(principal, team):
                 raise APIError("AUTH_INSUFFICIENT_SCOPE", details=f"you are not a member of team {team}")
         limits = request.config.history
-        session = await self.gateway.store.create_session(principal.key, title, team, max_sessions=limits.max_sessions_per_user)
+        session = await self.history.store.create_session(principal.key, title, team, max_sessions=limits.max_sessions_per_user)
         if session is None:
             raise invalid(f"you have reached the limit of {limits.max_sessions_per_user} sessions; delete some first")
         return JSONResponse(session.as_dict(), status=201)
 
 
-def _arg(args, name):
-    values = args.get(name)
-    if not values:
-        return None
-    return values[0].decode("utf-8", "replace")
+def _arg(request, name):
+    """A query parameter (L{query_arg}), refused with a 400 when repeated or not UTF-8."""
+    try:
+        return query_arg(request, name)
+    except ValueError:
+        raise invalid(f"'{name}' must be given once, in UTF-8") from None
 
 
-class SessionItem(APIResource):
+class SessionItem(HistoryRoute):
     """C{GET|PATCH|DELETE /v1/sessions/{id}} and C{.../export}."""
 
     scopes = {"GET": "chat:read", "PATCH": "chat:write", "DELETE": "chat:write"}
     route_name = "session"
 
-    def __init__(self, gateway, sid):
-        super().__init__(gateway)
+    def __init__(self, parts, sid):
+        super().__init__(parts)
         self.sid = sid
 
     def getChild(self, path, request):
         if path == b"export":
-            return SessionExport(self.gateway, self.sid)
+            return SessionExport(self.parts, self.sid)
         return NotFound()
 
     async def handle_GET(self, request):
-        session = await load_visible(self.gateway, request.principal, self.sid, with_messages=True)
+        session = await self.history.visible(request.principal, self.sid, with_messages=True)
         out = session.as_dict()
         out["messages"] = [m.as_dict() for m in session.messages]
         return out
@@ -261,34 +137,34 @@ class SessionItem(APIResource):
             if key != "title":
                 raise invalid(f"'{key}' cannot be changed")
         title = _title(body.get("title"))
-        await load_owned(self.gateway, request.principal, self.sid)
-        await self.gateway.store.rename(self.sid, title)
-        session = await self.gateway.store.get_session(self.sid)
+        await self.history.owned(request.principal, self.sid)
+        await self.history.store.rename(self.sid, title)
+        session = await self.history.store.get_session(self.sid)
         if session is None:
             raise not_found()
         return session.as_dict()
 
     async def handle_DELETE(self, request):
-        await load_owned(self.gateway, request.principal, self.sid)
-        await self.gateway.store.delete(self.sid)
+        await self.history.owned(request.principal, self.sid)
+        await self.history.store.delete(self.sid)
         return JSONResponse(b"", status=204)
 
 
-class SessionExport(APIResource):
+class SessionExport(HistoryRoute):
     """C{GET /v1/sessions/{id}/export?format=json|markdown}."""
 
     scopes = {"GET": "chat:read"}
     route_name = "session_export"
 
-    def __init__(self, gateway, sid):
-        super().__init__(gateway)
+    def __init__(self, parts, sid):
+        super().__init__(parts)
         self.sid = sid
 
     async def handle_GET(self, request):
-        fmt = _arg(request.args, b"format") or "json"
+        fmt = _arg(request, "format") or "json"
         if fmt not in ("json", "markdown"):
             raise invalid("'format' must be json or markdown")
-        session = await load_visible(self.gateway, request.principal, self.sid, with_messages=True)
+        session = await self.history.visible(request.principal, self.sid, with_messages=True)
         data = session.as_dict()
         data["messages"] = [m.as_dict() for m in session.messages]
         name = _filename(session.title)
@@ -322,5 +198,5 @@ def to_markdown(data):
     return "\n".join(lines)
 
 
-def add_routes(v1, gateway):
-    v1.putChild(b"sessions", SessionList(gateway))
+def add_routes(v1, parts):
+    v1.putChild(b"sessions", SessionList(parts))

@@ -7,9 +7,7 @@ handlers, checks method and scope, and renders every error in one place.
 """
 
 import io
-import ipaddress
 import json
-import re
 import threading
 import time
 import uuid
@@ -20,10 +18,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from clawdbot.http import cors
 from clawdbot.auth.tokens import missing_token
+from clawdbot.backend.ollama import IStreamConsumer
 from clawdbot.errors import APIError, error_body, internal_error, invalid, ollama_error_body
+from clawdbot.net import KNOWN_METHODS, METHOD_ORDER, loopback_authority, loopback_origin, valid_host
 from clawdbot.strictjson import parse_json
 from clawdbot.workers import Workers, shutting_down
 
@@ -125,10 +126,6 @@ def _header_bytes(value):
     return value.replace(b"\r", b" ").replace(b"\n", b" ")
 # The methods the gateway knows; any other gets 501 before the resource tree
 # is walked, and counts as one metrics label ("other").
-_METHOD_ORDER = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
-KNOWN_METHODS = frozenset(_METHOD_ORDER)
-
-
 class GatewayRequest(server.Request):
     """
     A request that refuses a body over the configured limit before it is
@@ -171,17 +168,19 @@ class GatewayRequest(server.Request):
         self.body_size = 0
         self.notifyFinish().addCallbacks(self._done, self._lost)
 
-    def _gateway(self):
-        return getattr(self._site, "gateway", None)
+    def _parts(self):
+        """The site's L{clawdbot.http.tree.Parts} (C{None} on a plain twisted.web site)."""
+        return getattr(self._site, "parts", None)
 
     def _lost(self, reason):
         self.gone = True
         self._done(None)
 
     def _done(self, _):
-        gateway = self._gateway()
-        if gateway is not None:
-            gateway.request_done(self)
+        parts = self._parts()
+        if parts is not None:
+            parts.accounting.done(self)
+            parts.runtime.untrack(self)
 
     captured_size = 0
     body_sample = b""
@@ -208,10 +207,10 @@ class GatewayRequest(server.Request):
         return data
 
     def _limit(self):
-        gateway = self._gateway()
-        if gateway is None:
+        parts = self._parts()
+        if parts is None:
             return None
-        return gateway.config.limits.max_body
+        return parts.runtime.config.limits.max_body
 
     def setResponseCode(self, code, message=None):
         super().setResponseCode(code, message if message is not None else reason_phrase(code))
@@ -280,10 +279,8 @@ class GatewayRequest(server.Request):
         if not linger:
             self.channel.loseConnection()
             return
-        clock = getattr(self._site, "reactor", None)
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self._linger = clock.callLater(LINGER, transport.loseConnection)
+        # The channel's callLater is its site's reactor's (HTTPFactory.buildProtocol).
+        self._linger = self.channel.callLater(LINGER, transport.loseConnection)
 
     def _name_from_channel(self):
         """
@@ -318,10 +315,11 @@ class GatewayRequest(server.Request):
         if self.refused:
             self._close_refused()
             return
-        gateway = self._gateway()
-        if gateway is not None:
-            self.config = gateway.config
-            gateway.request_started(self)
+        parts = self._parts()
+        if parts is not None:
+            self.config = parts.runtime.config
+            parts.runtime.track(self)
+            parts.accounting.started(self)
         self.site = self.channel.site
         err = self._refusal()
         if err is None and self.path == b"*":
@@ -348,7 +346,7 @@ class GatewayRequest(server.Request):
         whole: 204 with the methods the gateway knows in C{Allow}.
         """
         self.setHeader(b"date", http.datetimeToString())
-        self.setHeader(b"allow", b", ".join(_METHOD_ORDER))
+        self.setHeader(b"allow", b", ".join(METHOD_ORDER))
         write_json(self, 204, None)
 
     def processingFailed(self, reason):
@@ -374,13 +372,31 @@ class GatewayRequest(server.Request):
         for name, value in self.cors_headers().items():
             self.setHeader(name, value)
 
+    def interrupt(self, err):
+        """
+        At shutdown: end a stream that is under way with C{err} as its last
+        event (the handler, cancelled next, then ends the response); a
+        request with nothing written yet is answered by its cancelled
+        handler.
+        """
+        if self.startedWriting and self.stream_format is not None and not self.gone and not self.finished:
+            self.error = err
+            self.write(error_event(self.stream_format, err))
+
     def cors_rule(self):
-        """Which origins may read this listener's answers (L{clawdbot.ops.runtime.Gateway.cors_rule})."""
-        return self._gateway().cors_rule(self, getattr(self._site, "debug", True))
+        """
+        Which C{Origin}s may read this listener's answers (L{clawdbot.http.cors}):
+        any page on this machine on the debug listener (the rule of its own
+        check, L{loopback_origin}), and on the secure one exactly those in
+        C{server.cors_origins} of the config the request started under.
+        """
+        if getattr(self._site, "debug", True):
+            return loopback_origin
+        return (self.config or self._parts().runtime.config).server.cors_origins.__contains__
 
     def cors_headers(self):
         """The CORS headers of this request's answer (L{clawdbot.http.cors.answer_headers})."""
-        if not self.cross_origin or self._gateway() is None:
+        if not self.cross_origin or self._parts() is None:
             return {}
         return cors.answer_headers(self, self.cors_rule())
 
@@ -405,69 +421,6 @@ class GatewayRequest(server.Request):
         if self.draining:
             return APIError("SHUTTING_DOWN", details="the gateway is restarting; retry shortly", headers={"Retry-After": "1"})
         return None
-
-
-# RFC 3986 section 3.2.2 and RFC 9110 section 7.2: host = IP-literal /
-# IPv4address / reg-name, then an optional port.  Nothing else: no userinfo,
-# no path, no whitespace.
-_AUTHORITY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::([0-9]{0,5}))?")
-
-
-def split_authority(value):
-    """
-    C{(host, port)} of a C{Host} value or an origin's C{host[:port]}, the
-    host lower-cased and the port an C{int} or C{None}; C{None} when
-    C{value} is not one.
-    """
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
-    match = _AUTHORITY.fullmatch(value)
-    if match is None:
-        return None
-    host, port = match.groups()
-    if port and int(port) > 65535:
-        return None
-    return host.lower(), (int(port) if port else None)
-
-
-def valid_host(value):
-    """A C{Host} value a server may accept: empty (no authority) or C{host[:port]}."""
-    return value in (b"", "") or split_authority(value) is not None
-
-
-def is_loopback_host(host):
-    """
-    The literal C{localhost}, or a host that parses as a loopback IP address
-    (C{127.0.0.1}, C{[::1]}).  A name that merely starts with C{127.}, a
-    short or hex form (C{127.1}, C{0x7f.1}), a trailing dot: all refused.
-    """
-    if host == "localhost":
-        return True
-    try:
-        if host.startswith("[") and host.endswith("]"):
-            address = ipaddress.IPv6Address(host[1:-1])
-            mapped = address.ipv4_mapped
-            return address.is_loopback or (mapped is not None and mapped.is_loopback)
-        return ipaddress.IPv4Address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def loopback_authority(value):
-    """C{value} is C{host[:port]} and its host is loopback (L{is_loopback_host})."""
-    parsed = split_authority(value)
-    return parsed is not None and is_loopback_host(parsed[0])
-
-
-def loopback_origin(origin):
-    """
-    An C{Origin} of a page on this machine: exactly C{http://} or
-    C{https://} and a loopback C{host[:port]}; no path, no userinfo.
-    """
-    if isinstance(origin, bytes):
-        origin = origin.decode("latin-1")
-    scheme, sep, rest = origin.partition("://")
-    return bool(sep) and scheme.lower() in ("http", "https") and loopback_authority(rest)
 
 
 def _local_request(request):
@@ -593,8 +546,8 @@ class GatewayChannel(http.HTTPChannel):
     # --- deadlines ----------------------------------------------------------------
 
     def _limits(self):
-        gateway = getattr(self.site, "gateway", None)
-        return gateway.config.limits if gateway is not None else None
+        parts = getattr(self.site, "parts", None)
+        return parts.runtime.config.limits if parts is not None else None
 
     def _start_timer(self, name, fire):
         """
@@ -641,9 +594,9 @@ class GatewaySite(server.Site):
     protocol = GatewayChannel
     noisy = False
 
-    def __init__(self, resource, gateway, debug=False, **kwargs):
+    def __init__(self, resource, parts, debug=False, **kwargs):
         super().__init__(resource, **kwargs)
-        self.gateway = gateway
+        self.parts = parts
         self.debug = debug
 
     def log(self, request):
@@ -668,19 +621,110 @@ def write_json(request, status, payload, headers=None):
     request.finish()
 
 
+def error_event(fmt, err):
+    """
+    The bytes that end a stream with C{err}: an SSE event in the §4 shape,
+    or (C{"ndjson"}, only the native routes stream it) a line in Ollama's.
+    """
+    if fmt == "ndjson":
+        return ollama_error_body(err) + b"\n"
+    return b"data: " + error_body(err) + b"\n\n"
+
+
 def end_stream(request, err):
     """End a response whose headers are sent: an error event (or line), then the end."""
     if request.gone or request.finished:
         return
     request.error = err
-    if request.stream_format == "ndjson":
-        # (Only the native routes stream NDJSON: Ollama's error line.)
-        request.write(ollama_error_body(err) + b"\n")
-    else:
-        request.write(b"data: " + error_body(err) + b"\n\n")
+    request.write(error_event(request.stream_format, err))
     if request.producer is not None:
         request.unregisterProducer()
     request.finish()
+
+
+def answer_error(request, err, render=error_body):
+    """
+    The one way an error reaches a client, whatever the response's state:
+    the whole JSON answer (in C{render}'s shape) while nothing is written,
+    the stream's error event once it has started, nothing once it is over.
+    """
+    if request.gone or request.finished:
+        return
+    if request.startedWriting:
+        end_stream(request, err)
+    else:
+        write_error(request, err, render)
+
+
+SSE_HEADERS = {
+    b"content-type": b"text/event-stream; charset=utf-8",
+    b"cache-control": b"no-cache",
+    b"x-accel-buffering": b"no",
+}
+NDJSON_HEADERS = {b"content-type": b"application/x-ndjson", b"cache-control": b"no-cache", b"x-accel-buffering": b"no"}
+
+
+@implementer(IStreamConsumer)
+class StreamResponse:
+    """
+    A streamed answer to C{request}, SSE or NDJSON, as L{Ollama.stream}
+    writes it: headers once Ollama says 200, bytes as they come (time to
+    first token and streams in flight counted on C{metrics}), the end, or
+    the stream's error event.
+
+    @param fmt: C{"sse"} or C{"ndjson"}.
+    """
+
+    def __init__(self, request, fmt, metrics):
+        self.request = request
+        self.fmt = fmt
+        self.metrics = metrics
+        self.begun = False
+        self.first = True
+
+    @property
+    def gone(self):
+        return self.request.gone
+
+    def responded(self, seconds):
+        self.request.audit["upstream_latency"] = round(seconds, 6)
+
+    def begin(self):
+        request = self.request
+        request.setResponseCode(200)
+        for name, value in (NDJSON_HEADERS if self.fmt == "ndjson" else SSE_HEADERS).items():
+            request.setHeader(name, value)
+        request.stream_format = self.fmt
+        self.metrics.active_streams.inc()
+        self.begun = True
+
+    def write(self, data):
+        if self.request.gone:
+            return
+        if self.first:
+            self.first = False
+            self.metrics.ttft.observe(time.perf_counter() - self.request.started)
+        self.request.write(data)
+
+    def registerProducer(self, producer, streaming):
+        self.request.registerProducer(producer, streaming)
+
+    def unregisterProducer(self):
+        if not self.request.gone:
+            self.request.unregisterProducer()
+
+    def end(self, tail):
+        if not self.request.gone:
+            if tail:
+                self.request.write(tail)
+            self.request.finish()
+
+    def fail(self, error):
+        end_stream(self.request, error)
+
+    def close(self):
+        if self.begun:
+            self.metrics.active_streams.dec()
 
 
 def write_error(request, err, render=error_body):
@@ -726,6 +770,21 @@ def json_bytes(payload):
         return text.encode("utf-8")
     except UnicodeEncodeError:
         return json.dumps(payload).encode("ascii")
+
+
+def query_arg(request, name):
+    """
+    The one value of the query parameter C{name} (C{str}), or C{None} when
+    it is absent.
+
+    @raise ValueError: when it is repeated or not UTF-8.
+    """
+    values = request.args.get(name.encode("ascii"))
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ValueError(name)
+    return values[0].decode("utf-8")
 
 
 def is_json_type(value):
@@ -805,7 +864,8 @@ async def read_json(request, require_object=True):
         raise invalid("the body is missing")
     content.seek(0)
     raw = content.read()
-    parsers = getattr(request._gateway(), "parsers", None) if isinstance(request, GatewayRequest) else None
+    parts = request._parts() if isinstance(request, GatewayRequest) else None
+    parsers = parts.parsers if parts is not None else None
     if len(raw) > INLINE_JSON and parsers is not None:
         value = await parsers.parse(raw)
     else:
@@ -869,9 +929,10 @@ class APIResource(Resource):
     # Browser pages on other origins may call it (clawdbot.http.cors).
     cross_origin = True
 
-    def __init__(self, gateway):
+    def __init__(self, parts):
         super().__init__()
-        self.gateway = gateway
+        self.authentication = parts.authentication
+        self.accounting = parts.accounting
 
     def getChild(self, path, request):
         return NotFound()
@@ -940,16 +1001,16 @@ class APIResource(Resource):
     async def _answer(self, request, method, needed):
         try:
             if needed is not None:
-                request.principal = await self.gateway.authenticate(request)
-                self.gateway.authorize(request, request.principal, needed)
+                request.principal = await self.authentication.authenticate(request)
+                self.authentication.authorize(request.principal, needed)
                 if self.rate_limited:
-                    await self.gateway.check_rate(request)
+                    await self.accounting.check_rate(request)
             if self.ip_limited:
-                await self.gateway.check_ip_rate(request)
+                await self.accounting.check_ip_rate(request)
             handler = getattr(self, "handle_" + method)
             result = await handler(request)
         except APIError as err:
-            write_error(request, err, self.error_body)
+            answer_error(request, err, self.error_body)
         except CancelledError:
             if request.draining and not request.gone:
                 # Shutting down: a stream already carries its error event.
@@ -963,10 +1024,7 @@ class APIResource(Resource):
                 write_error(request, internal_error(), self.error_body)
         except Exception:
             log.failure("Unhandled error in {method} {path}", Failure(), method=method, path=request.path.decode("latin-1"), request_id=request.request_id)
-            if request.startedWriting:
-                end_stream(request, internal_error())
-            else:
-                write_error(request, internal_error(), self.error_body)
+            answer_error(request, internal_error(), self.error_body)
         else:
             if result is None:
                 return

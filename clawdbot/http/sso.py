@@ -1,6 +1,6 @@
 """
-Single sign-on (SPEC.md §5): the login routes on the secure listener, and the
-small pure rules they apply.
+Single sign-on (SPEC.md §5): the login routes on the secure listener (the
+pure rules and the cookie crypto they use are L{clawdbot.auth.session}).
 
     GET  /auth/login?next=/path   302 to the provider; sets the login cookie
     GET  <redirect_uri path>      the callback; sets the refresh cookie, 302 to next
@@ -37,253 +37,43 @@ never a provider's text, a stack trace or an address; the JSON calls
 (refresh, logout) answer in the §4 error shape.
 """
 
-import base64
 import hashlib
 import hmac
 import html
-import json
-import re
 import secrets
-import urllib.parse
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.logger import Logger
 
+from clawdbot.auth.session import (
+    BadCookie,
+    LOGIN_COOKIE,
+    LOGIN_TTL,
+    MAX_COOKIE,
+    NO_STORE,
+    REFRESH_COOKIE,
+    REFRESH_PATH,
+    SESSION_AUDIENCE,
+    allowed_origins,
+    callback_path,
+    cookie_header,
+    cookie_key,
+    email_allowed,
+    pkce_challenge,
+    provider_id,
+    safe_next,
+    scopes_for,
+    seal,
+    secure_cookies,
+    session_issuer,
+    session_signing_key,
+    unseal,
+)
 from clawdbot.auth.tokens import mint
 from clawdbot.errors import APIError
-from clawdbot.auth.identity import is_scope_token
 from clawdbot.auth.providers import ProviderError, SignInEnded, make_provider, word
-from clawdbot.http.site import APIResource, JSONResponse, Node
+from clawdbot.http.site import APIResource, JSONResponse, Node, query_arg
 
 log = Logger(namespace="clawdbot.sso")
-
-SESSION_AUDIENCE = "clawdbot-session"
-LOGIN_COOKIE = "clawdbot_login"
-REFRESH_COOKIE = "clawdbot_refresh"
-REFRESH_PATH = "/auth"
-LOGIN_TTL = 600
-DEFAULT_CALLBACK = "/callback"
-MAX_COOKIE = 3800
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-
-
-# --- pure rules ---------------------------------------------------------------
-
-
-def _b64(raw):
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text):
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def pkce_challenge(verifier):
-    """RFC 7636 S256: BASE64URL(SHA256(ascii(code_verifier)))."""
-    return _b64(hashlib.sha256(verifier.encode("ascii")).digest())
-
-
-def origin_of(url):
-    """C{scheme://host[:port]} as a browser sends it in C{Origin}."""
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    host = (parts.hostname or "").lower()
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if port is None or (scheme, port) in (("http", 80), ("https", 443)):
-        return f"{scheme}://{host}"
-    return f"{scheme}://{host}:{port}"
-
-
-def gateway_origin(config):
-    """The gateway's public origin: C{server.public_url}, else C{redirect_uri}'s."""
-    url = config.server.public_url or config.oauth2.redirect_uri
-    return origin_of(url) if url else None
-
-
-def session_issuer(config):
-    """The C{iss} of session JWTs: the gateway's public origin."""
-    return gateway_origin(config) or "clawdbot"
-
-
-def callback_path(config):
-    """The path the callback is served at: that of C{redirect_uri}."""
-    if not config.oauth2.redirect_uri:
-        return DEFAULT_CALLBACK
-    return urllib.parse.urlsplit(config.oauth2.redirect_uri).path or DEFAULT_CALLBACK
-
-
-def secure_cookies(config):
-    """Cookies are C{Secure} when the public side is https."""
-    url = config.server.public_url or config.oauth2.redirect_uri or ""
-    return url.lower().startswith("https://")
-
-
-def derive_key(secret, label):
-    """A key for one purpose, derived from the configured secret."""
-    return hmac.new(secret.encode("utf-8"), b"clawdbot/" + label.encode("ascii"), hashlib.sha256).digest()
-
-
-def _base_secret(config):
-    return config.oauth2.session_secret or config.auth.jwt.secret
-
-
-def session_signing_key(config):
-    """The HS256 secret of session JWTs (a hex string)."""
-    return derive_key(_base_secret(config), "session-jwt").hex()
-
-
-def cookie_key(config):
-    return derive_key(_base_secret(config), "cookie")
-
-
-class BadCookie(Exception):
-    """A sealed cookie is missing, altered, for another purpose or expired."""
-
-    def __init__(self, reason):
-        super().__init__(reason)
-        self.reason = reason
-
-
-_NONCE = 12
-_TAG = 16
-_B64URL = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _aad(purpose):
-    return b"clawdbot-cookie/" + purpose.encode("ascii")
-
-
-def seal(key, purpose, payload):
-    """
-    C{payload} (a dict with an C{exp}) encrypted and authenticated with
-    AES-256-GCM under C{key}, bound to C{purpose}: base64url of
-    C{nonce || ciphertext || tag}.  Nothing in it is readable without the key.
-    """
-    plain = json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=True).encode("ascii")
-    nonce = secrets.token_bytes(_NONCE)
-    return _b64(nonce + AESGCM(key).encrypt(nonce, plain, _aad(purpose)))
-
-
-def unseal(key, purpose, value, now):
-    """
-    The payload of a cookie made by L{seal} with the same key and purpose,
-    before its C{exp}.
-
-    @raise BadCookie: otherwise.
-    """
-    if value is None:
-        raise BadCookie("missing")
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("ascii")
-        except UnicodeDecodeError:
-            raise BadCookie("malformed") from None
-    if len(value) > 4096 or not _B64URL.fullmatch(value):
-        raise BadCookie("malformed")
-    try:
-        raw = _unb64(value)
-    except ValueError:
-        raise BadCookie("malformed") from None
-    if len(raw) < _NONCE + _TAG:
-        raise BadCookie("malformed")
-    try:
-        plain = AESGCM(key).decrypt(raw[:_NONCE], raw[_NONCE:], _aad(purpose))
-    except InvalidTag:
-        raise BadCookie("not authentic") from None
-    try:
-        payload = json.loads(plain)
-    except (ValueError, UnicodeDecodeError):
-        raise BadCookie("malformed") from None
-    exp = payload.get("exp") if isinstance(payload, dict) else None
-    if not isinstance(exp, (int, float)) or isinstance(exp, bool):
-        raise BadCookie("malformed")
-    if now >= exp:
-        raise BadCookie("expired")
-    return payload
-
-
-def cookie_header(name, value, path, max_age, secure, same_site):
-    """One C{Set-Cookie} value: always HttpOnly, never a Domain."""
-    parts = [f"{name}={value}", f"Path={path}", f"Max-Age={int(max_age)}"]
-    if max_age <= 0:
-        parts.append("Expires=Thu, 01 Jan 1970 00:00:00 GMT")
-    parts += ["HttpOnly", f"SameSite={same_site}"]
-    if secure:
-        parts.append("Secure")
-    return "; ".join(parts).encode("ascii")
-
-
-def safe_next(value):
-    """
-    C{value} if it is a same-origin relative path (C{/...}), else C{None}.
-    Refused: other schemes and hosts (C{https://x}, C{//x}, C{/\\x},
-    C{javascript:}), encoded forms of those, control characters, spaces and
-    non-ASCII (send them percent-encoded), and the C{/auth/} routes.
-    """
-    if not isinstance(value, str) or not value or len(value) > 2048:
-        return None
-    if value[0] != "/" or value.startswith("//") or "\\" in value:
-        return None
-    if any(not 0x21 <= ord(c) <= 0x7E for c in value):
-        return None
-    decoded = urllib.parse.unquote(value)
-    if decoded.startswith("//") or "\\" in decoded or any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
-        return None
-    parts = urllib.parse.urlsplit(value)
-    if parts.scheme or parts.netloc:
-        return None
-    if parts.path == REFRESH_PATH or parts.path.startswith(REFRESH_PATH + "/"):
-        return None
-    return value
-
-
-def scopes_for(groups, oauth2):
-    """
-    The local scopes of a user in C{groups}: server-side policy only (and
-    only well-formed scope tokens, whatever the config holds).
-    """
-    scopes = set(oauth2.default_scopes)
-    for group in groups:
-        scopes.update(oauth2.group_scopes.get(group, ()))
-    return frozenset(s for s in scopes if is_scope_token(s))
-
-
-def email_allowed(email, email_verified, oauth2):
-    """C{oauth2.allowed_email_domains} (when set) admits a verified address in one of them."""
-    domains = oauth2.allowed_email_domains
-    if not domains:
-        return True
-    if not email or not email_verified or email.count("@") != 1:
-        return False
-    domain = email.rsplit("@", 1)[1].lower()
-    return domain in {d.lower() for d in domains}
-
-
-def allowed_origins(config, host=None, secure=False):
-    """
-    The origins that may call refresh and logout: the gateway's public
-    origin, the redirect URI's, and, when no C{server.public_url} is set,
-    the one the request's C{Host} names.
-    """
-    origins = set()
-    for url in (config.server.public_url, config.oauth2.redirect_uri):
-        if url:
-            origins.add(origin_of(url))
-    if not config.server.public_url and host:
-        origins.add(origin_of(("https://" if secure else "http://") + host))
-    return origins
-
-
-def provider_id(oauth2):
-    """Which provider a refresh cookie was issued for."""
-    return f"{oauth2.provider}|{oauth2.issuer_url or ''}|{oauth2.client_id}"
-
 
 # --- the friendly pages -------------------------------------------------------
 
@@ -336,20 +126,21 @@ class SSO:
     as long as the config does).
     """
 
-    def __init__(self, gateway):
-        self.gateway = gateway
+    def __init__(self, fetcher, clock):
+        self.fetcher = fetcher
+        self.clock = clock
         self._for = None
         self._provider = None
 
     def provider(self, config):
         key = (config.oauth2, config.auth.jwt.leeway)
         if self._provider is None or self._for != key:
-            self._provider = make_provider(config.oauth2, self.gateway.fetcher, self.gateway.reactor, leeway=config.auth.jwt.leeway)
+            self._provider = make_provider(config.oauth2, self.fetcher, self.clock, leeway=config.auth.jwt.leeway)
             self._for = key
         return self._provider
 
     def now(self):
-        return self.gateway.reactor.seconds()
+        return self.clock.seconds()
 
     def mint_session(self, config, session, groups, now):
         """A session JWT for the identity in a refresh cookie, in C{groups} now, under today's policy."""
@@ -370,16 +161,6 @@ class SSO:
             sid=session.get("rid"),
             idp=session["idp"],
         )
-
-
-def _arg(request, name):
-    """The one value of a query parameter; C{None} if absent; C{ValueError} if repeated or not UTF-8."""
-    values = request.args.get(name.encode("ascii"))
-    if not values:
-        return None
-    if len(values) > 1:
-        raise ValueError(name)
-    return values[0].decode("utf-8")
 
 
 def _set_cookie(request, value):
@@ -427,9 +208,10 @@ class _AuthRoute(APIResource):
     # The page's own, with cookies: no CORS headers, whatever server.cors_origins lists.
     cross_origin = False
 
-    def __init__(self, gateway, sso):
-        super().__init__(gateway)
+    def __init__(self, parts, sso):
+        super().__init__(parts)
         self.sso = sso
+        self.store = parts.history.store
 
     def route(self, request):
         if request.site.debug or request.config is None or not request.config.oauth2.enabled:
@@ -459,7 +241,7 @@ class Login(_AuthRoute):
     async def handle_GET(self, request):
         config = request.config
         try:
-            wanted = _arg(request, "next")
+            wanted = query_arg(request, "next")
         except (ValueError, UnicodeDecodeError):
             wanted = None
         target = safe_next(wanted) if wanted is not None else "/"
@@ -492,7 +274,7 @@ class Callback(_AuthRoute):
         # The login cookie is for one callback, whatever happens next.
         self.clear(request, config, LOGIN_COOKIE, callback_path(config))
         try:
-            params = {name: value for name in self.PARAMS if (value := _arg(request, name)) is not None}
+            params = {name: value for name in self.PARAMS if (value := query_arg(request, name)) is not None}
         except (ValueError, UnicodeDecodeError):
             return self.refused(request, "bad_request", "a callback parameter is repeated or not UTF-8")
         if "error" in params:
@@ -507,7 +289,7 @@ class Callback(_AuthRoute):
         if not isinstance(login.get("s"), str) or state is None or not hmac.compare_digest(state.encode("utf-8"), login["s"].encode("utf-8")):
             return self.refused(request, "state", "state does not match the login cookie")
         marker = "login:" + hashlib.sha256(state.encode("utf-8")).hexdigest()
-        store = self.gateway.store
+        store = self.store
         # Single use, atomically, across every instance sharing the store.
         if not await store.revoke(marker, float(login["exp"])):
             return self.refused(request, "state", "state already used (replayed callback)")
@@ -608,7 +390,7 @@ class Refresh(_AuthRoute):
             well_formed = all(isinstance(session.get(k), str) and session[k] for k in ("sub", "rid", "idp"))
             if session.get("prov") != provider_id(config.oauth2) or not well_formed:
                 reason = "the sign-in session is not valid"
-            elif await self.gateway.store.is_revoked("refresh:" + session["rid"]):
+            elif await self.store.is_revoked("refresh:" + session["rid"]):
                 reason = "the sign-in session was ended"
             elif not email_allowed(session.get("email"), session.get("ev", True), config.oauth2):
                 reason = "the account is no longer allowed"
@@ -634,7 +416,7 @@ class Refresh(_AuthRoute):
         try:
             groups, renewed = await provider.recheck(session["sub"], grant)
         except SignInEnded as e:
-            await self.gateway.store.revoke("refresh:" + session["rid"], float(session["exp"]))
+            await self.store.revoke("refresh:" + session["rid"], float(session["exp"]))
             log.info(
                 "The provider ended the sign-in of {sub}: {reason}",
                 sub=session["sub"],
@@ -673,7 +455,7 @@ class Logout(_AuthRoute):
         except BadCookie:
             session = None
         if session is not None and isinstance(session.get("rid"), str):
-            await self.gateway.store.revoke("refresh:" + session["rid"], float(session["exp"]))
+            await self.store.revoke("refresh:" + session["rid"], float(session["exp"]))
             log.info("Signed out {sub}", sub=session.get("sub"), request_id=request.request_id, security_event="sso_logout")
         self.clear(request, config, REFRESH_COOKIE, REFRESH_PATH)
         url = await self.sso.provider(config).logout_url(config.oauth2.post_logout_redirect_uri)
@@ -699,26 +481,26 @@ def _mount(root, path, resource):
     parent.putChild(segments[-1], resource)
 
 
-def add_routes(root, gateway):
+def add_routes(root, parts):
     """
     The SSO routes of the secure listener.  The callback is mounted at the
     path of C{oauth2.redirect_uri} as the gateway starts; a reload that
     moves it is logged as needing a restart.
     """
-    sso = SSO(gateway)
+    sso = SSO(parts.fetcher, parts.reactor)
     auth = root.children.get(b"auth")
     if auth is None:
         auth = Node()
         root.putChild(b"auth", auth)
-    auth.putChild(b"login", Login(gateway, sso))
-    auth.putChild(b"refresh", Refresh(gateway, sso))
-    auth.putChild(b"logout", Logout(gateway, sso))
-    mounted = callback_path(gateway.config)
-    _mount(root, mounted, Callback(gateway, sso))
+    auth.putChild(b"login", Login(parts, sso))
+    auth.putChild(b"refresh", Refresh(parts, sso))
+    auth.putChild(b"logout", Logout(parts, sso))
+    mounted = callback_path(parts.runtime.config)
+    _mount(root, mounted, Callback(parts, sso))
 
     def moved(old, new):
         if callback_path(new) != mounted:
             log.warn("Config key oauth2.redirect_uri changed its path; the callback stays at {path} until a restart", path=mounted)
 
-    gateway.on_reload(moved)
+    parts.runtime.on_reload(moved)
     return sso

@@ -1,18 +1,52 @@
 """
 The resource tree.  Each route is a thin L{APIResource} that declares the
-scope each method needs; the work is done in the modules it calls.
+scope each method needs; the work is done in the modules it calls.  The
+routes get their collaborators at construction, from the L{Parts}
+L{clawdbot.tap.makeService} builds once.
 """
 
-import weakref
+from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from clawdbot.http import chat as api
-from clawdbot.http import history as sessions
-from clawdbot.http import sso
+from clawdbot.http import chat, history, native, sso
 from clawdbot.http.static import StaticFiles, static_dir
 from clawdbot.http.site import APIResource, JSONResponse, Node
+
+
+@dataclass(frozen=True, eq=False)
+class Parts:
+    """
+    Everything the routes work with, built once at start-up
+    (L{clawdbot.tap.makeService}); each route takes what it needs when it is
+    built, and nothing asks for anything per request.
+
+    @ivar runtime: the config and its reloads, the requests in flight (L{clawdbot.ops.runtime.Runtime}).
+    @ivar accounting: logs, metrics and budgets per request (L{clawdbot.ops.accounting.Accounting}).
+    @ivar authentication: who a request is (L{clawdbot.auth.tokens.Authentication}).
+    @ivar ollama: the model backend (L{clawdbot.backend.ollama.Ollama}).
+    @ivar history: chat history and its rules (L{clawdbot.storage.history.History}).
+    @ivar images: the image workers (L{clawdbot.backend.images.ImageWorkers}).
+    @ivar parsers: the JSON parsing workers (L{clawdbot.http.site.JSONParsers}).
+    @ivar fetcher: the identity providers' client (L{clawdbot.auth.fetch.HTTPFetcher}).
+    @ivar metrics: the Prometheus metrics (L{clawdbot.ops.observe.Metrics}).
+    @ivar readiness: the shared answer of C{/readyz} (L{Readiness}).
+    @ivar reactor: the clock and reactor.
+    """
+
+    runtime: Any
+    accounting: Any
+    authentication: Any
+    ollama: Any
+    history: Any
+    images: Any
+    parsers: Any
+    fetcher: Any
+    metrics: Any
+    readiness: Any
+    reactor: Any
 
 
 class Health(APIResource):
@@ -28,7 +62,7 @@ class Health(APIResource):
 class Readiness:
     """
     The answer to "does Ollama answer?", shared by every C{/readyz} of one
-    gateway (each listener has its own L{Ready}).
+    gateway (each listener has its own L{Ready}, all with one of these).
 
     C{/readyz} needs no credentials, so it must not drive the backend at the
     caller's pace: an answer (ready or not) is reused for L{TTL} seconds, a
@@ -41,30 +75,23 @@ class Readiness:
     """
 
     TTL = 1.0
-    _by_gateway = weakref.WeakKeyDictionary()
 
-    def __init__(self, gateway, ttl=TTL):
-        self.gateway = gateway
-        self.clock = gateway.reactor
+    def __init__(self, runtime, ollama, metrics, ttl=TTL):
+        self.runtime = runtime
+        self.ollama = ollama
+        self.metrics = metrics
+        self.clock = runtime.reactor
         self.ttl = ttl
         self._answer = None  # (reason, when, config)
         self._waiters = None  # a list while a check is under way
         self.checks = 0
-
-    @classmethod
-    def of(cls, gateway):
-        """The one L{Readiness} of C{gateway}."""
-        readiness = cls._by_gateway.get(gateway)
-        if readiness is None:
-            readiness = cls._by_gateway[gateway] = cls(gateway)
-        return readiness
 
     async def reason(self):
         """C{None} when ready, else a short reason (L{clawdbot.backend.ollama.Ollama.check})."""
         if self._answer is not None:
             reason, when, config = self._answer
             age = self.clock.seconds() - when
-            if config is self.gateway.config and 0 <= age < self.ttl:
+            if config is self.runtime.config and 0 <= age < self.ttl:
                 return reason
         waiter = Deferred()
         if self._waiters is None:
@@ -77,12 +104,12 @@ class Readiness:
         return await waiter
 
     async def _check(self):
-        config = self.gateway.config
+        config = self.runtime.config
         self.checks += 1
         try:
-            reason = await self.gateway.backend.check()
+            reason = await self.ollama.check()
             self._answer = (reason, self.clock.seconds(), config)
-            self.gateway.metrics.backend_up.set(0 if reason else 1)
+            self.metrics.backend_up.set(0 if reason else 1)
             failure = None
         except Exception:
             failure, reason = Failure(), None  # not cached: the next call asks again
@@ -107,11 +134,16 @@ class Ready(APIResource):
     scopes = {"GET": None}
     route_name = "readyz"
 
+    def __init__(self, parts):
+        super().__init__(parts)
+        self.readiness = parts.readiness
+        self.ollama = parts.ollama
+
     async def handle_GET(self, request):
         checks = {"config": "ok"}
-        reason = await Readiness.of(self.gateway).reason()
+        reason = await self.readiness.reason()
         checks["backend"] = reason or "ok"
-        checks["backends"] = self.gateway.backend.status(request.config)
+        checks["backends"] = self.ollama.status(request.config)
         if reason:
             return JSONResponse({"status": "not ready", "reason": f"Ollama: {reason}", "checks": checks}, status=503)
         return {"status": "ready", "checks": checks}
@@ -124,21 +156,25 @@ class MetricsPage(APIResource):
     route_name = "metrics"
     open_access = False
 
+    def __init__(self, parts):
+        super().__init__(parts)
+        self.metrics = parts.metrics
+
     def route(self, request):
         return {"GET": None} if self.open_access else self.scopes
 
     async def handle_GET(self, request):
-        body = self.gateway.metrics.render()
+        body = self.metrics.render()
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
         request.setHeader(b"content-length", str(len(body)).encode())
         request.write(body)
         request.finish()
 
 
-def metrics_root(gateway):
+def metrics_root(parts):
     """The tree of the separate metrics listener: /metrics, no authentication."""
     root = Node()
-    page = MetricsPage(gateway)
+    page = MetricsPage(parts)
     page.open_access = True
     root.putChild(b"metrics", page)
     return root
@@ -154,7 +190,7 @@ class Me(APIResource):
         return request.principal.as_dict()
 
 
-def build_root(gateway, debug):
+def build_root(parts, debug):
     """
     The tree one listener serves.  The debug listener's tree has no OAuth2
     endpoints.
@@ -163,15 +199,16 @@ def build_root(gateway, debug):
     pages = static_dir()
     root.putChild(b"", StaticFiles(pages, index="index.html"))
     root.putChild(b"static", StaticFiles(pages))
-    root.putChild(b"healthz", Health(gateway))
-    root.putChild(b"readyz", Ready(gateway))
-    root.putChild(b"metrics", MetricsPage(gateway))
+    root.putChild(b"healthz", Health(parts))
+    root.putChild(b"readyz", Ready(parts))
+    root.putChild(b"metrics", MetricsPage(parts))
     v1 = Node()
     root.putChild(b"v1", v1)
-    v1.putChild(b"me", Me(gateway))
-    api.add_routes(root, v1, gateway)
-    sessions.add_routes(v1, gateway)
+    v1.putChild(b"me", Me(parts))
+    chat.add_routes(v1, parts)
+    native.add_routes(root, parts)
+    history.add_routes(v1, parts)
     if not debug:
         # Sign-in lives on the secure listener only, never the debug one.
-        sso.add_routes(root, gateway)
+        sso.add_routes(root, parts)
     return root

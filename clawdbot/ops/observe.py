@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from twisted.logger import Logger
 
 from clawdbot.strictjson import loads_checked
-from clawdbot.http.site import KNOWN_METHODS
+from clawdbot.net import KNOWN_METHODS
+from clawdbot.units import rfc3339
 
 log = Logger(namespace="clawdbot.observe")
 
@@ -339,7 +340,7 @@ class AccessLog:
         principal = request.principal
         status = logged_status(request)
         entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() % 1 * 1000):03d}Z",
+            "time": rfc3339(time.time()),
             "request_id": request.request_id,
             "method": (request.method or b"-")[:32].decode("ascii", "replace"),
             "path": safe_path(request),
@@ -389,9 +390,14 @@ def _header(headers, name):
 
 
 class Metrics:
-    """The gateway's Prometheus metrics, in a registry of its own."""
+    """
+    The gateway's Prometheus metrics, in a registry of its own.
 
-    def __init__(self, gateway):
+    @param slots: the backend's concurrency cap (L{clawdbot.backend.ollama.Slots}),
+        whose queue and calls in progress are read when scraped.
+    """
+
+    def __init__(self, slots):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("clawdbot_requests_total", "Requests by route, method and status.", ["route", "method", "status"], registry=r)
@@ -417,9 +423,9 @@ class Metrics:
         )
         self.backend_up = Gauge("clawdbot_backend_up", "1 when the last contact with Ollama succeeded.", registry=r)
         queue = Gauge("clawdbot_queue_depth", "Requests waiting for a backend slot.", registry=r)
-        queue.set_function(lambda: len(gateway.backend.slots.waiting))
+        queue.set_function(lambda: len(slots.waiting))
         busy = Gauge("clawdbot_backend_active", "Backend calls in progress.", registry=r)
-        busy.set_function(lambda: gateway.backend.slots.active)
+        busy.set_function(lambda: slots.active)
         self.backend_up.set(1)
 
     def observe(self, request, latency):

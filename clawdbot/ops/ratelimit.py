@@ -17,13 +17,25 @@ budgets hold across every gateway that shares it.
 import hashlib
 import heapq
 import math
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from clawdbot.errors import APIError
+
+if TYPE_CHECKING:
+    from clawdbot.config import Config
+
+
+class Clock(Protocol):
+    """What the limiters read the time from (a reactor, or a test's clock)."""
+
+    def seconds(self) -> float: ...
+
 
 log = Logger(namespace="clawdbot.ratelimit")
 
@@ -53,7 +65,7 @@ class Decision:
     retry_after: float = 0.0
     kind: str = "requests"
 
-    def headers(self, generic=True):
+    def headers(self, generic: bool = True) -> dict[str, str]:
         """
         The answer's rate-limit headers: C{x-ratelimit-limit}, C{-remaining}
         and C{-reset} (seconds), and OpenAI's names for the same
@@ -66,7 +78,7 @@ class Decision:
         """
         if not self.limit:
             return {}
-        out = {}
+        out: dict[str, str] = {}
         remaining = str(max(0, self.remaining))
         reset = math.ceil(self.reset)
         if generic:
@@ -87,7 +99,7 @@ class Decision:
 UNLIMITED = Decision(True, 0, 0, 0.0)
 
 
-def rule_for(principal, config):
+def rule_for(principal: Any, config: "Config") -> Rule:
     """
     The budgets for C{principal}: a C{per_scope} or C{per_team} rule that
     matches replaces the top-level budget (a key it leaves unset keeps the
@@ -100,7 +112,7 @@ def rule_for(principal, config):
     if not matched:
         return Rule(limits.requests_per_minute, limits.tokens_per_minute)
 
-    def most(values):
+    def most(values: list[int]) -> int:
         return 0 if 0 in values else max(values)
 
     requests = most([limits.requests_per_minute if r.requests_per_minute is None else r.requests_per_minute for r in matched])
@@ -108,7 +120,7 @@ def rule_for(principal, config):
     return Rule(requests, tokens)
 
 
-def take_decision(limit, level, allowed, cost, kind):
+def take_decision(limit: int, level: float, allowed: bool, cost: float, kind: str) -> Decision:
     """The answer to a take of C{cost} that left C{level} in the bucket."""
     rate = limit / WINDOW
     if allowed:
@@ -116,7 +128,7 @@ def take_decision(limit, level, allowed, cost, kind):
     return Decision(False, limit, int(max(0, level)), (limit - level) / rate, (cost - level) / rate, kind=kind)
 
 
-def peek_decision(limit, level, kind):
+def peek_decision(limit: int, level: float, kind: str) -> Decision:
     """The answer to a peek at a bucket holding C{level}: refused when empty or in debt."""
     rate = limit / WINDOW
     if level > 0:
@@ -127,13 +139,13 @@ def peek_decision(limit, level, kind):
 class Bucket:
     __slots__ = ("level", "stamp", "full_at", "seq")
 
-    def __init__(self, level, stamp):
+    def __init__(self, level: float, stamp: float) -> None:
         self.level = level
         self.stamp = stamp
-        self.full_at = None  # when it is full again, as of its last change (BucketStore)
+        self.full_at: float | None = None  # when it is full again, as of its last change (BucketStore)
         self.seq = 0
 
-    def refill(self, limit, now):
+    def refill(self, limit: int, now: float) -> None:
         # As BUCKET_SCRIPT: a clock that steps back refills nothing.
         rate = limit / WINDOW
         self.level = min(float(limit), self.level + max(0.0, now - self.stamp) * rate)
@@ -162,19 +174,19 @@ class BucketStore:
     O(log n) amortised.
     """
 
-    def __init__(self, cap):
+    def __init__(self, cap: int) -> None:
         self.cap = max(1, cap)
-        self.buckets = {}
-        self._heap = []
+        self.buckets: dict[Hashable, Bucket] = {}
+        self._heap: list[tuple[float, int, Hashable]] = []
         self._seq = 0
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.buckets)
 
-    def __contains__(self, key):
+    def __contains__(self, key: object) -> bool:
         return key in self.buckets
 
-    def bucket(self, key, limit, now):
+    def bucket(self, key: Hashable, limit: int, now: float) -> Bucket:
         """C{key}'s bucket, refilled to C{now}; a new, full one if there is none."""
         bucket = self.buckets.get(key)
         if bucket is None:
@@ -185,7 +197,7 @@ class BucketStore:
             bucket.refill(limit, now)
         return bucket
 
-    def changed(self, key, bucket, limit):
+    def changed(self, key: Hashable, bucket: Bucket, limit: int) -> None:
         """Note when C{bucket} is full again, after a take or spend changed it."""
         full_at = bucket.stamp + max(0.0, limit - bucket.level) * WINDOW / limit
         if full_at == bucket.full_at:
@@ -197,7 +209,7 @@ class BucketStore:
             self._heap = [(b.full_at, b.seq, k) for k, b in self.buckets.items() if b.full_at is not None]
             heapq.heapify(self._heap)
 
-    def _evict(self):
+    def _evict(self) -> None:
         while self._heap:
             _, seq, key = heapq.heappop(self._heap)
             bucket = self.buckets.get(key)
@@ -218,15 +230,15 @@ class MemoryLimiter:
     addresses' buckets, never a user's budget.
     """
 
-    def __init__(self, clock, max_keys=100_000, max_address_keys=100_000):
+    def __init__(self, clock: Clock, max_keys: int = 100_000, max_address_keys: int = 100_000) -> None:
         self.clock = clock
         self.principals = BucketStore(max_keys)
         self.addresses = BucketStore(max_address_keys)
 
-    def _store(self, kind):
+    def _store(self, kind: str) -> BucketStore:
         return self.addresses if kind.endswith("-ip") else self.principals
 
-    async def take(self, key, limit, cost=1.0, kind="requests"):
+    async def take(self, key: str, limit: int, cost: float = 1.0, kind: str = "requests") -> Decision:
         """Take C{cost} from C{key}'s bucket if it has it."""
         if not limit:
             return UNLIMITED
@@ -239,7 +251,7 @@ class MemoryLimiter:
         store.changed((kind, key), bucket, limit)
         return take_decision(limit, bucket.level, allowed, cost, kind)
 
-    async def peek(self, key, limit, kind):
+    async def peek(self, key: str, limit: int, kind: str) -> Decision:
         """Refuse when the bucket is empty (or in debt), without taking anything."""
         if not limit:
             return UNLIMITED
@@ -249,7 +261,7 @@ class MemoryLimiter:
         store.changed((kind, key), bucket, limit)
         return peek_decision(limit, bucket.level, kind)
 
-    async def reserve(self, key, limit, cost, kind):
+    async def reserve(self, key: str, limit: int, cost: float, kind: str) -> Decision:
         """
         Take C{cost} if the bucket is not empty (or in debt), in one step:
         the token budget's reservation before a call, which may leave the
@@ -267,7 +279,7 @@ class MemoryLimiter:
         store.changed((kind, key), bucket, limit)
         return decision
 
-    async def spend(self, key, limit, cost, kind):
+    async def spend(self, key: str, limit: int, cost: float, kind: str) -> None:
         """
         Take C{cost} whatever the level (token budgets are known only
         afterwards); a negative C{cost} gives back what a reservation took
@@ -281,7 +293,7 @@ class MemoryLimiter:
         bucket.level = min(float(limit), bucket.level - cost)
         store.changed((kind, key), bucket, limit)
 
-    def close(self):
+    def close(self) -> None:
         """Nothing to release."""
 
 
@@ -332,7 +344,7 @@ SCRIPT_SHA = hashlib.sha1(BUCKET_SCRIPT.encode()).hexdigest()
 class LimiterUnavailable(APIError):
     """The shared limiter cannot answer and C{on_backend_error} is C{closed}."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__("GATEWAY_BUSY", details="the rate limiter is unavailable; retry shortly", headers={"Retry-After": "1"})
 
 
@@ -362,16 +374,16 @@ class RedisLimiter:
 
     def __init__(
         self,
-        reactor,
-        url,
-        key_prefix="clawdbot:rl:",
-        on_backend_error="open",
-        on_error=None,
-        clock=None,
-        threads=4,
-        connect_timeout=0.2,
-        timeout=0.25,
-    ):
+        reactor: Any,
+        url: str,
+        key_prefix: str = "clawdbot:rl:",
+        on_backend_error: str = "open",
+        on_error: Callable[[], object] | None = None,
+        clock: Clock | None = None,
+        threads: int = 4,
+        connect_timeout: float = 0.2,
+        timeout: float = 0.25,
+    ) -> None:
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -395,12 +407,12 @@ class RedisLimiter:
         self.deadline = connect_timeout + timeout + 0.25
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="clawdbot-ratelimit")
         self._down_until = 0.0
-        self._last_log = None
+        self._last_log: float | None = None
         self._unlogged = 0
 
     # --- the limiter interface -----------------------------------------------
 
-    async def take(self, key, limit, cost=1.0, kind="requests"):
+    async def take(self, key: str, limit: int, cost: float = 1.0, kind: str = "requests") -> Decision:
         """Take C{cost} from C{key}'s bucket if it has it."""
         if not limit:
             return UNLIMITED
@@ -410,7 +422,7 @@ class RedisLimiter:
         allowed, level = result
         return take_decision(limit, level, allowed, cost, kind)
 
-    async def peek(self, key, limit, kind):
+    async def peek(self, key: str, limit: int, kind: str) -> Decision:
         """Refuse when the bucket is empty (or in debt), without taking anything."""
         if not limit:
             return UNLIMITED
@@ -419,7 +431,7 @@ class RedisLimiter:
             return UNLIMITED
         return peek_decision(limit, result[1], kind)
 
-    async def reserve(self, key, limit, cost, kind):
+    async def reserve(self, key: str, limit: int, cost: float, kind: str) -> Decision:
         """Take C{cost} unless the bucket is empty or in debt, atomically (see L{MemoryLimiter.reserve})."""
         if not limit:
             return UNLIMITED
@@ -431,13 +443,13 @@ class RedisLimiter:
             return take_decision(limit, level, True, cost, kind)
         return peek_decision(limit, level, kind)
 
-    async def spend(self, key, limit, cost, kind):
+    async def spend(self, key: str, limit: int, cost: float, kind: str) -> None:
         """Take C{cost} whatever the level; a negative C{cost} is a refund up to a full bucket."""
         if not limit or not cost:
             return
         await self._run("spend", kind, key, limit, cost, refuse=False)
 
-    def close(self):
+    def close(self) -> None:
         """Stop the threads and drop the connections (at gateway stop)."""
         if self.pool.started:
             self.pool.stop()
@@ -445,10 +457,10 @@ class RedisLimiter:
 
     # --- the work ----------------------------------------------------------------
 
-    def bucket_key(self, kind, key):
+    def bucket_key(self, kind: str, key: str) -> str:
         return f"{self.key_prefix}{kind}:{key}"
 
-    async def _run(self, op, kind, key, limit, cost, refuse=True):
+    async def _run(self, op: str, kind: str, key: str, limit: int, cost: float, refuse: bool = True) -> tuple[bool, float] | None:
         """
         C{(allowed, level)} from the script, or C{None} when Redis could not
         answer and the policy lets the request through.
@@ -469,14 +481,15 @@ class RedisLimiter:
         self._down_until = 0.0
         return bool(int(allowed)), float(level)
 
-    def _call(self, key, args):
+    def _call(self, key: str, args: tuple[str, ...]) -> Any:
         """On a pool thread: EVALSHA, or EVAL when Redis does not have the script (yet, or after a restart)."""
         try:
             return self.client.evalsha(SCRIPT_SHA, 1, key, *args)
         except self._no_script:
             return self.client.eval(BUCKET_SCRIPT, 1, key, *args)
 
-    def _unavailable(self, op, error, refuse):
+    def _unavailable(self, op: str, error: Exception | None, refuse: bool) -> tuple[bool, float] | None:
+        # What _run answers without Redis: None (the request passes), or it refuses.
         if self.on_error is not None:
             try:
                 self.on_error()
@@ -487,7 +500,7 @@ class RedisLimiter:
             raise LimiterUnavailable()
         return None
 
-    def _log(self, op, error):
+    def _log(self, op: str, error: Exception | None) -> None:
         """One line per C{LOG_EVERY} seconds, saying how many checks it covers."""
         now = self.reactor.seconds()
         self._unlogged += 1
@@ -505,7 +518,7 @@ class RedisLimiter:
         )
 
 
-def _describe(error):
+def _describe(error: Exception) -> str:
     """A short reason without addresses or secrets (the URL may hold a password)."""
     from twisted.internet.defer import TimeoutError as DeferTimeout
 
@@ -523,7 +536,7 @@ def _describe(error):
     return name
 
 
-def build_limiter(config, reactor, on_error=None):
+def build_limiter(config: "Config", reactor: Any, on_error: Callable[[], object] | None = None) -> "MemoryLimiter | RedisLimiter":
     """The limiter C{rate_limit.backend} names."""
     limits = config.rate_limit
     if limits.backend == "redis":

@@ -32,6 +32,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from clawdbot.auth.identity import configured_issuers, issuer_id, legacy_owner, owner_key, owner_sub
+from clawdbot.units import rfc3339
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,8 @@ class Session:
             "title": self.title,
             "owner": owner_sub(self.owner),
             "team": self.team,
-            "created_at": rfc3339(self.created_at),
-            "updated_at": rfc3339(self.updated_at),
+            "created_at": rfc3339(self.created_at, 6),
+            "updated_at": rfc3339(self.updated_at, 6),
         }
 
 
@@ -63,11 +64,9 @@ class Message:
     incomplete: bool = False
 
     def as_dict(self):
-        return {"role": self.role, "content": self.content, "created_at": rfc3339(self.created_at), "incomplete": self.incomplete}
+        return {"role": self.role, "content": self.content, "created_at": rfc3339(self.created_at, 6), "incomplete": self.incomplete}
 
 
-def rfc3339(t):
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(round(t % 1, 6) * 1_000_000) % 1_000_000:06d}Z"
 
 
 def encode_cursor(session):

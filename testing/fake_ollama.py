@@ -10,7 +10,7 @@ Tests start it in-process on a loopback port with the real reactor::
 
 and the benchmark runs it as its own process::
 
-    python -m tests.fake_ollama --port 11434 --pace-ms 20 --tokens 64
+    python -m testing.fake_ollama --port 11434 --pace-ms 20 --tokens 64
 
 What it answers follows Ollama's API document (docs/api.md in
 ollama/ollama) and, where the document is silent, Ollama's own server code
@@ -35,10 +35,14 @@ ollama/ollama) and, where the document is silent, Ollama's own server code
 Replies are deterministic: the reply text (C{reply_text}) is split into
 tokens (each word with the whitespace after it) and each token is one
 NDJSON line.  Behaviours (slow first byte, pacing, stalls, errors and
-dropped connections mid-stream, error statuses) are switched on with
-L{FakeOllama.behave}.  Everything received is recorded in
+dropped connections mid-stream, error statuses, answers held until the test
+releases them) are switched on with L{FakeOllama.behave} and
+L{FakeOllama.hold}.  Everything received is recorded in
 L{FakeOllama.requests}; connections and client disconnects are tracked so a
-test can assert that Ollama saw its connection closed.
+test can assert that Ollama saw its connection closed.  Tests order events
+by waiting on them (L{FakeOllama.next_request}, L{FakeOllama.when_requests},
+L{FakeOllama.when_connections}, L{RecordedRequest.when_closed}, ...), never
+by sleeping.
 """
 
 from __future__ import annotations
@@ -410,6 +414,10 @@ class Behaviour:
         connection with C{abortConnection()}: no terminating chunk.
     @ivar status_error: answer this HTTP status with C{{"error": ...}}
         (C{error_message}, or Ollama's usual text for that status).
+    @ivar hold: after this many lines send nothing more until the test
+        calls L{FakeOllama.release}; at 0 not even the status line (and
+        before C{delay_first_byte}).  A held request stays open, so it keeps
+        its place (a backend slot, a reservation) in the gateway.
     @ivar paths: the paths this applies to; C{None} means the inference
         endpoints (L{INFERENCE_PATHS}); C{"*"} means every path.
     """
@@ -422,6 +430,7 @@ class Behaviour:
     close_early: Optional[int] = None
     status_error: Optional[int] = None
     error_message: Optional[str] = None
+    hold: Optional[int] = None
     paths: Union[None, str, tuple] = None
 
     def applies_to(self, path: str) -> bool:
@@ -446,6 +455,7 @@ class RecordedRequest:
     @ivar body: the JSON body parsed, or C{None} (empty or not JSON).
     @ivar status: the status sent (C{None} until the status line went out).
     @ivar lines_sent: NDJSON lines written so far.
+    @ivar held: C{True} while L{Behaviour.hold} keeps the answer back.
     @ivar outcome: C{"pending"}, then one of C{"completed"} (the whole
         answer was sent, whatever its status), C{"error_line"} (ended with a
         mid-stream error line), C{"client_disconnected"} (the client closed
@@ -465,6 +475,9 @@ class RecordedRequest:
     lines_sent: int = 0
     outcome: str = "pending"
     closed_at: Optional[float] = None
+    held: bool = False
+    _released: bool = field(default=False, repr=False)
+    _resume: Optional[Callable[[], None]] = field(default=None, repr=False)
     _waiters: list = field(default_factory=list, repr=False)
 
     @property
@@ -482,6 +495,7 @@ class RecordedRequest:
     def _close(self, outcome: str, at: float) -> None:
         if self.closed_at is not None:
             return
+        self.held = False
         if self.outcome == "pending" or outcome != "completed":
             self.outcome = outcome
         self.closed_at = at
@@ -615,7 +629,15 @@ class _Exchange:
     # -- the answer -----------------------------------------------------
 
     def start(self, produce: Callable[[RecordedRequest], Union[_Body, _Lines]]) -> None:
+        if self.record.held:  # held from the moment it arrived (hold=0)
+            self.record._resume = lambda: self.start(produce)
+            return
         self._later(self.behaviour.delay_first_byte, self._begin, produce)
+
+    def _holds(self, lines: int) -> bool:
+        """Whether L{Behaviour.hold} stops the answer after C{lines} lines."""
+        hold = self.behaviour.hold
+        return hold is not None and lines >= hold and not self.record._released and not self.closed
 
     def _begin(self, produce) -> None:
         b = self.behaviour
@@ -634,6 +656,9 @@ class _Exchange:
             i = self.index
             if b.stall_after is not None and i >= b.stall_after:
                 return  # nothing more, ever
+            if self._holds(i):
+                self.fake._hold(self.record, self._step)
+                return
             if b.close_early is not None and i >= b.close_early:
                 self._abort("server_aborted")
                 return
@@ -899,6 +924,8 @@ class FakeOllama:
         self.blobs: set[str] = set()
 
         self._request_waiters: list = []
+        self._count_waiters: list = []  # (count, path, Deferred)
+        self._held: list[RecordedRequest] = []
         self._disconnect_waiters: list = []
         self._connection_waiters: list = []
         self._exchanges: set[_Exchange] = set()
@@ -1015,6 +1042,43 @@ class FakeOllama:
         self.behaviour = Behaviour()
         self._queued = []
 
+    def hold(self, after: int = 0, *, times: Optional[int] = None, paths=None, **settings) -> Behaviour:
+        """
+        Hold the answers to the requests that follow until L{release}: after
+        C{after} lines (0: before the status line).  C{times}, C{paths} and
+        the other settings are those of L{behave}; the other settings apply
+        once an answer is released.  Each request is held once.
+        """
+        return self.behave(times=times, paths=paths, hold=after, **settings)
+
+    def release(self, count: Optional[int] = None) -> list[RecordedRequest]:
+        """
+        Let held answers go on, oldest first: all of them, or the first
+        C{count}.  Requests whose client left meanwhile are skipped.
+
+        @return: the requests released.
+        """
+        released = []
+        while self._held and (count is None or len(released) < count):
+            record = self._held.pop(0)
+            if record.closed_at is not None:
+                continue
+            resume, record._resume = record._resume, None
+            record.held, record._released = False, True
+            released.append(record)
+            if resume is not None:
+                resume()
+        return released
+
+    @property
+    def held(self) -> list[RecordedRequest]:
+        """The requests whose answers L{hold} keeps back right now, oldest first."""
+        return [r for r in self._held if r.closed_at is None]
+
+    def _hold(self, record: RecordedRequest, resume: Optional[Callable[[], None]]) -> None:
+        record.held, record._resume = True, resume
+        self._held.append(record)
+
     def _behaviour_for(self, path: str) -> Behaviour:
         for entry in self._queued:
             behaviour, remaining = entry
@@ -1056,6 +1120,19 @@ class FakeOllama:
         """A Deferred firing with the next L{RecordedRequest} (for C{path})."""
         d = defer.Deferred()
         self._request_waiters.append((path, d))
+        return d
+
+    def when_requests(self, count: int, path: Optional[str] = None) -> defer.Deferred:
+        """
+        A Deferred firing once C{count} requests (for C{path}) have arrived
+        in all, with the first C{count} of them.  It fires as each request
+        is recorded, before any of its answer is sent.
+        """
+        seen = self.requests_to(path) if path is not None else self.requests
+        if len(seen) >= count:
+            return defer.succeed(seen[:count])
+        d = defer.Deferred()
+        self._count_waiters.append((count, path, d))
         return d
 
     def next_disconnect(self) -> defer.Deferred:
@@ -1124,6 +1201,10 @@ class FakeOllama:
             received_at=self.clock.seconds(),
         )
         record.behaviour = self._behaviour_for(path)
+        if record.behaviour.hold == 0:
+            # Held before any waiter hears of it, so a release() from a
+            # waiter finds it; the exchange resumes it once started.
+            self._hold(record, None)
         self.requests.append(record)
         keep = []
         for wanted, d in self._request_waiters:
@@ -1132,6 +1213,14 @@ class FakeOllama:
             else:
                 keep.append((wanted, d))
         self._request_waiters = keep
+        counted = []
+        for count, wanted, d in self._count_waiters:
+            seen = self.requests_to(wanted) if wanted is not None else self.requests
+            if len(seen) >= count:
+                d.callback(seen[:count])
+            else:
+                counted.append((count, wanted, d))
+        self._count_waiters = counted
         return record
 
     # -- request bodies ----------------------------------------------------
@@ -1652,13 +1741,13 @@ class FakeOllama:
 
 def main(argv=None) -> int:
     """
-    C{python -m tests.fake_ollama [--port N] [--pace-ms MS] [--tokens N] ...}
+    C{python -m testing.fake_ollama [--port N] [--pace-ms MS] [--tokens N] ...}
 
     Prints C{Fake Ollama listening on http://HOST:PORT} once bound (with
     C{--port 0} the port is picked by the system) and serves until killed.
     """
     parser = argparse.ArgumentParser(
-        prog="python -m tests.fake_ollama",
+        prog="python -m testing.fake_ollama",
         description="A fake Ollama server. Prints 'Fake Ollama listening on URL' once bound.",
     )
     parser.add_argument("--port", type=int, default=11434, help="port to listen on (0: any free port)")

@@ -1,0 +1,84 @@
+"""
+Fetching once for many: L{SingleFlight} runs one call at a time and lets
+the callers that arrive meanwhile share its outcome; L{Cached} keeps a
+fetched value for the TTL its fetch gives.  The identity providers'
+documents and tokens (L{clawdbot.auth.providers}) and the JWT signing keys
+(L{clawdbot.auth.tokens.KeySet}) are fetched through them, so a burst of
+sign-ins or tokens makes one request to the provider.
+"""
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger(namespace="clawdbot.providers")
+
+
+class SingleFlight:
+    """
+    C{await flight()} runs C{fn()}, unless a run is under way: then it
+    waits for that run and gets its result (or its failure).
+
+    @param fn: C{async fn() -> value}.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._waiters = None
+
+    async def __call__(self):
+        if self._waiters is not None:
+            waiter = Deferred()
+            self._waiters.append(waiter)
+            return await waiter
+        self._waiters = []
+        try:
+            result = await self.fn()
+        except Exception:
+            failure = Failure()
+            waiters, self._waiters = self._waiters, None
+            for waiter in waiters:
+                waiter.errback(failure)
+            raise
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters:
+            waiter.callback(result)
+        return result
+
+
+class Cached:
+    """
+    One value fetched on demand and kept for the TTL its fetch returns;
+    callers that arrive during a fetch share it.
+
+    @param fetch: C{async fetch() -> (value, ttl)}.
+    @param serve_stale: on a failed refresh, keep answering the old value.
+    """
+
+    def __init__(self, clock, fetch, serve_stale=False):
+        self.clock = clock
+        self.fetch = fetch
+        self.serve_stale = serve_stale
+        self.value = None
+        self.expires = 0.0
+        self._flight = SingleFlight(self._refresh)
+
+    def clear(self):
+        self.value = None
+        self.expires = 0.0
+
+    async def get(self):
+        if self.value is not None and self.clock.seconds() < self.expires:
+            return self.value
+        return await self._flight()
+
+    async def _refresh(self):
+        try:
+            value, ttl = await self.fetch()
+        except Exception as e:
+            if self.serve_stale and self.value is not None:
+                log.warn("Refresh failed, serving the cached copy: {error}", error=getattr(e, "reason", type(e).__name__))
+                return self.value
+            raise
+        self.value, self.expires = value, self.clock.seconds() + ttl
+        return value

@@ -1,0 +1,121 @@
+"""
+What each request costs and leaves behind: its access-log line, its
+metrics, and its budgets (requests and tokens per minute, sign-ins per
+address), reserved before a call to the model and settled to Ollama's
+counts when the request ends.
+"""
+
+import time
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from clawdbot.errors import APIError
+from clawdbot.ops.ratelimit import rule_for
+
+log = Logger(namespace="clawdbot.gateway")
+
+
+def rate_limited(decision, what):
+    return APIError(
+        "RATE_LIMITED",
+        details=f"the {what} budget of {decision.limit} per minute is spent; retry after {decision.headers().get('Retry-After', '1')}s",
+        headers=decision.headers(),
+    )
+
+
+class Accounting:
+    """
+    @param limiter: the budgets' store (L{clawdbot.ops.ratelimit}).
+    @param access_log: where each request's line goes (L{clawdbot.ops.observe.AccessLog}).
+    @param metrics: the Prometheus metrics (L{clawdbot.ops.observe.Metrics}).
+    """
+
+    def __init__(self, limiter, access_log, metrics):
+        self.limiter = limiter
+        self.access_log = access_log
+        self.metrics = metrics
+
+    def started(self, request):
+        """A request arrived whole: sample it for the access log (its body copied now)."""
+        rate = request.config.access_log.sample_rate
+        if self.access_log.sampled(rate):
+            request.sampled = True
+            request.captured = []
+            # Copied now: twisted.web releases the body when the response ends.
+            request.body_sample = request.body_copy()
+
+    def done(self, request):
+        """Account for a finished (or abandoned) request: log, metrics, token budget."""
+        if request.path is None and not request.refused:
+            return  # the connection closed before a request arrived whole
+        latency = time.perf_counter() - request.started
+        usage = request.audit.get("usage")
+        meter = request.audit.pop("meter", None)
+        if usage is None and meter is not None:
+            # A call that ended (client gone, backend cut off) before
+            # Ollama's counts: charge the meter's estimate.
+            usage = meter.usage()
+            if usage is not None:
+                request.audit["usage"] = usage
+                request.audit["tokens"] = usage["total_tokens"]
+        self.access_log.record(request, latency)
+        self.metrics.observe(request, latency)
+        self._settle_tokens(request, usage)
+
+    def _settle_tokens(self, request, usage):
+        """Charge what a call cost, less what was reserved for it (a refund when it cost less)."""
+        reserved = request.audit.pop("reserved", 0)
+        spent = usage["total_tokens"] if usage else 0
+        if (spent or reserved) and request.principal is not None and request.config is not None:
+            rule = rule_for(request.principal, request.config)
+            if rule.tokens_per_minute and spent != reserved:
+                d = Deferred.fromCoroutine(self.limiter.spend(request.principal.key, rule.tokens_per_minute, spent - reserved, "tokens"))
+                d.addErrback(lambda f: log.failure("Could not count tokens", f))
+
+    async def reserve_tokens(self, request, estimate):
+        """
+        Take a call's estimated prompt from the token budget before it goes
+        to the model (added to what the request reserved before, when it
+        makes a second call), in one atomic step that refuses once the budget is
+        spent, so that calls made at the same moment cannot all pass a check
+        made before any of them was charged.  L{done} settles the
+        difference with Ollama's counts.
+
+        @raise APIError: 429 RATE_LIMITED when the budget is spent.
+        """
+        rule = rule_for(request.principal, request.config)
+        if not rule.tokens_per_minute:
+            return
+        decision = await self.limiter.reserve(request.principal.key, rule.tokens_per_minute, estimate, "tokens")
+        if not decision.allowed:
+            raise rate_limited(decision, "token")
+        if decision.limit:
+            # (Not when an unreachable shared limiter let the call through.)
+            request.audit["reserved"] = request.audit.get("reserved", 0) + estimate
+
+    async def check_rate(self, request):
+        """The principal's request and token budgets; 429 RATE_LIMITED when spent."""
+        principal = request.principal
+        rule = rule_for(principal, request.config)
+        decision = await self.limiter.take(principal.key, rule.requests_per_minute)
+        for name, value in decision.headers().items():
+            if name != "Retry-After":
+                request.setHeader(name, value)
+        if not decision.allowed:
+            raise rate_limited(decision, "request")
+        if rule.tokens_per_minute:
+            tokens = await self.limiter.peek(principal.key, rule.tokens_per_minute, "tokens")
+            for name, value in tokens.headers(generic=False).items():
+                if name != "Retry-After":
+                    request.setHeader(name, value)
+            if not tokens.allowed:
+                raise rate_limited(tokens, "token")
+
+    async def check_ip_rate(self, request):
+        """The per-address budget of the sign-in endpoints."""
+        limit = request.config.rate_limit.auth_per_ip_per_minute
+        host = getattr(request.getClientAddress(), "host", "unknown")
+        decision = await self.limiter.take(host, limit, kind="auth-ip")
+        if not decision.allowed:
+            raise rate_limited(decision, "sign-in")

@@ -1,0 +1,178 @@
+"""
+The rules of chat history over a store (SPEC.md §6), with no HTTP in
+them: who sees a session (its owner, and anyone holding C{history:<team>}
+for its team) and who changes it (its owner only: a teammate who may read
+it gets a 403, anyone else a 404, as if it did not exist); the stored-bytes
+caps per request and per owner, checked before the model is called; and
+one turn at a time per session, so the stored order is the order the model
+saw.  The routes are L{clawdbot.http.history}; stateful completions use
+the same rules (L{clawdbot.http.chat}).
+"""
+
+from twisted.internet.defer import DeferredLock
+
+from clawdbot.errors import APIError
+from clawdbot.storage.store import is_session_id, message_bytes
+from clawdbot.units import format_size
+
+# A full history frees up only when its owner deletes or clears sessions:
+# there is no time at which a retry would pass by itself.
+QUOTA_RETRY_AFTER = 3600
+
+
+def team_reader(principal, session):
+    """May C{principal} read C{session} through C{history:<team>}?"""
+    return session.team is not None and f"history:{session.team}" in principal.scopes
+
+
+def may_use_team(principal, team):
+    """A session may be created for a team the principal belongs to or reads."""
+    return team in principal.teams or f"history:{team}" in principal.scopes
+
+
+def not_found():
+    return APIError("NOT_FOUND", details="no such session")
+
+
+def not_owner():
+    return APIError("AUTH_INSUFFICIENT_SCOPE", details="only the owner of a session may change it")
+
+
+async def load_visible(store, principal, sid, with_messages=False):
+    """The session C{sid} for reading: its owner's or a readable team's; else 404."""
+    session = await store.get_session(sid, with_messages=with_messages) if is_session_id(sid) else None
+    if session is None:
+        raise not_found()
+    if session.owner in await store.owners_of(principal.issuer, principal.sub) or team_reader(principal, session):
+        return session
+    raise not_found()
+
+
+async def load_owned(store, principal, sid):
+    """
+    The session C{sid} for changing: its owner's only.  A team reader gets
+    a 403, anyone else a 404.
+    """
+    session = await store.get_session(sid) if is_session_id(sid) else None
+    if session is None:
+        raise not_found()
+    if session.owner in await store.owners_of(principal.issuer, principal.sub):
+        return session
+    if team_reader(principal, session):
+        raise not_owner()
+    raise not_found()
+
+
+# Bytes held for a reply while its turn is in flight (replies are stored
+# whatever their size once the turn was accepted).
+REPLY_ALLOWANCE = 16 * 1024
+
+
+class HistoryReservations:
+    """
+    Bytes of turns that passed the stored-history quota and are not stored
+    yet, per owner.  Counting them in the check keeps turns that run at the
+    same moment (on different sessions) from all passing a check made before
+    any of them was stored.  Per process: gateways sharing one database can
+    each let one turn past the quota at the same moment.
+    """
+
+    def __init__(self):
+        self.pending = {}
+
+    def hold(self, owner, size):
+        """Count C{size} bytes for C{owner} until the returned C{release()} is called."""
+        self.pending[owner] = self.pending.get(owner, 0) + size
+        released = []
+
+        def release():
+            if not released:
+                released.append(True)
+                left = self.pending.get(owner, 0) - size
+                if left > 0:
+                    self.pending[owner] = left
+                else:
+                    self.pending.pop(owner, None)
+
+        return release
+
+
+async def check_history_quota(store, principal, limits, new, reservations):
+    """
+    Refuse a turn whose messages C{new} (C{[(role, content, incomplete)]})
+    would pass the per-request cap (413) or the owner's stored-bytes quota
+    (429 QUOTA_EXCEEDED with Retry-After); nothing is stored either way.
+
+    @param reservations: the L{HistoryReservations} of turns in flight.
+    @return: C{release()}, to call once the turn is stored (or not).
+    """
+    size = sum(message_bytes(content) for _, content, _ in new)
+    if size > limits.max_bytes_per_request:
+        raise APIError(
+            "PAYLOAD_TOO_LARGE",
+            details=f"the messages to store are larger than the limit of {format_size(limits.max_bytes_per_request)} per request",
+        )
+    used = await store.usage(await store.owners_of(principal.issuer, principal.sub))
+    if used + reservations.pending.get(principal.key, 0) + size > limits.max_bytes_per_user:
+        raise APIError(
+            "QUOTA_EXCEEDED",
+            details=f"your stored chat history has reached its limit of {format_size(limits.max_bytes_per_user)}; delete or clear sessions to go on",
+            headers={"Retry-After": str(QUOTA_RETRY_AFTER)},
+        )
+    # Held until the turn is stored: its messages and an allowance for the
+    # reply, so that turns running at the same moment leave room for theirs.
+    return reservations.hold(principal.key, size + REPLY_ALLOWANCE)
+
+
+class SessionLocks:
+    """
+    One lock per session, so concurrent turns on a session run one after the
+    other and the stored order is the order the model saw.
+    """
+
+    def __init__(self):
+        self._locks = {}
+
+    async def run(self, sid, fn):
+        lock = self._locks.get(sid)
+        if lock is None:
+            lock = self._locks[sid] = DeferredLock()
+        await lock.acquire()
+        try:
+            return await fn()
+        finally:
+            lock.release()
+            if not lock.locked and not lock.waiting:
+                self._locks.pop(sid, None)
+
+
+class History:
+    """
+    The history rules over one store, for the routes that read and change
+    sessions and the completions that add turns.
+
+    @ivar store: the L{clawdbot.storage.store} in use.
+    @ivar locks: one turn at a time per session (L{SessionLocks}).
+    @ivar reservations: the bytes of turns in flight (L{HistoryReservations}).
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self.locks = SessionLocks()
+        self.reservations = HistoryReservations()
+
+    def visible(self, principal, sid, with_messages=False):
+        """L{load_visible} on this store."""
+        return load_visible(self.store, principal, sid, with_messages)
+
+    def owned(self, principal, sid):
+        """L{load_owned} on this store."""
+        return load_owned(self.store, principal, sid)
+
+    def check_quota(self, principal, limits, new):
+        """L{check_history_quota} on this store, counting the turns in flight."""
+        return check_history_quota(self.store, principal, limits, new, self.reservations)
+
+    def one_at_a_time(self, sid, fn):
+        """Run C{fn()} when no other turn of session C{sid} runs."""
+        return self.locks.run(sid, fn)
