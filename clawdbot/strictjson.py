@@ -6,7 +6,7 @@ double's range, and lone UTF-16 surrogate escapes (C{"\\ud800"}) that no
 UTF-8 writer can encode later.  L{parse_json} refuses each with a curated
 reason, so nothing past the parser meets them.  Pure: no I/O.
 
-A big body is parsed on a worker thread (L{clawdbot.http.site.JSONParsers}), and
+A big body is parsed on a worker thread (L{clawdbot.http.resource.JSONParsers}), and
 the parse is shaped so that the thread gives the interpreter lock back
 often: every number goes through a Python hook (a chance to switch
 threads), the lone-surrogate check reads the escapes in the text instead of

@@ -21,7 +21,8 @@ from clawdbot.auth.tokens import Authentication
 from clawdbot.backend.images import ImageWorkers
 from clawdbot.backend.ollama import Ollama, backend_urls
 from clawdbot.config import ConfigError, load_config
-from clawdbot.http.site import GatewaySite, JSONParsers
+from clawdbot.http.site import GatewaySite
+from clawdbot.http.resource import JSONParsers
 from clawdbot.http.tree import Parts, Readiness, build_root, metrics_root
 from clawdbot.logs import set_level
 from clawdbot.net import is_loopback, strport_interface

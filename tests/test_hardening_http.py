@@ -29,7 +29,8 @@ from clawdbot.errors import APIError, error_body
 from clawdbot.logs import JSONLineObserver
 from clawdbot.ops.observe import log_line, redact, redact_body, redact_text
 from clawdbot.strictjson import has_lone_surrogate, parse_json
-from clawdbot.http.site import REASONS, APIResource, JSONResponse, is_json_type, reason_phrase
+from clawdbot.http.site import REASONS, reason_phrase
+from clawdbot.http.resource import APIResource, JSONResponse, is_json_type
 from clawdbot.net import is_loopback_host, loopback_authority, loopback_origin
 from tests.helpers import Backed, bearer, get_json, token, when_queued
 from tests.test_http import RawClient
@@ -596,7 +597,7 @@ class BigBodyParseTests(Backed):
 
     async def test_healthz_answers_while_a_big_body_is_parsed(self):
         """While a body over 64 KiB is being parsed, /healthz is answered (the parse waits for it), and before the big request's own answer."""
-        from clawdbot.http import site as web
+        from clawdbot.http import resource as web
 
         self.start()
         started = Deferred()
@@ -629,7 +630,7 @@ class BigBodyParseTests(Backed):
 
     async def test_reported_body_measured(self):
         """The reported 19.6 MB body (4.9M floats, one escape): /healthz keeps answering while it is parsed (and refused for its number of values); latencies printed."""
-        from clawdbot.http import site as web
+        from clawdbot.http import resource as web
 
         self.start()
         events = []

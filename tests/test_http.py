@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from clawdbot.http.site import APIResource
+from clawdbot.http.resource import APIResource
 from tests.helpers import bearer, closed_port, get_json, serve, token
 
 

@@ -110,7 +110,7 @@ class ReloadTests(TestCase):
 
     async def test_in_flight_request_keeps_its_config(self):
         """A request holds the config it started under after a reload swaps in a new one."""
-        from clawdbot.http.site import APIResource
+        from clawdbot.http.resource import APIResource
 
         gw = serve(self)
         seen = {}

@@ -419,7 +419,7 @@ class ImageWorkers(Workers):
     caller gets when it passes.
 
     The cost is charged before this runs: the routes that take images are
-    C{rate_limited}, so L{clawdbot.http.site.APIResource._run} takes the caller's
+    C{rate_limited}, so L{clawdbot.http.resource.APIResource._run} takes the caller's
     request budget before the handler asks for any image work, and a request
     refused here has still spent it.
     """

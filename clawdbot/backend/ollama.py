@@ -465,7 +465,7 @@ class Ollama:
         them whole); after it they end the stream (C{consumer.fail}).
 
         @param consumer: the response being written (an L{IStreamConsumer}
-            provider, see L{clawdbot.http.site.StreamResponse}).
+            provider, see L{clawdbot.http.resource.StreamResponse}).
         @param on_end: C{async () -> bytes}, what to write when the body
             ends; it raises L{APIError} when the body ended too early.
         @param sent: called once the call has its slot and goes to Ollama,

@@ -10,7 +10,7 @@ from twisted.internet.defer import CancelledError
 from clawdbot.backend import translate
 from clawdbot.backend.translate import DONE, LineSplitter, StreamTranslator, UpstreamStreamError
 from clawdbot.errors import APIError, invalid
-from clawdbot.http.site import APIResource, Node, NotFound, StreamResponse, read_json
+from clawdbot.http.resource import APIResource, Node, NotFound, StreamResponse, read_json
 
 def _encode(payload):
     return json.dumps(payload, ensure_ascii=False).encode("utf-8")

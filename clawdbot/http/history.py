@@ -27,7 +27,7 @@ import json
 from clawdbot.errors import APIError, invalid
 from clawdbot.storage.history import may_use_team, not_found
 from clawdbot.storage.store import decode_cursor
-from clawdbot.http.site import APIResource, JSONResponse, NotFound, query_arg, read_json
+from clawdbot.http.resource import APIResource, JSONResponse, NotFound, query_arg, read_json
 
 MAX_TITLE = 200
 

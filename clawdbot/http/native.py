@@ -11,7 +11,7 @@ from clawdbot.backend import native, translate
 from clawdbot.backend.translate import LineSplitter
 from clawdbot.errors import APIError, ollama_error_body
 from clawdbot.http.chat import ModelRoute, metered
-from clawdbot.http.site import JSONResponse, Node, StreamResponse, read_json
+from clawdbot.http.resource import JSONResponse, Node, StreamResponse, read_json
 from clawdbot.strictjson import loads_checked
 
 

@@ -71,7 +71,7 @@ from clawdbot.auth.session import (
 from clawdbot.auth.tokens import mint
 from clawdbot.errors import APIError
 from clawdbot.auth.providers import ProviderError, SignInEnded, make_provider, word
-from clawdbot.http.site import APIResource, JSONResponse, Node, query_arg
+from clawdbot.http.resource import APIResource, JSONResponse, Node, query_arg
 
 log = Logger(namespace="clawdbot.sso")
 

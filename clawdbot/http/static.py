@@ -13,7 +13,7 @@ import sys
 from twisted.web.resource import Resource
 
 from clawdbot.errors import APIError, error_body
-from clawdbot.http.site import JSON_TYPE
+from clawdbot.http.resource import JSON_TYPE
 
 TYPES = {
     ".html": b"text/html; charset=utf-8",

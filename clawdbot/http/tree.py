@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 
 from clawdbot.http import chat, history, native, sso
 from clawdbot.http.static import StaticFiles, static_dir
-from clawdbot.http.site import APIResource, JSONResponse, Node
+from clawdbot.http.resource import APIResource, JSONResponse, Node
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,7 +29,7 @@ class Parts:
     @ivar ollama: the model backend (L{clawdbot.backend.ollama.Ollama}).
     @ivar history: chat history and its rules (L{clawdbot.storage.history.History}).
     @ivar images: the image workers (L{clawdbot.backend.images.ImageWorkers}).
-    @ivar parsers: the JSON parsing workers (L{clawdbot.http.site.JSONParsers}).
+    @ivar parsers: the JSON parsing workers (L{clawdbot.http.resource.JSONParsers}).
     @ivar fetcher: the identity providers' client (L{clawdbot.auth.fetch.HTTPFetcher}).
     @ivar metrics: the Prometheus metrics (L{clawdbot.ops.observe.Metrics}).
     @ivar readiness: the shared answer of C{/readyz} (L{Readiness}).
