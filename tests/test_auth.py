@@ -15,7 +15,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -58,26 +57,11 @@ def rs(payload, name="k1", headers=None):
     return jwt.encode(payload, rsa_key(name), algorithm="RS256", headers={"kid": name, **(headers or {})})
 
 
-class FakeRequest:
-    """Just enough of a request for the authenticator."""
-
-    class site:
-        debug = False
-
-    request_id = "test"
-
-    def __init__(self, authorization=None, raw=None):
-        self.requestHeaders = Headers()
-        if raw is not None:
-            self.requestHeaders.setRawHeaders(b"authorization", raw)
-        elif authorization is not None:
-            self.requestHeaders.setRawHeaders(b"authorization", [authorization.encode("latin-1")])
-
-    def getClientAddress(self):
-        class A:
-            host = "127.0.0.1"
-
-        return A()
+def sent_header(authorization=None, raw=None):
+    """The Authorization values a request sends (C{None} when it sends none)."""
+    if raw is not None:
+        return raw
+    return [authorization.encode("latin-1")] if authorization is not None else None
 
 
 class Verifier(SynchronousTestCase):
@@ -89,12 +73,12 @@ class Verifier(SynchronousTestCase):
 
     def principal(self, tok, **kw):
         auth = kw.pop("auth", None) or self.authenticator(**kw)
-        return self.successResultOf(Deferred.fromCoroutine(auth.authenticate(FakeRequest("Bearer " + tok))))
+        return self.successResultOf(Deferred.fromCoroutine(auth.authenticate(sent_header("Bearer " + tok), "127.0.0.1", "test")))
 
     def rejection(self, tok, auth=None, header=None, **kw):
         auth = auth or self.authenticator(**kw)
-        request = FakeRequest(header if header is not None else "Bearer " + tok)
-        failure = self.failureResultOf(Deferred.fromCoroutine(auth.authenticate(request)), APIError)
+        sent = sent_header(header if header is not None else "Bearer " + tok)
+        failure = self.failureResultOf(Deferred.fromCoroutine(auth.authenticate(sent, "127.0.0.1", "test")), APIError)
         return failure.value
 
 
@@ -228,13 +212,13 @@ class HS256Tests(Verifier):
     def test_header_forms(self):
         """Missing, non-Bearer and duplicated Authorization headers are refused with their codes."""
         auth = self.authenticator()
-        missing = self.failureResultOf(Deferred.fromCoroutine(auth.authenticate(FakeRequest())), APIError).value
+        missing = self.failureResultOf(Deferred.fromCoroutine(auth.authenticate(sent_header())), APIError).value
         self.assertEqual((missing.code, missing.headers["WWW-Authenticate"]), ("AUTH_MISSING_TOKEN", 'Bearer realm="clawdbot"'))
         self.assertEqual(self.rejection(None, header="Basic YWxpY2U6cGFzcw==").code, "AUTH_MISSING_TOKEN")
         self.assertEqual(self.rejection(None, header="Bearer ").code, "AUTH_INVALID_TOKEN")
         self.principal(hs(claims()), auth=auth)
-        dup = FakeRequest(raw=[b"Bearer " + hs(claims()).encode()] * 2)
-        err = self.failureResultOf(Deferred.fromCoroutine(auth.authenticate(dup)), APIError).value
+        dup = sent_header(raw=[b"Bearer " + hs(claims()).encode()] * 2)
+        err = self.failureResultOf(Deferred.fromCoroutine(auth.authenticate(dup, "127.0.0.1", "test")), APIError).value
         self.assertEqual(err.code, "AUTH_INVALID_TOKEN")
 
     def test_cache_respects_expiry(self):
@@ -259,8 +243,7 @@ class HS256Tests(Verifier):
             header = ("Bearer " + text).encode("latin-1")
         except UnicodeEncodeError:
             header = b"Bearer " + text.encode("utf-8")
-        request = FakeRequest(raw=[header])
-        failure = self.failureResultOf(Deferred.fromCoroutine(auth.authenticate(request)))
+        failure = self.failureResultOf(Deferred.fromCoroutine(auth.authenticate([header], "127.0.0.1", "test")))
         failure.trap(APIError)
         self.assertEqual(failure.value.status, 401)
 

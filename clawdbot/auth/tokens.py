@@ -333,20 +333,26 @@ class Authenticator:
         self.dev = dev
         self._cache = {}
 
-    async def authenticate(self, request):
-        if request.site.debug:
-            return self.dev
-        header = request.requestHeaders.getRawHeaders(b"authorization")
+    async def authenticate(self, header, peer=None, request_id=None):
+        """
+        The principal of a request's C{Authorization} header.
+
+        @param header: its values as sent (C{[bytes]}; C{None} or empty when
+            there is none).
+        @param peer: the client's address, and C{request_id} the request's,
+            for the security log line of a refused token.
+        @raise APIError: 401 AUTH_MISSING_TOKEN or AUTH_INVALID_TOKEN.
+        """
         if not header:
             raise missing_token()
         if len(header) > 1:
-            raise self._reject(request, "more than one Authorization header")
+            raise self._reject(peer, request_id, "more than one Authorization header")
         scheme, _, token = header[0].decode("latin-1").strip().partition(" ")
         if scheme.lower() != "bearer":
             raise missing_token()
         token = token.strip()
         if not token:
-            raise self._reject(request, "token is malformed")
+            raise self._reject(peer, request_id, "token is malformed")
         cached = self._cache.get(token)
         if cached is not None:
             principal, expires = cached
@@ -356,22 +362,21 @@ class Authenticator:
         try:
             principal, expires = await self.verify(token)
         except InvalidTokenError as e:
-            raise self._reject(request, reason_for(e)) from None
+            raise self._reject(peer, request_id, reason_for(e)) from None
         except RecursionError:
-            raise self._reject(request, "token is malformed") from None
+            raise self._reject(peer, request_id, "token is malformed") from None
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
         self._cache[token] = (principal, expires)
         return principal
 
-    def _reject(self, request, reason):
-        peer = request.getClientAddress()
+    def _reject(self, peer, request_id, reason):
         log.warn(
             "Rejected a bearer token: {reason}",
             reason=reason,
-            peer=getattr(peer, "host", None),
+            peer=peer,
             security_event="auth_failure",
-            request_id=getattr(request, "request_id", None),
+            request_id=request_id,
         )
         return invalid_token(reason)
 
@@ -483,9 +488,13 @@ class Authentication:
     def rebuild(self, old, new):
         self.current = build_authenticator(new, self.clock, self.fetch_json)
 
-    async def authenticate(self, request):
-        """The request's principal (L{Authenticator.authenticate})."""
-        return await self.current.authenticate(request)
+    async def authenticate(self, header, peer=None, request_id=None):
+        """The principal of an C{Authorization} header (L{Authenticator.authenticate})."""
+        return await self.current.authenticate(header, peer, request_id)
+
+    def dev(self):
+        """The configured dev principal, for the unauthenticated debug listener (dev mode only)."""
+        return self.current.dev
 
     def authorize(self, principal, scope):
         """L{Authenticator.authorize}."""

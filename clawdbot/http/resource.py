@@ -419,6 +419,13 @@ class APIResource(Resource):
             request.setHeader(name, value)
         write_json(request, 204, None)
 
+    async def _principal(self, request):
+        """Who the caller is: the dev principal on the debug listener, else its bearer token's."""
+        if request.site.debug:
+            return self.authentication.dev()
+        peer = getattr(request.getClientAddress(), "host", None)
+        return await self.authentication.authenticate(request.requestHeaders.getRawHeaders(b"authorization"), peer, request.request_id)
+
     async def _run(self, request, method, needed):
         """Run the handler; whatever happens, the request ends with an answer."""
         try:
@@ -432,7 +439,7 @@ class APIResource(Resource):
     async def _answer(self, request, method, needed):
         try:
             if needed is not None:
-                request.principal = await self.authentication.authenticate(request)
+                request.principal = await self._principal(request)
                 self.authentication.authorize(request.principal, needed)
                 if self.rate_limited:
                     await self.accounting.check_rate(request)
