@@ -9,9 +9,11 @@ passes them (and the tests grep every line for a canary to prove it).
 import json
 import sys
 import time
+from typing import Any, TextIO
 
 from twisted.logger import (
     FilteringLogObserver,
+    LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
@@ -24,7 +26,7 @@ _LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn
 _PLAIN = (str, int, float, bool, type(None))
 
 
-def event_as_dict(event):
+def event_as_dict(event: LogEvent) -> dict[str, Any]:
     """The JSON-able form of one twisted.logger event."""
     level = event.get("log_level")
     out = {
@@ -50,10 +52,10 @@ def event_as_dict(event):
 class JSONLineObserver:
     """Write each event as one line of JSON to a text file."""
 
-    def __init__(self, stream):
+    def __init__(self, stream: TextIO) -> None:
         self.stream = stream
 
-    def __call__(self, event):
+    def __call__(self, event: LogEvent) -> None:
         try:
             out = event_as_dict(event)
             line = json.dumps(out, ensure_ascii=False, default=str)
@@ -72,7 +74,7 @@ class JSONLineObserver:
             pass  # nowhere left to say it
 
 
-def open_log(path):
+def open_log(path: str) -> TextIO:
     """C{-} is standard error; anything else a file opened for appending."""
     if path == "-":
         return sys.stderr
@@ -80,26 +82,28 @@ def open_log(path):
 
 
 # The level every observer made here filters at: C{log.level}, set at start
-# and again at each reload.
+# and again at each reload.  (The observers and this predicate provide
+# twisted.logger's zope interfaces, which mypy, without a zope plugin, reads
+# as base classes: hence the ignores where Twisted's hints name them.)
 _LEVEL = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 
 
-def set_level(level):
+def set_level(level: str) -> None:
     """Log events at C{level} (C{debug}, C{info}, C{warn}, C{error}) and above from now on."""
     _LEVEL.setLogLevelForNamespace("", _LEVELS[level])
 
 
-def start_logging(level="info", path="-"):
+def start_logging(level: str = "info", path: str = "-") -> FilteringLogObserver:
     """Send every event from now on to JSON lines at C{path}, at C{level} and above."""
     set_level(level)
-    observer = FilteringLogObserver(JSONLineObserver(open_log(path)), [_LEVEL])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    observer = FilteringLogObserver(JSONLineObserver(open_log(path)), [_LEVEL])  # type: ignore[arg-type, list-item]
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)  # type: ignore[list-item]
     return observer
 
 
-def twistd_observer():
+def twistd_observer() -> FilteringLogObserver:
     """
     For C{twistd --logger clawdbot.logs.twistd_observer}: JSON lines on
     standard error at C{log.level} (the config's, once the service is made).
     """
-    return FilteringLogObserver(JSONLineObserver(sys.stderr), [_LEVEL])
+    return FilteringLogObserver(JSONLineObserver(sys.stderr), [_LEVEL])  # type: ignore[arg-type, list-item]

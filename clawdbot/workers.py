@@ -4,12 +4,20 @@ parsing big JSON bodies): a pool that starts with its first job, the jobs in
 flight, and a stop at gateway shutdown.
 """
 
+from typing import Any, Protocol
+
 from twisted.python.threadpool import ThreadPool
 
 from clawdbot.errors import APIError
 
 
-def shutting_down():
+class Job(Protocol):
+    """Work in flight on the pool, which L{Workers.stop} cancels."""
+
+    def cancel(self) -> None: ...
+
+
+def shutting_down() -> APIError:
     return APIError("SHUTTING_DOWN", details="the gateway is shutting down; retry the request", headers={"Retry-After": "1"})
 
 
@@ -23,13 +31,13 @@ class Workers:
 
     name = "clawdbot-workers"
 
-    def __init__(self, reactor):
+    def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
         self.stopped = False
-        self._pool = None
-        self._jobs = set()
+        self._pool: ThreadPool | None = None
+        self._jobs: set[Job] = set()
 
-    def pool(self, size):
+    def pool(self, size: int) -> ThreadPool:
         """The pool, started with at most C{size} threads (resized when that changed, as by a reload)."""
         if self.stopped:
             raise shutting_down()
@@ -40,7 +48,7 @@ class Workers:
             self._pool.adjustPoolsize(0, size)
         return self._pool
 
-    def stop(self):
+    def stop(self) -> None:
         """
         At gateway shutdown: cancel every job (each stops at its next
         check), then end the threads, which waits for the work running right

@@ -7,14 +7,25 @@ documents and tokens (L{clawdbot.auth.providers}) and the JWT signing keys
 sign-ins or tokens makes one request to the provider.
 """
 
+from collections.abc import Awaitable, Callable
+from typing import Generic, Protocol, TypeVar
+
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 log = Logger(namespace="clawdbot.providers")
 
+T = TypeVar("T")
 
-class SingleFlight:
+
+class Clock(Protocol):
+    """What L{Cached} reads the time from (a reactor, or a test's clock)."""
+
+    def seconds(self) -> float: ...
+
+
+class SingleFlight(Generic[T]):
     """
     C{await flight()} runs C{fn()}, unless a run is under way: then it
     waits for that run and gets its result (or its failure).
@@ -22,13 +33,13 @@ class SingleFlight:
     @param fn: C{async fn() -> value}.
     """
 
-    def __init__(self, fn):
+    def __init__(self, fn: Callable[[], Awaitable[T]]) -> None:
         self.fn = fn
-        self._waiters = None
+        self._waiters: list[Deferred[T]] | None = None
 
-    async def __call__(self):
+    async def __call__(self) -> T:
         if self._waiters is not None:
-            waiter = Deferred()
+            waiter: Deferred[T] = Deferred()
             self._waiters.append(waiter)
             return await waiter
         self._waiters = []
@@ -46,7 +57,7 @@ class SingleFlight:
         return result
 
 
-class Cached:
+class Cached(Generic[T]):
     """
     One value fetched on demand and kept for the TTL its fetch returns;
     callers that arrive during a fetch share it.
@@ -55,24 +66,24 @@ class Cached:
     @param serve_stale: on a failed refresh, keep answering the old value.
     """
 
-    def __init__(self, clock, fetch, serve_stale=False):
+    def __init__(self, clock: Clock, fetch: Callable[[], Awaitable[tuple[T, float]]], serve_stale: bool = False) -> None:
         self.clock = clock
         self.fetch = fetch
         self.serve_stale = serve_stale
-        self.value = None
+        self.value: T | None = None
         self.expires = 0.0
         self._flight = SingleFlight(self._refresh)
 
-    def clear(self):
+    def clear(self) -> None:
         self.value = None
         self.expires = 0.0
 
-    async def get(self):
+    async def get(self) -> T:
         if self.value is not None and self.clock.seconds() < self.expires:
             return self.value
         return await self._flight()
 
-    async def _refresh(self):
+    async def _refresh(self) -> T:
         try:
             value, ttl = await self.fetch()
         except Exception as e:

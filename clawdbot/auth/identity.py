@@ -31,6 +31,7 @@ quote, a backslash, non-ASCII) makes the whole list invalid.
 import re
 import urllib.parse
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 DEV_ISSUER = "clawdbot:dev"
 LEGACY = "*"
@@ -38,12 +39,25 @@ LEGACY = "*"
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 
 
-def is_scope_token(value):
+class OAuth2Section(Protocol):
+    """What L{sso_issuer} reads of the C{oauth2} config section (a leaf cannot import the config)."""
+
+    @property
+    def provider(self) -> str: ...
+
+    @property
+    def client_id(self) -> str | None: ...
+
+    @property
+    def issuer_url(self) -> str | None: ...
+
+
+def is_scope_token(value: object) -> bool:
     """Is C{value} one RFC 6749 scope-token?"""
     return isinstance(value, str) and _SCOPE_TOKEN.fullmatch(value) is not None
 
 
-def split_scopes(text):
+def split_scopes(text: str) -> list[str]:
     """
     The scope tokens of a space-separated list, split on U+0020 only (runs
     of spaces and spaces at either end are tolerated).
@@ -58,27 +72,27 @@ def split_scopes(text):
     return tokens
 
 
-def issuer_id(issuer):
+def issuer_id(issuer: str) -> str:
     """The identity provider as compared: without a trailing C{/}."""
     return issuer.rstrip("/") or issuer
 
 
-def owner_key(issuer, sub):
+def owner_key(issuer: str | None, sub: str) -> str:
     """The stable key of the principal C{sub} of C{issuer}."""
     return urllib.parse.quote(issuer_id(issuer or ""), safe=":/", errors="surrogatepass") + "|" + sub
 
 
-def legacy_owner(sub):
+def legacy_owner(sub: str) -> str:
     """The owner of a row stored before owners had a provider."""
     return LEGACY + "|" + sub
 
 
-def owner_sub(owner):
+def owner_sub(owner: str) -> str:
     """The C{sub} part of an owner key (what the API shows as C{owner})."""
     return owner.split("|", 1)[1] if "|" in owner else owner
 
 
-def preset_issuer(provider, client_id):
+def preset_issuer(provider: str, client_id: str | None) -> str:
     """
     The identity provider of a preset login: the platform and the app's id.
     For WeCom that is the CorpID; DingTalk and Feishu internal apps belong
@@ -87,15 +101,15 @@ def preset_issuer(provider, client_id):
     return f"{provider}:{client_id}"
 
 
-def sso_issuer(oauth2):
+def sso_issuer(oauth2: OAuth2Section) -> str:
     """The identity provider that C{oauth2} (the config section) signs people in through."""
     if oauth2.provider == "oidc":
         return issuer_id(oauth2.issuer_url or "")
     return preset_issuer(oauth2.provider, oauth2.client_id)
 
 
-def configured_issuers(config):
-    """Every identity provider C{config} accepts principals from."""
+def configured_issuers(config: Any) -> tuple[str, ...]:
+    """Every identity provider C{config} (a L{clawdbot.config.Config}) accepts principals from."""
     issuers = [DEV_ISSUER]
     if config.auth.jwt.enabled and config.auth.jwt.issuer:
         issuers.append(issuer_id(config.auth.jwt.issuer))
@@ -114,18 +128,18 @@ class Principal:
     """
 
     sub: str
-    scopes: frozenset = field(default_factory=frozenset)
-    name: str = None
-    email: str = None
-    teams: tuple = ()
-    issuer: str = None
+    scopes: frozenset[str] = field(default_factory=frozenset)
+    name: str | None = None
+    email: str | None = None
+    teams: tuple[str, ...] = ()
+    issuer: str | None = None
 
     @property
-    def key(self):
+    def key(self) -> str:
         """The owner key: history and budgets belong to it, not to C{sub} alone."""
         return owner_key(self.issuer, self.sub)
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         return {
             "sub": self.sub,
             "name": self.name,
@@ -134,6 +148,6 @@ class Principal:
             "teams": list(self.teams),
         }
 
-    def history_teams(self):
+    def history_teams(self) -> list[str]:
         """The teams whose history this principal may read."""
         return sorted(s[len("history:") :] for s in self.scopes if s.startswith("history:") and len(s) > 8)

@@ -5,7 +5,7 @@ for.  A leaf: the config checks endpoint names against it without knowing
 the providers (L{clawdbot.auth.providers}).
 """
 
-PRESET_ENDPOINTS = {
+PRESET_ENDPOINTS: dict[str, dict[str, str]] = {
     # WeCom, self-built app:
     #   Web login link   https://developer.work.weixin.qq.com/document/path/98171
     #   gettoken         https://developer.work.weixin.qq.com/document/path/91039
@@ -43,5 +43,5 @@ PRESET_ENDPOINTS = {
 }
 
 # What a preset asks for when C{oauth2.scopes} is left at its OIDC default.
-OIDC_DEFAULT_SCOPES = ("openid", "profile", "email")
-PRESET_SCOPES = {"wecom": ("snsapi_base",), "dingtalk": ("openid", "corpid"), "feishu": ()}
+OIDC_DEFAULT_SCOPES: tuple[str, ...] = ("openid", "profile", "email")
+PRESET_SCOPES: dict[str, tuple[str, ...]] = {"wecom": ("snsapi_base",), "dingtalk": ("openid", "corpid"), "feishu": ()}

@@ -1,7 +1,7 @@
 """
 Cross-origin calls from browser pages (the CORS protocol of the Fetch
 standard): one implementation, which each listener gives its own rule of
-which origins may call it (L{clawdbot.ops.runtime.Gateway.cors_rule}).
+which origins may call it (L{clawdbot.http.site.GatewayRequest.cors_rule}).
 
 The debug listener allows any page on this machine; the secure listener
 exactly the origins in C{server.cors_origins}, none by default and never
@@ -23,8 +23,15 @@ preflighted call nor lets a page read an answer to a call that carried them.
 """
 
 import re
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from clawdbot.errors import invalid
+
+if TYPE_CHECKING:
+    from twisted.web.http import Request
+
+Rule = Callable[[str], bool]
 
 # The response headers a cross-origin page may read beyond the CORS-safelisted
 # ones: the request id, and the rate-limit headers of
@@ -50,7 +57,7 @@ MAX_AGE = b"600"
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
-def allowed_origin(request, rule):
+def allowed_origin(request: "Request", rule: Rule) -> str | None:
     """
     The request's C{Origin} when it sends exactly one and C{rule(origin)}
     allows it, else C{None}.
@@ -64,7 +71,7 @@ def allowed_origin(request, rule):
     return origin if rule(origin) else None
 
 
-def answer_headers(request, rule):
+def answer_headers(request: "Request", rule: Rule) -> dict[bytes, bytes]:
     """
     The CORS headers of any answer to C{request}: none unless
     L{allowed_origin}, but C{Vary: Origin} whenever an C{Origin} was sent
@@ -80,12 +87,12 @@ def answer_headers(request, rule):
     }
 
 
-def is_preflight(request):
+def is_preflight(request: "Request") -> bool:
     """C{request} is a CORS preflight: C{OPTIONS} with C{Access-Control-Request-Method}."""
     return request.method == b"OPTIONS" and request.requestHeaders.hasHeader(b"access-control-request-method")
 
 
-def preflight_headers(request, rule, methods):
+def preflight_headers(request: "Request", rule: Rule, methods: Iterable[str]) -> dict[bytes, bytes] | None:
     """
     What a preflight's 204 adds to L{answer_headers}, or C{None} when
     C{rule} does not allow the request's origin.
@@ -106,7 +113,7 @@ def preflight_headers(request, rule, methods):
     return headers
 
 
-def requested_headers(request):
+def requested_headers(request: "Request") -> list[bytes]:
     """
     The header names of C{Access-Control-Request-Headers}, in lower case,
     each once.  Echoing them grants whatever a browser SDK sends
@@ -118,7 +125,7 @@ def requested_headers(request):
     @raise APIError: INVALID_REQUEST for a value that is not a
         comma-separated list of header names.
     """
-    names = []
+    names: list[bytes] = []
     for value in request.requestHeaders.getRawHeaders(b"access-control-request-headers") or []:
         for name in value.split(b",") if value.strip(b" \t") else ():
             name = name.strip(b" \t").lower()

@@ -6,6 +6,7 @@ counts when the request ends.
 """
 
 import time
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -13,10 +14,14 @@ from twisted.logger import Logger
 from clawdbot.errors import APIError
 from clawdbot.ops.ratelimit import rule_for
 
+if TYPE_CHECKING:
+    from clawdbot.ops.observe import AccessLog, Metrics
+    from clawdbot.ops.ratelimit import Decision, MemoryLimiter, RedisLimiter
+
 log = Logger(namespace="clawdbot.gateway")
 
 
-def rate_limited(decision, what):
+def rate_limited(decision: "Decision", what: str) -> APIError:
     return APIError(
         "RATE_LIMITED",
         details=f"the {what} budget of {decision.limit} per minute is spent; retry after {decision.headers().get('Retry-After', '1')}s",
@@ -26,17 +31,20 @@ def rate_limited(decision, what):
 
 class Accounting:
     """
+    Each method takes the gateway's request (L{clawdbot.http.site.GatewayRequest}),
+    typed C{Any}: this layer may not import the HTTP one.
+
     @param limiter: the budgets' store (L{clawdbot.ops.ratelimit}).
     @param access_log: where each request's line goes (L{clawdbot.ops.observe.AccessLog}).
     @param metrics: the Prometheus metrics (L{clawdbot.ops.observe.Metrics}).
     """
 
-    def __init__(self, limiter, access_log, metrics):
+    def __init__(self, limiter: "MemoryLimiter | RedisLimiter", access_log: "AccessLog", metrics: "Metrics") -> None:
         self.limiter = limiter
         self.access_log = access_log
         self.metrics = metrics
 
-    def started(self, request):
+    def started(self, request: Any) -> None:
         """A request arrived whole: sample it for the access log (its body copied now)."""
         rate = request.config.access_log.sample_rate
         if self.access_log.sampled(rate):
@@ -45,7 +53,7 @@ class Accounting:
             # Copied now: twisted.web releases the body when the response ends.
             request.body_sample = request.body_copy()
 
-    def done(self, request):
+    def done(self, request: Any) -> None:
         """Account for a finished (or abandoned) request: log, metrics, token budget."""
         if request.path is None and not request.refused:
             return  # the connection closed before a request arrived whole
@@ -63,7 +71,7 @@ class Accounting:
         self.metrics.observe(request, latency)
         self._settle_tokens(request, usage)
 
-    def _settle_tokens(self, request, usage):
+    def _settle_tokens(self, request: Any, usage: dict[str, Any] | None) -> None:
         """Charge what a call cost, less what was reserved for it (a refund when it cost less)."""
         reserved = request.audit.pop("reserved", 0)
         spent = usage["total_tokens"] if usage else 0
@@ -73,7 +81,7 @@ class Accounting:
                 d = Deferred.fromCoroutine(self.limiter.spend(request.principal.key, rule.tokens_per_minute, spent - reserved, "tokens"))
                 d.addErrback(lambda f: log.failure("Could not count tokens", f))
 
-    async def reserve_tokens(self, request, estimate):
+    async def reserve_tokens(self, request: Any, estimate: int) -> None:
         """
         Take a call's estimated prompt from the token budget before it goes
         to the model (added to what the request reserved before, when it
@@ -94,7 +102,7 @@ class Accounting:
             # (Not when an unreachable shared limiter let the call through.)
             request.audit["reserved"] = request.audit.get("reserved", 0) + estimate
 
-    async def check_rate(self, request):
+    async def check_rate(self, request: Any) -> None:
         """The principal's request and token budgets; 429 RATE_LIMITED when spent."""
         principal = request.principal
         rule = rule_for(principal, request.config)
@@ -112,7 +120,7 @@ class Accounting:
             if not tokens.allowed:
                 raise rate_limited(tokens, "token")
 
-    async def check_ip_rate(self, request):
+    async def check_ip_rate(self, request: Any) -> None:
         """The per-address budget of the sign-in endpoints."""
         limit = request.config.rate_limit.auth_per_ip_per_minute
         host = getattr(request.getClientAddress(), "host", "unknown")

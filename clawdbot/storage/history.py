@@ -9,36 +9,46 @@ saw.  The routes are L{clawdbot.http.history}; stateful completions use
 the same rules (L{clawdbot.http.chat}).
 """
 
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
 from twisted.internet.defer import DeferredLock
 
 from clawdbot.errors import APIError
 from clawdbot.storage.store import is_session_id, message_bytes
 from clawdbot.units import format_size
 
+if TYPE_CHECKING:
+    from clawdbot.auth.identity import Principal
+    from clawdbot.config import HistoryConfig
+    from clawdbot.storage.store import Session, SQLStore
+
+T = TypeVar("T")
+
 # A full history frees up only when its owner deletes or clears sessions:
 # there is no time at which a retry would pass by itself.
 QUOTA_RETRY_AFTER = 3600
 
 
-def team_reader(principal, session):
+def team_reader(principal: "Principal", session: "Session") -> bool:
     """May C{principal} read C{session} through C{history:<team>}?"""
     return session.team is not None and f"history:{session.team}" in principal.scopes
 
 
-def may_use_team(principal, team):
+def may_use_team(principal: "Principal", team: str) -> bool:
     """A session may be created for a team the principal belongs to or reads."""
     return team in principal.teams or f"history:{team}" in principal.scopes
 
 
-def not_found():
+def not_found() -> APIError:
     return APIError("NOT_FOUND", details="no such session")
 
 
-def not_owner():
+def not_owner() -> APIError:
     return APIError("AUTH_INSUFFICIENT_SCOPE", details="only the owner of a session may change it")
 
 
-async def load_visible(store, principal, sid, with_messages=False):
+async def load_visible(store: "SQLStore", principal: "Principal", sid: str, with_messages: bool = False) -> "Session":
     """The session C{sid} for reading: its owner's or a readable team's; else 404."""
     session = await store.get_session(sid, with_messages=with_messages) if is_session_id(sid) else None
     if session is None:
@@ -48,7 +58,7 @@ async def load_visible(store, principal, sid, with_messages=False):
     raise not_found()
 
 
-async def load_owned(store, principal, sid):
+async def load_owned(store: "SQLStore", principal: "Principal", sid: str) -> "Session":
     """
     The session C{sid} for changing: its owner's only.  A team reader gets
     a 403, anyone else a 404.
@@ -77,15 +87,15 @@ class HistoryReservations:
     each let one turn past the quota at the same moment.
     """
 
-    def __init__(self):
-        self.pending = {}
+    def __init__(self) -> None:
+        self.pending: dict[str, int] = {}
 
-    def hold(self, owner, size):
+    def hold(self, owner: str, size: int) -> Callable[[], None]:
         """Count C{size} bytes for C{owner} until the returned C{release()} is called."""
         self.pending[owner] = self.pending.get(owner, 0) + size
-        released = []
+        released: list[bool] = []
 
-        def release():
+        def release() -> None:
             if not released:
                 released.append(True)
                 left = self.pending.get(owner, 0) - size
@@ -97,7 +107,9 @@ class HistoryReservations:
         return release
 
 
-async def check_history_quota(store, principal, limits, new, reservations):
+async def check_history_quota(
+    store: "SQLStore", principal: "Principal", limits: "HistoryConfig", new: Sequence[tuple[str, str, bool]], reservations: HistoryReservations
+) -> Callable[[], None]:
     """
     Refuse a turn whose messages C{new} (C{[(role, content, incomplete)]})
     would pass the per-request cap (413) or the owner's stored-bytes quota
@@ -130,10 +142,10 @@ class SessionLocks:
     other and the stored order is the order the model saw.
     """
 
-    def __init__(self):
-        self._locks = {}
+    def __init__(self) -> None:
+        self._locks: dict[str, DeferredLock] = {}
 
-    async def run(self, sid, fn):
+    async def run(self, sid: str, fn: Callable[[], Awaitable[T]]) -> T:
         lock = self._locks.get(sid)
         if lock is None:
             lock = self._locks[sid] = DeferredLock()
@@ -156,23 +168,23 @@ class History:
     @ivar reservations: the bytes of turns in flight (L{HistoryReservations}).
     """
 
-    def __init__(self, store):
+    def __init__(self, store: "SQLStore") -> None:
         self.store = store
         self.locks = SessionLocks()
         self.reservations = HistoryReservations()
 
-    def visible(self, principal, sid, with_messages=False):
+    def visible(self, principal: "Principal", sid: str, with_messages: bool = False) -> Awaitable["Session"]:
         """L{load_visible} on this store."""
         return load_visible(self.store, principal, sid, with_messages)
 
-    def owned(self, principal, sid):
+    def owned(self, principal: "Principal", sid: str) -> Awaitable["Session"]:
         """L{load_owned} on this store."""
         return load_owned(self.store, principal, sid)
 
-    def check_quota(self, principal, limits, new):
+    def check_quota(self, principal: "Principal", limits: "HistoryConfig", new: Sequence[tuple[str, str, bool]]) -> Awaitable[Callable[[], None]]:
         """L{check_history_quota} on this store, counting the turns in flight."""
         return check_history_quota(self.store, principal, limits, new, self.reservations)
 
-    def one_at_a_time(self, sid, fn):
+    def one_at_a_time(self, sid: str, fn: Callable[[], Awaitable[T]]) -> Awaitable[T]:
         """Run C{fn()} when no other turn of session C{sid} runs."""
         return self.locks.run(sid, fn)
