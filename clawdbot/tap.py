@@ -166,22 +166,37 @@ def stop(parts):
 
 class GatewayService(service.MultiService):
     """
-    The listeners, the signal handlers and the backend health checks as
-    child parts, plus the gateway's own stop work: drain what is in
-    flight, then close the parts.
+    The listeners and the backend health checks as child services, the
+    signal handlers (kept until the very end: a SIGHUP or SIGUSR1 during
+    the drain must not end the process), and the gateway's own stop work:
+    drain what is in flight, then close the parts.
+
+    @param signals: a L{SignalHandlers}, or C{None} (not the real reactor).
     """
 
-    def __init__(self, parts):
+    def __init__(self, parts, signals=None):
         super().__init__()
         self.parts = parts
+        self.signals = signals
+
+    def startService(self):
+        super().startService()
+        if self.signals is not None:
+            self.signals.startService()
 
     def stopService(self):
-        """Stop accepting, drain what is in flight, then close outbound connections."""
+        """Stop accepting, drain what is in flight, close the parts, then give the signals back."""
         runtime = self.parts.runtime
         d = super().stopService()
         d.addCallback(lambda _: Deferred.fromCoroutine(runtime.drain(runtime.config.server.drain_timeout)))
         d.addCallback(lambda _: stop(self.parts))
+        if self.signals is not None:
+            d.addBoth(self._restore_signals)
         return d
+
+    def _restore_signals(self, result):
+        self.signals.stopService()
+        return result
 
 
 def makeService(options, reactor=None, say=_say, agent_factory=None):
@@ -202,14 +217,16 @@ def makeService(options, reactor=None, say=_say, agent_factory=None):
         log.warn("Config warning: {warning}", warning=warning)
     set_level(config.log.level)
     parts = compose(config, reactor, environ=options.environ, mode=options["mode"], agent_factory=agent_factory)
-    top = GatewayService(parts)
     runtime = parts.runtime
+    signals = None
     if real:
-        handlers = {
-            signal.SIGHUP: runtime.request_reload,
-            signal.SIGUSR1: lambda: reactor.callFromThread(parts.accounting.access_log.reopen),
-        }
-        SignalHandlers(handlers).setServiceParent(top)
+        signals = SignalHandlers(
+            {
+                signal.SIGHUP: runtime.request_reload,
+                signal.SIGUSR1: lambda: reactor.callFromThread(parts.accounting.access_log.reopen),
+            }
+        )
+    top = GatewayService(parts, signals)
     if len(backend_urls(config)) > 1:
         # With several backends, each is checked every backend.health_interval.
         health_checks(parts.ollama, parts.metrics, config.backend.health_interval, reactor).setServiceParent(top)

@@ -91,7 +91,12 @@ def format_size(size: int) -> str:
 
 
 def rfc3339(t: float, digits: int = 3) -> str:
-    """The UTC time C{t} (seconds since the epoch) as RFC 3339, with C{digits} (3 or 6) of the second's fraction."""
+    """
+    The UTC time C{t} (seconds since the epoch) as RFC 3339, with C{digits}
+    (3 or 6) of the second's fraction.  The time is rounded as a whole
+    first, so a fraction that rounds up carries into the seconds.
+    """
     scale = 10**digits
-    fraction = int(round(t % 1, digits) * scale) % scale
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{fraction:0{digits}d}Z"
+    ticks = round(t * scale)
+    seconds, fraction = divmod(ticks, scale)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:0{digits}d}Z"

@@ -588,3 +588,64 @@ class DuplicateKeyTests(SynchronousTestCase):
                 parse_config(text, {})
             self.assertIn("appears twice", str(caught.exception))
             self.assertIn("line", str(caught.exception))
+
+
+class RenovationReviewTests(SynchronousTestCase):
+    """What a review of the composition root found, kept fixed."""
+
+    def test_stopping_does_not_wait_for_a_health_check(self):
+        """A backend check under way (one that never answers) is cancelled at stop, without a log line: the drain is not held up."""
+        from clawdbot.ops.health import health_checks
+
+        class Stuck:
+            async def check(self):
+                await Deferred()
+
+        class Metrics:
+            class backend_up:
+                @staticmethod
+                def set(value):
+                    raise AssertionError("a cancelled check sets nothing")
+
+        clock = Clock()
+        timer = health_checks(Stuck(), Metrics, 5.0, clock)
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        timer.startService()
+        self.assertIsNotNone(timer.running_check)
+        self.successResultOf(timer.stopService())
+        self.assertEqual([e for e in logged if e.get("log_failure")], [])
+
+    def test_timestamps_round_as_a_whole(self):
+        """A fraction that rounds up carries into the seconds (never a stamp nearly a second early)."""
+        from clawdbot.units import rfc3339
+
+        self.assertEqual(rfc3339(1700000000.9996), "2023-11-14T22:13:21.000Z")
+        self.assertEqual(rfc3339(1700000000.9994), "2023-11-14T22:13:20.999Z")
+        self.assertEqual(rfc3339(1.25, 6), "1970-01-01T00:00:01.250000Z")
+        self.assertEqual(rfc3339(59.9999996, 6), "1970-01-01T00:01:00.000000Z")
+
+    def test_a_caller_leaving_a_shared_fetch_leaves_the_others(self):
+        """SingleFlight: the caller that started a fetch going away cancels only its own wait; the fetch and the others' answers go on."""
+        from clawdbot.auth.cache import SingleFlight
+
+        pending = []
+
+        async def fetch():
+            d = Deferred()
+            pending.append(d)
+            return await d
+
+        flight = SingleFlight(fetch)
+        first = Deferred.fromCoroutine(flight())
+        second = Deferred.fromCoroutine(flight())
+        first.cancel()
+        self.failureResultOf(first)
+        self.assertEqual(len(pending), 1)
+        pending[0].callback("keys")
+        self.assertEqual(self.successResultOf(second), "keys")
+        third = Deferred.fromCoroutine(flight())
+        self.assertEqual(len(pending), 2)  # a new fetch once the last one ended
+        pending[1].errback(RuntimeError("down"))
+        self.failureResultOf(third, RuntimeError)

@@ -310,6 +310,25 @@ class SignalTests(TestCase):
         self.assertTrue(raw.endswith(b"data: [DONE]\n\n"), raw[-200:])
         self.assertEqual(proc.proc.wait(10), 0)
 
+    async def test_signals_during_the_drain_do_not_end_it(self):
+        """A SIGHUP (systemctl reload) or SIGUSR1 (logrotate) arriving while a SIGTERM drain runs leaves the drain to finish: the stream completes and the process exits 0."""
+        fake = FakeOllama(tokens=15)
+        fake.listen(reactor)
+        self.addCleanup(fake.stop)
+        fake.hold(after=1)
+        proc, _ = self.start("server: {drain_timeout: 20s}", fake)
+        stream = stream_call(proc.url() + "/v1/chat/completions", {"messages": HI, "stream": True}, bearer(token()))
+        await stream.when_seen(b"data: ")
+        proc.signal(signal.SIGTERM)
+        proc.wait_for("Draining 1 requests", stream="stderr")
+        proc.signal(signal.SIGHUP)
+        proc.signal(signal.SIGUSR1)
+        proc.wait_for("Config reloaded", stream="stderr")
+        fake.release()
+        status, raw = await stream.done
+        self.assertTrue(raw.endswith(b"data: [DONE]\n\n"), raw[-200:])
+        self.assertEqual(proc.proc.wait(10), 0)
+
     async def test_sigterm_deadline_ends_stream_with_error(self):
         """A stream still running at the drain deadline ends with an SSE error event; the process exits 0."""
         fake = FakeOllama(tokens=200)

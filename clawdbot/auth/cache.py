@@ -28,7 +28,9 @@ class Clock(Protocol):
 class SingleFlight(Generic[T]):
     """
     C{await flight()} runs C{fn()}, unless a run is under way: then it
-    waits for that run and gets its result (or its failure).
+    waits for that run and gets its result (or its failure).  The run
+    belongs to no caller: one that goes away (its wait cancelled) leaves it
+    and the others' answers intact.
 
     @param fn: C{async fn() -> value}.
     """
@@ -38,23 +40,28 @@ class SingleFlight(Generic[T]):
         self._waiters: list[Deferred[T]] | None = None
 
     async def __call__(self) -> T:
+        waiter: Deferred[T] = Deferred()
         if self._waiters is not None:
-            waiter: Deferred[T] = Deferred()
             self._waiters.append(waiter)
-            return await waiter
-        self._waiters = []
+        else:
+            self._waiters = [waiter]
+            Deferred.fromCoroutine(self._run())
+        return await waiter
+
+    async def _run(self) -> None:
         try:
             result = await self.fn()
         except Exception:
             failure = Failure()
-            waiters, self._waiters = self._waiters, None
+            waiters, self._waiters = self._waiters or [], None
             for waiter in waiters:
-                waiter.errback(failure)
-            raise
-        waiters, self._waiters = self._waiters, None
+                if not waiter.called:  # (cancelled by a caller that left)
+                    waiter.errback(failure)
+            return
+        waiters, self._waiters = self._waiters or [], None
         for waiter in waiters:
-            waiter.callback(result)
-        return result
+            if not waiter.called:
+                waiter.callback(result)
 
 
 class Cached(Generic[T]):

@@ -203,16 +203,21 @@ def json_bytes(payload):
         return json.dumps(payload).encode("ascii")
 
 
-def query_arg(request, name):
+def query_arg(request, name, strict=True):
     """
-    The one value of the query parameter C{name} (C{str}), or C{None} when
-    it is absent.
+    The value of the query parameter C{name} (C{str}), or C{None} when it
+    is absent.
 
-    @raise ValueError: when it is repeated or not UTF-8.
+    @param strict: refuse a repeated or non-UTF-8 value (the sign-in
+        routes); else the first value, undecodable bytes replaced (the
+        API's listing options, as they always were read).
+    @raise ValueError: when C{strict} and the value is repeated or not UTF-8.
     """
     values = request.args.get(name.encode("ascii"))
     if not values:
         return None
+    if not strict:
+        return values[0].decode("utf-8", "replace")
     if len(values) > 1:
         raise ValueError(name)
     return values[0].decode("utf-8")

@@ -8,8 +8,9 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application.internet import TimerService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 if TYPE_CHECKING:
     from clawdbot.ops.observe import Metrics
@@ -24,20 +25,39 @@ class Backends(Protocol):
         """C{None} when at least one backend answers, else a short reason."""
 
 
-def health_checks(ollama: Backends, metrics: "Metrics", interval: float, clock: Any) -> TimerService:
+class HealthChecks(TimerService):
     """
     A L{TimerService} checking every backend each C{interval} seconds and
-    setting C{clawdbot_backend_up}; a failed check never stops it.
-
-    @param clock: the reactor the timer runs on.
+    setting C{clawdbot_backend_up}; a failed check never stops it, and
+    stopping does not wait for a check under way (it is cancelled: a
+    backend that never answers must not hold up the drain).
     """
 
-    def check() -> Deferred[Any]:
-        d = Deferred.fromCoroutine(ollama.check())
-        d.addCallback(lambda reason: metrics.backend_up.set(0 if reason else 1))
-        d.addErrback(lambda failure: log.failure("Backend health check failed", failure))
+    def __init__(self, ollama: Backends, metrics: "Metrics", interval: float) -> None:
+        super().__init__(interval, self.check)
+        self.ollama = ollama
+        self.metrics = metrics
+        self.running_check: Deferred[Any] | None = None
+
+    def check(self) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred.fromCoroutine(self.ollama.check())
+        d.addCallback(lambda reason: self.metrics.backend_up.set(0 if reason else 1))
+        d.addErrback(self._failed)
+        self.running_check = d
         return d
 
-    timer = TimerService(interval, check)
+    def _failed(self, failure: Failure) -> None:
+        if not failure.check(CancelledError):
+            log.failure("Backend health check failed", failure)
+
+    def stopService(self) -> Deferred[None] | None:
+        if self.running_check is not None and not self.running_check.called:
+            self.running_check.cancel()
+        return super().stopService()
+
+
+def health_checks(ollama: Backends, metrics: "Metrics", interval: float, clock: Any) -> HealthChecks:
+    """L{HealthChecks} on C{clock} (the reactor)."""
+    timer = HealthChecks(ollama, metrics, interval)
     timer.clock = clock
     return timer
