@@ -214,6 +214,9 @@ def _too_deep(value: Any) -> bool:
     return False
 
 
+_CHECKED = json.JSONDecoder(parse_constant=_no_constant)
+
+
 def loads_checked(raw: str | bytes) -> Any:
     """
     Parse JSON another party sent (the model backend's replies, stream
@@ -225,7 +228,8 @@ def loads_checked(raw: str | bytes) -> Any:
     @raise ValueError: for anything else (the caller's curated error).
     """
     try:
-        value = json.loads(raw, parse_constant=_no_constant)
+        # (One decoder for every call: json.loads with a hook builds a new one each time.)
+        value = _CHECKED.decode(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     # Each level opens a bracket: a text with few cannot be too deep.
