@@ -7,7 +7,6 @@ on, and the benchmark's way of running it as a process.
 import json
 import re
 import sys
-import time
 
 import ollama
 import treq
@@ -623,54 +622,99 @@ class OfficialClientTests(FakeCase):
 
 
 class BehaviourTests(FakeCase):
+    def clocked_fake(self, **kwargs):
+        """A fake of this test's own whose timers run on a task clock (C{fake.clock}) that only the test advances."""
+        fake = FakeOllama(clock=Clock(), **kwargs)
+        fake.listen(reactor)
+        self.addCleanup(fake.stop)
+        return fake
+
+    async def answer_pending(self, fake, arrived):
+        """
+        The request C{arrived} (a L{FakeOllama.next_request}) fires with,
+        one reactor turn later: the fake starts its answer in the turn the
+        request arrives, so by then it waits on its clock (one timer).
+        """
+        record = await arrived
+        await sleep(0)
+        self.assertEqual(len(fake.clock.getDelayedCalls()), 1)
+        return record
+
     async def test_delay_first_byte(self):
-        """delay_first_byte holds back the status line and headers themselves."""
-        self.fake.behave(delay_first_byte=0.3)
-        started = time.monotonic()
-        client = await raw_request(self.fake, "POST", "/api/chat", CHAT)
-        await client.wait_for(lambda data: len(data) > 0)
-        self.assertGreaterEqual(time.monotonic() - started, 0.28)
+        """
+        delay_first_byte holds back the status line and headers themselves:
+        nothing is answered before the fake's clock reaches the delay, and
+        the answer starts once it does.
+        """
+        fake = self.clocked_fake()
+        fake.behave(delay_first_byte=1.0)
+        arrived = fake.next_request("/api/chat")
+        client = await raw_request(fake, "POST", "/api/chat", CHAT)
+        record = await self.answer_pending(fake, arrived)
+        fake.clock.advance(0.5)
+        self.assertEqual((record.status, bytes(client.data)), (None, b""))
+        fake.clock.advance(0.5)
+        self.assertEqual(record.status, 200)
+        await client.wait_for(lambda data: data.startswith(b"HTTP/1.1 200 OK\r\n"))
         await client.closed
 
     async def test_pace(self):
-        """pace spaces streamed lines; without streaming the whole reply waits as long."""
-        self.fake.reply_text = words(5)
-        self.fake.behave(pace=0.05)
-        started = time.monotonic()
-        parts = await self.client_call(
-            lambda c: list(c.chat(model="qwen3:32b", messages=CHAT["messages"], stream=True))
-        )
-        self.assertEqual(len(parts), 6)
-        self.assertGreaterEqual(time.monotonic() - started, 0.24)
-        started = time.monotonic()
-        r = await self.client_call(lambda c: c.chat(model="qwen3:32b", messages=CHAT["messages"]))
-        self.assertGreaterEqual(time.monotonic() - started, 0.24)
-        self.assertGreaterEqual(r.eval_duration, 240_000_000)
+        """
+        pace spaces streamed lines: each comes only once the fake's clock
+        has moved on by the pace; without streaming the whole reply waits as
+        long.  Both report that clock time as eval_duration.
+        """
+        fake = self.clocked_fake(tokens=5)
+        fake.behave(pace=1.0)
+        arrived = fake.next_request("/api/chat")
+        client = await raw_request(fake, "POST", "/api/chat", CHAT)
+        record = await self.answer_pending(fake, arrived)
+        self.assertEqual(record.lines_sent, 1)
+        for sent in range(1, 6):
+            fake.clock.advance(0.5)
+            self.assertEqual(record.lines_sent, sent)
+            fake.clock.advance(0.5)
+            self.assertEqual(record.lines_sent, sent + 1)
+        chunks, complete = dechunk(split_response(await client.closed)[2])
+        self.assertEqual((len(chunks), complete), (6, True))
+        self.assertEqual(json.loads(chunks[-1])["eval_duration"], 5_000_000_000)
+
+        arrived = fake.next_request("/api/chat")
+        client = await raw_request(fake, "POST", "/api/chat", dict(CHAT, stream=False))
+        record = await self.answer_pending(fake, arrived)
+        fake.clock.pump([0.5] * 9)  # in steps: a line's timer starts from the clock time it fires at
+        self.assertEqual((record.status, bytes(client.data)), (None, b""))
+        fake.clock.advance(0.5)
+        self.assertEqual(record.status, 200)
+        reply = json.loads(split_response(await client.closed)[2])
+        self.assertEqual((reply["message"]["content"], reply["eval_duration"]), (words(5), 5_000_000_000))
 
     async def test_stall_then_client_disconnects(self):
         """
         stall_after sends that many lines and then nothing; when the client
-        closes the connection the fake records it at once: next_disconnect()
-        fires within a second, the request's outcome is
-        "client_disconnected", and no connection stays open.
+        closes the connection the fake records it as the connection closes,
+        with no timer of its own (its clock never moves): next_disconnect()
+        fires, the request's outcome is "client_disconnected", and no
+        connection stays open.
         """
-        self.fake.behave(stall_after=2)
-        disconnected = self.fake.next_disconnect()
-        client = await raw_request(self.fake, "POST", "/api/chat", CHAT, close=False)
+        fake = self.clocked_fake()
+        fake.behave(stall_after=2)
+        disconnected = fake.next_disconnect()
+        client = await raw_request(fake, "POST", "/api/chat", CHAT, close=False)
         await client.wait_for(lambda data: lines_in(data) >= 2)
-        record = self.fake.requests[-1]
-        self.assertEqual((record.outcome, record.lines_sent, self.fake.open_connections), ("pending", 2, 1))
+        record = fake.requests[-1]
+        self.assertEqual((record.outcome, record.lines_sent, fake.open_connections), ("pending", 2, 1))
         client.transport.loseConnection()
-        event = await disconnected.addTimeout(1.0, reactor)
+        event = await disconnected
         self.assertEqual((event.path, event.lines_sent, event.request), ("/api/chat", 2, record))
         self.assertTrue(record.closed_by_client)
         self.assertEqual(await record.when_closed(), "client_disconnected")
-        await self.fake.when_connections(0).addTimeout(1.0, reactor)
-        self.assertEqual(self.fake.disconnects, [event])
+        await fake.when_connections(0)
+        self.assertEqual(fake.disconnects, [event])
 
     async def test_client_abort_with_official_client(self):
-        """An ollama client that stops reading and closes mid-stream shows up in disconnects."""
-        self.fake.behave(pace=0.05)
+        """An ollama client that stops reading and closes mid-stream (held after three lines of fifty) shows up in disconnects."""
+        self.fake.hold(after=3)
         self.fake.reply_text = words(50)
         disconnected = self.fake.next_disconnect()
 
@@ -682,8 +726,8 @@ class BehaviourTests(FakeCase):
 
         got = await self.client_call(read_three)
         self.assertEqual(len(got), 3)
-        event = await disconnected.addTimeout(1.0, reactor)
-        self.assertLess(event.lines_sent, 51)
+        event = await disconnected
+        self.assertEqual((event.lines_sent, event.request.outcome), (3, "client_disconnected"))
 
     async def test_fail_mid_stream(self):
         """
@@ -804,15 +848,16 @@ class BehaviourTests(FakeCase):
         is recorded as a disconnect with no lines sent, and the pending
         timer is cancelled.
         """
-        self.fake.behave(delay_first_byte=30)
-        arrived = self.fake.next_request("/api/chat")
-        disconnected = self.fake.next_disconnect()
-        client = await raw_request(self.fake, "POST", "/api/chat", CHAT, close=False)
-        record = await arrived
+        fake = self.clocked_fake()
+        fake.behave(delay_first_byte=30)
+        arrived = fake.next_request("/api/chat")
+        disconnected = fake.next_disconnect()
+        client = await raw_request(fake, "POST", "/api/chat", CHAT, close=False)
+        record = await self.answer_pending(fake, arrived)
         client.transport.loseConnection()
-        event = await disconnected.addTimeout(1.0, reactor)
+        event = await disconnected
         self.assertEqual((event.request, event.lines_sent, record.status), (record, 0, None))
-        self.assertEqual(self.fake._exchanges, set())
+        self.assertEqual((fake.clock.getDelayedCalls(), fake._exchanges), ([], set()))
 
     async def test_hold_until_released(self):
         """

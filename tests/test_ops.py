@@ -27,11 +27,12 @@ import tempfile
 import time
 
 from twisted.internet import reactor
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from testing.fake_ollama import FakeOllama, tokenize
-from tests.helpers import ROOT, SECRET, Process, bearer, get_json, merge_yaml, process_env, reserved_port, serve, token, write_config
+from tests.helpers import ROOT, SECRET, Process, bearer, get_json, merge_yaml, process_env, reserved_port, serve, token, until, write_config
 
 UNIT = os.path.join(ROOT, "clawdbot.service")
 NGINX_SITE = os.path.join(ROOT, "etc", "nginx", "clawdbot.conf")
@@ -487,25 +488,24 @@ class Nginx:
         finally:
             conn.close()
 
-    def stream(self, path, body, headers):
+    def stream(self, path, body, headers, events, progress):
         """
         POST C{body} through nginx and read the reply line by line as it
-        arrives (blocking; run it in a thread): (status, headers, [(arrival
-        time, SSE data payload)]).
+        arrives (blocking; run it in a thread), appending C{(progress(), SSE
+        data payload)} to C{events} as each event arrives: (status, headers).
         """
         conn = http.client.HTTPSConnection("127.0.0.1", self.https_port, context=self.tls_context(), timeout=30)
         try:
             hdrs = {"Host": SERVER_NAME, "Content-Type": "application/json", "Accept": "text/event-stream", **headers}
             conn.request("POST", path, body=json.dumps(body).encode(), headers=hdrs)
             response = conn.getresponse()
-            events = []
             while True:
                 line = response.readline()
                 if not line:
                     break
                 if line.startswith(b"data: "):
-                    events.append((time.monotonic(), line[6:].rstrip(b"\r\n")))
-            return response.status, dict(response.getheaders()), events
+                    events.append((progress(), line[6:].rstrip(b"\r\n")))
+            return response.status, dict(response.getheaders())
         finally:
             conn.close()
 
@@ -576,12 +576,17 @@ class NginxConfigTests(TestCase):
 
 
 class NginxProxyTests(TestCase):
-    """A real nginx terminating TLS in front of a real gateway and a paced fake Ollama."""
+    """
+    A real nginx terminating TLS in front of a real gateway and a paced fake
+    Ollama.  The fake's pace runs on a clock of its own that only the test
+    moves, so whether events come one by one is a matter of order: how many
+    lines the fake had sent when each event reached the client.
+    """
 
     timeout = 60
 
-    def start(self, pace=0.2, tweak=None):
-        self.fake = FakeOllama()
+    def start(self, pace=1.0, tweak=None):
+        self.fake = FakeOllama(clock=Clock())
         self.fake.behave(pace=pace)
         self.fake.listen(reactor)
         self.addCleanup(self.fake.stop)
@@ -591,21 +596,38 @@ class NginxProxyTests(TestCase):
         self.auth = bearer(token(scope="chat:read chat:write"))
         return self.nginx
 
-    async def stream_chat(self):
-        status, headers, events = await deferToThread(
-            self.nginx.stream, "/v1/chat/completions", {"model": "qwen3:32b", "messages": HI, "stream": True}, self.auth
-        )
+    def lines_sent(self):
+        """How many lines of the reply the fake has sent (read from the client's thread too)."""
+        chats = self.fake.requests_to("/api/chat")
+        return chats[-1].lines_sent if chats else 0
+
+    async def in_step(self, events):
+        """
+        Move the fake's clock one pace at a time, each time only once the
+        client has an event for every line the fake has sent, until the
+        reply is complete.  A proxy that holds an event back stalls this,
+        and it fails.
+        """
+        while True:
+            await until(lambda: 0 < self.lines_sent() <= len(events), what="an event for each line the fake sent (nginx holding events back?)")
+            if self.fake.requests_to("/api/chat")[-1].outcome != "pending":
+                return
+            self.fake.clock.advance(1.0)
+
+    async def stream_chat(self, drive=None):
+        events = []
+        body = {"model": "qwen3:32b", "messages": HI, "stream": True}
+        reading = deferToThread(self.nginx.stream, "/v1/chat/completions", body, self.auth, events, self.lines_sent)
+        await (drive or self.in_step)(events)
+        status, headers = await reading
         self.assertEqual(status, 200, events)
         self.assertEqual(headers.get("Content-Type"), "text/event-stream; charset=utf-8")
         return events
 
     def assertIncremental(self, events):
-        """The events arrived one by one over the paced reply, not in one burst at the end."""
-        times = [t for t, _ in events]
-        spread = times[-1] - times[0]
-        self.assertGreater(spread, 1.0, f"all {len(events)} events within {spread:.3f}s: buffered")
-        gaps = [b - a for a, b in zip(times, times[1:])]
-        self.assertGreaterEqual(sum(g > 0.1 for g in gaps), len(gaps) // 2, f"gaps {gaps}")
+        """Each event reached the client before the fake sent the next line, not in one burst at the end."""
+        lines = self.lines_sent()
+        self.assertEqual([sent for sent, _ in events], [*range(1, lines + 1), lines], "events held back: buffered")
 
     def assertWhole(self, events):
         """Every token once, in order, then [DONE]."""
@@ -614,8 +636,8 @@ class NginxProxyTests(TestCase):
         self.assertEqual(sum(payload == b"[DONE]" for _, payload in events), 1)
 
     async def test_sse_streams_through_nginx(self):
-        """Over HTTPS through nginx the SSE chunks arrive as Ollama paces them (>1 s from first to last), each token once, in order, then [DONE]."""
-        self.start(pace=0.2)
+        """Over HTTPS through nginx the SSE chunks arrive as Ollama paces them (each before the next line is sent), each token once, in order, then [DONE]."""
+        self.start()
         self.assertGreaterEqual(len(tokenize(self.fake.reply_text)), 8)
         events = await self.stream_chat()
         self.assertIncremental(events)
@@ -630,18 +652,31 @@ class NginxProxyTests(TestCase):
         self.assertWhole(events)
 
     async def test_buffering_would_be_caught(self):
-        """Control for the two tests above: with buffering on and the header ignored, nginx holds the events back until the end."""
+        """
+        Control for the two tests above: with buffering on and the header
+        ignored, nginx holds every event back until the fake has sent the
+        whole reply (so stepping the fake as they do would stall).  Here the
+        fake is stepped without waiting for the client, a turn of the
+        reactor between two lines.
+        """
         self.start(
             tweak=lambda text: text.replace("proxy_buffering off;", "proxy_buffering on;\n        proxy_ignore_headers X-Accel-Buffering;")
         )
-        events = await self.stream_chat()
+
+        async def regardless(events):
+            await until(lambda: self.lines_sent() > 0, what="the first line sent")
+            while self.fake.requests_to("/api/chat")[-1].outcome == "pending":
+                await deferLater(reactor, 0.01)
+                self.fake.clock.advance(1.0)
+
+        events = await self.stream_chat(drive=regardless)
         self.assertWhole(events)
-        times = [t for t, _ in events]
-        self.assertLess(times[-1] - times[0], 0.5, "buffered nginx streamed anyway: the incremental check proves nothing")
+        lines = self.lines_sent()
+        self.assertEqual([sent for sent, _ in events], [lines] * len(events), "buffered nginx streamed anyway: the incremental check proves nothing")
 
     async def test_http2_stream(self):
         """Over HTTP/2 (ALPN h2, curl) the stream is incremental and whole too."""
-        self.start(pace=0.2)
+        self.start()
         body = json.dumps({"messages": HI, "stream": True})
         argv = [
             tool("curl"), "-sS", "-N", "--http2", "--cacert", self.nginx.cert,
@@ -651,13 +686,15 @@ class NginxProxyTests(TestCase):
             f"https://{SERVER_NAME}:{self.nginx.https_port}/v1/chat/completions",
         ]  # fmt: skip
 
+        events = []
+
         def run():
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            events, tail = [], []
+            tail = []
             try:
                 for line in proc.stdout:
                     if line.startswith(b"data: "):
-                        events.append((time.monotonic(), line[6:].rstrip(b"\r\n")))
+                        events.append((self.lines_sent(), line[6:].rstrip(b"\r\n")))
                     elif line.strip():
                         tail.append(line)
                 proc.wait(30)
@@ -668,9 +705,11 @@ class NginxProxyTests(TestCase):
                 proc.stdout.close()
                 err = proc.stderr.read()
                 proc.stderr.close()
-            return proc.returncode, events, b"".join(tail), err
+            return proc.returncode, b"".join(tail), err
 
-        code, events, tail, err = await deferToThread(run)
+        running = deferToThread(run)
+        await self.in_step(events)
+        code, tail, err = await running
         self.assertEqual(code, 0, err)
         self.assertIn(b"http_version=2", tail)
         self.assertIncremental(events)
