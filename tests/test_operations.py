@@ -287,21 +287,25 @@ class SignalTests(TestCase):
         proc.wait_for("Gateway listening on")
         return proc, path
 
-    async def test_sigterm_drains_stream(self):
-        """SIGTERM stops accepting, lets a stream in flight finish, and exits 0."""
+    async def draining_one_stream(self):
+        """A gateway that got SIGTERM while one stream runs (its answer held): C{(fake, proc, stream)}."""
         fake = FakeOllama(tokens=15)
         fake.listen(reactor)
         self.addCleanup(fake.stop)
         fake.hold(after=1)
         proc, _ = self.start("server: {drain_timeout: 20s}", fake)
-        url = proc.url()
-        stream = stream_call(url + "/v1/chat/completions", {"messages": HI, "stream": True}, bearer(token()))
+        stream = stream_call(proc.url() + "/v1/chat/completions", {"messages": HI, "stream": True}, bearer(token()))
         await stream.when_seen(b"data: ")
         proc.signal(signal.SIGTERM)
         proc.wait_for("Draining 1 requests", stream="stderr")  # logged once the listeners are closed
+        return fake, proc, stream
+
+    async def test_sigterm_drains_stream(self):
+        """SIGTERM stops accepting, lets a stream in flight finish, and exits 0."""
+        fake, proc, stream = await self.draining_one_stream()
         refused = None
         try:
-            await get_json(url + "/healthz")
+            await get_json(proc.url() + "/healthz")
         except Exception as e:
             refused = e
         self.assertIsNotNone(refused, "the gateway still accepted connections while draining")
@@ -312,15 +316,7 @@ class SignalTests(TestCase):
 
     async def test_signals_during_the_drain_do_not_end_it(self):
         """A SIGHUP (systemctl reload) or SIGUSR1 (logrotate) arriving while a SIGTERM drain runs leaves the drain to finish: the stream completes and the process exits 0."""
-        fake = FakeOllama(tokens=15)
-        fake.listen(reactor)
-        self.addCleanup(fake.stop)
-        fake.hold(after=1)
-        proc, _ = self.start("server: {drain_timeout: 20s}", fake)
-        stream = stream_call(proc.url() + "/v1/chat/completions", {"messages": HI, "stream": True}, bearer(token()))
-        await stream.when_seen(b"data: ")
-        proc.signal(signal.SIGTERM)
-        proc.wait_for("Draining 1 requests", stream="stderr")
+        fake, proc, stream = await self.draining_one_stream()
         proc.signal(signal.SIGHUP)
         proc.signal(signal.SIGUSR1)
         proc.wait_for("Config reloaded", stream="stderr")
