@@ -23,7 +23,7 @@ import yaml
 from clawdbot.auth.identity import is_scope_token, split_scopes
 from clawdbot.auth.presets import PRESET_ENDPOINTS
 from clawdbot.auth.session import session_issuer
-from clawdbot.net import is_decimal, is_loopback, strport_interface, strport_port, web_origin
+from clawdbot.net import ip_network_text, is_decimal, is_loopback, strport_interface, strport_port, web_origin
 from clawdbot.units import format_duration, format_size, parse_duration, parse_size
 
 PLACEHOLDER_SECRET = "your-32-byte-secret-key-here"
@@ -84,6 +84,9 @@ class ServerConfig:
     # Pages on these origins may call the secure listener from a browser
     # (CORS, clawdbot.http.cors): exact origins, none by default, never "*".
     cors_origins: typing.Tuple[str, ...] = _opt([], kind="origin")
+    # Reverse proxies whose X-Forwarded-For / Forwarded name the client
+    # (addresses or CIDR networks); none by default: the peer is the client.
+    trusted_proxies: typing.Tuple[str, ...] = _opt([], kind="network")
 
 
 @dataclass(frozen=True)
@@ -358,6 +361,8 @@ def _scalar(value, tp, meta, path):
             value = parse_size(value)
         elif kind == "origin" and isinstance(value, str):
             value = web_origin(value)
+        elif kind == "network" and isinstance(value, str):
+            value = ip_network_text(value)
     except ValueError as e:
         raise ConfigError(path, _reason(e)) from None
     except (ArithmeticError, TypeError):

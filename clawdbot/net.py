@@ -7,6 +7,7 @@ A leaf: it imports nothing from the package, so the config, the HTTP layer
 and the clients share one reading of each of these.
 """
 
+import functools
 import ipaddress
 import re
 import urllib.parse
@@ -149,6 +150,84 @@ def web_origin(text: str) -> str:
     if port is None or int(port) == _DEFAULT_PORTS[scheme]:
         return f"{scheme}://{host}"
     return f"{scheme}://{host}:{int(port)}"
+
+
+# --- the client behind a proxy ---------------------------------------------------
+
+
+def ip_network_text(text: str) -> str:
+    """
+    C{text} as an IP network (C{10.0.0.0/8}; a plain address is a /32 or
+    /128), in its normal form.
+
+    @raise ValueError: with the reason when it is not one.
+    """
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise ValueError("must be an IP address or a CIDR network such as 10.0.0.0/8") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _networks(trusted: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(n) for n in trusted)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as a proxy header writes it (C{1.2.3.4}, C{[::1]}, C{"[::1]:443"}, C{1.2.3.4:80}), or C{None}."""
+    text = text.strip().strip('"')
+    if text.startswith("["):
+        text = text[1 : text.find("]")] if "]" in text else ""
+    elif text.count(":") == 1:
+        text = text.split(":")[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _forwarded_for(values: list[bytes]) -> list[str]:
+    """The C{for=} of each element of C{Forwarded} headers (RFC 7239), in order; C{""} where one has none."""
+    hops = []
+    for value in values:
+        for element in value.decode("latin-1").split(","):
+            found = ""
+            for pair in element.split(";"):
+                name, _, content = pair.strip().partition("=")
+                if name.lower() == "for":
+                    found = content
+            hops.append(found)
+    return hops
+
+
+def client_address(peer: str | None, forwarded_for: list[bytes], forwarded: list[bytes], trusted: tuple[str, ...]) -> str | None:
+    """
+    The client's address for per-address limits and logs (never for
+    authentication): the peer, unless the peer is one of the C{trusted}
+    proxies; then the right-most hop of C{Forwarded} (else
+    C{X-Forwarded-For}) that is not a trusted proxy.  A hop that is not an
+    address ends the walk at the last trusted one, so a forged header can
+    only make the client look like the proxy, never like someone else.
+
+    @param trusted: C{server.trusted_proxies} (networks, normal form).
+    """
+    networks = _networks(trusted)
+    address = _address(peer or "")
+    if address is None or not any(address in n for n in networks):
+        return peer
+    if forwarded:
+        hops = _forwarded_for(forwarded)
+    else:
+        hops = [hop for value in forwarded_for for hop in value.decode("latin-1").split(",")]
+    client = peer
+    for hop in reversed(hops):
+        address = _address(hop)
+        if address is None:
+            return client
+        client = str(address)
+        if not any(address in n for n in networks):
+            return client
+    return client
 
 
 # --- strports and listen addresses -----------------------------------------------

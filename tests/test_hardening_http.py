@@ -1139,3 +1139,51 @@ class FollowUpTests(Backed):
         status, _, _ = await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=bearer(token()), body={"messages": HI})
         self.assertEqual(status, 200)
         self.assertEqual(self._status_count(200), 1)
+
+
+class ClientAddressTests(SynchronousTestCase):
+    """server.trusted_proxies: whose X-Forwarded-For / Forwarded is believed, and which hop is the client."""
+
+    TRUSTED = ("127.0.0.1/32", "10.0.0.0/8")
+
+    def test_only_a_trusted_peer_is_believed(self):
+        from clawdbot.net import client_address
+
+        self.assertEqual(client_address("127.0.0.1", [b"203.0.113.9"], [], self.TRUSTED), "203.0.113.9")
+        self.assertEqual(client_address("198.51.100.1", [b"203.0.113.9"], [], self.TRUSTED), "198.51.100.1")
+        self.assertEqual(client_address("127.0.0.1", [b"203.0.113.9"], [], ()), "127.0.0.1")
+        self.assertEqual(client_address("127.0.0.1", [], [], self.TRUSTED), "127.0.0.1")
+
+    def test_the_right_most_untrusted_hop(self):
+        """A client's own X-Forwarded-For entries are left of what the proxies added: only the right-most untrusted hop counts."""
+        from clawdbot.net import client_address
+
+        self.assertEqual(client_address("127.0.0.1", [b"6.6.6.6, 203.0.113.9"], [], self.TRUSTED), "203.0.113.9")
+        self.assertEqual(client_address("127.0.0.1", [b"6.6.6.6", b"203.0.113.9, 10.1.2.3"], [], self.TRUSTED), "203.0.113.9")
+        self.assertEqual(client_address("127.0.0.1", [b"10.0.0.5"], [], self.TRUSTED), "10.0.0.5")
+
+    def test_garbage_never_names_someone_else(self):
+        """A hop that is not an address ends the walk at the last trusted proxy."""
+        from clawdbot.net import client_address
+
+        for header in (b"garbage", b"203.0.113.9, nonsense", b"unknown", b""):
+            self.assertEqual(client_address("127.0.0.1", [header], [], self.TRUSTED), "127.0.0.1", header)
+
+    def test_forwarded_header(self):
+        """RFC 7239 Forwarded (quoted IPv6 with a port too) wins over X-Forwarded-For."""
+        from clawdbot.net import client_address
+
+        forwarded = [b"for=192.0.2.60;proto=http;by=203.0.113.43", b'for="[2001:db8::1]:4711"']
+        self.assertEqual(client_address("127.0.0.1", [b"6.6.6.6"], forwarded, self.TRUSTED), "2001:db8::1")
+        self.assertEqual(client_address("127.0.0.1", [], [b"for=192.0.2.60:8080"], self.TRUSTED), "192.0.2.60")
+
+    def test_config_entries(self):
+        from clawdbot.config import ConfigError, parse_config
+        from tests.helpers import BASE_CONFIG, merge_yaml
+
+        config = parse_config(merge_yaml(BASE_CONFIG, 'server: {trusted_proxies: ["127.0.0.1", "10.1.2.3/8", "::1"]}'), {})
+        self.assertEqual(config.server.trusted_proxies, ("127.0.0.1/32", "10.0.0.0/8", "::1/128"))
+        for bad in ("nginx", "10.0.0.0/33", "*"):
+            with self.assertRaises(ConfigError) as caught:
+                parse_config(merge_yaml(BASE_CONFIG, f'server: {{trusted_proxies: ["{bad}"]}}'), {})
+            self.assertEqual(caught.exception.path, "server.trusted_proxies[0]")

@@ -32,7 +32,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from testing.fake_ollama import FakeOllama, tokenize
-from tests.helpers import ROOT, SECRET, Process, bearer, get_json, merge_yaml, process_env, reserved_port, serve, token, until, write_config
+from tests.helpers import ROOT, SECRET, Process, bearer, closed_port, get_json, merge_yaml, process_env, reserved_port, serve, token, until, write_config
 
 UNIT = os.path.join(ROOT, "clawdbot.service")
 NGINX_SITE = os.path.join(ROOT, "etc", "nginx", "clawdbot.conf")
@@ -473,9 +473,15 @@ class Nginx:
     def tls_context(self):
         return ssl.create_default_context(cafile=self.cert)
 
-    def https(self, method, path, body=None, headers=None):
-        """One HTTPS call through nginx (blocking; run it in a thread): (status, headers, body bytes)."""
-        conn = http.client.HTTPSConnection("127.0.0.1", self.https_port, context=self.tls_context(), timeout=30)
+    def https(self, method, path, body=None, headers=None, source=None):
+        """
+        One HTTPS call through nginx (blocking; run it in a thread): (status,
+        headers, body bytes).  C{source}: the loopback address to call from
+        (the whole of 127.0.0.0/8 is this machine), so calls can come from
+        different clients.
+        """
+        source_address = (source, 0) if source else None
+        conn = http.client.HTTPSConnection("127.0.0.1", self.https_port, context=self.tls_context(), timeout=30, source_address=source_address)
         try:
             hdrs = {"Host": SERVER_NAME, **(headers or {})}
             data = None
@@ -634,6 +640,53 @@ class NginxProxyTests(TestCase):
         self.assertEqual(contents(events), tokenize(self.fake.reply_text))
         self.assertEqual(events[-1][1], b"[DONE]")
         self.assertEqual(sum(payload == b"[DONE]" for _, payload in events), 1)
+
+    async def test_sign_in_budget_is_per_client_behind_nginx(self):
+        """
+        With nginx in server.trusted_proxies, the per-address sign-in budget
+        is each client's (calls from 127.0.0.2 and 127.0.0.3 count apart),
+        an X-Forwarded-For a client sends through nginx is replaced by nginx,
+        and one sent straight to the gateway from an untrusted peer is not
+        believed.
+        """
+        self.fake = FakeOllama()
+        self.fake.listen(reactor)
+        self.addCleanup(self.fake.stop)
+        extra = f'''
+backend: {{url: "{self.fake.url}"}}
+server: {{trusted_proxies: ["127.0.0.1/32"]}}
+rate_limit: {{auth_per_ip_per_minute: 2}}
+oauth2:
+  enabled: true
+  client_id: gw
+  client_secret: s3cret
+  redirect_uri: "http://127.0.0.1:1/callback"
+  issuer_url: "http://127.0.0.1:{closed_port(self)}"
+'''
+        gw = serve(self, extra=extra, no_debug=True)
+        nginx = Nginx(self, int(gw.url.rsplit(":", 1)[1])).start()
+        refresh = {"X-Requested-With": "XMLHttpRequest"}
+
+        def through_nginx(source, headers=refresh):
+            return deferToThread(lambda: nginx.https("POST", "/auth/refresh", headers=headers, source=source)[0])
+
+        first = [await through_nginx("127.0.0.2") for _ in range(3)]
+        self.assertNotIn(429, first[:2])
+        self.assertEqual(first[2], 429)
+        self.assertNotEqual(await through_nginx("127.0.0.3"), 429)
+        # A client naming the spent address: nginx sets X-Forwarded-For to the real one.
+        self.assertNotEqual(await through_nginx("127.0.0.4", dict(refresh, **{"X-Forwarded-For": "127.0.0.2"})), 429)
+
+        def straight(source, forwarded):
+            conn = http.client.HTTPConnection("127.0.0.1", int(gw.url.rsplit(":", 1)[1]), timeout=30, source_address=(source, 0))
+            try:
+                conn.request("POST", "/auth/refresh", headers=dict(refresh, **{"X-Forwarded-For": forwarded}))
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        # An untrusted peer's X-Forwarded-For is ignored: its budget is its own.
+        self.assertNotEqual(await deferToThread(straight, "127.0.0.5", "127.0.0.2"), 429)
 
     async def test_sse_streams_through_nginx(self):
         """Over HTTPS through nginx the SSE chunks arrive as Ollama paces them (each before the next line is sent), each token once, in order, then [DONE]."""

@@ -428,8 +428,7 @@ class APIResource(Resource):
         """Who the caller is: the dev principal on the debug listener, else its bearer token's."""
         if request.site.debug:
             return self.authentication.dev()
-        peer = getattr(request.getClientAddress(), "host", None)
-        return await self.authentication.authenticate(request.requestHeaders.getRawHeaders(b"authorization"), peer, request.request_id)
+        return await self.authentication.authenticate(request.requestHeaders.getRawHeaders(b"authorization"), request.client_host(), request.request_id)
 
     async def _run(self, request, method, needed):
         """Run the handler; whatever happens, the request ends with an answer."""

@@ -17,7 +17,7 @@ from clawdbot.auth.tokens import missing_token
 from clawdbot.errors import APIError, error_body, internal_error, invalid, ollama_error_body
 from clawdbot.http import cors
 from clawdbot.http.resource import JSON_TYPE, error_event, last_resort, write_error, write_json
-from clawdbot.net import KNOWN_METHODS, METHOD_ORDER, loopback_authority, loopback_origin, valid_host
+from clawdbot.net import KNOWN_METHODS, METHOD_ORDER, client_address, loopback_authority, loopback_origin, valid_host
 
 log = Logger(namespace="clawdbot.web")
 
@@ -368,6 +368,22 @@ class GatewayRequest(server.Request):
         if self.startedWriting and self.stream_format is not None and not self.gone and not self.finished:
             self.error = err
             self.write(error_event(self.stream_format, err))
+
+    _client = None
+
+    def client_host(self):
+        """
+        The client's address, for per-address limits and logs (never for
+        authentication): the peer, or behind a proxy in
+        C{server.trusted_proxies} the address it forwards (L{client_address}).
+        """
+        if self._client is None:
+            peer = getattr(self.getClientAddress(), "host", None)
+            trusted = self.config.server.trusted_proxies if self.config is not None else ()
+            headers = self.requestHeaders
+            forwarded_for = headers.getRawHeaders(b"x-forwarded-for") or []
+            self._client = client_address(peer, forwarded_for, headers.getRawHeaders(b"forwarded") or [], trusted) or "unknown"
+        return self._client
 
     def cors_rule(self):
         """

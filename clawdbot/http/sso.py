@@ -198,7 +198,7 @@ def _page(request, kind):
 
 
 def _peer(request):
-    return getattr(request.getClientAddress(), "host", None)
+    return request.client_host()
 
 
 class _AuthRoute(APIResource):

@@ -123,7 +123,7 @@ class Accounting:
     async def check_ip_rate(self, request: Any) -> None:
         """The per-address budget of the sign-in endpoints."""
         limit = request.config.rate_limit.auth_per_ip_per_minute
-        host = getattr(request.getClientAddress(), "host", "unknown")
+        host = request.client_host()
         decision = await self.limiter.take(host, limit, kind="auth-ip")
         if not decision.allowed:
             raise rate_limited(decision, "sign-in")

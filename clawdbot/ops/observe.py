@@ -353,7 +353,7 @@ class AccessLog:
             "model": audit.get("model"),
             "tokens": audit.get("tokens"),
             "upstream_latency_ms": round(audit["upstream_latency"] * 1000, 3) if "upstream_latency" in audit else None,
-            "peer": getattr(request.getClientAddress(), "host", None),
+            "peer": request.client_host(),
         }
         if request.gone:
             entry["client_gone"] = True
