@@ -134,6 +134,13 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True)
+class FairShareConfig:
+    # The backend's slots are shared by principal (clawdbot.backend.ollama.Slots);
+    # a principal's weight is the largest of its scopes' and teams' here (default 1).
+    weights: typing.Mapping[str, float] = _opt({})
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     max_body: int = _opt(20 * 1000**2, kind="size", minimum=1024, maximum=1000**3)
     max_queue: int = _opt(100, minimum=0, maximum=100000)
@@ -143,6 +150,9 @@ class LimitsConfig:
     # The body must arrive whole within this, counted from the end of the
     # headers (a body trickled byte by byte); else 408 and the connection closes.
     body_timeout: float = _opt(120.0, kind="duration", minimum=0.5, maximum=3600)
+    # Backend slots a principal may hold at once (0: no cap); its further calls wait.
+    per_user_concurrency: int = _opt(0, minimum=0, maximum=100000)
+    fair_share: FairShareConfig = _section(FairShareConfig)
 
 
 _IMAGE_FORMATS = ("png", "jpeg", "gif", "webp", "bmp")
@@ -539,6 +549,9 @@ def _validate(config, empties):
             raise ConfigError(f"backend.aliases.{alias}", "must name a model")
     if not re.match(r"^(rediss?://[^/\s]*|unix:///?[^\s]+)", config.rate_limit.url):
         raise ConfigError("rate_limit.url", "must be a redis://, rediss:// or unix:// URL")
+    for name, weight in config.limits.fair_share.weights.items():
+        if not 0.01 <= weight <= 100:
+            raise ConfigError(f"limits.fair_share.weights.{name}", "must be between 0.01 and 100")
     return tuple(warnings)
 
 

@@ -7,6 +7,8 @@ buffered whole while it streams.
 
 import collections
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
@@ -76,50 +78,158 @@ def retry_after(queue_timeout):
     return max(1, int(queue_timeout / 10))
 
 
+@dataclass(frozen=True)
+class Share:
+    """
+    Whose call it is, for the fair queue: the owner key, its weight
+    (C{limits.fair_share.weights}), the class it is counted under in the
+    metrics, and what to tell the route (C{queued(position)} when the call
+    has to wait, C{waited(seconds)} when it gets its slot).
+    """
+
+    key: str
+    weight: float = 1.0
+    cls: str = "default"
+    queued: Callable[[int], None] | None = None
+    waited: Callable[[float], None] | None = None
+
+
+# Calls without a principal (health checks, model lists for the page) share one key.
+ANONYMOUS = Share("")
+
+
+class _Waiter:
+    __slots__ = ("share", "seq", "deferred", "since")
+
+    def __init__(self, share, seq, deferred, since):
+        self.share = share
+        self.seq = seq
+        self.deferred = deferred
+        self.since = since
+
+
 class Slots:
     """
-    At most C{limit} concurrent backend calls; up to C{max_queue} more wait
-    in arrival order (fair), each for at most C{timeout} seconds.  The limits
-    are read at each call, so a reload changes them.
+    At most C{limit} concurrent backend calls; up to C{max_queue} more wait,
+    each for at most C{timeout} seconds.  A free slot goes to the waiting
+    call of the principal who has had the least service, weighted (start-time
+    fair queuing): one user's many calls cannot keep another's single call
+    waiting behind all of them, and a principal with weight 2 gets twice
+    the slots of one with weight 1 when both keep the backend busy.  A
+    principal that goes idle starts again at the others' level, so idle
+    time is not banked.  With C{per_user} set, a principal never holds more
+    than that many slots (its further calls wait).  The limits are read at
+    each call, so a reload changes them.
+
+    @ivar active: calls holding a slot.
+    @ivar waiting: calls waiting, in arrival order.
     """
 
     def __init__(self, clock):
         self.clock = clock
         self.active = 0
-        self.waiting = collections.deque()
+        self.waiting = []
+        self.held = collections.Counter()  # key -> slots held
+        self.service = {}  # key -> weighted slots granted (while the key is busy)
+        self.weights = {}  # key -> its weight
+        self._seq = 0
 
-    async def acquire(self, limit, max_queue, timeout):
-        if self.active < limit and not self.waiting:
-            self.active += 1
+    def _level(self):
+        """
+        Where a principal that was idle starts: the virtual time now, the
+        start of the earliest call in service (a principal's service less
+        what its held slots added), so it goes ahead of calls queued behind
+        slots already granted, but owes nothing and is owed nothing.
+        """
+        return min((service - self.held[key] / self.weights[key] for key, service in self.service.items()), default=0.0)
+
+    def _grant(self, share):
+        self.active += 1
+        start = self.service.get(share.key)
+        if start is None:
+            start = self._level()
+        self.held[share.key] += 1
+        self.weights[share.key] = share.weight
+        self.service[share.key] = start + 1.0 / share.weight
+
+    def _may_take(self, share, per_user):
+        return not per_user or self.held[share.key] < per_user
+
+    async def acquire(self, limit, max_queue, timeout, share=ANONYMOUS, per_user=0):
+        # (A call waiting while a slot is free can only be one over its cap.)
+        if self.active < limit and self._may_take(share, per_user) and self._next(per_user) is None:
+            self._grant(share)
             return
         if len(self.waiting) >= max_queue:
             raise busy(retry_after(timeout))
 
         def cancel(d):
-            if d in self.waiting:
-                self.waiting.remove(d)
+            self._drop(waiter)
 
-        waiter = Deferred(cancel)
+        self._seq += 1
+        waiter = _Waiter(share, self._seq, Deferred(cancel), self.clock.seconds())
         self.waiting.append(waiter)
+        if share.key not in self.service:
+            self.service[share.key] = self._level()
+            self.weights[share.key] = share.weight
+        if share.queued is not None:
+            share.queued(self._position(waiter, per_user))
 
         def expire():
-            if waiter in self.waiting:
-                self.waiting.remove(waiter)
-                waiter.errback(busy(retry_after(timeout)))
+            if self._drop(waiter):
+                waiter.deferred.errback(busy(retry_after(timeout)))
 
         timer = self.clock.callLater(timeout, expire)
         try:
-            await waiter
+            await waiter.deferred
         finally:
             if timer.active():
                 timer.cancel()
+        if share.waited is not None:
+            share.waited(self.clock.seconds() - waiter.since)
 
-    def release(self, limit):
-        """Free a slot and hand free slots to the longest waiters."""
+    def _drop(self, waiter):
+        if waiter in self.waiting:
+            self.waiting.remove(waiter)
+            self._forget(waiter.share.key)
+            return True
+        return False
+
+    def _forget(self, key):
+        """A principal with nothing held or waiting is idle: its service is forgotten."""
+        if not self.held[key] and not any(w.share.key == key for w in self.waiting):
+            self.held.pop(key, None)
+            self.service.pop(key, None)
+            self.weights.pop(key, None)
+
+    def _next(self, per_user):
+        """The waiting call to serve next: least weighted service first, then arrival."""
+        eligible = [w for w in self.waiting if self._may_take(w.share, per_user)]
+        if not eligible:
+            return None
+        return min(eligible, key=self._order)
+
+    def _order(self, waiter):
+        # Least weighted service first, then arrival.
+        return (self.service.get(waiter.share.key, 0.0), waiter.seq)
+
+    def _position(self, waiter, per_user):
+        """Where a call stands in the queue now (1 = next), by the order L{_next} serves."""
+        mine = self._order(waiter)
+        return 1 + sum(1 for w in self.waiting if w is not waiter and self._order(w) < mine)
+
+    def release(self, limit, share=ANONYMOUS, per_user=0):
+        """Free a slot and hand free slots to the calls that should be served next."""
         self.active -= 1
-        while self.waiting and self.active < limit:
-            self.active += 1
-            self.waiting.popleft().callback(None)
+        self.held[share.key] -= 1
+        self._forget(share.key)
+        while self.active < limit:
+            waiter = self._next(per_user)
+            if waiter is None:
+                break
+            self.waiting.remove(waiter)
+            self._grant(waiter.share)
+            waiter.deferred.callback(None)
 
 
 @implementer(IBodyProducer)
@@ -260,10 +370,11 @@ class Upstream:
 
 
 class Lease:
-    """A backend slot: counts as one call in progress on its backend until ended."""
+    """A backend slot, held for C{share}: counts as one call in progress on its backend until ended."""
 
-    def __init__(self, upstream):
+    def __init__(self, upstream, share=None):
         self.upstream = upstream
+        self.share = share or ANONYMOUS
         upstream.active += 1
 
     def move(self, upstream):
@@ -424,7 +535,7 @@ class Ollama:
         await reader.finished
         return b"".join(parts)
 
-    async def call(self, config, method, path, payload=None, sent=None, deadline=None):
+    async def call(self, config, method, path, payload=None, sent=None, deadline=None, share=ANONYMOUS):
         """
         A complete exchange with a JSON request: the slot, the timeouts and
         the error mapping included.
@@ -434,11 +545,12 @@ class Ollama:
         @param deadline: when the call must be over (reactor seconds);
             C{timeout} from now by default.  Calls made for one request
             share the request's.
+        @param share: whose call it is, for the fair queue (L{Slots}).
         @return: the raw body of a 200 answer.
         """
         if deadline is None:
             deadline = self.reactor.seconds() + config.timeout
-        lease = await self.acquire(config)
+        lease = await self.acquire(config, share)
         if sent is not None:
             sent()
         try:
@@ -453,7 +565,7 @@ class Ollama:
             raise upstream_error(response.code, raw, payload)
         return raw
 
-    async def stream(self, config, path, payload, consumer, transform, on_end=None, sent=None):
+    async def stream(self, config, path, payload, consumer, transform, on_end=None, sent=None, share=ANONYMOUS):
         """
         Send C{payload} (a JSON body) to Ollama at C{path} and stream its
         reply into C{consumer} as it comes, each chunk through
@@ -475,7 +587,7 @@ class Ollama:
         clock = self.reactor
         started = clock.seconds()
         deadline = started + config.timeout
-        lease = await self.acquire(config)
+        lease = await self.acquire(config, share)
         if sent is not None:
             sent()
         try:
@@ -518,22 +630,23 @@ class Ollama:
             consumer.close()
             self.release(config, lease)
 
-    async def call_json(self, config, method, path, payload=None, sent=None, deadline=None):
+    async def call_json(self, config, method, path, payload=None, sent=None, deadline=None, share=ANONYMOUS):
         """L{call}, with the answer parsed as JSON."""
-        raw = await self.call(config, method, path, payload, sent, deadline)
+        raw = await self.call(config, method, path, payload, sent, deadline, share)
         try:
             return loads_checked(raw)
         except ValueError:
             raise unavailable("the model backend sent a malformed reply") from None
 
-    async def acquire(self, config):
-        """A slot under the concurrency cap, on the least busy backend."""
-        await self.slots.acquire(config.max_connections, config.limits.max_queue, config.limits.queue_timeout)
-        return Lease(self.choose(config))
+    async def acquire(self, config, share=ANONYMOUS):
+        """A slot under the concurrency cap (fairly shared, L{Slots}), on the least busy backend."""
+        limits = config.limits
+        await self.slots.acquire(config.max_connections, limits.max_queue, limits.queue_timeout, share, limits.per_user_concurrency)
+        return Lease(self.choose(config), share)
 
     def release(self, config, lease):
         lease.end()
-        self.slots.release(config.max_connections)
+        self.slots.release(config.max_connections, lease.share, config.limits.per_user_concurrency)
 
     async def check_one(self, config, upstream):
         """C{None} when this backend answers C{/api/version}, else a short reason."""

@@ -8,6 +8,7 @@ import json
 from twisted.internet.defer import CancelledError
 
 from clawdbot.backend import translate
+from clawdbot.backend.ollama import Share
 from clawdbot.backend.translate import DONE, LineSplitter, StreamTranslator, UpstreamStreamError
 from clawdbot.errors import APIError, invalid
 from clawdbot.http.resource import APIResource, Node, NotFound, StreamResponse, read_json
@@ -71,6 +72,23 @@ class ModelRoute(APIResource):
         self.history = parts.history
         self.metrics = parts.metrics
         self.clock = parts.reactor
+
+    def share(self, request):
+        """
+        The caller's claim on the backend's slots (L{Share}): its owner key,
+        and the largest weight its scopes and teams have in
+        C{limits.fair_share.weights}.  A call that has to wait says where it
+        stood (C{x-clawdbot-queue-position}), and its wait is measured.
+        """
+        principal = request.principal
+        weights = request.config.limits.fair_share.weights
+        named = [(weights[name], name) for name in (*principal.scopes, *principal.teams) if name in weights]
+        weight, cls = max(named) if named else (1.0, "default")
+
+        def queued(position):
+            request.setHeader(b"x-clawdbot-queue-position", str(position).encode())
+
+        return Share(principal.key, weight, cls, queued, self.metrics.queue_wait.labels(cls).observe)
 
 
 class ChatCompletions(ModelRoute):
@@ -136,7 +154,7 @@ class ChatCompletions(ModelRoute):
             return await self._required(request, config, ollama_body, opts, new, meter)
         if opts["stream"]:
             return await self._stream(request, config, ollama_body, opts, new, meter)
-        reply = await self.ollama.call_json(config, b"POST", "/api/chat", ollama_body, sent=meter.mark_sent)
+        reply = await self.ollama.call_json(config, b"POST", "/api/chat", ollama_body, sent=meter.mark_sent, share=self.share(request))
         return await self._result(request, reply, opts, new)
 
     async def _result(self, request, reply, opts, new):
@@ -160,7 +178,7 @@ class ChatCompletions(ModelRoute):
         functions = opts["required_tools"]
         # One timeout for the request, both calls included.
         deadline = self.clock.seconds() + config.timeout
-        reply = translate.offered_calls_only(await backend.call_json(config, b"POST", "/api/chat", body, sent=meter.mark_sent, deadline=deadline), functions)
+        reply = translate.offered_calls_only(await backend.call_json(config, b"POST", "/api/chat", body, sent=meter.mark_sent, deadline=deadline, share=self.share(request)), functions)
         _count(request, reply)
         if not reply["message"].get("tool_calls") and reply.get("done_reason") != "length":
             retry = {key: value for key, value in body.items() if key != "tools"}
@@ -168,7 +186,7 @@ class ChatCompletions(ModelRoute):
             retry["messages"] = translate.with_instruction(body["messages"], translate.union_instruction(functions))
             ceiling = config.backend.max_num_ctx
             await self.accounting.reserve_tokens(request, translate.Meter(retry, ceiling).prompt + translate.reply_reserve(retry, ceiling))
-            second = await backend.call_json(config, b"POST", "/api/chat", retry, deadline=deadline)
+            second = await backend.call_json(config, b"POST", "/api/chat", retry, deadline=deadline, share=self.share(request))
             reply = translate.with_counts_of(second, reply)
             _count(request, reply)
             reply = translate.call_from_union(reply, functions)
@@ -201,7 +219,7 @@ class ChatCompletions(ModelRoute):
 
         stored = False
         try:
-            ok = await self.ollama.stream(config, "/api/chat", ollama_body, StreamResponse(request, "sse", self.metrics), on_data, on_end, meter.mark_sent)
+            ok = await self.ollama.stream(config, "/api/chat", ollama_body, StreamResponse(request, "sse", self.metrics), on_data, on_end, meter.mark_sent, self.share(request))
             stored = ok
         except CancelledError:
             # The client went away: keep what was said, marked incomplete.
@@ -235,7 +253,7 @@ class Completions(ModelRoute):
         meter = await metered(self.accounting, request, ollama_body)
         if opts["stream"]:
             return await self._stream(request, config, ollama_body, opts, meter)
-        reply = await self.ollama.call_json(config, b"POST", "/api/generate", ollama_body, sent=meter.mark_sent)
+        reply = await self.ollama.call_json(config, b"POST", "/api/generate", ollama_body, sent=meter.mark_sent, share=self.share(request))
         _count(request, reply)
         return translate.completion_response(reply, opts["model"], opts["echo_prompt"])
 
@@ -246,7 +264,7 @@ class Completions(ModelRoute):
         async def on_end():
             return rest()
 
-        await self.ollama.stream(config, "/api/generate", ollama_body, StreamResponse(request, "sse", self.metrics), on_data, on_end, meter.mark_sent)
+        await self.ollama.stream(config, "/api/generate", ollama_body, StreamResponse(request, "sse", self.metrics), on_data, on_end, meter.mark_sent, self.share(request))
         return None
 
 
@@ -268,7 +286,7 @@ class Models(ModelRoute):
         return self.item
 
     async def handle_GET(self, request):
-        tags = await self.ollama.call_json(request.config, b"GET", "/api/tags")
+        tags = await self.ollama.call_json(request.config, b"GET", "/api/tags", share=self.share(request))
         return translate.models_response(tags, request.config)
 
 
@@ -286,7 +304,7 @@ class ModelItem(ModelRoute):
 
     async def handle_GET(self, request):
         model = "/".join(p.decode("utf-8", "replace") for p in request.prepath[-1:] + request.postpath)
-        tags = await self.ollama.call_json(request.config, b"GET", "/api/tags")
+        tags = await self.ollama.call_json(request.config, b"GET", "/api/tags", share=self.share(request))
         for entry in translate.models_response(tags, request.config)["data"]:
             if entry["id"] == model:
                 return entry
@@ -305,7 +323,7 @@ class Embeddings(ModelRoute):
         body, opts = translate.embeddings_request(await read_json(request), config)
         request.audit["model"] = body["model"]
         meter = await metered(self.accounting, request, body, reply=False)
-        reply = await self.ollama.call_json(config, b"POST", "/api/embed", body, sent=meter.mark_sent)
+        reply = await self.ollama.call_json(config, b"POST", "/api/embed", body, sent=meter.mark_sent, share=self.share(request))
         tokens = reply.get("prompt_eval_count") or 0
         request.audit["usage"] = {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
         request.audit["tokens"] = tokens

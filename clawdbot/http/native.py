@@ -88,7 +88,7 @@ class NativeAPI(ModelRoute):
         path = "/api/" + name
         backend = self.ollama
         if name in ("tags", "ps"):
-            raw = await backend.call(config, b"GET", path)
+            raw = await backend.call(config, b"GET", path, share=self.share(request))
             if not config.backend.models:
                 return JSONResponse(raw)
             try:
@@ -97,7 +97,7 @@ class NativeAPI(ModelRoute):
                 raise APIError("UPSTREAM_UNAVAILABLE", details="the model backend sent a malformed reply") from None
             return native.filter_tags(tags, config)
         if method == "GET":
-            return JSONResponse(await backend.call(config, b"GET", path))
+            return JSONResponse(await backend.call(config, b"GET", path, share=self.share(request)))
         payload = await read_json(request)
         if name in native.FIELDS:
             payload, images = native.native_request(name, payload, config, request.principal)
@@ -110,7 +110,7 @@ class NativeAPI(ModelRoute):
         wants_stream = streams and payload.get("stream", True) is not False
         if not wants_stream:
             # Ollama's own body, as Ollama sent it (some answers are empty).
-            raw = await backend.call(config, method.encode(), path, payload, sent=sent)
+            raw = await backend.call(config, method.encode(), path, payload, sent=sent, share=self.share(request))
             if counted:
                 _count_native(request, raw)
             return JSONResponse(raw)
@@ -129,7 +129,7 @@ class NativeAPI(ModelRoute):
                         meter.streamed += 1
             return data
 
-        await self.ollama.stream(config, path, payload, StreamResponse(request, "ndjson", self.metrics), on_data, None, sent)
+        await self.ollama.stream(config, path, payload, StreamResponse(request, "ndjson", self.metrics), on_data, None, sent, self.share(request))
         return None
 
     async def handle_GET(self, request):
@@ -139,7 +139,7 @@ class NativeAPI(ModelRoute):
         return await self._dispatch(request)
 
     async def handle_DELETE(self, request):
-        return JSONResponse(await self.ollama.call(request.config, b"DELETE", "/api/delete", await read_json(request)))
+        return JSONResponse(await self.ollama.call(request.config, b"DELETE", "/api/delete", await read_json(request), share=self.share(request)))
 
 
 def add_routes(root, parts):

@@ -422,6 +422,13 @@ class Metrics:
             "clawdbot_ratelimit_backend_errors_total", "Rate-limit checks the shared backend (Redis) could not answer.", registry=r
         )
         self.backend_up = Gauge("clawdbot_backend_up", "1 when the last contact with Ollama succeeded.", registry=r)
+        self.queue_wait = Histogram(
+            "clawdbot_queue_wait_seconds",
+            "Time calls waited for a backend slot, by fair-share class (limits.fair_share.weights, else default).",
+            ["class"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
         queue = Gauge("clawdbot_queue_depth", "Requests waiting for a backend slot.", registry=r)
         queue.set_function(lambda: len(slots.waiting))
         busy = Gauge("clawdbot_backend_active", "Backend calls in progress.", registry=r)

@@ -1,0 +1,162 @@
+"""
+A fair share of one backend (issue 16): the backend's slots go to the
+principal who has had the least weighted service, a per-principal cap, the
+queue position a waiting call is told, and the wait measured per class.
+The queue is driven directly on a Clock (no sockets, no sleeps); one test
+goes through the gateway.
+"""
+
+import collections
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from clawdbot.backend.ollama import Share, Slots
+from testing.fake_ollama import FakeOllama
+from tests.helpers import bearer, get_json, token, when_queued
+from tests.test_chat import HI, Backed
+
+
+class Queue:
+    """A Slots under test: calls that wait, and a record of who got each slot."""
+
+    def __init__(self, limit, per_user=0, max_queue=10_000):
+        self.clock = Clock()
+        self.slots = Slots(self.clock)
+        self.limit, self.per_user, self.max_queue = limit, per_user, max_queue
+        self.holding = []  # (share) in grant order, still held
+        self.granted = []  # keys, in grant order
+
+    def call(self, share):
+        d = Deferred.fromCoroutine(self.slots.acquire(self.limit, self.max_queue, 3600, share, self.per_user))
+
+        def got(_):
+            self.holding.append(share)
+            self.granted.append(share.key)
+
+        d.addCallback(got)
+        return d
+
+    def finish_one(self):
+        """The oldest call still holding a slot ends."""
+        share = self.holding.pop(0)
+        self.slots.release(self.limit, share, self.per_user)
+        return share
+
+
+class FairQueueTests(SynchronousTestCase):
+    def test_a_single_call_does_not_wait_behind_a_crowd(self):
+        """Two slots; A opens 20 slow calls, then B sends one: B's call gets the very next slot that frees."""
+        q = Queue(limit=2)
+        a, b = Share("a"), Share("b")
+        for _ in range(20):
+            q.call(a)
+        q.call(b)
+        self.assertEqual(q.granted, ["a", "a"])
+        q.finish_one()
+        self.assertEqual(q.granted[-1], "b")
+
+    def test_equal_shares_when_both_saturate(self):
+        """A and B both keep the queue full: over a long run each gets half the slots (within 10%)."""
+        q = Queue(limit=2)
+        a, b = Share("a"), Share("b")
+        for _ in range(300):
+            q.call(a)
+        for _ in range(300):
+            q.call(b)
+        for _ in range(400):
+            q.finish_one()
+        counts = collections.Counter(q.granted)
+        self.assertLessEqual(abs(counts["a"] - counts["b"]), 0.1 * len(q.granted), counts)
+
+    def test_weights(self):
+        """Weights 2, 1 and 0.5: while all saturate, slots go 4:2:1 (each within 10% of its share)."""
+        q = Queue(limit=3)
+        shares = {"staff": Share("s", 2.0, "staff"), "user": Share("u", 1.0), "batch": Share("b", 0.5, "batch")}
+        for _ in range(500):
+            for share in shares.values():
+                q.call(share)
+        for _ in range(700):
+            q.finish_one()
+        counts = collections.Counter(q.granted)
+        total = sum(counts.values())
+        for key, part in (("s", 4 / 7), ("u", 2 / 7), ("b", 1 / 7)):
+            self.assertLessEqual(abs(counts[key] / total - part), 0.1 * part, counts)
+
+    def test_idle_time_is_not_banked(self):
+        """B idle while A used the backend alone does not come back owed 100 slots: it gets its share from then on."""
+        q = Queue(limit=1)
+        a, b = Share("a"), Share("b")
+        for _ in range(101):
+            q.call(a)
+        for _ in range(100):
+            q.finish_one()
+        for _ in range(20):
+            q.call(b)
+        for _ in range(20):
+            q.call(a)
+        q.granted.clear()
+        for _ in range(20):
+            q.finish_one()
+        counts = collections.Counter(q.granted)
+        self.assertLessEqual(abs(counts["a"] - counts["b"]), 2, counts)
+
+    def test_per_user_cap(self):
+        """With per_user 1, A holds one slot however many are free; its next call waits, others' do not."""
+        q = Queue(limit=3, per_user=1)
+        a, b = Share("a"), Share("b")
+        second = [q.call(a), q.call(a)][1]
+        self.assertEqual(q.granted, ["a"])
+        self.assertNoResult(second)
+        q.call(b)
+        self.assertEqual(q.granted, ["a", "b"])
+        q.finish_one()  # A's first ends: its second starts
+        self.assertEqual(q.granted, ["a", "b", "a"])
+        self.assertEqual(q.slots.held["a"], 1)
+
+    def test_queue_position_and_wait(self):
+        """A call that waits is told its position (1 = next) by the fair order, and its wait when it starts."""
+        q = Queue(limit=1)
+        told, waited = [], []
+        a = Share("a")
+        b = Share("b", queued=told.append, waited=waited.append)
+        for _ in range(5):
+            q.call(a)
+        q.call(b)
+        self.assertEqual(told, [1])  # ahead of A's four waiting calls
+        q.clock.advance(2.5)
+        q.finish_one()
+        self.assertEqual(waited, [2.5])
+
+    def test_bookkeeping_ends_with_the_calls(self):
+        """Nothing is kept for principals with no call held or waiting (the table cannot grow without end)."""
+        q = Queue(limit=2)
+        for key in "abcdef":
+            q.call(Share(key))
+        while q.holding:
+            q.finish_one()
+        self.assertEqual((q.slots.active, q.slots.waiting, dict(q.slots.held), q.slots.service), (0, [], {}, {}))
+
+
+class GatewayFairShareTests(Backed):
+    async def test_queue_position_header_and_wait_metric(self):
+        """Through the gateway: a call that waited carries x-clawdbot-queue-position; its wait is in clawdbot_queue_wait_seconds under its class."""
+        self.start("max_connections: 1\nlimits: {fair_share: {weights: {staff: 2}}}", fake=FakeOllama())
+        self.fake.hold()
+        hog = bearer(token(sub="hog", scope="chat:write"))
+        staff = bearer(token(sub="ann", scope="chat:write staff"))
+        first = ensureDeferred(get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=hog, body={"messages": HI}))
+        await self.fake.when_requests(1, "/api/chat")
+        queued = when_queued(self, self.gw.parts)
+        second = ensureDeferred(get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=staff, body={"messages": HI}))
+        await queued
+        self.fake.release()
+        status, headers, _ = await first
+        self.assertEqual((status, headers.getRawHeaders("x-clawdbot-queue-position")), (200, None))
+        await self.fake.when_requests(2, "/api/chat")
+        self.fake.release()
+        status, headers, _ = await second
+        self.assertEqual((status, headers.getRawHeaders("x-clawdbot-queue-position")), (200, ["1"]))
+        metrics = self.gw.parts.metrics.render().decode()
+        self.assertIn('clawdbot_queue_wait_seconds_count{class="staff"} 1.0', metrics)
