@@ -90,6 +90,13 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ModelLimitConfig:
+    # Calls to this model at once (clawdbot.backend.ollama.Ollama.acquire),
+    # within max_connections; further ones wait, fairly shared.
+    max_connections: int = _opt(1, minimum=1, maximum=100000)
+
+
+@dataclass(frozen=True)
 class BackendConfig:
     url: str = _opt("http://127.0.0.1:11434")
     urls: typing.Tuple[str, ...] = _opt([])
@@ -106,6 +113,9 @@ class BackendConfig:
     # admin-only).
     max_num_ctx: int = _opt(32768, minimum=0, maximum=10**7)
     keep_alive: float = _opt(1800.0, kind="duration", minimum=0, maximum=7 * 86400)
+    # Per-model caps on calls at once, so one heavy model cannot take every
+    # slot: {model: {max_connections: N}} (an alias names its target).
+    model_limits: typing.Mapping[str, ModelLimitConfig] = _opt({})
 
 
 @dataclass(frozen=True)

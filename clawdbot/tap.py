@@ -127,7 +127,7 @@ def compose(config, reactor, environ=None, mode=None, agent_factory=None):
     fetcher = HTTPFetcher(reactor)
     # (The lambda reads the runtime, made just below, when it is called.)
     ollama = Ollama(reactor, lambda: runtime.config, agent_factory)
-    metrics = Metrics(ollama.slots)
+    metrics = Metrics(ollama.slots, ollama.model_slots)
     runtime = Runtime(config, reactor, metrics, environ=environ, mode=mode)
     limiter = build_limiter(config, reactor, on_error=metrics.ratelimit_backend_errors.inc)
     authentication = Authentication(config, reactor, fetcher.fetch_json)

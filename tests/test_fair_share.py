@@ -160,3 +160,42 @@ class GatewayFairShareTests(Backed):
         self.assertEqual((status, headers.getRawHeaders("x-clawdbot-queue-position")), (200, ["1"]))
         metrics = self.gw.parts.metrics.render().decode()
         self.assertIn('clawdbot_queue_wait_seconds_count{class="staff"} 1.0', metrics)
+
+
+class ModelLimitTests(Backed):
+    async def test_a_capped_model_cannot_take_every_slot(self):
+        """
+        backend.model_limits caps a model's calls at once, on every route
+        that names it (chat plain and streamed, native, through an alias),
+        while other models keep the remaining slots; the per-model gauges
+        show it.
+        """
+        from tests.helpers import until
+
+        self.start('max_connections: 4\nbackend: {aliases: {big: "qwen3:32b"}, model_limits: {big: {max_connections: 1}}}', fake=FakeOllama())
+        self.fake.hold(paths=("/api/chat",))
+        url = self.gw.url
+        auth = bearer(token(scope="chat:read chat:write"))
+
+        def chat(model, **extra):
+            return ensureDeferred(get_json(url + "/v1/chat/completions", method="POST", headers=auth, body=dict({"model": model, "messages": HI}, **extra)))
+
+        first = chat("qwen3:32b")
+        await self.fake.when_requests(1, "/api/chat")
+        capped = self.gw.parts.ollama.model_slots["qwen3:32b"]
+        waiting = [chat("big"), chat("qwen3:32b", stream=True), ensureDeferred(get_json(url + "/ollama/api/chat", method="POST", headers=auth, body={"model": "qwen3:32b", "messages": HI, "stream": False}))]
+        await until(lambda: len(capped.waiting) == 3, what="three calls waiting for the capped model")
+        # Another model still has slots: embeddings go through while the 32b waits.
+        status, _, _ = await get_json(url + "/v1/embeddings", method="POST", headers=auth, body={"model": "nomic-embed-text", "input": "x"})
+        self.assertEqual(status, 200)
+        metrics = self.gw.parts.metrics.render().decode()
+        self.assertIn('clawdbot_model_active{model="qwen3:32b"} 1.0', metrics)
+        self.assertIn('clawdbot_model_queue_depth{model="qwen3:32b"} 3.0', metrics)
+        self.assertEqual(len(self.fake.requests_to("/api/chat")), 1)
+        for n in range(2, 5):
+            self.fake.release()
+            await self.fake.when_requests(n, "/api/chat")
+        self.fake.release()
+        for d in [first, *waiting]:
+            self.assertEqual((await d)[0], 200)
+        self.assertEqual((capped.active, capped.waiting, self.gw.parts.ollama.slots.active), (0, [], 0))

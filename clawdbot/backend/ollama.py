@@ -372,9 +372,11 @@ class Upstream:
 class Lease:
     """A backend slot, held for C{share}: counts as one call in progress on its backend until ended."""
 
-    def __init__(self, upstream, share=None):
+    def __init__(self, upstream, share=None, model_slots=None):
         self.upstream = upstream
         self.share = share or ANONYMOUS
+        # The model's own Slots, when backend.model_limits caps it.
+        self.model_slots = model_slots
         upstream.active += 1
 
     def move(self, upstream):
@@ -394,6 +396,20 @@ class BackendUnreachable(Exception):
     def __init__(self, error):
         super().__init__(error)
         self.error = error
+
+
+def model_cap(config, model):
+    """
+    C{backend.model_limits}' cap on calls to C{model} at once (an entry may
+    name an alias of it), or C{None}.
+    """
+    if not model:
+        return None
+    limits = config.backend.model_limits
+    entry = limits.get(model)
+    if entry is None:
+        entry = next((limit for name, limit in limits.items() if config.backend.aliases.get(name) == model), None)
+    return entry.max_connections if entry is not None else None
 
 
 def _endpoint_agent(reactor, connect_timeout, pool):
@@ -417,6 +433,8 @@ class Ollama:
         self.agent_factory = agent_factory or _endpoint_agent
         self.pool = quiet_pool(reactor, 256)
         self.slots = Slots(reactor)
+        # model -> its own Slots, for the models backend.model_limits caps.
+        self.model_slots = {}
         self._agents = {}
         self._upstreams = {}
 
@@ -550,7 +568,7 @@ class Ollama:
         """
         if deadline is None:
             deadline = self.reactor.seconds() + config.timeout
-        lease = await self.acquire(config, share)
+        lease = await self.acquire(config, share, payload.get("model") if isinstance(payload, dict) else None)
         if sent is not None:
             sent()
         try:
@@ -587,7 +605,7 @@ class Ollama:
         clock = self.reactor
         started = clock.seconds()
         deadline = started + config.timeout
-        lease = await self.acquire(config, share)
+        lease = await self.acquire(config, share, payload.get("model") if isinstance(payload, dict) else None)
         if sent is not None:
             sent()
         try:
@@ -638,15 +656,36 @@ class Ollama:
         except ValueError:
             raise unavailable("the model backend sent a malformed reply") from None
 
-    async def acquire(self, config, share=ANONYMOUS):
-        """A slot under the concurrency cap (fairly shared, L{Slots}), on the least busy backend."""
+    async def acquire(self, config, share=ANONYMOUS, model=None):
+        """
+        A slot under the concurrency cap (fairly shared, L{Slots}), on the
+        least busy backend; for a model that C{backend.model_limits} caps,
+        first one of that model's own slots.
+        """
         limits = config.limits
-        await self.slots.acquire(config.max_connections, limits.max_queue, limits.queue_timeout, share, limits.per_user_concurrency)
-        return Lease(self.choose(config), share)
+        cap = model_cap(config, model)
+        model_slots = None
+        if cap:
+            model_slots = self.model_slots.get(model)
+            if model_slots is None:
+                model_slots = self.model_slots[model] = Slots(self.reactor)
+            await model_slots.acquire(cap, limits.max_queue, limits.queue_timeout, share, limits.per_user_concurrency)
+        try:
+            await self.slots.acquire(config.max_connections, limits.max_queue, limits.queue_timeout, share, limits.per_user_concurrency)
+        except BaseException:
+            if model_slots is not None:
+                model_slots.release(cap, share, limits.per_user_concurrency)
+            raise
+        return Lease(self.choose(config), share, model_slots)
 
     def release(self, config, lease):
         lease.end()
-        self.slots.release(config.max_connections, lease.share, config.limits.per_user_concurrency)
+        per_user = config.limits.per_user_concurrency
+        self.slots.release(config.max_connections, lease.share, per_user)
+        if lease.model_slots is not None:
+            # (A reload that lifted the cap lets every waiter in.)
+            model = next((m for m, s in self.model_slots.items() if s is lease.model_slots), None)
+            lease.model_slots.release(model_cap(config, model) or config.max_connections, lease.share, per_user)
 
     async def check_one(self, config, upstream):
         """C{None} when this backend answers C{/api/version}, else a short reason."""

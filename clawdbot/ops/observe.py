@@ -13,6 +13,7 @@ import time
 from urllib.parse import parse_qsl, unquote
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from twisted.logger import Logger
 
 from clawdbot.strictjson import loads_checked
@@ -389,6 +390,25 @@ def _header(headers, name):
     return values[0].decode("latin-1") if values else None
 
 
+class _ModelSlots:
+    """Calls in progress and waiting per model that C{backend.model_limits} caps (read when scraped)."""
+
+    def __init__(self, model_slots):
+        self.model_slots = model_slots
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        active = GaugeMetricFamily("clawdbot_model_active", "Backend calls in progress, per capped model.", labels=["model"])
+        queued = GaugeMetricFamily("clawdbot_model_queue_depth", "Calls waiting for a slot of their model, per capped model.", labels=["model"])
+        for model, slots in sorted(self.model_slots.items()):
+            active.add_metric([model], slots.active)
+            queued.add_metric([model], len(slots.waiting))
+        yield active
+        yield queued
+
+
 class Metrics:
     """
     The gateway's Prometheus metrics, in a registry of its own.
@@ -397,7 +417,7 @@ class Metrics:
         whose queue and calls in progress are read when scraped.
     """
 
-    def __init__(self, slots):
+    def __init__(self, slots, model_slots=None):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("clawdbot_requests_total", "Requests by route, method and status.", ["route", "method", "status"], registry=r)
@@ -433,6 +453,8 @@ class Metrics:
         queue.set_function(lambda: len(slots.waiting))
         busy = Gauge("clawdbot_backend_active", "Backend calls in progress.", registry=r)
         busy.set_function(lambda: slots.active)
+        if model_slots is not None:
+            r.register(_ModelSlots(model_slots))
         self.backend_up.set(1)
 
     def observe(self, request, latency):
