@@ -97,6 +97,14 @@ class ModelLimitConfig:
 
 
 @dataclass(frozen=True)
+class ModelAccessConfig:
+    # Who (a team, or a scope) may use which models ("*": all the allow-list has).
+    team: typing.Optional[str] = _opt(None)
+    scope: typing.Optional[str] = _opt(None)
+    models: typing.Tuple[str, ...] = _opt([])
+
+
+@dataclass(frozen=True)
 class BackendConfig:
     url: str = _opt("http://127.0.0.1:11434")
     urls: typing.Tuple[str, ...] = _opt([])
@@ -116,6 +124,9 @@ class BackendConfig:
     # Per-model caps on calls at once, so one heavy model cannot take every
     # slot: {model: {max_connections: N}} (an alias names its target).
     model_limits: typing.Mapping[str, ModelLimitConfig] = _opt({})
+    # Which principals may use which models: a principal matching rules may
+    # use the union of their models; one matching none, every model.
+    model_access: typing.Tuple[ModelAccessConfig, ...] = _opt([])
 
 
 @dataclass(frozen=True)
@@ -559,6 +570,11 @@ def _validate(config, empties):
             raise ConfigError(f"backend.aliases.{alias}", "must name a model")
     if not re.match(r"^(rediss?://[^/\s]*|unix:///?[^\s]+)", config.rate_limit.url):
         raise ConfigError("rate_limit.url", "must be a redis://, rediss:// or unix:// URL")
+    for i, rule in enumerate(config.backend.model_access):
+        if (rule.team is None) == (rule.scope is None):
+            raise ConfigError(f"backend.model_access[{i}]", "must name either a team or a scope")
+        if not rule.models:
+            raise ConfigError(f"backend.model_access[{i}].models", "must list at least one model (or \"*\")")
     for name, weight in config.limits.fair_share.weights.items():
         if not 0.01 <= weight <= 100:
             raise ConfigError(f"limits.fair_share.weights.{name}", "must be between 0.01 and 100")

@@ -199,3 +199,60 @@ class ModelLimitTests(Backed):
         for d in [first, *waiting]:
             self.assertEqual((await d)[0], 200)
         self.assertEqual((capped.active, capped.waiting, self.gw.parts.ollama.slots.active), (0, [], 0))
+
+
+class ModelAccessTests(Backed):
+    async def test_rules_apply_wherever_a_model_is_named(self):
+        """
+        backend.model_access: interns may use the embedding model only (named
+        through an alias in the rule); admins everything; anyone else, every
+        model. Chat, streaming, completions, embeddings, native calls,
+        /v1/models, /v1/models/{id} and /ollama/api/tags all follow it.
+        """
+        self.start(
+            'backend: {aliases: {emb: "nomic-embed-text:latest"}, model_access: [{team: interns, models: [emb]}, {scope: admin, models: ["*"]}]}',
+            fake=FakeOllama(),
+        )
+        url = self.gw.url
+        intern = bearer(token(sub="ian", scope="chat:read chat:write", teams=["interns"]))
+        boss = bearer(token(sub="bo", scope="chat:read chat:write admin", teams=["interns"]))
+        other = bearer(token(sub="oz", scope="chat:read chat:write"))
+
+        def post(path, headers, body):
+            return get_json(url + path, method="POST", headers=headers, body=body)
+
+        refused = (
+            ("/v1/chat/completions", {"model": "qwen3:32b", "messages": HI}),
+            ("/v1/chat/completions", {"messages": HI, "stream": True}),  # the default model
+            ("/v1/completions", {"model": "qwen3:32b", "prompt": "x"}),
+            ("/v1/embeddings", {"model": "qwen3:32b", "input": "x"}),
+        )
+        for path, body in refused:
+            status, _, reply = await post(path, intern, body)
+            self.assertEqual((status, reply["error"]["code"]), (403, "MODEL_NOT_ALLOWED"), (path, body))
+        status, _, reply = await post("/ollama/api/chat", intern, {"model": "qwen3:32b", "messages": HI, "stream": False})
+        self.assertEqual(status, 403)
+        self.assertIsInstance(reply["error"], str)
+        self.assertEqual(self.fake.requests_to("/api/chat"), [])
+        for name in ("emb", "nomic-embed-text:latest"):
+            status, _, _ = await post("/v1/embeddings", intern, {"model": name, "input": "x"})
+            self.assertEqual(status, 200, name)
+        status, _, listed = await get_json(url + "/v1/models", headers=intern)
+        self.assertEqual(sorted(m["id"] for m in listed["data"]), ["emb", "nomic-embed-text:latest"])
+        self.assertEqual((await get_json(url + "/v1/models/qwen3:32b", headers=intern))[0], 404)
+        status, _, tags = await get_json(url + "/ollama/api/tags", headers=intern)
+        self.assertEqual([m["name"] for m in tags["models"]], ["nomic-embed-text:latest"])
+        for who in (boss, other):
+            status, _, _ = await post("/v1/chat/completions", who, {"model": "qwen3:32b", "messages": HI})
+            self.assertEqual(status, 200)
+            status, _, listed = await get_json(url + "/v1/models", headers=who)
+            self.assertIn("qwen3:32b", [m["id"] for m in listed["data"]])
+
+    def test_rules_are_checked(self):
+        """A rule names a team or a scope (not both, not neither) and at least one model."""
+        from clawdbot.config import ConfigError, parse_config
+        from tests.helpers import BASE_CONFIG, merge_yaml
+
+        for bad in ("[{models: [x]}]", "[{team: a, scope: b, models: [x]}]", "[{team: a, models: []}]"):
+            with self.assertRaises(ConfigError):
+                parse_config(merge_yaml(BASE_CONFIG, "backend: {model_access: " + bad + "}"), {})

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from clawdbot.errors import invalid
 from clawdbot.backend.options import ADMIN, INT64_MAX, check, keep_alive_policy, needs_admin, options_policy
-from clawdbot.backend.translate import MAX_EMBEDDING_INPUTS, MAX_MESSAGES, check_tool_name, resolve_model
+from clawdbot.backend.translate import MAX_EMBEDDING_INPUTS, MAX_MESSAGES, check_tool_name, may_use, resolve_model
 
 if TYPE_CHECKING:
     from clawdbot.config import Config
@@ -177,13 +177,19 @@ def native_request(name: str, body: dict[str, Any], config: "Config", principal:
     return out, images
 
 
-def filter_tags(tags: Any, config: "Config") -> Any:
-    """Ollama's C{/api/tags} answer with only the models the allow-list has."""
+def filter_tags(tags: Any, config: "Config", principal: Any = None) -> Any:
+    """Ollama's C{/api/tags} (or C{/api/ps}) answer with only the models the allow-list has and C{principal} may use."""
     allowed = set(config.backend.models)
-    if not allowed or not isinstance(tags, dict) or not isinstance(tags.get("models"), list):
+    if not isinstance(tags, dict) or not isinstance(tags.get("models"), list):
         return tags
     kept = []
     for entry in tags["models"]:
-        if isinstance(entry, dict) and (entry.get("name") in allowed or entry.get("model") in allowed):
-            kept.append(entry)
+        if not isinstance(entry, dict):
+            continue
+        names = [n for n in (entry.get("name"), entry.get("model")) if isinstance(n, str)]
+        if allowed and not any(n in allowed for n in names):
+            continue
+        if principal is not None and not any(may_use(principal, config, n) for n in names):
+            continue
+        kept.append(entry)
     return dict(tags, models=kept)

@@ -104,6 +104,37 @@ def resolve_model(requested: object, config: "Config") -> str:
     return model
 
 
+def usable_models(principal: Any, config: "Config") -> set[str] | None:
+    """
+    The models C{backend.model_access} lets C{principal} use (aliases
+    resolved; C{"*"}: all), or C{None} when no rule names the principal's
+    teams or scopes (then every model the allow-list has).
+    """
+    names: set[str] = set()
+    matched = False
+    for rule in config.backend.model_access:
+        if (rule.team is not None and rule.team in principal.teams) or (rule.scope is not None and rule.scope in principal.scopes):
+            matched = True
+            names.update(config.backend.aliases.get(name, name) for name in rule.models)
+    return names if matched else None
+
+
+def may_use(principal: Any, config: "Config", model: str) -> bool:
+    """C{principal} may use C{model} (a resolved name) under C{backend.model_access}."""
+    names = usable_models(principal, config)
+    return names is None or "*" in names or model in names
+
+
+def check_model_access(principal: Any, config: "Config", model: str, requested: object) -> None:
+    """
+    @raise APIError: 403 MODEL_NOT_ALLOWED when C{principal} may not use
+        C{model} (the model's existence is no secret: the allow-list and
+        C{/v1/models} of others name it).
+    """
+    if principal is not None and not may_use(principal, config, model):
+        raise APIError("MODEL_NOT_ALLOWED", details=f"model '{requested if isinstance(requested, str) else model}' is not one you may use")
+
+
 def data_url_image(url: object, where: str) -> bytes:
     """The base64 payload of an image C{data:} URL; anything else is a 400."""
     if not isinstance(url, str):
@@ -1113,14 +1144,16 @@ class CompletionStreamTranslator:
 # --- models and embeddings ----------------------------------------------------
 
 
-def models_response(tags: dict[str, Any], config: "Config") -> dict[str, Any]:
-    """Ollama's C{/api/tags} as OpenAI's model list, filtered by config."""
+def models_response(tags: dict[str, Any], config: "Config", principal: Any = None) -> dict[str, Any]:
+    """Ollama's C{/api/tags} as OpenAI's model list, filtered by config (and what C{principal} may use)."""
     allowed = set(config.backend.models)
     data: list[dict[str, Any]] = []
     seen: set[str] = set()
     for entry in tags.get("models") or []:
         name = entry.get("name") or entry.get("model")
         if not isinstance(name, str) or (allowed and name not in allowed) or name in seen:
+            continue
+        if principal is not None and not may_use(principal, config, name):
             continue
         seen.add(name)
         data.append({"id": name, "object": "model", "created": _created(entry.get("modified_at")), "owned_by": "ollama"})

@@ -110,6 +110,7 @@ class ChatCompletions(ModelRoute):
             raise invalid("'session_id' must be a string")
         ollama_body, opts = translate.chat_request(body, config, request.principal, session_id)
         request.audit["model"] = ollama_body["model"]
+        translate.check_model_access(request.principal, config, ollama_body["model"], body.get("model"))
         if session_id is not None:
             request.audit["session"] = session_id
             # Only the owner adds turns to a session or clears it (checked
@@ -248,8 +249,10 @@ class Completions(ModelRoute):
 
     async def handle_POST(self, request):
         config = request.config
-        ollama_body, opts = translate.completion_request(await read_json(request), config, request.principal)
+        body = await read_json(request)
+        ollama_body, opts = translate.completion_request(body, config, request.principal)
         request.audit["model"] = ollama_body["model"]
+        translate.check_model_access(request.principal, config, ollama_body["model"], body.get("model"))
         meter = await metered(self.accounting, request, ollama_body)
         if opts["stream"]:
             return await self._stream(request, config, ollama_body, opts, meter)
@@ -287,7 +290,7 @@ class Models(ModelRoute):
 
     async def handle_GET(self, request):
         tags = await self.ollama.call_json(request.config, b"GET", "/api/tags", share=self.share(request))
-        return translate.models_response(tags, request.config)
+        return translate.models_response(tags, request.config, request.principal)
 
 
 class ModelItem(ModelRoute):
@@ -305,7 +308,7 @@ class ModelItem(ModelRoute):
     async def handle_GET(self, request):
         model = "/".join(p.decode("utf-8", "replace") for p in request.prepath[-1:] + request.postpath)
         tags = await self.ollama.call_json(request.config, b"GET", "/api/tags", share=self.share(request))
-        for entry in translate.models_response(tags, request.config)["data"]:
+        for entry in translate.models_response(tags, request.config, request.principal)["data"]:
             if entry["id"] == model:
                 return entry
         raise APIError("MODEL_NOT_FOUND", details=f"model '{model}' is not available")
@@ -320,8 +323,10 @@ class Embeddings(ModelRoute):
 
     async def handle_POST(self, request):
         config = request.config
-        body, opts = translate.embeddings_request(await read_json(request), config)
+        sent = await read_json(request)
+        body, opts = translate.embeddings_request(sent, config)
         request.audit["model"] = body["model"]
+        translate.check_model_access(request.principal, config, body["model"], sent.get("model"))
         meter = await metered(self.accounting, request, body, reply=False)
         reply = await self.ollama.call_json(config, b"POST", "/api/embed", body, sent=meter.mark_sent, share=self.share(request))
         tokens = reply.get("prompt_eval_count") or 0

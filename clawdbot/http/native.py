@@ -89,19 +89,21 @@ class NativeAPI(ModelRoute):
         backend = self.ollama
         if name in ("tags", "ps"):
             raw = await backend.call(config, b"GET", path, share=self.share(request))
-            if not config.backend.models:
+            if not config.backend.models and translate.usable_models(request.principal, config) is None:
                 return JSONResponse(raw)
             try:
                 tags = loads_checked(raw)
             except ValueError:
                 raise APIError("UPSTREAM_UNAVAILABLE", details="the model backend sent a malformed reply") from None
-            return native.filter_tags(tags, config)
+            return native.filter_tags(tags, config, request.principal)
         if method == "GET":
             return JSONResponse(await backend.call(config, b"GET", path, share=self.share(request)))
         payload = await read_json(request)
         if name in native.FIELDS:
+            requested = payload.get("model", payload.get("name"))
             payload, images = native.native_request(name, payload, config, request.principal)
             request.audit["model"] = payload["model"]
+            translate.check_model_access(request.principal, config, payload["model"], requested)
             if images:
                 await self.images.process_base64_lists(images, config.images)
         counted = name in ("chat", "generate", "embed", "embeddings")
