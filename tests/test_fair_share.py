@@ -256,3 +256,41 @@ class ModelAccessTests(Backed):
         for bad in ("[{models: [x]}]", "[{team: a, scope: b, models: [x]}]", "[{team: a, models: []}]"):
             with self.assertRaises(ConfigError):
                 parse_config(merge_yaml(BASE_CONFIG, "backend: {model_access: " + bad + "}"), {})
+
+
+class GatewayFairnessTests(Backed):
+    async def test_one_request_is_not_queued_behind_a_crowd(self):
+        """
+        Through the gateway, max_connections 2: A opens 20 slow streams, then
+        B sends one request; when one of A's calls ends, B's is the next to
+        reach Ollama (one slot turnover), not the 19th.
+        """
+        self.start("max_connections: 2\nlimits: {max_queue: 100}", fake=FakeOllama(tokens=8))
+        self.fake.hold(paths=("/api/chat",))
+        url = self.gw.url
+        greedy = bearer(token(sub="greedy", scope="chat:write"))
+        ann = bearer(token(sub="ann", scope="chat:write"))
+
+        def chat(headers, text, stream=False):
+            body = {"messages": [{"role": "user", "content": text}], "stream": stream}
+            return ensureDeferred(get_json(url + "/v1/chat/completions", method="POST", headers=headers, body=body))
+
+        crowd = [chat(greedy, f"a{i}", stream=True) for i in range(20)]
+        await self.fake.when_requests(2, "/api/chat")
+        from tests.helpers import until
+
+        await until(lambda: len(self.gw.parts.ollama.slots.waiting) == 18, what="A's other 18 calls queued")
+        mine = chat(ann, "b")
+        await until(lambda: len(self.gw.parts.ollama.slots.waiting) == 19, what="B's call queued")
+        self.fake.release(1)  # one of A's calls ends: a slot turns over
+        await self.fake.when_requests(3, "/api/chat")
+        self.assertEqual(self.fake.requests_to("/api/chat")[2].body["messages"][-1]["content"], "b")
+        for n in range(3, 22):
+            self.fake.release()
+            if n < 21:
+                await self.fake.when_requests(n + 1, "/api/chat")
+        self.fake.release()
+        status, headers, _ = await mine
+        self.assertEqual((status, headers.getRawHeaders("x-clawdbot-queue-position")), (200, ["1"]))
+        for d in crowd:
+            self.assertEqual((await d)[0], 200)
