@@ -191,6 +191,7 @@ class ModelLimitTests(Backed):
         metrics = self.gw.parts.metrics.render().decode()
         self.assertIn('clawdbot_model_active{model="qwen3:32b"} 1.0', metrics)
         self.assertIn('clawdbot_model_queue_depth{model="qwen3:32b"} 3.0', metrics)
+        self.assertIn('clawdbot_model_tokens_total{direction="prompt",model="other"}', metrics)  # the embeddings: an uncapped model
         self.assertEqual(len(self.fake.requests_to("/api/chat")), 1)
         for n in range(2, 5):
             self.fake.release()
@@ -199,6 +200,9 @@ class ModelLimitTests(Backed):
         for d in [first, *waiting]:
             self.assertEqual((await d)[0], 200)
         self.assertEqual((capped.active, capped.waiting, self.gw.parts.ollama.slots.active), (0, [], 0))
+        metrics = self.gw.parts.metrics.render().decode()
+        self.assertIn('clawdbot_model_time_to_first_token_seconds_count{model="qwen3:32b"} 1.0', metrics)
+        self.assertIn('clawdbot_model_tokens_total{direction="completion",model="qwen3:32b"}', metrics)
 
 
 class ModelAccessTests(Backed):

@@ -134,7 +134,7 @@ class StreamResponse:
             return
         if self.first:
             self.first = False
-            self.metrics.ttft.observe(time.perf_counter() - self.request.started)
+            self.metrics.first_token(self.request, time.perf_counter() - self.request.started)
         self.request.write(data)
 
     def registerProducer(self, producer, streaming):

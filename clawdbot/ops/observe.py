@@ -390,6 +390,14 @@ def _header(headers, name):
     return values[0].decode("latin-1") if values else None
 
 
+def model_label(config, model):
+    """A model as a metric label: its name when C{backend.model_limits} names it (or an alias of it), else C{other}."""
+    limits = config.backend.model_limits
+    if model in limits or any(config.backend.aliases.get(name) == model for name in limits):
+        return model
+    return "other"
+
+
 class _ModelSlots:
     """Calls in progress and waiting per model that C{backend.model_limits} caps (read when scraped)."""
 
@@ -435,6 +443,17 @@ class Metrics:
             registry=r,
         )
         self.tokens = Counter("clawdbot_tokens_total", "Tokens reported by Ollama.", ["direction"], registry=r)
+        # Per model: the models backend.model_limits names (any other is "other"),
+        # so clients cannot make label values.  Tokens per second is the rate of
+        # clawdbot_model_tokens_total{direction="completion"}.
+        self.model_tokens = Counter("clawdbot_model_tokens_total", "Tokens reported by Ollama, per capped model.", ["model", "direction"], registry=r)
+        self.model_ttft = Histogram(
+            "clawdbot_model_time_to_first_token_seconds",
+            "Time from request to the first streamed chunk sent, per capped model.",
+            ["model"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
         self.active_streams = Gauge("clawdbot_active_streams", "Streamed replies in progress.", registry=r)
         self.rejections = Counter("clawdbot_rejections_total", "Requests refused, by error code.", ["code"], registry=r)
         self.reloads = Counter("clawdbot_config_reloads_total", "Config reloads by result.", ["result"], registry=r)
@@ -470,6 +489,16 @@ class Metrics:
         if usage:
             self.tokens.labels("prompt").inc(usage.get("prompt_tokens", 0))
             self.tokens.labels("completion").inc(usage.get("completion_tokens", 0))
+            if "model" in request.audit and request.config is not None:
+                model = model_label(request.config, request.audit["model"])
+                self.model_tokens.labels(model, "prompt").inc(usage.get("prompt_tokens", 0))
+                self.model_tokens.labels(model, "completion").inc(usage.get("completion_tokens", 0))
+
+    def first_token(self, request, seconds):
+        """A streamed reply's first chunk went out C{seconds} after the request arrived."""
+        self.ttft.observe(seconds)
+        if "model" in request.audit and request.config is not None:
+            self.model_ttft.labels(model_label(request.config, request.audit["model"])).observe(seconds)
 
     def render(self):
         return generate_latest(self.registry)
