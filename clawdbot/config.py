@@ -575,6 +575,9 @@ def _validate(config, empties):
             raise ConfigError(f"backend.model_access[{i}]", "must name either a team or a scope")
         if not rule.models:
             raise ConfigError(f"backend.model_access[{i}].models", "must list at least one model (or \"*\")")
+    for i, network in enumerate(config.server.trusted_proxies):
+        if network in ("0.0.0.0/0", "::/0"):
+            warnings.append(f"server.trusted_proxies[{i}] ({network}) trusts every client to name its own address")
     for name, weight in config.limits.fair_share.weights.items():
         if not 0.01 <= weight <= 100:
             raise ConfigError(f"limits.fair_share.weights.{name}", "must be between 0.01 and 100")

@@ -180,10 +180,15 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         text = text[1 : text.find("]")] if "]" in text else ""
     elif text.count(":") == 1:
         text = text.split(":")[0]
+    if "%" in text:
+        return None  # a zone id: local to the sender, and free text
     try:
-        return ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # a dual-stack socket's view of an IPv4 client
+    return address
 
 
 def _forwarded_for(values: list[bytes]) -> list[str]:
@@ -204,8 +209,10 @@ def client_address(peer: str | None, forwarded_for: list[bytes], forwarded: list
     """
     The client's address for per-address limits and logs (never for
     authentication): the peer, unless the peer is one of the C{trusted}
-    proxies; then the right-most hop of C{Forwarded} (else
-    C{X-Forwarded-For}) that is not a trusted proxy.  A hop that is not an
+    proxies; then the right-most hop of C{X-Forwarded-For} (or, when a proxy
+    sends none, of C{Forwarded}) that is not a trusted proxy.  The proxy
+    must set or clear both headers (the nginx example does), since a
+    client's own would otherwise pass through.  A hop that is not an
     address ends the walk at the last trusted one, so a forged header can
     only make the client look like the proxy, never like someone else.
 
@@ -215,10 +222,10 @@ def client_address(peer: str | None, forwarded_for: list[bytes], forwarded: list
     address = _address(peer or "")
     if address is None or not any(address in n for n in networks):
         return peer
-    if forwarded:
-        hops = _forwarded_for(forwarded)
-    else:
+    if forwarded_for:
         hops = [hop for value in forwarded_for for hop in value.decode("latin-1").split(",")]
+    else:
+        hops = _forwarded_for(forwarded)
     client = peer
     for hop in reversed(hops):
         address = _address(hop)

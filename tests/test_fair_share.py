@@ -116,18 +116,86 @@ class FairQueueTests(SynchronousTestCase):
         self.assertEqual(q.slots.held["a"], 1)
 
     def test_queue_position_and_wait(self):
-        """A call that waits is told its position (1 = next) by the fair order, and its wait when it starts."""
+        """A call that waits is told, when it leaves the queue, where it stood (1 = next) and how long it waited; a wait that ends in a 503 is told too."""
         q = Queue(limit=1)
-        told, waited = [], []
+        told = []
         a = Share("a")
-        b = Share("b", queued=told.append, waited=waited.append)
+        b = Share("b", waited=lambda seconds, position, served: told.append((seconds, position, served)))
         for _ in range(5):
             q.call(a)
         q.call(b)
-        self.assertEqual(told, [1])  # ahead of A's four waiting calls
         q.clock.advance(2.5)
         q.finish_one()
-        self.assertEqual(waited, [2.5])
+        self.assertEqual(told, [(2.5, 1, True)])  # ahead of A's four waiting calls
+        late = Queue(limit=1)
+        late.call(a)
+        d = Deferred.fromCoroutine(late.slots.acquire(1, 10, 3, b))
+        late.clock.advance(3)
+        self.failureResultOf(d)
+        self.assertEqual(told[-1], (3, 1, False))
+
+    def test_position_is_the_place_in_the_order_served(self):
+        """The position a call is told is its place in the order the queue then serves in: a principal's later calls stand behind its earlier ones, weighted."""
+        q = Queue(limit=1)
+        told = []
+        q.call(Share("x"))
+        slow = Share("slow", 0.5)
+        for _ in range(2):
+            q.call(slow)
+        q.call(Share("c"))
+        q.call(Share("d"))
+        q.call(Share("e", waited=lambda seconds, position, served: told.append(position)))
+        while q.holding:
+            q.finish_one()
+        self.assertEqual(q.granted[1:], ["slow", "c", "d", "e", "slow"])
+        self.assertEqual(told, [4])
+
+    def test_no_credit_from_holding_a_long_call(self):
+        """A principal holding one long call while another is served 100 times does not come back owed a burst."""
+        q = Queue(limit=2)
+        mallory, steady = Share("mallory"), Share("steady")
+        q.call(mallory)  # held throughout
+        long_call = q.holding.pop(0)
+        for _ in range(100):
+            q.call(steady)
+            q.finish_one()
+        for _ in range(60):
+            q.call(mallory)
+        for _ in range(20):
+            q.call(steady)
+        q.granted.clear()
+        for _ in range(30):
+            q.finish_one()
+        counts = collections.Counter(q.granted)
+        self.assertLessEqual(abs(counts["mallory"] - counts["steady"]), 3, counts)
+        q.slots.release(q.limit, long_call)
+
+    def test_a_changing_weight_moves_nobody_else(self):
+        """One principal calling with weights 100 and 0.01 (two tokens) changes only its own place: two newcomers after it still share evenly."""
+        q = Queue(limit=4)
+        for _ in range(3):
+            q.call(Share("p", 100.0, "vip"))
+        q.call(Share("p", 0.01, "batch"))
+        for _ in range(30):
+            q.call(Share("other"))
+            q.call(Share("z"))
+        q.granted.clear()
+        for _ in range(20):
+            q.finish_one()
+        counts = collections.Counter(q.granted)
+        self.assertLessEqual(abs(counts["other"] - counts["z"]), 1, counts)
+
+    def test_a_raised_limit_serves_waiting_calls(self):
+        """After a reload lifts the per-user cap (or raises max_connections), the next call hands the free slots out instead of waiting behind them."""
+        q = Queue(limit=4, per_user=1)
+        a, b = Share("a"), Share("b")
+        waiting = [q.call(a) for _ in range(4)][1:]
+        q.per_user = 0
+        mine = q.call(b)
+        self.successResultOf(mine)
+        for d in waiting[:2]:
+            self.successResultOf(d)
+        self.assertEqual(q.slots.active, 4)
 
     def test_bookkeeping_ends_with_the_calls(self):
         """Nothing is kept for principals with no call held or waiting (the table cannot grow without end)."""
@@ -136,7 +204,7 @@ class FairQueueTests(SynchronousTestCase):
             q.call(Share(key))
         while q.holding:
             q.finish_one()
-        self.assertEqual((q.slots.active, q.slots.waiting, dict(q.slots.held), q.slots.service), (0, [], {}, {}))
+        self.assertEqual((q.slots.active, q.slots.waiting, dict(q.slots.held), q.slots.finish), (0, [], {}, {}))
 
 
 class GatewayFairShareTests(Backed):

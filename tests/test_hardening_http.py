@@ -1170,12 +1170,21 @@ class ClientAddressTests(SynchronousTestCase):
             self.assertEqual(client_address("127.0.0.1", [header], [], self.TRUSTED), "127.0.0.1", header)
 
     def test_forwarded_header(self):
-        """RFC 7239 Forwarded (quoted IPv6 with a port too) wins over X-Forwarded-For."""
+        """RFC 7239 Forwarded (quoted IPv6 with a port too) is read when the proxy sends no X-Forwarded-For; never instead of one (a client's own would pass a proxy that sets only X-Forwarded-For)."""
         from clawdbot.net import client_address
 
         forwarded = [b"for=192.0.2.60;proto=http;by=203.0.113.43", b'for="[2001:db8::1]:4711"']
-        self.assertEqual(client_address("127.0.0.1", [b"6.6.6.6"], forwarded, self.TRUSTED), "2001:db8::1")
+        self.assertEqual(client_address("127.0.0.1", [], forwarded, self.TRUSTED), "2001:db8::1")
+        self.assertEqual(client_address("127.0.0.1", [b"203.0.113.9"], [b"for=198.51.100.7"], self.TRUSTED), "203.0.113.9")
         self.assertEqual(client_address("127.0.0.1", [], [b"for=192.0.2.60:8080"], self.TRUSTED), "192.0.2.60")
+
+    def test_zone_ids_and_mapped_addresses(self):
+        """A zone id (free text after %) is no address; an IPv4-mapped peer is its IPv4 address, so 127.0.0.1/32 matches a dual-stack socket's view."""
+        from clawdbot.net import client_address
+
+        self.assertEqual(client_address("127.0.0.1", [], [b'for="[fe80::1%anything, at all]"'], self.TRUSTED), "127.0.0.1")
+        self.assertEqual(client_address("127.0.0.1", [b"fe80::1%eth0"], [], self.TRUSTED), "127.0.0.1")
+        self.assertEqual(client_address("::ffff:127.0.0.1", [b"203.0.113.9"], [], self.TRUSTED), "203.0.113.9")
 
     def test_config_entries(self):
         from clawdbot.config import ConfigError, parse_config
@@ -1183,6 +1192,8 @@ class ClientAddressTests(SynchronousTestCase):
 
         config = parse_config(merge_yaml(BASE_CONFIG, 'server: {trusted_proxies: ["127.0.0.1", "10.1.2.3/8", "::1"]}'), {})
         self.assertEqual(config.server.trusted_proxies, ("127.0.0.1/32", "10.0.0.0/8", "::1/128"))
+        everyone = parse_config(merge_yaml(BASE_CONFIG, 'server: {trusted_proxies: ["0.0.0.0/0"]}'), {})
+        self.assertTrue([w for w in everyone.warnings if "trusts every client" in w])
         for bad in ("nginx", "10.0.0.0/33", "*"):
             with self.assertRaises(ConfigError) as caught:
                 parse_config(merge_yaml(BASE_CONFIG, f'server: {{trusted_proxies: ["{bad}"]}}'), {})

@@ -570,6 +570,7 @@ class NginxConfigTests(TestCase):
             r'proxy_set_header Connection "";',
             r"proxy_set_header Host \$host;",
             r"proxy_set_header X-Forwarded-For \$remote_addr;",
+            r'proxy_set_header Forwarded "";',
             r"proxy_set_header X-Forwarded-Proto \$scheme;",
             r"proxy_buffering off;",
             r"proxy_cache off;",
@@ -674,8 +675,12 @@ oauth2:
         self.assertNotIn(429, first[:2])
         self.assertEqual(first[2], 429)
         self.assertNotEqual(await through_nginx("127.0.0.3"), 429)
-        # A client naming the spent address: nginx sets X-Forwarded-For to the real one.
+        # A client naming the spent address: nginx sets X-Forwarded-For to the real one, and drops Forwarded.
         self.assertNotEqual(await through_nginx("127.0.0.4", dict(refresh, **{"X-Forwarded-For": "127.0.0.2"})), 429)
+        self.assertNotEqual(await through_nginx("127.0.0.6", dict(refresh, **{"Forwarded": "for=127.0.0.2"})), 429)
+        for _ in range(2):
+            await through_nginx("127.0.0.7", dict(refresh, **{"Forwarded": "for=127.0.0.8"}))
+        self.assertNotEqual(await through_nginx("127.0.0.8"), 429)  # nobody spent 127.0.0.8's budget
 
         def straight(source, forwarded):
             conn = http.client.HTTPConnection("127.0.0.1", int(gw.url.rsplit(":", 1)[1]), timeout=30, source_address=(source, 0))

@@ -83,43 +83,46 @@ class Share:
     """
     Whose call it is, for the fair queue: the owner key, its weight
     (C{limits.fair_share.weights}), the class it is counted under in the
-    metrics, and what to tell the route (C{queued(position)} when the call
-    has to wait, C{waited(seconds)} when it gets its slot).
+    metrics, and C{waited(seconds, position, served)}: told once a call
+    that had to wait leaves the queue (C{position}: where it stood when it
+    was queued, 1 = next; C{served}: it got its slot, else it timed out).
     """
 
     key: str
     weight: float = 1.0
     cls: str = "default"
-    queued: Callable[[int], None] | None = None
-    waited: Callable[[float], None] | None = None
+    waited: Callable[[float, int, bool], None] | None = None
 
 
-# Calls without a principal (health checks, model lists for the page) share one key.
+# Calls without a principal (health checks) share one key.
 ANONYMOUS = Share("")
 
 
 class _Waiter:
-    __slots__ = ("share", "seq", "deferred", "since")
+    __slots__ = ("share", "seq", "deferred", "since", "position")
 
     def __init__(self, share, seq, deferred, since):
         self.share = share
         self.seq = seq
         self.deferred = deferred
         self.since = since
+        self.position = 0
 
 
 class Slots:
     """
     At most C{limit} concurrent backend calls; up to C{max_queue} more wait,
     each for at most C{timeout} seconds.  A free slot goes to the waiting
-    call of the principal who has had the least service, weighted (start-time
-    fair queuing): one user's many calls cannot keep another's single call
-    waiting behind all of them, and a principal with weight 2 gets twice
-    the slots of one with weight 1 when both keep the backend busy.  A
-    principal that goes idle starts again at the others' level, so idle
-    time is not banked.  With C{per_user} set, a principal never holds more
-    than that many slots (its further calls wait).  The limits are read at
-    each call, so a reload changes them.
+    call that starts earliest in virtual time (start-time fair queuing): a
+    principal's next call starts where its previous one finished, each
+    slot advancing it by 1/weight, and never before the virtual time now
+    (the start of the call granted last).  So one user's many calls cannot
+    keep another's single call waiting behind all of them; a principal with
+    weight 2 gets twice the slots of one with weight 1 when both keep the
+    backend busy; and nobody banks credit, by being idle or by holding a
+    long call while others are served.  With C{per_user} set, a principal
+    never holds more than that many slots (its further calls wait).  The
+    limits are read at each call, so a reload changes them.
 
     @ivar active: calls holding a slot.
     @ivar waiting: calls waiting, in arrival order.
@@ -130,53 +133,44 @@ class Slots:
         self.active = 0
         self.waiting = []
         self.held = collections.Counter()  # key -> slots held
-        self.service = {}  # key -> weighted slots granted (while the key is busy)
-        self.weights = {}  # key -> its weight
+        self.finish = {}  # key -> virtual finish of its last call (while the key is busy)
+        self.vtime = 0.0
         self._seq = 0
 
-    def _level(self):
-        """
-        Where a principal that was idle starts: the virtual time now, the
-        start of the earliest call in service (a principal's service less
-        what its held slots added), so it goes ahead of calls queued behind
-        slots already granted, but owes nothing and is owed nothing.
-        """
-        return min((service - self.held[key] / self.weights[key] for key, service in self.service.items()), default=0.0)
+    def _start(self, key):
+        """Where a principal's next call starts in virtual time."""
+        return max(self.finish.get(key, self.vtime), self.vtime)
 
-    def _grant(self, share):
-        self.active += 1
-        start = self.service.get(share.key)
-        if start is None:
-            start = self._level()
+    def _grant(self, waiter):
+        share = waiter.share
+        start = self._start(share.key)
+        self.vtime = start
+        self.finish[share.key] = start + 1.0 / share.weight
         self.held[share.key] += 1
-        self.weights[share.key] = share.weight
-        self.service[share.key] = start + 1.0 / share.weight
+        self.active += 1
 
     def _may_take(self, share, per_user):
         return not per_user or self.held[share.key] < per_user
 
     async def acquire(self, limit, max_queue, timeout, share=ANONYMOUS, per_user=0):
-        # (A call waiting while a slot is free can only be one over its cap.)
-        if self.active < limit and self._may_take(share, per_user) and self._next(per_user) is None:
-            self._grant(share)
+        self._seq += 1
+        waiter = _Waiter(share, self._seq, Deferred(lambda d: self._drop(waiter)), self.clock.seconds())
+        if not self.waiting and self.active < limit and self._may_take(share, per_user):
+            self._grant(waiter)
             return
         if len(self.waiting) >= max_queue:
             raise busy(retry_after(timeout))
-
-        def cancel(d):
-            self._drop(waiter)
-
-        self._seq += 1
-        waiter = _Waiter(share, self._seq, Deferred(cancel), self.clock.seconds())
         self.waiting.append(waiter)
-        if share.key not in self.service:
-            self.service[share.key] = self._level()
-            self.weights[share.key] = share.weight
-        if share.queued is not None:
-            share.queued(self._position(waiter, per_user))
+        waiter.position = self._position(waiter)
+        # (A reload may have raised a limit: free slots go out now, maybe to this call.)
+        self._dispatch(limit, per_user)
+        if waiter.deferred.called:
+            self._told(waiter, True)
+            return
 
         def expire():
             if self._drop(waiter):
+                self._told(waiter, False)
                 waiter.deferred.errback(busy(retry_after(timeout)))
 
         timer = self.clock.callLater(timeout, expire)
@@ -185,8 +179,11 @@ class Slots:
         finally:
             if timer.active():
                 timer.cancel()
-        if share.waited is not None:
-            share.waited(self.clock.seconds() - waiter.since)
+        self._told(waiter, True)
+
+    def _told(self, waiter, served):
+        if waiter.share.waited is not None:
+            waiter.share.waited(self.clock.seconds() - waiter.since, waiter.position, served)
 
     def _drop(self, waiter):
         if waiter in self.waiting:
@@ -196,40 +193,44 @@ class Slots:
         return False
 
     def _forget(self, key):
-        """A principal with nothing held or waiting is idle: its service is forgotten."""
+        """A principal with nothing held or waiting is idle: its place is forgotten (it comes back at the virtual time then)."""
         if not self.held[key] and not any(w.share.key == key for w in self.waiting):
             self.held.pop(key, None)
-            self.service.pop(key, None)
-            self.weights.pop(key, None)
+            self.finish.pop(key, None)
 
-    def _next(self, per_user):
-        """The waiting call to serve next: least weighted service first, then arrival."""
-        eligible = [w for w in self.waiting if self._may_take(w.share, per_user)]
-        if not eligible:
-            return None
-        return min(eligible, key=self._order)
+    def _virtual_starts(self):
+        """Each waiting call's virtual start: its owner's next start, plus 1/weight for each of the owner's calls ahead of it."""
+        ahead = collections.Counter()
+        starts = {}
+        for waiter in self.waiting:
+            key = waiter.share.key
+            starts[waiter] = (self._start(key) + ahead[key] / waiter.share.weight, waiter.seq)
+            ahead[key] += 1
+        return starts
 
-    def _order(self, waiter):
-        # Least weighted service first, then arrival.
-        return (self.service.get(waiter.share.key, 0.0), waiter.seq)
+    def _position(self, waiter):
+        """Where a call stands in the queue (1 = next), by the order it will be served in."""
+        starts = self._virtual_starts()
+        mine = starts[waiter]
+        return 1 + sum(1 for other, start in starts.items() if other is not waiter and start < mine)
 
-    def _position(self, waiter, per_user):
-        """Where a call stands in the queue now (1 = next), by the order L{_next} serves."""
-        mine = self._order(waiter)
-        return 1 + sum(1 for w in self.waiting if w is not waiter and self._order(w) < mine)
+    def _dispatch(self, limit, per_user):
+        """Hand free slots to the waiting calls that start earliest (one over its owner's cap waits)."""
+        while self.active < limit and self.waiting:
+            eligible = [w for w in self.waiting if self._may_take(w.share, per_user)]
+            if not eligible:
+                return
+            waiter = min(eligible, key=lambda w: (self._start(w.share.key), w.seq))
+            self.waiting.remove(waiter)
+            self._grant(waiter)
+            waiter.deferred.callback(None)
 
     def release(self, limit, share=ANONYMOUS, per_user=0):
         """Free a slot and hand free slots to the calls that should be served next."""
         self.active -= 1
         self.held[share.key] -= 1
         self._forget(share.key)
-        while self.active < limit:
-            waiter = self._next(per_user)
-            if waiter is None:
-                break
-            self.waiting.remove(waiter)
-            self._grant(waiter.share)
-            waiter.deferred.callback(None)
+        self._dispatch(limit, per_user)
 
 
 @implementer(IBodyProducer)

@@ -77,18 +77,22 @@ class ModelRoute(APIResource):
         """
         The caller's claim on the backend's slots (L{Share}): its owner key,
         and the largest weight its scopes and teams have in
-        C{limits.fair_share.weights}.  A call that has to wait says where it
-        stood (C{x-clawdbot-queue-position}), and its wait is measured.
+        C{limits.fair_share.weights}.  A call that had to wait says where it
+        stood (C{x-clawdbot-queue-position}) once it is served, and every
+        wait is measured, the ones that end in a 503 too.
         """
         principal = request.principal
         weights = request.config.limits.fair_share.weights
         named = [(weights[name], name) for name in (*principal.scopes, *principal.teams) if name in weights]
         weight, cls = max(named) if named else (1.0, "default")
+        observe = self.metrics.queue_wait.labels(cls).observe
 
-        def queued(position):
-            request.setHeader(b"x-clawdbot-queue-position", str(position).encode())
+        def waited(seconds, position, served):
+            observe(seconds)
+            if served:
+                request.setHeader(b"x-clawdbot-queue-position", str(position).encode())
 
-        return Share(principal.key, weight, cls, queued, self.metrics.queue_wait.labels(cls).observe)
+        return Share(principal.key, weight, cls, waited)
 
 
 class ChatCompletions(ModelRoute):
