@@ -197,6 +197,21 @@ class FairQueueTests(SynchronousTestCase):
             self.successResultOf(d)
         self.assertEqual(q.slots.active, 4)
 
+    def test_weights_hold_for_one_call_at_a_time(self):
+        """A principal re-calling as soon as each call ends still gets its weight's share against a backlogged one (what it used is owed while idle)."""
+        q = Queue(limit=1)
+        staff, batch = Share("staff", 10.0, "staff"), Share("batch", 0.1, "batch")
+        for _ in range(400):
+            q.call(staff)
+        q.call(batch)
+        for _ in range(300):
+            share = q.finish_one()
+            if share.key == "batch":
+                q.call(batch)  # straight back in
+        counts = collections.Counter(q.granted)
+        self.assertLessEqual(counts["batch"], 0.02 * len(q.granted), counts)
+        self.assertGreater(counts["batch"], 0)
+
     def test_bookkeeping_ends_with_the_calls(self):
         """Nothing is kept for principals with no call held or waiting (the table cannot grow without end)."""
         q = Queue(limit=2)
@@ -204,7 +219,15 @@ class FairQueueTests(SynchronousTestCase):
             q.call(Share(key))
         while q.holding:
             q.finish_one()
-        self.assertEqual((q.slots.active, q.slots.waiting, dict(q.slots.held), q.slots.finish), (0, [], {}, {}))
+        self.assertEqual((q.slots.active, q.slots.waiting, dict(q.slots.held)), (0, [], {}))
+        # What idle principals still owe is kept, but bounded however many there are.
+        from clawdbot.backend.ollama import MAX_IDLE
+
+        for n in range(3 * MAX_IDLE):
+            q.call(Share(f"p{n}"))
+            q.finish_one()
+        self.assertLessEqual(len(q.slots.finish), MAX_IDLE + 1)
+        self.assertEqual(set(q.slots.finish), q.slots.idle)
 
 
 class GatewayFairShareTests(Backed):

@@ -109,6 +109,10 @@ class _Waiter:
         self.position = 0
 
 
+# Idle principals whose use is still owed, at most (then those owing least are forgiven).
+MAX_IDLE = 4096
+
+
 class Slots:
     """
     At most C{limit} concurrent backend calls; up to C{max_queue} more wait,
@@ -133,7 +137,8 @@ class Slots:
         self.active = 0
         self.waiting = []
         self.held = collections.Counter()  # key -> slots held
-        self.finish = {}  # key -> virtual finish of its last call (while the key is busy)
+        self.finish = {}  # key -> virtual finish of its last call (while busy, or idle and still ahead)
+        self.idle = set()  # keys with nothing held or waiting whose finish is still ahead of vtime
         self.vtime = 0.0
         self._seq = 0
 
@@ -144,7 +149,13 @@ class Slots:
     def _grant(self, waiter):
         share = waiter.share
         start = self._start(share.key)
-        self.vtime = start
+        self.idle.discard(share.key)
+        if start > self.vtime:
+            self.vtime = start
+            # Idle principals whose last call the clock has passed are forgotten.
+            for key in [k for k in self.idle if self.finish.get(k, 0.0) <= start]:
+                self.idle.discard(key)
+                self.finish.pop(key, None)
         self.finish[share.key] = start + 1.0 / share.weight
         self.held[share.key] += 1
         self.active += 1
@@ -165,8 +176,7 @@ class Slots:
         # (A reload may have raised a limit: free slots go out now, maybe to this call.)
         self._dispatch(limit, per_user)
         if waiter.deferred.called:
-            self._told(waiter, True)
-            return
+            return  # served at once: it did not wait
 
         def expire():
             if self._drop(waiter):
@@ -193,10 +203,24 @@ class Slots:
         return False
 
     def _forget(self, key):
-        """A principal with nothing held or waiting is idle: its place is forgotten (it comes back at the virtual time then)."""
+        """
+        A principal with nothing held or waiting is idle: its place is
+        forgotten (it comes back at the virtual time then), unless its last
+        call finishes ahead of the clock: what it used is still owed, so a
+        principal calling one at a time keeps its weight.
+        """
         if not self.held[key] and not any(w.share.key == key for w in self.waiting):
             self.held.pop(key, None)
-            self.finish.pop(key, None)
+            if self.finish.get(key, 0.0) > self.vtime:
+                self.idle.add(key)
+                if len(self.idle) > MAX_IDLE:
+                    # Bounded whatever the number of principals: those who owe least are forgiven first.
+                    for forgiven in sorted(self.idle, key=lambda k: self.finish.get(k, 0.0))[: MAX_IDLE // 2]:
+                        self.idle.discard(forgiven)
+                        self.finish.pop(forgiven, None)
+            else:
+                self.finish.pop(key, None)
+                self.idle.discard(key)
 
     def _virtual_starts(self):
         """Each waiting call's virtual start: its owner's next start, plus 1/weight for each of the owner's calls ahead of it."""
