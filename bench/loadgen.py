@@ -11,13 +11,15 @@ The protocol with the parent, one line each way at a time:
 2. worker -> parent: C{ready} once its keep-alive connections are open;
 3. parent -> worker: C{go START DEADLINE HARD_STOP} (C{time.monotonic()}
    values, comparable across processes on Linux);
-4. worker -> parent: C{result {...json...}}.
+4. parent -> worker, optionally: C{stop} (abort now, as at HARD_STOP);
+5. worker -> parent: C{result {...json...}}.
 
 Each connection sends the same request again and again, back to back
-(a closed loop), from START until DEADLINE; no request starts after
-DEADLINE, and whatever is still running at HARD_STOP is aborted and counted
-as an error.  Per request it records the latency (request written to
-response complete) and the time to first token:
+(a closed loop; with C{think}, that many seconds apart), from START until
+DEADLINE; no request starts after DEADLINE, and whatever is still running
+at HARD_STOP is aborted and counted as an error.  Per request it records
+the latency (request written to response complete) and the time to first
+token:
 
 - C{plain}: no first token, only the latency;
 - C{ndjson}: the first complete NDJSON line of the body (Ollama's stream);
@@ -242,11 +244,19 @@ async def run(spec, control):
             client.abort()
 
     loop.call_at(hard_stop, stop_all)  # loop.time() is time.monotonic()
+
+    async def stop_when_told():
+        # C{stop}: the parent's other client is done, so end now.
+        if (await control.readline()).strip() == b"stop":
+            stop_all()
+
+    stopper = asyncio.ensure_future(stop_when_told())
     await asyncio.sleep(max(0.0, start - time.monotonic()))
     cpu0 = time.process_time()
 
     per_connection = []
     stagger = spec.get("stagger", 0.0)
+    think = spec.get("think", 0.0)
     index0, total = spec.get("index0", 0), spec.get("total", spec["connections"])
 
     async def drive(index, client):
@@ -291,8 +301,11 @@ async def run(spec, control):
             if not client.keep_alive:
                 client.transport.close()
                 client = None
+            if think:
+                await asyncio.sleep(think)
 
     await asyncio.gather(*[drive(i, c) for i, c in enumerate(clients)])
+    stopper.cancel()
     cpu = time.process_time() - cpu0
     return {
         "connected": connected,
@@ -325,7 +338,9 @@ def main():
     at once, so a thousand connections do not overflow a listen backlog),
     C{stagger} (seconds over which the connections' first requests are
     spread), C{index0} and C{total} (this worker's first connection index
-    and the connections of all workers, for the stagger).
+    and the connections of all workers, for the stagger), and C{think}
+    (seconds each connection waits after a request before its next one, as
+    a person reading the answer does).
     """
     asyncio.run(main_async())
 

@@ -1,18 +1,24 @@
 #!/usr/bin/env python3
 """
 Clawdbot's benchmark: the fake Ollama directly vs the same fake through the
-gateway, side by side in one run, printed as one markdown table.
+gateway, side by side in one run, printed as one markdown table; then "two
+users, one GPU" (issue 16), each client's time to first token while a
+greedy principal saturates a gateway with two backend slots, before (one
+principal: arrival order) and after (two principals: fair share).
 
-    .venv/bin/python bench/run.py            # or: make bench
-    .venv/bin/python bench/run.py --full     # also 1,000 concurrent paced streams
+    .venv/bin/python bench/run.py              # or: make bench
+    .venv/bin/python bench/run.py --full       # also 1,000 concurrent paced streams
+    .venv/bin/python bench/run.py --fair-only  # only "two users, one GPU"
 
 It starts, as separate processes on 127.0.0.1 only:
 
 - the fake Ollama (C{python -m testing.fake_ollama --port 0 ...}): a fresh
   unpaced one for each unpaced measurement, and one paced instance
-  (C{--pace-ms 20 --tokens 64}) for the paced scenarios;
+  (C{--pace-ms 20 --tokens 64}) for the paced scenarios and one for "two
+  users";
 - the real gateway (C{python -m clawdbot start --config TMP}) in production
-  mode in front of a fake, with JWT auth on and the rate limit off;
+  mode in front of a fake, with JWT auth on and the rate limit off (for
+  "two users", a fresh one per variant with C{max_connections: 2});
 - the load generators: wrk (Debian's C{wrk} package) for non-streaming
   throughput, and bench/loadgen.py (asyncio, raw HTTP/1.1 keep-alive,
   several processes) for streams and time to first token.
@@ -35,6 +41,7 @@ import resource
 import secrets
 import shutil
 import signal
+import statistics
 import string
 import subprocess
 import sys
@@ -51,6 +58,13 @@ MODEL = "qwen3:32b"
 PROMPT = "Hello"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WRK_INSTALL = "apt-get install -y wrk"
+
+
+# "Two users, one GPU" (issue 16): (key, what it is, the interactive client's sub).
+TWO_USERS = (
+    ("before", "FIFO-equivalent: same principal", "greedy"),
+    ("after", "fair share: two principals", "ann"),
+)
 
 
 # What is being measured right now, to attribute the gateway's log lines.
@@ -358,13 +372,14 @@ class Gateway:
         self.pid = self.child.pid
         self.sampler = RSSSampler(self.pid)
         self.sampler.start()
-        if like is None:
-            out = self._cli("token", "--sub", "bench", "--scope", "chat:read chat:write", "--ttl", "6h")
-            if out.returncode != 0 or not out.stdout.strip():
-                raise BenchError(f"clawdbot token failed: {out.stderr.strip()}")
-            self.token = out.stdout.strip().splitlines()[-1]
-        else:
-            self.token = like.token
+        self.token = self.mint("bench") if like is None else like.token
+
+    def mint(self, sub):
+        """A token for C{sub} from C{clawdbot token} (HS256, this config's secret)."""
+        out = self._cli("token", "--sub", sub, "--scope", "chat:read chat:write", "--ttl", "6h")
+        if out.returncode != 0 or not out.stdout.strip():
+            raise BenchError(f"clawdbot token failed: {out.stderr.strip()}")
+        return out.stdout.strip().splitlines()[-1]
 
     def _cli(self, *args):
         env = dict(os.environ, PYTHONPATH=ROOT)
@@ -495,6 +510,18 @@ def _other_cpu(cpu):
     return max(0.0, cpu["machine"] - ours)
 
 
+def loadgen_spec(target, stream, **extra):
+    """What a bench/loadgen.py worker is told to send to C{target} (see its C{main})."""
+    return {
+        "host": target.host,
+        "port": target.port,
+        "mode": target.stream_mode if stream else "plain",
+        "request": target.raw_request(stream),
+        "connect_parallel": 64,
+        **extra,
+    }
+
+
 def run_loadgen(target, stream, connections, duration, grace, procs, cpu_pids, label, stagger=0.0):
     """
     Run bench/loadgen.py in C{procs} processes with C{connections} in all,
@@ -503,15 +530,7 @@ def run_loadgen(target, stream, connections, duration, grace, procs, cpu_pids, l
     """
     procs = max(1, min(procs, connections))
     shares = [connections // procs + (1 if i < connections % procs else 0) for i in range(procs)]
-    spec = {
-        "host": target.host,
-        "port": target.port,
-        "mode": target.stream_mode if stream else "plain",
-        "request": target.raw_request(stream),
-        "connect_parallel": 64,
-        "stagger": stagger,
-        "total": connections,
-    }
+    spec = loadgen_spec(target, stream, stagger=stagger, total=connections)
     workers = []
     try:
         for i, share in enumerate(shares):
@@ -566,6 +585,89 @@ def run_loadgen(target, stream, connections, duration, grace, procs, cpu_pids, l
         "errors": dict(errors),
         "cpu": cpu,
     }
+
+
+def summarise_two_users(label, raw):
+    """
+    Each client's TTFT (s) and streams from L{run_two_users}'s results, the
+    greedy client's rate, and the slot turnover: the median length of the
+    greedy streams from first content to end.
+    """
+    g, i = raw["greedy"], raw["interactive"]
+    held = [(lat - ttft) / 1e6 for lat, ttft in zip(g["latency_us"], g["ttft_us"])]
+    span = g["last_end"] - g["start"]
+
+    def client(r, cut):
+        errors = dict(r["errors"])
+        if cut:
+            errors.pop("aborted at hard stop", None)
+        ttfts = [us / 1e6 for us in r["ttft_us"]]
+        return {"streams": r["completed"], "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
+                "errors": errors}
+
+    greedy = client(g, cut=True)
+    greedy["rate"] = g["completed"] / span if span > 0 else None
+    return {"label": label, "turnover_s": statistics.median(held) if held else None,
+            "greedy": greedy, "interactive": client(i, cut=False)}
+
+
+def _s(seconds):
+    return "-" if seconds is None else f"{seconds:.3f}"
+
+
+def markdown_table(head, rows):
+    """A markdown table, the first column left-aligned and the others right."""
+    n = len(head)
+    widths = [max(len(r[i]) for r in list(rows) + [head]) for i in range(n)]
+    lines = ["| " + " | ".join(h.ljust(widths[i]) for i, h in enumerate(head)) + " |",
+             "|" + "|".join("-" * (widths[i] + 2) if i == 0 else "-" * (widths[i] + 1) + ":" for i in range(n)) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(r[i].ljust(widths[i]) if i == 0 else r[i].rjust(widths[i]) for i in range(n))
+                     + " |")
+    return "\n".join(lines)
+
+
+def run_two_users(greedy, interactive, streams, think, ramp, duration, tail, label):
+    """
+    Two clients of one gateway, each a bench/loadgen.py worker: the greedy
+    one keeps C{streams} streams going back to back from the start; the
+    interactive one starts C{ramp} seconds later (the greedy streams are
+    queued by then) and asks one stream at a time, C{think} seconds apart,
+    starting none after C{duration} more seconds.  The greedy client keeps
+    the backend saturated until the interactive one's last answer is in,
+    and is then stopped; C{tail} bounds that wait.  Returns each worker's
+    result.
+    """
+    specs = {
+        "greedy": loadgen_spec(greedy, True, connections=streams),
+        "interactive": loadgen_spec(interactive, True, connections=1, think=think),
+    }
+    workers = {}
+    try:
+        for who, spec in specs.items():
+            workers[who] = Child(f"loadgen {label} {who}", [PY, LOADGEN], stdin=True)
+            workers[who].send(json.dumps(spec))
+        for w in workers.values():
+            w.expect(r"^ready$", 120)
+        start = time.monotonic() + 0.05
+        deadline = start + ramp + duration
+        hard_stop = deadline + tail
+        workers["greedy"].send(f"go {start!r} {hard_stop!r} {hard_stop!r}")
+        workers["interactive"].send(f"go {start + ramp!r} {deadline!r} {hard_stop!r}")
+        results = {"interactive": _worker_result(workers["interactive"], hard_stop)}
+        workers["greedy"].send("stop")
+        results["greedy"] = _worker_result(workers["greedy"], hard_stop)
+        for w in workers.values():
+            w.wait(30)
+    finally:
+        for w in workers.values():
+            w.stop(grace=2.0)
+    return results
+
+
+def _worker_result(worker, hard_stop):
+    m = worker.expect(r"^result (.*)$", max(0.0, hard_stop - time.monotonic()) + 60)
+    return json.loads(m.group(1))
 
 
 def _ms(us):
@@ -701,10 +803,12 @@ class Bench:
         self.notes = []
         self.profile = None
         self.first_gateway = None
+        self.shared_gpu = collections.OrderedDict()
+        self.shared_gpu_s = None
         self.gateway_messages = collections.Counter()
         self.load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
         self.wrk = None if args.no_wrk else shutil.which("wrk")
-        if not self.wrk:
+        if not self.wrk and not args.fair_only:
             self.notes.append(
                 "wrk not used" + (" (--no-wrk)" if args.no_wrk else f": not installed (`{WRK_INSTALL}` as root)")
                 + "; non-streaming throughput measured with bench/loadgen.py instead"
@@ -816,6 +920,9 @@ class Bench:
 
     def run(self):
         a = self.args
+        if a.fair_only:
+            self.two_users_scenario()
+            return
         self.rss["idle"] = None
         self.rss["peak, unpaced scenarios"] = None
         unpaced = {"direct": self.fresh_direct, "gateway": self.fresh_gateway}
@@ -854,6 +961,88 @@ class Bench:
             self.rss[f"peak, {a.full_streams} streams"] = gw.sampler.peaks.get("full")
         self.stop_gateway(gw)
         fake.stop()
+        if not a.no_fair:
+            self.two_users_scenario()
+
+    def two_users_scenario(self):
+        """
+        Issue 16's "two users, one GPU": a greedy principal and an
+        interactive one through a gateway with C{--fair-slots} backend slots
+        in front of the paced fake; first with the interactive client under
+        the greedy one's principal (its calls then queue in arrival order
+        behind the greedy ones, as every call did before fair sharing), then
+        as a principal of its own.  A fresh gateway for each, so that the
+        scheduler starts without history; one fake for both.
+        """
+        a = self.args
+        started = time.monotonic()
+        turnover = (a.paced_tokens - 1) * a.pace_ms / 1000.0
+        tail = (a.fair_greedy / a.fair_slots + 3) * turnover + 10.0  # an arrival-order wait, and more
+        fake = start_fake("fake-ollama-two-users", "--pace-ms", f"{a.pace_ms:g}", "--tokens", str(a.paced_tokens))
+        tokens = {}
+        try:
+            for key, label, sub in TWO_USERS:
+                gw = Gateway(fake.url, self.tmp, a.fair_slots, self.notes, like=self.first_gateway)
+                self.first_gateway = self.first_gateway or gw
+                try:
+                    for name in ("greedy", sub):
+                        tokens[name] = tokens.get(name) or gw.mint(name)
+                    PHASE["now"] = f"two users, {label}"
+                    say(f"bench: two users, one GPU, {label}: {a.fair_greedy} greedy streams and one interactive "
+                        f"client on {a.fair_slots} slots for {a.fair_duration:g}s ...")
+                    raw = run_two_users(
+                        Target("gateway", gw.url, gw.pid, tokens["greedy"]),
+                        Target("gateway", gw.url, gw.pid, tokens[sub]),
+                        a.fair_greedy, a.fair_think, 2 * turnover, a.fair_duration, tail, key,
+                    )
+                    self.shared_gpu[key] = summarise_two_users(label, raw)
+                    i = self.shared_gpu[key]["interactive"]
+                    say(f"bench:   interactive TTFT p50 {_s(i['ttft_p50'])} s, p99 {_s(i['ttft_p99'])} s "
+                        f"over {i['streams']} streams")
+                finally:
+                    self.stop_gateway(gw)
+        finally:
+            fake.stop()
+        self.shared_gpu_s = time.monotonic() - started
+
+    def two_users_report(self):
+        """The "two users, one GPU" table and how to read it: a list of lines."""
+        a = self.args
+        rows = []
+        for key, r in self.shared_gpu.items():
+            g, i, t = r["greedy"], r["interactive"], r["turnover_s"]
+            in_turnovers = i["ttft_p99"] / t if i["ttft_p99"] is not None and t else None
+            rows.append((
+                f"{key}: {r['label']}", _s(g["ttft_p50"]), _s(g["ttft_p99"]), _s(i["ttft_p50"]), _s(i["ttft_p99"]),
+                _s(t), "-" if in_turnovers is None else f"{in_turnovers:.2f}",
+                "-" if g["rate"] is None else f"{g['rate']:.2f}", f"{g['streams']} / {i['streams']}",
+            ))
+            for who, c in (("greedy", g), ("interactive", i)):
+                if c["errors"]:
+                    self.notes.append(f"two users, {key}, {who} client: errors {c['errors']}")
+        head = ("two users, one GPU", "greedy TTFT p50 (s)", "greedy TTFT p99 (s)", "interactive TTFT p50 (s)",
+                "interactive TTFT p99 (s)", "slot turnover (s)", "interactive p99 (turnovers)",
+                "greedy streams/s", "streams greedy / interactive")
+        nominal = (a.paced_tokens - 1) * a.pace_ms / 1000.0
+        took = "" if self.shared_gpu_s is None else f" This part took {self.shared_gpu_s:.0f} s."
+        return [
+            "",
+            "### Two users, one GPU (issue 16)",
+            "",
+            markdown_table(head, rows),
+            "",
+            f"The gateway with max_connections: {a.fair_slots} in front of the fake paced at {a.pace_ms:g} ms × "
+            f"{a.paced_tokens} tokens. A greedy client (sub greedy) keeps {a.fair_greedy} streams going back to back; "
+            f"{2 * nominal:.1f} s after it started, an interactive client asks one stream at a time, "
+            f"{a.fair_think:g} s after its last answer, for {a.fair_duration:g} s; the greedy streams saturate the "
+            "slots until the interactive client's last answer is in (the greedy streams still open then are cut "
+            "and not counted). TTFT: from the request to the first SSE event with content. Slot turnover: one "
+            "stream's length, first content to end (median of the greedy streams; nominally "
+            f"{nominal:.2f} s), so the backend's ceiling is {a.fair_slots / nominal:.2f} streams/s. "
+            "before = FIFO-equivalent: the interactive client uses the greedy principal's token, so its calls "
+            "queue in arrival order behind the greedy ones, as every call did before fair sharing; after = fair "
+            "share: the interactive client is principal ann." + took,
+        ]
 
     def gateway_notes(self):
         total = sum(self.gateway_messages.values())
@@ -988,35 +1177,13 @@ class Bench:
                 worst = max(worst, _other_cpu(r["cpu"]) or 0.0)
         return worst
 
-    def report(self, elapsed):
+    def side_by_side(self):
+        """The direct vs gateway table, how to read it, and the CPU table: a list of lines."""
         a = self.args
         out = []
-        wrk_version = ""
-        if self.wrk:
-            try:
-                v = subprocess.run([self.wrk, "-v"], capture_output=True, text=True, timeout=10)
-                wrk_version = (v.stdout + v.stderr).split("\n", 1)[0].split(" Copyright")[0]
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-        cpu_model = ""
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu_model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-        except OSError:
-            pass
-        out.append(f"## Clawdbot benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}")
-        out.append("")
-        out.append(
-            f"{os.cpu_count()} CPUs ({cpu_model or platform.machine()}), Python {platform.python_version()}, "
-            f"{wrk_version or 'no wrk'}; {a.duration:g} s per measurement after {a.warmup:g} s warm-up; "
-            f"unpaced replies of {a.tokens} tokens"
-            + (f"; each measurement repeated {a.repeat}×, median kept" if a.repeat > 1 else "")
-            + f"; load average at start {self.load_at_start}; run took {elapsed:.0f} s."
-        )
         out.append("")
         out.append(self.table())
         out.append("")
-        self.gateway_notes()
         spiky = [k for k, pair in self.results.items()
                  if k.startswith(("plain", "stream")) and (pair.get("direct") or {}).get("p99")
                  and pair["direct"]["p99"] > max(10.0, 4 * pair["direct"]["p50"])]
@@ -1057,6 +1224,39 @@ class Bench:
                 "not quiet, and the numbers (direct and gateway alike) are pessimistic; run again on a quiet machine "
                 "or with --repeat 3"
             )
+        return out
+
+    def report(self, elapsed):
+        a = self.args
+        out = []
+        wrk_version = ""
+        if self.wrk:
+            try:
+                v = subprocess.run([self.wrk, "-v"], capture_output=True, text=True, timeout=10)
+                wrk_version = (v.stdout + v.stderr).split("\n", 1)[0].split(" Copyright")[0]
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        cpu_model = ""
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu_model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+        except OSError:
+            pass
+        out.append(f"## Clawdbot benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}")
+        out.append("")
+        out.append(
+            f"{os.cpu_count()} CPUs ({cpu_model or platform.machine()}), Python {platform.python_version()}"
+            + ("" if a.fair_only else
+               f", {wrk_version or 'no wrk'}; {a.duration:g} s per measurement after {a.warmup:g} s warm-up; "
+               f"unpaced replies of {a.tokens} tokens")
+            + (f"; each measurement repeated {a.repeat}×, median kept" if a.repeat > 1 and not a.fair_only else "")
+            + f"; load average at start {self.load_at_start}; run took {elapsed:.0f} s."
+        )
+        self.gateway_notes()
+        if not a.fair_only:
+            out += self.side_by_side()
+        if not a.no_fair:
+            out += self.two_users_report()
         errors = [(k, kind, r["errors"]) for k, pair in self.results.items() for kind, r in pair.items() if r["errors"]]
         if errors or self.notes:
             out.append("")
@@ -1093,7 +1293,8 @@ class Bench:
 
     def as_json(self, elapsed):
         return {"args": vars(self.args), "elapsed_s": elapsed, "results": self.results,
-                "rss_kb": self.rss, "notes": self.notes}
+                "rss_kb": self.rss, "two_users": self.shared_gpu, "two_users_s": self.shared_gpu_s,
+                "notes": self.notes}
 
 
 def parse_args(argv=None):
@@ -1113,6 +1314,15 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true", help="also hold --full-streams concurrent paced streams open")
     p.add_argument("--full-streams", type=int, default=1000, help="streams for --full (default 1000)")
     p.add_argument("--full-duration", type=int, default=10, help="seconds for --full (default 10)")
+    p.add_argument("--fair-slots", type=int, default=2, help="two users, one GPU: the gateway's max_connections (default 2)")
+    p.add_argument("--fair-greedy", type=int, default=20, help="two users: the greedy client's streams (default 20)")
+    p.add_argument("--fair-think", type=float, default=1.0,
+                   help="two users: seconds the interactive client waits between answers (default 1)")
+    p.add_argument("--fair-duration", type=float, default=12.0,
+                   help="two users: seconds the interactive client asks for, in each variant (default 12)")
+    two_users = p.add_mutually_exclusive_group()
+    two_users.add_argument("--no-fair", action="store_true", help="leave out the two users, one GPU scenario")
+    two_users.add_argument("--fair-only", action="store_true", help="run only the two users, one GPU scenario")
     p.add_argument("--repeat", type=int, default=1, help="measure each scenario N times, alternating, keep the median")
     p.add_argument("--client-procs", type=int, default=2, help="load generator processes above concurrency 1 (default 2)")
     p.add_argument("--no-wrk", action="store_true", help="use bench/loadgen.py for non-streaming too")
@@ -1129,6 +1339,8 @@ def parse_args(argv=None):
         p.error("concurrency levels and --duration must be at least 1, --warmup at least 0")
     if args.paced_tokens < 2 or args.pace_ms <= 0 or args.paced_streams < 1 or args.full_streams < 1:
         p.error("--paced-tokens must be at least 2, --pace-ms positive, stream counts at least 1")
+    if args.fair_slots < 1 or args.fair_greedy < 1 or args.fair_think < 0 or args.fair_duration <= 0:
+        p.error("--fair-slots and --fair-greedy must be at least 1, --fair-think at least 0, --fair-duration positive")
     return args
 
 
@@ -1149,7 +1361,7 @@ def main(argv=None):
     bench = Bench(args, tmp)
     status = 0
     try:
-        if not bench.wrk and not args.no_wrk:
+        if not bench.wrk and not args.no_wrk and not args.fair_only:
             say(f"bench: wrk is not installed; install it with `{WRK_INSTALL}` (as root). Using bench/loadgen.py instead.")
         bench.run()
         elapsed = time.monotonic() - started
