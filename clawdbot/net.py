@@ -13,6 +13,7 @@ import re
 import urllib.parse
 from typing import Any
 
+from twisted.internet.protocol import Protocol
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
 # --- HTTP methods ----------------------------------------------------------------
@@ -315,3 +316,11 @@ def quiet_pool(reactor: Any, size: int) -> HTTPConnectionPool:
     pool.retryAutomatically = False
     pool._factory = _QuietClientFactory
     return pool
+
+
+class Discard(Protocol):
+    """Drops a body that will not be read, and closes its connection."""
+
+    def connectionMade(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()

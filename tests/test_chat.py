@@ -465,6 +465,31 @@ class SeveralBackendsTests(TestCase):
             self.assertEqual((await d)[0], 200)
         self.assertEqual(gw.parts.ollama.slots.active, 0)
 
+    async def test_clients_leaving_do_not_mark_a_backend_down(self):
+        """Clients that leave while their calls wait for Ollama's first byte leave every backend up (nothing is routed away from a healthy one)."""
+        a, b = self.two()
+        gw = serve(self, extra=f'backend: {{urls: ["{a.url}", "{b.url}"], health_interval: 1h}}')
+        a.hold()
+        b.hold()
+        host, port = gw.url.split("//")[1].split(":")
+        body = json.dumps({"messages": HI, "stream": True}).encode()
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {token(scope=ALL)}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        clients = []
+        for n in range(6):
+            client = await connectProtocol(TCP4ClientEndpoint(reactor, host, int(port)), Protocol())
+            client.transport.write(head + body)
+            clients.append(client)
+            await (a if n % 2 == 0 else b).when_requests(n // 2 + 1, "/api/chat")
+        gone = [fake.next_disconnect() for fake in (a, b) for _ in range(3)]
+        for client in clients:
+            client.transport.abortConnection()
+        for d in gone:
+            await d
+        self.assertEqual([u.down_until for u in gw.parts.ollama.upstreams(gw.parts.runtime.config)], [0.0, 0.0])
+
     async def test_failover_when_one_dies(self):
         """With one backend gone, every call still succeeds on the other; /readyz stays ready and shows which is down."""
         a, b = self.two()

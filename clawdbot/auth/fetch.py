@@ -6,11 +6,10 @@ The client side: HTTP calls to Ollama and to identity providers.
 import treq
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.client import Agent, ResponseFailed
 
-from clawdbot.net import quiet_pool
+from clawdbot.net import Discard, quiet_pool
 from clawdbot.strictjson import loads_checked
 
 log = Logger(namespace="clawdbot.backend")
@@ -22,13 +21,6 @@ class FetchError(Exception):
     def __init__(self, reason):
         super().__init__(reason)
         self.reason = reason
-
-
-class _Discard(Protocol):
-    """Drops a body that will not be read, and closes its connection."""
-
-    def connectionMade(self):
-        self.transport.stopProducing()
 
 
 class HTTPFetcher:
@@ -92,7 +84,7 @@ class HTTPFetcher:
         """
         declared = response.headers.getRawHeaders(b"content-length") or []
         if declared and declared[0].strip().isdigit() and int(declared[0]) > self.max_size:
-            response.deliverBody(_Discard())
+            response.deliverBody(Discard())
             raise FetchError("document too large")
         reading = response.content()
         timer = self.reactor.callLater(self.timeout, reading.cancel)

@@ -14,6 +14,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -22,7 +23,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import Attribute, Interface, implementer
 
-from clawdbot.net import quiet_pool
+from clawdbot.net import Discard, quiet_pool
 from clawdbot.errors import APIError
 from clawdbot.strictjson import loads_checked
 
@@ -537,12 +538,25 @@ class Ollama:
             wait = min(wait, max(0.0, deadline - now))
         fired = []
         timer = self.reactor.callLater(wait, lambda: (fired.append(True), d.cancel()))
+        # Whether the caller gave up (its client left): known here, not
+        # guessed from the error the aborted request ends with.
+        given_up = []
+        waiting = Deferred(lambda _: (given_up.append(True), d.cancel()))
+
+        def forward(result):
+            if not waiting.called:
+                (waiting.errback if isinstance(result, Failure) else waiting.callback)(result)
+            elif not isinstance(result, Failure):
+                result.deliverBody(Discard())  # answered after all: nobody reads it
+            # (A failure after the caller gave up is the echo of that.)
+
+        d.addBoth(forward)
         try:
-            return await d
+            return await waiting
         except Exception as e:
             if fired:
                 raise timed_out("the model backend did not answer in time") from None
-            if isinstance(e, (CancelledError, ConnectingCancelledError)) or _cancelled(e):
+            if given_up or isinstance(e, (CancelledError, ConnectingCancelledError)) or _cancelled(e):
                 # The caller was cancelled (its client went away): not the
                 # backend's fault.
                 raise CancelledError() from None
