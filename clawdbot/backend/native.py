@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from clawdbot.errors import invalid
 from clawdbot.backend.options import ADMIN, INT64_MAX, check, keep_alive_policy, needs_admin, options_policy
-from clawdbot.backend.translate import MAX_EMBEDDING_INPUTS, MAX_MESSAGES, check_tool_name, may_use, resolve_model
+from clawdbot.backend.translate import MAX_EMBEDDING_INPUTS, MAX_MESSAGES, allows, check_tool_name, resolve_model, usable_models
 
 if TYPE_CHECKING:
     from clawdbot.config import Config
@@ -133,7 +133,7 @@ def native_request(name: str, body: dict[str, Any], config: "Config", principal:
         raise invalid("'model' is required")
     if not isinstance(model, str):
         raise invalid("'model' must be a string")
-    out: dict[str, Any] = {"model": resolve_model(model, config)}
+    out: dict[str, Any] = {"model": resolve_model(model, config, principal)}
     images: list[list[str]] = []
     for key, value in body.items():
         if key in AUDIT_FIELDS or key in ("model", "name") or value is None:
@@ -182,6 +182,7 @@ def filter_tags(tags: Any, config: "Config", principal: Any = None) -> Any:
     allowed = set(config.backend.models)
     if not isinstance(tags, dict) or not isinstance(tags.get("models"), list):
         return tags
+    usable = usable_models(principal, config) if principal is not None else None
     kept = []
     for entry in tags["models"]:
         if not isinstance(entry, dict):
@@ -189,7 +190,7 @@ def filter_tags(tags: Any, config: "Config", principal: Any = None) -> Any:
         names = [n for n in (entry.get("name"), entry.get("model")) if isinstance(n, str)]
         if allowed and not any(n in allowed for n in names):
             continue
-        if principal is not None and not any(may_use(principal, config, n) for n in names):
+        if not any(allows(usable, n) for n in names):
             continue
         kept.append(entry)
     return dict(tags, models=kept)

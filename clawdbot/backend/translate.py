@@ -86,12 +86,15 @@ def _integer(value: object, name: str, low: int | None = None) -> int:
     return value
 
 
-def resolve_model(requested: object, config: "Config") -> str:
+def resolve_model(requested: object, config: "Config", principal: Any = None) -> str:
     """
     The Ollama model for a request's C{model}: the default when absent, an
-    alias resolved, and the allow-list applied.
+    alias resolved, the allow-list applied, and (for a C{principal})
+    C{backend.model_access}: every route that names a model comes here.
 
-    @raise APIError: MODEL_NOT_FOUND when the allow-list does not have it.
+    @raise APIError: MODEL_NOT_FOUND when the allow-list does not have it;
+        403 MODEL_NOT_ALLOWED when C{principal} may not use it (the model's
+        existence is no secret: the allow-list and others' model lists name it).
     """
     backend = config.backend
     if requested is None:
@@ -101,6 +104,8 @@ def resolve_model(requested: object, config: "Config") -> str:
     model = backend.aliases.get(requested, requested)
     if backend.models and model not in backend.models:
         raise APIError("MODEL_NOT_FOUND", details=f"model '{requested}' is not available")
+    if principal is not None and not allows(usable_models(principal, config), model):
+        raise APIError("MODEL_NOT_ALLOWED", details=f"model '{requested}' is not one you may use")
     return model
 
 
@@ -119,20 +124,9 @@ def usable_models(principal: Any, config: "Config") -> set[str] | None:
     return names if matched else None
 
 
-def may_use(principal: Any, config: "Config", model: str) -> bool:
-    """C{principal} may use C{model} (a resolved name) under C{backend.model_access}."""
-    names = usable_models(principal, config)
-    return names is None or "*" in names or model in names
-
-
-def check_model_access(principal: Any, config: "Config", model: str, requested: object) -> None:
-    """
-    @raise APIError: 403 MODEL_NOT_ALLOWED when C{principal} may not use
-        C{model} (the model's existence is no secret: the allow-list and
-        C{/v1/models} of others name it).
-    """
-    if principal is not None and not may_use(principal, config, model):
-        raise APIError("MODEL_NOT_ALLOWED", details=f"model '{requested if isinstance(requested, str) else model}' is not one you may use")
+def allows(usable: set[str] | None, model: str) -> bool:
+    """Whether C{usable} (what L{usable_models} gave) lets its principal use C{model} (a resolved name)."""
+    return usable is None or "*" in usable or model in usable
 
 
 def data_url_image(url: object, where: str) -> bytes:
@@ -565,7 +559,7 @@ def chat_request(body: dict[str, Any], config: "Config", principal: Any = None, 
     for key in body:
         if key not in _HANDLED and key not in _IGNORED:
             raise invalid(f"'{key}' is not a supported parameter")
-    model = resolve_model(body.get("model"), config)
+    model = resolve_model(body.get("model"), config, principal)
     if "messages" not in body:
         raise invalid("'messages' is required")
     messages = translate_messages(body["messages"], config.images.max_per_request)
@@ -1026,7 +1020,7 @@ def completion_request(body: dict[str, Any], config: "Config", principal: Any = 
     for key in body:
         if key not in _COMPLETION_FIELDS:
             raise invalid(f"'{key}' is not a supported parameter")
-    model = resolve_model(body.get("model"), config)
+    model = resolve_model(body.get("model"), config, principal)
     if "prompt" not in body:
         raise invalid("'prompt' is required")
     prompt = _completion_prompt(body["prompt"])
@@ -1147,13 +1141,14 @@ class CompletionStreamTranslator:
 def models_response(tags: dict[str, Any], config: "Config", principal: Any = None) -> dict[str, Any]:
     """Ollama's C{/api/tags} as OpenAI's model list, filtered by config (and what C{principal} may use)."""
     allowed = set(config.backend.models)
+    usable = usable_models(principal, config) if principal is not None else None
     data: list[dict[str, Any]] = []
     seen: set[str] = set()
     for entry in tags.get("models") or []:
         name = entry.get("name") or entry.get("model")
         if not isinstance(name, str) or (allowed and name not in allowed) or name in seen:
             continue
-        if principal is not None and not may_use(principal, config, name):
+        if not allows(usable, name):
             continue
         seen.add(name)
         data.append({"id": name, "object": "model", "created": _created(entry.get("modified_at")), "owned_by": "ollama"})
@@ -1174,11 +1169,11 @@ def _created(stamp: object) -> int:
         return 0
 
 
-def embeddings_request(body: dict[str, Any], config: "Config") -> tuple[dict[str, Any], dict[str, Any]]:
+def embeddings_request(body: dict[str, Any], config: "Config", principal: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     for key in body:
         if key not in ("model", "input", "encoding_format", "dimensions", "user"):
             raise invalid(f"'{key}' is not a supported parameter")
-    model = resolve_model(body.get("model"), config)
+    model = resolve_model(body.get("model"), config, principal)
     data = body.get("input")
     if isinstance(data, str):
         pass

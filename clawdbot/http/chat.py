@@ -114,7 +114,6 @@ class ChatCompletions(ModelRoute):
             raise invalid("'session_id' must be a string")
         ollama_body, opts = translate.chat_request(body, config, request.principal, session_id)
         request.audit["model"] = ollama_body["model"]
-        translate.check_model_access(request.principal, config, ollama_body["model"], body.get("model"))
         if session_id is not None:
             request.audit["session"] = session_id
             # Only the owner adds turns to a session or clears it (checked
@@ -183,7 +182,8 @@ class ChatCompletions(ModelRoute):
         functions = opts["required_tools"]
         # One timeout for the request, both calls included.
         deadline = self.clock.seconds() + config.timeout
-        reply = translate.offered_calls_only(await backend.call_json(config, b"POST", "/api/chat", body, sent=meter.mark_sent, deadline=deadline, share=self.share(request)), functions)
+        share = self.share(request)
+        reply = translate.offered_calls_only(await backend.call_json(config, b"POST", "/api/chat", body, sent=meter.mark_sent, deadline=deadline, share=share), functions)
         _count(request, reply)
         if not reply["message"].get("tool_calls") and reply.get("done_reason") != "length":
             retry = {key: value for key, value in body.items() if key != "tools"}
@@ -191,7 +191,7 @@ class ChatCompletions(ModelRoute):
             retry["messages"] = translate.with_instruction(body["messages"], translate.union_instruction(functions))
             ceiling = config.backend.max_num_ctx
             await self.accounting.reserve_tokens(request, translate.Meter(retry, ceiling).prompt + translate.reply_reserve(retry, ceiling))
-            second = await backend.call_json(config, b"POST", "/api/chat", retry, deadline=deadline, share=self.share(request))
+            second = await backend.call_json(config, b"POST", "/api/chat", retry, deadline=deadline, share=share)
             reply = translate.with_counts_of(second, reply)
             _count(request, reply)
             reply = translate.call_from_union(reply, functions)
@@ -256,7 +256,6 @@ class Completions(ModelRoute):
         body = await read_json(request)
         ollama_body, opts = translate.completion_request(body, config, request.principal)
         request.audit["model"] = ollama_body["model"]
-        translate.check_model_access(request.principal, config, ollama_body["model"], body.get("model"))
         meter = await metered(self.accounting, request, ollama_body)
         if opts["stream"]:
             return await self._stream(request, config, ollama_body, opts, meter)
@@ -327,10 +326,8 @@ class Embeddings(ModelRoute):
 
     async def handle_POST(self, request):
         config = request.config
-        sent = await read_json(request)
-        body, opts = translate.embeddings_request(sent, config)
+        body, opts = translate.embeddings_request(await read_json(request), config, request.principal)
         request.audit["model"] = body["model"]
-        translate.check_model_access(request.principal, config, body["model"], sent.get("model"))
         meter = await metered(self.accounting, request, body, reply=False)
         reply = await self.ollama.call_json(config, b"POST", "/api/embed", body, sent=meter.mark_sent, share=self.share(request))
         tokens = reply.get("prompt_eval_count") or 0

@@ -100,10 +100,8 @@ class NativeAPI(ModelRoute):
             return JSONResponse(await backend.call(config, b"GET", path, share=self.share(request)))
         payload = await read_json(request)
         if name in native.FIELDS:
-            requested = payload.get("model", payload.get("name"))
             payload, images = native.native_request(name, payload, config, request.principal)
             request.audit["model"] = payload["model"]
-            translate.check_model_access(request.principal, config, payload["model"], requested)
             if images:
                 await self.images.process_base64_lists(images, config.images)
         counted = name in ("chat", "generate", "embed", "embeddings")
