@@ -413,6 +413,21 @@ class ReviewRegressionTests(Backed):
         self.assertEqual((await get_json(self.gw.url + "/ollama/api/generate", method="POST", headers=other, body={"model": "qwen3:32b", "prompt": "x"}))[0], 429)
         self.assertGreater(self.access_lines()[-2]["tokens"], 20)
 
+    async def test_model_management_with_any_model_value(self):
+        """
+        Model management bodies pass to Ollama as sent, so their C{model} may
+        be any JSON value; with per-model capacity configured, none of them
+        is a 500 (the capacity rule applies to a named model only).
+        """
+        self.start("backend: {model_limits: {qwen3:32b: {max_connections: 1}, fuzz-copy: {max_connections: 1}}}")
+        admin = bearer(token(sub="root", scope="chat:read chat:write admin"))
+        for value in ([None], {"a": 1}, 3, True, [], "fuzz-copy"):
+            for method, name, body in (("DELETE", "delete", {"model": value}), ("POST", "pull", {"model": value, "stream": False}), ("POST", "show", {"model": value})):
+                status, _, answer = await get_json(self.gw.url + "/ollama/api/" + name, method=method, headers=admin, body=body)
+                self.assertNotEqual(status, 500, (name, value, answer))
+                if status >= 400:
+                    self.assertIsInstance(answer.get("error"), str, (name, value, answer))
+
     async def test_deep_nesting_is_400_and_401(self):
         """Absurdly nested JSON in a body or a token is a 400 or a 401, never a 500."""
         import base64

@@ -424,6 +424,16 @@ class BackendUnreachable(Exception):
         self.error = error
 
 
+def payload_model(payload):
+    """
+    The model a backend call names: its payload's C{model} when that is a
+    string, else C{None}.  Model management bodies (admin-only) pass as
+    sent, so their C{model} may be anything JSON allows.
+    """
+    model = payload.get("model") if isinstance(payload, dict) else None
+    return model if isinstance(model, str) else None
+
+
 def model_cap(config, model):
     """
     C{backend.model_limits}' cap on calls to C{model} at once (an entry may
@@ -607,7 +617,7 @@ class Ollama:
         """
         if deadline is None:
             deadline = self.reactor.seconds() + config.timeout
-        lease = await self.acquire(config, share, payload.get("model") if isinstance(payload, dict) else None)
+        lease = await self.acquire(config, share, payload_model(payload))
         if sent is not None:
             sent()
         try:
@@ -644,7 +654,7 @@ class Ollama:
         clock = self.reactor
         started = clock.seconds()
         deadline = started + config.timeout
-        lease = await self.acquire(config, share, payload.get("model") if isinstance(payload, dict) else None)
+        lease = await self.acquire(config, share, payload_model(payload))
         if sent is not None:
             sent()
         try:
@@ -777,7 +787,7 @@ def ollama_error_text(raw):
 def upstream_error(status, raw, payload=None):
     """The L{APIError} for a non-200 answer from Ollama."""
     text = ollama_error_text(raw).lower()
-    model = payload.get("model") if isinstance(payload, dict) else None
+    model = payload_model(payload)
     if status == 404 and ("not found" in text or model):
         return APIError("MODEL_NOT_FOUND", details=f"model '{model}' is not available" if model else "model is not available")
     if 400 <= status < 500:
