@@ -48,7 +48,8 @@ def static_dir():
     The folder with the page: C{share/static} beside the package in a
     checkout, else where the package installed it.
     """
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # clawdbot/http/static.py -> the checkout (or site-packages) holding the package.
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for candidate in (os.path.join(here, "share", "static"), os.path.join(sys.prefix, "share", "clawdbot", "static")):
         if os.path.isdir(candidate):
             return candidate
