@@ -24,7 +24,7 @@ from clawdbot.auth.identity import is_scope_token, split_scopes
 from clawdbot.auth.presets import PRESET_ENDPOINTS
 from clawdbot.auth.session import session_issuer
 from clawdbot.net import ip_network_text, is_decimal, is_loopback, strport_interface, strport_port, web_origin
-from clawdbot.units import format_duration, format_size, parse_duration, parse_size
+from clawdbot.units import format_duration, format_size, parse_duration, parse_size, zone_of
 
 PLACEHOLDER_SECRET = "your-32-byte-secret-key-here"
 MIN_SECRET_BYTES = 32
@@ -221,9 +221,23 @@ class DevPrincipalConfig:
 
 
 @dataclass(frozen=True)
+class APIKeysConfig:
+    # Personal API keys (clawdbot.auth.keys): created by signed-in users,
+    # stored as HMAC-SHA256 hashes under `secret` (else a key derived from
+    # auth.jwt.secret; set it so rotating that secret keeps the keys).
+    enabled: bool = _opt(True)
+    secret: typing.Optional[str] = _opt(None, secret=True)
+    default_ttl: float = _opt(90 * 86400.0, kind="duration", minimum=60, maximum=10 * 365 * 86400)
+    max_ttl: float = _opt(365 * 86400.0, kind="duration", minimum=60, maximum=10 * 365 * 86400)
+    # Keys one user may hold at once (revoked and expired ones do not count).
+    max_per_user: int = _opt(50, minimum=1, maximum=10000)
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     jwt: JWTConfig = _section(JWTConfig)
     dev_principal: DevPrincipalConfig = _section(DevPrincipalConfig)
+    api_keys: APIKeysConfig = _section(APIKeysConfig)
 
 
 @dataclass(frozen=True)
@@ -273,6 +287,46 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True)
+class UsageConfig:
+    # Usage accounting (clawdbot.storage.usage, clawdbot.ops.quotas): per hour in the history
+    # database, written in batches every flush_interval, kept for retention.
+    flush_interval: float = _opt(5.0, kind="duration", minimum=0.1, maximum=60)
+    retention: float = _opt(400 * 86400.0, kind="duration", minimum=86400, maximum=20 * 365 * 86400)
+    # Where a day, a week (from Monday) and a month begin, for /v1/usage and
+    # quotas: an IANA time zone name.
+    timezone: str = _opt("UTC")
+
+
+@dataclass(frozen=True)
+class QuotaRuleConfig:
+    # 0: none.  At the top level: each user's own allowance.
+    tokens_per_day: int = _opt(0, minimum=0, maximum=10**15)
+    requests_per_day: int = _opt(0, minimum=0, maximum=10**12)
+    tokens_per_week: int = _opt(0, minimum=0, maximum=10**15)
+    requests_per_week: int = _opt(0, minimum=0, maximum=10**12)
+    tokens_per_month: int = _opt(0, minimum=0, maximum=10**15)
+    requests_per_month: int = _opt(0, minimum=0, maximum=10**12)
+
+
+@dataclass(frozen=True)
+class QuotasConfig:
+    # Each user's allowance (clawdbot.ops.quotas); per_scope replaces it for
+    # users holding a scope (the most generous match wins); per_team is a
+    # team's shared allowance; per_key applies to each API key.
+    tokens_per_day: int = _opt(0, minimum=0, maximum=10**15)
+    requests_per_day: int = _opt(0, minimum=0, maximum=10**12)
+    tokens_per_week: int = _opt(0, minimum=0, maximum=10**15)
+    requests_per_week: int = _opt(0, minimum=0, maximum=10**12)
+    tokens_per_month: int = _opt(0, minimum=0, maximum=10**15)
+    requests_per_month: int = _opt(0, minimum=0, maximum=10**12)
+    per_team: typing.Mapping[str, QuotaRuleConfig] = _opt({})
+    per_scope: typing.Mapping[str, QuotaRuleConfig] = _opt({})
+    per_key: QuotaRuleConfig = _section(QuotaRuleConfig)
+    # Log and count what would be refused, refusing nothing (for rollout).
+    shadow: bool = _opt(False)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: typing.Optional[str] = _opt(None)
 
@@ -295,6 +349,8 @@ class Config:
     auth: AuthConfig = _section(AuthConfig)
     oauth2: OAuth2Config = _section(OAuth2Config)
     rate_limit: RateLimitConfig = _section(RateLimitConfig)
+    usage: UsageConfig = _section(UsageConfig)
+    quotas: QuotasConfig = _section(QuotasConfig)
     metrics: MetricsConfig = _section(MetricsConfig)
     log: LogConfig = _section(LogConfig)
     timeout: float = _opt(120.0, kind="duration", minimum=0.001, maximum=86400)
@@ -578,6 +634,19 @@ def _validate(config, empties):
     for i, network in enumerate(config.server.trusted_proxies):
         if network in ("0.0.0.0/0", "::/0"):
             warnings.append(f"server.trusted_proxies[{i}] ({network}) trusts every client to name its own address")
+    keys = config.auth.api_keys
+    if keys.default_ttl > keys.max_ttl:
+        raise ConfigError("auth.api_keys.default_ttl", "must not be longer than auth.api_keys.max_ttl")
+    if keys.enabled and not keys.secret and not jwt.secret:
+        warnings.append("auth.api_keys is enabled but has no secret (auth.api_keys.secret, or auth.jwt.secret to derive one): API keys are off")
+    if keys.secret is not None and len(keys.secret.encode("utf-8")) < MIN_SECRET_BYTES:
+        if production:
+            raise ConfigError("auth.api_keys.secret", f"must be at least {MIN_SECRET_BYTES} bytes in production mode")
+        warnings.append(f"auth.api_keys.secret is shorter than {MIN_SECRET_BYTES} bytes")
+    try:
+        zone_of(config.usage.timezone)
+    except ValueError:
+        raise ConfigError("usage.timezone", "must be an IANA time zone name such as UTC or Asia/Shanghai") from None
     for name, weight in config.limits.fair_share.weights.items():
         if not 0.01 <= weight <= 100:
             raise ConfigError(f"limits.fair_share.weights.{name}", "must be between 0.01 and 100")

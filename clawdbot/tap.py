@@ -10,6 +10,7 @@ import os
 import signal
 
 from twisted.application import service
+from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -17,6 +18,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from clawdbot.auth.fetch import HTTPFetcher
+from clawdbot.auth.keys import ApiKeys
 from clawdbot.auth.tokens import Authentication
 from clawdbot.backend.images import ImageWorkers
 from clawdbot.backend.ollama import Ollama, backend_urls
@@ -32,8 +34,11 @@ from clawdbot.ops.observe import AccessLog, Metrics
 from clawdbot.ops.ratelimit import build_limiter
 from clawdbot.ops.runtime import Runtime
 from clawdbot.ops.signals import SignalHandlers
+from clawdbot.ops.quotas import Batches, Quotas
 from clawdbot.storage.history import History
+from clawdbot.storage.keys import KeyStore
 from clawdbot.storage.store import open_store
+from clawdbot.storage.usage import UsageBook, UsageStore
 
 log = Logger(namespace="clawdbot.tap")
 
@@ -130,7 +135,14 @@ def compose(config, reactor, environ=None, mode=None, agent_factory=None):
     metrics = Metrics(ollama.slots, ollama.model_slots)
     runtime = Runtime(config, reactor, metrics, environ=environ, mode=mode)
     limiter = build_limiter(config, reactor, on_error=metrics.ratelimit_backend_errors.inc)
-    authentication = Authentication(config, reactor, fetcher.fetch_json)
+    store = open_store(config, reactor)
+    # Keys, usage and quotas live in the history database, on its threads.
+    keys = ApiKeys(KeyStore(store.engine), reactor, lambda: runtime.config)
+    usage_store = UsageStore(store.engine)
+    usage = UsageBook(usage_store, reactor)
+    quotas = Quotas(usage_store, reactor, metrics)
+    usage.listeners.append(quotas.counted)
+    authentication = Authentication(config, reactor, fetcher.fetch_json, keys)
     runtime.on_reload(authentication.rebuild)
 
     def limiter_policy(old, new):
@@ -141,10 +153,13 @@ def compose(config, reactor, environ=None, mode=None, agent_factory=None):
     runtime.on_reload(lambda old, new: set_level(new.log.level))
     return Parts(
         runtime=runtime,
-        accounting=Accounting(limiter, AccessLog(config.access_log.path), metrics),
+        accounting=Accounting(limiter, AccessLog(config.access_log.path), metrics, usage, quotas),
         authentication=authentication,
         ollama=ollama,
-        history=History(open_store(config, reactor)),
+        history=History(store),
+        keys=keys,
+        usage=usage,
+        batches=Batches(usage, quotas, keys, lambda: runtime.config),
         # Images and big JSON bodies are handled on these threads, never on the reactor.
         images=ImageWorkers(reactor),
         parsers=JSONParsers(reactor),
@@ -156,12 +171,16 @@ def compose(config, reactor, environ=None, mode=None, agent_factory=None):
 
 
 def stop(parts):
-    """Close what the parts hold (threads, connections, files) at shutdown."""
-    parts.images.stop()
-    parts.parsers.stop()
-    parts.history.store.close()
-    parts.accounting.limiter.close()
-    return gatherResults([parts.ollama.close(), parts.fetcher.close()])
+    """Write what is gathered (usage, keys' last use), then close what the parts hold (threads, connections, files)."""
+
+    def close(_):
+        parts.images.stop()
+        parts.parsers.stop()
+        parts.history.store.close()
+        parts.accounting.limiter.close()
+        return gatherResults([parts.ollama.close(), parts.fetcher.close()])
+
+    return parts.batches.run().addCallback(close)
 
 
 class GatewayService(service.MultiService):
@@ -181,6 +200,7 @@ class GatewayService(service.MultiService):
 
     def startService(self):
         super().startService()
+        self.parts.keys.start()
         if self.signals is not None:
             self.signals.startService()
 
@@ -253,6 +273,10 @@ def makeService(options, reactor=None, say=_say, agent_factory=None):
             debug_site,
             lambda addr: say(f"Debug port listening on {_url(debug, addr)} (dev mode, no authentication)"),
         ).setServiceParent(top)
+    # Usage, quota totals and keys' last use are written every
+    # usage.flush_interval (started last: a listener that cannot bind stops
+    # the start-up before any of it runs).
+    TimerService(config.usage.flush_interval, parts.batches.run).setServiceParent(top)
     return top
 
 

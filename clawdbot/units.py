@@ -4,8 +4,10 @@ Durations and sizes in human units (C{120s}, C{5m}, C{20MB}).
 Pure functions: no I/O, so they are tested directly and with hypothesis.
 """
 
+import datetime
 import re
 import time
+import zoneinfo
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -100,3 +102,70 @@ def rfc3339(t: float, digits: int = 3) -> str:
     ticks = round(t * scale)
     seconds, fraction = divmod(ticks, scale)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:0{digits}d}Z"
+
+
+# --- calendar windows (usage by day, quotas by day, week and month) --------
+
+WINDOWS = ("day", "week", "month")
+
+
+def hour_of(t: float) -> int:
+    """The start of the hour the instant C{t} falls in (POSIX seconds)."""
+    return int(t // 3600) * 3600
+
+
+def zone_of(name: str) -> "datetime.tzinfo":
+    """
+    The time zone an IANA name names (C{UTC}, C{Asia/Shanghai}).
+
+    @raise ValueError: when there is no such zone.
+    """
+    if name == "UTC":
+        return datetime.timezone.utc
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError, OSError):
+        raise ValueError(name) from None
+
+
+def window_bounds(kind: str, t: float, zone: "datetime.tzinfo") -> tuple[float, float]:
+    """
+    The calendar C{kind} (C{day}, C{week} from Monday, C{month}) that the
+    instant C{t} falls in, in C{zone}: its start and its end (POSIX seconds).
+    """
+    local = datetime.datetime.fromtimestamp(t, zone)
+    start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    if kind == "day":
+        end = start + datetime.timedelta(days=1)
+    elif kind == "week":
+        start -= datetime.timedelta(days=start.weekday())
+        end = start + datetime.timedelta(days=7)
+    elif kind == "month":
+        start = start.replace(day=1)
+        end = (start + datetime.timedelta(days=32)).replace(day=1)
+    else:
+        raise ValueError(kind)
+    # Midnight is read again in the zone, so a day across a change of
+    # offset (summer time) is as long as it really is.
+    return _instant(start, zone), _instant(end, zone)
+
+
+def _instant(local: "datetime.datetime", zone: "datetime.tzinfo") -> float:
+    return datetime.datetime(local.year, local.month, local.day, tzinfo=zone).timestamp()
+
+
+def local_date(t: float, zone: "datetime.tzinfo") -> str:
+    """The date (C{YYYY-MM-DD}) of the instant C{t} in C{zone}."""
+    return datetime.datetime.fromtimestamp(t, zone).date().isoformat()
+
+
+def day_start(date: str, zone: "datetime.tzinfo") -> float:
+    """
+    When the date C{YYYY-MM-DD} begins in C{zone}.
+
+    @raise ValueError: when C{date} is not such a date.
+    """
+    if not isinstance(date, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date):
+        raise ValueError(date)
+    day = datetime.date.fromisoformat(date)
+    return datetime.datetime(day.year, day.month, day.day, tzinfo=zone).timestamp()

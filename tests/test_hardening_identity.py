@@ -484,7 +484,7 @@ class MigrationTests(Gateway):
         await self.check_migrated(store)
         conn = sqlite3.connect(path)
         self.addCleanup(conn.close)
-        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 3)
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], len(MIGRATIONS))
         self.assertEqual(conn.execute("SELECT bytes FROM messages WHERE session_id = 'sess_old_alice' ORDER BY seq").fetchall(), [(12,), (9,)])
 
     async def test_postgres_schema(self):

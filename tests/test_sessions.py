@@ -18,7 +18,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from clawdbot.storage.store import PostgresEngine, SQLiteEngine, SQLStore, decode_cursor
+from clawdbot.storage.store import MIGRATIONS, PostgresEngine, SQLiteEngine, SQLStore, decode_cursor
 from testing.fake_ollama import FakeOllama
 from tests.helpers import BASE_CONFIG, Process, bearer, clawdbot_argv, get_json, merge_yaml, serve, token, until, write_config
 
@@ -143,7 +143,7 @@ class SQLiteStoreTests(StoreSuite, TestCase):
         conn = sqlite3.connect(self.path)
         self.addCleanup(conn.close)
         self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
-        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 3)
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], len(MIGRATIONS))
 
 
 class PostgresStoreTests(StoreSuite, TestCase):

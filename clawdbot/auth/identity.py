@@ -28,6 +28,7 @@ C{%x21 / %x23-5B / %x5D-7E}; anything else (a tab, a no-break space, a
 quote, a backslash, non-ASCII) makes the whole list invalid.
 """
 
+import hashlib
 import re
 import urllib.parse
 from dataclasses import dataclass, field
@@ -133,6 +134,16 @@ class Principal:
     email: str | None = None
     teams: tuple[str, ...] = ()
     issuer: str | None = None
+    # The API key it called with (L{KeyRecord.id}), or None.
+    key_id: str | None = None
+    # When its credential was issued (a token's iat), or None: the newer of
+    # two credentials tells what its owner may do now.
+    issued_at: float | None = field(default=None, compare=False)
+
+    @property
+    def team(self) -> str | None:
+        """The team its calls count for (usage, team quotas): its first team (through a team's key, that team)."""
+        return self.teams[0] if self.teams else None
 
     @property
     def key(self) -> str:
@@ -140,14 +151,55 @@ class Principal:
         return owner_key(self.issuer, self.sub)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "sub": self.sub,
             "name": self.name,
             "email": self.email,
             "scopes": sorted(self.scopes),
             "teams": list(self.teams),
         }
+        if self.key_id is not None:
+            out["key_id"] = self.key_id
+        return out
 
     def history_teams(self) -> list[str]:
         """The teams whose history this principal may read."""
         return sorted(s[len("history:") :] for s in self.scopes if s.startswith("history:") and len(s) > 8)
+
+
+# --- API keys (clawdbot.auth.keys) and what their owners may do ---------------
+
+
+def owner_digest(owner: str) -> str:
+    """A fixed-size name for an owner key (notifications carry at most a few kilobytes)."""
+    return hashlib.sha256(owner.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """One API key as stored (its secret is never stored)."""
+
+    id: str
+    hash: str
+    prefix: str
+    owner: str
+    name: str
+    scopes: tuple[str, ...]
+    team: str | None
+    created_at: float
+    expires_at: float
+    last_used_at: float | None = None
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What an owner may do now, from their latest sign-in or token."""
+
+    owner: str
+    scopes: frozenset[str]
+    teams: tuple[str, ...]
+    name: str | None = None
+    email: str | None = None
+    ended: bool = False
+    updated_at: float = 0.0

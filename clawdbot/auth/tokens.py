@@ -41,6 +41,7 @@ from clawdbot.strictjson import parse_json
 from clawdbot.auth import session
 from clawdbot.auth.cache import SingleFlight
 from clawdbot.auth.identity import DEV_ISSUER, Principal, is_scope_token, split_scopes
+from clawdbot.auth.keys import KeyRefused, is_api_key
 
 log = Logger(namespace="clawdbot.auth")
 
@@ -48,6 +49,9 @@ REALM = 'Bearer realm="clawdbot"'
 _UNVERIFIED = jwt.api_jws.PyJWS()
 SUPPORTED_ALGORITHMS = ("HS256", "RS256")
 _CACHE_MAX = 10000
+# Any refused API key, whatever the reason (unknown, revoked, expired, its
+# owner's sign-in ended, keys off): no hint about which.
+KEY_REFUSED = "the API key is not valid"
 
 
 def parse_scopes(claims):
@@ -103,7 +107,9 @@ def principal_from_claims(claims, issuer=None):
         if value is not None and not isinstance(value, str):
             raise _WrongType(key)
     issuer = claims.get("iss") if issuer is None else issuer
-    return Principal(sub=sub, scopes=parse_scopes(claims), name=name, email=email, teams=tuple(teams), issuer=issuer)
+    iat = claims.get("iat")
+    issued_at = float(iat) if _number(iat) else None
+    return Principal(sub=sub, scopes=parse_scopes(claims), name=name, email=email, teams=tuple(teams), issuer=issuer, issued_at=issued_at)
 
 
 def dev_principal(config):
@@ -326,11 +332,15 @@ class Authenticator:
     verified token's principal until it expires.
     """
 
-    def __init__(self, issuers, clock, leeway=30.0, dev=None):
+    def __init__(self, issuers, clock, leeway=30.0, dev=None, keys=None):
         self.issuers = {i.name: i for i in issuers}
         self.clock = clock
         self.leeway = leeway
         self.dev = dev
+        # The API keys (clawdbot.auth.keys.ApiKeys): a bearer credential
+        # with their prefix is one; a verified JWT tells them what its owner
+        # may do now.
+        self.keys = keys
         self._cache = {}
 
     async def authenticate(self, header, peer=None, request_id=None):
@@ -353,6 +363,13 @@ class Authenticator:
         token = token.strip()
         if not token:
             raise self._reject(peer, request_id, "token is malformed")
+        if is_api_key(token):
+            if self.keys is None:
+                raise self._reject(peer, request_id, KEY_REFUSED)
+            try:
+                return await self.keys.authenticate(token)
+            except KeyRefused:
+                raise self._reject(peer, request_id, KEY_REFUSED) from None
         cached = self._cache.get(token)
         if cached is not None:
             principal, expires = cached
@@ -368,6 +385,8 @@ class Authenticator:
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
         self._cache[token] = (principal, expires)
+        if self.keys is not None:
+            self.keys.observe(principal)
         return principal
 
     def _reject(self, peer, request_id, reason):
@@ -448,12 +467,13 @@ def mint(secret, issuer, audience, sub, scope, ttl, now=None, **extra):
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
-def build_authenticator(config, clock, fetch_json):
+def build_authenticator(config, clock, fetch_json, api_keys=None):
     """
     The authenticator for C{config}.
 
     @param fetch_json: C{async fetch_json(url) -> object}, for JWKS and
         discovery documents.
+    @param api_keys: the API keys (L{clawdbot.auth.keys.ApiKeys}), or C{None}.
     """
     issuers = []
     jwt_config = config.auth.jwt
@@ -470,7 +490,7 @@ def build_authenticator(config, clock, fetch_json):
         issuers.append(
             Issuer(session.session_issuer(config), session.SESSION_AUDIENCE, ["HS256"], secret=session.session_signing_key(config), identity_claim="idp")
         )
-    return Authenticator(issuers, clock, leeway=jwt_config.leeway, dev=dev_principal(config))
+    return Authenticator(issuers, clock, leeway=jwt_config.leeway, dev=dev_principal(config), keys=api_keys)
 
 
 class Authentication:
@@ -480,13 +500,14 @@ class Authentication:
     hook), so a rotated secret or a new issuer applies to the next request.
     """
 
-    def __init__(self, config, clock, fetch_json):
+    def __init__(self, config, clock, fetch_json, keys=None):
         self.clock = clock
         self.fetch_json = fetch_json
-        self.current = build_authenticator(config, clock, fetch_json)
+        self.keys = keys
+        self.current = build_authenticator(config, clock, fetch_json, keys)
 
     def rebuild(self, old, new):
-        self.current = build_authenticator(new, self.clock, self.fetch_json)
+        self.current = build_authenticator(new, self.clock, self.fetch_json, self.keys)
 
     async def authenticate(self, header, peer=None, request_id=None):
         """The principal of an C{Authorization} header (L{Authenticator.authenticate})."""

@@ -342,12 +342,14 @@ async def metered(accounting, request, body, reply=True):
     prompt and reply (C{num_predict}, else a default; both at most
     C{backend.max_num_ctx}) reserved from the caller's token budget (429
     when the budget is spent); L{clawdbot.ops.accounting.Accounting.done}
-    settles it to Ollama's counts.
+    settles it to Ollama's counts.  The quotas over days, weeks and months
+    are checked first (429 QUOTA_EXCEEDED).
 
     @param reply: whether the call produces a reply (embeddings do not).
     """
     ceiling = request.config.backend.max_num_ctx
     meter = request.audit["meter"] = translate.Meter(body, ceiling)
+    await accounting.check_quota(request)
     await accounting.reserve_tokens(request, meter.prompt + (translate.reply_reserve(body, ceiling) if reply else 0))
     return meter
 

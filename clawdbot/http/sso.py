@@ -68,6 +68,7 @@ from clawdbot.auth.session import (
     session_signing_key,
     unseal,
 )
+from clawdbot.auth.identity import owner_key
 from clawdbot.auth.tokens import mint
 from clawdbot.errors import APIError
 from clawdbot.auth.providers import ProviderError, SignInEnded, make_provider, word
@@ -212,6 +213,7 @@ class _AuthRoute(APIResource):
         super().__init__(parts)
         self.sso = sso
         self.store = parts.history.store
+        self.keys = parts.keys
 
     def route(self, request):
         if request.site.debug or request.config is None or not request.config.oauth2.enabled:
@@ -394,6 +396,7 @@ class Refresh(_AuthRoute):
                 reason = "the sign-in session was ended"
             elif not email_allowed(session.get("email"), session.get("ev", True), config.oauth2):
                 reason = "the account is no longer allowed"
+                await self.keys.owner_ended(owner_key(session["idp"], session["sub"]))
         if reason is None:
             groups, reason = await self.current_groups(request, config, session, now)
         if reason is not None:
@@ -417,6 +420,8 @@ class Refresh(_AuthRoute):
             groups, renewed = await provider.recheck(session["sub"], grant)
         except SignInEnded as e:
             await self.store.revoke("refresh:" + session["rid"], float(session["exp"]))
+            # Removed at the provider: the user's API keys end with the sign-in.
+            await self.keys.owner_ended(owner_key(session["idp"], session["sub"]))
             log.info(
                 "The provider ended the sign-in of {sub}: {reason}",
                 sub=session["sub"],

@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from clawdbot.http import chat, history, native, sso
+from clawdbot.http import chat, history, keys, native, sso
 from clawdbot.http.static import StaticFiles, static_dir
 from clawdbot.http.resource import APIResource, JSONResponse, Node
 
@@ -28,6 +28,9 @@ class Parts:
     @ivar authentication: who a request is (L{clawdbot.auth.tokens.Authentication}).
     @ivar ollama: the model backend (L{clawdbot.backend.ollama.Ollama}).
     @ivar history: chat history and its rules (L{clawdbot.storage.history.History}).
+    @ivar keys: the personal API keys (L{clawdbot.auth.keys.ApiKeys}).
+    @ivar usage: usage accounting (L{clawdbot.ops.quotas.UsageBook}).
+    @ivar batches: the periodic writes of usage and keys (L{clawdbot.ops.quotas.Batches}).
     @ivar images: the image workers (L{clawdbot.backend.images.ImageWorkers}).
     @ivar parsers: the JSON parsing workers (L{clawdbot.http.resource.JSONParsers}).
     @ivar fetcher: the identity providers' client (L{clawdbot.auth.fetch.HTTPFetcher}).
@@ -41,6 +44,9 @@ class Parts:
     authentication: Any
     ollama: Any
     history: Any
+    keys: Any
+    usage: Any
+    batches: Any
     images: Any
     parsers: Any
     fetcher: Any
@@ -208,6 +214,7 @@ def build_root(parts, debug):
     chat.add_routes(v1, parts)
     native.add_routes(root, parts)
     history.add_routes(v1, parts)
+    keys.add_routes(v1, parts)
     if not debug:
         # Sign-in lives on the secure listener only, never the debug one.
         sso.add_routes(root, parts)

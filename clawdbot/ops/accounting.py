@@ -12,11 +12,13 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from clawdbot.errors import APIError
+from clawdbot.ops.observe import logged_status
 from clawdbot.ops.ratelimit import rule_for
 
 if TYPE_CHECKING:
     from clawdbot.ops.observe import AccessLog, Metrics
     from clawdbot.ops.ratelimit import Decision, MemoryLimiter, RedisLimiter
+    from clawdbot.ops.quotas import Quotas
 
 log = Logger(namespace="clawdbot.gateway")
 
@@ -37,12 +39,23 @@ class Accounting:
     @param limiter: the budgets' store (L{clawdbot.ops.ratelimit}).
     @param access_log: where each request's line goes (L{clawdbot.ops.observe.AccessLog}).
     @param metrics: the Prometheus metrics (L{clawdbot.ops.observe.Metrics}).
+    @param usage: where model calls are counted (L{clawdbot.storage.usage.UsageBook}).
+    @param quotas: the quotas over days, weeks and months (L{clawdbot.ops.quotas.Quotas}).
     """
 
-    def __init__(self, limiter: "MemoryLimiter | RedisLimiter", access_log: "AccessLog", metrics: "Metrics") -> None:
+    def __init__(
+        self,
+        limiter: "MemoryLimiter | RedisLimiter",
+        access_log: "AccessLog",
+        metrics: "Metrics",
+        usage: Any = None,
+        quotas: "Quotas | None" = None,
+    ) -> None:
         self.limiter = limiter
         self.access_log = access_log
         self.metrics = metrics
+        self.usage = usage
+        self.quotas = quotas
 
     def started(self, request: Any) -> None:
         """A request arrived whole: sample it for the access log (its body copied now)."""
@@ -70,6 +83,10 @@ class Accounting:
         self.access_log.record(request, latency)
         self.metrics.observe(request, latency)
         self._settle_tokens(request, usage)
+        if meter is not None and self.usage is not None and request.principal is not None and (meter.sent or usage is not None):
+            # A call that reached the model: it counts, however it ended.
+            failed = request.error is not None or logged_status(request) >= 400
+            self.usage.record(request.principal, request.audit.get("model"), usage, failed, latency)
 
     def _settle_tokens(self, request: Any, usage: dict[str, Any] | None) -> None:
         """Charge what a call cost, less what was reserved for it (a refund when it cost less)."""
@@ -101,6 +118,17 @@ class Accounting:
         if decision.limit:
             # (Not when an unreachable shared limiter let the call through.)
             request.audit["reserved"] = request.audit.get("reserved", 0) + estimate
+
+    async def check_quota(self, request: Any) -> None:
+        """
+        The quotas over days, weeks and months (L{clawdbot.ops.quotas.Quotas}),
+        before a call to the model: 429 QUOTA_EXCEEDED when one is spent;
+        what is left goes in the response's headers.
+        """
+        if self.quotas is None:
+            return
+        for name, value in (await self.quotas.check(request.principal, request.config)).items():
+            request.setHeader(name, value)
 
     async def check_rate(self, request: Any) -> None:
         """The principal's request and token budgets; 429 RATE_LIMITED when spent."""

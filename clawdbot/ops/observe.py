@@ -356,6 +356,8 @@ class AccessLog:
             "upstream_latency_ms": round(audit["upstream_latency"] * 1000, 3) if "upstream_latency" in audit else None,
             "peer": request.client_host(),
         }
+        if principal is not None and principal.key_id is not None:
+            entry["key_id"] = principal.key_id  # the API key's id, never the key
         if request.gone:
             entry["client_gone"] = True
         if request.error is not None:
@@ -459,6 +461,12 @@ class Metrics:
         self.reloads = Counter("clawdbot_config_reloads_total", "Config reloads by result.", ["result"], registry=r)
         self.ratelimit_backend_errors = Counter(
             "clawdbot_ratelimit_backend_errors_total", "Rate-limit checks the shared backend (Redis) could not answer.", registry=r
+        )
+        self.quota_refusals = Counter(
+            "clawdbot_quota_refusals_total",
+            "Calls a quota refused (shadow=\"true\": would have refused), by quota and subject (user, team, key).",
+            ["quota", "subject", "shadow"],
+            registry=r,
         )
         self.backend_up = Gauge("clawdbot_backend_up", "1 when the last contact with Ollama succeeded.", registry=r)
         self.queue_wait = Histogram(

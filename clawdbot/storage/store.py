@@ -28,11 +28,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from twisted.internet.defer import fail
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from clawdbot.auth.identity import configured_issuers, issuer_id, legacy_owner, owner_key, owner_sub
 from clawdbot.units import rfc3339
+
+log = Logger(namespace="clawdbot.storage")
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,50 @@ MIGRATIONS = [
         )""",
         """INSERT INTO owner_usage (owner, bytes)
             SELECT s.owner, SUM(m.bytes) FROM sessions s JOIN messages m ON m.session_id = s.id GROUP BY s.owner""",
+    ],
+    # 4: personal API keys (clawdbot.storage.keys), what each owner may do
+    # now (their keys never exceed it), and usage per hour (clawdbot.storage.usage).
+    [
+        """CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            hash TEXT NOT NULL UNIQUE,
+            prefix TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            name TEXT NOT NULL,
+            scopes TEXT NOT NULL,
+            team TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            last_used_at DOUBLE PRECISION,
+            revoked_at DOUBLE PRECISION
+        )""",
+        "CREATE INDEX api_keys_owner ON api_keys (owner, created_at DESC)",
+        """CREATE TABLE owner_grants (
+            owner TEXT PRIMARY KEY,
+            scopes TEXT NOT NULL,
+            teams TEXT NOT NULL,
+            name TEXT,
+            email TEXT,
+            ended BOOLEAN NOT NULL DEFAULT FALSE,
+            updated_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE usage_hourly (
+            hour BIGINT NOT NULL,
+            issuer TEXT NOT NULL,
+            sub TEXT NOT NULL,
+            team TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            model TEXT NOT NULL,
+            requests BIGINT NOT NULL,
+            prompt_tokens BIGINT NOT NULL,
+            completion_tokens BIGINT NOT NULL,
+            errors BIGINT NOT NULL,
+            duration DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (hour, issuer, sub, team, key_id, model)
+        )""",
+        "CREATE INDEX usage_user ON usage_hourly (sub, issuer, hour)",
+        "CREATE INDEX usage_team ON usage_hourly (team, hour)",
+        "CREATE INDEX usage_key ON usage_hourly (key_id, hour)",
     ],
 ]
 
@@ -418,6 +466,10 @@ class SQLStore:
         return self.engine.close()
 
 
+class StoreClosed(Exception):
+    """A query after the store was closed (the gateway is stopping)."""
+
+
 class _ThreadEngine:
     """Runs transactions on a private thread pool."""
 
@@ -426,19 +478,38 @@ class _ThreadEngine:
     def lock_owner(self, cur, owner):
         """Serialise this transaction with others for C{owner} (SQLite: BEGIN IMMEDIATE already does)."""
 
+    def notify(self, cur, channel, payload):
+        """
+        Announce C{payload} on C{channel} to the other instances when this
+        transaction commits (PostgreSQL); one SQLite file has one instance.
+        """
+
+    def listen(self, channel, on_notify, on_connect):
+        """
+        Call C{on_notify(payload)} for what other instances announce on
+        C{channel}, and C{on_connect()} each time the listening starts (what
+        was missed meanwhile is unknown).  Both are called on another
+        thread.  Nothing with SQLite.
+        """
+
     def __init__(self, reactor, threads):
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="clawdbot-storage")
         self._local = threading.local()
 
+    closed = False
+
     def run(self, fn):
         # Threads start with the first query, so a gateway that never
         # touches history (or fails to start) leaves none behind.
+        if self.closed:
+            return fail(StoreClosed())
         if not self.pool.started:
             self.pool.start()
         return deferToThreadPool(self.reactor, self.pool, self._transaction, fn)
 
     def close(self):
+        self.closed = True
         if self.pool.started:
             self.pool.stop()
 
@@ -504,9 +575,41 @@ class PostgresEngine(_ThreadEngine):
         self.context = {"legacy_issuers": tuple(legacy_issuers)}
         import psycopg_pool
 
+        self.dsn = dsn
         self.connections = psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=size, open=False, timeout=10)
         self._ready = False
         self._ready_lock = threading.Lock()
+        self._listening = threading.Event()
+        self._stop = threading.Event()
+
+    def notify(self, cur, channel, payload):
+        cur.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+    def listen(self, channel, on_notify, on_connect):
+        """A thread holding one connection that LISTENs, reconnecting with a growing pause."""
+        import psycopg
+
+        def run():
+            pause = 0.5
+            while not self._stop.is_set():
+                try:
+                    with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                        conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+                        on_connect()
+                        self._listening.set()
+                        pause = 0.5
+                        while not self._stop.is_set():
+                            for note in conn.notifies(timeout=0.5):
+                                on_notify(note.payload)
+                except Exception as e:
+                    log.warn("The notification connection to PostgreSQL failed ({error}); reconnecting", error=type(e).__name__)
+                finally:
+                    self._listening.clear()
+                self._stop.wait(pause)
+                pause = min(pause * 2, 10.0)
+
+        thread = threading.Thread(target=run, name="clawdbot-notify", daemon=True)
+        thread.start()
 
     def _transaction(self, fn):
         with self._ready_lock:
@@ -521,6 +624,7 @@ class PostgresEngine(_ThreadEngine):
                     return fn(cur)
 
     def close(self):
+        self._stop.set()
         super().close()
         if self._ready:
             self.connections.close()

@@ -1,0 +1,331 @@
+"""
+Quotas over days, weeks and months, and the periodic writes of usage.
+
+L{clawdbot.storage.usage.UsageBook} counts every call to the model
+(principal, team, API key, model, prompt and completion tokens, time,
+whether it failed) in memory, per hour, and L{Batches} writes what it
+gathered in one transaction every C{usage.flush_interval}: the request path
+never writes.  A call is counted once it reached the model (a call refused
+before, by a limit or a full queue, is not); its tokens are Ollama's counts,
+or the meter's estimate when it ended early (L{clawdbot.backend.translate.Meter}).
+
+L{Quotas} checks C{quotas} before each call: what a subject (a user, a
+team, a key) used in the current window is what the database said at the
+last flush (re-read then, so other instances' calls show within two flush
+intervals), plus what this instance counted since.  A call is refused
+once a window's tokens are spent (a call may take it past: tokens are known
+only afterwards) or its requests would be.
+
+A call is a team's when it is made with a key of that team, else the
+first of the principal's teams.
+"""
+
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from clawdbot.auth.identity import issuer_id
+from clawdbot.errors import APIError
+from clawdbot.units import WINDOWS, hour_of, window_bounds, zone_of
+
+log = Logger(namespace="clawdbot.usage")
+
+# Subjects not checked for this long are forgotten (re-read when they return).
+IDLE = 600.0
+_MAX_SUBJECTS = 100_000
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One quota that applies to a call: whose, which window, what, how much."""
+
+    subject: tuple
+    label: str
+    window: str
+    what: str  # "tokens" or "requests"
+    limit: int
+
+    @property
+    def name(self):
+        return f"{self.what}_per_{self.window}"
+
+
+class _Used:
+    """What one subject used: the database's totals per window start, and this instance's calls since."""
+
+    def __init__(self, starts, totals, now):
+        self.starts = starts
+        self.totals = totals  # [(requests, tokens)] per start
+        self.local = {}  # hour -> [requests, tokens], counted here since the totals were read
+        self.flushing = {}
+        self.checked = now
+
+    def used(self, index):
+        start = self.starts[index]
+        requests, tokens = self.totals[index]
+        for hours in (self.local, self.flushing):
+            for hour, (r, t) in hours.items():
+                if hour >= start:
+                    requests += r
+                    tokens += t
+        return requests, tokens
+
+
+class Quotas:
+    """
+    The C{quotas} section applied before each call (L{check}) and kept
+    current as calls end (a L{UsageBook} listener) and at each flush
+    (L{refresh}).
+
+    @param store: the usage store (L{clawdbot.storage.usage.UsageStore}).
+    @param metrics: for C{clawdbot_quota_refusals_total}.
+    """
+
+    def __init__(self, store, clock, metrics=None):
+        self.store = store
+        self.clock = clock
+        self.metrics = metrics
+        self.subjects = {}
+
+    def limits(self, principal, config):
+        """The quotas that apply to a call of C{principal} under C{config}."""
+        quotas = config.quotas
+        out = []
+        user = _user_rule(principal, quotas)
+        subject = ("user", issuer_id(principal.issuer or ""), principal.sub)
+        out += [Limit(subject, "your", w, what, n) for w, what, n in user]
+        team = principal.team
+        if team is not None and team in quotas.per_team:
+            out += [Limit(("team", team), f"team {team}'s", w, what, n) for w, what, n in _rule_values(quotas.per_team[team])]
+        if principal.key_id is not None:
+            out += [Limit(("key", principal.key_id), "this API key's", w, what, n) for w, what, n in _rule_values(quotas.per_key)]
+        return out
+
+    async def check(self, principal, config):
+        """
+        Refuse a call that a quota does not allow (429 QUOTA_EXCEEDED with
+        C{Retry-After} = the window's reset; in shadow mode only logged and
+        counted).
+
+        @return: the response headers that tell what is left
+            (C{x-clawdbot-quota-remaining-tokens}, C{-remaining-requests},
+            C{x-clawdbot-quota-reset}), empty when no quota applies.
+        """
+        limits = self.limits(principal, config)
+        if not limits:
+            return {}
+        now = self.clock.seconds()
+        zone = zone_of(config.usage.timezone)
+        bounds = {w: window_bounds(w, now, zone) for w in WINDOWS}
+        starts = tuple(bounds[w][0] for w in WINDOWS)
+        used = {}
+        for subject in {limit.subject for limit in limits}:
+            used[subject] = await self._used(subject, starts, now)
+        headers = {}
+        least = {}
+        for limit in limits:
+            requests, tokens = used[limit.subject].used(WINDOWS.index(limit.window))
+            spent = tokens if limit.what == "tokens" else requests
+            # What is left once this call is made: it takes one request
+            # (its tokens are known only when it ends).
+            left = max(0, limit.limit - spent - (1 if limit.what == "requests" else 0))
+            reset = max(1, int(bounds[limit.window][1] - now + 0.999))
+            if limit.what not in least or left < least[limit.what][0]:
+                least[limit.what] = (left, reset)
+            over = spent >= limit.limit
+            if over:
+                self._refused(limit, config.quotas.shadow)
+                if not config.quotas.shadow:
+                    raise APIError(
+                        "QUOTA_EXCEEDED",
+                        details=f"{limit.label} {_WINDOW_NAMES[limit.window]} quota of {limit.limit} {limit.what} ({limit.name}) is spent; it resets in {_in(reset)}",
+                        headers={"Retry-After": str(reset)},
+                    )
+        if "tokens" in least:
+            headers["x-clawdbot-quota-remaining-tokens"] = str(least["tokens"][0])
+        if "requests" in least:
+            headers["x-clawdbot-quota-remaining-requests"] = str(least["requests"][0])
+        # When the allowance that binds first comes back.
+        headers["x-clawdbot-quota-reset"] = str((least.get("tokens") or least["requests"])[1])
+        return headers
+
+    def _refused(self, limit, shadow):
+        if self.metrics is not None:
+            self.metrics.quota_refusals.labels(limit.name, limit.subject[0], "true" if shadow else "false").inc()
+        if shadow:
+            log.info("Quota {quota} of {subject} is spent (shadow mode: the call goes on)", quota=limit.name, subject=limit.subject[0])
+
+    async def _used(self, subject, starts, now):
+        entry = self.subjects.get(subject)
+        if entry is None or entry.starts != starts:
+            totals = (await self.store.totals([subject], starts))[subject]
+            fresh = _Used(starts, totals, now)
+            if entry is not None:
+                # A new day (week, month) began: what was counted here and
+                # not yet written still counts where its hour falls.
+                fresh.local = entry.local
+            self.subjects[subject] = entry = fresh
+            if len(self.subjects) > _MAX_SUBJECTS:
+                self._forget(now, everything=True)
+        entry.checked = now
+        return entry
+
+    def counted(self, principal, team, now, requests, tokens):
+        """A L{UsageBook} listener: a call ended; count it for every subject it belongs to."""
+        hour = hour_of(now)
+        subjects = [("user", issuer_id(principal.issuer or ""), principal.sub)]
+        if team is not None:
+            subjects.append(("team", team))
+        if principal.key_id is not None:
+            subjects.append(("key", principal.key_id))
+        for subject in subjects:
+            entry = self.subjects.get(subject)
+            if entry is not None:
+                slot = entry.local.setdefault(hour, [0, 0])
+                slot[0] += requests
+                slot[1] += tokens
+
+    def before_flush(self):
+        """What was counted so far is about to be written: keep it aside until the totals are read again."""
+        for entry in self.subjects.values():
+            for hour, (r, t) in entry.local.items():
+                slot = entry.flushing.setdefault(hour, [0, 0])
+                slot[0] += r
+                slot[1] += t
+            entry.local = {}
+
+    def flush_failed(self):
+        """The write failed: what was set aside is still only here."""
+        for entry in self.subjects.values():
+            for hour, (r, t) in entry.flushing.items():
+                slot = entry.local.setdefault(hour, [0, 0])
+                slot[0] += r
+                slot[1] += t
+            entry.flushing = {}
+
+    async def refresh(self):
+        """After a flush: read the totals of the subjects in use again (other instances' calls included)."""
+        now = self.clock.seconds()
+        self._forget(now)
+        subjects = list(self.subjects)
+        if not subjects:
+            return
+        by_starts = {}
+        for subject in subjects:
+            by_starts.setdefault(self.subjects[subject].starts, []).append(subject)
+        try:
+            for starts, group in by_starts.items():
+                totals = await self.store.totals(group, starts)
+                for subject in group:
+                    entry = self.subjects.get(subject)
+                    if entry is not None and entry.starts == starts:
+                        entry.totals = totals[subject]
+                        entry.flushing = {}
+        except Exception:
+            # The write went through: what was set aside is in the database,
+            # though not yet in the totals read before it.
+            for entry in self.subjects.values():
+                for index, start in enumerate(entry.starts):
+                    requests, tokens = entry.totals[index]
+                    for hour, (r, t) in entry.flushing.items():
+                        if hour >= start:
+                            requests += r
+                            tokens += t
+                    entry.totals[index] = (requests, tokens)
+                entry.flushing = {}
+            raise
+
+    def _forget(self, now, everything=False):
+        for subject, entry in list(self.subjects.items()):
+            if everything or now - entry.checked > IDLE:
+                if not entry.local and not entry.flushing:
+                    del self.subjects[subject]
+
+
+def _in(seconds):
+    """C{seconds} as people say it: 5h 3m, 2d 4h, 40s."""
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+        if len(parts) == 2:
+            break
+    return " ".join(parts)
+
+
+_WINDOW_NAMES = {"day": "daily", "week": "weekly", "month": "monthly"}
+_FIELDS = [(w, what) for w in WINDOWS for what in ("tokens", "requests")]
+
+
+def _rule_values(rule):
+    """The (window, what, limit) a quota rule sets (0: none)."""
+    return [(w, what, getattr(rule, f"{what}_per_{w}")) for w, what in _FIELDS if getattr(rule, f"{what}_per_{w}")]
+
+
+def _user_rule(principal, quotas):
+    """
+    Each user's own allowance: the top-level numbers, or, when a
+    C{per_scope} rule names one of the principal's scopes, the most
+    generous of the matching rules (0 there: none), field by field.
+    """
+    matched = [quotas.per_scope[s] for s in sorted(principal.scopes) if s in quotas.per_scope]
+    if not matched:
+        return _rule_values(quotas)
+    out = []
+    for w, what in _FIELDS:
+        values = [getattr(rule, f"{what}_per_{w}") for rule in matched]
+        if 0 not in values:
+            out.append((w, what, max(values)))
+    return out
+
+
+class Batches:
+    """
+    The periodic writes: usage, quota totals re-read, API keys' last use.
+    Run every C{usage.flush_interval} (L{clawdbot.tap}) and once at stop.
+    """
+
+    def __init__(self, usage, quotas, keys, current_config):
+        self.usage = usage
+        self.quotas = quotas
+        self.keys = keys
+        self.current_config = current_config
+        self._running = None
+        self._waiters = []
+
+    def run(self):
+        """One round; a round already under way is waited for instead of starting another."""
+        waiter = Deferred()
+        self._waiters.append(waiter)
+        if self._running is None:
+            self._running = Deferred.fromCoroutine(self._round())
+            self._running.addBoth(self._ran)
+        return waiter
+
+    def _ran(self, _):
+        self._running = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    async def _round(self):
+        config = self.current_config()
+        self.quotas.before_flush()
+        try:
+            await self.usage.flush(config.usage.retention)
+        except Exception:
+            self.quotas.flush_failed()
+            log.failure("Could not write usage; kept for the next round")
+        else:
+            try:
+                await self.quotas.refresh()
+            except Exception:
+                log.failure("Could not read the quota totals")
+        if self.keys is not None:
+            try:
+                await self.keys.flush()
+            except Exception:
+                log.failure("Could not write the API keys' last use")
+
