@@ -234,19 +234,43 @@ export async function api(method, path, body, { signal } = {}) {
   return text ? JSON.parse(text) : null;
 }
 
+/** A count from a quota header: a whole number, else null. */
+function headerCount(headers, name) {
+  const v = headers.get(name);
+  return v !== null && /^\d+$/.test(v.trim()) ? Number(v) : null;
+}
+
+/**
+ * What a model call's quota headers say is left: {tokens, requests, reset}
+ * (null where a header is missing; requests with this call made, tokens
+ * before its own; reset in seconds), or null when no quota applies.
+ */
+export function quotaFrom(headers) {
+  const tokens = headerCount(headers, "x-clawdbot-quota-remaining-tokens");
+  const requests = headerCount(headers, "x-clawdbot-quota-remaining-requests");
+  if (tokens === null && requests === null) return null;
+  return { tokens, requests, reset: headerCount(headers, "x-clawdbot-quota-reset") };
+}
+
 /**
  * POST /v1/chat/completions with stream: true, reading the SSE reply.
- * onDelta({content, reasoning}) gets each chunk's text.  Resolves to
- * {done: true} after data: [DONE], {done: false} when the stream closed
- * without it; throws StreamError for a data: {"error": ...} event.
+ * onDelta({content, reasoning}) gets each chunk's text; onQuota(quota)
+ * gets what the quota headers said (see quotaFrom), once the answer
+ * started, if a quota applies.  Resolves to {done, usage}: done is true
+ * after data: [DONE], false when the stream closed without it; usage is
+ * the reply's token counts when the server sent them (ask with
+ * stream_options.include_usage), else null.  Throws StreamError for a
+ * data: {"error": ...} event.
  */
-export async function streamChat(body, { signal, onDelta }) {
+export async function streamChat(body, { signal, onDelta, onQuota = () => {} }) {
   const resp = await apiFetch("/v1/chat/completions", {
     method: "POST",
     headers: { Accept: "text/event-stream", "Content-Type": "application/json" },
     body: JSON.stringify(body),
     signal,
   });
+  const quota = quotaFrom(resp.headers);
+  if (quota) onQuota(quota);
   const type = resp.headers.get("content-type") || "";
   if (!type.includes("text/event-stream")) {
     // A gateway that answered without streaming: take the whole message.
@@ -254,13 +278,14 @@ export async function streamChat(body, { signal, onDelta }) {
     if (data && data.error) throw new StreamError(data.error);
     const msg = data && data.choices && data.choices[0] && data.choices[0].message;
     if (msg) onDelta({ content: msg.content || "", reasoning: msg.reasoning_content || "" });
-    return { done: true };
+    return { done: true, usage: usageOf(data) };
   }
 
   const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   let data = [];
   let done = false;
+  let usage = null;
 
   const dispatch = () => {
     if (!data.length) return;
@@ -277,6 +302,7 @@ export async function streamChat(body, { signal, onDelta }) {
       return; // not JSON: ignore, as the OpenAI clients do
     }
     if (chunk && chunk.error) throw new StreamError(typeof chunk.error === "object" ? chunk.error : { message: String(chunk.error) });
+    usage = usageOf(chunk) || usage;
     const delta = chunk && chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
     if (delta && (delta.content || delta.reasoning_content)) {
       onDelta({ content: delta.content || "", reasoning: delta.reasoning_content || "" });
@@ -305,5 +331,13 @@ export async function streamChat(body, { signal, onDelta }) {
   } finally {
     reader.cancel().catch(() => {});
   }
-  return { done };
+  return { done, usage };
+}
+
+/** {total_tokens} of a chunk or body that carries usage, else null. */
+function usageOf(data) {
+  const u = data && data.usage;
+  if (!u || typeof u !== "object") return null;
+  const total = Number.isFinite(u.total_tokens) ? u.total_tokens : (Number(u.prompt_tokens) || 0) + (Number(u.completion_tokens) || 0);
+  return { total_tokens: total };
 }

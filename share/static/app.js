@@ -11,6 +11,8 @@
 //   composer.js      text, images, model picker, send and stop buttons
 //   chat.js          sending a turn, streaming the reply, clearing context
 //   notify.js        error sentences, notices and toasts
+//   keys.js          the "API keys" panel: list, create (secret shown once), revoke
+//   quota.js         what is left of the user's quota, under the composer
 // and api.js (the gateway's API), render.js (marked, then DOMPurify) and
 // i18n.js (every UI string).  Model output becomes DOM only through
 // render.js; everything else is built with createElement and textContent.
@@ -18,9 +20,11 @@
 import * as auth from "./auth.js";
 import * as conversation from "./conversation.js";
 import * as composer from "./composer.js";
+import * as keys from "./keys.js";
 import { el } from "./dom.js";
 import { LANGUAGES, detectLanguage, getLanguage, onLanguageChange, setLanguage } from "./i18n.js";
 import * as notify from "./notify.js";
+import * as quota from "./quota.js";
 import * as sessions from "./sessions.js";
 import { update, view } from "./store.js";
 
@@ -47,6 +51,8 @@ function main() {
   sessions.install();
   conversation.install();
   composer.install();
+  quota.install();
+  keys.install();
   update({ lang: getLanguage() });
   auth.startSession();
 }

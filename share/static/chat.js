@@ -5,6 +5,7 @@ import * as API from "./api.js";
 import { appendError, openSession } from "./conversation.js";
 import { t } from "./i18n.js";
 import { toast, toastError } from "./notify.js";
+import { noteQuota } from "./quota.js";
 import { Reply } from "./reply.js";
 import { createSession, touchSession } from "./sessions.js";
 import { can, state, update } from "./store.js";
@@ -57,11 +58,13 @@ async function send(text, images) {
     ? [...(text ? [{ type: "text", text }] : []), ...images.map((img) => ({ type: "image_url", image_url: { url: img.url } }))]
     : text;
   const turn = { role: "user", content };
-  const body = { stream: true, messages: session ? [turn] : [...state.transcript, turn] };
+  // include_usage: the reply's token count, taken off what the quota headers say is left.
+  const body = { stream: true, stream_options: { include_usage: true }, messages: session ? [turn] : [...state.transcript, turn] };
   if (state.model) body.model = state.model;
   if (session) body.session_id = session.id;
 
   const gen = state.openGen;
+  const me = state.me;
   const firstTurn = !!session && state.fresh;
   const reply = new Reply(true);
   const controller = new AbortController();
@@ -74,13 +77,17 @@ async function send(text, images) {
   });
 
   let outcome = {};
+  let quota = null;
+  let usage = null;
   try {
-    const result = await API.streamChat(body, { signal: controller.signal, onDelta: (d) => reply.append(d) });
+    const result = await API.streamChat(body, { signal: controller.signal, onDelta: (d) => reply.append(d), onQuota: (q) => (quota = q) });
+    usage = result.usage;
     if (!result.done) outcome = { error: "closed" };
   } catch (err) {
     outcome = controller.signal.aborted ? { stopped: true } : { error: err };
   }
   reply.finish(outcome);
+  if (quota && state.me === me) noteQuota(quota, usage); // the same user still signed in
   if (state.streaming && state.streaming.controller === controller) update({ streaming: null });
 
   if (!session) {

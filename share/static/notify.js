@@ -16,6 +16,7 @@ const ERROR_KEYS = {
   UPSTREAM_TIMEOUT: "error.timeout",
   MODEL_NOT_FOUND: "error.model",
   PAYLOAD_TOO_LARGE: "error.toolarge",
+  QUOTA_EXCEEDED: "error.quota",
 };
 
 /** A sentence for err, in the current language. */

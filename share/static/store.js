@@ -39,6 +39,8 @@ export function initialState() {
     notices: [], // [{id, key, err}]
     toast: null, // {text, error}
     sidebarOpen: true,
+    keys: { status: "idle", data: [], error: null }, // the API keys panel's list (never a key's secret)
+    quota: null, // {tokens, requests, resetAt}: what the last reply's quota headers said is left
   };
 }
 
