@@ -48,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -461,6 +462,42 @@ class Target:
         return (head.encode() + body).decode("latin-1")
 
 
+def _create_key(url, token):
+    """An API key for the token's user, from POST /v1/keys."""
+    request = urllib.request.Request(
+        url + "/v1/keys", method="POST", data=json.dumps({"name": "bench"}).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)["key"]
+
+
+def _usage_requests(url, token):
+    """The model calls /v1/usage counted for the token's user."""
+    request = urllib.request.Request(url + "/v1/usage", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return sum(row["requests"] for row in json.load(response)["data"])
+
+
+def _record_cost_us(n=100_000):
+    """Microseconds one UsageBook.record takes (in this process, on the checkout's code)."""
+    sys.path.insert(0, ROOT)
+    from clawdbot.auth.identity import Principal
+    from clawdbot.storage.usage import UsageBook
+
+    class _Clock:
+        def seconds(self):
+            return time.time()
+
+    book = UsageBook(None, _Clock())
+    principal = Principal("bench", frozenset({"chat:write"}), teams=("t",), issuer="https://bench.clawdbot.invalid", key_id="key_0123456789abcdef")
+    usage = {"prompt_tokens": 12, "completion_tokens": 16, "total_tokens": 28}
+    started = time.perf_counter()
+    for _ in range(n):
+        book.record(principal, "qwen3:32b", usage, False, 0.001)
+    return (time.perf_counter() - started) / n * 1e6
+
+
 def percentile(values, p):
     if not values:
         return None
@@ -805,6 +842,7 @@ class Bench:
         self.first_gateway = None
         self.shared_gpu = collections.OrderedDict()
         self.shared_gpu_s = None
+        self.keys_results = {}
         self.gateway_messages = collections.Counter()
         self.load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
         self.wrk = None if args.no_wrk else shutil.which("wrk")
@@ -923,6 +961,9 @@ class Bench:
         if a.fair_only:
             self.two_users_scenario()
             return
+        if a.keys_only:
+            self.keys_scenario()
+            return
         self.rss["idle"] = None
         self.rss["peak, unpaced scenarios"] = None
         unpaced = {"direct": self.fresh_direct, "gateway": self.fresh_gateway}
@@ -961,8 +1002,62 @@ class Bench:
             self.rss[f"peak, {a.full_streams} streams"] = gw.sampler.peaks.get("full")
         self.stop_gateway(gw)
         fake.stop()
+        if not a.no_keys:
+            self.keys_scenario()
         if not a.no_fair:
             self.two_users_scenario()
+
+    def keys_scenario(self):
+        """
+        Issue 17: non-streaming calls at concurrency 10 through one gateway,
+        alternately with the JWT and with an API key of the same user (usage
+        accounting on for both, as always), three times each, median kept;
+        then what /v1/usage counted against what the load generators
+        completed.
+        """
+        a = self.args
+        fake = start_fake("fake-ollama-keys", "--tokens", str(a.tokens))
+        gw = self.start_gateway(fake.url)
+        pids = {"fake": fake.pid, "gateway": gw.pid}
+        try:
+            key = _create_key(gw.url, gw.token)
+            targets = {"JWT": Target("gateway", gw.url, gw.pid, gw.token), "API key": Target("gateway", gw.url, gw.pid, key)}
+            runs = {kind: [] for kind in targets}
+            for _ in range(max(3, a.repeat)):
+                for kind, target in targets.items():
+                    runs[kind].append(self.measure(f"keys c=10 {kind}", target, False, 10, a.duration, 10.0, pids))
+            for kind, rs in runs.items():
+                ordered = sorted(rs, key=lambda r: r["rate"])
+                self.keys_results[kind] = dict(ordered[(len(ordered) - 1) // 2], rates=[round(r["rate"], 1) for r in rs])
+            time.sleep(0.5)
+            self.keys_results["usage"] = _usage_requests(gw.url, gw.token)
+            self.keys_results["record_us"] = _record_cost_us()
+        finally:
+            self.stop_gateway(gw)
+            fake.stop()
+
+    def keys_report(self):
+        """The API key table: a list of lines."""
+        r = self.keys_results
+        if "JWT" not in r:
+            return []
+        jwt, key = r["JWT"], r["API key"]
+        rows = []
+        for kind, m in (("JWT", jwt), ("API key", key)):
+            rows.append((kind, f"{m['rate']:.0f}", f"{m['p50']:.2f}" if m.get("p50") is not None else "-",
+                         f"{m['p99']:.2f}" if m.get("p99") is not None else "-",
+                         " / ".join(f"{x:g}" for x in m["rates"]), f"{m['rate'] / jwt['rate']:.3f}"))
+        return [
+            "",
+            "### API keys and usage accounting (issue 17)",
+            "",
+            markdown_table(("credential, non-streaming c=10", "req/s", "p50 (ms)", "p99 (ms)", "runs (req/s)", "vs JWT"), rows),
+            "",
+            f"One gateway, the same user's JWT and API key alternately, {len(jwt['rates'])} runs each, median kept; "
+            "every call counted by the usage accounting in both. /v1/usage then counted "
+            f"{r.get('usage')} model calls (warm-ups included). Counting one call in memory costs "
+            f"{r.get('record_us', 0):.1f} µs (UsageBook.record, measured in this process).",
+        ]
 
     def two_users_scenario(self):
         """
@@ -1253,9 +1348,11 @@ class Bench:
             + f"; load average at start {self.load_at_start}; run took {elapsed:.0f} s."
         )
         self.gateway_notes()
-        if not a.fair_only:
+        if not a.fair_only and not a.keys_only:
             out += self.side_by_side()
-        if not a.no_fair:
+        if not a.no_keys and not a.fair_only:
+            out += self.keys_report()
+        if not a.no_fair and not a.keys_only:
             out += self.two_users_report()
         errors = [(k, kind, r["errors"]) for k, pair in self.results.items() for kind, r in pair.items() if r["errors"]]
         if errors or self.notes:
@@ -1293,7 +1390,7 @@ class Bench:
 
     def as_json(self, elapsed):
         return {"args": vars(self.args), "elapsed_s": elapsed, "results": self.results,
-                "rss_kb": self.rss, "two_users": self.shared_gpu, "two_users_s": self.shared_gpu_s,
+                "rss_kb": self.rss, "two_users": self.shared_gpu, "two_users_s": self.shared_gpu_s, "keys": self.keys_results,
                 "notes": self.notes}
 
 
@@ -1323,6 +1420,9 @@ def parse_args(argv=None):
     two_users = p.add_mutually_exclusive_group()
     two_users.add_argument("--no-fair", action="store_true", help="leave out the two users, one GPU scenario")
     two_users.add_argument("--fair-only", action="store_true", help="run only the two users, one GPU scenario")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--no-keys", action="store_true", help="leave out the API key scenario")
+    keys.add_argument("--keys-only", action="store_true", help="run only the API key scenario (JWT against API key, c=10)")
     p.add_argument("--repeat", type=int, default=1, help="measure each scenario N times, alternating, keep the median")
     p.add_argument("--client-procs", type=int, default=2, help="load generator processes above concurrency 1 (default 2)")
     p.add_argument("--no-wrk", action="store_true", help="use bench/loadgen.py for non-streaming too")

@@ -112,6 +112,8 @@ class ApiKeys:
         self._seen = {}  # owner -> the grant this instance last recorded
         self._pending = {}  # owner -> a changed grant, not yet written
         self._used = {}  # key id -> when last used, not yet written
+        # hash -> (record, grant, the principal made of them), reused while both stay
+        self._principals = {}
 
     def start(self):
         """Hear other instances' revocations and grant changes (PostgreSQL)."""
@@ -129,6 +131,7 @@ class ApiKeys:
     def _forget_all(self):
         self._keys = {}
         self._grants = {}
+        self._principals = {}
 
     # --- authentication ---------------------------------------------------
 
@@ -157,21 +160,15 @@ class ApiKeys:
         grant = await self._grant(record.owner)
         if grant is None or grant.ended:
             raise KeyRefused("owner ended")
-        if record.team is not None:
-            teams = (record.team,) if record.team in grant.teams else ()
-        else:
-            teams = grant.teams
-        issuer, sub = owner_parts(record.owner)
         self._used[record.id] = now
-        return Principal(
-            sub=sub,
-            scopes=frozenset(record.scopes) & grant.scopes,
-            name=grant.name,
-            email=grant.email,
-            teams=teams,
-            issuer=issuer,
-            key_id=record.id,
-        )
+        made = self._principals.get(digest)
+        if made is not None and made[0] is record and made[1] is grant:
+            return made[2]
+        principal = _principal(record, grant)
+        if len(self._principals) >= _CACHE_MAX:
+            self._principals = {}
+        self._principals[digest] = (record, grant, principal)
+        return principal
 
     async def _record(self, digest):
         now = self.clock.seconds()
@@ -232,7 +229,7 @@ class ApiKeys:
 
     async def _write(self, grant):
         self._grants.pop(owner_digest(grant.owner), None)
-        await self.store.put_grants([grant])
+        await _stored(self.store.put_grants([grant]))
         self._grants.pop(owner_digest(grant.owner), None)
 
     async def grant_of(self, principal):
@@ -266,19 +263,20 @@ class ApiKeys:
         self._seen[grant.owner] = grant
         self._pending.pop(grant.owner, None)
         await self._write(grant)
-        if not await self.store.create(record, config.auth.api_keys.max_per_user, now):
+        if not await _stored(self.store.create(record, config.auth.api_keys.max_per_user, now)):
             return None
         return record, secret
 
     async def revoke(self, key_id, owner=None):
         """Revoke a key (of C{owner} only, when given): the key as it was, or C{None}."""
-        record = await self.store.revoke(key_id, self.clock.seconds(), owner)
+        record = await _stored(self.store.revoke(key_id, self.clock.seconds(), owner))
         if record is not None:
             self._keys.pop(record.hash, None)
         return record
 
-    async def list(self, owner=None, limit=1000):
-        records = await self.store.list(owner, limit)
+    async def list(self, owner=None, limit=1000, live=False):
+        """Keys newest first (C{owner}'s, or everyone's), with this instance's unwritten last uses; C{live}: only usable ones."""
+        records = await _stored(self.store.list(owner, limit, self.clock.seconds() if live else None))
         pending = self._used
         return [_with_use(r, pending.get(r.id)) for r in records]
 
@@ -306,13 +304,31 @@ class ApiKeys:
             raise
 
 
+def _principal(record, grant):
+    """Who a call with the key C{record} is, its owner's C{grant} being what it is."""
+    if record.team is not None:
+        teams = (record.team,) if record.team in grant.teams else ()
+    else:
+        teams = grant.teams
+    issuer, sub = owner_parts(record.owner)
+    return Principal(
+        sub=sub,
+        scopes=frozenset(record.scopes) & grant.scopes,
+        name=grant.name,
+        email=grant.email,
+        teams=teams,
+        issuer=issuer,
+        key_id=record.id,
+    )
+
+
 async def _stored(call):
     """The result of a store call; a database that fails is a 503, never a 500."""
     try:
         return await call
     except Exception:
-        log.failure("Could not read the API keys")
-        raise APIError("STORAGE_UNAVAILABLE", details="the key store cannot be read; retry shortly", headers={"Retry-After": "5"}) from None
+        log.failure("The API key store failed")
+        raise APIError("STORAGE_UNAVAILABLE", details="the key store cannot be reached; retry shortly", headers={"Retry-After": "5"}) from None
 
 
 def _same(a, b):

@@ -34,16 +34,20 @@ def translated(request, meter, translator):
     def on_data(data):
         if translator.done:
             return b""
+        chunks = []
         try:
-            lines = splitter.feed(data)
-            meter.streamed += len(lines)
-            out = b"".join(translator.line(line) for line in lines if not translator.done)
+            for line in splitter.feed(data):
+                if translator.done:
+                    break
+                chunks.append(translator.line(line))
+                # Counted once relayed: Ollama's error line is no reply token.
+                meter.streamed += 1
         except UpstreamStreamError as e:
             raise APIError("UPSTREAM_UNAVAILABLE", details=e.args[0]) from None
         if translator.final is not None and "usage" not in request.audit:
             # Before the response ends: the budget is charged when it does.
             _count(request, translator.final)
-        return out
+        return b"".join(chunks)
 
     def rest():
         tail = b""

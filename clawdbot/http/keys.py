@@ -16,11 +16,15 @@ key.  Someone else's key id is a 404, as is an id that is no key.
 import csv
 import io
 
+from twisted.logger import Logger
+
 from clawdbot.auth.keys import is_key_id, owner_parts, server_key
 from clawdbot.auth.identity import is_scope_token, issuer_id
 from clawdbot.errors import APIError, invalid
 from clawdbot.http.resource import APIResource, JSONResponse, Node, NotFound, query_arg, read_json, write_json
 from clawdbot.units import day_start, local_date, parse_duration, rfc3339, window_bounds, zone_of
+
+log = Logger(namespace="clawdbot.usage")
 
 MAX_NAME = 100
 NO_STORE = {"Cache-Control": "no-store"}
@@ -99,7 +103,7 @@ class Keys(KeysRoute):
         _signed_in(request)
         _keys_on(request)
         now = self.clock.seconds()
-        records = await self.keys.list(request.principal.key)
+        records = await self.keys.list(request.principal.key, live=True)
         live = [key_view(r, now) for r in records if r.revoked_at is None and r.expires_at > now]
         return JSONResponse({"object": "list", "data": live}, headers=NO_STORE)
 
@@ -299,7 +303,11 @@ class Usage(APIResource):
             issuer = principal.issuer
         # What this instance gathered is written first, so the answer has it.
         await self.batches.run()
-        rows = await self.usage.store.by_day(days, issuer=_issuer(issuer), sub=user, team=team)
+        try:
+            rows = await self.usage.store.by_day(days, issuer=_issuer(issuer), sub=user, team=team)
+        except Exception:
+            log.failure("Could not read usage")
+            raise APIError("STORAGE_UNAVAILABLE", details="the usage store cannot be reached; retry shortly", headers={"Retry-After": "5"}) from None
         data = [
             {
                 "date": date,

@@ -120,10 +120,19 @@ class Quotas:
         bounds = {w: window_bounds(w, now, zone) for w in WINDOWS}
         starts = tuple(bounds[w][0] for w in WINDOWS)
         used = {}
-        for subject in {limit.subject for limit in limits}:
-            used[subject] = await self._used(subject, starts, now)
+        try:
+            for subject in {limit.subject for limit in limits}:
+                used[subject] = await self._used(subject, starts, now)
+        except Exception:
+            # The database cannot say what was used: rate_limit.on_backend_error
+            # decides, as for the shared rate limits.
+            log.failure("Could not read the quota totals")
+            if config.rate_limit.on_backend_error == "closed":
+                raise APIError("STORAGE_UNAVAILABLE", details="the usage store cannot be reached; retry shortly", headers={"Retry-After": "5"}) from None
+            return {}
         headers = {}
         least = {}
+        spent_out = []
         for limit in limits:
             requests, tokens = used[limit.subject].used(WINDOWS.index(limit.window))
             spent = tokens if limit.what == "tokens" else requests
@@ -132,22 +141,30 @@ class Quotas:
             left = max(0, limit.limit - spent - (1 if limit.what == "requests" else 0))
             reset = max(1, int(bounds[limit.window][1] - now + 0.999))
             if limit.what not in least or left < least[limit.what][0]:
-                least[limit.what] = (left, reset)
-            over = spent >= limit.limit
-            if over:
-                self._refused(limit, config.quotas.shadow)
-                if not config.quotas.shadow:
-                    raise APIError(
-                        "QUOTA_EXCEEDED",
-                        details=f"{limit.label} {_WINDOW_NAMES[limit.window]} quota of {limit.limit} {limit.what} ({limit.name}) is spent; it resets in {_in(reset)}",
-                        headers={"Retry-After": str(reset)},
-                    )
+                least[limit.what] = (left, reset, limit.limit)
+            if spent >= limit.limit:
+                spent_out.append((reset, limit))
+        if spent_out:
+            # The call passes again only once every spent quota has reset:
+            # the one that resets last is the one to name.
+            reset, limit = max(spent_out, key=lambda item: item[0])
+            for _, each in spent_out:
+                self._refused(each, config.quotas.shadow)
+            if not config.quotas.shadow:
+                raise APIError(
+                    "QUOTA_EXCEEDED",
+                    details=f"{limit.label} {_WINDOW_NAMES[limit.window]} quota of {limit.limit} {limit.what} ({limit.name}) is spent; it resets in {_in(reset)}",
+                    headers={"Retry-After": str(reset)},
+                )
         if "tokens" in least:
             headers["x-clawdbot-quota-remaining-tokens"] = str(least["tokens"][0])
         if "requests" in least:
             headers["x-clawdbot-quota-remaining-requests"] = str(least["requests"][0])
-        # When the allowance that binds first comes back.
-        headers["x-clawdbot-quota-reset"] = str((least.get("tokens") or least["requests"])[1])
+        # When the allowance that runs out first comes back: of the token
+        # and request allowances, the one with the smaller share left (none
+        # left in both: the later reset).
+        binding = min(least.values(), key=lambda item: (item[0] / item[2], -item[1]))
+        headers["x-clawdbot-quota-reset"] = str(binding[1])
         return headers
 
     def _refused(self, limit, shadow):

@@ -97,14 +97,20 @@ class KeyStore:
 
         return await self.engine.run(get)
 
-    async def list(self, owner=None, limit=1000):
-        """Keys newest first: C{owner}'s, or everyone's (C{None})."""
+    async def list(self, owner=None, limit=1000, live_at=None):
+        """Keys newest first: C{owner}'s, or everyone's (C{None}); with C{live_at}, only those neither revoked nor expired then."""
+        clauses, params = [], []
+        if owner is not None:
+            clauses.append("owner = ?")
+            params.append(owner)
+        if live_at is not None:
+            clauses.append("revoked_at IS NULL AND expires_at > ?")
+            params.append(live_at)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        sql = self._sql(f"SELECT {_COLUMNS} FROM api_keys {where} ORDER BY created_at DESC, id DESC LIMIT ?")
 
         def select(cur):
-            if owner is None:
-                cur.execute(self._sql(f"SELECT {_COLUMNS} FROM api_keys ORDER BY created_at DESC, id DESC LIMIT ?"), (limit,))
-            else:
-                cur.execute(self._sql(f"SELECT {_COLUMNS} FROM api_keys WHERE owner = ? ORDER BY created_at DESC, id DESC LIMIT ?"), (owner, limit))
+            cur.execute(sql, (*params, limit))
             return [_record(row) for row in cur.fetchall()]
 
         return await self.engine.run(select)
