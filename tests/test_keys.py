@@ -693,7 +693,7 @@ def quota_config(quotas, usage=""):
     return parse_config(merge_yaml(BASE_CONFIG, f"quotas: {quotas}\n" + (f"usage: {usage}\n" if usage else "")), {})
 
 
-class QuotaWindowTests(TestCase):
+class QuotaParts(TestCase):
     """L{Quotas} over a real usage store (SQLite in a temporary folder), on a test clock."""
 
     timeout = 60
@@ -734,6 +734,11 @@ class QuotaWindowTests(TestCase):
 
     def advance_to(self, when):
         self.clock.advance(when - self.clock.seconds())
+
+
+
+class QuotaWindowTests(QuotaParts):
+    """Each window of each kind of quota."""
 
     async def test_day_tokens(self):
         """
@@ -964,3 +969,63 @@ class QuotaHTTPTests(Backed):
         self.assertEqual(await self.metric(text, shadow="false"), 0.0)
         logged = [e for e in events if "shadow mode" in e.get("log_format", "")]
         self.assertEqual([(e["quota"], e["subject"]) for e in logged], [("requests_per_day", "user")] * 2)
+
+
+class FailingTotals:
+    """A usage store whose totals cannot be read (the database is down)."""
+
+    async def totals(self, subjects, starts):
+        raise OSError("database is down")
+
+
+class QuotaEdgeTests(QuotaParts):
+    """What a check says when several quotas are spent, and when the database cannot answer."""
+
+    async def test_several_spent_names_the_last_to_reset(self):
+        """
+        With the day's and the month's requests both spent, the refusal
+        names the monthly quota and Retry-After is the month's reset (the
+        call passes only once both are back); the reset header follows the
+        allowance with the smaller share left.
+        """
+        self.config = quota_config("{requests_per_day: 1, requests_per_month: 1, tokens_per_day: 1000000}")
+        alice = Principal("alice", frozenset(), issuer=ISSUER)
+        headers = await self.call(alice, 10)
+        # One request was the whole daily and monthly allowance: the
+        # request allowance binds (none left), and it comes back with the month.
+        self.assertEqual(headers["x-clawdbot-quota-remaining-requests"], "0")
+        e = await self.refused(alice)
+        self.assertIn("(requests_per_month)", e.details)
+        month_end = at(2026, 2, 1)
+        self.assertEqual(e.headers["Retry-After"], str(int(month_end - self.clock.seconds())))
+        self.assertEqual(headers["x-clawdbot-quota-reset"], str(int(month_end - self.clock.seconds())))
+
+    async def test_database_down_follows_on_backend_error(self):
+        """Totals that cannot be read let the call through with rate_limit.on_backend_error open (no headers), and are a 503 with closed."""
+        quotas = Quotas(FailingTotals(), self.clock)
+        alice = Principal("alice", frozenset(), issuer=ISSUER)
+        self.config = quota_config("{tokens_per_day: 100}")
+        self.assertEqual(await quotas.check(alice, self.config), {})
+        self.config = parse_config(merge_yaml(BASE_CONFIG, "quotas: {tokens_per_day: 100}\nrate_limit: {on_backend_error: closed}\n"), {})
+        try:
+            await quotas.check(alice, self.config)
+        except APIError as e:
+            self.assertEqual((e.status, e.code, e.headers.get("Retry-After")), (503, "STORAGE_UNAVAILABLE", "5"))
+        else:
+            self.fail("the check passed with on_backend_error closed")
+        self.flushLoggedErrors(OSError)
+
+
+class DebugPortKeysTests(Backed):
+    """The debug listener's dev principal makes no API keys."""
+
+    timeout = 60
+
+    async def test_debug_port_refuses_key_management(self):
+        """POST and GET /v1/keys on the debug port are a 403 that says where keys are made; nothing is stored."""
+        self.start()
+        for method, body in (("POST", {"name": "dev"}), ("GET", None)):
+            status, _, reply = await get_json(self.gw.debug_url + "/v1/keys", method=method, body=body)
+            self.assertEqual(status, 403, reply)
+            self.assertEqual(reply["error"]["details"], "the debug port makes no API keys; sign in on the secure port")
+        self.assertEqual(await self.gw.parts.keys.list(), [])

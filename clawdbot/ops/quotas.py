@@ -140,7 +140,9 @@ class Quotas:
             # (its tokens are known only when it ends).
             left = max(0, limit.limit - spent - (1 if limit.what == "requests" else 0))
             reset = max(1, int(bounds[limit.window][1] - now + 0.999))
-            if limit.what not in least or left < least[limit.what][0]:
+            # Per kind, the allowance with least left (none left in two:
+            # the one back later).
+            if limit.what not in least or (left, -reset) < (least[limit.what][0], -least[limit.what][1]):
                 least[limit.what] = (left, reset, limit.limit)
             if spent >= limit.limit:
                 spent_out.append((reset, limit))
