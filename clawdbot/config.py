@@ -231,6 +231,10 @@ class APIKeysConfig:
     max_ttl: float = _opt(365 * 86400.0, kind="duration", minimum=60, maximum=10 * 365 * 86400)
     # Keys one user may hold at once (revoked and expired ones do not count).
     max_per_user: int = _opt(50, minimum=1, maximum=10000)
+    # A key works only while its owner has signed in (or presented a token)
+    # within this: someone who left and never comes back loses their keys
+    # too (0: keys never wait for their owner).
+    owner_idle: float = _opt(30 * 86400.0, kind="duration", minimum=0, maximum=10 * 365 * 86400)
 
 
 @dataclass(frozen=True)

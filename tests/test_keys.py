@@ -465,14 +465,21 @@ class OwnerGrantTests(Backed):
         self.assertEqual((await chat(self.gw.url, key))[0], 200)
 
     async def test_owner_leaving_a_team(self):
-        """A team key works while its owner is in the team; once the owner's grant no longer has it, the key acts for no team."""
+        """
+        A team key's calls count for its team while its owner is in it; the
+        key has its owner's teams (the rules that match teams still apply);
+        once the owner's grant no longer has the team, the key counts for
+        the owner's first team.
+        """
         self.start()
         made = await made_key(self, self.gw.url, jwt("tom", teams=["red", "blue"]), team="blue")
         key = bearer(made["key"])
-        self.assertEqual((await me(self.gw.url, key))[2]["teams"], ["blue"])
+        who = (await me(self.gw.url, key))[2]
+        self.assertEqual((who["teams"], who["key_team"]), (["red", "blue"], "blue"))
         self.assertEqual((await me(self.gw.url, jwt("tom", teams=["red"], jti="moved")))[0], 200)
         await self.gw.parts.batches.run()
-        self.assertEqual((await me(self.gw.url, key))[2]["teams"], [])
+        who = (await me(self.gw.url, key))[2]
+        self.assertEqual((who["teams"], who["key_team"]), (["red"], None))
 
     async def test_provider_ending_the_sign_in_ends_the_keys(self):
         """
@@ -1029,3 +1036,153 @@ class DebugPortKeysTests(Backed):
             self.assertEqual(status, 403, reply)
             self.assertEqual(reply["error"]["details"], "the debug port makes no API keys; sign in on the secure port")
         self.assertEqual(await self.gw.parts.keys.list(), [])
+
+
+class QuotaHoldTests(QuotaParts):
+    """Calls under way are held against the allowances, so a burst cannot pass on one remainder."""
+
+    async def test_calls_under_way_count(self):
+        """
+        With one request a day left, of two calls checked at the same
+        moment only the first passes; a call that ends without reaching the
+        model gives its hold back; held tokens count until the call's real
+        use replaces them.
+        """
+        self.config = quota_config("{requests_per_day: 1, tokens_per_day: 1000}")
+        alice = Principal("alice", frozenset(), issuer=ISSUER)
+        first = []
+        await self.quotas.check(alice, self.config, 600, first)
+        e = await self.refused(alice)
+        self.assertIn("(requests_per_day)", e.details)
+        # The first call never reached the model: its hold is given back.
+        self.quotas.release(first)
+        second = []
+        headers = await self.quotas.check(alice, self.config, 600, second)
+        self.assertEqual(headers["x-clawdbot-quota-remaining-requests"], "0")
+        # Its 600 estimated tokens are held: with another user's allowance
+        # of its own, nothing else changes; a third check of alice's is refused.
+        await self.refused(alice)
+        self.quotas.release(second)
+        self.book.record(alice, "qwen3:32b", {"prompt_tokens": 5, "completion_tokens": 5}, False, 0.1)
+        e = await self.refused(alice)
+        self.assertIn("(requests_per_day)", e.details)
+
+    async def test_held_tokens_refuse(self):
+        """Held token estimates count against a token allowance until released."""
+        self.config = quota_config("{tokens_per_day: 1000}")
+        alice = Principal("alice", frozenset(), issuer=ISSUER)
+        held = []
+        await self.quotas.check(alice, self.config, 1000, held)
+        e = await self.refused(alice)
+        self.assertIn("(tokens_per_day)", e.details)
+        self.quotas.release(held)
+        await self.passes(alice)
+
+
+class KeyReviewTests(Backed):
+    """What an outside review of the keys found, kept fixed."""
+
+    timeout = 60
+
+    async def test_a_key_keeps_its_owners_restrictions(self):
+        """
+        A key may drop a permission, never a restriction: the rules that
+        match the owner's teams and scopes (model access, quotas, budgets)
+        apply to the owner's keys, whatever team or scopes the key was given.
+        """
+        self.start(
+            'backend: {model_access: [{team: interns, models: ["qwen3:8b"]}, {scope: trial, models: ["qwen3:8b"]}]}\n'
+            "quotas: {per_scope: {trial: {requests_per_day: 1}}}\n",
+            fake=FakeOllama(models=("qwen3:32b", "qwen3:8b")),
+        )
+        ivan = jwt("ivan", teams=["interns", "research"])
+        self.assertEqual((await chat(self.gw.url, ivan, model="qwen3:32b"))[0], 403)
+        key = bearer((await made_key(self, self.gw.url, ivan, team="research"))["key"])
+        status, _, reply = await chat(self.gw.url, key, model="qwen3:32b")
+        self.assertEqual((status, reply["error"]["code"]), (403, "MODEL_NOT_ALLOWED"))
+        self.assertEqual((await chat(self.gw.url, key, model="qwen3:8b"))[0], 200)
+
+        tara = jwt("tara", scope="chat:read chat:write trial")
+        key = bearer((await made_key(self, self.gw.url, tara, scopes=["chat:read", "chat:write"]))["key"])
+        self.assertEqual((await chat(self.gw.url, key, model="qwen3:32b"))[0], 403)
+        self.assertEqual((await chat(self.gw.url, key, model="qwen3:8b"))[0], 200)
+        status, _, reply = await chat(self.gw.url, key, model="qwen3:8b")
+        self.assertEqual((status, reply["error"]["code"]), (429, "QUOTA_EXCEEDED"))
+
+    async def test_keys_of_an_owner_gone_idle_stop(self):
+        """A key stops once its owner has not been seen for auth.api_keys.owner_idle (30 days by default), and works again when they are."""
+        self.start()
+        key = bearer((await made_key(self, self.gw.url, jwt("olga")))["key"])
+        self.assertEqual((await chat(self.gw.url, key))[0], 200)
+        keys = self.gw.parts.keys
+        keys.clock = Shifted(31 * DAY)
+        keys._forget_all()
+        assert_key_refused(self, await chat(self.gw.url, key))
+        keys.clock = reactor
+        keys._forget_all()
+        self.assertEqual((await chat(self.gw.url, key))[0], 200)
+
+    async def test_a_token_without_iat_says_nothing_about_now(self):
+        """A verified token that does not say when it was issued leaves its owner's recorded grant alone."""
+        self.start()
+        keys = self.gw.parts.keys
+        keys.observe(Principal("nina", frozenset({"chat:write", "admin"}), issuer=ISSUER))
+        self.assertEqual(keys._pending, {})
+        keys.observe(Principal("nina", frozenset({"chat:write"}), issuer=ISSUER, issued_at=reactor.seconds()))
+        self.assertEqual(list(keys._pending), [owner_key(ISSUER, "nina")])
+
+    async def test_usage_dates_at_the_edges(self):
+        """Dates a calendar cannot take to a day's end, or before 1970, are a 400, in any time zone."""
+        self.start('usage: {timezone: "Asia/Shanghai"}')
+        for start, end in (("9999-12-31", "9999-12-31"), ("0001-01-01", "0001-01-01"), ("1969-12-31", "1970-01-01"), ("2026-02-30", "2026-03-01")):
+            status, _, reply = await get_json(self.gw.url + f"/v1/usage?from={start}&to={end}", headers=jwt("ann"))
+            self.assertEqual((status, reply["error"]["code"]), (400, "INVALID_REQUEST"), (start, end))
+
+    async def test_a_key_pasted_as_model_or_session_is_not_logged(self):
+        """The access log's model and session fields come from the request: a key pasted there is redacted, on every line."""
+        self.start("access_log: {sample_rate: 0.0}")
+        key = (await made_key(self, self.gw.url, jwt("pat")))["key"]
+        await chat(self.gw.url, jwt("pat"), model=key)
+        await chat(self.gw.url, jwt("pat"), session_id=key)
+        self.assertNotIn(key, self.access_text())
+        self.assertNotIn(key[3:], self.access_text())
+
+
+class SlowStore:
+    """A key store whose lookups wait until released (a lookup under way while a revocation is heard)."""
+
+    def __init__(self, record, grant):
+        self.record, self.grant_ = record, grant
+        self.waiting = []
+
+    async def by_hash(self, digest):
+        waiter = Deferred()
+        self.waiting.append(waiter)
+        await waiter
+        return self.record
+
+    async def grant(self, owner):
+        return self.grant_
+
+
+class CacheRaceTests(TestCase):
+    """A lookup that was under way while a change was heard is not cached."""
+
+    def test_lookup_under_way_during_a_revocation(self):
+        from clawdbot.auth.identity import Grant, KeyRecord
+        from clawdbot.auth.keys import ApiKeys, new_secret
+
+        config = parse_config(BASE_CONFIG, {})
+        secret = new_secret()
+        digest = key_hash(server_key(config), secret)
+        owner = owner_key(ISSUER, "rita")
+        now = reactor.seconds()
+        record = KeyRecord("key_0123456789abcdef", digest, secret[:9], owner, "k", ("chat:write",), None, now, now + DAY)
+        store = SlowStore(record, Grant(owner, frozenset({"chat:write"}), (), updated_at=now))
+        keys = ApiKeys(store, reactor, lambda: config)
+        results = []
+        Deferred.fromCoroutine(keys.authenticate(secret)).addBoth(results.append)
+        keys._heard("key:" + digest)  # another instance revoked it meanwhile
+        store.waiting.pop().callback(None)
+        self.assertEqual(results[0].sub, "rita")
+        self.assertNotIn(digest, keys._keys)

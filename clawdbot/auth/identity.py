@@ -139,11 +139,24 @@ class Principal:
     # When its credential was issued (a token's iat), or None: the newer of
     # two credentials tells what its owner may do now.
     issued_at: float | None = field(default=None, compare=False)
+    # Through an API key: its owner's own scopes.  The config's rules (model
+    # access, budgets, quotas, fair-share weights) match these, whatever
+    # subset of them the key may use.
+    owner_scopes: frozenset[str] | None = field(default=None, compare=False)
+    # Through a key made for a team: that team, which its calls count for.
+    key_team: str | None = None
 
     @property
     def team(self) -> str | None:
         """The team its calls count for (usage, team quotas): its first team (through a team's key, that team)."""
+        if self.key_team is not None:
+            return self.key_team
         return self.teams[0] if self.teams else None
+
+    @property
+    def rule_scopes(self) -> frozenset[str]:
+        """The scopes the config's rules match: the owner's own, also through a key that may use fewer."""
+        return self.owner_scopes if self.owner_scopes is not None else self.scopes
 
     @property
     def key(self) -> str:
@@ -160,6 +173,7 @@ class Principal:
         }
         if self.key_id is not None:
             out["key_id"] = self.key_id
+            out["key_team"] = self.key_team
         return out
 
     def history_teams(self) -> list[str]:

@@ -44,6 +44,9 @@ _LENGTH = 43  # 62**43 > 2**256
 _KEY = re.compile(r"cb-[0-9A-Za-z]{43}")
 # How long a looked-up key or grant is trusted without a notification.
 TTL = 30.0
+# An unchanged grant is recorded again this often, so that an owner who keeps
+# signing in never looks idle (auth.api_keys.owner_idle).
+RECORD_AGAIN = 86400.0
 _CACHE_MAX = 50_000
 
 
@@ -107,13 +110,17 @@ class ApiKeys:
         self.store = store
         self.clock = clock
         self.current_config = current_config
-        self._keys = {}  # hash -> (KeyRecord or None, when looked up)
+        self._keys = {}  # hash -> (KeyRecord, when looked up)
+        self._unknown = {}  # hash -> (None, when looked up)
         self._grants = {}  # owner digest -> (Grant or None, when looked up)
         self._seen = {}  # owner -> the grant this instance last recorded
         self._pending = {}  # owner -> a changed grant, not yet written
         self._used = {}  # key id -> when last used, not yet written
         # hash -> (record, grant, the principal made of them), reused while both stay
         self._principals = {}
+        # Moves on with every change heard or made: a lookup that was under
+        # way meanwhile may have read what was true before, and is not cached.
+        self._generation = 0
 
     def start(self):
         """Hear other instances' revocations and grant changes (PostgreSQL)."""
@@ -123,13 +130,16 @@ class ApiKeys:
         # On the listening thread: a dict pop is atomic, so the entry is
         # gone before the next request can read it.
         kind, _, value = payload.partition(":")
+        self._generation += 1
         if kind == "key":
             self._keys.pop(value, None)
         elif kind == "owner":
             self._grants.pop(value, None)
 
     def _forget_all(self):
+        self._generation += 1
         self._keys = {}
+        self._unknown = {}
         self._grants = {}
         self._principals = {}
 
@@ -160,6 +170,9 @@ class ApiKeys:
         grant = await self._grant(record.owner)
         if grant is None or grant.ended:
             raise KeyRefused("owner ended")
+        idle = config.auth.api_keys.owner_idle
+        if idle and now - grant.updated_at > idle:
+            raise KeyRefused("owner gone")
         self._used[record.id] = now
         made = self._principals.get(digest)
         if made is not None and made[0] is record and made[1] is grant:
@@ -172,13 +185,19 @@ class ApiKeys:
 
     async def _record(self, digest):
         now = self.clock.seconds()
-        cached = self._keys.get(digest)
+        cached = self._keys.get(digest) or self._unknown.get(digest)
         if cached is not None and 0 <= now - cached[1] < TTL:
             return cached[0]
+        generation = self._generation
         record = await _stored(self.store.by_hash(digest))
-        if len(self._keys) >= _CACHE_MAX:
-            self._keys = {}
-        self._keys[digest] = (record, now)
+        if generation != self._generation:
+            return record
+        cache = self._keys if record is not None else self._unknown
+        if len(cache) >= _CACHE_MAX:
+            # (Unknown keys have a store of their own: a flood of made-up
+            # keys cannot push out the keys in use.)
+            cache.clear()
+        cache[digest] = (record, now)
         return record
 
     async def _grant(self, owner):
@@ -187,7 +206,10 @@ class ApiKeys:
         cached = self._grants.get(digest)
         if cached is not None and 0 <= now - cached[1] < TTL:
             return cached[0]
+        generation = self._generation
         grant = await _stored(self.store.grant(owner))
+        if generation != self._generation:
+            return grant
         if len(self._grants) >= _CACHE_MAX:
             self._grants = {}
         self._grants[digest] = (grant, now)
@@ -201,15 +223,20 @@ class ApiKeys:
         teams are what its owner may do now.  Recorded with the next
         L{flush} when they differ from what this instance last recorded.
         """
-        if principal.key_id is not None:
+        if principal.key_id is not None or principal.issued_at is None:
+            # A key says nothing about its owner; a token that does not say
+            # when it was issued cannot be ordered against what is known.
             return
         grant = self._grant_of(principal)
         seen = self._seen.get(grant.owner)
-        if seen is not None and (_same(seen, grant) or seen.updated_at > grant.updated_at):
-            # Nothing new, or older evidence than what is known (a token
-            # issued before the owner's sign-in was ended, or before their
-            # scopes changed, says nothing about now).
-            return
+        if seen is not None:
+            if seen.updated_at > grant.updated_at:
+                # Older evidence than what is known (a token issued before
+                # the owner's sign-in was ended, or before their scopes
+                # changed) says nothing about now.
+                return
+            if _same(seen, grant) and grant.updated_at - seen.updated_at < RECORD_AGAIN:
+                return
         if len(self._seen) >= _CACHE_MAX:
             self._seen = {}
         self._seen[grant.owner] = grant
@@ -228,6 +255,7 @@ class ApiKeys:
         await self._write(grant)
 
     async def _write(self, grant):
+        self._generation += 1
         self._grants.pop(owner_digest(grant.owner), None)
         await _stored(self.store.put_grants([grant]))
         self._grants.pop(owner_digest(grant.owner), None)
@@ -271,6 +299,7 @@ class ApiKeys:
         """Revoke a key (of C{owner} only, when given): the key as it was, or C{None}."""
         record = await _stored(self.store.revoke(key_id, self.clock.seconds(), owner))
         if record is not None:
+            self._generation += 1
             self._keys.pop(record.hash, None)
         return record
 
@@ -290,6 +319,7 @@ class ApiKeys:
                 for owner, grant in grants.items():
                     self._pending.setdefault(owner, grant)
                 raise
+            self._generation += 1
             for owner in grants:
                 self._grants.pop(owner_digest(owner), None)
         used, self._used = self._used, {}
@@ -305,20 +335,24 @@ class ApiKeys:
 
 
 def _principal(record, grant):
-    """Who a call with the key C{record} is, its owner's C{grant} being what it is."""
-    if record.team is not None:
-        teams = (record.team,) if record.team in grant.teams else ()
-    else:
-        teams = grant.teams
+    """
+    Who a call with the key C{record} is, its owner's C{grant} being what
+    it is: the owner, who may use the key's scopes that they still hold.
+    The config's rules match the owner's own scopes and teams (a key can
+    drop a permission, never a restriction); a team key's calls count for
+    its team while the owner is in it.
+    """
     issuer, sub = owner_parts(record.owner)
     return Principal(
         sub=sub,
         scopes=frozenset(record.scopes) & grant.scopes,
         name=grant.name,
         email=grant.email,
-        teams=teams,
+        teams=grant.teams,
         issuer=issuer,
         key_id=record.id,
+        owner_scopes=grant.scopes,
+        key_team=record.team if record.team in grant.teams else None,
     )
 
 

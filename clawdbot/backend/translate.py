@@ -118,7 +118,7 @@ def usable_models(principal: Any, config: "Config") -> set[str] | None:
     names: set[str] = set()
     matched = False
     for rule in config.backend.model_access:
-        if (rule.team is not None and rule.team in principal.teams) or (rule.scope is not None and rule.scope in principal.scopes):
+        if (rule.team is not None and rule.team in principal.teams) or (rule.scope is not None and rule.scope in principal.rule_scopes):
             matched = True
             names.update(config.backend.aliases.get(name, name) for name in rule.models)
     return names if matched else None

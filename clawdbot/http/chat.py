@@ -87,7 +87,7 @@ class ModelRoute(APIResource):
         """
         principal = request.principal
         weights = request.config.limits.fair_share.weights
-        named = [(weights[name], name) for name in (*principal.scopes, *principal.teams) if name in weights]
+        named = [(weights[name], name) for name in (*principal.rule_scopes, *principal.teams) if name in weights]
         weight, cls = max(named) if named else (1.0, "default")
         observe = self.metrics.queue_wait.labels(cls).observe
 
@@ -353,8 +353,9 @@ async def metered(accounting, request, body, reply=True):
     """
     ceiling = request.config.backend.max_num_ctx
     meter = request.audit["meter"] = translate.Meter(body, ceiling)
-    await accounting.check_quota(request)
-    await accounting.reserve_tokens(request, meter.prompt + (translate.reply_reserve(body, ceiling) if reply else 0))
+    estimate = meter.prompt + (translate.reply_reserve(body, ceiling) if reply else 0)
+    await accounting.check_quota(request, estimate)
+    await accounting.reserve_tokens(request, estimate)
     return meter
 
 

@@ -273,20 +273,21 @@ class Usage(APIResource):
         first = local_date(window_bounds("month", now, zone)[0], zone)
         start_date, end_date = args["from"] or first, args["to"] or today
         try:
+            if not ("1970" <= start_date[:4] <= "9998" and "1970" <= end_date[:4] <= "9998"):
+                raise ValueError("year")
             start, end = day_start(start_date, zone), day_start(end_date, zone)
-        except ValueError:
-            raise invalid("'from' and 'to' must be dates such as 2026-12-01") from None
+        except (ValueError, OverflowError, OSError):
+            raise invalid("'from' and 'to' must be dates such as 2026-12-01, from 1970 to 9998") from None
         if end < start:
             raise invalid("'to' must not be before 'from'")
         days = []
         t = start
         while t <= end:
-            date = local_date(t, zone)
-            following = window_bounds("day", t, zone)[1]
-            days.append((date, t, following))
-            t = following
-            if len(days) > MAX_DAYS:
+            if len(days) >= MAX_DAYS:
                 raise invalid(f"a usage query covers at most {MAX_DAYS} days")
+            following = window_bounds("day", t, zone)[1]
+            days.append((local_date(t, zone), t, following))
+            t = following
         user, team = args["user"], args["team"]
         for name, value in (("user", user), ("team", team)):
             if value is not None and (not value or len(value) > 512 or not value.isprintable()):
@@ -351,7 +352,9 @@ def _cell(value):
 
 def _write_csv(request, rows, filename):
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
+    # Text cells are quoted: a ";" or "," in a name stays in its cell, whatever
+    # separator the spreadsheet expects.
+    writer = csv.writer(out, lineterminator="\r\n", quoting=csv.QUOTE_NONNUMERIC)
     writer.writerow(CSV_COLUMNS)
     for row in rows:
         writer.writerow([row[c] if isinstance(row[c], int) else _cell(row[c]) for c in CSV_COLUMNS])

@@ -83,6 +83,9 @@ class Accounting:
         self.access_log.record(request, latency)
         self.metrics.observe(request, latency)
         self._settle_tokens(request, usage)
+        held = request.audit.pop("quota_held", None)
+        if held and self.quotas is not None:
+            self.quotas.release(held)
         if meter is not None and self.usage is not None and request.principal is not None and (meter.sent or usage is not None):
             # A call that reached the model: it counts, however it ended.
             failed = request.error is not None or logged_status(request) >= 400
@@ -119,15 +122,18 @@ class Accounting:
             # (Not when an unreachable shared limiter let the call through.)
             request.audit["reserved"] = request.audit.get("reserved", 0) + estimate
 
-    async def check_quota(self, request: Any) -> None:
+    async def check_quota(self, request: Any, estimate: int = 0) -> None:
         """
         The quotas over days, weeks and months (L{clawdbot.ops.quotas.Quotas}),
         before a call to the model: 429 QUOTA_EXCEEDED when one is spent;
-        what is left goes in the response's headers.
+        what is left goes in the response's headers.  A call that passes is
+        held against the allowances (one request, C{estimate} tokens) until
+        it ends (L{done}), when its real use is counted instead.
         """
         if self.quotas is None:
             return
-        for name, value in (await self.quotas.check(request.principal, request.config)).items():
+        held = request.audit.setdefault("quota_held", [])
+        for name, value in (await self.quotas.check(request.principal, request.config, estimate, held)).items():
             request.setHeader(name, value)
 
     async def check_rate(self, request: Any) -> None:

@@ -311,6 +311,11 @@ def logged_status(request):
     return request.code
 
 
+def _text_field(value):
+    """A client-chosen text for a log field, token-shaped parts redacted."""
+    return redact_text(value) if isinstance(value, str) else value
+
+
 class AccessLog:
     """One JSON line per finished request, to stdout or a file (reopened on demand)."""
 
@@ -350,8 +355,9 @@ class AccessLog:
             "bytes": request.sentLength,
             "user": principal.sub if principal is not None else None,
             "idp": principal.issuer if principal is not None else None,
-            "session": audit.get("session"),
-            "model": audit.get("model"),
+            # Both come from the request: a credential pasted there is not logged.
+            "session": _text_field(audit.get("session")),
+            "model": _text_field(audit.get("model")),
             "tokens": audit.get("tokens"),
             "upstream_latency_ms": round(audit["upstream_latency"] * 1000, 3) if "upstream_latency" in audit else None,
             "peer": request.client_host(),

@@ -59,12 +59,13 @@ class _Used:
         self.totals = totals  # [(requests, tokens)] per start
         self.local = {}  # hour -> [requests, tokens], counted here since the totals were read
         self.flushing = {}
+        self.held = {}  # hour -> [requests, tokens] of calls under way here (not yet counted)
         self.checked = now
 
     def used(self, index):
         start = self.starts[index]
         requests, tokens = self.totals[index]
-        for hours in (self.local, self.flushing):
+        for hours in (self.local, self.flushing, self.held):
             for hour, (r, t) in hours.items():
                 if hour >= start:
                     requests += r
@@ -102,11 +103,17 @@ class Quotas:
             out += [Limit(("key", principal.key_id), "this API key's", w, what, n) for w, what, n in _rule_values(quotas.per_key)]
         return out
 
-    async def check(self, principal, config):
+    async def check(self, principal, config, estimate=0, hold=None):
         """
         Refuse a call that a quota does not allow (429 QUOTA_EXCEEDED with
         C{Retry-After} = the window's reset; in shadow mode only logged and
         counted).
+
+        @param estimate: the call's tokens as estimated before it is made.
+        @param hold: a list: a call that passes is held against its
+            subjects' allowances (one request, C{estimate} tokens) until
+            L{release}d with what is appended there, so calls made at the
+            same moment cannot all pass on the same remainder.
 
         @return: the response headers that tell what is left
             (C{x-clawdbot-quota-remaining-tokens}, C{-remaining-requests},
@@ -151,13 +158,20 @@ class Quotas:
             # the one that resets last is the one to name.
             reset, limit = max(spent_out, key=lambda item: item[0])
             for _, each in spent_out:
-                self._refused(each, config.quotas.shadow)
+                self._refused(each, config.quotas.shadow, principal)
             if not config.quotas.shadow:
                 raise APIError(
                     "QUOTA_EXCEEDED",
                     details=f"{limit.label} {_WINDOW_NAMES[limit.window]} quota of {limit.limit} {limit.what} ({limit.name}) is spent; it resets in {_in(reset)}",
                     headers={"Retry-After": str(reset)},
                 )
+        if hold is not None:
+            hour = hour_of(now)
+            for subject in used:
+                slot = used[subject].held.setdefault(hour, [0, 0])
+                slot[0] += 1
+                slot[1] += estimate
+                hold.append((subject, used[subject], hour, estimate))
         if "tokens" in least:
             headers["x-clawdbot-quota-remaining-tokens"] = str(least["tokens"][0])
         if "requests" in least:
@@ -169,11 +183,19 @@ class Quotas:
         headers["x-clawdbot-quota-reset"] = str(binding[1])
         return headers
 
-    def _refused(self, limit, shadow):
+    def _refused(self, limit, shadow, principal):
         if self.metrics is not None:
             self.metrics.quota_refusals.labels(limit.name, limit.subject[0], "true" if shadow else "false").inc()
         if shadow:
-            log.info("Quota {quota} of {subject} is spent (shadow mode: the call goes on)", quota=limit.name, subject=limit.subject[0])
+            log.info(
+                "Quota {quota} ({subject}) of {user} is spent (shadow mode: the call goes on)",
+                quota=limit.name,
+                subject=limit.subject[0],
+                user=principal.sub,
+                idp=principal.issuer,
+                team=principal.team,
+                key_id=principal.key_id,
+            )
 
     async def _used(self, subject, starts, now):
         entry = self.subjects.get(subject)
@@ -182,13 +204,25 @@ class Quotas:
             fresh = _Used(starts, totals, now)
             if entry is not None:
                 # A new day (week, month) began: what was counted here and
-                # not yet written still counts where its hour falls.
+                # not yet written, and what is under way, still count where
+                # their hour falls.
                 fresh.local = entry.local
+                fresh.held = entry.held
             self.subjects[subject] = entry = fresh
             if len(self.subjects) > _MAX_SUBJECTS:
                 self._forget(now, everything=True)
         entry.checked = now
         return entry
+
+    def release(self, hold):
+        """The calls of C{hold} (what L{check} appended) ended: they are no longer held (their use is counted instead)."""
+        for _, entry, hour, estimate in hold:
+            slot = entry.held.get(hour)
+            if slot is not None:
+                slot[0] -= 1
+                slot[1] -= estimate
+                if slot[0] <= 0:
+                    del entry.held[hour]
 
     def counted(self, principal, team, now, requests, tokens):
         """A L{UsageBook} listener: a call ended; count it for every subject it belongs to."""
@@ -258,7 +292,7 @@ class Quotas:
     def _forget(self, now, everything=False):
         for subject, entry in list(self.subjects.items()):
             if everything or now - entry.checked > IDLE:
-                if not entry.local and not entry.flushing:
+                if not entry.local and not entry.flushing and not entry.held:
                     del self.subjects[subject]
 
 
@@ -289,7 +323,7 @@ def _user_rule(principal, quotas):
     C{per_scope} rule names one of the principal's scopes, the most
     generous of the matching rules (0 there: none), field by field.
     """
-    matched = [quotas.per_scope[s] for s in sorted(principal.scopes) if s in quotas.per_scope]
+    matched = [quotas.per_scope[s] for s in sorted(principal.rule_scopes) if s in quotas.per_scope]
     if not matched:
         return _rule_values(quotas)
     out = []

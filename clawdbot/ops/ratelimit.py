@@ -107,7 +107,7 @@ def rule_for(principal: Any, config: "Config") -> Rule:
     unlimited, the most generous of all).
     """
     limits = config.rate_limit
-    matched = [limits.per_scope[s] for s in sorted(principal.scopes) if s in limits.per_scope]
+    matched = [limits.per_scope[s] for s in sorted(principal.rule_scopes) if s in limits.per_scope]
     matched += [limits.per_team[t] for t in principal.teams if t in limits.per_team]
     if not matched:
         return Rule(limits.requests_per_minute, limits.tokens_per_minute)
