@@ -313,16 +313,11 @@ class QuotaRuleConfig:
 
 
 @dataclass(frozen=True)
-class QuotasConfig:
-    # Each user's allowance (clawdbot.ops.quotas); per_scope replaces it for
-    # users holding a scope (the most generous match wins); per_team is a
-    # team's shared allowance; per_key applies to each API key.
-    tokens_per_day: int = _opt(0, minimum=0, maximum=10**15)
-    requests_per_day: int = _opt(0, minimum=0, maximum=10**12)
-    tokens_per_week: int = _opt(0, minimum=0, maximum=10**15)
-    requests_per_week: int = _opt(0, minimum=0, maximum=10**12)
-    tokens_per_month: int = _opt(0, minimum=0, maximum=10**15)
-    requests_per_month: int = _opt(0, minimum=0, maximum=10**12)
+class QuotasConfig(QuotaRuleConfig):
+    # The numbers of QuotaRuleConfig: each user's allowance
+    # (clawdbot.ops.quotas); per_scope replaces it for users holding a scope
+    # (the most generous match wins); per_team is a team's shared
+    # allowance; per_key applies to each API key.
     per_team: typing.Mapping[str, QuotaRuleConfig] = _opt({})
     per_scope: typing.Mapping[str, QuotaRuleConfig] = _opt({})
     per_key: QuotaRuleConfig = _section(QuotaRuleConfig)

@@ -177,14 +177,19 @@ class KeyItem(KeysRoute):
     async def handle_DELETE(self, request):
         _signed_in(request)
         _keys_on(request)
-        if request.postpath not in ([], [b""]) or not is_key_id(self.key_id):
-            raise APIError("NOT_FOUND", details="no such key")
-        record = await self.keys.revoke(self.key_id, owner=request.principal.key)
-        if record is None:
-            raise APIError("NOT_FOUND", details="no such key")
-        request.audit["key_id"] = record.id
-        write_json(request, 204, None)
-        return None
+        return await _revoke(self, request, owner=request.principal.key)
+
+
+async def _revoke(route, request, owner=None):
+    """Revoke the key a route names (only C{owner}'s, when given): 204, or 404 for an id that is no such key."""
+    if request.postpath not in ([], [b""]) or not is_key_id(route.key_id):
+        raise APIError("NOT_FOUND", details="no such key")
+    record = await route.keys.revoke(route.key_id, owner=owner)
+    if record is None:
+        raise APIError("NOT_FOUND", details="no such key")
+    request.audit["key_id"] = record.id
+    write_json(request, 204, None)
+    return None
 
 
 class AdminKeys(KeysRoute):
@@ -220,14 +225,7 @@ class AdminKeyItem(KeysRoute):
         self.key_id = key_id
 
     async def handle_DELETE(self, request):
-        if request.postpath not in ([], [b""]) or not is_key_id(self.key_id):
-            raise APIError("NOT_FOUND", details="no such key")
-        record = await self.keys.revoke(self.key_id)
-        if record is None:
-            raise APIError("NOT_FOUND", details="no such key")
-        request.audit["key_id"] = record.id
-        write_json(request, 204, None)
-        return None
+        return await _revoke(self, request)
 
 
 # --- usage ---------------------------------------------------------------------
