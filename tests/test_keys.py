@@ -34,7 +34,7 @@ import tempfile
 
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -51,7 +51,7 @@ from clawdbot.ops.quotas import Batches, Quotas
 from clawdbot.storage.store import SQLiteEngine
 from clawdbot.storage.usage import UsageBook, UsageStore
 from testing.fake_ollama import FakeOllama
-from tests.helpers import BASE_CONFIG, ISSUER, Backed, bearer, get_json, merge_yaml, serve, token, until, when_done
+from tests.helpers import AUDIENCE, BASE_CONFIG, ISSUER, SECRET, Backed, bearer, get_json, merge_yaml, serve, token, until, when_done
 from tests.test_sessions import pg_database
 from tests.test_sso import Flow
 
@@ -1178,7 +1178,7 @@ class CacheRaceTests(TestCase):
         owner = owner_key(ISSUER, "rita")
         now = reactor.seconds()
         record = KeyRecord("key_0123456789abcdef", digest, secret[:9], owner, "k", ("chat:write",), None, now, now + DAY)
-        store = SlowStore(record, Grant(owner, frozenset({"chat:write"}), (), updated_at=now))
+        store = SlowStore(record, Grant(owner, frozenset({"chat:write"}), (), updated_at=now, seen_at=now))
         keys = ApiKeys(store, reactor, lambda: config)
         results = []
         Deferred.fromCoroutine(keys.authenticate(secret)).addBoth(results.append)
@@ -1186,3 +1186,72 @@ class CacheRaceTests(TestCase):
         store.waiting.pop().callback(None)
         self.assertEqual(results[0].sub, "rita")
         self.assertNotIn(digest, keys._keys)
+
+
+class SlowTotals:
+    """A usage store whose totals come when released, all zero (a cold cache meeting a burst)."""
+
+    def __init__(self):
+        self.waiting = []
+        self.reads = 0
+
+    async def totals(self, subjects, starts):
+        self.reads += 1
+        waiter = Deferred()
+        self.waiting.append(waiter)
+        await waiter
+        return {subject: [(0, 0)] * len(starts) for subject in subjects}
+
+
+class QuotaBurstTests(QuotaParts):
+    """A burst that meets a subject nobody has asked about yet."""
+
+    async def test_cold_burst_shares_one_read(self):
+        """Ten calls checked while the first read of their totals is under way share it, and see each other's holds: two of two pass."""
+        store = SlowTotals()
+        quotas = Quotas(store, self.clock)
+        self.config = quota_config("{requests_per_day: 2}")
+        alice = Principal("alice", frozenset(), issuer=ISSUER)
+        outcomes = []
+        for _ in range(10):
+            d = Deferred.fromCoroutine(quotas.check(alice, self.config, 10, []))
+            d.addCallbacks(lambda _: outcomes.append("passed"), lambda f: outcomes.append(f.value.code))
+        self.assertEqual(store.reads, 1)
+        store.waiting.pop().callback(None)
+        self.assertEqual(sorted(outcomes), ["QUOTA_EXCEEDED"] * 8 + ["passed"] * 2)
+
+    async def test_caller_gone_during_the_read(self):
+        """A caller that goes away while the totals are read is cancelled (no call follows); the others still get the read."""
+        store = SlowTotals()
+        quotas = Quotas(store, self.clock)
+        self.config = quota_config("{requests_per_day: 2}")
+        alice = Principal("alice", frozenset(), issuer=ISSUER)
+        gone = Deferred.fromCoroutine(quotas.check(alice, self.config, 10, []))
+        stays = Deferred.fromCoroutine(quotas.check(alice, self.config, 10, []))
+        gone.cancel()
+        self.failureResultOf(gone, CancelledError)
+        store.waiting.pop().callback(None)
+        self.assertEqual(self.successResultOf(stays)["x-clawdbot-quota-remaining-requests"], "1")
+
+
+class NoIatTests(Backed):
+    """A token that does not say when it was issued cannot undo what is known."""
+
+    timeout = 60
+
+    async def test_key_made_with_a_token_without_iat_revives_nothing(self):
+        """After the provider ended the owner's sign-in, making a key with an older token without iat leaves every key of theirs refused."""
+        import jwt as pyjwt
+
+        self.start()
+        key = (await made_key(self, self.gw.url, jwt("uma", scope="chat:read chat:write admin")))["key"]
+        await self.gw.parts.keys.owner_ended(owner_key(ISSUER, "uma"))
+        self.gw.parts.keys._forget_all()
+        assert_key_refused(self, await chat(self.gw.url, bearer(key)))
+        now = int(reactor.seconds())
+        claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "uma", "scope": "chat:read chat:write admin", "exp": now + 600}
+        old = bearer(pyjwt.encode(claims, SECRET, algorithm="HS256"))
+        await made_key(self, self.gw.url, old)
+        await self.gw.parts.batches.run()
+        self.gw.parts.keys._forget_all()
+        assert_key_refused(self, await chat(self.gw.url, bearer(key)))

@@ -208,7 +208,13 @@ class KeyRecord:
 
 @dataclass(frozen=True)
 class Grant:
-    """What an owner may do now, from their latest sign-in or token."""
+    """
+    What an owner may do now, from their latest sign-in or token.
+
+    @ivar updated_at: when the evidence was issued (a token's C{iat}): the
+        newer evidence wins.
+    @ivar seen_at: when the owner last showed a credential at all.
+    """
 
     owner: str
     scopes: frozenset[str]
@@ -217,3 +223,4 @@ class Grant:
     email: str | None = None
     ended: bool = False
     updated_at: float = 0.0
+    seen_at: float = 0.0

@@ -171,7 +171,7 @@ class ApiKeys:
         if grant is None or grant.ended:
             raise KeyRefused("owner ended")
         idle = config.auth.api_keys.owner_idle
-        if idle and now - grant.updated_at > idle:
+        if idle and now - grant.seen_at > idle:
             raise KeyRefused("owner gone")
         self._used[record.id] = now
         made = self._principals.get(digest)
@@ -235,7 +235,7 @@ class ApiKeys:
                 # the owner's sign-in was ended, or before their scopes
                 # changed) says nothing about now.
                 return
-            if _same(seen, grant) and grant.updated_at - seen.updated_at < RECORD_AGAIN:
+            if _same(seen, grant) and grant.seen_at - seen.seen_at < RECORD_AGAIN:
                 return
         if len(self._seen) >= _CACHE_MAX:
             self._seen = {}
@@ -243,13 +243,15 @@ class ApiKeys:
         self._pending[grant.owner] = grant
 
     def _grant_of(self, principal):
-        """What C{principal}'s credential says its owner may do, as of when it was issued."""
-        when = principal.issued_at if principal.issued_at is not None else self.clock.seconds()
-        return Grant(principal.key, frozenset(principal.scopes), tuple(principal.teams), principal.name, principal.email, False, when)
+        """What C{principal}'s credential says its owner may do, as of when it was issued (never later than now)."""
+        now = self.clock.seconds()
+        when = min(principal.issued_at, now) if principal.issued_at is not None else now
+        return Grant(principal.key, frozenset(principal.scopes), tuple(principal.teams), principal.name, principal.email, False, when, now)
 
     async def owner_ended(self, principal_key):
         """The identity provider ended this owner's sign-in: their keys stop working, everywhere, now."""
-        grant = Grant(principal_key, frozenset(), (), None, None, True, self.clock.seconds())
+        now = self.clock.seconds()
+        grant = Grant(principal_key, frozenset(), (), None, None, True, now, now)
         self._seen[principal_key] = grant
         self._pending.pop(principal_key, None)
         await self._write(grant)
@@ -286,11 +288,14 @@ class ApiKeys:
             created_at=now,
             expires_at=now + ttl,
         )
-        # The owner's grant is what the key is checked against: recorded now.
+        # The owner's grant is what the key is checked against: recorded now
+        # (a token that does not say when it was issued only makes a first
+        # one: it cannot be ordered against what is known).
         grant = self._grant_of(principal)
-        self._seen[grant.owner] = grant
-        self._pending.pop(grant.owner, None)
-        await self._write(grant)
+        if principal.issued_at is not None or await _stored(self.store.grant(grant.owner)) is None:
+            self._seen[grant.owner] = grant
+            self._pending.pop(grant.owner, None)
+            await self._write(grant)
         if not await _stored(self.store.create(record, config.auth.api_keys.max_per_user, now)):
             return None
         return record, secret

@@ -22,7 +22,7 @@ first of the principal's teams.
 
 from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from clawdbot.auth.identity import issuer_id
@@ -88,6 +88,8 @@ class Quotas:
         self.clock = clock
         self.metrics = metrics
         self.subjects = {}
+        # (subject, window starts) -> the calls waiting for its totals
+        self._loading = {}
 
     def limits(self, principal, config):
         """The quotas that apply to a call of C{principal} under C{config}."""
@@ -130,6 +132,8 @@ class Quotas:
         try:
             for subject in {limit.subject for limit in limits}:
                 used[subject] = await self._used(subject, starts, now)
+        except CancelledError:
+            raise  # the caller went away: no call is made
         except Exception:
             # The database cannot say what was used: rate_limit.on_backend_error
             # decides, as for the shared rate limits.
@@ -198,9 +202,36 @@ class Quotas:
             )
 
     async def _used(self, subject, starts, now):
+        """
+        C{subject}'s entry for the windows beginning at C{starts}, its totals
+        read once however many calls ask at the same moment (they share one
+        entry, so each sees the others' holds); a caller that goes away
+        stops waiting, never the read the others wait for.
+        """
         entry = self.subjects.get(subject)
-        if entry is None or entry.starts != starts:
+        while entry is None or entry.starts != starts:
+            waiter = Deferred()
+            waiters = self._loading.get((subject, starts))
+            if waiters is not None:
+                waiters.append(waiter)
+            else:
+                # (Listed before the read starts: it may end at once.)
+                self._loading[(subject, starts)] = [waiter]
+                Deferred.fromCoroutine(self._load(subject, starts, now))
+            await waiter
+            entry = self.subjects.get(subject)
+        entry.checked = now
+        return entry
+
+    async def _load(self, subject, starts, now):
+        """Read C{subject}'s totals since C{starts} into its entry, then wake who waits for them."""
+        failure = None
+        try:
             totals = (await self.store.totals([subject], starts))[subject]
+        except Exception as e:
+            failure = e
+        else:
+            entry = self.subjects.get(subject)
             fresh = _Used(starts, totals, now)
             if entry is not None:
                 # A new day (week, month) began: what was counted here and
@@ -208,11 +239,16 @@ class Quotas:
                 # their hour falls.
                 fresh.local = entry.local
                 fresh.held = entry.held
-            self.subjects[subject] = entry = fresh
+            self.subjects[subject] = fresh
             if len(self.subjects) > _MAX_SUBJECTS:
                 self._forget(now, everything=True)
-        entry.checked = now
-        return entry
+        for waiter in self._loading.pop((subject, starts), ()):
+            if waiter.called:  # its caller went away
+                continue
+            if failure is None:
+                waiter.callback(None)
+            else:
+                waiter.errback(failure)
 
     def release(self, hold):
         """The calls of C{hold} (what L{check} appended) ended: they are no longer held (their use is counted instead)."""

@@ -155,12 +155,12 @@ class KeyStore:
         """C{owner}'s current L{Grant}, or C{None} when none was recorded."""
 
         def get(cur):
-            cur.execute(self._sql("SELECT owner, scopes, teams, name, email, ended, updated_at FROM owner_grants WHERE owner = ?"), (owner,))
+            cur.execute(self._sql("SELECT owner, scopes, teams, name, email, ended, updated_at, seen_at FROM owner_grants WHERE owner = ?"), (owner,))
             row = cur.fetchone()
             if row is None:
                 return None
-            owner_, scopes, teams, name, email, ended, updated = row
-            return Grant(owner_, frozenset(s for s in scopes.split(" ") if s), tuple(json.loads(teams)), name, email, bool(ended), updated)
+            owner_, scopes, teams, name, email, ended, updated, seen = row
+            return Grant(owner_, frozenset(s for s in scopes.split(" ") if s), tuple(json.loads(teams)), name, email, bool(ended), updated, seen)
 
         return await self.engine.run(get)
 
@@ -168,7 +168,7 @@ class KeyStore:
         """Record each of C{grants} as its owner's current one (unless one seen later is stored), and announce the changes, in one transaction."""
         rows = sorted(grants, key=lambda g: g.owner)
         sql = self._sql(
-            "INSERT INTO owner_grants (owner, scopes, teams, name, email, ended, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "INSERT INTO owner_grants (owner, scopes, teams, name, email, ended, updated_at, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (owner) DO UPDATE SET scopes = excluded.scopes, teams = excluded.teams, name = excluded.name, "
             "email = excluded.email, ended = excluded.ended, updated_at = excluded.updated_at "
             # A grant seen before the stored one (a batch written late, on
@@ -176,9 +176,16 @@ class KeyStore:
             "WHERE owner_grants.updated_at <= excluded.updated_at"
         )
 
+        # When the owner was last seen moves on whatever the evidence says.
+        seen = self._sql("UPDATE owner_grants SET seen_at = ? WHERE owner = ? AND seen_at < ?")
+
         def put(cur):
             for grant in rows:
-                cur.execute(sql, (grant.owner, " ".join(sorted(grant.scopes)), json.dumps(list(grant.teams)), grant.name, grant.email, grant.ended, grant.updated_at))
+                cur.execute(
+                    sql,
+                    (grant.owner, " ".join(sorted(grant.scopes)), json.dumps(list(grant.teams)), grant.name, grant.email, grant.ended, grant.updated_at, grant.seen_at),
+                )
+                cur.execute(seen, (grant.seen_at, grant.owner, grant.seen_at))
                 self.engine.notify(cur, CHANNEL, "owner:" + owner_digest(grant.owner))
 
         if rows:

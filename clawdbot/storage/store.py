@@ -185,7 +185,8 @@ MIGRATIONS = [
             name TEXT,
             email TEXT,
             ended BOOLEAN NOT NULL DEFAULT FALSE,
-            updated_at DOUBLE PRECISION NOT NULL
+            updated_at DOUBLE PRECISION NOT NULL,
+            seen_at DOUBLE PRECISION NOT NULL DEFAULT 0
         )""",
         """CREATE TABLE usage_hourly (
             hour BIGINT NOT NULL,
