@@ -1009,32 +1009,41 @@ class Bench:
 
     def keys_scenario(self):
         """
-        Issue 17: non-streaming calls at concurrency 10 through one gateway,
-        alternately with the JWT and with an API key of the same user (usage
-        accounting on for both, as always), three times each, median kept;
-        then what /v1/usage counted against what the load generators
-        completed.
+        Issue 17: non-streaming calls at concurrency 10 through one gateway
+        with the JWT and with an API key of the same user (usage accounting
+        on for both, as always), at least three rounds, median kept.  Each
+        round has a fresh fake and gateway (the fake keeps every request it
+        serves and slows down as they pile up) and alternates which goes
+        first, so that neither kind always meets the fuller process; then
+        what /v1/usage counted against what the load generators completed.
         """
         a = self.args
-        fake = start_fake("fake-ollama-keys", "--tokens", str(a.tokens))
-        gw = self.start_gateway(fake.url)
-        pids = {"fake": fake.pid, "gateway": gw.pid}
-        try:
-            key = _create_key(gw.url, gw.token)
-            targets = {"JWT": Target("gateway", gw.url, gw.pid, gw.token), "API key": Target("gateway", gw.url, gw.pid, key)}
-            runs = {kind: [] for kind in targets}
-            for _ in range(max(3, a.repeat)):
-                for kind, target in targets.items():
-                    runs[kind].append(self.measure(f"keys c=10 {kind}", target, False, 10, a.duration, 10.0, pids))
-            for kind, rs in runs.items():
-                ordered = sorted(rs, key=lambda r: r["rate"])
-                self.keys_results[kind] = dict(ordered[(len(ordered) - 1) // 2], rates=[round(r["rate"], 1) for r in rs])
-            time.sleep(0.5)
-            self.keys_results["usage"] = _usage_requests(gw.url, gw.token)
-            self.keys_results["record_us"] = _record_cost_us()
-        finally:
-            self.stop_gateway(gw)
-            fake.stop()
+        runs = {"JWT": [], "API key": []}
+        completed = counted = 0
+        for round_ in range(max(3, a.repeat)):
+            fake = start_fake("fake-ollama-keys", "--tokens", str(a.tokens))
+            gw = self.start_gateway(fake.url)
+            pids = {"fake": fake.pid, "gateway": gw.pid}
+            try:
+                key = _create_key(gw.url, gw.token)
+                targets = [("JWT", Target("gateway", gw.url, gw.pid, gw.token)), ("API key", Target("gateway", gw.url, gw.pid, key))]
+                if round_ % 2:
+                    targets.reverse()
+                for kind, target in targets:
+                    r = self.measure(f"keys c=10 {kind}", target, False, 10, a.duration, 10.0, pids)
+                    runs[kind].append(r)
+                    completed += r.get("completed", 0)
+                time.sleep(0.2)
+                counted += _usage_requests(gw.url, gw.token)
+            finally:
+                self.stop_gateway(gw)
+                fake.stop()
+        for kind, rs in runs.items():
+            ordered = sorted(rs, key=lambda r: r["rate"])
+            self.keys_results[kind] = dict(ordered[(len(ordered) - 1) // 2], rates=[round(r["rate"], 1) for r in rs])
+        self.keys_results["usage"] = counted
+        self.keys_results["completed"] = completed
+        self.keys_results["record_us"] = _record_cost_us()
 
     def keys_report(self):
         """The API key table: a list of lines."""
@@ -1053,9 +1062,10 @@ class Bench:
             "",
             markdown_table(("credential, non-streaming c=10", "req/s", "p50 (ms)", "p99 (ms)", "runs (req/s)", "vs JWT"), rows),
             "",
-            f"One gateway, the same user's JWT and API key alternately, {len(jwt['rates'])} runs each, median kept; "
-            "every call counted by the usage accounting in both. /v1/usage then counted "
-            f"{r.get('usage')} model calls (warm-ups included). Counting one call in memory costs "
+            f"The same user's JWT and API key through one gateway, {len(jwt['rates'])} rounds (a fresh fake and gateway "
+            "each, the first kind alternating), median kept; every call counted by the usage accounting in both. "
+            f"/v1/usage counted {r.get('usage')} model calls; the load generators completed {r.get('completed')} "
+            "outside the warm-ups (which /v1/usage counts too). Counting one call in memory costs "
             f"{r.get('record_us', 0):.1f} µs (UsageBook.record, measured in this process).",
         ]
 
