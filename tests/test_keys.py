@@ -1255,3 +1255,35 @@ class NoIatTests(Backed):
         await self.gw.parts.batches.run()
         self.gw.parts.keys._forget_all()
         assert_key_refused(self, await chat(self.gw.url, bearer(key)))
+
+
+class OwnerIdleShortTests(Backed):
+    """An owner_idle shorter than a day still follows an owner who keeps showing credentials."""
+
+    timeout = 60
+
+    async def test_short_owner_idle(self):
+        """With owner_idle 2h, an owner who shows a fresh token every hour keeps their keys; one who stops loses them."""
+        self.start("auth: {api_keys: {owner_idle: 2h}}")
+        key = bearer((await made_key(self, self.gw.url, jwt("ola")))["key"])
+        keys = self.gw.parts.keys
+        for hour in (1, 2, 3):
+            keys.clock = Shifted(hour * HOUR)
+            keys.observe(Principal("ola", frozenset(WRITE.split()), issuer=ISSUER, issued_at=reactor.seconds()))
+            await self.gw.parts.batches.run()
+            keys._forget_all()
+            self.assertEqual((await chat(self.gw.url, key))[0], 200, hour)
+        keys.clock = Shifted(6 * HOUR)
+        keys._forget_all()
+        assert_key_refused(self, await chat(self.gw.url, key))
+
+    async def test_token_dated_ahead_does_not_undo_an_end(self):
+        """A token dated ahead of the clock (within the leeway), shown just after the sign-in ended, leaves the keys ended."""
+        self.start()
+        key = bearer((await made_key(self, self.gw.url, jwt("ida")))["key"])
+        ahead = jwt("ida", now=int(reactor.seconds()) + 25)
+        await self.gw.parts.keys.owner_ended(owner_key(ISSUER, "ida"))
+        self.assertEqual((await me(self.gw.url, ahead))[0], 200)
+        await self.gw.parts.batches.run()
+        self.gw.parts.keys._forget_all()
+        assert_key_refused(self, await chat(self.gw.url, key))

@@ -44,8 +44,9 @@ _LENGTH = 43  # 62**43 > 2**256
 _KEY = re.compile(r"cb-[0-9A-Za-z]{43}")
 # How long a looked-up key or grant is trusted without a notification.
 TTL = 30.0
-# An unchanged grant is recorded again this often, so that an owner who keeps
-# signing in never looks idle (auth.api_keys.owner_idle).
+# An unchanged grant is recorded again this often (at most a quarter of
+# auth.api_keys.owner_idle), so that an owner who keeps signing in never
+# looks idle.
 RECORD_AGAIN = 86400.0
 _CACHE_MAX = 50_000
 
@@ -235,7 +236,9 @@ class ApiKeys:
                 # the owner's sign-in was ended, or before their scopes
                 # changed) says nothing about now.
                 return
-            if _same(seen, grant) and grant.seen_at - seen.seen_at < RECORD_AGAIN:
+            idle = self.current_config().auth.api_keys.owner_idle
+            again = min(RECORD_AGAIN, idle / 4) if idle else RECORD_AGAIN
+            if _same(seen, grant) and grant.seen_at - seen.seen_at < again:
                 return
         if len(self._seen) >= _CACHE_MAX:
             self._seen = {}
@@ -251,7 +254,10 @@ class ApiKeys:
     async def owner_ended(self, principal_key):
         """The identity provider ended this owner's sign-in: their keys stop working, everywhere, now."""
         now = self.clock.seconds()
-        grant = Grant(principal_key, frozenset(), (), None, None, True, now, now)
+        # Dated past the clock skew tokens are allowed: a token issued before
+        # the end but dated ahead (within auth.jwt.leeway) cannot undo it.
+        ended_at = now + self.current_config().auth.jwt.leeway
+        grant = Grant(principal_key, frozenset(), (), None, None, True, ended_at, now)
         self._seen[principal_key] = grant
         self._pending.pop(principal_key, None)
         await self._write(grant)
