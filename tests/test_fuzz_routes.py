@@ -53,6 +53,7 @@ TEMPLATES = {
     ("POST", "/ollama/api/push", ADMIN): {"model": "qwen3:32b", "stream": False},
     ("POST", "/ollama/api/create", ADMIN): {"model": "fuzz-new", "from": "qwen3:32b", "stream": False},
     ("DELETE", "/ollama/api/delete", ADMIN): {"model": "fuzz-copy"},
+    ("POST", "/v1/keys", WRITE): {"name": "fuzz", "scopes": ["chat:write"], "expires_in": "30d"},
     ("POST", "/auth/refresh", None): {},
     ("POST", "/auth/logout", None): {},
 }
