@@ -1287,3 +1287,24 @@ class OwnerIdleShortTests(Backed):
         await self.gw.parts.batches.run()
         self.gw.parts.keys._forget_all()
         assert_key_refused(self, await chat(self.gw.url, key))
+
+
+class AdminListTests(Backed):
+    """The operator's list of keys, narrowed to one user in the query."""
+
+    timeout = 60
+
+    async def test_admin_list_by_user(self):
+        """?user=<sub> lists that user's keys only (a sub with LIKE's wildcards or a "|" matches only itself); a repeated user is a 400."""
+        self.start()
+        for sub in ("a_b", "axb", "x|a_b"):
+            await made_key(self, self.gw.url, jwt(sub))
+        admin = jwt("root", "admin")
+        for sub in ("a_b", "axb", "x|a_b"):
+            status, _, listed = await get_json(self.gw.url + "/v1/admin/keys?user=" + sub.replace("|", "%7C"), headers=admin)
+            self.assertEqual(status, 200)
+            self.assertEqual([k["owner"] for k in listed["data"]], [sub])
+        status, _, everyone = await get_json(self.gw.url + "/v1/admin/keys", headers=admin)
+        self.assertEqual(sorted(k["owner"] for k in everyone["data"]), ["a_b", "axb", "x|a_b"])
+        status, _, reply = await get_json(self.gw.url + "/v1/admin/keys?user=a&user=b", headers=admin)
+        self.assertEqual((status, reply["error"]["code"]), (400, "INVALID_REQUEST"))

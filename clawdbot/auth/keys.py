@@ -314,9 +314,9 @@ class ApiKeys:
             self._keys.pop(record.hash, None)
         return record
 
-    async def list(self, owner=None, limit=1000, live=False):
-        """Keys newest first (C{owner}'s, or everyone's), with this instance's unwritten last uses; C{live}: only usable ones."""
-        records = await _stored(self.store.list(owner, limit, self.clock.seconds() if live else None))
+    async def list(self, owner=None, limit=1000, live=False, sub=None):
+        """Keys newest first (C{owner}'s, or everyone's, or C{sub}'s of any provider), with this instance's unwritten last uses; C{live}: only usable ones."""
+        records = await _stored(self.store.list(owner, limit, self.clock.seconds() if live else None, sub))
         pending = self._used
         return [_with_use(r, pending.get(r.id)) for r in records]
 

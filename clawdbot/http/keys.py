@@ -205,11 +205,15 @@ class AdminKeys(KeysRoute):
 
     async def handle_GET(self, request):
         now = self.clock.seconds()
-        user = query_arg(request, "user", strict=False)
-        records = await self.keys.list(None, limit=10000)
-        views = [key_view(r, now, admin=True) for r in records]
-        if user is not None:
-            views = [v for v in views if v["owner"] == user]
+        try:
+            user = query_arg(request, "user")
+        except (ValueError, UnicodeDecodeError):
+            raise invalid("'user' may be given once, in UTF-8") from None
+        if user is not None and (not user or not user.isprintable()):
+            raise invalid("'user' must be a user's sub")
+        records = await self.keys.list(None, limit=10000, sub=user)
+        # (The query matches owners that end with "|<user>"; a sub may hold a "|".)
+        views = [v for v in (key_view(r, now, admin=True) for r in records) if user is None or v["owner"] == user]
         return JSONResponse({"object": "list", "data": views}, headers=NO_STORE)
 
 

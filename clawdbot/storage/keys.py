@@ -97,12 +97,19 @@ class KeyStore:
 
         return await self.engine.run(get)
 
-    async def list(self, owner=None, limit=1000, live_at=None):
-        """Keys newest first: C{owner}'s, or everyone's (C{None}); with C{live_at}, only those neither revoked nor expired then."""
+    async def list(self, owner=None, limit=1000, live_at=None, sub=None):
+        """
+        Keys newest first: C{owner}'s, or everyone's (C{None}); with
+        C{live_at}, only those neither revoked nor expired then; with
+        C{sub}, only those of that C{sub} (of any identity provider).
+        """
         clauses, params = [], []
         if owner is not None:
             clauses.append("owner = ?")
             params.append(owner)
+        if sub is not None:
+            clauses.append("owner LIKE ? ESCAPE '!'")
+            params.append("%|" + sub.replace("!", "!!").replace("%", "!%").replace("_", "!_"))
         if live_at is not None:
             clauses.append("revoked_at IS NULL AND expires_at > ?")
             params.append(live_at)
