@@ -30,6 +30,7 @@ import io
 import json
 import os
 import re
+from urllib.parse import quote
 import tempfile
 
 import treq
@@ -615,10 +616,11 @@ class UsageTests(Backed):
         estimate = Meter(sent[2], self.gw.parts.runtime.config.backend.max_num_ctx).prompt
         self.assertEqual((rows["u-gone"]["prompt_tokens"], rows["u-gone"]["completion_tokens"]), (estimate, 5))
         self.assertEqual(rows["u-fail"]["prompt_tokens"], Meter(sent[3], self.gw.parts.runtime.config.backend.max_num_ctx).prompt)
-        # Every line the model generated before failing is charged (the
-        # error line itself counts as one more today: an estimate).
+        # Every line the model generated before failing is charged, and
+        # nothing for Ollama's error line.
         self.assertGreaterEqual(rows["u-fail"]["completion_tokens"], self.fake.requests_to("/api/chat")[3].lines_sent)
         self.assertEqual(self.fake.requests_to("/api/chat")[3].lines_sent, 6)
+        self.assertEqual(rows["u-fail"]["completion_tokens"], 6)
 
         status, headers, raw = await self.usage(jwt("boss", "admin"), f"?team=red&from={today}&to={today}&format=csv")
         self.assertEqual(status, 200)
@@ -1308,3 +1310,25 @@ class AdminListTests(Backed):
         self.assertEqual(sorted(k["owner"] for k in everyone["data"]), ["a_b", "axb", "x|a_b"])
         status, _, reply = await get_json(self.gw.url + "/v1/admin/keys?user=a&user=b", headers=admin)
         self.assertEqual((status, reply["error"]["code"]), (400, "INVALID_REQUEST"))
+
+
+class UsageCSVTests(Backed):
+    """The CSV export as a spreadsheet reads it."""
+
+    timeout = 60
+
+    async def test_names_stay_text_in_their_cell(self):
+        """A sub or team that starts like a formula, or holds a separator, is one quoted text cell, never a formula."""
+        self.start()
+        odd = "=cmd|' /C calc'!A0"
+        team = "red;=1+1"
+        self.assertEqual((await chat(self.gw.url, jwt(odd, teams=[team])))[0], 200)
+        status, _, raw = await get_json(self.gw.url + "/v1/usage?format=csv&user=" + quote(odd), headers=jwt("boss", "admin"))
+        self.assertEqual(status, 200)
+        text = raw.decode()
+        lines = text.splitlines()
+        self.assertEqual(lines[0], '"date","user","user_issuer","team","model","requests","prompt_tokens","completion_tokens"')
+        row = next(csv.reader(io.StringIO(lines[1])))
+        self.assertEqual((row[1], row[3]), ("'" + odd, team))
+        # Every text cell is quoted: a ";" separator cannot split the team's cell.
+        self.assertIn('"red;=1+1"', lines[1])

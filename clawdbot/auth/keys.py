@@ -74,13 +74,23 @@ def is_api_key(token):
     return token.startswith(KEY_PREFIX)
 
 
+_SERVER_KEY = [None, None]  # (the auth section it was made for, the key)
+
+
 def server_key(config):
-    """The HMAC key the hashes are made with, or C{None} when keys cannot work."""
-    keys = config.auth.api_keys
+    """The HMAC key the hashes are made with, or C{None} when keys cannot work (made once per config)."""
+    auth = config.auth
+    if _SERVER_KEY[0] is not auth:
+        _SERVER_KEY[:] = [auth, _server_key(auth)]
+    return _SERVER_KEY[1]
+
+
+def _server_key(auth):
+    keys = auth.api_keys
     if keys.secret:
         return keys.secret.encode("utf-8")
-    if config.auth.jwt.secret:
-        return hmac.new(config.auth.jwt.secret.encode("utf-8"), b"clawdbot api keys v1", hashlib.sha256).digest()
+    if auth.jwt.secret:
+        return hmac.new(auth.jwt.secret.encode("utf-8"), b"clawdbot api keys v1", hashlib.sha256).digest()
     return None
 
 
@@ -111,9 +121,11 @@ class ApiKeys:
         self.store = store
         self.clock = clock
         self.current_config = current_config
-        self._keys = {}  # hash -> (KeyRecord, when looked up)
-        self._unknown = {}  # hash -> (None, when looked up)
-        self._grants = {}  # owner digest -> (Grant or None, when looked up)
+        # Caches: key hash -> (KeyRecord, when looked up); hash -> (None, ...)
+        # for unknown keys; owner digest -> (Grant or None, ...).
+        self._keys = {}
+        self._unknown = {}
+        self._grants = {}
         self._seen = {}  # owner -> the grant this instance last recorded
         self._pending = {}  # owner -> a changed grant, not yet written
         self._used = {}  # key id -> when last used, not yet written
@@ -185,36 +197,32 @@ class ApiKeys:
         return principal
 
     async def _record(self, digest):
-        now = self.clock.seconds()
-        cached = self._keys.get(digest) or self._unknown.get(digest)
-        if cached is not None and 0 <= now - cached[1] < TTL:
-            return cached[0]
-        generation = self._generation
-        record = await _stored(self.store.by_hash(digest))
-        if generation != self._generation:
-            return record
-        cache = self._keys if record is not None else self._unknown
-        if len(cache) >= _CACHE_MAX:
-            # (Unknown keys have a store of their own: a flood of made-up
-            # keys cannot push out the keys in use.)
-            cache.clear()
-        cache[digest] = (record, now)
-        return record
+        # (Unknown keys have a cache of their own: a flood of made-up keys
+        # cannot push out the keys in use.)
+        return await self._cached(digest, lambda: self.store.by_hash(digest), (self._keys, self._unknown))
 
     async def _grant(self, owner):
+        return await self._cached(owner_digest(owner), lambda: self.store.grant(owner), (self._grants,))
+
+    async def _cached(self, name, read, caches):
+        """
+        What the store says of C{name} (C{read()}), from C{caches} for
+        L{TTL} seconds: the first holds what was found, the last what was
+        not.  A read under way while a change was heard or made is not kept.
+        """
         now = self.clock.seconds()
-        digest = owner_digest(owner)
-        cached = self._grants.get(digest)
-        if cached is not None and 0 <= now - cached[1] < TTL:
-            return cached[0]
+        for cache in caches:
+            cached = cache.get(name)
+            if cached is not None and 0 <= now - cached[1] < TTL:
+                return cached[0]
         generation = self._generation
-        grant = await _stored(self.store.grant(owner))
-        if generation != self._generation:
-            return grant
-        if len(self._grants) >= _CACHE_MAX:
-            self._grants = {}
-        self._grants[digest] = (grant, now)
-        return grant
+        value = await _stored(read())
+        if generation == self._generation:
+            cache = caches[0] if value is not None else caches[-1]
+            if len(cache) >= _CACHE_MAX:
+                cache.clear()
+            cache[name] = (value, now)
+        return value
 
     # --- owners -------------------------------------------------------------
 

@@ -80,12 +80,20 @@ class KeysRoute(APIResource):
     """A key route, with the keys from the parts."""
 
     rate_limited = True
+    # Whether its keys are anyone's (the operator's routes) or the caller's own.
+    admin = False
 
     def __init__(self, parts):
         super().__init__(parts)
         self.parts = parts
         self.keys = parts.keys
         self.clock = parts.reactor
+
+    def getChild(self, path, request):
+        """C{.../{id}}: one key."""
+        if not path:
+            return NotFound()
+        return KeyItem(self.parts, path.decode("utf-8", "replace"), self.admin)
 
 
 class Keys(KeysRoute):
@@ -94,18 +102,12 @@ class Keys(KeysRoute):
     scopes = {"GET": "", "POST": ""}
     route_name = "keys"
 
-    def getChild(self, path, request):
-        if not path:
-            return NotFound()
-        return KeyItem(self.parts, path.decode("utf-8", "replace"))
-
     async def handle_GET(self, request):
         _signed_in(request)
         _keys_on(request)
         now = self.clock.seconds()
         records = await self.keys.list(request.principal.key, live=True)
-        live = [key_view(r, now) for r in records if r.revoked_at is None and r.expires_at > now]
-        return JSONResponse({"object": "list", "data": live}, headers=NO_STORE)
+        return JSONResponse({"object": "list", "data": [key_view(r, now) for r in records]}, headers=NO_STORE)
 
     async def handle_POST(self, request):
         _signed_in(request)
@@ -115,7 +117,9 @@ class Keys(KeysRoute):
         body = await read_json(request)
         unknown = sorted(set(body) - _CREATE_FIELDS)
         if unknown:
-            raise invalid(f"'{unknown[0]}' is not a field of a key (use name, scopes, team, expires_in)"[:200])
+            # (The name is the client's own text: shown only when short and printable.)
+            shown = f"'{unknown[0]}'" if len(unknown[0]) <= 40 and unknown[0].isprintable() else "a field"
+            raise invalid(f"{shown} is not a field of a key (use name, scopes, team, expires_in)")
         name = body.get("name")
         if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME or not name.isprintable():
             raise invalid(f"'name' must be a non-empty string of at most {MAX_NAME} printable characters")
@@ -164,32 +168,35 @@ def _days(seconds):
 
 
 class KeyItem(KeysRoute):
-    """C{DELETE /v1/keys/{id}}: revoke one of the caller's keys."""
+    """
+    C{DELETE /v1/keys/{id}}: revoke one of the caller's keys; with
+    C{admin}, C{DELETE /v1/admin/keys/{id}}: revoke anyone's.  An id that
+    is no such key (of the caller's) is a 404.
+    """
 
     isLeaf = True
-    scopes = {"DELETE": ""}
-    route_name = "key"
 
-    def __init__(self, parts, key_id):
+    def __init__(self, parts, key_id, admin=False):
         super().__init__(parts)
         self.key_id = key_id
+        self.admin = admin
+        self.scopes = {"DELETE": "admin" if admin else ""}
+        self.route_name = "admin_key" if admin else "key"
 
     async def handle_DELETE(self, request):
-        _signed_in(request)
-        _keys_on(request)
-        return await _revoke(self, request, owner=request.principal.key)
-
-
-async def _revoke(route, request, owner=None):
-    """Revoke the key a route names (only C{owner}'s, when given): 204, or 404 for an id that is no such key."""
-    if request.postpath not in ([], [b""]) or not is_key_id(route.key_id):
-        raise APIError("NOT_FOUND", details="no such key")
-    record = await route.keys.revoke(route.key_id, owner=owner)
-    if record is None:
-        raise APIError("NOT_FOUND", details="no such key")
-    request.audit["key_id"] = record.id
-    write_json(request, 204, None)
-    return None
+        owner = None
+        if not self.admin:
+            _signed_in(request)
+            _keys_on(request)
+            owner = request.principal.key
+        if request.postpath not in ([], [b""]) or not is_key_id(self.key_id):
+            raise APIError("NOT_FOUND", details="no such key")
+        record = await self.keys.revoke(self.key_id, owner=owner)
+        if record is None:
+            raise APIError("NOT_FOUND", details="no such key")
+        request.audit["key_id"] = record.id
+        write_json(request, 204, None)
+        return None
 
 
 class AdminKeys(KeysRoute):
@@ -197,11 +204,7 @@ class AdminKeys(KeysRoute):
 
     scopes = {"GET": "admin"}
     route_name = "admin_keys"
-
-    def getChild(self, path, request):
-        if not path:
-            return NotFound()
-        return AdminKeyItem(self.parts, path.decode("utf-8", "replace"))
+    admin = True
 
     async def handle_GET(self, request):
         now = self.clock.seconds()
@@ -215,21 +218,6 @@ class AdminKeys(KeysRoute):
         # (The query matches owners that end with "|<user>"; a sub may hold a "|".)
         views = [v for v in (key_view(r, now, admin=True) for r in records) if user is None or v["owner"] == user]
         return JSONResponse({"object": "list", "data": views}, headers=NO_STORE)
-
-
-class AdminKeyItem(KeysRoute):
-    """C{DELETE /v1/admin/keys/{id}}: revoke any key."""
-
-    isLeaf = True
-    scopes = {"DELETE": "admin"}
-    route_name = "admin_key"
-
-    def __init__(self, parts, key_id):
-        super().__init__(parts)
-        self.key_id = key_id
-
-    async def handle_DELETE(self, request):
-        return await _revoke(self, request)
 
 
 # --- usage ---------------------------------------------------------------------

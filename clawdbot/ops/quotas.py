@@ -94,15 +94,17 @@ class Quotas:
     def limits(self, principal, config):
         """The quotas that apply to a call of C{principal} under C{config}."""
         quotas = config.quotas
+        if not _any_quota(quotas):
+            return []
         out = []
-        user = _user_rule(principal, quotas)
-        subject = ("user", issuer_id(principal.issuer or ""), principal.sub)
-        out += [Limit(subject, "your", w, what, n) for w, what, n in user]
-        team = principal.team
-        if team is not None and team in quotas.per_team:
-            out += [Limit(("team", team), f"team {team}'s", w, what, n) for w, what, n in _rule_values(quotas.per_team[team])]
-        if principal.key_id is not None:
-            out += [Limit(("key", principal.key_id), "this API key's", w, what, n) for w, what, n in _rule_values(quotas.per_key)]
+        for subject in subjects_of(principal, principal.team):
+            kind = subject[0]
+            if kind == "user":
+                out += [Limit(subject, "your", w, what, n) for w, what, n in _user_rule(principal, quotas)]
+            elif kind == "team" and subject[1] in quotas.per_team:
+                out += [Limit(subject, f"team {subject[1]}'s", w, what, n) for w, what, n in _rule_values(quotas.per_team[subject[1]])]
+            elif kind == "key":
+                out += [Limit(subject, "this API key's", w, what, n) for w, what, n in _rule_values(quotas.per_key)]
         return out
 
     async def check(self, principal, config, estimate=0, hold=None):
@@ -171,11 +173,9 @@ class Quotas:
                 )
         if hold is not None:
             hour = hour_of(now)
-            for subject in used:
-                slot = used[subject].held.setdefault(hour, [0, 0])
-                slot[0] += 1
-                slot[1] += estimate
-                hold.append((subject, used[subject], hour, estimate))
+            for subject, entry in used.items():
+                _add(entry.held, hour, 1, estimate)
+                hold.append((subject, entry, hour, estimate))
         if "tokens" in least:
             headers["x-clawdbot-quota-remaining-tokens"] = str(least["tokens"][0])
         if "requests" in least:
@@ -235,9 +235,10 @@ class Quotas:
             fresh = _Used(starts, totals, now)
             if entry is not None:
                 # A new day (week, month) began: what was counted here and
-                # not yet written, and what is under way, still count where
-                # their hour falls.
+                # not yet read back, and what is under way, still count
+                # where their hour falls.
                 fresh.local = entry.local
+                fresh.flushing = entry.flushing
                 fresh.held = entry.held
             self.subjects[subject] = fresh
             if len(self.subjects) > _MAX_SUBJECTS:
@@ -253,44 +254,29 @@ class Quotas:
     def release(self, hold):
         """The calls of C{hold} (what L{check} appended) ended: they are no longer held (their use is counted instead)."""
         for _, entry, hour, estimate in hold:
-            slot = entry.held.get(hour)
-            if slot is not None:
-                slot[0] -= 1
-                slot[1] -= estimate
-                if slot[0] <= 0:
+            if hour in entry.held:
+                _add(entry.held, hour, -1, -estimate)
+                if entry.held[hour][0] <= 0:
                     del entry.held[hour]
 
     def counted(self, principal, team, now, requests, tokens):
         """A L{UsageBook} listener: a call ended; count it for every subject it belongs to."""
         hour = hour_of(now)
-        subjects = [("user", issuer_id(principal.issuer or ""), principal.sub)]
-        if team is not None:
-            subjects.append(("team", team))
-        if principal.key_id is not None:
-            subjects.append(("key", principal.key_id))
-        for subject in subjects:
+        for subject in subjects_of(principal, team):
             entry = self.subjects.get(subject)
             if entry is not None:
-                slot = entry.local.setdefault(hour, [0, 0])
-                slot[0] += requests
-                slot[1] += tokens
+                _add(entry.local, hour, requests, tokens)
 
     def before_flush(self):
         """What was counted so far is about to be written: keep it aside until the totals are read again."""
         for entry in self.subjects.values():
-            for hour, (r, t) in entry.local.items():
-                slot = entry.flushing.setdefault(hour, [0, 0])
-                slot[0] += r
-                slot[1] += t
+            _merge(entry.flushing, entry.local)
             entry.local = {}
 
     def flush_failed(self):
         """The write failed: what was set aside is still only here."""
         for entry in self.subjects.values():
-            for hour, (r, t) in entry.flushing.items():
-                slot = entry.local.setdefault(hour, [0, 0])
-                slot[0] += r
-                slot[1] += t
+            _merge(entry.local, entry.flushing)
             entry.flushing = {}
 
     async def refresh(self):
@@ -330,6 +316,43 @@ class Quotas:
             if everything or now - entry.checked > IDLE:
                 if not entry.local and not entry.flushing and not entry.held:
                     del self.subjects[subject]
+
+
+def subjects_of(principal, team):
+    """What a call of C{principal} counts for: its user, the C{team} it charges (if any), its API key (if any)."""
+    subjects = [("user", issuer_id(principal.issuer or ""), principal.sub)]
+    if team is not None:
+        subjects.append(("team", team))
+    if principal.key_id is not None:
+        subjects.append(("key", principal.key_id))
+    return subjects
+
+
+def _add(hours, hour, requests, tokens):
+    """Add to C{hours}' C{[requests, tokens]} of C{hour}."""
+    slot = hours.setdefault(hour, [0, 0])
+    slot[0] += requests
+    slot[1] += tokens
+
+
+def _merge(into, hours):
+    for hour, (requests, tokens) in hours.items():
+        _add(into, hour, requests, tokens)
+
+
+_ANY = {}
+
+
+def _any_quota(quotas):
+    """Whether C{quotas} (a config section) sets any allowance at all; worked out once per config."""
+    known = _ANY.get(id(quotas))
+    if known is None or known[0] is not quotas:
+        rules = [quotas, quotas.per_key, *quotas.per_team.values(), *quotas.per_scope.values()]
+        known = _ANY[id(quotas)] = (quotas, any(_rule_values(rule) for rule in rules))
+        if len(_ANY) > 16:
+            _ANY.clear()
+            _ANY[id(quotas)] = known
+    return known[1]
 
 
 def _in(seconds):

@@ -103,7 +103,7 @@ class UsageStore:
                     where, args = "team = ?", [subject[1]]
                 else:
                     where, args = "key_id = ?", [subject[1]]
-                cur.execute(self._sql(f"SELECT {sums} FROM usage_hourly WHERE {where} AND hour >= ?"), params_per + args + [_hour_floor(first)])
+                cur.execute(self._sql(f"SELECT {sums} FROM usage_hourly WHERE {where} AND hour >= ?"), params_per + args + [hour_of(first)])
                 row = cur.fetchone()
                 out[subject] = [(int(row[2 * i]), int(row[2 * i + 1])) for i in range(len(starts))]
             return out
@@ -153,13 +153,9 @@ class UsageStore:
         """Delete the hours that began before C{before}."""
 
         def prune(cur):
-            cur.execute(self._sql("DELETE FROM usage_hourly WHERE hour < ?"), (_hour_floor(before),))
+            cur.execute(self._sql("DELETE FROM usage_hourly WHERE hour < ?"), (hour_of(before),))
 
         await self.engine.run(prune)
-
-
-def _hour_floor(t):
-    return hour_of(t)
 
 
 def _hour_ceiling(t):
@@ -196,7 +192,11 @@ class UsageBook:
                 log.warn("Usage not written for too long; dropping a call's count")
                 return
             counts = self.pending[key] = Counts()
-        counts.add(Counts(1, prompt, completion, 1 if failed else 0, duration))
+        counts.requests += 1
+        counts.prompt_tokens += prompt
+        counts.completion_tokens += completion
+        counts.errors += 1 if failed else 0
+        counts.duration += duration
         for listener in self.listeners:
             listener(principal, team, now, 1, prompt + completion)
 
