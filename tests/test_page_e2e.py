@@ -150,6 +150,51 @@ DOM_AUDIT = r"""(node) => {
 }"""
 
 
+def signed_in_gateway(testcase, extra=""):
+    """
+    For C{testcase}: the fake Ollama (C{.fake}), the real IdP (C{.idp}) and a
+    gateway signing in through it (C{.gw}, at C{.origin}), with C{extra} config.
+    """
+    testcase.fake = FakeOllama()
+    testcase.fake.listen(reactor)
+    testcase.addCleanup(testcase.fake.stop)
+
+    port = reserved_port(testcase)  # the gateway's own URL is in its config
+    testcase.origin = origin = f"http://127.0.0.1:{port}"
+    testcase.idp = IdP().start(
+        clients=[
+            {
+                "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET,
+                "redirect_uris": [origin + "/callback"],
+                "post_logout_redirect_uris": [origin + "/"],
+            }
+        ],
+        users=USERS,
+    )
+    testcase.addCleanup(testcase.idp.stop)
+    testcase.gw = serve(
+        testcase,
+        extra=f"""
+server: {{listen: "tcp:{port}:interface=127.0.0.1", public_url: "{origin}"}}
+backend: {{url: "{testcase.fake.url}"}}
+rate_limit: {{requests_per_minute: 0}}
+oauth2:
+  enabled: true
+  provider: oidc
+  client_id: {CLIENT_ID}
+  client_secret: {CLIENT_SECRET}
+  redirect_uri: "{origin}/callback"
+  issuer_url: "{testcase.idp.issuer}"
+  default_scopes: ["chat:read", "chat:write"]
+  group_scopes: {{team-a: ["history:team-a"]}}
+  post_logout_redirect_uri: "{origin}/"
+{extra}
+""",
+    )
+    testcase.assertEqual(testcase.gw.url, origin)
+
+
 # --- the tests ----------------------------------------------------------------------
 
 
@@ -159,44 +204,8 @@ class PageE2E(TestCase):
     timeout = 120
 
     def setUp(self):
-        self.fake = FakeOllama()
-        self.fake.listen(reactor)
-        self.addCleanup(self.fake.stop)
+        signed_in_gateway(self)
         self.fake.reply_hook = reply_for
-
-        port = reserved_port(self)  # the gateway's own URL is in its config
-        self.origin = f"http://127.0.0.1:{port}"
-        self.idp = IdP().start(
-            clients=[
-                {
-                    "client_id": CLIENT_ID,
-                    "client_secret": CLIENT_SECRET,
-                    "redirect_uris": [self.origin + "/callback"],
-                    "post_logout_redirect_uris": [self.origin + "/"],
-                }
-            ],
-            users=USERS,
-        )
-        self.addCleanup(self.idp.stop)
-        self.gw = serve(
-            self,
-            extra=f"""
-server: {{listen: "tcp:{port}:interface=127.0.0.1", public_url: "{self.origin}"}}
-backend: {{url: "{self.fake.url}"}}
-rate_limit: {{requests_per_minute: 0}}
-oauth2:
-  enabled: true
-  provider: oidc
-  client_id: {CLIENT_ID}
-  client_secret: {CLIENT_SECRET}
-  redirect_uri: "{self.origin}/callback"
-  issuer_url: "{self.idp.issuer}"
-  default_scopes: ["chat:read", "chat:write"]
-  group_scopes: {{team-a: ["history:team-a"]}}
-  post_logout_redirect_uri: "{self.origin}/"
-""",
-        )
-        self.assertEqual(self.gw.url, self.origin)
 
     def api_as(self, sub, scope="chat:read chat:write history:team-a"):
         """

@@ -24,11 +24,9 @@ from twisted.trial.unittest import TestCase
 from clawdbot.auth import session
 from clawdbot.auth.tokens import mint
 from clawdbot.http import tree
-from testing.fake_ollama import FakeOllama
 from tests.browser import PHONE, ROOT, run_in_browser
-from tests.helpers import bearer, get_json, reserved_port, serve
-from tests.idp import IdP
-from tests.test_page_e2e import CLIENT_ID, CLIENT_SECRET, FINAL, USERS, on_reactor, send, sign_in
+from tests.helpers import bearer, get_json
+from tests.test_page_e2e import FINAL, on_reactor, send, sign_in, signed_in_gateway
 
 # The page under test is this checkout's (not a copy installed with the package).
 CHECKOUT_PAGE = os.path.join(ROOT, "share", "static")
@@ -65,43 +63,7 @@ class SignedInPage:
 
     def setUp(self):
         self.assertEqual(os.path.realpath(tree.static_dir()), os.path.realpath(CHECKOUT_PAGE))
-        self.fake = FakeOllama()
-        self.fake.listen(reactor)
-        self.addCleanup(self.fake.stop)
-
-        port = reserved_port(self)
-        self.origin = f"http://127.0.0.1:{port}"
-        self.idp = IdP().start(
-            clients=[
-                {
-                    "client_id": CLIENT_ID,
-                    "client_secret": CLIENT_SECRET,
-                    "redirect_uris": [self.origin + "/callback"],
-                    "post_logout_redirect_uris": [self.origin + "/"],
-                }
-            ],
-            users=USERS,
-        )
-        self.addCleanup(self.idp.stop)
-        self.gw = serve(
-            self,
-            extra=f"""
-server: {{listen: "tcp:{port}:interface=127.0.0.1", public_url: "{self.origin}"}}
-backend: {{url: "{self.fake.url}"}}
-rate_limit: {{requests_per_minute: 0}}
-oauth2:
-  enabled: true
-  provider: oidc
-  client_id: {CLIENT_ID}
-  client_secret: {CLIENT_SECRET}
-  redirect_uri: "{self.origin}/callback"
-  issuer_url: "{self.idp.issuer}"
-  default_scopes: ["chat:read", "chat:write"]
-  group_scopes: {{team-a: ["history:team-a"]}}
-  post_logout_redirect_uri: "{self.origin}/"
-{self.EXTRA}
-""",
-        )
+        signed_in_gateway(self, self.EXTRA)
 
     def api_as(self, sub, scope="chat:read chat:write history:team-a"):
         """Headers for calling the API as sub of the IdP the page signs in through (a session JWT)."""
