@@ -302,6 +302,15 @@ class UsageConfig:
 
 
 @dataclass(frozen=True)
+class ResponsesConfig:
+    # The Responses API's stored responses (store: true; previous_response_id):
+    # kept this long in the history database, each at most max_stored_bytes
+    # (its conversation so far, as JSON).
+    retention: float = _opt(30 * 86400.0, kind="duration", minimum=3600, maximum=10 * 365 * 86400)
+    max_stored_bytes: int = _opt(20 * 1000**2, kind="size", minimum=1024, maximum=10**10)
+
+
+@dataclass(frozen=True)
 class QuotaRuleConfig:
     # 0: none.  At the top level: each user's own allowance.
     tokens_per_day: int = _opt(0, minimum=0, maximum=10**15)
@@ -350,6 +359,7 @@ class Config:
     rate_limit: RateLimitConfig = _section(RateLimitConfig)
     usage: UsageConfig = _section(UsageConfig)
     quotas: QuotasConfig = _section(QuotasConfig)
+    responses: ResponsesConfig = _section(ResponsesConfig)
     metrics: MetricsConfig = _section(MetricsConfig)
     log: LogConfig = _section(LogConfig)
     timeout: float = _opt(120.0, kind="duration", minimum=0.001, maximum=86400)

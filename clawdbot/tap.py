@@ -37,6 +37,7 @@ from clawdbot.ops.signals import SignalHandlers
 from clawdbot.ops.quotas import Batches, Quotas
 from clawdbot.storage.history import History
 from clawdbot.storage.keys import KeyStore
+from clawdbot.storage.responses import ResponseStore
 from clawdbot.storage.store import open_store
 from clawdbot.storage.usage import UsageBook, UsageStore
 
@@ -158,6 +159,7 @@ def compose(config, reactor, environ=None, mode=None, agent_factory=None):
         ollama=ollama,
         history=History(store),
         keys=keys,
+        responses=ResponseStore(store.engine, reactor),
         usage=usage,
         batches=Batches(usage, quotas, keys, lambda: runtime.config),
         # Images and big JSON bodies are handled on these threads, never on the reactor.

@@ -883,9 +883,14 @@ class StreamTranslator:
             delta["tool_calls"] = [{"index": 0, "function": {"arguments": text}}]
         self.arguments.append(text)
 
-    def line(self, raw: bytes) -> bytes:
+    def step(self, raw: bytes) -> tuple[dict[str, Any], str | None]:
         """
-        The SSE bytes for one Ollama line.
+        What one Ollama line adds to the reply, as an OpenAI chunk's C{delta}
+        (role, content, C{reasoning_content}, C{tool_calls} with their
+        indexes; a forced call's arguments arrive as its pieces) and the
+        C{finish_reason} once the line is the last.  The other APIs' stream
+        translators (L{clawdbot.backend.responses}, L{clawdbot.backend.messages})
+        read replies through this too.
 
         @raise UpstreamStreamError: when the line is an error or not JSON.
         """
@@ -924,6 +929,15 @@ class StreamTranslator:
             self.done = True
             self.final = data
             finish = finish_reason(data.get("done_reason"), bool(self.tool_calls))
+        return delta, finish
+
+    def line(self, raw: bytes) -> bytes:
+        """
+        The SSE bytes for one Ollama line.
+
+        @raise UpstreamStreamError: when the line is an error or not JSON.
+        """
+        delta, finish = self.step(raw)
         choice = '[{"index":0,"delta":%s,"logprobs":null,"finish_reason":%s}]' % (
             json.dumps(delta, ensure_ascii=False, separators=(",", ":")),
             "null" if finish is None else '"%s"' % finish,

@@ -99,7 +99,138 @@ class ModelRoute(APIResource):
         return Share(principal.key, weight, cls, waited)
 
 
-class ChatCompletions(ModelRoute):
+class ChatShape:
+    """
+    How a model route's replies look: OpenAI chat completions.  The other
+    APIs' routes (L{clawdbot.http.agents}) bring shapes of their own with the
+    same four methods, so one conversation path (L{Conversation}) serves
+    them all.
+    """
+
+    def whole(self, reply, opts):
+        """The answer for a whole Ollama reply."""
+        return translate.chat_response(reply, opts["model"], single_tool_call=opts["single_tool_call"], forced_tool=opts["forced_tool"], offered=opts["offered"])
+
+    def translator(self, opts, hold):
+        """The stream translator; with C{hold}, its last bytes wait for L{held}."""
+        return StreamTranslator(opts["model"], opts["include_usage"], hold_done=hold, single_tool_call=opts["single_tool_call"], forced_tool=opts["forced_tool"], offered=opts["offered"])
+
+    def fmt(self, translator):
+        """The stream's format for L{StreamResponse} (what its error event looks like)."""
+        return "sse"
+
+    def held(self, translator):
+        """The last bytes of a stream whose reply was kept first."""
+        return DONE
+
+
+CHAT = ChatShape()
+
+
+class Conversation(ModelRoute):
+    """
+    A route that holds a conversation with the model through C{/api/chat}:
+    one call (whole or streamed), or for C{tool_choice: "required"} with
+    several tools a call and one retry (L{_required}); the reply shaped by
+    the route's shape (L{ChatShape}) and, when asked, kept (a session's
+    turn, a stored response) before the client hears the end.
+
+    C{keep} is C{async keep(reply, incomplete)}: C{reply} is the whole
+    answer, or the stream's translator.
+    """
+
+    async def converse(self, request, config, ollama_body, opts, shape=CHAT, keep=None):
+        if opts["instruction"]:
+            # For the model only: what is kept is the turn as the user sent it.
+            ollama_body["messages"] = translate.with_instruction(ollama_body["messages"], opts["instruction"])
+        meter = await metered(self.accounting, request, ollama_body)
+        if opts["required_tools"]:
+            return await self._required(request, config, ollama_body, opts, shape, keep, meter)
+        if opts["stream"]:
+            return await self._stream(request, config, ollama_body, opts, shape, keep, meter)
+        reply = await self.ollama.call_json(config, b"POST", "/api/chat", ollama_body, sent=meter.mark_sent, share=self.share(request))
+        return await self._whole(request, reply, opts, shape, keep)
+
+    async def _whole(self, request, reply, opts, shape, keep):
+        """A whole Ollama reply in the route's shape, counted (and kept)."""
+        result = shape.whole(reply, opts)
+        _count(request, reply)
+        if keep is not None:
+            await keep(result, False)
+        return result
+
+    async def _required(self, request, config, ollama_body, opts, shape, keep, meter):
+        """
+        C{tool_choice: "required"} with several tools: the model gets the
+        tools, and when it answers without calling one it is asked once
+        more, held by a schema to a call of one of them (L{translate.union_format}).
+        Whether a call came is known only at the end, so Ollama's reply is
+        taken whole; a streaming client gets it at once.
+        """
+        body = dict(ollama_body, stream=False)
+        backend = self.ollama
+        functions = opts["required_tools"]
+        # One timeout for the request, both calls included.
+        deadline = self.clock.seconds() + config.timeout
+        share = self.share(request)
+        reply = translate.offered_calls_only(await backend.call_json(config, b"POST", "/api/chat", body, sent=meter.mark_sent, deadline=deadline, share=share), functions)
+        _count(request, reply)
+        if not reply["message"].get("tool_calls") and reply.get("done_reason") != "length":
+            retry = {key: value for key, value in body.items() if key != "tools"}
+            retry["format"] = translate.union_format(functions)
+            retry["messages"] = translate.with_instruction(body["messages"], translate.union_instruction(functions))
+            ceiling = config.backend.max_num_ctx
+            await self.accounting.reserve_tokens(request, translate.Meter(retry, ceiling).prompt + translate.reply_reserve(retry, ceiling))
+            second = await backend.call_json(config, b"POST", "/api/chat", retry, deadline=deadline, share=share)
+            reply = translate.with_counts_of(second, reply)
+            _count(request, reply)
+            reply = translate.call_from_union(reply, functions)
+        if not opts["stream"]:
+            return await self._whole(request, reply, opts, shape, keep)
+        translator = shape.translator(opts, False)
+        out = translator.line(_encode(reply))
+        if keep is not None:
+            await keep(translator, False)
+        response = StreamResponse(request, shape.fmt(translator), self.metrics)
+        response.begin()
+        try:
+            response.write(out)
+            response.end(b"")
+        finally:
+            response.close()
+        return None
+
+    async def _stream(self, request, config, ollama_body, opts, shape, keep, meter):
+        translator = shape.translator(opts, keep is not None)
+        on_data, rest = translated(request, meter, translator)
+
+        async def on_end():
+            tail = rest()
+            if keep is not None:
+                # The end is sent only once the reply is kept.
+                await keep(translator, False)
+                tail += shape.held(translator)
+            return tail
+
+        kept = False
+        try:
+            ok = await self.ollama.stream(config, "/api/chat", ollama_body, StreamResponse(request, shape.fmt(translator), self.metrics), on_data, on_end, meter.mark_sent, self.share(request))
+            kept = ok
+        except CancelledError:
+            # The client went away: keep what was said, marked incomplete.
+            if keep is not None and translator.sent_role:
+                await keep(translator, True)
+                kept = True
+            raise
+        finally:
+            if translator.final is not None:
+                _count(request, translator.final)
+        if not kept and keep is not None and translator.sent_role:
+            await keep(translator, True)
+        return None
+
+
+class ChatCompletions(Conversation):
     """
     C{POST /v1/chat/completions}: OpenAI chat, translated to Ollama's
     C{/api/chat}.  With C{session_id} the call is stateful: the session's
@@ -129,7 +260,7 @@ class ChatCompletions(ModelRoute):
         # Images are decoded on the image workers, never here on the reactor.
         await self.images.process_messages(ollama_body["messages"], config.images)
         if session_id is None:
-            return await self._complete(request, config, ollama_body, opts, None)
+            return await self.converse(request, config, ollama_body, opts)
         limits = config.history
         for message in ollama_body["messages"]:
             if len(_text(message)) > limits.max_message_chars:
@@ -141,107 +272,21 @@ class ChatCompletions(ModelRoute):
             if await self.history.store.count_messages(session_id) + len(new) + 1 > limits.max_messages_per_session:
                 raise invalid(f"the session has reached the limit of {limits.max_messages_per_session} messages; start a new one")
             release = await self.history.check_quota(request.principal, limits, new)
+
+            async def keep(reply, incomplete):
+                if isinstance(reply, dict):
+                    text = reply["choices"][0]["message"].get("content") or ""
+                else:
+                    text = "".join(reply.content)
+                await self.history.store.append(session_id, new + [("assistant", text, incomplete)])
+
             try:
                 ollama_body["messages"] = [{"role": m.role, "content": m.content} for m in context] + ollama_body["messages"]
-                return await self._complete(request, config, ollama_body, opts, new)
+                return await self.converse(request, config, ollama_body, opts, keep=keep)
             finally:
                 release()
 
         return await self.history.one_at_a_time(session_id, turn)
-
-    async def _store(self, request, new, reply, incomplete):
-        sid = request.audit["session"]
-        await self.history.store.append(sid, new + [("assistant", reply, incomplete)])
-
-    async def _complete(self, request, config, ollama_body, opts, new):
-        if opts["instruction"]:
-            # For the model only: a session stores the turn as the user sent it.
-            ollama_body["messages"] = translate.with_instruction(ollama_body["messages"], opts["instruction"])
-        meter = await metered(self.accounting, request, ollama_body)
-        if opts["required_tools"]:
-            return await self._required(request, config, ollama_body, opts, new, meter)
-        if opts["stream"]:
-            return await self._stream(request, config, ollama_body, opts, new, meter)
-        reply = await self.ollama.call_json(config, b"POST", "/api/chat", ollama_body, sent=meter.mark_sent, share=self.share(request))
-        return await self._result(request, reply, opts, new)
-
-    async def _result(self, request, reply, opts, new):
-        """A whole Ollama reply as a C{chat.completion}, counted (and stored for a session turn)."""
-        result = translate.chat_response(reply, opts["model"], single_tool_call=opts["single_tool_call"], forced_tool=opts["forced_tool"], offered=opts["offered"])
-        _count(request, reply)
-        if new is not None:
-            await self._store(request, new, result["choices"][0]["message"].get("content") or "", False)
-        return result
-
-    async def _required(self, request, config, ollama_body, opts, new, meter):
-        """
-        C{tool_choice: "required"} with several tools: the model gets the
-        tools, and when it answers without calling one it is asked once
-        more, held by a schema to a call of one of them (L{translate.union_format}).
-        Whether a call came is known only at the end, so Ollama's reply is
-        taken whole; a streaming client gets it as one chunk.
-        """
-        body = dict(ollama_body, stream=False)
-        backend = self.ollama
-        functions = opts["required_tools"]
-        # One timeout for the request, both calls included.
-        deadline = self.clock.seconds() + config.timeout
-        share = self.share(request)
-        reply = translate.offered_calls_only(await backend.call_json(config, b"POST", "/api/chat", body, sent=meter.mark_sent, deadline=deadline, share=share), functions)
-        _count(request, reply)
-        if not reply["message"].get("tool_calls") and reply.get("done_reason") != "length":
-            retry = {key: value for key, value in body.items() if key != "tools"}
-            retry["format"] = translate.union_format(functions)
-            retry["messages"] = translate.with_instruction(body["messages"], translate.union_instruction(functions))
-            ceiling = config.backend.max_num_ctx
-            await self.accounting.reserve_tokens(request, translate.Meter(retry, ceiling).prompt + translate.reply_reserve(retry, ceiling))
-            second = await backend.call_json(config, b"POST", "/api/chat", retry, deadline=deadline, share=share)
-            reply = translate.with_counts_of(second, reply)
-            _count(request, reply)
-            reply = translate.call_from_union(reply, functions)
-        if not opts["stream"]:
-            return await self._result(request, reply, opts, new)
-        translator = StreamTranslator(opts["model"], opts["include_usage"], single_tool_call=opts["single_tool_call"])
-        out = translator.line(_encode(reply))
-        if new is not None:
-            await self._store(request, new, "".join(translator.content), False)
-        response = StreamResponse(request, "sse", self.metrics)
-        response.begin()
-        try:
-            response.write(out)
-            response.end(b"")
-        finally:
-            response.close()
-        return None
-
-    async def _stream(self, request, config, ollama_body, opts, new, meter):
-        translator = StreamTranslator(opts["model"], opts["include_usage"], hold_done=new is not None, single_tool_call=opts["single_tool_call"], forced_tool=opts["forced_tool"], offered=opts["offered"])
-        on_data, rest = translated(request, meter, translator)
-
-        async def on_end():
-            tail = rest()
-            if new is not None:
-                # Acknowledge ([DONE]) only once the turn is stored.
-                await self._store(request, new, "".join(translator.content), False)
-                tail += DONE
-            return tail
-
-        stored = False
-        try:
-            ok = await self.ollama.stream(config, "/api/chat", ollama_body, StreamResponse(request, "sse", self.metrics), on_data, on_end, meter.mark_sent, self.share(request))
-            stored = ok
-        except CancelledError:
-            # The client went away: keep what was said, marked incomplete.
-            if new is not None and translator.sent_role:
-                await self._store(request, new, "".join(translator.content), True)
-                stored = True
-            raise
-        finally:
-            if translator.final is not None:
-                _count(request, translator.final)
-        if not stored and new is not None and translator.sent_role:
-            await self._store(request, new, "".join(translator.content), True)
-        return None
 
 
 class Completions(ModelRoute):

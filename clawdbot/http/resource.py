@@ -55,8 +55,12 @@ def write_json(request, status, payload, headers=None):
 def error_event(fmt, err):
     """
     The bytes that end a stream with C{err}: an SSE event in the §4 shape,
-    or (C{"ndjson"}, only the native routes stream it) a line in Ollama's.
+    or (C{"ndjson"}, only the native routes stream it) a line in Ollama's;
+    a callable C{fmt} makes the event of an API of its own (Anthropic's,
+    the Responses API's: L{clawdbot.http.agents}).
     """
+    if callable(fmt):
+        return fmt(err)
     if fmt == "ndjson":
         return ollama_error_body(err) + b"\n"
     return b"data: " + error_body(err) + b"\n\n"
@@ -103,7 +107,8 @@ class StreamResponse:
     first token and streams in flight counted on C{metrics}), the end, or
     the stream's error event.
 
-    @param fmt: C{"sse"} or C{"ndjson"}.
+    @param fmt: C{"sse"}, C{"ndjson"}, or a callable that makes the
+        stream's error event (an SSE stream of another API: L{error_event}).
     """
 
     def __init__(self, request, fmt, metrics):

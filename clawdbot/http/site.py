@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.web import http, server
 
 from clawdbot.auth.tokens import missing_token
+from clawdbot.backend.messages import error_body as anthropic_error_body
 from clawdbot.errors import APIError, error_body, internal_error, invalid, ollama_error_body
 from clawdbot.http import cors
 from clawdbot.http.resource import JSON_TYPE, error_event, last_resort, write_error, write_json
@@ -80,6 +81,19 @@ def reason_phrase(code):
     if phrase is None:
         phrase = {1: b"Informational", 2: b"Success", 3: b"Redirection", 4: b"Client Error"}.get(code // 100, b"Server Error")
     return phrase
+
+
+def error_shape(path):
+    """
+    How errors look on C{path} before its route is known: Ollama's shape on
+    the native routes, Anthropic's on the Messages API, else SPEC §4's.
+    """
+    path = path or b""
+    if path.startswith(b"/ollama/"):
+        return ollama_error_body
+    if path == b"/v1/messages" or path.startswith(b"/v1/messages/"):
+        return anthropic_error_body
+    return error_body
 
 
 def early_response(err, request_id=None, render=error_body, headers=None):
@@ -238,8 +252,14 @@ class GatewayRequest(server.Request):
         return None
 
     def _has_credentials(self):
-        """The request carries an C{Authorization: Bearer <token>} header (checked later, as usual)."""
+        """
+        The request carries an C{Authorization: Bearer <token>} header, or
+        on the Messages API Anthropic's C{x-api-key} (checked later, as usual).
+        """
         values = self.requestHeaders.getRawHeaders(b"authorization") or []
+        if not values and error_shape(self.path) is anthropic_error_body:
+            keys = self.requestHeaders.getRawHeaders(b"x-api-key") or []
+            return len(keys) == 1 and bool(keys[0].strip())
         if len(values) != 1:
             return False
         scheme, _, rest = values[0].strip().partition(b" ")
@@ -259,8 +279,7 @@ class GatewayRequest(server.Request):
         self.code_message = reason_phrase(err.status)
         self._name_from_channel()
         transport = self.channel.transport
-        native = (self.path or b"").startswith(b"/ollama/")
-        transport.write(early_response(err, self.request_id, ollama_error_body if native else error_body, self.cors_headers()))
+        transport.write(early_response(err, self.request_id, error_shape(self.path), self.cors_headers()))
         log.info("Refused a request while its body arrived: {code}", code=err.code, details=err.details, request_id=self.request_id)
         if not linger:
             self.channel.loseConnection()
@@ -320,7 +339,7 @@ class GatewayRequest(server.Request):
             self.setHeader(b"date", http.datetimeToString())
             self.setHeader(b"connection", b"close")
             channel = self.channel
-            write_error(self, err)
+            write_error(self, err, error_shape(self.path))
             if channel is not None and channel.transport is not None:
                 channel.transport.loseConnection()
             return

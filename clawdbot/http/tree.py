@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from clawdbot.http import chat, history, keys, native, sso
+from clawdbot.http import agents, chat, history, keys, native, sso
 from clawdbot.http.static import StaticFiles, static_dir
 from clawdbot.http.resource import APIResource, JSONResponse, Node
 
@@ -29,6 +29,7 @@ class Parts:
     @ivar ollama: the model backend (L{clawdbot.backend.ollama.Ollama}).
     @ivar history: chat history and its rules (L{clawdbot.storage.history.History}).
     @ivar keys: the personal API keys (L{clawdbot.auth.keys.ApiKeys}).
+    @ivar responses: the Responses API's stored responses (L{clawdbot.storage.responses.ResponseStore}).
     @ivar usage: usage accounting (L{clawdbot.ops.quotas.UsageBook}).
     @ivar batches: the periodic writes of usage and keys (L{clawdbot.ops.quotas.Batches}).
     @ivar images: the image workers (L{clawdbot.backend.images.ImageWorkers}).
@@ -45,6 +46,7 @@ class Parts:
     ollama: Any
     history: Any
     keys: Any
+    responses: Any
     usage: Any
     batches: Any
     images: Any
@@ -212,6 +214,7 @@ def build_root(parts, debug):
     root.putChild(b"v1", v1)
     v1.putChild(b"me", Me(parts))
     chat.add_routes(v1, parts)
+    agents.add_routes(v1, parts)
     native.add_routes(root, parts)
     history.add_routes(v1, parts)
     keys.add_routes(v1, parts)

@@ -206,6 +206,18 @@ MIGRATIONS = [
         "CREATE INDEX usage_team ON usage_hourly (team, hour)",
         "CREATE INDEX usage_key ON usage_hourly (key_id, hour)",
     ],
+    # 5: the Responses API's stored responses (clawdbot.storage.responses).
+    [
+        """CREATE TABLE responses (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            response TEXT NOT NULL,
+            context TEXT NOT NULL
+        )""",
+        "CREATE INDEX responses_expiry ON responses (expires_at)",
+    ],
 ]
 
 
