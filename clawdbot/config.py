@@ -304,10 +304,12 @@ class UsageConfig:
 @dataclass(frozen=True)
 class ResponsesConfig:
     # The Responses API's stored responses (store: true; previous_response_id):
-    # kept this long in the history database, each at most max_stored_bytes
-    # (its conversation so far, as JSON).
+    # kept this long in the history database; a conversation (a chain of
+    # them) at most max_stored_bytes of JSON.
     retention: float = _opt(30 * 86400.0, kind="duration", minimum=3600, maximum=10 * 365 * 86400)
     max_stored_bytes: int = _opt(20 * 1000**2, kind="size", minimum=1024, maximum=10**10)
+    # Everything one user's stored responses may take (429 QUOTA_EXCEEDED beyond).
+    max_bytes_per_user: int = _opt(200 * 1000**2, kind="size", minimum=1024, maximum=10**13)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,12 @@ CODES = {
 }
 
 
+# Refusals a client's automatic retry cannot get past (a quota resets in
+# hours; a method stays unknown): they say so in the header the OpenAI and
+# Anthropic SDKs read before retrying a 429 or a 5xx.
+NO_RETRY = frozenset({"QUOTA_EXCEEDED", "NOT_IMPLEMENTED"})
+
+
 class APIError(Exception):
     """
     A request failed in a way the client should hear about.
@@ -68,6 +74,8 @@ class APIError(Exception):
         self.details = details
         self.param = param if param is not None else param_of(details)
         self.headers = dict(headers or {})
+        if code in NO_RETRY:
+            self.headers.setdefault("x-should-retry", "false")
         super().__init__(f"{code}: {details or self.message}")
 
     def as_dict(self) -> dict[str, dict[str, Any]]:

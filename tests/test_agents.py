@@ -516,3 +516,128 @@ class MessagesTests(AgentsBacked):
         self.assertEqual(status, 200)
         event, data = sse(raw)[-1]
         self.assertEqual((event, data["type"], data["error"]["type"]), ("error", "error", "api_error"))
+
+
+class ReviewTests(AgentsBacked):
+    """What an outside review of the two routes found, with variants."""
+
+    async def test_a_large_body_with_x_api_key(self):
+        """A Messages body over 64 KiB with its credential in x-api-key (Claude Code's usual request) is read, not refused as anonymous; without one it is a 401 in Anthropic's shape."""
+        self.start()
+        system = "You are Claude Code. " * 5000
+        m = await deferToThread(lambda: self.claude().messages.create(model="qwen3:32b", max_tokens=10, system=system, messages=[{"role": "user", "content": "hi"}]))
+        self.assertEqual(m.content[0].text, self.fake.reply_text)
+        body = {"model": "qwen3:32b", "max_tokens": 10, "system": system, "messages": [{"role": "user", "content": "hi"}]}
+        status, _, raw = await post_raw(self.gw.url + "/v1/messages/count_tokens", body, {b"x-api-key": [token(scope=ALL).encode()]})
+        self.assertEqual(status, 200, raw[:200])
+        status, _, raw = await post_raw(self.gw.url + "/v1/messages", body, {})
+        self.assertEqual((status, json.loads(raw)["error"]["type"]), (401, "authentication_error"))
+
+    async def test_forced_tool_on_a_thinking_model_streams_whole(self):
+        """A forced tool on a model that thinks first streams its thinking, then the call with all its arguments, on both APIs."""
+        self.start(fake=FakeOllama(think_by_default=True, json_reply={"city": "Beijing"}))
+        tools = [WEATHER, dict(WEATHER, name="get_time")]
+
+        def responses_run():
+            with self.sdk().responses.stream(model="qwen3:32b", input="x", tools=tools, tool_choice={"type": "function", "name": "get_time"}, reasoning={"effort": "high"}, store=False) as stream:
+                for _ in stream:
+                    pass
+                return stream.get_final_response()
+
+        final = await deferToThread(responses_run)
+        self.assertEqual([item.type for item in final.output], ["reasoning", "function_call"])
+        self.assertEqual((final.output[1].name, json.loads(final.output[1].arguments)), ("get_time", {"city": "Beijing"}))
+
+        def messages_run():
+            tool = dict(WEATHER_ANTHROPIC, name="get_time")
+            with self.claude().messages.stream(model="qwen3:32b", max_tokens=100, tools=[WEATHER_ANTHROPIC, tool], tool_choice={"type": "tool", "name": "get_time"}, thinking={"type": "enabled", "budget_tokens": 50}, messages=[{"role": "user", "content": "x"}]) as stream:
+                return stream.get_final_message()
+
+        message = await deferToThread(messages_run)
+        self.assertEqual([block.type for block in message.content], ["thinking", "tool_use"])
+        self.assertEqual((message.content[1].name, message.content[1].input), ("get_time", {"city": "Beijing"}))
+
+    async def test_a_spent_quota_is_not_retried(self):
+        """A spent quota says x-should-retry: false, so the SDKs' default retries raise at once instead of sleeping until the quota resets."""
+        self.start("quotas: {requests_per_day: 1}")
+        await deferToThread(lambda: self.claude().messages.create(model="qwen3:32b", max_tokens=10, messages=[{"role": "user", "content": "hi"}]))
+        patient = anthropic.Anthropic(base_url=self.gw.url, api_key=token(scope=ALL), http_client=self.http(httpx2))
+        with self.assertRaises(anthropic.RateLimitError) as caught:
+            await deferToThread(lambda: patient.messages.create(model="qwen3:32b", max_tokens=10, messages=[{"role": "user", "content": "hi"}]))
+        self.assertEqual(caught.exception.response.headers["x-should-retry"], "false")
+        openai_patient = openai.OpenAI(base_url=self.gw.url + "/v1", api_key=token(scope=ALL), http_client=self.http())
+        with self.assertRaises(openai.RateLimitError):
+            await deferToThread(lambda: openai_patient.responses.create(model="qwen3:32b", input="hi"))
+        self.assertEqual(len(self.fake.requests_to("/api/chat")), 1)
+
+    async def test_refusals_outside_the_routes_have_anthropics_shape(self):
+        """A 431 head and paths under count_tokens answer in Anthropic's shape on the Messages API."""
+        self.start()
+        auth = bearer(token(scope=ALL))
+        for path in ("/v1/messages/count_tokens/x", "/v1/messages/count_tokens/", "/v1/messages/x/y"):
+            status, _, body = await get_json(self.gw.url + path, method="POST", headers=auth, body={})
+            self.assertEqual((status, body["type"], body["error"]["type"]), (404, "error", "not_found_error"), path)
+        status, _, body = await get_json(self.gw.url + "/v1/messages", method="POST", headers=dict(auth, **{"x-big": "a" * 17000}), body={})
+        self.assertEqual((status, body["error"]["type"]), (431, "invalid_request_error"))
+
+    async def test_each_turn_is_stored_once(self):
+        """A chain stores each turn once (its conversation is read back through the parents); a chain past responses.max_stored_bytes, or echoed fields past it, is a 400; past responses.max_bytes_per_user a 429; deleting a response in the middle ends its chain with a clear 404."""
+        self.start("responses: {max_stored_bytes: 6000, max_bytes_per_user: 20000}")
+        client = self.sdk()
+        last = None
+        for n in range(5):
+            last = await deferToThread(lambda: client.responses.create(model="qwen3:32b", input=f"turn {n} " + "x" * 200, previous_response_id=last.id if last else None))
+        sent = self.fake.requests_to("/api/chat")[-1].body["messages"]
+        self.assertEqual([m["content"][:6] for m in sent if m["role"] == "user"], [f"turn {n}" for n in range(5)])
+        rows = await self.gw.parts.responses.engine.run(lambda cur: (cur.execute("SELECT depth, LENGTH(turn), chain_bytes FROM responses ORDER BY depth"), cur.fetchall())[1])
+        self.assertEqual([r[0] for r in rows], [0, 1, 2, 3, 4])
+        self.assertTrue(all(r[1] < 600 for r in rows), rows)
+        with self.assertRaises(openai.BadRequestError) as caught:
+            await deferToThread(lambda: client.responses.create(model="qwen3:32b", input="y" * 5000, previous_response_id=last.id))
+        self.assertIn("max_stored_bytes", caught.exception.message)
+        with self.assertRaises(openai.RateLimitError) as caught:
+            await deferToThread(lambda: client.responses.create(model="qwen3:32b", input="z", instructions="i" * 19000))
+        self.assertIn("max_bytes_per_user", caught.exception.message)
+        items = await deferToThread(lambda: client.responses.input_items.list(last.id, order="asc"))
+        self.assertEqual([(i.type, i.role, i.content[0].text[:6]) for i in items.data], [("message", "user", "turn 4")])
+        chain = await deferToThread(lambda: client.responses.create(model="qwen3:32b", input="middle", previous_response_id=last.id))
+        await deferToThread(lambda: client.responses.delete(last.id))
+        with self.assertRaises(openai.NotFoundError) as caught:
+            await deferToThread(lambda: client.responses.create(model="qwen3:32b", input="on", previous_response_id=chain.id))
+        self.assertIn("deleted or has expired", caught.exception.message)
+
+    async def test_malformed_tools_and_empty_conversations(self):
+        """An empty input or messages list, two tools of one name, and an Anthropic tool without input_schema are 400s naming the field; count_tokens counts the tools."""
+        self.start()
+        cases = [
+            ("/v1/responses", {"model": "qwen3:32b", "input": []}, "input"),
+            ("/v1/responses", {"model": "qwen3:32b", "input": "x", "tools": [WEATHER, WEATHER]}, "tools"),
+            ("/v1/messages", {"model": "qwen3:32b", "max_tokens": 5, "messages": []}, "messages"),
+            ("/v1/messages", {"model": "qwen3:32b", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "tools": [WEATHER_ANTHROPIC, WEATHER_ANTHROPIC]}, "tools"),
+            ("/v1/messages", {"model": "qwen3:32b", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "tools": [{"name": "f"}]}, "input_schema"),
+        ]
+        for path, body, field in cases:
+            status, _, reply = await get_json(self.gw.url + path, method="POST", headers=self.auth, body=body)
+            self.assertEqual(status, 400, (path, body))
+            message = reply["error"]["message"]
+            self.assertIn(field, message)
+        self.assertEqual(self.fake.requests_to("/api/chat"), [])
+        ask = {"model": "qwen3:32b", "messages": [{"role": "user", "content": "x"}]}
+        _, _, bare = await get_json(self.gw.url + "/v1/messages/count_tokens", method="POST", headers=self.auth, body=ask)
+        tools = [dict(WEATHER_ANTHROPIC, name=f"tool_{i}", description="d" * 400) for i in range(20)]
+        _, _, with_tools = await get_json(self.gw.url + "/v1/messages/count_tokens", method="POST", headers=self.auth, body=dict(ask, tools=tools))
+        self.assertGreater(with_tools["input_tokens"], bare["input_tokens"] + 2000)
+
+
+class StoredOnPostgresTests(AgentsBacked):
+    """Stored responses on PostgreSQL: the same chains, owners and limits."""
+
+    def start(self, extra="", fake=None):
+        from tests.helpers import merge_yaml
+        from tests.test_sessions import pg_database
+
+        return super().start(merge_yaml(f'storage: {{backend: postgresql, dsn: "{pg_database(self)}"}}', extra), fake=fake)
+
+    test_each_turn_is_stored_once = ReviewTests.test_each_turn_is_stored_once
+    test_previous_response_id_chains_and_belongs_to_its_owner = ResponsesTests.test_previous_response_id_chains_and_belongs_to_its_owner
+    test_stored_stream_chains = ResponsesTests.test_stored_stream_chains

@@ -118,8 +118,8 @@ def _result_text(content: object, where: str, images: list[dict[str, Any]]) -> s
 
 def _messages(messages: object, system: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Anthropic's C{messages} as chat completions messages."""
-    if not isinstance(messages, list):
-        raise invalid("'messages' must be a list")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("'messages' must be a non-empty list")
     if len(messages) > translate.MAX_MESSAGES:
         raise invalid(f"'messages' may hold at most {translate.MAX_MESSAGES} messages")
     out: list[dict[str, Any]] = list(system)
@@ -194,20 +194,25 @@ def _messages(messages: object, system: list[dict[str, Any]]) -> list[dict[str, 
 def _tools(tools: object, dropped: list[str]) -> list[dict[str, Any]]:
     if not isinstance(tools, list):
         raise invalid("'tools' must be a list")
-    out = []
+    out: list[dict[str, Any]] = []
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict):
             raise invalid(f"tools[{i}] must be an object")
         kind = tool.get("type")
-        if kind not in (None, "custom") or "input_schema" not in tool:
+        if kind not in (None, "custom"):
             # Anthropic's server and client-defined tools (web search, bash,
             # text editor, computer): Ollama serves none of them.
             dropped.append(str(tool.get("name") or kind)[:64])
             continue
+        if not isinstance(tool.get("input_schema"), dict):
+            raise invalid(f"tools[{i}].input_schema must be a JSON schema of an object")
         function: dict[str, Any] = {"name": tool.get("name"), "parameters": tool["input_schema"]}
         if tool.get("description") is not None:
             function["description"] = tool["description"]
         out.append({"type": "function", "function": function})
+    names = [tool["function"]["name"] for tool in out]
+    if len(set(map(str, names))) != len(names):
+        raise invalid("'tools': two tools have the same name")
     return out
 
 
@@ -371,10 +376,17 @@ class MessageStream(StreamTranslator):
         self.message_id = message_id()
         self.blocks = 0
         self.open: str | None = None
+        # A call whose block opens with its first piece of input.
+        self.pending: dict[str, Any] | None = None
 
     def _start(self, kind: str, block: dict[str, Any]) -> bytes:
         self.open = kind
         return _event("content_block_start", {"index": self.blocks, "content_block": block})
+
+    def _open_call(self) -> bytes:
+        head, self.pending = self.pending, None
+        assert head is not None
+        return self._close() + self._start("tool_use", {"type": "tool_use", "id": _tool_use_id(), "name": head["function"]["name"], "input": {}})
 
     def _close(self) -> bytes:
         if self.open is None:
@@ -394,6 +406,9 @@ class MessageStream(StreamTranslator):
             out += _event("message_start", {"message": start})
         delta, finish = self.step(raw)
         thinking = delta.get("reasoning_content")
+        if thinking and self.open == "tool_use":
+            # Thinking after a forced call began: the tool_use block stays whole.
+            thinking = None
         if thinking:
             if self.open != "thinking":
                 out += self._close() + self._start("thinking", {"type": "thinking", "thinking": "", "signature": ""})
@@ -404,12 +419,18 @@ class MessageStream(StreamTranslator):
                 out += self._close() + self._start("text", {"type": "text", "text": ""})
             out += _event("content_block_delta", {"index": self.blocks, "delta": {"type": "text_delta", "text": text}})
         for call in delta.get("tool_calls") or []:
-            if "id" in call:
-                out += self._close() + self._start("tool_use", {"type": "tool_use", "id": _tool_use_id(), "name": call["function"]["name"], "input": {}})
             arguments = call["function"].get("arguments") or ""
+            if "id" in call:
+                self.pending = call
+            if self.pending is not None and arguments:
+                # A forced call's head comes with Ollama's first line, before
+                # its thinking: the block opens with the first piece of input.
+                out += self._open_call()
             if arguments and self.open == "tool_use":
                 out += _event("content_block_delta", {"index": self.blocks, "delta": {"type": "input_json_delta", "partial_json": arguments}})
         if finish is not None:
+            if self.pending is not None:
+                out += self._open_call()
             out += self._close()
             counts = _usage(self.final)
             out += _event("message_delta", {"delta": {"stop_reason": _STOP_REASONS[finish], "stop_sequence": None}, "usage": counts})
@@ -418,5 +439,8 @@ class MessageStream(StreamTranslator):
 
 
 def count(ollama_body: dict[str, Any]) -> dict[str, int]:
-    """C{count_tokens}' answer: an estimate (four characters a token), not the model's tokenizer."""
-    return {"input_tokens": translate.estimate_tokens(ollama_body)}
+    """C{count_tokens}' answer: an estimate (four characters a token, the tools' definitions too), not the model's tokenizer."""
+    tools = ollama_body.get("tools") or []
+    schema = ollama_body.get("format")
+    extra = len(json.dumps([tools, schema if isinstance(schema, dict) else None], ensure_ascii=False)) // 4 if tools or isinstance(schema, dict) else 0
+    return {"input_tokens": translate.estimate_tokens(ollama_body) + extra}

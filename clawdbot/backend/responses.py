@@ -160,6 +160,9 @@ def _tools(tools: object, names: _Names, dropped: list[str]) -> list[dict[str, A
                     dropped.append(f"{namespace}.{member.get('name') if isinstance(member, dict) else j}")
         else:
             dropped.append(str(tool.get("name") or kind)[:64])
+    names_seen = [tool["function"]["name"] for tool in out]
+    if len(set(names_seen)) != len(names_seen):
+        raise invalid("'tools': two functions have the same name")
     return out
 
 
@@ -190,8 +193,8 @@ def _input_messages(value: object, names: _Names) -> list[dict[str, Any]]:
     """C{input} (a string or a list of items) as chat completions messages."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
-    if not isinstance(value, list):
-        raise invalid("'input' must be a string or a list of items")
+    if not isinstance(value, list) or not value:
+        raise invalid("'input' must be a string or a non-empty list of items")
     if len(value) > translate.MAX_MESSAGES:
         raise invalid(f"'input' may hold at most {translate.MAX_MESSAGES} items")
     messages: list[dict[str, Any]] = []
@@ -463,6 +466,8 @@ class ResponseStream(StreamTranslator):
         self.open: dict[str, Any] | None = None
         self.pieces: list[str] = []
         self.finish: str | None = None
+        # A call whose item opens with its first piece of arguments.
+        self.pending: dict[str, Any] | None = None
 
     def event(self, kind: str, payload: dict[str, Any]) -> bytes:
         payload["type"] = kind
@@ -513,6 +518,10 @@ class ResponseStream(StreamTranslator):
             out += self.event("response.in_progress", {"response": start})
         delta, finish = self.step(raw)
         thinking = delta.get("reasoning_content")
+        if thinking and self.open is not None and self.open["type"] == "function_call":
+            # Thinking after a forced call began (the call is opened with its
+            # first piece, so this is rare): the call's item stays whole.
+            thinking = None
         if thinking:
             if self.open is None or self.open["type"] != "reasoning":
                 out += self._close() + self._start({"type": "reasoning", "id": _item_id("rs"), "summary": []})
@@ -527,12 +536,20 @@ class ResponseStream(StreamTranslator):
         for call in delta.get("tool_calls") or []:
             arguments = call["function"].get("arguments") or ""
             if "id" in call:
-                out += self._close() + self._start(self.shape.call_item(call["id"], call["function"]["name"], "", "in_progress"))
-            if arguments and self.open is not None:
+                self.pending = call
+            if self.pending is not None and (arguments or finish is not None):
+                # A forced call's head comes with Ollama's first line, before
+                # its thinking: the item opens with the first piece of arguments.
+                head, self.pending = self.pending, None
+                out += self._close() + self._start(self.shape.call_item(head["id"], head["function"]["name"], "", "in_progress"))
+            if arguments and self.open is not None and self.open["type"] == "function_call":
                 out += self.event("response.function_call_arguments.delta", {"item_id": self.open["id"], "output_index": len(self.output), "delta": arguments})
                 self.pieces.append(arguments)
         if finish is not None:
             self.finish = finish
+            if self.pending is not None:
+                head, self.pending = self.pending, None
+                out += self._close() + self._start(self.shape.call_item(head["id"], head["function"]["name"], "", "in_progress"))
             out += self._close()
             if not self.hold_done:
                 out += self.terminal()
@@ -547,3 +564,40 @@ class ResponseStream(StreamTranslator):
         """C{response.completed} (or C{response.incomplete}) with the whole response."""
         result = self.result()
         return self.event("response.completed" if result["status"] == "completed" else "response.incomplete", {"response": result})
+
+
+def input_items(turn: list[dict[str, Any]], rid: str) -> list[dict[str, Any]]:
+    """
+    The input of a stored response as Responses items (C{GET
+    /v1/responses/{id}/input_items}), from the turn it stored: every message
+    but the reply at its end.  Item ids are made from the response's id and
+    the item's place, so they stay the same from one call to the next.
+    """
+    items: list[dict[str, Any]] = []
+    stem = rid[5:29]
+
+    def next_id(prefix: str) -> str:
+        return f"{prefix}_{stem}{len(items):06d}"
+
+    for message in turn[:-1]:
+        role = message.get("role")
+        content = message.get("content")
+        if role == "tool":
+            items.append({"type": "function_call_output", "id": next_id("fco"), "call_id": message.get("tool_call_id"), "output": content, "status": "completed"})
+            continue
+        if role == "assistant":
+            if content:
+                items.append({"type": "message", "id": next_id("msg"), "role": "assistant", "status": "completed", "content": [{"type": "output_text", "text": content, "annotations": []}]})
+            for call in message.get("tool_calls") or []:
+                items.append({"type": "function_call", "id": next_id("fc"), "call_id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"})
+            continue
+        parts = []
+        for part in [content] if isinstance(content, str) else content or []:
+            if isinstance(part, str):
+                parts.append({"type": "input_text", "text": part})
+            elif part.get("type") == "text":
+                parts.append({"type": "input_text", "text": part.get("text", "")})
+            elif part.get("type") == "image_url":
+                parts.append({"type": "input_image", "image_url": part["image_url"]["url"], "detail": "auto"})
+        items.append({"type": "message", "id": next_id("msg"), "role": role, "status": "completed", "content": parts})
+    return items

@@ -12,7 +12,8 @@ from twisted.logger import Logger
 from clawdbot.backend import messages, responses, translate
 from clawdbot.errors import APIError, invalid
 from clawdbot.http.chat import Conversation
-from clawdbot.http.resource import APIResource, NotFound, json_bytes, read_json
+from clawdbot.http.resource import APIResource, NotFound, json_bytes, query_arg, read_json
+from clawdbot.storage.responses import BrokenChain, StoredResponse
 
 log = Logger(namespace="clawdbot.agents")
 
@@ -53,6 +54,7 @@ class Responses(Conversation):
 
     async def handle_POST(self, request):
         config = request.config
+        owner = request.principal.key
         body = await read_json(request)
         store = body.get("store", True)
         if store is None:
@@ -60,41 +62,66 @@ class Responses(Conversation):
         if not isinstance(store, bool):
             raise invalid("'store' must be true or false")
         previous = body.get("previous_response_id")
-        context = None
+        context, parent, depth, chain_bytes = None, None, 0, 0
         if previous is not None:
             if not isinstance(previous, str):
                 raise invalid("'previous_response_id' must be a string")
-            found = await self.stored.get(previous, request.principal.key, with_context=True) if responses.is_response_id(previous) else None
+            try:
+                found = await self.stored.chain(previous, owner) if responses.is_response_id(previous) else None
+            except BrokenChain:
+                raise APIError("NOT_FOUND", details="an earlier response of that conversation was deleted or has expired; start a new one", param="previous_response_id") from None
             if found is None:
                 # Another owner's response is as unknown as one never made.
                 raise APIError("NOT_FOUND", details="'previous_response_id' names no stored response of yours", param="previous_response_id")
-            context = found[1]
+            last, chain_bytes, context = found
+            parent, depth = previous, last + 1
         chat, notes = responses.chat_body(body, context)
         ollama_body, opts = translate.chat_request(chat, config, request.principal)
         request.audit["model"] = ollama_body["model"]
         _dropped(request, notes["dropped"])
         keep = None
         if store:
-            limit = config.responses.max_stored_bytes
-            # Checked before the model is called: an answer that cannot be kept would be lost.
-            if len(json_bytes((context or []) + notes["new"])) > limit:
-                raise invalid(f"the conversation is longer than responses.max_stored_bytes ({limit} bytes); start a new one or send 'store': false")
-
-            async def keep(reply, incomplete):
-                if incomplete:
-                    # A client gone mid-stream never saw a response to chain from.
-                    return
-                result = reply if isinstance(reply, dict) else reply.result()
-                kept = (context or []) + responses.context(notes["new"], result["output"], notes["names"])
-                await self.stored.put(result["id"], request.principal.key, json_bytes(result).decode("utf-8"), json_bytes(kept).decode("utf-8"), config.responses.retention)
-
+            keep = await self._keeper(request, config, body, notes, parent, depth, chain_bytes)
         await self.images.process_messages(ollama_body["messages"], config.images)
         shape = responses.ResponseShape(body, opts["model"], notes["names"], store)
         return await self.converse(request, config, ollama_body, opts, shape, keep)
 
+    async def _keeper(self, request, config, body, notes, parent, depth, chain_bytes):
+        """
+        How the response is kept (C{keep} of L{Conversation.converse}), once
+        the limits allow it: checked before the model is called, as an
+        answer that cannot be kept would be lost.  The reply itself may take
+        a conversation past C{responses.max_stored_bytes} by its own size.
+        """
+        limits = config.responses
+        owner = request.principal.key
+        new = len(json_bytes(notes["new"]))
+        if chain_bytes + new > limits.max_stored_bytes:
+            raise invalid(f"the conversation is longer than responses.max_stored_bytes ({limits.max_stored_bytes} bytes); start a new one or send 'store': false")
+        # The response echoes these back, so they are stored too.
+        echoed = len(json_bytes([body.get("instructions"), body.get("tools"), body.get("metadata")]))
+        used = await self.stored.used(owner)
+        if used + new + echoed > limits.max_bytes_per_user:
+            raise APIError("QUOTA_EXCEEDED", details=f"your stored responses take {used} bytes of responses.max_bytes_per_user ({limits.max_bytes_per_user}); delete some, or send 'store': false")
+
+        async def keep(reply, incomplete):
+            if incomplete:
+                # A client gone mid-stream never saw a response to chain from.
+                return
+            result = reply if isinstance(reply, dict) else reply.result()
+            turn = json_bytes(responses.context(notes["new"], result["output"], notes["names"]))
+            response = json_bytes(result)
+            record = StoredResponse(result["id"], owner, parent, depth, len(response) + len(turn), chain_bytes + len(turn), response.decode("utf-8"), turn.decode("utf-8"))
+            await self.stored.put(record, limits.retention)
+
+        return keep
+
 
 class ResponseItem(APIResource):
-    """C{GET} and C{DELETE /v1/responses/{id}}: the caller's stored response (anyone else's: 404)."""
+    """
+    C{GET} and C{DELETE /v1/responses/{id}}: the caller's stored response
+    (anyone else's: 404); C{GET /v1/responses/{id}/input_items}: its input.
+    """
 
     isLeaf = True
     scopes = {"GET": "chat:read", "DELETE": "chat:write"}
@@ -106,19 +133,46 @@ class ResponseItem(APIResource):
 
     def _id(self, request):
         rid = request.prepath[-1].decode("latin-1")
-        if request.postpath or not responses.is_response_id(rid):
+        if not responses.is_response_id(rid) or request.postpath not in ([], [b"input_items"]):
             raise APIError("NOT_FOUND", details="no such response")
         return rid
 
     async def handle_GET(self, request):
-        found = await self.stored.get(self._id(request), request.principal.key)
+        rid = self._id(request)
+        owner = request.principal.key
+        if request.postpath:
+            return await self._input_items(request, rid, owner)
+        found = await self.stored.get(rid, owner)
         if found is None:
             raise APIError("NOT_FOUND", details="no such response")
         return found
 
+    async def _input_items(self, request, rid, owner):
+        """C{GET /v1/responses/{id}/input_items}: what the call sent (C{order} desc by default, C{limit} 1-100, C{after} an item id)."""
+        order = query_arg(request, "order", strict=False) or "desc"
+        limit = query_arg(request, "limit", strict=False) or "20"
+        after = query_arg(request, "after", strict=False)
+        if order not in ("asc", "desc"):
+            raise invalid("'order' must be asc or desc")
+        if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= 100):
+            raise invalid("'limit' must be a whole number from 1 to 100")
+        turn = await self.stored.turn(rid, owner)
+        if turn is None:
+            raise APIError("NOT_FOUND", details="no such response")
+        items = responses.input_items(turn, rid)
+        if order == "desc":
+            items.reverse()
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise invalid("'after' names no item of this response")
+            items = items[ids.index(after) + 1 :]
+        page = items[: int(limit)]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}
+
     async def handle_DELETE(self, request):
         rid = self._id(request)
-        if not await self.stored.delete(rid, request.principal.key):
+        if request.postpath or not await self.stored.delete(rid, request.principal.key):
             raise APIError("NOT_FOUND", details="no such response")
         return {"id": rid, "object": "response", "deleted": True}
 
@@ -175,6 +229,13 @@ class CountTokens(AnthropicRoute):
     scopes = {"POST": "chat:write"}
     route_name = "count_tokens"
     rate_limited = True
+
+    def __init__(self, parts):
+        super().__init__(parts)
+        self.missing = MessagesNotFound(parts)
+
+    def getChild(self, path, request):
+        return self.missing
 
     async def handle_POST(self, request):
         body = await read_json(request)

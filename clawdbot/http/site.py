@@ -257,6 +257,8 @@ class GatewayRequest(server.Request):
         on the Messages API Anthropic's C{x-api-key} (checked later, as usual).
         """
         values = self.requestHeaders.getRawHeaders(b"authorization") or []
+        # The body is still arriving: twisted.web has not set the path yet.
+        self._name_from_channel()
         if not values and error_shape(self.path) is anthropic_error_body:
             keys = self.requestHeaders.getRawHeaders(b"x-api-key") or []
             return len(keys) == 1 and bool(keys[0].strip())
@@ -561,7 +563,8 @@ class GatewayChannel(http.HTTPChannel):
         request_id = request.request_id if isinstance(request, GatewayRequest) else None
         peer = getattr(self.transport.getPeer(), "host", None)
         log.info("Refused a malformed request: {code}", code=err.code, details=err.details, peer=peer, request_id=request_id)
-        self.transport.write(early_response(err, request_id))
+        path = request.path if isinstance(request, GatewayRequest) else getattr(self, "_path", None)
+        self.transport.write(early_response(err, request_id, error_shape(path.split(b"?", 1)[0] if isinstance(path, bytes) else None)))
         self.loseConnection()
 
     # --- deadlines ----------------------------------------------------------------

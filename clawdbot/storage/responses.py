@@ -2,14 +2,36 @@
 The Responses API's stored responses, in the history database (migration
 5 of L{clawdbot.storage.store}).
 
-A row holds the C{response} object as it was answered and the
-conversation it ends (chat messages: the chain's earlier context, the
-input and the reply), so a request naming it in C{previous_response_id}
-continues from there.  Rows belong to one owner (an owner key) and are
-found only by them; they expire after C{responses.retention}.
+A row holds the C{response} object as it was answered and its turn of the
+conversation (the call's new input and the reply, as chat messages), with
+the response it continued (C{parent}) and its place in that chain
+(C{depth}), so a request naming it in C{previous_response_id} gets the
+whole conversation back by walking the parents, and each turn is stored
+once.  C{chain_bytes} is the conversation's size up to this turn,
+C{bytes} what the row takes.  Rows belong to one owner (an owner key) and
+are found only by them; they expire after C{responses.retention}.
 """
 
 import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """A row of C{responses}: C{response} and C{turn} are JSON text, C{bytes} what the row takes."""
+
+    id: str
+    owner: str
+    parent: str | None
+    depth: int
+    bytes: int
+    chain_bytes: int
+    response: str
+    turn: str
+
+
+class BrokenChain(Exception):
+    """An earlier response of the conversation was deleted or has expired."""
 
 
 class ResponseStore:
@@ -24,8 +46,10 @@ class ResponseStore:
     def _sql(self, text):
         return text.replace("?", self.p)
 
-    async def put(self, rid, owner, response, context, retention):
-        """Store C{response} and its C{context} (JSON text) for C{owner}, and drop expired rows once an hour."""
+    async def put(self, record, retention):
+        """
+        Store a L{StoredResponse}, and drop expired rows (once an hour).
+        """
         now = self.clock.seconds()
         prune = now - self._pruned >= 3600
         if prune:
@@ -33,37 +57,89 @@ class ResponseStore:
 
         def put(cur):
             cur.execute(
-                self._sql("INSERT INTO responses (id, owner, created_at, expires_at, response, context) VALUES (?, ?, ?, ?, ?, ?)"),
-                (rid, owner, now, now + retention, response, context),
+                self._sql(
+                    "INSERT INTO responses (id, owner, parent, depth, created_at, expires_at, bytes, chain_bytes, response, turn) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                ),
+                (record.id, record.owner, record.parent, record.depth, now, now + retention, record.bytes, record.chain_bytes, record.response, record.turn),
             )
             if prune:
                 cur.execute(self._sql("DELETE FROM responses WHERE expires_at <= ?"), (now,))
 
         await self.engine.run(put)
 
-    async def get(self, rid, owner, with_context=False):
-        """
-        The stored C{response} (a dict) of C{owner}, and its context (a list)
-        when asked; C{None} when there is none (another owner's or expired).
-        """
+    async def get(self, rid, owner):
+        """The stored C{response} (a dict) of C{owner}, or C{None} (another owner's, expired, or none)."""
         now = self.clock.seconds()
-        column = "response, context" if with_context else "response"
 
         def get(cur):
-            cur.execute(self._sql(f"SELECT {column} FROM responses WHERE id = ? AND owner = ? AND expires_at > ?"), (rid, owner, now))
+            cur.execute(self._sql("SELECT response FROM responses WHERE id = ? AND owner = ? AND expires_at > ?"), (rid, owner, now))
             return cur.fetchone()
 
         row = await self.engine.run(get)
-        if row is None:
+        return None if row is None else json.loads(row[0])
+
+    async def turn(self, rid, owner):
+        """The turn (chat messages) C{owner}'s response C{rid} stored, or C{None}."""
+        now = self.clock.seconds()
+
+        def get(cur):
+            cur.execute(self._sql("SELECT turn FROM responses WHERE id = ? AND owner = ? AND expires_at > ?"), (rid, owner, now))
+            return cur.fetchone()
+
+        row = await self.engine.run(get)
+        return None if row is None else json.loads(row[0])
+
+    async def chain(self, rid, owner):
+        """
+        The conversation C{owner}'s response C{rid} ends: C{(depth,
+        chain_bytes, messages)}, the turns in order; C{None} when there is no
+        such response of theirs.
+
+        @raise BrokenChain: when an earlier response is gone.
+        """
+        now = self.clock.seconds()
+        sql = self._sql(
+            "WITH RECURSIVE chain (id, parent, depth, chain_bytes, turn) AS ("
+            " SELECT id, parent, depth, chain_bytes, turn FROM responses WHERE id = ? AND owner = ? AND expires_at > ?"
+            " UNION ALL"
+            " SELECT r.id, r.parent, r.depth, r.chain_bytes, r.turn FROM responses r JOIN chain c ON r.id = c.parent"
+            " WHERE r.owner = ? AND r.expires_at > ? AND r.depth = c.depth - 1"
+            ") SELECT depth, chain_bytes, turn FROM chain"
+        )
+
+        def read(cur):
+            cur.execute(sql, (rid, owner, now, owner, now))
+            return cur.fetchall()
+
+        rows = await self.engine.run(read)
+        if not rows:
             return None
-        response = json.loads(row[0])
-        return (response, json.loads(row[1])) if with_context else response
+        rows.sort(key=lambda row: row[0])
+        depth, chain_bytes = rows[-1][0], rows[-1][1]
+        if len(rows) != depth + 1:
+            raise BrokenChain()
+        messages = []
+        for row in rows:
+            messages.extend(json.loads(row[2]))
+        return depth, chain_bytes, messages
+
+    async def used(self, owner):
+        """The bytes C{owner}'s live stored responses take."""
+        now = self.clock.seconds()
+
+        def read(cur):
+            cur.execute(self._sql("SELECT COALESCE(SUM(bytes), 0) FROM responses WHERE owner = ? AND expires_at > ?"), (owner, now))
+            return int(cur.fetchone()[0])
+
+        return await self.engine.run(read)
 
     async def delete(self, rid, owner):
         """Delete C{owner}'s response C{rid}; whether there was one."""
+        now = self.clock.seconds()
 
         def delete(cur):
-            cur.execute(self._sql("DELETE FROM responses WHERE id = ? AND owner = ?"), (rid, owner))
+            cur.execute(self._sql("DELETE FROM responses WHERE id = ? AND owner = ? AND expires_at > ?"), (rid, owner, now))
             return cur.rowcount > 0
 
         return await self.engine.run(delete)

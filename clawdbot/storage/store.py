@@ -211,11 +211,16 @@ MIGRATIONS = [
         """CREATE TABLE responses (
             id TEXT PRIMARY KEY,
             owner TEXT NOT NULL,
+            parent TEXT,
+            depth INTEGER NOT NULL,
             created_at DOUBLE PRECISION NOT NULL,
             expires_at DOUBLE PRECISION NOT NULL,
+            bytes BIGINT NOT NULL,
+            chain_bytes BIGINT NOT NULL,
             response TEXT NOT NULL,
-            context TEXT NOT NULL
+            turn TEXT NOT NULL
         )""",
+        "CREATE INDEX responses_owner ON responses (owner, expires_at)",
         "CREATE INDEX responses_expiry ON responses (expires_at)",
     ],
 ]
