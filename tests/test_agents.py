@@ -12,6 +12,7 @@ import httpx
 import httpx2
 import openai
 from pydantic import BaseModel
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThread
 
 from testing.fake_ollama import FakeOllama, Reply
@@ -641,3 +642,102 @@ class StoredOnPostgresTests(AgentsBacked):
     test_each_turn_is_stored_once = ReviewTests.test_each_turn_is_stored_once
     test_previous_response_id_chains_and_belongs_to_its_owner = ResponsesTests.test_previous_response_id_chains_and_belongs_to_its_owner
     test_stored_stream_chains = ResponsesTests.test_stored_stream_chains
+
+
+class SecondReviewTests(AgentsBacked):
+    """The re-check of the review's fixes, with variants."""
+
+    async def test_a_cut_short_call(self):
+        """A forced call cut short mid-arguments is an incomplete item the conversation can go on from; cut short before any arguments, there is no call at all, on both APIs, streamed and not."""
+        self.start(fake=FakeOllama(json_reply={"city": "Beijing", "long": "a " * 40}))
+        client = self.sdk()
+        cut = await deferToThread(lambda: client.responses.create(model="qwen3:32b", input="x", tools=[WEATHER], tool_choice="required", max_output_tokens=4))
+        self.assertEqual((cut.status, cut.output[0].type, cut.output[0].status), ("incomplete", "function_call", "incomplete"))
+        follow = [{"type": "function_call_output", "call_id": cut.output[0].call_id, "output": "sunny"}]
+        answer = await deferToThread(lambda: client.responses.create(model="qwen3:32b", input=follow, previous_response_id=cut.id, tools=[WEATHER]))
+        self.assertEqual(answer.status, "completed")
+        self.fake.think_by_default = True
+        for stream in (False, True):
+            body = {"model": "qwen3:32b", "input": "x", "tools": [WEATHER], "tool_choice": "required", "max_output_tokens": 3, "reasoning": {"effort": "high"}, "store": False, "stream": stream}
+            status, _, raw = await post_raw(self.gw.url + "/v1/responses", body, {b"authorization": [self.auth["Authorization"].encode()]})
+            final = sse(raw)[-1][1]["response"] if stream else json.loads(raw)
+            self.assertEqual((status, final["status"]), (200, "incomplete"))
+            self.assertEqual([item["type"] for item in final["output"]], ["reasoning"], stream)
+            ask = {"model": "qwen3:32b", "max_tokens": 3, "stream": stream, "tools": [WEATHER_ANTHROPIC], "tool_choice": {"type": "any"}, "thinking": {"type": "enabled", "budget_tokens": 10}, "messages": [{"role": "user", "content": "x"}]}
+            status, _, raw = await post_raw(self.gw.url + "/v1/messages", ask, {b"x-api-key": [token(scope=ALL).encode()]})
+            self.assertEqual(status, 200)
+            if stream:
+                events = [d for _, d in sse(raw)]
+                self.assertNotIn("tool_use", [d["content_block"]["type"] for d in events if d["type"] == "content_block_start"])
+                self.assertEqual(events[-2]["delta"]["stop_reason"], "max_tokens")
+            else:
+                message = json.loads(raw)
+                self.assertEqual(([b["type"] for b in message["content"]], message["stop_reason"]), (["thinking"], "max_tokens"))
+
+    async def test_concurrent_calls_share_the_stored_bytes_limit(self):
+        """Calls under way hold their share of responses.max_bytes_per_user, so a burst cannot all pass on one remainder."""
+        self.start("responses: {max_bytes_per_user: 30000}")
+        self.fake.hold()
+        body = {"model": "qwen3:32b", "input": "x", "instructions": "i" * 12000}
+        done = gatherResults([Deferred.fromCoroutine(get_json(self.gw.url + "/v1/responses", method="POST", headers=self.auth, body=body)) for _ in range(6)])
+        await self.fake.when_requests(2, "/api/chat")
+        self.fake.release()
+        results = await done
+        self.assertEqual(sorted(status for status, _, _ in results), [200, 200, 429, 429, 429, 429])
+        used = await self.gw.parts.responses.used(token_owner(self))
+        self.assertTrue(24000 < used <= 30000 + 2 * 1000, used)
+
+    async def test_nothing_to_read_is_a_400(self):
+        """Input that translates to no message at all (only reasoning or hosted tools' items; empty or thinking-only content) is a 400, and Ollama is not called."""
+        self.start()
+        cases = [
+            ("/v1/responses", {"model": "qwen3:32b", "input": [{"type": "reasoning", "id": "rs_1", "summary": []}]}),
+            ("/v1/responses", {"model": "qwen3:32b", "instructions": "be", "input": [{"type": "web_search_call", "id": "ws_1"}]}),
+            ("/v1/messages", {"model": "qwen3:32b", "max_tokens": 5, "messages": [{"role": "user", "content": []}]}),
+            ("/v1/messages", {"model": "qwen3:32b", "max_tokens": 5, "stream": True, "system": "s", "messages": [{"role": "user", "content": [{"type": "thinking", "thinking": "t"}]}]}),
+        ]
+        for path, body in cases:
+            status, _, reply = await get_json(self.gw.url + path, method="POST", headers=self.auth, body=body)
+            self.assertEqual(status, 400, (path, body, reply))
+        self.assertEqual(self.fake.requests_to("/api/chat"), [])
+
+    async def test_namespace_names_do_not_depend_on_order(self):
+        """A namespaced function sharing a top-level function's name is renamed whatever their order; a real duplicate, or a rename that would clash, is a 400."""
+        self.start(fake=FakeOllama(tool_calls=[]))
+        f = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+        ns = {"type": "namespace", "name": "ns", "description": "d", "tools": [f]}
+        for tools in ([f, ns], [ns, f]):
+            status, _, reply = await get_json(self.gw.url + "/v1/responses", method="POST", headers=self.auth, body={"model": "qwen3:32b", "input": "x", "tools": tools, "store": False})
+            self.assertEqual(status, 200, reply)
+            self.assertEqual(sorted(t["function"]["name"] for t in self.fake.requests_to("/api/chat")[-1].body["tools"]), ["f", "ns__f"])
+        for tools in ([ns, ns], [f, ns, dict(f, name="ns__f")]):
+            status, _, reply = await get_json(self.gw.url + "/v1/responses", method="POST", headers=self.auth, body={"model": "qwen3:32b", "input": "x", "tools": tools, "store": False})
+            self.assertEqual(status, 400, tools)
+
+    async def test_percent_escaped_path(self):
+        """/v1/%6Dessages is the Messages API for its credential and its error shape too."""
+        self.start()
+        body = {"model": "qwen3:32b", "max_tokens": 10, "system": "s " * 40000, "messages": [{"role": "user", "content": "hi"}]}
+        status, _, raw = await post_raw(self.gw.url + "/v1/%6Dessages", body, {b"x-api-key": [token(scope=ALL).encode()]})
+        self.assertEqual(status, 200, raw[:200])
+        status, _, raw = await post_raw(self.gw.url + "/v1/%6Dessages", body, {})
+        self.assertEqual((status, json.loads(raw)["error"]["type"]), (401, "authentication_error"))
+
+    async def test_a_conversation_lives_as_long_as_its_newest_response(self):
+        """Each new response of a chain moves the expiry of every earlier one to its own."""
+        self.start()
+        client = self.sdk()
+        first = await deferToThread(lambda: client.responses.create(model="qwen3:32b", input="one"))
+        second = await deferToThread(lambda: client.responses.create(model="qwen3:32b", input="two", previous_response_id=first.id))
+        await deferToThread(lambda: client.responses.create(model="qwen3:32b", input="three", previous_response_id=second.id))
+        rows = await self.gw.parts.responses.engine.run(lambda cur: (cur.execute("SELECT expires_at FROM responses ORDER BY depth"), cur.fetchall())[1])
+        self.assertEqual(len({row[0] for row in rows}), 1)
+
+
+def token_owner(testcase):
+    """The owner key of the default test token's user."""
+    from tests.helpers import ISSUER
+
+    from clawdbot.auth.identity import owner_key
+
+    return owner_key(ISSUER, "alice")

@@ -188,6 +188,8 @@ def _messages(messages: object, system: list[dict[str, Any]]) -> list[dict[str, 
             out.extend(results)
             if parts:
                 out.append({"role": "user", "content": parts})
+    if all(entry["role"] == "system" for entry in out):
+        raise invalid("'messages' holds nothing the model can read (no text, image, tool use or tool result)")
     return out
 
 
@@ -344,6 +346,9 @@ def whole(result: dict[str, Any], reply: dict[str, Any], model: str) -> dict[str
     if message.get("content"):
         content.append({"type": "text", "text": message["content"]})
     for call in message.get("tool_calls") or []:
+        if choice["finish_reason"] == "length" and not call["function"]["arguments"]:
+            # Cut short before the model wrote any of it: no call was made.
+            continue
         content.append({"type": "tool_use", "id": _tool_use_id(), "name": call["function"]["name"], "input": _arguments(call["function"]["arguments"])})
     return {
         "id": message_id(),
@@ -429,8 +434,10 @@ class MessageStream(StreamTranslator):
             if arguments and self.open == "tool_use":
                 out += _event("content_block_delta", {"index": self.blocks, "delta": {"type": "input_json_delta", "partial_json": arguments}})
         if finish is not None:
-            if self.pending is not None:
+            if self.pending is not None and finish != "length":
                 out += self._open_call()
+            # A call cut short before any of it was written was never made.
+            self.pending = None
             out += self._close()
             counts = _usage(self.final)
             out += _event("message_delta", {"delta": {"stop_reason": _STOP_REASONS[finish], "stop_sequence": None}, "usage": counts})

@@ -23,6 +23,7 @@ from typing import Any
 from clawdbot.backend import translate
 from clawdbot.backend.translate import StreamTranslator, check_tool_name
 from clawdbot.errors import APIError, invalid
+from clawdbot.strictjson import loads_checked
 
 # Fields that change nothing the gateway does: accepted and ignored (as is
 # any other field a newer client adds; what cannot be honoured is refused).
@@ -102,34 +103,40 @@ class _Names:
     """
     Function names as the model sees them and as the client knows them:
     a function inside a C{namespace} tool is offered as a plain function
-    (its own name, or C{namespace__name} when two would clash) and its
-    calls carry the namespace back.
+    (its own name, or C{namespace__name} when another function has that
+    name too) and its calls carry the namespace back.
     """
 
     def __init__(self) -> None:
         self.outer: dict[str, tuple[str | None, str]] = {}
+        self._inner: dict[tuple[str | None, str], str] = {}
 
-    def add(self, namespace: str | None, name: str) -> str:
-        inner = name
-        if inner in self.outer:
-            inner = f"{namespace}__{name}" if namespace else name
-        self.outer[inner] = (namespace, name)
-        return inner
+    def assign(self, pairs: list[tuple[str | None, str]]) -> list[str]:
+        """The model's names for C{(namespace, name)} pairs, all at once (so their order does not matter)."""
+        if len(set(pairs)) != len(pairs):
+            raise invalid("'tools': two functions have the same name")
+        plain = [name for _, name in pairs]
+        out = []
+        for namespace, name in pairs:
+            inner = name if namespace is None or plain.count(name) == 1 else f"{namespace}__{name}"
+            if inner in self.outer:
+                raise invalid(f"'tools': the function {inner!r} cannot be told apart from another; rename one")
+            self.outer[inner] = (namespace, name)
+            self._inner[(namespace, name)] = inner
+            out.append(inner)
+        return out
 
     def inner(self, namespace: object, name: str) -> str:
-        if isinstance(namespace, str) and namespace:
-            for key, value in self.outer.items():
-                if value == (namespace, name):
-                    return key
-        return name
+        key = (namespace if isinstance(namespace, str) and namespace else None, name)
+        return self._inner.get(key, name)
 
     def client(self, inner: str) -> tuple[str | None, str]:
         return self.outer.get(inner, (None, inner))
 
 
-def _function_tool(tool: dict[str, Any], where: str, names: _Names, namespace: str | None) -> dict[str, Any]:
+def _function_tool(tool: dict[str, Any], where: str) -> dict[str, Any]:
     check_tool_name(tool.get("name"), f"{where}.name")
-    function: dict[str, Any] = {"name": names.add(namespace, tool["name"])}
+    function: dict[str, Any] = {"name": tool["name"]}
     if tool.get("description") is not None:
         function["description"] = tool["description"]
     if tool.get("parameters") is not None:
@@ -142,27 +149,29 @@ def _tools(tools: object, names: _Names, dropped: list[str]) -> list[dict[str, A
     if not isinstance(tools, list):
         raise invalid("'tools' must be a list")
     out = []
+    pairs: list[tuple[str | None, str]] = []
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or not isinstance(tool.get("type"), str):
             raise invalid(f"tools[{i}] must be an object with a type")
         kind = tool["type"]
         if kind == "function":
-            out.append(_function_tool(tool, f"tools[{i}]", names, None))
+            out.append(_function_tool(tool, f"tools[{i}]"))
+            pairs.append((None, tool["name"]))
         elif kind == "namespace":
             namespace = tool.get("name")
             inner = tool.get("tools")
-            if not isinstance(namespace, str) or not isinstance(inner, list):
+            if not isinstance(namespace, str) or not namespace or not isinstance(inner, list):
                 raise invalid(f"tools[{i}] must have a name and a list of tools")
             for j, member in enumerate(inner):
                 if isinstance(member, dict) and member.get("type") == "function":
-                    out.append(_function_tool(member, f"tools[{i}].tools[{j}]", names, namespace))
+                    out.append(_function_tool(member, f"tools[{i}].tools[{j}]"))
+                    pairs.append((namespace, member["name"]))
                 else:
                     dropped.append(f"{namespace}.{member.get('name') if isinstance(member, dict) else j}")
         else:
             dropped.append(str(tool.get("name") or kind)[:64])
-    names_seen = [tool["function"]["name"] for tool in out]
-    if len(set(names_seen)) != len(names_seen):
-        raise invalid("'tools': two functions have the same name")
+    for tool, inner_name in zip(out, names.assign(pairs)):
+        tool["function"]["name"] = inner_name
     return out
 
 
@@ -215,6 +224,8 @@ def _input_messages(value: object, names: _Names) -> list[dict[str, Any]]:
             name, call_id, arguments = item.get("name"), item.get("call_id"), item.get("arguments", "")
             if not isinstance(name, str) or not isinstance(call_id, str) or not isinstance(arguments, str):
                 raise invalid(f"{where} must have a name, a call_id and arguments as a string")
+            if not _is_object_json(arguments):
+                raise invalid(f"{where}.arguments must be a JSON string of an object")
             call = {"id": call_id, "type": "function", "function": {"name": names.inner(item.get("namespace"), name), "arguments": arguments}}
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
@@ -235,6 +246,13 @@ def _input_messages(value: object, names: _Names) -> list[dict[str, Any]]:
         else:
             raise invalid(f"{where}: item type {kind!r} is not supported")
     return messages
+
+
+def _is_object_json(text: str) -> bool:
+    try:
+        return isinstance(loads_checked(text), dict) if text.strip() else True
+    except ValueError:
+        return False
 
 
 def _number(body: dict[str, Any], name: str, low: float, high: float) -> Any:
@@ -270,6 +288,8 @@ def chat_body(body: dict[str, Any], context: list[dict[str, Any]] | None = None)
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise invalid("'instructions' must be a string")
+    if not new and not context:
+        raise invalid("'input' holds nothing the model can read (only reasoning or hosted tools' items)")
     messages = ([{"role": "system", "content": instructions}] if instructions else []) + list(context or []) + new
     chat["messages"] = messages
     stream = body.get("stream", False)
@@ -398,9 +418,12 @@ class ResponseShape:
             output.append(_reasoning_item(_item_id("rs"), message["reasoning_content"]))
         if message.get("content"):
             output.append(_message_item(_item_id("msg"), message["content"], "completed"))
-        for call in message.get("tool_calls") or []:
-            output.append(self.call_item(call["id"], call["function"]["name"], call["function"]["arguments"], "completed"))
         length = result["choices"][0]["finish_reason"] == "length"
+        for call in message.get("tool_calls") or []:
+            if length and not call["function"]["arguments"]:
+                # Cut short before the model wrote any of it: no call was made.
+                continue
+            output.append(self.call_item(call["id"], call["function"]["name"], call["function"]["arguments"], "incomplete" if length else "completed"))
         return self.response("incomplete" if length else "completed", output, usage_of(reply), "max_output_tokens" if length else None)
 
     def translator(self, opts: dict[str, Any], hold: bool) -> "ResponseStream":
@@ -434,6 +457,9 @@ def context(new: list[dict[str, Any]], output: list[dict[str, Any]], names: _Nam
         if item["type"] == "message":
             texts.extend(part["text"] for part in item["content"])
         elif item["type"] == "function_call":
+            if not _is_object_json(item["arguments"]):
+                # Cut short: not a call the conversation can go on from.
+                continue
             name = names.inner(item.get("namespace"), item["name"])
             reply.setdefault("tool_calls", []).append({"id": item["call_id"], "type": "function", "function": {"name": name, "arguments": item["arguments"]}})
     reply["content"] = "".join(texts)
@@ -504,7 +530,7 @@ class ResponseStream(StreamTranslator):
             item = _reasoning_item(item["id"], text)
             out += self.event("response.reasoning_text.done", {"item_id": item["id"], "output_index": index, "content_index": 0, "text": text})
         else:
-            item = dict(item, arguments=text, status="completed")
+            item = dict(item, arguments=text, status="incomplete" if self.finish == "length" else "completed")
             out += self.event("response.function_call_arguments.done", {"item_id": item["id"], "output_index": index, "name": item["name"], "arguments": text})
         out += self.event("response.output_item.done", {"output_index": index, "item": item})
         self.output.append(item)
@@ -537,7 +563,7 @@ class ResponseStream(StreamTranslator):
             arguments = call["function"].get("arguments") or ""
             if "id" in call:
                 self.pending = call
-            if self.pending is not None and (arguments or finish is not None):
+            if self.pending is not None and arguments:
                 # A forced call's head comes with Ollama's first line, before
                 # its thinking: the item opens with the first piece of arguments.
                 head, self.pending = self.pending, None
@@ -547,9 +573,11 @@ class ResponseStream(StreamTranslator):
                 self.pieces.append(arguments)
         if finish is not None:
             self.finish = finish
-            if self.pending is not None:
-                head, self.pending = self.pending, None
+            if self.pending is not None and finish != "length":
+                head = self.pending
                 out += self._close() + self._start(self.shape.call_item(head["id"], head["function"]["name"], "", "in_progress"))
+            # A call cut short before any of it was written was never made.
+            self.pending = None
             out += self._close()
             if not self.hold_done:
                 out += self.terminal()

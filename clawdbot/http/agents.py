@@ -79,12 +79,16 @@ class Responses(Conversation):
         ollama_body, opts = translate.chat_request(chat, config, request.principal)
         request.audit["model"] = ollama_body["model"]
         _dropped(request, notes["dropped"])
-        keep = None
+        keep, release = None, None
         if store:
-            keep = await self._keeper(request, config, body, notes, parent, depth, chain_bytes)
-        await self.images.process_messages(ollama_body["messages"], config.images)
-        shape = responses.ResponseShape(body, opts["model"], notes["names"], store)
-        return await self.converse(request, config, ollama_body, opts, shape, keep)
+            keep, release = await self._keeper(request, config, body, notes, parent, depth, chain_bytes)
+        try:
+            await self.images.process_messages(ollama_body["messages"], config.images)
+            shape = responses.ResponseShape(body, opts["model"], notes["names"], store)
+            return await self.converse(request, config, ollama_body, opts, shape, keep)
+        finally:
+            if release is not None:
+                release()
 
     async def _keeper(self, request, config, body, notes, parent, depth, chain_bytes):
         """
@@ -100,8 +104,8 @@ class Responses(Conversation):
             raise invalid(f"the conversation is longer than responses.max_stored_bytes ({limits.max_stored_bytes} bytes); start a new one or send 'store': false")
         # The response echoes these back, so they are stored too.
         echoed = len(json_bytes([body.get("instructions"), body.get("tools"), body.get("metadata")]))
-        used = await self.stored.used(owner)
-        if used + new + echoed > limits.max_bytes_per_user:
+        release, used = await self.stored.reserve(owner, new + echoed, limits.max_bytes_per_user)
+        if release is None:
             raise APIError("QUOTA_EXCEEDED", details=f"your stored responses take {used} bytes of responses.max_bytes_per_user ({limits.max_bytes_per_user}); delete some, or send 'store': false")
 
         async def keep(reply, incomplete):
@@ -114,7 +118,7 @@ class Responses(Conversation):
             record = StoredResponse(result["id"], owner, parent, depth, len(response) + len(turn), chain_bytes + len(turn), response.decode("utf-8"), turn.decode("utf-8"))
             await self.stored.put(record, limits.retention)
 
-        return keep
+        return keep, release
 
 
 class ResponseItem(APIResource):

@@ -9,6 +9,7 @@ request is L{clawdbot.http.resource}.
 import io
 import time
 import uuid
+from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.web import http, server
@@ -88,7 +89,8 @@ def error_shape(path):
     How errors look on C{path} before its route is known: Ollama's shape on
     the native routes, Anthropic's on the Messages API, else SPEC §4's.
     """
-    path = path or b""
+    # Routing reads percent-escapes (/v1/%6Dessages is /v1/messages), so this does too.
+    path = unquote_to_bytes(path or b"")
     if path.startswith(b"/ollama/"):
         return ollama_error_body
     if path == b"/v1/messages" or path.startswith(b"/v1/messages/"):

@@ -42,6 +42,8 @@ class ResponseStore:
         self.clock = clock
         self.p = engine.placeholder
         self._pruned = 0.0
+        # Bytes the calls under way will store, per owner (this process's).
+        self._pending = {}
 
     def _sql(self, text):
         return text.replace("?", self.p)
@@ -63,31 +65,61 @@ class ResponseStore:
                 ),
                 (record.id, record.owner, record.parent, record.depth, now, now + retention, record.bytes, record.chain_bytes, record.response, record.turn),
             )
+            if record.parent is not None:
+                # A conversation lives as long as its newest response.
+                cur.execute(
+                    self._sql(
+                        "UPDATE responses SET expires_at = ? WHERE owner = ? AND id IN ("
+                        "WITH RECURSIVE chain (id, parent) AS ("
+                        " SELECT id, parent FROM responses WHERE id = ?"
+                        " UNION ALL SELECT r.id, r.parent FROM responses r JOIN chain c ON r.id = c.parent"
+                        ") SELECT id FROM chain)"
+                    ),
+                    (now + retention, record.owner, record.parent),
+                )
             if prune:
                 cur.execute(self._sql("DELETE FROM responses WHERE expires_at <= ?"), (now,))
 
         await self.engine.run(put)
 
+    async def reserve(self, owner, size, limit):
+        """
+        Hold C{size} bytes of C{owner}'s C{limit} for a call under way, so
+        that concurrent calls cannot all pass on one remainder: a release
+        function, or C{None} (and the bytes in use) when it does not fit.
+        """
+        used = await self.used(owner)
+        # No wait between this check and the hold: one reactor turn.
+        held = self._pending.get(owner, 0)
+        if used + held + size > limit:
+            return None, used + held
+
+        def release():
+            left = self._pending.get(owner, 0) - size
+            if left > 0:
+                self._pending[owner] = left
+            else:
+                self._pending.pop(owner, None)
+
+        self._pending[owner] = held + size
+        return release, used + held
+
     async def get(self, rid, owner):
         """The stored C{response} (a dict) of C{owner}, or C{None} (another owner's, expired, or none)."""
-        now = self.clock.seconds()
-
-        def get(cur):
-            cur.execute(self._sql("SELECT response FROM responses WHERE id = ? AND owner = ? AND expires_at > ?"), (rid, owner, now))
-            return cur.fetchone()
-
-        row = await self.engine.run(get)
-        return None if row is None else json.loads(row[0])
+        return await self._read(rid, owner, "response")
 
     async def turn(self, rid, owner):
         """The turn (chat messages) C{owner}'s response C{rid} stored, or C{None}."""
+        return await self._read(rid, owner, "turn")
+
+    async def _read(self, rid, owner, column):
         now = self.clock.seconds()
 
-        def get(cur):
-            cur.execute(self._sql("SELECT turn FROM responses WHERE id = ? AND owner = ? AND expires_at > ?"), (rid, owner, now))
+        def read(cur):
+            cur.execute(self._sql(f"SELECT {column} FROM responses WHERE id = ? AND owner = ? AND expires_at > ?"), (rid, owner, now))
             return cur.fetchone()
 
-        row = await self.engine.run(get)
+        row = await self.engine.run(read)
         return None if row is None else json.loads(row[0])
 
     async def chain(self, rid, owner):
