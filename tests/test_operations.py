@@ -446,6 +446,10 @@ class ReviewRegressionTests(Backed):
         self.start()
         url = self.gw.debug_url
         status, _, body = await get_json(url + "/ollama/api/pull", method="POST", headers={"Origin": "https://evil.example"}, body={"model": "x"})
+        # Refused before routing, in the native routes' own (Ollama's) shape.
+        self.assertEqual(status, 403)
+        self.assertIn("origin not allowed", body["error"])
+        status, _, body = await get_json(url + "/v1/me", method="GET", headers={"Origin": "https://evil.example"})
         self.assertEqual((status, body["error"]["code"]), (403, "ORIGIN_REJECTED"))
         status, _, _ = await get_json(url + "/v1/me", headers={"Host": "evil.example:18789"})
         self.assertEqual(status, 403)
