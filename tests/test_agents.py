@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThread
 
-from testing.fake_ollama import FakeOllama, Reply
+from testing.fake_ollama import FakeOllama
 from tests.helpers import bearer, get_json, token
 from tests.test_chat import ALL, Backed
 from tests.test_hardening_api import png
@@ -741,3 +741,46 @@ def token_owner(testcase):
     from clawdbot.auth.identity import owner_key
 
     return owner_key(ISSUER, "alice")
+
+
+class LimitsTests(AgentsBacked):
+    """The gateway's limits answer in each route's shape and raise the SDKs' usual classes."""
+
+    async def test_request_and_token_budgets(self):
+        """The per-minute request budget and the token budget: 429 in each shape (RateLimitError in both SDKs), with Retry-After."""
+        self.start("rate_limit: {requests_per_minute: 2}")
+        ask = {"model": "qwen3:32b", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+        await deferToThread(lambda: self.sdk().responses.create(model="qwen3:32b", input="hi", store=False))
+        await deferToThread(lambda: self.claude().messages.create(**ask))
+        with self.assertRaises(openai.RateLimitError) as caught:
+            await deferToThread(lambda: self.sdk().responses.create(model="qwen3:32b", input="hi", store=False))
+        self.assertEqual(caught.exception.body["code"], "RATE_LIMITED")
+        with self.assertRaises(anthropic.RateLimitError) as caught:
+            await deferToThread(lambda: self.claude().messages.create(**ask))
+        self.assertEqual(caught.exception.body["error"]["type"], "rate_limit_error")
+        self.assertTrue(caught.exception.response.headers["retry-after"])
+
+    async def test_token_budget(self):
+        """Once a call has spent the token budget (its reservation takes it into debt), the next is a 429 before the model is called."""
+        self.start("rate_limit: {requests_per_minute: 0, tokens_per_minute: 50}", fake=FakeOllama(tokens=200))
+        await deferToThread(lambda: self.sdk().responses.create(model="qwen3:32b", input="hi", max_output_tokens=1000, store=False))
+        with self.assertRaises(anthropic.RateLimitError):
+            await deferToThread(lambda: self.claude().messages.create(model="qwen3:32b", max_tokens=1000, messages=[{"role": "user", "content": "hi"}]))
+        with self.assertRaises(openai.RateLimitError):
+            await deferToThread(lambda: self.sdk().responses.create(model="qwen3:32b", input="hi", max_output_tokens=1000, store=False))
+        self.assertEqual(len(self.fake.requests_to("/api/chat")), 1)
+
+    async def test_a_full_queue(self):
+        """With the backend's one slot taken and no queue, a call is a 503 GATEWAY_BUSY in each shape (the SDKs' InternalServerError; Anthropic's overloaded_error)."""
+        self.start("max_connections: 1\nlimits: {max_queue: 0}")
+        self.fake.hold()
+        first = Deferred.fromCoroutine(get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body={"model": "qwen3:32b", "messages": [{"role": "user", "content": "hi"}]}))
+        await self.fake.when_requests(1, "/api/chat")
+        with self.assertRaises(openai.InternalServerError) as caught:
+            await deferToThread(lambda: self.sdk().responses.create(model="qwen3:32b", input="hi", store=False))
+        self.assertEqual(caught.exception.body["code"], "GATEWAY_BUSY")
+        with self.assertRaises(anthropic.InternalServerError) as caught:
+            await deferToThread(lambda: self.claude().messages.create(model="qwen3:32b", max_tokens=10, messages=[{"role": "user", "content": "hi"}]))
+        self.assertEqual((caught.exception.status_code, caught.exception.body["error"]["type"]), (503, "overloaded_error"))
+        self.fake.release()
+        await first
