@@ -155,6 +155,17 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True)
+class AuditLogConfig:
+    # A JSON line per audited event (clawdbot.ops.audit): a file, "-" for
+    # stdout, or null for no file; reopened on SIGUSR1 like the access log.
+    path: typing.Optional[str] = _opt(None)
+    # Also kept in the history database, for GET /v1/admin/audit (the admin
+    # page), for this long.
+    store: bool = _opt(True)
+    retention: float = _opt(400 * 86400.0, kind="duration", minimum=86400, maximum=20 * 365 * 86400)
+
+
+@dataclass(frozen=True)
 class FairShareConfig:
     # The backend's slots are shared by principal (clawdbot.backend.ollama.Slots);
     # a principal's weight is the largest of its scopes' and teams' here (default 1).
@@ -354,6 +365,7 @@ class Config:
     storage: StorageConfig = _section(StorageConfig)
     history: HistoryConfig = _section(HistoryConfig)
     access_log: AccessLogConfig = _section(AccessLogConfig)
+    audit_log: AuditLogConfig = _section(AuditLogConfig)
     limits: LimitsConfig = _section(LimitsConfig)
     images: ImagesConfig = _section(ImagesConfig)
     auth: AuthConfig = _section(AuthConfig)
@@ -1020,6 +1032,24 @@ def effective(config):
 
 def dump_effective(config):
     return yaml.safe_dump(effective(config), sort_keys=False, allow_unicode=True)
+
+
+def changed_keys(old, new, prefix=""):
+    """
+    The dotted names of the keys whose values differ between two configs
+    (names only: nothing of a value, secret or not).
+    """
+    names = []
+    for f in dataclasses.fields(old):
+        if f.metadata.get("internal"):
+            continue
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        name = prefix + f.name
+        if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+            names.extend(changed_keys(a, b, name + "."))
+        elif a != b:
+            names.append(name)
+    return names
 
 
 def restart_needed(old, new):

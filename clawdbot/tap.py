@@ -38,6 +38,8 @@ from clawdbot.ops.quotas import Batches, Quotas
 from clawdbot.storage.history import History
 from clawdbot.storage.keys import KeyStore
 from clawdbot.storage.responses import ResponseStore
+from clawdbot.storage.audit import AuditStore
+from clawdbot.ops.audit import AuditLog
 from clawdbot.storage.store import open_store
 from clawdbot.storage.usage import UsageBook, UsageStore
 
@@ -143,6 +145,9 @@ def compose(config, reactor, environ=None, mode=None, agent_factory=None):
     usage = UsageBook(usage_store, reactor)
     quotas = Quotas(usage_store, reactor, metrics)
     usage.listeners.append(quotas.counted)
+    audit = AuditLog(lambda: runtime.config, AuditStore(store.engine), clock=reactor.seconds)
+    runtime.audit = audit
+    runtime.on_reload(lambda old, new: audit.reopen() if old.audit_log.path != new.audit_log.path else None)
     authentication = Authentication(config, reactor, fetcher.fetch_json, keys)
     runtime.on_reload(authentication.rebuild)
 
@@ -154,7 +159,8 @@ def compose(config, reactor, environ=None, mode=None, agent_factory=None):
     runtime.on_reload(lambda old, new: set_level(new.log.level))
     return Parts(
         runtime=runtime,
-        accounting=Accounting(limiter, AccessLog(config.access_log.path), metrics, usage, quotas),
+        accounting=Accounting(limiter, AccessLog(config.access_log.path), metrics, usage, quotas, audit),
+        audit=audit,
         authentication=authentication,
         ollama=ollama,
         history=History(store),
@@ -170,6 +176,12 @@ def compose(config, reactor, environ=None, mode=None, agent_factory=None):
         readiness=Readiness(runtime, ollama, metrics),
         reactor=reactor,
     )
+
+
+def reopen_logs(parts):
+    """SIGUSR1: the access log and the audit log reopen their files (logrotate moved them)."""
+    parts.accounting.access_log.reopen()
+    parts.audit.reopen()
 
 
 def stop(parts):
@@ -245,7 +257,7 @@ def makeService(options, reactor=None, say=_say, agent_factory=None):
         signals = SignalHandlers(
             {
                 signal.SIGHUP: runtime.request_reload,
-                signal.SIGUSR1: lambda: reactor.callFromThread(parts.accounting.access_log.reopen),
+                signal.SIGUSR1: lambda: reactor.callFromThread(reopen_logs, parts),
             }
         )
     top = GatewayService(parts, signals)

@@ -24,6 +24,7 @@ capped).
 
 import json
 
+from clawdbot.auth.identity import owner_sub
 from clawdbot.errors import APIError, invalid
 from clawdbot.storage.history import may_use_team, not_found
 from clawdbot.storage.store import decode_cursor
@@ -38,6 +39,14 @@ def _title(value):
     if len(value) > MAX_TITLE:
         raise invalid(f"'title' must be at most {MAX_TITLE} characters")
     return value.strip()
+
+
+async def _read(parts, request, sid):
+    """A session with its messages for reading; a read of someone else's (a team reader's, an admin's) is audited."""
+    session, own = await parts.history.readable(request.principal, sid, with_messages=True)
+    if not own:
+        parts.audit.record("history.read_other", request, obj=sid, owner=owner_sub(session.owner), team=session.team)
+    return session
 
 
 class HistoryRoute(APIResource):
@@ -118,7 +127,7 @@ class SessionItem(HistoryRoute):
         return NotFound()
 
     async def handle_GET(self, request):
-        session = await self.history.visible(request.principal, self.sid, with_messages=True)
+        session = await _read(self.parts, request, self.sid)
         out = session.as_dict()
         out["messages"] = [m.as_dict() for m in session.messages]
         return out
@@ -139,6 +148,7 @@ class SessionItem(HistoryRoute):
     async def handle_DELETE(self, request):
         await self.history.owned(request.principal, self.sid)
         await self.history.store.delete(self.sid)
+        self.parts.audit.record("history.deleted", request, obj=self.sid)
         return JSONResponse(b"", status=204)
 
 
@@ -156,7 +166,7 @@ class SessionExport(HistoryRoute):
         fmt = query_arg(request, "format", strict=False) or "json"
         if fmt not in ("json", "markdown"):
             raise invalid("'format' must be json or markdown")
-        session = await self.history.visible(request.principal, self.sid, with_messages=True)
+        session = await _read(self.parts, request, self.sid)
         data = session.as_dict()
         data["messages"] = [m.as_dict() for m in session.messages]
         name = _filename(session.title)

@@ -19,7 +19,7 @@ import io
 from twisted.logger import Logger
 
 from clawdbot.auth.keys import is_key_id, owner_parts, server_key
-from clawdbot.auth.identity import is_scope_token, issuer_id
+from clawdbot.auth.identity import is_scope_token, issuer_id, owner_sub
 from clawdbot.errors import APIError, invalid
 from clawdbot.http.resource import APIResource, JSONResponse, Node, NotFound, query_arg, read_json, write_json
 from clawdbot.units import day_start, local_date, parse_duration, rfc3339, window_bounds, zone_of
@@ -148,6 +148,7 @@ class Keys(KeysRoute):
         del view["last_used_at"], view["status"]
         view["key"] = secret
         request.audit["key_id"] = record.id
+        self.parts.audit.record("key.created", request, obj=record.id, name=record.name, scopes=sorted(record.scopes), team=record.team)
         return JSONResponse(view, status=201, headers=NO_STORE)
 
 
@@ -195,6 +196,7 @@ class KeyItem(KeysRoute):
         if record is None:
             raise APIError("NOT_FOUND", details="no such key")
         request.audit["key_id"] = record.id
+        self.parts.audit.record("key.revoked", request, obj=record.id, owner=owner_sub(record.owner), by_admin=self.admin)
         write_json(request, 204, None)
         return None
 
@@ -237,6 +239,9 @@ class Usage(APIResource):
     scopes = {"GET": ""}
     route_name = "usage"
     rate_limited = True
+
+    # Without user or team: everyone's (the operator's route), not the caller's own.
+    everyone = False
 
     def __init__(self, parts):
         super().__init__(parts)
@@ -286,7 +291,7 @@ class Usage(APIResource):
         admin = "admin" in principal.scopes
         if team is not None and not (admin or f"usage:{team}" in principal.scopes):
             raise _needs(f"usage:{team}")
-        if user is None and team is None:
+        if user is None and team is None and not self.everyone:
             user, issuer = principal.sub, principal.issuer
         elif user is not None and team is None and not admin:
             if user != principal.sub:

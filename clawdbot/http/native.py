@@ -57,6 +57,10 @@ def _count_native(request, raw):
         request.audit["tokens"] = request.audit["usage"]["total_tokens"]
 
 
+# The audit event of each model-management call.
+MODEL_EVENTS = {"pull": "model.pulled", "push": "model.pushed", "create": "model.created", "copy": "model.copied", "delete": "model.deleted"}
+
+
 class NativeAPI(ModelRoute):
     """
     C{/ollama/api/{name}}: Ollama's own API for Ollama clients, behind the
@@ -72,6 +76,10 @@ class NativeAPI(ModelRoute):
     rate_limited = True
     # Ollama clients read a string in "error" (ollama-python's ResponseError).
     error_body = staticmethod(ollama_error_body)
+
+    def __init__(self, parts):
+        super().__init__(parts)
+        self.parts_audit = parts.audit
 
     def route(self, request):
         name = native_name(request.postpath)
@@ -113,6 +121,7 @@ class NativeAPI(ModelRoute):
             raw = await backend.call(config, method.encode(), path, payload, sent=sent, share=self.share(request))
             if counted:
                 _count_native(request, raw)
+            self._audit(request, name, payload)
             return JSONResponse(raw)
 
         splitter = LineSplitter()
@@ -129,8 +138,21 @@ class NativeAPI(ModelRoute):
                         meter.streamed += 1
             return data
 
-        await self.ollama.stream(config, path, payload, StreamResponse(request, "ndjson", self.metrics), on_data, None, sent, self.share(request))
+        if await self.ollama.stream(config, path, payload, StreamResponse(request, "ndjson", self.metrics), on_data, None, sent, self.share(request)):
+            self._audit(request, name, payload)
         return None
+
+    def _audit(self, request, name, payload):
+        """Model management (an admin's pull, push, create, copy or delete that Ollama took) goes in the audit trail."""
+        event = MODEL_EVENTS.get(name)
+        if event is None:
+            return
+        if name == "copy":
+            obj = payload.get("destination")
+            details = {"source": payload.get("source") if isinstance(payload.get("source"), str) else None}
+        else:
+            obj, details = payload.get("model"), {}
+        self.parts_audit.record(event, request, obj=obj if isinstance(obj, str) else None, **details)
 
     async def handle_GET(self, request):
         return await self._dispatch(request)
@@ -139,7 +161,10 @@ class NativeAPI(ModelRoute):
         return await self._dispatch(request)
 
     async def handle_DELETE(self, request):
-        return JSONResponse(await self.ollama.call(request.config, b"DELETE", "/api/delete", await read_json(request), share=self.share(request)))
+        payload = await read_json(request)
+        raw = await self.ollama.call(request.config, b"DELETE", "/api/delete", payload, share=self.share(request))
+        self._audit(request, "delete", payload)
+        return JSONResponse(raw)
 
 
 def add_routes(root, parts):

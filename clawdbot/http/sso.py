@@ -214,6 +214,7 @@ class _AuthRoute(APIResource):
         self.sso = sso
         self.store = parts.history.store
         self.keys = parts.keys
+        self.audit = parts.audit
 
     def route(self, request):
         if request.site.debug or request.config is None or not request.config.oauth2.enabled:
@@ -221,6 +222,7 @@ class _AuthRoute(APIResource):
         return self.scopes
 
     def refused(self, request, kind, reason):
+        self.audit.record("auth.sign_in_refused", request, obj=kind, reason=reason)
         log.warn(
             "Sign-in refused ({kind}): {reason}",
             kind=kind,
@@ -282,6 +284,7 @@ class Callback(_AuthRoute):
         if "error" in params:
             kind = "access_denied" if params["error"] == "access_denied" else "provider_error"
             log.info("The provider answered the login with an error: {error}", error=word(params["error"]), request_id=request.request_id)
+            self.audit.record("auth.sign_in_refused", request, obj=kind, reason=f"the provider answered {word(params['error'])}")
             return _page(request, kind)
         try:
             login = unseal(cookie_key(config), "login", raw, now)
@@ -309,6 +312,7 @@ class Callback(_AuthRoute):
             return self.refused(request, "invalid_response", "the identity is too large for a cookie")
         _set_cookie(request, cookie_header(REFRESH_COOKIE, value, REFRESH_PATH, oauth2.refresh_ttl, secure_cookies(config), "Strict"))
         log.info("Signed in {sub} through {provider}", sub=identity.sub, provider=oauth2.provider, request_id=request.request_id, security_event="sso_login")
+        self.audit.record("auth.sign_in", request, principal=(identity.issuer, identity.sub), obj=oauth2.provider)
         _redirect(request, safe_next(login.get("next")) or "/")
 
     def refresh_cookie(self, config, identity, now):
@@ -384,6 +388,7 @@ class Refresh(_AuthRoute):
         if raw is None:
             raise APIError("AUTH_MISSING_TOKEN", details="no sign-in session; sign in at /auth/login", headers=NO_STORE)
         reason = None
+        session = None
         try:
             session = unseal(cookie_key(config), "refresh", raw, now)
         except BadCookie as e:
@@ -402,6 +407,8 @@ class Refresh(_AuthRoute):
         if reason is not None:
             self.clear(request, config, REFRESH_COOKIE, REFRESH_PATH)
             log.info("Refused a refresh: {reason}", reason=reason, peer=_peer(request), security_event="sso_refresh_refused", request_id=request.request_id)
+            known = session is not None and isinstance(session.get("sub"), str) and isinstance(session.get("idp"), str)
+            self.audit.record("auth.refresh_refused", request, principal=(session["idp"], session["sub"]) if known else None, reason=reason)
             raise APIError("AUTH_INVALID_TOKEN", details=reason, headers=NO_STORE)
         token = self.sso.mint_session(config, session, groups, now)
         request.audit["user"] = session["sub"]
@@ -462,6 +469,8 @@ class Logout(_AuthRoute):
         if session is not None and isinstance(session.get("rid"), str):
             await self.store.revoke("refresh:" + session["rid"], float(session["exp"]))
             log.info("Signed out {sub}", sub=session.get("sub"), request_id=request.request_id, security_event="sso_logout")
+            if isinstance(session.get("sub"), str) and isinstance(session.get("idp"), str):
+                self.audit.record("auth.sign_out", request, principal=(session["idp"], session["sub"]))
         self.clear(request, config, REFRESH_COOKIE, REFRESH_PATH)
         url = await self.sso.provider(config).logout_url(config.oauth2.post_logout_redirect_uri)
         return JSONResponse({"logout_url": url}, headers=NO_STORE)

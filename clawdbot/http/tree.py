@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from clawdbot.http import agents, chat, history, keys, native, sso
+from clawdbot.http import admin, agents, chat, history, keys, native, sso
 from clawdbot.http.static import StaticFiles, static_dir
 from clawdbot.http.resource import APIResource, JSONResponse, Node
 
@@ -26,6 +26,7 @@ class Parts:
     @ivar runtime: the config and its reloads, the requests in flight (L{clawdbot.ops.runtime.Runtime}).
     @ivar accounting: logs, metrics and budgets per request (L{clawdbot.ops.accounting.Accounting}).
     @ivar authentication: who a request is (L{clawdbot.auth.tokens.Authentication}).
+    @ivar audit: the audit trail (L{clawdbot.ops.audit.AuditLog}).
     @ivar ollama: the model backend (L{clawdbot.backend.ollama.Ollama}).
     @ivar history: chat history and its rules (L{clawdbot.storage.history.History}).
     @ivar keys: the personal API keys (L{clawdbot.auth.keys.ApiKeys}).
@@ -42,6 +43,7 @@ class Parts:
 
     runtime: Any
     accounting: Any
+    audit: Any
     authentication: Any
     ollama: Any
     history: Any
@@ -218,6 +220,7 @@ def build_root(parts, debug):
     native.add_routes(root, parts)
     history.add_routes(v1, parts)
     keys.add_routes(v1, parts)
+    admin.add_routes(v1.children[b"admin"], parts)
     if not debug:
         # Sign-in lives on the secure listener only, never the debug one.
         sso.add_routes(root, parts)

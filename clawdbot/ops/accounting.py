@@ -50,7 +50,9 @@ class Accounting:
         metrics: "Metrics",
         usage: Any = None,
         quotas: "Quotas | None" = None,
+        audit: Any = None,
     ) -> None:
+        self.audit = audit
         self.limiter = limiter
         self.access_log = access_log
         self.metrics = metrics
@@ -82,6 +84,10 @@ class Accounting:
                 request.audit["tokens"] = usage["total_tokens"]
         self.access_log.record(request, latency)
         self.metrics.observe(request, latency)
+        error = request.error
+        if error is not None and error.code == "QUOTA_EXCEEDED" and self.audit is not None:
+            # Every quota's refusal, wherever it came from (days and months, stored history, stored responses).
+            self.audit.record("quota.exceeded", request, obj=getattr(request, "route", None), reason=error.details)
         self._settle_tokens(request, usage)
         held = request.audit.pop("quota_held", None)
         if held and self.quotas is not None:

@@ -187,6 +187,35 @@ class Quotas:
         headers["x-clawdbot-quota-reset"] = str(binding[1])
         return headers
 
+    async def standing(self, principal, config):
+        """
+        Each quota that applies to C{principal}'s calls, with what is used
+        and left now and when it resets (the admin page's people view).
+        """
+        limits = self.limits(principal, config)
+        if not limits:
+            return []
+        now = self.clock.seconds()
+        zone = zone_of(config.usage.timezone)
+        bounds = {w: window_bounds(w, now, zone) for w in WINDOWS}
+        starts = tuple(bounds[w][0] for w in WINDOWS)
+        out = []
+        for limit in limits:
+            entry = await self._used(limit.subject, starts, now)
+            requests, tokens = entry.used(WINDOWS.index(limit.window))
+            spent = tokens if limit.what == "tokens" else requests
+            out.append(
+                {
+                    "quota": limit.name,
+                    "applies_to": limit.subject[0] if limit.subject[0] != "team" else f"team {limit.subject[1]}",
+                    "limit": limit.limit,
+                    "used": spent,
+                    "left": max(0, limit.limit - spent),
+                    "resets_in_seconds": max(1, int(bounds[limit.window][1] - now + 0.999)),
+                }
+            )
+        return out
+
     def _refused(self, limit, shadow, principal):
         if self.metrics is not None:
             self.metrics.quota_refusals.labels(limit.name, limit.subject[0], "true" if shadow else "false").inc()

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from clawdbot.config import ConfigError, load_config, restart_needed
+from clawdbot.config import ConfigError, changed_keys, load_config, restart_needed
 from clawdbot.errors import APIError
 
 log = Logger(namespace="clawdbot.gateway")
@@ -37,6 +37,11 @@ class Runtime:
         self.environ = os.environ if environ is None else environ
         self.mode = mode
         self.reloads = {"ok": 0, "error": 0}
+        # The last reload's time, result ("ok" or "error"), error and changed keys, for the admin page.
+        self.last_reload = None
+        # Where reloads are audited (clawdbot.ops.audit.AuditLog), once composed.
+        self.audit = None
+        self.started = reactor.seconds()
         self._reload_pending = False
         self._reload_hooks = []
         self.config = config
@@ -122,8 +127,11 @@ class Runtime:
             self._reload_failed(self.config.source, "unexpected error (see the traceback)", None, unexpected=True)
 
     def _reload_failed(self, path, error, config_path, unexpected=False):
-        """Count and log a failed reload; the running config stays."""
+        """Count, log and audit a failed reload; the running config stays."""
         self.reloads["error"] += 1
+        self.last_reload = {"time": self.reactor.seconds(), "result": "error", "error": error, "changed": []}
+        if self.audit is not None:
+            self.audit.record("config.reload_failed", obj=path, error=error)
         try:
             self.metrics.reloads.labels("error").inc()
         except Exception:
@@ -165,5 +173,9 @@ class Runtime:
                 hook(old, new)
             except Exception:
                 log.failure("A reload hook failed")
+        changed = changed_keys(old, new)
+        self.last_reload = {"time": self.reactor.seconds(), "result": "ok", "error": None, "changed": changed}
+        if self.audit is not None:
+            self.audit.record("config.reloaded", obj=path, changed=changed)
         log.info("Config reloaded from {file}", file=path)
         return True

@@ -50,11 +50,18 @@ def not_owner() -> APIError:
 
 async def load_visible(store: "SQLStore", principal: "Principal", sid: str, with_messages: bool = False) -> "Session":
     """The session C{sid} for reading: its owner's or a readable team's; else 404."""
+    return (await load_readable(store, principal, sid, with_messages))[0]
+
+
+async def load_readable(store: "SQLStore", principal: "Principal", sid: str, with_messages: bool = False) -> "tuple[Session, bool]":
+    """L{load_visible}, and whether the reader is its owner (else a team reader's or an admin's read, which is audited)."""
     session = await store.get_session(sid, with_messages=with_messages) if is_session_id(sid) else None
     if session is None:
         raise not_found()
-    if session.owner in await store.owners_of(principal.issuer, principal.sub) or team_reader(principal, session):
-        return session
+    if session.owner in await store.owners_of(principal.issuer, principal.sub):
+        return session, True
+    if team_reader(principal, session):
+        return session, False
     raise not_found()
 
 
@@ -176,6 +183,10 @@ class History:
     def visible(self, principal: "Principal", sid: str, with_messages: bool = False) -> Awaitable["Session"]:
         """L{load_visible} on this store."""
         return load_visible(self.store, principal, sid, with_messages)
+
+    def readable(self, principal: "Principal", sid: str, with_messages: bool = False) -> "Awaitable[tuple[Session, bool]]":
+        """L{load_readable} on this store."""
+        return load_readable(self.store, principal, sid, with_messages)
 
     def owned(self, principal: "Principal", sid: str) -> Awaitable["Session"]:
         """L{load_owned} on this store."""

@@ -158,6 +158,23 @@ class KeyStore:
         if rows:
             await self.engine.run(touch)
 
+    async def grants(self, limit, sub=None):
+        """The owners' current L{Grant}s, the one seen last first (of one C{sub}, of any identity provider, when given)."""
+        where, params = "", []
+        if sub is not None:
+            where = "WHERE owner LIKE ? ESCAPE '!'"
+            params.append("%|" + sub.replace("!", "!!").replace("%", "!%").replace("_", "!_"))
+
+        def read(cur):
+            cur.execute(self._sql(f"SELECT owner, scopes, teams, name, email, ended, updated_at, seen_at FROM owner_grants {where} ORDER BY seen_at DESC, owner LIMIT ?"), (*params, limit))
+            return [
+                Grant(owner, frozenset(s for s in scopes.split(" ") if s), tuple(json.loads(teams)), name, email, bool(ended), updated, seen)
+                for owner, scopes, teams, name, email, ended, updated, seen in cur.fetchall()
+            ]
+
+        rows = await self.engine.run(read)
+        return [g for g in rows if sub is None or g.owner.endswith("|" + sub)]
+
     async def grant(self, owner):
         """C{owner}'s current L{Grant}, or C{None} when none was recorded."""
 

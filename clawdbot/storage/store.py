@@ -223,6 +223,15 @@ MIGRATIONS = [
         "CREATE INDEX responses_owner ON responses (owner, expires_at)",
         "CREATE INDEX responses_expiry ON responses (expires_at)",
     ],
+    # 6: the audit trail (clawdbot.storage.audit).
+    [
+        {
+            "sqlite": "CREATE TABLE audit_events (id INTEGER PRIMARY KEY AUTOINCREMENT, at DOUBLE PRECISION NOT NULL, event TEXT NOT NULL, entry TEXT NOT NULL)",
+            "postgresql": "CREATE TABLE audit_events (id BIGSERIAL PRIMARY KEY, at DOUBLE PRECISION NOT NULL, event TEXT NOT NULL, entry TEXT NOT NULL)",
+        },
+        "CREATE INDEX audit_events_event ON audit_events (event, id)",
+        "CREATE INDEX audit_events_at ON audit_events (at)",
+    ],
 ]
 
 

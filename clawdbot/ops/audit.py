@@ -1,0 +1,125 @@
+"""
+The audit trail: who did what that matters (signing in and out, keys,
+reloads, model management, reading someone else's history, quotas),
+one JSON line per event with a stable name, to its own stream
+(C{audit_log.path}) and, with C{audit_log.store}, to the history database
+for the admin page (L{clawdbot.storage.audit}).
+
+A line is C{{"time", "event", "principal": {"iss", "sub"}, "client",
+"request_id", "object"}}, plus C{details} for some events.  Nothing secret
+goes in: principals are issuer and subject, objects are ids and names, and
+details are curated reasons, never a token, a key, a cookie or a config
+value.
+"""
+
+import os
+import sys
+import time
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from clawdbot.ops.observe import log_line, redact_text
+from clawdbot.units import rfc3339
+
+log = Logger(namespace="clawdbot.audit")
+
+# The event names, stable for scripts and SIEMs.
+EVENTS = (
+    "auth.sign_in",
+    "auth.sign_in_refused",
+    "auth.refresh_refused",
+    "auth.sign_out",
+    "key.created",
+    "key.revoked",
+    "config.reloaded",
+    "config.reload_failed",
+    "model.pulled",
+    "model.deleted",
+    "model.created",
+    "model.copied",
+    "model.pushed",
+    "history.read_other",
+    "history.deleted",
+    "quota.exceeded",
+)
+
+# How often, at most, expired events are dropped from the database.
+PRUNE_EVERY = 3600.0
+
+
+class AuditLog:
+    """
+    Writes audit events.  C{record} never raises and never waits: the file
+    is line-buffered, the database write runs on the store's threads.
+
+    @param config: a callable giving the current config (for C{audit_log}).
+    @param store: an L{clawdbot.storage.audit.AuditStore}, or C{None}.
+    """
+
+    def __init__(self, config, store=None, clock=time.time):
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.path = None
+        self.stream = None
+        self._pruned = 0.0
+        self.open(config().audit_log.path)
+
+    def open(self, path):
+        """Write to C{path} ("-" is stdout, C{None} nothing) from now on."""
+        if self.stream is not None and self.stream is not sys.stdout:
+            self.stream.close()
+        self.path, self.stream = path, None
+        if path == "-":
+            self.stream = sys.stdout
+        elif path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.stream = open(path, "a", encoding="utf-8", buffering=1)
+
+    def reopen(self):
+        """After logrotate moved the file (SIGUSR1); a reload that changed the path is followed too."""
+        self.open(self.config().audit_log.path)
+
+    def record(self, event, request=None, principal=None, obj=None, client=None, request_id=None, **details):
+        """
+        One event.  C{principal} defaults to the request's; the client
+        address and request id come from C{request} when there is one.
+        """
+        assert event in EVENTS, event
+        if principal is None and request is not None:
+            principal = getattr(request, "principal", None)
+        now = self.clock()
+        entry = {
+            "time": rfc3339(now),
+            "event": event,
+            "principal": _principal(principal),
+            "client": client if client is not None else (request.client_host() if request is not None else None),
+            "request_id": request_id if request_id is not None else (request.request_id if request is not None else None),
+            "object": obj,
+        }
+        if details:
+            entry["details"] = {key: redact_text(value) if isinstance(value, str) else value for key, value in details.items()}
+        line = log_line(entry)
+        if self.stream is not None:
+            try:
+                self.stream.write(line)
+            except Exception:
+                log.failure("Could not write the audit log")
+        config = self.config().audit_log
+        if self.store is not None and config.store:
+            prune = None
+            if now - self._pruned >= PRUNE_EVERY:
+                self._pruned = now
+                prune = now - config.retention
+            d = Deferred.fromCoroutine(self.store.add(now, event, line.rstrip("\n"), prune))
+            d.addErrback(lambda f: log.failure("Could not store an audit event", f))
+
+
+def _principal(principal):
+    """C{{"iss", "sub"}} of a principal, an identity, or an C{(issuer, sub)} pair."""
+    if principal is None:
+        return None
+    if isinstance(principal, tuple):
+        return {"iss": principal[0], "sub": principal[1]}
+    return {"iss": getattr(principal, "issuer", None), "sub": getattr(principal, "sub", None)}

@@ -1,0 +1,218 @@
+"""
+The operator's APIs (issue 19): /v1/admin/status, usage, users, audit; and
+the audit trail: each event made by the action that should make it and by
+nothing else, with no secret in it.
+"""
+
+import json
+import os
+import tempfile
+
+from twisted.internet import reactor
+
+from testing.fake_ollama import FakeOllama
+from tests.helpers import bearer, closed_port, get_json, merge_yaml, serve, stream_call, token
+from tests.test_chat import ALL, Backed
+
+ADMIN = bearer(token(sub="root", scope=ALL))
+ALICE = bearer(token(sub="alice", scope="chat:read chat:write"))
+HI = {"model": "qwen3:32b", "messages": [{"role": "user", "content": "hi"}]}
+CANARY = "canary-secret-Zq8x7Wv3Rt"
+
+
+class AuditBacked(Backed):
+    def start(self, extra="", fake=None, **kw):
+        self.audit_path = os.path.join(tempfile.mkdtemp(), "audit.log")
+        return super().start(merge_yaml(f'audit_log: {{path: "{self.audit_path}"}}', extra), fake=fake, **kw)
+
+    def events(self, name=None):
+        with open(self.audit_path, encoding="utf-8") as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        return [e for e in lines if name is None or e["event"] == name]
+
+    def audit_text(self):
+        with open(self.audit_path, encoding="utf-8") as f:
+            return f.read()
+
+
+class AdminAPITests(AuditBacked):
+    async def test_admin_only(self):
+        """Every admin API is 401 without credentials and 403 without the admin scope."""
+        self.start()
+        for path in ("status", "usage", "users", "audit", "keys"):
+            status, _, _ = await get_json(self.gw.url + "/v1/admin/" + path)
+            self.assertEqual(status, 401, path)
+            status, _, body = await get_json(self.gw.url + "/v1/admin/" + path, headers=ALICE)
+            self.assertEqual((status, body["error"]["code"]), (403, "AUTH_INSUFFICIENT_SCOPE"), path)
+            status, _, _ = await get_json(self.gw.url + "/v1/admin/" + path, headers=ADMIN)
+            self.assertEqual(status, 200, path)
+
+    async def test_status_shows_streams_backends_and_reloads(self):
+        """A stream under way shows per model and user, and is gone once it ends; a backend that failed shows down; a failed reload shows its error, a good one the keys it changed."""
+        fake = FakeOllama()
+        fake.listen(reactor)
+        self.addCleanup(fake.stop)
+        down = f"http://127.0.0.1:{closed_port(self)}"
+        self.fake = fake
+        self.audit_path = os.path.join(tempfile.mkdtemp(), "audit.log")
+        self.gw = serve(self, merge_yaml(f'backend: {{urls: ["{fake.url}", "{down}"], models: ["qwen3:32b"]}}', f'audit_log: {{path: "{self.audit_path}"}}'))
+        fake.hold(after=2, times=1)
+        streamed = stream_call(self.gw.url + "/v1/chat/completions", dict(HI, stream=True), ALICE)
+        await fake.when_requests(1, "/api/chat")
+        await streamed.when_seen(b"data: ")
+        status, _, now = await get_json(self.gw.url + "/v1/admin/status", headers=ADMIN)
+        self.assertEqual(status, 200, now)
+        self.assertEqual(now["streams"]["total"], 1)
+        self.assertEqual(now["streams"]["by_model"], {"qwen3:32b": 1})
+        self.assertEqual(now["streams"]["by_user"], {"alice": 1})
+        self.assertEqual(now["queue"]["by_user"]["alice"]["active"], 1)
+        self.assertIsInstance(now["process"]["rss_bytes"], int)
+        fake.release()
+        await streamed.done
+        # Calls until one lands on the closed backend, which then shows down.
+        for _ in range(4):
+            await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=ALICE, body=HI)
+        status, _, now = await get_json(self.gw.url + "/v1/admin/status", headers=ADMIN)
+        self.assertEqual(now["streams"]["total"], 0)
+        self.assertEqual([b["up"] for b in now["backends"]], [True, False])
+        self.assertEqual(now["backends"][1]["url"], down)
+        # A reload that fails, then one that works.
+        with open(self.gw.config_path, encoding="utf-8") as f:
+            good = f.read()
+        with open(self.gw.config_path, "w", encoding="utf-8") as f:
+            f.write(good + "\nlimits: {max_queue: -1}\n")
+        self.gw.parts.runtime.reload()
+        _, _, now = await get_json(self.gw.url + "/v1/admin/status", headers=ADMIN)
+        self.assertEqual(now["reload"]["result"], "error")
+        self.assertIn("limits.max_queue", now["reload"]["error"])
+        with open(self.gw.config_path, "w", encoding="utf-8") as f:
+            f.write(good + "\nlimits: {max_queue: 7}\nhistory: {context_messages: 5}\n")
+        self.gw.parts.runtime.reload()
+        _, _, now = await get_json(self.gw.url + "/v1/admin/status", headers=ADMIN)
+        self.assertEqual((now["reload"]["result"], now["reload"]["changed"]), ("ok", ["history.context_messages", "limits.max_queue"]))
+        self.assertEqual([e["event"] for e in self.events() if e["event"].startswith("config.")], ["config.reload_failed", "config.reloaded"])
+
+    async def test_usage_users_and_quotas(self):
+        """Everyone's usage by day, the people seen with their scopes and keys, and the quotas that apply to them with what is left."""
+        self.start("quotas: {requests_per_day: 10}")
+        for who in ("alice", "bob", "bob"):
+            status, _, _ = await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=bearer(token(sub=who, scope="chat:read chat:write")), body=HI)
+            self.assertEqual(status, 200)
+        status, _, made = await get_json(self.gw.url + "/v1/keys", method="POST", headers=bearer(token(sub="bob", scope="chat:read chat:write")), body={"name": "ci"})
+        self.assertEqual(status, 201, made)
+        _, _, usage = await get_json(self.gw.url + "/v1/admin/usage", headers=ADMIN)
+        self.assertEqual(sorted((row["user"], row["requests"]) for row in usage["data"]), [("alice", 1), ("bob", 2)])
+        await self.gw.parts.batches.run()
+        _, _, users = await get_json(self.gw.url + "/v1/admin/users", headers=ADMIN)
+        by_user = {u["user"]: u for u in users["data"]}
+        self.assertEqual(by_user["bob"]["scopes"], ["chat:read", "chat:write"])
+        self.assertEqual(by_user["bob"]["live_keys"], 1)
+        self.assertEqual(by_user["bob"]["quotas"][0]["quota"], "requests_per_day")
+        self.assertEqual((by_user["bob"]["quotas"][0]["used"], by_user["bob"]["quotas"][0]["left"]), (2, 8))
+        _, _, one = await get_json(self.gw.url + "/v1/admin/users?user=alice", headers=ADMIN)
+        self.assertEqual([u["user"] for u in one["data"]], ["alice"])
+
+
+class AuditTests(AuditBacked):
+    async def test_keys_history_quota_and_models(self):
+        """Key creation and revocation, a teammate's read of a session, its deletion, a spent quota and model management each leave their event, and plain use leaves none."""
+        self.start("quotas: {requests_per_day: 3}")
+        alice = bearer(token(sub="alice", scope="chat:read chat:write", teams=["red"]))
+        reader = bearer(token(sub="carol", scope="chat:read chat:write history:red"))
+        _, _, session = await get_json(self.gw.url + "/v1/sessions", method="POST", headers=alice, body={"title": "x", "team": "red"})
+        await get_json(self.gw.url + f"/v1/sessions/{session['id']}", headers=alice)
+        await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=alice, body=HI)
+        self.assertEqual(self.events(), [])
+        status, _, _ = await get_json(self.gw.url + f"/v1/sessions/{session['id']}", headers=reader)
+        self.assertEqual(status, 200)
+        await get_json(self.gw.url + f"/v1/sessions/{session['id']}/export", headers=reader)
+        reads = self.events("history.read_other")
+        self.assertEqual(len(reads), 2)
+        self.assertEqual((reads[0]["principal"]["sub"], reads[0]["object"], reads[0]["details"]["owner"]), ("carol", session["id"], "alice"))
+        self.assertEqual(reads[0]["client"], "127.0.0.1")
+        self.assertTrue(reads[0]["request_id"])
+        await get_json(self.gw.url + f"/v1/sessions/{session['id']}", method="DELETE", headers=alice)
+        self.assertEqual([e["object"] for e in self.events("history.deleted")], [session["id"]])
+        _, _, made = await get_json(self.gw.url + "/v1/keys", method="POST", headers=alice, body={"name": "laptop"})
+        await get_json(self.gw.url + f"/v1/keys/{made['id']}", method="DELETE", headers=alice)
+        self.assertEqual([e["object"] for e in self.events("key.created")], [made["id"]])
+        self.assertEqual([e["object"] for e in self.events("key.revoked")], [made["id"]])
+        self.assertNotIn(made["key"], self.audit_text())
+        for _ in range(3):
+            await get_json(self.gw.url + "/v1/chat/completions", method="POST", headers=alice, body=HI)
+        self.assertEqual(len(self.events("quota.exceeded")), 1)
+        admin = ADMIN
+        for method, name, body, event in (
+            ("POST", "pull", {"model": "new:1b", "stream": False}, "model.pulled"),
+            ("POST", "copy", {"source": "qwen3:32b", "destination": "mine"}, "model.copied"),
+            ("POST", "create", {"model": "made", "from": "qwen3:32b", "stream": False}, "model.created"),
+            ("DELETE", "delete", {"model": "mine"}, "model.deleted"),
+        ):
+            status, _, reply = await get_json(self.gw.url + "/ollama/api/" + name, method=method, headers=admin, body=body)
+            self.assertEqual(status, 200, (name, reply))
+            self.assertEqual(len(self.events(event)), 1, event)
+        self.assertEqual(self.events("model.copied")[0]["object"], "mine")
+        # The same events from the database, newest first, filtered.
+        _, _, stored = await get_json(self.gw.url + "/v1/admin/audit?event=key.created", headers=ADMIN)
+        self.assertEqual([e["object"] for e in stored["data"]], [made["id"]])
+        _, _, page = await get_json(self.gw.url + "/v1/admin/audit?limit=2", headers=ADMIN)
+        self.assertEqual((len(page["data"]), page["has_more"], page["data"][0]["event"]), (2, True, "model.deleted"))
+        _, _, older = await get_json(self.gw.url + f"/v1/admin/audit?limit=2&before={page['data'][-1]['id']}", headers=ADMIN)
+        self.assertLess(older["data"][0]["id"], page["data"][-1]["id"])
+        status, _, _ = await get_json(self.gw.url + "/v1/admin/audit?event=nope", headers=ADMIN)
+        self.assertEqual(status, 400)
+
+    async def test_no_secret_reaches_the_audit_log(self):
+        """Canary secrets in the config (a failed reload, a good one) and in requests never appear in the audit log."""
+        self.start(f'auth: {{api_keys: {{secret: "{CANARY}-0123456789abcdef0123456789"}}}}')
+        with open(self.gw.config_path, encoding="utf-8") as f:
+            good = f.read()
+        with open(self.gw.config_path, "w", encoding="utf-8") as f:
+            f.write(good.replace(CANARY, CANARY + "-changed") + f'\nstorage: {{dsn: "postgresql://u:{CANARY}@h/db"}}\nlimits: {{max_queue: "{CANARY}"}}\n')
+        self.gw.parts.runtime.reload()
+        with open(self.gw.config_path, "w", encoding="utf-8") as f:
+            f.write(good.replace(CANARY, CANARY + "-changed"))
+        self.gw.parts.runtime.reload()
+        _, _, made = await get_json(self.gw.url + "/v1/keys", method="POST", headers=ALICE, body={"name": CANARY[:10]})
+        await get_json(self.gw.url + f"/v1/keys/{made['id']}", method="DELETE", headers=bearer(made["key"]))
+        await get_json(self.gw.url + f"/v1/keys/{made['id']}", method="DELETE", headers=ALICE)
+        text = self.audit_text()
+        self.assertEqual([e["event"] for e in self.events()], ["config.reload_failed", "config.reloaded", "key.created", "key.revoked"])
+        self.assertEqual(self.events("config.reloaded")[0]["details"]["changed"], ["auth.api_keys.secret"])
+        for secret in (CANARY, made["key"], token(sub="alice", scope="chat:read chat:write")):
+            self.assertNotIn(secret, text)
+
+    async def test_sign_in_refresh_and_sign_out(self):
+        """Signing in (with the callback's request id), a refused sign-in, a refused refresh and signing out leave their events, with the user's issuer and sub."""
+        from tests.test_sso import Flow
+
+        audit_path = os.path.join(tempfile.mkdtemp(), "audit.log")
+        self.audit_path = audit_path
+        flow = Flow(self).start(extra=f'audit_log: {{path: "{audit_path}"}}')
+        done, cookie = await flow.sign_in()
+        signed = self.events("auth.sign_in")
+        self.assertEqual(len(signed), 1)
+        self.assertEqual((signed[0]["principal"]["sub"], signed[0]["principal"]["iss"]), ("alice", flow.idp.issuer))
+        self.assertEqual(signed[0]["request_id"], done.header(b"x-request-id"))
+        _, login_cookie, _ = await flow.begin()
+        await flow.callback(flow.gw.url + "/callback?code=x&state=wrong", login_cookie)
+        self.assertEqual([e["object"] for e in self.events("auth.sign_in_refused")], ["state"])
+        await flow.logout(cookie)
+        self.assertEqual([e["principal"]["sub"] for e in self.events("auth.sign_out")], ["alice"])
+        refused = await flow.refresh(cookie)
+        self.assertEqual(refused.code, 401)
+        events = self.events("auth.refresh_refused")
+        self.assertEqual((len(events), events[0]["principal"]["sub"], events[0]["details"]["reason"]), (1, "alice", "the sign-in session was ended"))
+        self.assertNotIn(cookie, self.audit_text())
+
+    async def test_reopened_on_sigusr1(self):
+        """The audit log is reopened like the access log (logrotate moved it)."""
+        self.start()
+        moved = self.audit_path + ".1"
+        await get_json(self.gw.url + "/v1/keys", method="POST", headers=ALICE, body={"name": "a"})
+        os.rename(self.audit_path, moved)
+        from clawdbot.tap import reopen_logs
+
+        reopen_logs(self.gw.parts)
+        await get_json(self.gw.url + "/v1/keys", method="POST", headers=ALICE, body={"name": "b"})
+        self.assertEqual([e["details"]["name"] for e in self.events()], ["b"])
