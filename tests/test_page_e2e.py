@@ -36,6 +36,7 @@ CLIENT_SECRET = "e2e-client-secret-0123456789abcdef"
 USERS = [
     {"sub": "alice", "email": "alice@example.test", "name": "Alice Example", "groups": ["team-a"]},
     {"sub": "bob", "email": "bob@example.test", "name": "Bob Builder", "groups": ["team-a"]},
+    {"sub": "root", "email": "root@example.test", "name": "Rita Root", "groups": ["ops"]},
 ]
 FINAL = "[data-testid=message-assistant]:not([data-state=streaming])"
 
@@ -150,10 +151,12 @@ DOM_AUDIT = r"""(node) => {
 }"""
 
 
-def signed_in_gateway(testcase, extra=""):
+def signed_in_gateway(testcase, extra="", backend=None):
     """
     For C{testcase}: the fake Ollama (C{.fake}), the real IdP (C{.idp}) and a
-    gateway signing in through it (C{.gw}, at C{.origin}), with C{extra} config.
+    gateway signing in through it (C{.gw}, at C{.origin}), with C{extra} config
+    and C{backend} (what the C{backend} section holds, given the fake's URL;
+    default: the fake alone).  The IdP's C{ops} group grants C{admin}.
     """
     testcase.fake = FakeOllama()
     testcase.fake.listen(reactor)
@@ -177,7 +180,7 @@ def signed_in_gateway(testcase, extra=""):
         testcase,
         extra=f"""
 server: {{listen: "tcp:{port}:interface=127.0.0.1", public_url: "{origin}"}}
-backend: {{url: "{testcase.fake.url}"}}
+backend: {{{backend(testcase.fake.url) if backend else f'url: "{testcase.fake.url}"'}}}
 rate_limit: {{requests_per_minute: 0}}
 oauth2:
   enabled: true
@@ -187,7 +190,7 @@ oauth2:
   redirect_uri: "{origin}/callback"
   issuer_url: "{testcase.idp.issuer}"
   default_scopes: ["chat:read", "chat:write"]
-  group_scopes: {{team-a: ["history:team-a"]}}
+  group_scopes: {{team-a: ["history:team-a"], ops: ["admin"]}}
   post_logout_redirect_uri: "{origin}/"
 {extra}
 """,

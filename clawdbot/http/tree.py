@@ -209,6 +209,8 @@ def build_root(parts, debug):
     pages = static_dir()
     root.putChild(b"", StaticFiles(pages, index="index.html"))
     root.putChild(b"static", StaticFiles(pages))
+    # The admin page: a shell; its data comes from /v1/admin/... (scope admin).
+    root.putChild(b"admin", StaticFiles(pages, index="admin.html"))
     root.putChild(b"healthz", Health(parts))
     root.putChild(b"readyz", Ready(parts))
     root.putChild(b"metrics", MetricsPage(parts))

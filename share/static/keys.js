@@ -54,6 +54,8 @@ function openKeys() {
 }
 
 function closeKeys() {
+  // Now, not in the close event (queued for later: the dialog is already hidden then).
+  forgetSecret();
   if (el.revokeDialog.open) el.revokeDialog.close("cancel");
   if (el.keysDialog.open) el.keysDialog.close();
 }
@@ -359,6 +361,8 @@ export function install() {
   );
   el.openKeys.addEventListener("click", openKeys);
   el.keysClose.addEventListener("click", closeKeys);
+  // Escape cancels the dialog: the secret goes at once, before the dialog is hidden.
+  el.keysDialog.addEventListener("cancel", forgetSecret);
   el.keysDialog.addEventListener("close", () => {
     forgetSecret();
     el.keyName.value = "";
