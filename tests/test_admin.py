@@ -216,3 +216,73 @@ class AuditTests(AuditBacked):
         reopen_logs(self.gw.parts)
         await get_json(self.gw.url + "/v1/keys", method="POST", headers=ALICE, body={"name": "b"})
         self.assertEqual([e["details"]["name"] for e in self.events()], ["b"])
+
+
+class AuditReviewTests(AuditBacked):
+    """What an outside review of the admin APIs and the audit trail found, with variants."""
+
+    async def test_query_parameters(self):
+        """Huge or repeated query values are 400s, never 500s."""
+        self.start()
+        for path in ("/v1/admin/audit?limit=" + "9" * 5000, "/v1/admin/audit?before=" + "9" * 30, "/v1/admin/users?limit=" + "9" * 5000, "/v1/admin/audit?event=key.created&event=nope", "/v1/admin/users?user=a&user=b"):
+            status, _, body = await get_json(self.gw.url + path, headers=ADMIN)
+            self.assertEqual((status, body["error"]["code"]), (400, "INVALID_REQUEST"), path[:60])
+
+    async def test_only_what_happened_is_audited(self):
+        """Revoking a revoked key, and a model pull Ollama refuses mid-stream, leave no event; the older "name" field names the model; an object shaped like a token is redacted."""
+        self.start()
+        _, _, made = await get_json(self.gw.url + "/v1/keys", method="POST", headers=ALICE, body={"name": "k"})
+        for headers in (ALICE, ALICE, ADMIN):
+            path = f"/v1/keys/{made['id']}" if headers is ALICE else f"/v1/admin/keys/{made['id']}"
+            status, _, _ = await get_json(self.gw.url + path, method="DELETE", headers=headers)
+            self.assertEqual(status, 204)
+        self.assertEqual(len(self.events("key.revoked")), 1)
+        self.fake.behave(fail_mid_stream=1, paths=("/api/pull",), times=1)
+        status, _, _ = await get_json(self.gw.url + "/ollama/api/pull", method="POST", headers=ADMIN, body={"model": "nosuch:1b"})
+        self.assertEqual(status, 200)
+        self.assertEqual(self.events("model.pulled"), [])
+        await get_json(self.gw.url + "/ollama/api/pull", method="POST", headers=ADMIN, body={"name": "legacy:1b", "stream": False})
+        self.assertEqual([e["object"] for e in self.events("model.pulled")], ["legacy:1b"])
+        jwt_like = token(sub="x")
+        await get_json(self.gw.url + "/ollama/api/copy", method="POST", headers=ADMIN, body={"source": "qwen3:32b", "destination": jwt_like})
+        self.assertNotIn(jwt_like, self.audit_text())
+
+    async def test_status_does_not_wait_for_a_slot(self):
+        """With every backend slot taken, /v1/admin/status still answers at once (Ollama's /api/ps is asked outside the slots)."""
+        self.start("max_connections: 1\nlimits: {queue_timeout: 120s}")
+        self.fake.hold(after=2, times=1)
+        streamed = stream_call(self.gw.url + "/v1/chat/completions", dict(HI, stream=True), ALICE)
+        await streamed.when_seen(b"data: ")
+        status, _, now = await get_json(self.gw.url + "/v1/admin/status", headers=ADMIN)
+        self.assertEqual((status, now["queue"]["active"], now["loaded_models_error"]), (200, 1, None))
+        self.assertIsInstance(now["backends"][0]["loaded"], list)
+        self.fake.release()
+        await streamed.done
+
+    async def test_reload_errors_do_not_show_values(self):
+        """A failed reload's error, in the status and the audit trail, names where and what, never the value the file held."""
+        self.start()
+        with open(self.gw.config_path, encoding="utf-8") as f:
+            good = f.read()
+        for bad in (f'server: {{mode: "{CANARY}"}}', f"limits: {{max_queue: !!int {CANARY}}}", f'oauth2: {{client_secret: "{CANARY}", enabled: maybe}}'):
+            with open(self.gw.config_path, "w", encoding="utf-8") as f:
+                f.write(good + "\n" + bad + "\n")
+            self.gw.parts.runtime.reload()
+            _, _, now = await get_json(self.gw.url + "/v1/admin/status", headers=ADMIN)
+            self.assertEqual(now["reload"]["result"], "error")
+            self.assertNotIn(CANARY, json.dumps(now), bad)
+        self.assertNotIn(CANARY, self.audit_text())
+        self.assertEqual(len(self.events("config.reload_failed")), 3)
+
+    async def test_an_unusable_audit_path_keeps_the_old_file(self):
+        """A reload naming an audit file that cannot be opened keeps writing the old one, and the status says why."""
+        self.start()
+        with open(self.gw.config_path, encoding="utf-8") as f:
+            config = f.read()
+        with open(self.gw.config_path, "w", encoding="utf-8") as f:
+            f.write(config.replace(self.audit_path, "/etc/hostname/audit.log"))
+        self.assertTrue(self.gw.parts.runtime.reload())
+        self.assertEqual([e["event"] for e in self.events()], ["config.reloaded"])
+        _, _, now = await get_json(self.gw.url + "/v1/admin/status", headers=ADMIN)
+        self.assertEqual((now["audit_log"]["path"], now["audit_log"]["writing"]), (self.audit_path, True))
+        self.assertIn("/etc/hostname/audit.log", now["audit_log"]["error"])

@@ -752,6 +752,26 @@ class Ollama:
         upstream.down_until = 0.0
         return None
 
+    async def loaded(self, config, upstream, timeout):
+        """
+        What one backend has loaded (its C{/api/ps}, parsed), asked outside
+        the slots: an operator's look must not wait behind the users' calls.
+
+        @raise APIError: when it cannot say within C{timeout} seconds.
+        """
+        deadline = self.reactor.seconds() + timeout
+        try:
+            response = await self._send_one(config, upstream.url, b"GET", "/api/ps", None, deadline)
+            body = await self.collect(response, config, deadline, limit=1 << 20)
+        except BackendUnreachable as e:
+            raise e.error from None
+        if response.code != 200:
+            raise APIError("UPSTREAM_UNAVAILABLE", details=f"answered status {response.code}")
+        try:
+            return loads_checked(body)
+        except ValueError:
+            raise APIError("UPSTREAM_UNAVAILABLE", details="the model backend sent a malformed reply") from None
+
     async def check(self):
         """
         C{None} when at least one backend answers, else a short reason.

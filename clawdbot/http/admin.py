@@ -17,7 +17,6 @@ from clawdbot.errors import APIError, invalid
 from clawdbot.http.keys import NO_STORE, Usage
 from clawdbot.http.resource import APIResource, JSONResponse, query_arg
 from clawdbot.ops.audit import EVENTS
-from clawdbot.strictjson import loads_checked
 from clawdbot.units import rfc3339
 
 log = Logger(namespace="clawdbot.admin")
@@ -27,11 +26,19 @@ PS_TIMEOUT = 2.0
 MAX_EVENTS = 1000
 
 
+def _arg(request, name):
+    """A query parameter, given once, in UTF-8 (else a 400)."""
+    try:
+        return query_arg(request, name)
+    except (ValueError, UnicodeDecodeError):
+        raise invalid(f"'{name}' may be given once, in UTF-8") from None
+
+
 def _int_arg(request, name, default, low, high):
-    value = query_arg(request, name, strict=False)
+    value = _arg(request, name)
     if value is None:
         return default
-    if not (value.isascii() and value.isdigit() and low <= int(value) <= high):
+    if not (value.isascii() and value.isdigit() and len(value) <= 19 and low <= int(value) <= high):
         raise invalid(f"'{name}' must be a whole number from {low} to {high}")
     return int(value)
 
@@ -106,11 +113,26 @@ class Status(AdminRoute):
         for waiter in slots.waiting:
             queue_users[_sub_of(waiter.share.key)]["waiting"] += 1
         models = {model: {"active": s.active, "waiting": len(s.waiting)} for model, s in parts.ollama.model_slots.items()}
-        backends = [
-            {"backend": i, "url": _shown_url(u.url), "up": u.down_until <= now, "active": u.active, "down_for_seconds": max(0, round(u.down_until - now, 1))}
-            for i, u in enumerate(parts.ollama.upstreams(config))
-        ]
-        loaded, loaded_error = await self._loaded(config)
+        backends = []
+        loaded, errors = [], []
+        for i, upstream in enumerate(parts.ollama.upstreams(config)):
+            up = upstream.down_until <= now
+            models, error = await self._loaded(config, upstream) if up else (None, "down")
+            backends.append(
+                {
+                    "backend": i,
+                    "url": _shown_url(upstream.url),
+                    "up": up,
+                    "active": upstream.active,
+                    "down_for_seconds": max(0, round(upstream.down_until - now, 1)),
+                    "loaded": models,
+                    "loaded_error": error,
+                }
+            )
+            loaded += models or []
+            if error and up:
+                errors.append(f"backend {i}: {error}")
+        audit = parts.audit
         reload = dict(runtime.last_reload) if runtime.last_reload else None
         if reload is not None:
             reload["time"] = rfc3339(reload["time"])
@@ -135,28 +157,26 @@ class Status(AdminRoute):
                     "by_model": models,
                 },
                 "backends": backends,
-                "loaded_models": loaded,
-                "loaded_models_error": loaded_error,
+                "loaded_models": loaded if not errors or loaded else None,
+                "loaded_models_error": "; ".join(errors) or None,
+                "audit_log": {"path": audit.path, "writing": audit.stream is not None, "error": audit.error},
                 "reload": reload,
                 "reloads": dict(runtime.reloads),
             },
             headers=NO_STORE,
         )
 
-    async def _loaded(self, config):
-        """Ollama's loaded models (C{/api/ps}: name, size in memory, until when), or a reason."""
+    async def _loaded(self, config, upstream):
+        """One backend's loaded models (name, size in memory, until when), or a reason; never more than L{PS_TIMEOUT}."""
         try:
-            # Never more than a moment: the page asks every two seconds.
-            raw = await self.parts.ollama.call(config, b"GET", "/api/ps", deadline=self.parts.reactor.seconds() + PS_TIMEOUT)
-            models = loads_checked(raw).get("models") or []
+            answer = await self.parts.ollama.loaded(config, upstream, PS_TIMEOUT)
         except APIError as e:
             return None, e.details or e.message
-        except (ValueError, AttributeError):
-            return None, "the model backend sent a malformed reply"
+        models = answer.get("models") if isinstance(answer, dict) else None
         out = []
-        for m in models:
-            if isinstance(m, dict):
-                out.append({"name": m.get("name"), "size_vram": m.get("size_vram"), "expires_at": m.get("expires_at")})
+        for m in models if isinstance(models, list) else []:
+            if isinstance(m, dict) and isinstance(m.get("name"), str):
+                out.append({"name": m["name"], "size_vram": m.get("size_vram"), "expires_at": m.get("expires_at")})
         return out, None
 
 
@@ -184,7 +204,7 @@ class Users(AdminRoute):
 
     async def handle_GET(self, request):
         limit = _int_arg(request, "limit", 100, 1, MAX_USERS)
-        sub = query_arg(request, "user", strict=False)
+        sub = _arg(request, "user")
         keys = self.parts.keys
         grants = await keys.store.grants(limit, sub=sub)
         now = self.parts.reactor.seconds()
@@ -223,7 +243,7 @@ class Audit(AdminRoute):
     route_name = "admin_audit"
 
     async def handle_GET(self, request):
-        event = query_arg(request, "event", strict=False)
+        event = _arg(request, "event")
         if event is not None and event not in EVENTS:
             raise invalid("'event' must be one of " + ", ".join(EVENTS))
         limit = _int_arg(request, "limit", 100, 1, MAX_EVENTS)

@@ -196,7 +196,9 @@ class KeyItem(KeysRoute):
         if record is None:
             raise APIError("NOT_FOUND", details="no such key")
         request.audit["key_id"] = record.id
-        self.parts.audit.record("key.revoked", request, obj=record.id, owner=owner_sub(record.owner), by_admin=self.admin)
+        if record.revoked_at is None:
+            # (The key as it was: revoked now, not before.)
+            self.parts.audit.record("key.revoked", request, obj=record.id, owner=owner_sub(record.owner), by_admin=self.admin)
         write_json(request, 204, None)
         return None
 

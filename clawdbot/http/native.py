@@ -125,20 +125,25 @@ class NativeAPI(ModelRoute):
             return JSONResponse(raw)
 
         splitter = LineSplitter()
+        failed = []
 
         def on_data(data):
             # Pass the bytes through as they are; read the counts off the
             # final line so the token budget and the log see them (and count
             # lines meanwhile, for a client that leaves before the end).
-            if counted:
+            # Model management reports a failure as a line of its own.
+            if counted or name in MODEL_EVENTS:
                 for line in splitter.feed(data):
-                    if b'"done":true' in line:
+                    if not counted:
+                        if b'"error"' in line and _is_error_line(line):
+                            failed.append(line)
+                    elif b'"done":true' in line:
                         _count_native(request, line)
                     else:
                         meter.streamed += 1
             return data
 
-        if await self.ollama.stream(config, path, payload, StreamResponse(request, "ndjson", self.metrics), on_data, None, sent, self.share(request)):
+        if await self.ollama.stream(config, path, payload, StreamResponse(request, "ndjson", self.metrics), on_data, None, sent, self.share(request)) and not failed:
             self._audit(request, name, payload)
         return None
 
@@ -151,7 +156,8 @@ class NativeAPI(ModelRoute):
             obj = payload.get("destination")
             details = {"source": payload.get("source") if isinstance(payload.get("source"), str) else None}
         else:
-            obj, details = payload.get("model"), {}
+            # (Ollama still takes the older "name" for the model.)
+            obj, details = payload.get("model") or payload.get("name"), {}
         self.parts_audit.record(event, request, obj=obj if isinstance(obj, str) else None, **details)
 
     async def handle_GET(self, request):
@@ -165,6 +171,14 @@ class NativeAPI(ModelRoute):
         raw = await self.ollama.call(request.config, b"DELETE", "/api/delete", payload, share=self.share(request))
         self._audit(request, "delete", payload)
         return JSONResponse(raw)
+
+
+def _is_error_line(line):
+    try:
+        value = loads_checked(line)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and "error" in value
 
 
 def add_routes(root, parts):

@@ -63,19 +63,34 @@ class AuditLog:
         self.clock = clock
         self.path = None
         self.stream = None
+        # Why the configured file cannot be written, or None (shown by /v1/admin/status).
+        self.error = None
         self._pruned = 0.0
         self.open(config().audit_log.path)
 
     def open(self, path):
-        """Write to C{path} ("-" is stdout, C{None} nothing) from now on."""
-        if self.stream is not None and self.stream is not sys.stdout:
-            self.stream.close()
-        self.path, self.stream = path, None
-        if path == "-":
-            self.stream = sys.stdout
-        elif path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.stream = open(path, "a", encoding="utf-8", buffering=1)
+        """
+        Write to C{path} ("-" is stdout, C{None} nothing) from now on.  The
+        new file is opened before the old one is closed: one that cannot be
+        opened leaves the old stream writing (and says so in L{error} and the
+        log), so no event is lost to a bad path.
+        """
+        try:
+            if path == "-":
+                stream = sys.stdout
+            elif path:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                stream = open(path, "a", encoding="utf-8", buffering=1)
+            else:
+                stream = None
+        except OSError as e:
+            self.error = f"cannot open {path}: {e.strerror or 'error'}"
+            log.error("The audit log cannot be opened, still writing to {old}: {error}", old=self.path, error=self.error)
+            return False
+        old, self.stream, self.path, self.error = self.stream, stream, path, None
+        if old is not None and old is not sys.stdout and old is not stream:
+            old.close()
+        return True
 
     def reopen(self):
         """After logrotate moved the file (SIGUSR1); a reload that changed the path is followed too."""
@@ -96,7 +111,8 @@ class AuditLog:
             "principal": _principal(principal),
             "client": client if client is not None else (request.client_host() if request is not None else None),
             "request_id": request_id if request_id is not None else (request.request_id if request is not None else None),
-            "object": obj,
+            # A name or id from a request may be anything, a token too.
+            "object": redact_text(obj) if isinstance(obj, str) else obj,
         }
         if details:
             entry["details"] = {key: redact_text(value) if isinstance(value, str) else value for key, value in details.items()}

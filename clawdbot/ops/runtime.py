@@ -12,15 +12,29 @@ whoever uses it.
 """
 
 import os
+import re
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from clawdbot.config import ConfigError, changed_keys, load_config, restart_needed
+from clawdbot.ops.observe import redact_text
 from clawdbot.errors import APIError
 
 log = Logger(namespace="clawdbot.gateway")
+
+
+_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+
+
+def shown_error(error):
+    """
+    A reload's error as the admin page and the audit log show it: where and
+    what, without the value the file held there (it may be a secret), and
+    redacted as the access log is.
+    """
+    return redact_text(_QUOTED.sub("'…'", error))
 
 
 class Runtime:
@@ -129,9 +143,10 @@ class Runtime:
     def _reload_failed(self, path, error, config_path, unexpected=False):
         """Count, log and audit a failed reload; the running config stays."""
         self.reloads["error"] += 1
-        self.last_reload = {"time": self.reactor.seconds(), "result": "error", "error": error, "changed": []}
+        shown = shown_error(error)
+        self.last_reload = {"time": self.reactor.seconds(), "result": "error", "error": shown, "changed": []}
         if self.audit is not None:
-            self.audit.record("config.reload_failed", obj=path, error=error)
+            self.audit.record("config.reload_failed", obj=path, error=shown)
         try:
             self.metrics.reloads.labels("error").inc()
         except Exception:

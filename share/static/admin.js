@@ -203,8 +203,8 @@ async function refreshPeople() {
       } catch (e) {
         showMessage("admin.failed", { msg: e.message });
       }
-      refreshPeople().catch(() => {});
-      refreshAudit().catch(() => {});
+      attempt("people", refreshPeople);
+      attempt("audit", refreshAudit);
     });
     const action = document.createElement("td");
     action.append(revoke);
@@ -231,20 +231,38 @@ async function refreshAudit() {
 
 // --- the page ----------------------------------------------------------------------
 
-function every(ms, fn) {
-  const run = async () => {
-    try {
-      await fn();
-      if ($("admin-message").dataset.key === "admin.stale") $("admin-message").hidden = true;
-    } catch (e) {
-      if (e instanceof API.ApiError && (e.status === 401 || e.status === 403)) {
-        showMessage("admin.denied");
-        $("admin-main").hidden = true;
-        return;
-      }
-      showMessage("admin.stale");
+// The panels whose last refresh failed: the "stale" notice stays while any does.
+const stale = new Set();
+let denied = false;
+
+function refreshed(name, ok) {
+  if (ok) stale.delete(name);
+  else stale.add(name);
+  if (denied) return;
+  if (stale.size) showMessage("admin.stale");
+  else if ($("admin-message").dataset.key === "admin.stale") $("admin-message").hidden = true;
+}
+
+/** Run fn now and every ms; a refusal (the admin scope lost) stops every panel. */
+async function attempt(name, fn) {
+  try {
+    await fn();
+    refreshed(name, true);
+  } catch (e) {
+    if (e instanceof API.ApiError && (e.status === 401 || e.status === 403)) {
+      denied = true;
+      showMessage("admin.denied");
+      $("admin-main").hidden = true;
+      return false;
     }
-    setTimeout(run, ms);
+    refreshed(name, false);
+  }
+  return !denied;
+}
+
+function every(ms, name, fn) {
+  const run = async () => {
+    if (await attempt(name, fn)) setTimeout(run, ms);
   };
   run();
 }
@@ -267,7 +285,9 @@ async function main() {
     option.textContent = name;
     filter.append(option);
   }
-  filter.addEventListener("change", () => refreshAudit().catch(() => showMessage("admin.stale")));
+  filter.addEventListener("change", () => {
+    if (!denied) attempt("audit", refreshAudit);
+  });
   $("usage-csv").addEventListener("click", () => exportCsv().catch((e) => showMessage("admin.failed", { msg: e.message })));
   onLanguageChange(() => applyI18n(document));
 
@@ -288,10 +308,10 @@ async function main() {
     return;
   }
   $("admin-main").hidden = false;
-  every(LIVE_EVERY, refreshNow);
-  every(SLOW_EVERY, refreshUsage);
-  every(SLOW_EVERY, refreshPeople);
-  every(SLOW_EVERY, refreshAudit);
+  every(LIVE_EVERY, "now", refreshNow);
+  every(SLOW_EVERY, "usage", refreshUsage);
+  every(SLOW_EVERY, "people", refreshPeople);
+  every(SLOW_EVERY, "audit", refreshAudit);
 }
 
 main();
