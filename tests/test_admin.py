@@ -254,7 +254,7 @@ class AuditReviewTests(AuditBacked):
         streamed = stream_call(self.gw.url + "/v1/chat/completions", dict(HI, stream=True), ALICE)
         await streamed.when_seen(b"data: ")
         status, _, now = await get_json(self.gw.url + "/v1/admin/status", headers=ADMIN)
-        self.assertEqual((status, now["queue"]["active"], now["loaded_models_error"]), (200, 1, None))
+        self.assertEqual((status, now["queue"]["active"], now["loaded_models_error"], now["queue"]["by_model"]), (200, 1, None, {}))
         self.assertIsInstance(now["backends"][0]["loaded"], list)
         self.fake.release()
         await streamed.done

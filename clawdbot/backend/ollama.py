@@ -764,6 +764,8 @@ class Ollama:
             response = await self._send_one(config, upstream.url, b"GET", "/api/ps", None, deadline)
             body = await self.collect(response, config, deadline, limit=1 << 20)
         except BackendUnreachable as e:
+            # Seen unreachable: marked down, as a health check would.
+            self.mark_down(upstream, config)
             raise e.error from None
         if response.code != 200:
             raise APIError("UPSTREAM_UNAVAILABLE", details=f"answered status {response.code}")

@@ -112,12 +112,13 @@ class Status(AdminRoute):
                 queue_users[_sub_of(key)]["active"] += held
         for waiter in slots.waiting:
             queue_users[_sub_of(waiter.share.key)]["waiting"] += 1
-        models = {model: {"active": s.active, "waiting": len(s.waiting)} for model, s in parts.ollama.model_slots.items()}
+        capped = {model: {"active": s.active, "waiting": len(s.waiting)} for model, s in parts.ollama.model_slots.items()}
         backends = []
         loaded, errors = [], []
         for i, upstream in enumerate(parts.ollama.upstreams(config)):
-            up = upstream.down_until <= now
-            models, error = await self._loaded(config, upstream) if up else (None, "down")
+            names, error = await self._loaded(config, upstream) if upstream.down_until <= now else (None, "down")
+            # Asking may have found it unreachable (and marked it down).
+            up = upstream.down_until <= parts.reactor.seconds()
             backends.append(
                 {
                     "backend": i,
@@ -125,11 +126,11 @@ class Status(AdminRoute):
                     "up": up,
                     "active": upstream.active,
                     "down_for_seconds": max(0, round(upstream.down_until - now, 1)),
-                    "loaded": models,
+                    "loaded": names,
                     "loaded_error": error,
                 }
             )
-            loaded += models or []
+            loaded += names or []
             if error and up:
                 errors.append(f"backend {i}: {error}")
         audit = parts.audit
@@ -154,7 +155,7 @@ class Status(AdminRoute):
                     "active": slots.active,
                     "waiting": len(slots.waiting),
                     "by_user": dict(queue_users),
-                    "by_model": models,
+                    "by_model": capped,
                 },
                 "backends": backends,
                 "loaded_models": loaded if not errors or loaded else None,

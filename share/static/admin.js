@@ -255,6 +255,8 @@ async function attempt(name, fn) {
       $("admin-main").hidden = true;
       return false;
     }
+    // A bug of the page's own (not an answer it could not get) is worth a console line.
+    if (!(e instanceof API.ApiError) && !(e instanceof API.NetworkError)) console.error(e);
     refreshed(name, false);
   }
   return !denied;
