@@ -644,6 +644,13 @@ def _validate(config, empties):
     for path, url in urls:
         if not re.match(r"^https?://[^/\s]+", url):
             raise ConfigError(path, "must be an http:// or https:// URL")
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 (raises for a port that is not one)
+        except ValueError:
+            raise ConfigError(path, "must be a URL with a valid host and port") from None
+        if not parts.hostname:
+            raise ConfigError(path, "must be a URL with a valid host and port")
     for alias, target in config.backend.aliases.items():
         if not target:
             raise ConfigError(f"backend.aliases.{alias}", "must name a model")

@@ -286,3 +286,39 @@ class AuditReviewTests(AuditBacked):
         _, _, now = await get_json(self.gw.url + "/v1/admin/status", headers=ADMIN)
         self.assertEqual((now["audit_log"]["path"], now["audit_log"]["writing"]), (self.audit_path, True))
         self.assertIn("/etc/hostname/audit.log", now["audit_log"]["error"])
+
+
+class AuditRecheckTests(AuditBacked):
+    """The re-check of the review's fixes."""
+
+    async def test_two_revocations_at_once_on_postgresql(self):
+        """Of two revocations of one key at the same moment, one revokes and is audited (PostgreSQL's isolation let both update)."""
+        from twisted.internet.defer import Deferred, gatherResults
+
+        from tests.test_sessions import pg_database
+
+        self.start(f'storage: {{backend: postgresql, dsn: "{pg_database(self)}"}}')
+        _, _, made = await get_json(self.gw.url + "/v1/keys", method="POST", headers=ALICE, body={"name": "k"})
+        paths = [(f"/v1/keys/{made['id']}", ALICE), (f"/v1/admin/keys/{made['id']}", ADMIN)] * 3
+        results = await gatherResults([Deferred.fromCoroutine(get_json(self.gw.url + path, method="DELETE", headers=headers)) for path, headers in paths])
+        self.assertEqual({status for status, _, _ in results}, {204})
+        self.assertEqual(len(self.events("key.revoked")), 1)
+
+    async def test_unusable_paths_and_addresses(self):
+        """A backend URL whose port or host cannot be read is refused by the config; an audit path with a NUL or naming a pipe leaves the old file writing."""
+        from clawdbot.config import ConfigError, parse_config
+        from tests.helpers import BASE_CONFIG
+
+        for url in ("http://127.0.0.1:99999", "http://h:0x10", "http://u:pw@[::1"):
+            with self.assertRaises(ConfigError, msg=url):
+                parse_config(merge_yaml(BASE_CONFIG, f'backend: {{urls: ["{url}"]}}'), {})
+        self.start()
+        fifo = os.path.join(tempfile.mkdtemp(), "pipe")
+        os.mkfifo(fifo)
+        audit = self.gw.parts.audit
+        for path in ("/tmp/x\0y.log", fifo):
+            self.assertFalse(audit.open(path))
+            self.assertEqual(audit.path, self.audit_path)
+            self.assertIn("cannot open", audit.error)
+        await get_json(self.gw.url + "/v1/keys", method="POST", headers=ALICE, body={"name": "still"})
+        self.assertEqual([e["details"]["name"] for e in self.events("key.created")], ["still"])

@@ -10,6 +10,7 @@ import collections
 import os
 import urllib.parse
 
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 
 from clawdbot.auth.identity import Principal
@@ -63,7 +64,11 @@ def _open_files():
 
 def _shown_url(url):
     """A backend's address without any user or password in it."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises for a port that is not one)
+    except ValueError:
+        return "(an address that cannot be read)"
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
@@ -115,8 +120,10 @@ class Status(AdminRoute):
         capped = {model: {"active": s.active, "waiting": len(s.waiting)} for model, s in parts.ollama.model_slots.items()}
         backends = []
         loaded, errors = [], []
-        for i, upstream in enumerate(parts.ollama.upstreams(config)):
-            names, error = await self._loaded(config, upstream) if upstream.down_until <= now else (None, "down")
+        upstreams = parts.ollama.upstreams(config)
+        # All backends are asked at once: the answer takes PS_TIMEOUT at most, however many hang.
+        answers = await gatherResults([Deferred.fromCoroutine(self._loaded(config, u)) if u.down_until <= now else succeed((None, "down")) for u in upstreams])
+        for i, (upstream, (names, error)) in enumerate(zip(upstreams, answers)):
             # Asking may have found it unreachable (and marked it down).
             up = upstream.down_until <= parts.reactor.seconds()
             backends.append(

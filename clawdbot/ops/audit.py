@@ -79,12 +79,16 @@ class AuditLog:
             if path == "-":
                 stream = sys.stdout
             elif path:
+                if os.path.exists(path) and not os.path.isfile(path):
+                    # A pipe would block the gateway until someone reads it.
+                    raise OSError(0, "not a regular file")
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 stream = open(path, "a", encoding="utf-8", buffering=1)
             else:
                 stream = None
-        except OSError as e:
-            self.error = f"cannot open {path}: {e.strerror or 'error'}"
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else "not a usable path"
+            self.error = f"cannot open {path!r}: {reason}"
             log.error("The audit log cannot be opened, still writing to {old}: {error}", old=self.path, error=self.error)
             return False
         old, self.stream, self.path, self.error = self.stream, stream, path, None

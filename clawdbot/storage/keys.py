@@ -15,6 +15,7 @@ grant) are announced on the database's notification channel
 L{CHANNEL} (PostgreSQL's C{NOTIFY}; nothing with SQLite, one instance).
 """
 
+import dataclasses
 import json
 
 from clawdbot.auth.identity import Grant, KeyRecord, owner_digest
@@ -138,7 +139,10 @@ class KeyStore:
             if owner is not None and record.owner != owner:
                 return None
             if record.revoked_at is None:
-                cur.execute(self._sql("UPDATE api_keys SET revoked_at = ? WHERE id = ?"), (now, key_id))
+                # Only a key still live: of two revocations at once, one revokes.
+                cur.execute(self._sql("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"), (now, key_id))
+                if cur.rowcount == 0:
+                    record = dataclasses.replace(record, revoked_at=now)
             self.engine.notify(cur, CHANNEL, "key:" + record.hash)
             return record
 
