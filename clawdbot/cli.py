@@ -61,6 +61,9 @@ def main(argv=None, environ=None):
         for warning in config.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         sys.stdout.write(text)
+        count = len(config.warnings)
+        said = f" ({count} warning{'s' if count != 1 else ''} above)" if count else ""
+        print(f"clawdbot: {args.config} is valid{said}", file=sys.stderr)
         return 0
     return _token(args, config)
 

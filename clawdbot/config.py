@@ -26,7 +26,9 @@ from clawdbot.auth.session import session_issuer
 from clawdbot.net import ip_network_text, is_decimal, is_loopback, strport_interface, strport_port, web_origin
 from clawdbot.units import format_duration, format_size, parse_duration, parse_size, zone_of
 
-PLACEHOLDER_SECRET = "your-32-byte-secret-key-here"
+PLACEHOLDER_SECRET = "change-me-to-a-random-secret-of-32-bytes"
+# The example configs' placeholders, this one and earlier ones: known to everyone.
+PLACEHOLDER_SECRETS = frozenset({PLACEHOLDER_SECRET, "your-32-byte-secret-key-here"})
 MIN_SECRET_BYTES = 32
 MASK = "********"
 
@@ -612,7 +614,7 @@ def _validate(config, empties):
         if "HS256" in jwt.algorithms:
             if not jwt.secret:
                 raise ConfigError("auth.jwt.secret", "is required when HS256 is allowed")
-            if jwt.secret == PLACEHOLDER_SECRET:
+            if jwt.secret in PLACEHOLDER_SECRETS:
                 if production:
                     raise ConfigError("auth.jwt.secret", "is the example placeholder; set a real secret (for example from JWT_SECRET)")
                 warnings.append("auth.jwt.secret is the example placeholder: anyone can mint tokens; never use it outside dev mode")
@@ -758,7 +760,7 @@ def _validate_oauth2(config, production, warnings):
     if secret is None:
         if not config.auth.jwt.secret:
             raise ConfigError("oauth2.session_secret", "is required when auth.jwt.secret is not set (it signs session tokens and cookies)")
-    elif secret == PLACEHOLDER_SECRET:
+    elif secret in PLACEHOLDER_SECRETS:
         if production:
             raise ConfigError("oauth2.session_secret", "is the example placeholder; set a real secret")
         warnings.append("oauth2.session_secret is the example placeholder: anyone can forge sessions; never use it outside dev mode")

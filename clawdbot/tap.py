@@ -21,7 +21,7 @@ from clawdbot.auth.fetch import HTTPFetcher
 from clawdbot.auth.keys import ApiKeys
 from clawdbot.auth.tokens import Authentication
 from clawdbot.backend.images import ImageWorkers
-from clawdbot.backend.ollama import Ollama, backend_urls
+from clawdbot.backend.ollama import Ollama, backend_urls, display_url
 from clawdbot.config import ConfigError, load_config
 from clawdbot.http.site import GatewaySite
 from clawdbot.http.resource import JSONParsers
@@ -29,7 +29,7 @@ from clawdbot.http.tree import Parts, Readiness, build_root, metrics_root
 from clawdbot.logs import set_level
 from clawdbot.net import is_loopback, strport_interface
 from clawdbot.ops.accounting import Accounting
-from clawdbot.ops.health import health_checks
+from clawdbot.ops.health import health_checks, startup_check
 from clawdbot.ops.observe import AccessLog, Metrics
 from clawdbot.ops.ratelimit import build_limiter
 from clawdbot.ops.runtime import Runtime
@@ -291,6 +291,9 @@ def makeService(options, reactor=None, say=_say, agent_factory=None):
     # usage.flush_interval (started last: a listener that cannot bind stops
     # the start-up before any of it runs).
     TimerService(config.usage.flush_interval, parts.batches.run).setServiceParent(top)
+    # Once the ports are open: whether Ollama answers, said beside them.
+    addresses = ", ".join(display_url(url) for url in backend_urls(config))
+    startup_check(parts.ollama, addresses, say, reactor).setServiceParent(top)
     return top
 
 

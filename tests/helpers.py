@@ -163,7 +163,7 @@ class Running:
         self.service = service
         self.parts = service.parts
         self.said = said
-        urls = [line.split(" listening on ")[1].split()[0] for line in said]
+        urls = [line.split(" listening on ")[1].split()[0] for line in said if " listening on " in line]
         self.url = urls[0]
         self.debug_url = urls[1] if len(urls) > 1 else None
 

@@ -330,3 +330,33 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("auth.jwt.algorithms[0]: 'none' is not allowed", result.stderr)
         self.assertNotIn("listening", result.stdout)
+
+
+class FirstRunTests(SynchronousTestCase):
+    """A newcomer's first commands on the example config (issue 20, items 4): plain words, no library warnings."""
+
+    run_cli = CheckConfigTests.run_cli
+
+    def test_the_example_config_checks_and_mints_quietly(self):
+        """check-config says the example file is valid (with its dev-mode warnings counted), and token mints with the example placeholder without PyJWT's key-length warning: it is 32 bytes or more."""
+        example = os.path.join(ROOT, "etc", "clawdbot.yaml")
+        result = self.run_cli("check-config", "--config", example, env={"JWT_SECRET": ""})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stderr.splitlines()[-1], r"^clawdbot: .*etc/clawdbot\.yaml is valid( \(\d+ warnings? above\))?$")
+        self.assertGreaterEqual(len(PLACEHOLDER_SECRET.encode()), 32)
+        token = self.run_cli("token", "--config", example, "--sub", "alice", env={"JWT_SECRET": ""})
+        self.assertEqual(token.returncode, 0, token.stderr)
+        self.assertNotIn("Warning", token.stderr)
+        self.assertEqual(token.stdout.count("."), 2)
+        short = write_config(self, SEED_JWT)
+        quiet = self.run_cli("token", "--config", short, "--sub", "alice", env={"JWT_SECRET": "short-secret"})
+        self.assertEqual(quiet.returncode, 0, quiet.stderr)
+        self.assertNotIn("InsecureKeyLengthWarning", quiet.stderr)
+
+    def test_the_earlier_placeholder_is_still_refused_in_production(self):
+        """Production mode refuses the earlier example placeholder as well as the current one."""
+        for placeholder in ("your-32-byte-secret-key-here", PLACEHOLDER_SECRET):
+            path = write_config(self, SEED_JWT + 'server: {mode: production}')
+            result = self.run_cli("check-config", "--config", path, env={"JWT_SECRET": placeholder})
+            self.assertEqual(result.returncode, 2, placeholder)
+            self.assertIn("example placeholder", result.stderr)

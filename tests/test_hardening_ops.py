@@ -25,7 +25,7 @@ from clawdbot.config import ConfigError, dump_effective, effective, parse_config
 from clawdbot.ops.ratelimit import WINDOW, MemoryLimiter
 from clawdbot.http.tree import Readiness
 from testing.fake_ollama import FakeOllama
-from tests.helpers import BASE_CONFIG, Process, clawdbot_argv, closed_port, get_json, merge_yaml, serve, write_config
+from tests.helpers import BASE_CONFIG, Process, clawdbot_argv, closed_port, get_json, merge_yaml, serve, until, write_config
 
 SECRET = "s" * 32
 BASE = f'auth: {{jwt: {{secret: "{SECRET}", issuer: "https://sso.example.com", audience: "chat"}}}}\n'
@@ -551,6 +551,8 @@ class ReadinessHTTPTests(TestCase):
         gw = serve(self, extra=f'backend: {{url: "{fake.url}"}}')
         clock = Clock()
         gw.parts.readiness.clock = clock
+        # (The start-up check asks once on its own: counted before.)
+        await until(lambda: any("Ollama at" in line for line in gw.said), what="the start-up check")
         before = len(fake.requests_to("/api/version"))
         results = await gatherResults([ensureDeferred(get_json(gw.url + "/readyz")) for _ in range(50)])
         for _ in range(100):

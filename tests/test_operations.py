@@ -482,3 +482,28 @@ class ReviewRegressionTests(Backed):
         line = self.access_lines()[-1]
         self.assertIn("omitted", line["request_body"])
         self.assertNotIn("canary-big-secret", json.dumps(self.access_lines()))
+
+
+class StartupCheckTests(TestCase):
+    """At start the gateway says whether Ollama answers, beside the "listening on" lines (issue 20, item 4)."""
+
+    async def test_says_whether_ollama_answers(self):
+        """With no Ollama at the address it says so at once, naming the address; with one, that it answers. A call to a lone backend that is down logs that calls get 502, not "routing around it"."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        down = f"http://127.0.0.1:{helpers.closed_port(self)}"
+        gw = serve(self, f'backend: {{url: "{down}"}}')
+        await helpers.until(lambda: any("Ollama at" in line for line in gw.said), what="the start-up check")
+        said = [line for line in gw.said if "Ollama at" in line]
+        self.assertEqual(said, [f"Ollama at {down} is not answering (not reachable); model calls get 502 until it does"])
+        await get_json(gw.url + "/v1/chat/completions", method="POST", headers=bearer(token()), body={"model": "qwen3:32b", "messages": [{"role": "user", "content": "hi"}]})
+        texts = [e.get("log_format", "") for e in events]
+        self.assertIn("Backend {url} is not answering; model calls get 502 until it does", texts)
+        self.assertNotIn("Backend {url} is down; routing around it to the others", texts)
+        fake = FakeOllama()
+        fake.listen(reactor)
+        self.addCleanup(fake.stop)
+        up = serve(self, f'backend: {{url: "{fake.url}"}}')
+        await helpers.until(lambda: any("Ollama at" in line for line in up.said), what="the start-up check")
+        self.assertEqual([line for line in up.said if "Ollama at" in line], [f"Ollama at {fake.url} answers"])

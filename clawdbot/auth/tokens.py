@@ -19,8 +19,10 @@ is never logged.
 """
 
 import time
+import warnings
 
 import jwt
+from jwt.warnings import InsecureKeyLengthWarning
 from jwt.exceptions import (
     DecodeError,
     ExpiredSignatureError,
@@ -35,6 +37,10 @@ from jwt.exceptions import (
     PyJWKError,
 )
 from twisted.logger import Logger
+
+# A short HS256 secret is the config's to warn about, once, in its own words
+# (dev mode; production refuses it): not PyJWT's, with a file path, on every use.
+warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
 
 from clawdbot.errors import APIError
 from clawdbot.strictjson import parse_json

@@ -380,9 +380,13 @@ def backend_urls(config):
     return config.backend.urls or (config.backend.url,)
 
 
-def _display(url):
-    """A backend's URL for logs (no credentials)."""
-    return url.split("@")[-1]
+def display_url(url):
+    """A backend's URL for logs and messages (no credentials)."""
+    scheme, sep, rest = url.partition("://")
+    return scheme + sep + rest.split("@")[-1] if sep else url.split("@")[-1]
+
+
+_display = display_url
 
 
 class Upstream:
@@ -504,7 +508,10 @@ class Ollama:
 
     def mark_down(self, upstream, config):
         if upstream.down_until <= self.reactor.seconds():
-            log.warn("Backend {url} is down; routing around it", url=_display(upstream.url))
+            if len(backend_urls(config)) > 1:
+                log.warn("Backend {url} is down; routing around it to the others", url=_display(upstream.url))
+            else:
+                log.warn("Backend {url} is not answering; model calls get 502 until it does", url=_display(upstream.url))
         upstream.down_until = self.reactor.seconds() + config.backend.health_interval
 
     async def send(self, config, method, path, body=None, deadline=None, lease=None):

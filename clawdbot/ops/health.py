@@ -61,3 +61,48 @@ def health_checks(ollama: Backends, metrics: "Metrics", interval: float, clock: 
     timer = HealthChecks(ollama, metrics, interval)
     timer.clock = clock
     return timer
+
+
+class StartupCheck(TimerService):
+    """
+    Once, as the gateway starts: whether Ollama answers, said where the
+    operator looks (with C{say}, beside the "listening on" lines), so a
+    missing Ollama is known at once, not from the first user's 502.
+    """
+
+    def __init__(self, ollama: Backends, addresses: str, say: Any) -> None:
+        super().__init__(3600 * 24 * 365, self.check)
+        self.ollama = ollama
+        self.addresses = addresses
+        self.say = say
+        self.done = False
+        self.check_running: Deferred[Any] | None = None
+
+    def check(self) -> Deferred[Any] | None:
+        if self.done:
+            return None
+        self.done = True
+        d: Deferred[Any] = Deferred.fromCoroutine(self.ollama.check())
+        d.addCallback(self._said)
+        d.addErrback(lambda f: None if f.check(CancelledError) else log.failure("The start-up backend check failed", f))
+        self.check_running = d
+        return d
+
+    def stopService(self) -> Deferred[None] | None:
+        # A backend that never answers must not hold up the stop.
+        if self.check_running is not None and not self.check_running.called:
+            self.check_running.cancel()
+        return super().stopService()
+
+    def _said(self, reason: str | None) -> None:
+        if reason is None:
+            self.say(f"Ollama at {self.addresses} answers")
+        else:
+            self.say(f"Ollama at {self.addresses} is not answering ({reason}); model calls get 502 until it does")
+
+
+def startup_check(ollama: Backends, addresses: str, say: Any, clock: Any) -> StartupCheck:
+    """L{StartupCheck} on C{clock} (the reactor)."""
+    service = StartupCheck(ollama, addresses, say)
+    service.clock = clock
+    return service
