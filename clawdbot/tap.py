@@ -285,7 +285,7 @@ def makeService(options, reactor=None, say=_say, agent_factory=None):
             reactor,
             debug,
             debug_site,
-            lambda addr: say(f"Debug port listening on {_url(debug, addr)} (dev mode, no authentication)"),
+            lambda addr: say(f"Debug port listening on {_url(debug, addr)} (dev mode, no authentication): open it in a browser to chat"),
         ).setServiceParent(top)
     # Usage, quota totals and keys' last use are written every
     # usage.flush_interval (started last: a listener that cannot bind stops

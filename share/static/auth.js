@@ -94,6 +94,8 @@ function paintSignin({ signin }) {
     bindText(el.signinMessage, key);
   }
   el.signinRetry.hidden = !retry;
+  // No sign-in on this server: a Sign in button would lead nowhere.
+  el.signinButton.hidden = key === "signin.unconfigured";
 }
 
 function paintUser({ me, mode, signingOut }) {
