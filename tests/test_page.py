@@ -103,9 +103,10 @@ def _secure_port(browser, url):
     page = browser.new_page(viewport=DESKTOP, locale="en-US")
     response = page.goto(url)
     seen["csp"] = response.headers.get("content-security-policy")
-    page.get_by_test_id("signin").wait_for(state="visible")
+    page.locator("#signin").wait_for(state="visible")
     page.wait_for_load_state("networkidle")
-    seen["signin_text"] = page.get_by_test_id("signin").inner_text()
+    seen["signin_text"] = page.get_by_test_id("signin").text_content()
+    seen["signin_visible"] = page.get_by_test_id("signin").is_visible()
     message = page.get_by_test_id("signin-message")
     seen["signin_message"] = message.inner_text() if message.is_visible() else ""
     seen["app_visible"] = page.get_by_test_id("composer").is_visible()
@@ -113,12 +114,12 @@ def _secure_port(browser, url):
     seen["lang_visible"] = page.get_by_test_id("lang-switch").is_visible()
     page.screenshot_as("signin-desktop")
     page.get_by_test_id("lang-switch").select_option("zh-CN")
-    seen["signin_text_zh"] = page.get_by_test_id("signin").inner_text()
+    seen["signin_text_zh"] = page.get_by_test_id("signin").text_content()
     seen["problems"] = page.problems()
 
     phone = browser.new_page(viewport=PHONE, locale="en-US", is_mobile=True, has_touch=True)
     phone.goto(url)
-    phone.get_by_test_id("signin").wait_for(state="visible")
+    phone.locator("#signin").wait_for(state="visible")
     phone.wait_for_load_state("networkidle")
     phone.screenshot_as("signin-phone")
     seen["phone_problems"] = phone.problems()
@@ -280,7 +281,11 @@ class ChatPageTests(TestCase):
         # No sign-in is configured in this test's gateway: if it has no
         # /auth/refresh at all, the page says so.
         if seen["signin_message"]:
+            # ...and hides the Sign in button, which would lead nowhere.
             self.assertIn("sign-on", seen["signin_message"])
+            self.assertFalse(seen["signin_visible"])
+        else:
+            self.assertTrue(seen["signin_visible"])
         self.assertEqual(seen["signin_text_zh"], "登录")
         self.assertFalse(seen["app_visible"])
         self.assertFalse(seen["signout_visible"])
