@@ -70,8 +70,19 @@ class Options(usage.Options):
             raise usage.UsageError(f"config error in {self['config']}: {e}") from None
 
 
-class ListenError(Exception):
-    """A listener could not bind; start-up stops."""
+class ListenError(SystemExit):
+    """
+    A listener could not bind: start-up stops with one line and status 1.
+    A C{SystemExit}, so that under C{twistd} too (where an exception would
+    end in its traceback) the process ends with just this line.
+    """
+
+    def __init__(self, message):
+        super().__init__(f"clawdbot: {message}")
+        self.message = message
+
+    def __str__(self):
+        return self.message
 
 
 class Listener(service.Service):

@@ -507,3 +507,15 @@ class StartupCheckTests(TestCase):
         up = serve(self, f'backend: {{url: "{fake.url}"}}')
         await helpers.until(lambda: any("Ollama at" in line for line in up.said), what="the start-up check")
         self.assertEqual([line for line in up.said if "Ollama at" in line], [f"Ollama at {fake.url} answers"])
+
+
+class ReadyzAddressTests(TestCase):
+    async def test_dev_mode_names_the_address_tried(self):
+        """In dev mode a not-ready /readyz names the Ollama address it tried; in production (where /readyz is public) it does not."""
+        down = f"http://127.0.0.1:{helpers.closed_port(self)}"
+        gw = serve(self, f'backend: {{url: "{down}"}}')
+        status, _, body = await get_json(gw.url + "/readyz")
+        self.assertEqual((status, body["reason"]), (503, f"Ollama at {down}: not reachable"))
+        prod = serve(self, f'backend: {{url: "{down}"}}\nserver: {{mode: production}}\nauth: {{jwt: {{secret: "{"p" * 40}"}}}}', no_debug=True)
+        status, _, body = await get_json(prod.url + "/readyz")
+        self.assertEqual((status, body["reason"]), (503, "Ollama: not reachable"))

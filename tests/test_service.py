@@ -16,7 +16,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from clawdbot.tap import ListenError, Options, makeService
-from tests.helpers import BASE_CONFIG, reserved_port, ROOT, Process, clawdbot_argv, get_json, merge_yaml, serve, write_config
+from tests.helpers import BASE_CONFIG, reserved_port, ROOT, Process, clawdbot_argv, get_json, merge_yaml, serve, write_config, process_env
 
 MATRIX_CONFIG = merge_yaml(BASE_CONFIG, 'server: {listen: "tcp:8080", debug_listen: "tcp:18789:interface=127.0.0.1"}')
 
@@ -275,3 +275,22 @@ class RealProcessTests(TestCase):
             sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
             reply = sock.recv(4096)
         self.assertIn(b"200 OK", reply)
+
+
+class TwistdPortTakenTests(SynchronousTestCase):
+    def test_one_line_not_a_traceback(self):
+        """twistd -n clawdbot on a port that is taken ends with one line naming the port and status 1, as clawdbot start does: no traceback."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        self.addCleanup(sock.close)
+        port = sock.getsockname()[1]
+        path = write_config(self, merge_yaml(BASE_CONFIG, f'server: {{listen: "tcp:{port}:interface=127.0.0.1"}}'))
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        for argv in ([twistd, "-n", "--pidfile=", "clawdbot", "--config", path, "--no-debug-port"], [os.path.join(os.path.dirname(sys.executable), "clawdbot"), "start", "--config", path, "--no-debug-port"]):
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=process_env(), cwd=ROOT)
+            self.assertEqual(result.returncode, 1, result.stderr[-500:])
+            self.assertNotIn("Traceback", result.stderr + result.stdout)
+            # (twistd sends standard error to its log, on standard output with -n.)
+            self.assertIn(f"clawdbot: cannot listen on tcp:{port}", result.stderr + result.stdout)

@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from clawdbot.backend.ollama import backend_urls, display_url
 from clawdbot.http import admin, agents, chat, history, keys, native, sso
 from clawdbot.http.static import StaticFiles, static_dir
 from clawdbot.http.resource import APIResource, JSONResponse, Node
@@ -155,7 +156,11 @@ class Ready(APIResource):
         checks["backend"] = reason or "ok"
         checks["backends"] = self.ollama.status(request.config)
         if reason:
-            return JSONResponse({"status": "not ready", "reason": f"Ollama: {reason}", "checks": checks}, status=503)
+            where = "Ollama"
+            if request.config.server.mode == "dev":
+                # A newcomer's machine: say which address was tried (never in production, where /readyz is public).
+                where = "Ollama at " + ", ".join(display_url(url) for url in backend_urls(request.config))
+            return JSONResponse({"status": "not ready", "reason": f"{where}: {reason}", "checks": checks}, status=503)
         return {"status": "ready", "checks": checks}
 
 
