@@ -304,7 +304,7 @@ def makeService(options, reactor=None, say=_say, agent_factory=None):
     TimerService(config.usage.flush_interval, parts.batches.run).setServiceParent(top)
     # Once the ports are open: whether Ollama answers, said beside them.
     addresses = ", ".join(display_url(url) for url in backend_urls(config))
-    startup_check(parts.ollama, addresses, say, reactor).setServiceParent(top)
+    startup_check(parts.ollama, addresses, say).setServiceParent(top)
     return top
 
 

@@ -66,12 +66,7 @@ class ListenerMatrixTests(SynchronousTestCase):
 
     def test_bind_failure_aborts_start(self):
         """A port that cannot be bound stops start-up with a clear error."""
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(1)
-        self.addCleanup(sock.close)
-        port = sock.getsockname()[1]
+        port = taken_port(self)
         from twisted.internet import reactor
 
         path = write_config(self, merge_yaml(BASE_CONFIG, f'server: {{listen: "tcp:{port}:interface=127.0.0.1"}}'))
@@ -277,15 +272,20 @@ class RealProcessTests(TestCase):
         self.assertIn(b"200 OK", reply)
 
 
+def taken_port(testcase):
+    """A loopback port something else listens on for the test's length."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    testcase.addCleanup(sock.close)
+    return sock.getsockname()[1]
+
+
 class TwistdPortTakenTests(SynchronousTestCase):
     def test_one_line_not_a_traceback(self):
         """twistd -n clawdbot on a port that is taken ends with one line naming the port and status 1, as clawdbot start does: no traceback."""
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(1)
-        self.addCleanup(sock.close)
-        port = sock.getsockname()[1]
+        port = taken_port(self)
         path = write_config(self, merge_yaml(BASE_CONFIG, f'server: {{listen: "tcp:{port}:interface=127.0.0.1"}}'))
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         for argv in ([twistd, "-n", "--pidfile=", "clawdbot", "--config", path, "--no-debug-port"], [os.path.join(os.path.dirname(sys.executable), "clawdbot"), "start", "--config", path, "--no-debug-port"]):

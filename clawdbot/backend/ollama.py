@@ -381,9 +381,11 @@ def backend_urls(config):
 
 
 def display_url(url):
-    """A backend's URL for logs and messages (no credentials)."""
+    """A backend's URL for logs, messages and the admin page: no user, password or query."""
     scheme, sep, rest = url.partition("://")
-    return scheme + sep + rest.split("@")[-1] if sep else url.split("@")[-1]
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    host, slash, path = rest.partition("/")
+    return scheme + sep + host.rpartition("@")[2] + slash + path if sep else url.rpartition("@")[2]
 
 
 _display = display_url

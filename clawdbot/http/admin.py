@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 
 from clawdbot.auth.identity import Principal
+from clawdbot.backend.ollama import display_url
 from clawdbot.errors import APIError, invalid
 from clawdbot.http.keys import NO_STORE, Usage
 from clawdbot.http.resource import APIResource, JSONResponse, query_arg
@@ -60,20 +61,6 @@ def _open_files():
         return len(os.listdir("/proc/self/fd"))
     except OSError:
         return None
-
-
-def _shown_url(url):
-    """A backend's address without any user or password in it."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 (raises for a port that is not one)
-    except ValueError:
-        return "(an address that cannot be read)"
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 class AdminRoute(APIResource):
@@ -129,7 +116,7 @@ class Status(AdminRoute):
             backends.append(
                 {
                     "backend": i,
-                    "url": _shown_url(upstream.url),
+                    "url": display_url(upstream.url),
                     "up": up,
                     "active": upstream.active,
                     "down_for_seconds": max(0, round(upstream.down_until - now, 1)),

@@ -8,6 +8,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application.internet import TimerService
+from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -63,33 +64,28 @@ def health_checks(ollama: Backends, metrics: "Metrics", interval: float, clock: 
     return timer
 
 
-class StartupCheck(TimerService):
+class StartupCheck(Service):
     """
     Once, as the gateway starts: whether Ollama answers, said where the
     operator looks (with C{say}, beside the "listening on" lines), so a
-    missing Ollama is known at once, not from the first user's 502.
+    missing Ollama is known at once, not from the first user's 502.  A check
+    still under way when the gateway stops is cancelled.
     """
 
     def __init__(self, ollama: Backends, addresses: str, say: Any) -> None:
-        super().__init__(3600 * 24 * 365, self.check)
         self.ollama = ollama
         self.addresses = addresses
         self.say = say
-        self.done = False
         self.check_running: Deferred[Any] | None = None
 
-    def check(self) -> Deferred[Any] | None:
-        if self.done:
-            return None
-        self.done = True
+    def startService(self) -> None:
+        super().startService()
         d: Deferred[Any] = Deferred.fromCoroutine(self.ollama.check())
         d.addCallback(self._said)
         d.addErrback(lambda f: None if f.check(CancelledError) else log.failure("The start-up backend check failed", f))
         self.check_running = d
-        return d
 
     def stopService(self) -> Deferred[None] | None:
-        # A backend that never answers must not hold up the stop.
         if self.check_running is not None and not self.check_running.called:
             self.check_running.cancel()
         return super().stopService()
@@ -101,8 +97,6 @@ class StartupCheck(TimerService):
             self.say(f"Ollama at {self.addresses} is not answering ({reason}); model calls get 502 until it does")
 
 
-def startup_check(ollama: Backends, addresses: str, say: Any, clock: Any) -> StartupCheck:
-    """L{StartupCheck} on C{clock} (the reactor)."""
-    service = StartupCheck(ollama, addresses, say)
-    service.clock = clock
-    return service
+def startup_check(ollama: Backends, addresses: str, say: Any) -> StartupCheck:
+    """L{StartupCheck} for the gateway's backends (C{addresses}, for the message)."""
+    return StartupCheck(ollama, addresses, say)
