@@ -148,6 +148,9 @@ class HistoryConfig:
     # QUOTA_EXCEEDED), and what one request may add (413).
     max_bytes_per_user: int = _opt(200 * 1000**2, kind="size", minimum=1, maximum=10**13)
     max_bytes_per_request: int = _opt(2 * 1000**2, kind="size", minimum=1, maximum=10**11)
+    # Stored images go back to the model with the last this many user turns
+    # of a session's context (older turns as text only); 0 never re-sends them.
+    image_turns: int = _opt(4, minimum=0, maximum=1000)
 
 
 @dataclass(frozen=True)

@@ -243,7 +243,7 @@ class PermissionMatrixTests(Gateway):
         """Creating needs chat:write, a team the user belongs to, a sane title; the shape is SPEC's."""
         self.start()
         session = await self.create(OWNER, "hello", team="team-a")
-        self.assertEqual(set(session), {"id", "title", "owner", "team", "created_at", "updated_at"})
+        self.assertEqual(set(session), {"id", "title", "owner", "team", "created_at", "updated_at", "system_prompt", "temperature"})
         self.assertTrue(session["created_at"].endswith("Z"))
         self.assertEqual((await self.call(OWNER, "POST", "/v1/sessions", {"title": "x", "team": "team-b"}))[0], 403)
         self.assertEqual((await self.call(READ_ONLY_TEAM, "POST", "/v1/sessions", {"title": "x"}))[0], 403)

@@ -23,14 +23,20 @@ capped).
 """
 
 import json
+import math
 
 from clawdbot.auth.identity import owner_sub
 from clawdbot.errors import APIError, invalid
-from clawdbot.storage.history import may_use_team, not_found
-from clawdbot.storage.store import decode_cursor
+from clawdbot.storage.history import QUOTA_RETRY_AFTER, may_use_team, not_found
+from clawdbot.storage.store import Refused, decode_cursor
+from clawdbot.units import format_size
 from clawdbot.http.resource import APIResource, JSONResponse, NotFound, query_arg, read_json
 
 MAX_TITLE = 200
+# The longest search text (GET /v1/sessions?q=).
+MAX_QUERY = 200
+# Above any session's message count: a larger 'keep' is refused before the store sees it.
+MAX_KEEP = 2**31 - 1
 
 
 def _title(value):
@@ -39,6 +45,65 @@ def _title(value):
     if len(value) > MAX_TITLE:
         raise invalid(f"'title' must be at most {MAX_TITLE} characters")
     return value.strip()
+
+
+def _system_prompt(value, limits):
+    """A session's system prompt: a string within C{history.max_message_chars}, or C{None} (blank clears it too)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or "\x00" in value:
+        raise invalid("'system_prompt' must be a string or null")
+    if len(value) > limits.max_message_chars:
+        raise invalid(f"'system_prompt' must be at most {limits.max_message_chars} characters")
+    return value if value.strip() else None
+
+
+def _temperature(value):
+    """A session's temperature: a number from 0 to 2, or C{None}."""
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 2:
+        raise invalid("'temperature' must be a number from 0 to 2 or null")
+    value = float(value)
+    if not math.isfinite(value):
+        raise invalid("'temperature' must be a number from 0 to 2 or null")
+    return value
+
+
+def _settings(body, limits):
+    """The per-chat settings C{body} names, checked."""
+    out = {}
+    if "system_prompt" in body:
+        out["system_prompt"] = _system_prompt(body["system_prompt"], limits)
+    if "temperature" in body:
+        out["temperature"] = _temperature(body["temperature"])
+    return out
+
+
+def _keep(body):
+    keep = body.get("keep")
+    if not isinstance(keep, int) or isinstance(keep, bool) or not 0 <= keep <= MAX_KEEP:
+        raise invalid("'keep' must be a number of messages, 0 or more")
+    return keep
+
+
+def _with_messages(session):
+    out = session.as_dict()
+    out["messages"] = [m.as_dict() for m in session.messages]
+    return out
+
+
+def quota_exceeded(limits):
+    """The 429 of a full stored history (as L{clawdbot.storage.history.check_history_quota})."""
+    return APIError(
+        "QUOTA_EXCEEDED",
+        details=f"your stored chat history has reached its limit of {format_size(limits.max_bytes_per_user)}; delete or clear sessions to go on",
+        headers={"Retry-After": str(QUOTA_RETRY_AFTER)},
+    )
+
+
+def too_many_sessions(limits):
+    return invalid(f"you have reached the limit of {limits.max_sessions_per_user} sessions; delete some first")
 
 
 async def _read(parts, request, sid):
@@ -86,33 +151,40 @@ class SessionList(HistoryRoute):
                 cursor = decode_cursor(cursor)
             except ValueError:
                 raise invalid("'cursor' is not valid") from None
+        query = query_arg(request, "q", strict=False)
+        if query is not None and not (1 <= len(query) <= MAX_QUERY and query.isprintable()):
+            raise invalid(f"'q' must be 1 to {MAX_QUERY} printable characters")
         store = self.history.store
         owners = await store.owners_of(principal.issuer, principal.sub)
-        rows, next_cursor = await store.list_sessions(owners, principal.history_teams(), team=team, limit=limit, cursor=cursor)
-        return {"data": [s.as_dict() for s in rows], "next_cursor": next_cursor}
+        if query is None:
+            rows, next_cursor = await store.list_sessions(owners, principal.history_teams(), team=team, limit=limit, cursor=cursor)
+            return {"data": [s.as_dict() for s in rows], "next_cursor": next_cursor}
+        found, next_cursor = await store.search_sessions(owners, principal.history_teams(), query, team=team, limit=limit, cursor=cursor)
+        return {"data": [dict(s.as_dict(), match=match) for s, match in found], "next_cursor": next_cursor}
 
     async def handle_POST(self, request):
         principal = request.principal
         body = await read_json(request)
+        limits = request.config.history
         for key in body:
-            if key not in ("title", "team"):
+            if key not in ("title", "team", "system_prompt", "temperature"):
                 raise invalid(f"'{key}' is not a session field")
         title = _title(body.get("title", "New chat"))
+        settings = _settings(body, limits)
         team = body.get("team")
         if team is not None:
             if not isinstance(team, str) or not team:
                 raise invalid("'team' must be a team name")
             if not may_use_team(principal, team):
                 raise APIError("AUTH_INSUFFICIENT_SCOPE", details=f"you are not a member of team {team}")
-        limits = request.config.history
-        session = await self.history.store.create_session(principal.key, title, team, max_sessions=limits.max_sessions_per_user)
+        session = await self.history.store.create_session(principal.key, title, team, max_sessions=limits.max_sessions_per_user, **settings)
         if session is None:
-            raise invalid(f"you have reached the limit of {limits.max_sessions_per_user} sessions; delete some first")
+            raise too_many_sessions(limits)
         return JSONResponse(session.as_dict(), status=201)
 
 
 class SessionItem(HistoryRoute):
-    """C{GET|PATCH|DELETE /v1/sessions/{id}} and C{.../export}."""
+    """C{GET|PATCH|DELETE /v1/sessions/{id}} and its children (export, truncate, fork, stop)."""
 
     scopes = {"GET": "chat:read", "PATCH": "chat:write", "DELETE": "chat:write"}
     route_name = "session"
@@ -122,24 +194,30 @@ class SessionItem(HistoryRoute):
         self.sid = sid
 
     def getChild(self, path, request):
-        if path == b"export":
-            return SessionExport(self.parts, self.sid)
+        child = SESSION_CHILDREN.get(path)
+        if child is not None:
+            return child(self.parts, self.sid)
         return NotFound()
 
     async def handle_GET(self, request):
         session = await _read(self.parts, request, self.sid)
-        out = session.as_dict()
-        out["messages"] = [m.as_dict() for m in session.messages]
+        out = _with_messages(session)
+        # A turn of this session is in progress in this process.
+        out["replying"] = self.history.busy(self.sid)
         return out
 
     async def handle_PATCH(self, request):
         body = await read_json(request)
         for key in body:
-            if key != "title":
+            if key not in ("title", "system_prompt", "temperature"):
                 raise invalid(f"'{key}' cannot be changed")
-        title = _title(body.get("title"))
+        if not body:
+            raise invalid("name at least one of 'title', 'system_prompt', 'temperature'")
+        changes = _settings(body, request.config.history)
+        if "title" in body:
+            changes["title"] = _title(body["title"])
         await self.history.owned(request.principal, self.sid)
-        await self.history.store.rename(self.sid, title)
+        await self.history.store.update(self.sid, **changes)
         session = await self.history.store.get_session(self.sid)
         if session is None:
             raise not_found()
@@ -149,6 +227,115 @@ class SessionItem(HistoryRoute):
         await self.history.owned(request.principal, self.sid)
         await self.history.store.delete(self.sid)
         self.parts.audit.record("history.deleted", request, obj=self.sid)
+        return JSONResponse(b"", status=204)
+
+
+class SessionChild(HistoryRoute):
+    """A route under C{/v1/sessions/{id}/}."""
+
+    def __init__(self, parts, sid):
+        super().__init__(parts)
+        self.sid = sid
+
+
+class SessionTruncate(SessionChild):
+    """
+    C{POST /v1/sessions/{id}/truncate} C{{"keep": N}}: the owner keeps the
+    first N messages; the rest are deleted and their bytes given back.
+    Refused while a turn of the session runs here (it would store after
+    the cut).
+    """
+
+    scopes = {"POST": "chat:write"}
+    route_name = "session_truncate"
+
+    async def handle_POST(self, request):
+        body = await read_json(request)
+        for key in body:
+            if key != "keep":
+                raise invalid(f"'{key}' is not a truncate field")
+        keep = _keep(body)
+        await self.history.owned(request.principal, self.sid)
+        if self.history.busy(self.sid):
+            raise invalid("a reply is still being written in this chat")
+
+        async def truncate():
+            # Under the session's lock: a turn that starts meanwhile waits.
+            try:
+                deleted = await self.history.store.truncate(self.sid, keep)
+            except Refused:
+                raise invalid("'keep' is more than the messages in this chat") from None
+            if deleted is None:
+                raise not_found()
+            if deleted:
+                self.parts.audit.record("history.deleted", request, obj=self.sid, kept=keep, messages=deleted)
+            return await self.history.store.get_session(self.sid, with_messages=True)
+
+        session = await self.history.one_at_a_time(self.sid, truncate)
+        if session is None:
+            raise not_found()
+        return _with_messages(session)
+
+
+class SessionFork(SessionChild):
+    """
+    C{POST /v1/sessions/{id}/fork} C{{"keep": N, "title": optional}}: a new
+    session of the owner with copies of the first N messages and the
+    source's team and settings; it counts toward the session limit and the
+    stored-bytes quota.
+    """
+
+    scopes = {"POST": "chat:write"}
+    route_name = "session_fork"
+
+    async def handle_POST(self, request):
+        body = await read_json(request)
+        for key in body:
+            if key not in ("keep", "title"):
+                raise invalid(f"'{key}' is not a fork field")
+        keep = _keep(body)
+        title = body.get("title")
+        if title is not None:
+            title = _title(title)
+        principal = request.principal
+        limits = request.config.history
+        await self.history.owned(principal, self.sid)
+        store = self.history.store
+        # Turns in flight count, as they do for a turn's own check.
+        room = limits.max_bytes_per_user - self.history.reservations.pending.get(principal.key, 0)
+        try:
+            session = await store.fork(
+                self.sid,
+                principal.key,
+                keep,
+                title,
+                max_sessions=limits.max_sessions_per_user,
+                max_bytes=room,
+                owners=await store.owners_of(principal.issuer, principal.sub),
+            )
+        except Refused as e:
+            if e.reason == "sessions":
+                raise too_many_sessions(limits) from None
+            if e.reason == "bytes":
+                raise quota_exceeded(limits) from None
+            raise invalid("'keep' is more than the messages in this chat") from None
+        if session is None:
+            raise not_found()
+        session = await store.get_session(session.id, with_messages=True)
+        if session is None:
+            raise not_found()
+        return JSONResponse(_with_messages(session), status=201)
+
+
+class SessionStop(SessionChild):
+    """C{POST /v1/sessions/{id}/stop}: the owner stops the reply being written in this process, if any (204 either way)."""
+
+    scopes = {"POST": "chat:write"}
+    route_name = "session_stop"
+
+    async def handle_POST(self, request):
+        await self.history.owned(request.principal, self.sid)
+        self.history.stop(self.sid)
         return JSONResponse(b"", status=204)
 
 
@@ -167,8 +354,7 @@ class SessionExport(HistoryRoute):
         if fmt not in ("json", "markdown"):
             raise invalid("'format' must be json or markdown")
         session = await _read(self.parts, request, self.sid)
-        data = session.as_dict()
-        data["messages"] = [m.as_dict() for m in session.messages]
+        data = _with_messages(session)
         name = _filename(session.title)
         if fmt == "json":
             body = json.dumps(data, ensure_ascii=False, indent=2).encode("utf-8")
@@ -194,10 +380,23 @@ def to_markdown(data):
     if data["team"]:
         lines.append(f"- team: {data['team']}")
     lines += [f"- created: {data['created_at']}", ""]
+    if data.get("system_prompt"):
+        lines += ["## system prompt", "", data["system_prompt"], ""]
     for m in data["messages"]:
         mark = " (incomplete)" if m["incomplete"] else ""
-        lines += [f"## {m['role']}{mark} — {m['created_at']}", "", m["content"], ""]
+        lines += [f"## {m['role']}{mark} — {m['created_at']}", ""]
+        content = m["content"]
+        if isinstance(content, str):
+            lines += [content, ""]
+        else:
+            text = "".join(part["text"] for part in content if part["type"] == "text")
+            if text:
+                lines += [text, ""]
+            lines += ["[image]" for part in content if part["type"] == "image_url"] + [""]
     return "\n".join(lines)
+
+
+SESSION_CHILDREN = {b"export": SessionExport, b"truncate": SessionTruncate, b"fork": SessionFork, b"stop": SessionStop}
 
 
 def add_routes(v1, parts):

@@ -115,17 +115,17 @@ class HistoryReservations:
 
 
 async def check_history_quota(
-    store: "SQLStore", principal: "Principal", limits: "HistoryConfig", new: Sequence[tuple[str, str, bool]], reservations: HistoryReservations
+    store: "SQLStore", principal: "Principal", limits: "HistoryConfig", new: Sequence[tuple], reservations: HistoryReservations
 ) -> Callable[[], None]:
     """
-    Refuse a turn whose messages C{new} (C{[(role, content, incomplete)]})
-    would pass the per-request cap (413) or the owner's stored-bytes quota
+    Refuse a turn whose messages C{new} (C{[(role, content, incomplete)]},
+    or C{[(role, content, incomplete, images)]}: images count as stored) would pass the per-request cap (413) or the owner's stored-bytes quota
     (429 QUOTA_EXCEEDED with Retry-After); nothing is stored either way.
 
     @param reservations: the L{HistoryReservations} of turns in flight.
     @return: C{release()}, to call once the turn is stored (or not).
     """
-    size = sum(message_bytes(content) for _, content, _ in new)
+    size = sum(message_bytes(item[1], item[3] if len(item) > 3 and item[3] else ()) for item in new)
     if size > limits.max_bytes_per_request:
         raise APIError(
             "PAYLOAD_TOO_LARGE",
@@ -164,6 +164,11 @@ class SessionLocks:
             if not lock.locked and not lock.waiting:
                 self._locks.pop(sid, None)
 
+    def held(self, sid: str) -> bool:
+        """Whether a turn of session C{sid} runs (or waits) now."""
+        lock = self._locks.get(sid)
+        return lock is not None and bool(lock.locked or lock.waiting)
+
 
 class History:
     """
@@ -173,12 +178,27 @@ class History:
     @ivar store: the L{clawdbot.storage.store} in use.
     @ivar locks: one turn at a time per session (L{SessionLocks}).
     @ivar reservations: the bytes of turns in flight (L{HistoryReservations}).
+    @ivar stoppers: per session id, a callable that stops the reply being
+        written in this process (registered by the turn while it runs).
     """
 
     def __init__(self, store: "SQLStore") -> None:
         self.store = store
         self.locks = SessionLocks()
         self.reservations = HistoryReservations()
+        self.stoppers: dict[str, Callable[[], object]] = {}
+
+    def busy(self, sid: str) -> bool:
+        """Whether a turn of session C{sid} is in progress in this process."""
+        return self.locks.held(sid)
+
+    def stop(self, sid: str) -> bool:
+        """Stop the reply being written for session C{sid}, if any; whether there was one."""
+        stopper = self.stoppers.get(sid)
+        if stopper is None:
+            return False
+        stopper()
+        return True
 
     def visible(self, principal: "Principal", sid: str, with_messages: bool = False) -> Awaitable["Session"]:
         """L{load_visible} on this store."""
@@ -192,7 +212,7 @@ class History:
         """L{load_owned} on this store."""
         return load_owned(self.store, principal, sid)
 
-    def check_quota(self, principal: "Principal", limits: "HistoryConfig", new: Sequence[tuple[str, str, bool]]) -> Awaitable[Callable[[], None]]:
+    def check_quota(self, principal: "Principal", limits: "HistoryConfig", new: Sequence[tuple]) -> Awaitable[Callable[[], None]]:
         """L{check_history_quota} on this store, counting the turns in flight."""
         return check_history_quota(self.store, principal, limits, new, self.reservations)
 

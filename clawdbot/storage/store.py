@@ -26,7 +26,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from twisted.internet.defer import fail
 from twisted.internet.threads import deferToThreadPool
@@ -47,6 +47,10 @@ class Session:
     team: str = None
     created_at: float = 0.0
     updated_at: float = 0.0
+    # Per-chat settings: the system prompt sent first on each turn, and the
+    # temperature used when a request sets none (None: not set).
+    system_prompt: str = None
+    temperature: float = None
     messages: tuple = field(default=(), compare=False)
 
     def as_dict(self):
@@ -57,7 +61,13 @@ class Session:
             "team": self.team,
             "created_at": rfc3339(self.created_at, 6),
             "updated_at": rfc3339(self.updated_at, 6),
+            "system_prompt": self.system_prompt,
+            "temperature": self.temperature,
         }
+
+
+# The columns a Session is made of, in its fields' order.
+SESSION_COLUMNS = "id, title, owner, team, created_at, updated_at, system_prompt, temperature"
 
 
 @dataclass(frozen=True)
@@ -66,9 +76,28 @@ class Message:
     content: str
     created_at: float
     incomplete: bool = False
+    # The images of the turn, as data URLs (data:image/<fmt>;base64,...).
+    images: tuple = ()
 
     def as_dict(self):
-        return {"role": self.role, "content": self.content, "created_at": rfc3339(self.created_at, 6), "incomplete": self.incomplete}
+        """C{content} is the text, or with images a list of parts as a client sends them."""
+        content = self.content
+        if self.images:
+            content = [{"type": "text", "text": self.content}] if self.content else []
+            content += [{"type": "image_url", "image_url": {"url": url}} for url in self.images]
+        return {"role": self.role, "content": content, "created_at": rfc3339(self.created_at, 6), "incomplete": self.incomplete}
+
+
+class Refused(Exception):
+    """
+    A change the store refused, nothing changed: C{reason} is C{"keep"}
+    (more messages to keep than there are), C{"sessions"} (the owner's
+    session limit) or C{"bytes"} (the owner's stored-bytes limit).
+    """
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
 
 
 
@@ -232,6 +261,13 @@ MIGRATIONS = [
         "CREATE INDEX audit_events_event ON audit_events (event, id)",
         "CREATE INDEX audit_events_at ON audit_events (at)",
     ],
+    # 7: images kept with their message (a JSON list of data URLs, NULL for
+    # none) and per-chat settings.
+    [
+        "ALTER TABLE messages ADD COLUMN images TEXT",
+        "ALTER TABLE sessions ADD COLUMN system_prompt TEXT",
+        "ALTER TABLE sessions ADD COLUMN temperature DOUBLE PRECISION",
+    ],
 ]
 
 
@@ -243,9 +279,35 @@ def _statements(migration, dialect):
         yield step
 
 
-def message_bytes(content):
-    """What a message costs against the quota: its UTF-8 size."""
-    return len(content.encode("utf-8", "surrogatepass"))
+def message_bytes(content, images=()):
+    """What a message costs against the quota: the UTF-8 size of its text and of its images' data URLs."""
+    return len(content.encode("utf-8", "surrogatepass")) + sum(len(url.encode("utf-8", "surrogatepass")) for url in images)
+
+
+def _images_column(images):
+    return json.dumps(list(images)) if images else None
+
+
+def _images_of(column):
+    return tuple(json.loads(column)) if column else ()
+
+
+def _like_pattern(text):
+    """A LIKE pattern (escape character C{\\}) matching C{text} anywhere, lowercased."""
+    escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+# Characters of message text shown around a search match.
+MATCH_CHARS = 160
+
+
+def match_excerpt(content, query):
+    """Up to L{MATCH_CHARS} characters of C{content} around the first case-insensitive C{query}."""
+    found = re.search(re.escape(query), content, re.IGNORECASE)
+    at, length = (found.start(), found.end() - found.start()) if found else (0, 0)
+    start = max(0, min(at - (MATCH_CHARS - length) // 2, len(content) - MATCH_CHARS)) if length < MATCH_CHARS else at
+    return content[start : start + MATCH_CHARS]
 
 
 class SQLStore:
@@ -307,62 +369,64 @@ class SQLStore:
         if row is not None:
             self._charge(cur, row[0], -freed)
 
-    async def create_session(self, owner, title, team=None, max_sessions=None):
+    async def create_session(self, owner, title, team=None, max_sessions=None, system_prompt=None, temperature=None):
         now = self.clock()
-        session = Session(new_id(), title, owner, team, now, now)
+        session = Session(new_id(), title, owner, team, now, now, system_prompt, temperature)
 
         def create(cur):
-            if max_sessions is not None:
-                # Concurrent creates for one owner count one after another.
-                self.engine.lock_owner(cur, owner)
-                cur.execute(self._sql("SELECT COUNT(*) FROM sessions WHERE owner = ?"), (owner,))
-                if cur.fetchone()[0] >= max_sessions:
-                    return None
-            cur.execute(
-                self._sql("INSERT INTO sessions (id, title, owner, team, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)"),
-                (session.id, title, owner, team, now, now),
-            )
+            if max_sessions is not None and not self._room_for_session(cur, owner, max_sessions):
+                return None
+            self._insert_session(cur, session)
             return session
 
         return await self.engine.run(create)
 
+    def _room_for_session(self, cur, owner, max_sessions):
+        # Concurrent creates for one owner count one after another.
+        self.engine.lock_owner(cur, owner)
+        cur.execute(self._sql("SELECT COUNT(*) FROM sessions WHERE owner = ?"), (owner,))
+        return cur.fetchone()[0] < max_sessions
+
+    def _insert_session(self, cur, session):
+        cur.execute(
+            self._sql(f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+            (session.id, session.title, session.owner, session.team, session.created_at, session.updated_at, session.system_prompt, session.temperature),
+        )
+
+    def _session(self, cur, sid):
+        cur.execute(self._sql(f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?"), (sid,))
+        row = cur.fetchone()
+        return None if row is None else Session(*row)
+
     async def get_session(self, sid, with_messages=False):
         def get(cur):
-            cur.execute(self._sql("SELECT id, title, owner, team, created_at, updated_at FROM sessions WHERE id = ?"), (sid,))
-            row = cur.fetchone()
-            if row is None:
-                return None
-            messages = ()
-            if with_messages:
-                messages = tuple(self._messages(cur, sid))
-            return Session(*row, messages=messages)
+            session = self._session(cur, sid)
+            if session is None or not with_messages:
+                return session
+            return replace(session, messages=tuple(self._messages(cur, sid)))
 
         return await self.engine.run(get)
 
+    _MESSAGE_COLUMNS = "role, content, created_at, incomplete, images"
+
     def _messages(self, cur, sid, last=None):
         if last is None:
-            cur.execute(self._sql("SELECT role, content, created_at, incomplete FROM messages WHERE session_id = ? ORDER BY seq"), (sid,))
+            cur.execute(self._sql(f"SELECT {self._MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY seq"), (sid,))
             rows = cur.fetchall()
         else:
             cur.execute(
-                self._sql("SELECT role, content, created_at, incomplete FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT ?"),
+                self._sql(f"SELECT {self._MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT ?"),
                 (sid, last),
             )
             rows = cur.fetchall()[::-1]
-        return [Message(role, content, created, bool(incomplete)) for role, content, created, incomplete in rows]
+        return [Message(role, content, created, bool(incomplete), _images_of(images)) for role, content, created, incomplete, images in rows]
 
     async def context(self, sid, last):
         """The last C{last} messages of a session, oldest first."""
         return await self.engine.run(lambda cur: self._messages(cur, sid, last))
 
-    async def list_sessions(self, owners, teams, team=None, limit=50, cursor=None):
-        """
-        Sessions the owner of C{owners} (an owner key, or a list of them) may
-        see: their own plus those of C{teams}, newest first; C{team} narrows
-        to one team.
-
-        @return: C{(sessions, next_cursor)}.
-        """
+    def _listing(self, owners, teams, team, cursor, extra=(), extra_params=()):
+        """The WHERE clause (and its parameters) of the sessions a list shows."""
         owners = [owners] if isinstance(owners, str) else list(owners)
         mine = "owner IN (%s)" % ", ".join("?" * len(owners))
         clauses, params = [], []
@@ -384,11 +448,20 @@ class SQLStore:
             updated_at, sid = cursor
             clauses.append("(updated_at < ? OR (updated_at = ? AND id < ?))")
             params += [updated_at, updated_at, sid]
-        sql = (
-            "SELECT id, title, owner, team, created_at, updated_at FROM sessions WHERE "
-            + " AND ".join(clauses)
-            + " ORDER BY updated_at DESC, id DESC LIMIT ?"
-        )
+        clauses += extra
+        params += extra_params
+        return " AND ".join(clauses), params
+
+    async def list_sessions(self, owners, teams, team=None, limit=50, cursor=None):
+        """
+        Sessions the owner of C{owners} (an owner key, or a list of them) may
+        see: their own plus those of C{teams}, newest first; C{team} narrows
+        to one team.
+
+        @return: C{(sessions, next_cursor)}.
+        """
+        where, params = self._listing(owners, teams, team, cursor)
+        sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {where} ORDER BY updated_at DESC, id DESC LIMIT ?"
         params.append(limit + 1)
 
         def select(cur):
@@ -400,13 +473,60 @@ class SQLStore:
         rows = rows[:limit]
         return rows, (encode_cursor(rows[-1]) if more and rows else None)
 
-    async def rename(self, sid, title):
+    async def search_sessions(self, owners, teams, query, team=None, limit=50, cursor=None):
+        """
+        L{list_sessions} narrowed to the sessions whose title or any
+        message's text contains C{query}, in any case (C{%} and C{_} are
+        literal).
+
+        @return: C{([(session, match)], next_cursor)}, C{match} the excerpt
+            of the first matching message's text (L{match_excerpt}), or
+            C{None} when only the title matched.
+        """
+        pattern = _like_pattern(query)
+        found = (
+            "(LOWER(title) LIKE ? ESCAPE '\\' OR EXISTS "
+            "(SELECT 1 FROM messages m WHERE m.session_id = sessions.id AND LOWER(m.content) LIKE ? ESCAPE '\\'))"
+        )
+        where, params = self._listing(owners, teams, team, cursor, [found], [pattern, pattern])
+        sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {where} ORDER BY updated_at DESC, id DESC LIMIT ?"
+        params.append(limit + 1)
+
+        def select(cur):
+            cur.execute(self._sql(sql), params)
+            rows = [Session(*row) for row in cur.fetchall()]
+            out = []
+            for session in rows[:limit]:
+                cur.execute(
+                    self._sql("SELECT content FROM messages WHERE session_id = ? AND LOWER(content) LIKE ? ESCAPE '\\' ORDER BY seq LIMIT 1"),
+                    (session.id, pattern),
+                )
+                row = cur.fetchone()
+                out.append((session, None if row is None else match_excerpt(row[0], query)))
+            return out, len(rows) > limit
+
+        rows, more = await self.engine.run(select)
+        return rows, (encode_cursor(rows[-1][0]) if more and rows else None)
+
+    # The session fields that update() changes.
+    SETTINGS = ("title", "system_prompt", "temperature")
+
+    async def update(self, sid, **changes):
+        """Set some of L{SETTINGS} (C{None} clears the settings other than the title); C{updated_at} moves."""
+        for name in changes:
+            if name not in self.SETTINGS:
+                raise ValueError(name)
         now = self.clock()
+        names = list(changes)
 
-        def rename(cur):
-            cur.execute(self._sql("UPDATE sessions SET title = ?, updated_at = ? WHERE id = ?"), (title, now, sid))
+        def update(cur):
+            sets = ", ".join(f"{name} = ?" for name in names + ["updated_at"])
+            cur.execute(self._sql(f"UPDATE sessions SET {sets} WHERE id = ?"), [changes[n] for n in names] + [now, sid])
 
-        await self.engine.run(rename)
+        await self.engine.run(update)
+
+    async def rename(self, sid, title):
+        await self.update(sid, title=title)
 
     async def delete(self, sid):
         def delete(cur):
@@ -424,9 +544,96 @@ class SQLStore:
 
         await self.engine.run(clear)
 
+    def _first_seq_after(self, cur, sid, keep):
+        """The seq of the message after the first C{keep} (C{None}: there are at most C{keep})."""
+        cur.execute(self._sql("SELECT seq FROM messages WHERE session_id = ? ORDER BY seq LIMIT 1 OFFSET ?"), (sid, keep))
+        row = cur.fetchone()
+        return None if row is None else row[0]
+
+    def _count(self, cur, sid):
+        cur.execute(self._sql("SELECT COUNT(*) FROM messages WHERE session_id = ?"), (sid,))
+        return cur.fetchone()[0]
+
+    async def truncate(self, sid, keep):
+        """
+        Keep the first C{keep} messages of a session and delete the rest,
+        their bytes given back to its owner, in one transaction.
+
+        @return: how many messages were deleted; C{None} when the session is
+            gone.
+        @raise Refused: C{"keep"} when it has fewer than C{keep} messages.
+        """
+        now = self.clock()
+
+        def truncate(cur):
+            session = self._session(cur, sid)
+            if session is None:
+                return None
+            if self._count(cur, sid) < keep:
+                raise Refused("keep")
+            first = self._first_seq_after(cur, sid, keep)
+            if first is None:
+                return 0
+            cur.execute(self._sql("DELETE FROM messages WHERE session_id = ? AND seq >= ? RETURNING bytes"), (sid, first))
+            freed = [b for (b,) in cur.fetchall()]
+            self._charge(cur, session.owner, -sum(freed))
+            cur.execute(self._sql("UPDATE sessions SET updated_at = ? WHERE id = ?"), (now, sid))
+            return len(freed)
+
+        return await self.engine.run(truncate)
+
+    async def fork(self, sid, owner, keep, title=None, max_sessions=None, max_bytes=None, owners=None):
+        """
+        A new session of C{owner} with copies of the first C{keep} messages
+        of C{sid} (images included), its team and settings, titled C{title}
+        or as the source; their bytes are charged to C{owner}.
+
+        @param max_bytes: refuse when the bytes stored for C{owners} (default
+            C{[owner]}) plus the copies would pass it.
+        @return: the new L{Session} (without messages); C{None} when C{sid}
+            is gone.
+        @raise Refused: C{"keep"}, C{"sessions"} (C{max_sessions}) or
+            C{"bytes"} (C{max_bytes}); nothing is stored.
+        """
+        now = self.clock()
+        owners = [owner] if owners is None else list(owners)
+
+        def fork(cur):
+            source = self._session(cur, sid)
+            if source is None:
+                return None
+            if self._count(cur, sid) < keep:
+                raise Refused("keep")
+            if max_sessions is not None and not self._room_for_session(cur, owner, max_sessions):
+                raise Refused("sessions")
+            self.engine.lock_owner(cur, owner)
+            first = self._first_seq_after(cur, sid, keep)
+            bound = "" if first is None else " AND seq < ?"
+            bound_params = () if first is None else (first,)
+            cur.execute(self._sql("SELECT COALESCE(SUM(bytes), 0) FROM messages WHERE session_id = ?" + bound), (sid,) + bound_params)
+            size = int(cur.fetchone()[0])
+            if max_bytes is not None and size:
+                cur.execute(self._sql("SELECT COALESCE(SUM(bytes), 0) FROM owner_usage WHERE owner IN (%s)" % ", ".join("?" * len(owners))), owners)
+                if int(cur.fetchone()[0]) + size > max_bytes:
+                    raise Refused("bytes")
+            session = Session(new_id(), source.title if title is None else title, owner, source.team, now, now, source.system_prompt, source.temperature)
+            self._insert_session(cur, session)
+            cur.execute(
+                self._sql(
+                    "INSERT INTO messages (session_id, seq, role, content, created_at, incomplete, bytes, images)"
+                    " SELECT ?, seq, role, content, created_at, incomplete, bytes, images FROM messages WHERE session_id = ?" + bound
+                ),
+                (session.id, sid) + bound_params,
+            )
+            self._charge(cur, owner, size)
+            return session
+
+        return await self.engine.run(fork)
+
     async def append(self, sid, messages, max_messages=None):
         """
-        Append C{[(role, content, incomplete)]} to a session in one
+        Append C{[(role, content, incomplete)]} or C{[(role, content,
+        incomplete, images)]} (C{images} data URLs) to a session in one
         transaction, charging their bytes to the session's owner.
 
         @return: C{False} when it would pass C{max_messages} (nothing
@@ -444,12 +651,13 @@ class SQLStore:
             if max_messages is not None and count + len(messages) > max_messages:
                 return False
             total = 0
-            for i, (role, content, incomplete) in enumerate(messages, start=1):
-                size = message_bytes(content)
+            for i, (role, content, incomplete, *rest) in enumerate(messages, start=1):
+                images = tuple(rest[0]) if rest and rest[0] else ()
+                size = message_bytes(content, images)
                 total += size
                 cur.execute(
-                    self._sql("INSERT INTO messages (session_id, seq, role, content, created_at, incomplete, bytes) VALUES (?, ?, ?, ?, ?, ?, ?)"),
-                    (sid, last + i, role, content, now, bool(incomplete), size),
+                    self._sql("INSERT INTO messages (session_id, seq, role, content, created_at, incomplete, bytes, images) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+                    (sid, last + i, role, content, now, bool(incomplete), size, _images_column(images)),
                 )
             self._charge(cur, row[0], total)
             cur.execute(self._sql("UPDATE sessions SET updated_at = ? WHERE id = ?"), (now, sid))
@@ -561,6 +769,8 @@ class SQLiteEngine(_ThreadEngine):
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
+            # LOWER as PostgreSQL's: every letter, not only ASCII (searches).
+            conn.create_function("lower", 1, _lower, deterministic=True)
             _migrate_sqlite(conn, self.context)
             self._local.conn = conn
         return conn
@@ -586,6 +796,10 @@ class SQLiteEngine(_ThreadEngine):
         if self.pool.started:
             self.pool.callInThread(shut)
         super().close()
+
+
+def _lower(value):
+    return value.lower() if isinstance(value, str) else value
 
 
 class PostgresEngine(_ThreadEngine):
