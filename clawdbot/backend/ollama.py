@@ -611,7 +611,7 @@ class Ollama:
         await reader.finished
         return b"".join(parts)
 
-    async def call(self, config, method, path, payload=None, sent=None, deadline=None, share=ANONYMOUS):
+    async def call(self, config, method, path, payload=None, sent=None, deadline=None, share=ANONYMOUS, model_slot=True):
         """
         A complete exchange with a JSON request: the slot, the timeouts and
         the error mapping included.
@@ -622,11 +622,15 @@ class Ollama:
             C{timeout} from now by default.  Calls made for one request
             share the request's.
         @param share: whose call it is, for the fair queue (L{Slots}).
+        @param model_slot: take the slot of the model the payload names when
+            C{backend.model_limits} caps it; C{False} for a look at a model
+            (C{/api/show}) that does not use it, so it never waits behind
+            that model's replies.
         @return: the raw body of a 200 answer.
         """
         if deadline is None:
             deadline = self.reactor.seconds() + config.timeout
-        lease = await self.acquire(config, share, payload_model(payload))
+        lease = await self.acquire(config, share, payload_model(payload) if model_slot else None)
         if sent is not None:
             sent()
         try:
@@ -706,9 +710,9 @@ class Ollama:
             consumer.close()
             self.release(config, lease)
 
-    async def call_json(self, config, method, path, payload=None, sent=None, deadline=None, share=ANONYMOUS):
+    async def call_json(self, config, method, path, payload=None, sent=None, deadline=None, share=ANONYMOUS, model_slot=True):
         """L{call}, with the answer parsed as JSON."""
-        raw = await self.call(config, method, path, payload, sent, deadline, share)
+        raw = await self.call(config, method, path, payload, sent, deadline, share, model_slot)
         try:
             return loads_checked(raw)
         except ValueError:

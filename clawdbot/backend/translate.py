@@ -15,7 +15,7 @@ import re
 import secrets
 import struct
 import time
-from collections.abc import Container
+from collections.abc import Container, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from clawdbot.errors import APIError, invalid
@@ -1152,23 +1152,50 @@ class CompletionStreamTranslator:
 # --- models and embeddings ----------------------------------------------------
 
 
-def models_response(tags: dict[str, Any], config: "Config", principal: Any = None) -> dict[str, Any]:
-    """Ollama's C{/api/tags} as OpenAI's model list, filtered by config (and what C{principal} may use)."""
+def listed_models(tags: dict[str, Any], config: "Config", principal: Any = None) -> dict[str, dict[str, Any]]:
+    """
+    The models of Ollama's C{/api/tags} that the model list shows (config's
+    allow-list, and what C{principal} may use), in its order: name -> its
+    C{/api/tags} entry.  Aliases are not in it (L{models_response} adds them).
+    """
     allowed = set(config.backend.models)
     usable = usable_models(principal, config) if principal is not None else None
-    data: list[dict[str, Any]] = []
-    seen: set[str] = set()
+    listed: dict[str, dict[str, Any]] = {}
     for entry in tags.get("models") or []:
+        if not isinstance(entry, dict):
+            continue
         name = entry.get("name") or entry.get("model")
-        if not isinstance(name, str) or (allowed and name not in allowed) or name in seen:
+        if not isinstance(name, str) or (allowed and name not in allowed) or name in listed:
             continue
         if not allows(usable, name):
             continue
-        seen.add(name)
-        data.append({"id": name, "object": "model", "created": _created(entry.get("modified_at")), "owned_by": "ollama"})
+        listed[name] = entry
+    return listed
+
+
+def models_response(tags: dict[str, Any], config: "Config", principal: Any = None, capabilities: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """
+    Ollama's C{/api/tags} as OpenAI's model list, filtered by config (and what C{principal} may use).
+
+    @param capabilities: what each model can do (Ollama's C{/api/show}
+        C{capabilities}), by model name: an entry carries C{"capabilities"}
+        when its model (an alias: its target) is in it.
+    """
+    capabilities = capabilities or {}
+    data: list[dict[str, Any]] = []
+
+    def entry(name: str, created: int, owner: str, model: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": name, "object": "model", "created": created, "owned_by": owner}
+        if model in capabilities:
+            out["capabilities"] = list(capabilities[model])
+        return out
+
+    listed = listed_models(tags, config, principal)
+    for name, tag in listed.items():
+        data.append(entry(name, _created(tag.get("modified_at")), "ollama", name))
     for alias, target in config.backend.aliases.items():
-        if target in seen and alias not in seen:
-            data.append({"id": alias, "object": "model", "created": 0, "owned_by": "clawdbot"})
+        if target in listed and alias not in listed:
+            data.append(entry(alias, 0, "clawdbot", target))
     return {"object": "list", "data": data}
 
 

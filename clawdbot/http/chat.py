@@ -5,7 +5,11 @@ embeddings, and the authenticated pass-through of Ollama's native API.
 
 import json
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, FirstError, gatherResults
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from clawdbot.backend import translate
 from clawdbot.backend.ollama import Share
@@ -13,12 +17,152 @@ from clawdbot.backend.translate import DONE, LineSplitter, StreamTranslator, Ups
 from clawdbot.errors import APIError, invalid
 from clawdbot.http.resource import APIResource, Node, NotFound, StreamResponse, read_json
 
+log = Logger(namespace="clawdbot.chat")
+
+
 def _encode(payload):
     return json.dumps(payload, ensure_ascii=False).encode("utf-8")
 
 
 def _text(message):
     return message.get("content") or ""
+
+
+def data_urls(images, fmt):
+    """
+    A turn's images (Ollama's base64 strings, re-encoded by the gateway in
+    C{fmt}, C{images.format}) as the data URLs a session stores.
+    """
+    return tuple(f"data:image/{fmt};base64,{image}" for image in images or ())
+
+
+def context_messages(context, image_turns):
+    """
+    A session's stored messages (L{clawdbot.storage.store.Message}) as
+    Ollama's: the images of the last C{image_turns} user turns go to the
+    model again (the base64 of their data URLs); older turns go as text only.
+    """
+    users = [i for i, message in enumerate(context) if message.role == "user"]
+    recent = set(users[-image_turns:]) if image_turns else set()
+    out = []
+    for i, message in enumerate(context):
+        entry = {"role": message.role, "content": message.content}
+        if i in recent and message.images:
+            entry["images"] = [url.partition(",")[2] for url in message.images]
+        out.append(entry)
+    return out
+
+
+def stopped_early():
+    return invalid("the reply was stopped before it began (POST /v1/sessions/{id}/stop)")
+
+
+class Turn:
+    """
+    A session turn while it runs: C{POST /v1/sessions/{id}/stop} calls
+    L{stop} (registered in C{History.stoppers}).
+
+    @ivar detach: C{finish_on_disconnect}: the reply runs to its end and is
+        kept whole when the client leaves.
+    @ivar call: the model call, once it is under way (a Deferred).
+    @ivar stopped: L{stop} ended the turn.
+    @ivar settled: the reply is over and being kept: too late to stop it.
+    """
+
+    def __init__(self, detach=False):
+        self.detach = detach
+        self.call = None
+        self.stopped = False
+        self.settled = False
+
+    def stop(self):
+        """End the reply now: what was said is kept, marked incomplete (as when its client leaves)."""
+        if self.stopped or self.settled:
+            return
+        self.stopped = True
+        if self.call is not None:
+            self.call.cancel()
+
+
+@implementer(IPushProducer)
+class _Detachable:
+    """
+    The backend connection as the producer of a stream that outlives its
+    client: paused and resumed with the client while it listens; when the
+    client leaves (twisted.web stops the producer) it is resumed instead of
+    stopped, so the reply is read on to its end.
+    """
+
+    def __init__(self, producer):
+        self.producer = producer
+        self.paused = False
+        self.detached = False
+
+    def pauseProducing(self):
+        if not self.detached and not self.paused:
+            self.paused = True
+            self.producer.pauseProducing()
+
+    def resumeProducing(self):
+        if not self.detached and self.paused:
+            self.paused = False
+            self.producer.resumeProducing()
+
+    def stopProducing(self):
+        if self.detached:
+            return
+        self.detached = True
+        if self.paused:
+            self.paused = False
+            self.producer.resumeProducing()
+
+
+class DetachedStream(StreamResponse):
+    """
+    A session turn's stream with C{finish_on_disconnect}: the client paces
+    the backend read while it listens (L{_Detachable}); once it has left,
+    nothing more is written (L{StreamResponse} checks) and the reply is read
+    to its end.
+    """
+
+    def registerProducer(self, producer, streaming):
+        request = self.request
+        if request.gone:
+            return  # gone before Ollama answered: nobody to pace the read
+        proxy = _Detachable(producer)
+        request.registerProducer(proxy, streaming)
+        # However the connection ends, a paused read goes on once it has.
+        request.notifyFinish().addErrback(lambda _: proxy.stopProducing())
+
+
+def detached(request, work):
+    """
+    What the handler awaits for a session turn with C{finish_on_disconnect}:
+    C{work}'s result, but cancelling it (the client left) leaves C{work}
+    running, unless the gateway is shutting down.
+    """
+    # The access-log line, metrics, budget and usage wait for the turn's
+    # end, so a reply that runs on after a disconnect is charged its counts.
+    hold = getattr(request, "hold_end", None)
+    end = hold() if hold is not None else (lambda: None)
+
+    def cancelled(_):
+        if request.draining:
+            work.cancel()
+
+    out = Deferred(cancelled)
+    request.runs_on = work
+
+    def forward(result):
+        end()
+        if not out.called:
+            (out.errback if isinstance(result, Failure) else out.callback)(result)
+        elif isinstance(result, Failure) and not result.check(CancelledError, APIError):
+            log.failure("A turn whose client had left failed", result, request_id=request.request_id)
+        return None
+
+    work.addBoth(forward)
+    return out
 
 
 def translated(request, meter, translator):
@@ -136,10 +280,11 @@ class Conversation(ModelRoute):
     turn, a stored response) before the client hears the end.
 
     C{keep} is C{async keep(reply, incomplete)}: C{reply} is the whole
-    answer, or the stream's translator.
+    answer, or the stream's translator.  C{turn} is a session's L{Turn}:
+    whether its stream outlives its client, and whether it was stopped.
     """
 
-    async def converse(self, request, config, ollama_body, opts, shape=CHAT, keep=None):
+    async def converse(self, request, config, ollama_body, opts, shape=CHAT, keep=None, turn=None):
         if opts["instruction"]:
             # For the model only: what is kept is the turn as the user sent it.
             ollama_body["messages"] = translate.with_instruction(ollama_body["messages"], opts["instruction"])
@@ -147,7 +292,7 @@ class Conversation(ModelRoute):
         if opts["required_tools"]:
             return await self._required(request, config, ollama_body, opts, shape, keep, meter)
         if opts["stream"]:
-            return await self._stream(request, config, ollama_body, opts, shape, keep, meter)
+            return await self._stream(request, config, ollama_body, opts, shape, keep, meter, turn)
         reply = await self.ollama.call_json(config, b"POST", "/api/chat", ollama_body, sent=meter.mark_sent, share=self.share(request))
         return await self._whole(request, reply, opts, shape, keep)
 
@@ -200,27 +345,39 @@ class Conversation(ModelRoute):
             response.close()
         return None
 
-    async def _stream(self, request, config, ollama_body, opts, shape, keep, meter):
+    async def _stream(self, request, config, ollama_body, opts, shape, keep, meter, turn=None):
         translator = shape.translator(opts, keep is not None)
         on_data, rest = translated(request, meter, translator)
+        response = (DetachedStream if turn is not None and turn.detach else StreamResponse)(request, shape.fmt(translator), self.metrics)
+
+        kept = False
 
         async def on_end():
+            nonlocal kept
             tail = rest()
             if keep is not None:
-                # The end is sent only once the reply is kept.
+                # The end is sent only once the reply is kept.  Kept once:
+                # a cancel during this store (the client left) lets it
+                # finish rather than storing the reply a second time.
+                kept = True
                 await keep(translator, False)
                 tail += shape.held(translator)
             return tail
 
-        kept = False
         try:
-            ok = await self.ollama.stream(config, "/api/chat", ollama_body, StreamResponse(request, shape.fmt(translator), self.metrics), on_data, on_end, meter.mark_sent, self.share(request))
-            kept = ok
+            ok = await self.ollama.stream(config, "/api/chat", ollama_body, response, on_data, on_end, meter.mark_sent, self.share(request))
+            kept = kept or ok
         except CancelledError:
-            # The client went away: keep what was said, marked incomplete.
-            if keep is not None and translator.sent_role:
+            # The client went away (or the turn was stopped): keep what
+            # was said, marked incomplete.
+            if keep is not None and translator.sent_role and not kept:
                 await keep(translator, True)
                 kept = True
+            if turn is not None and turn.stopped and response.begun and not request.gone and not request.finished:
+                # A client still listening to a stopped reply hears its end
+                # (no finish_reason: the reply is not complete).
+                request.write(shape.held(translator))
+                request.finish()
             raise
         finally:
             if translator.final is not None:
@@ -247,13 +404,19 @@ class ChatCompletions(Conversation):
         session_id = body.get("session_id")
         if session_id is not None and not isinstance(session_id, str):
             raise invalid("'session_id' must be a string")
+        # The gateway's own field, not the model's.
+        detach = body.pop("finish_on_disconnect", None)
+        if detach is not None and not isinstance(detach, bool):
+            raise invalid("'finish_on_disconnect' must be true or false")
+        if detach and session_id is None:
+            raise invalid("'finish_on_disconnect' needs a 'session_id': only a session's reply is kept")
         ollama_body, opts = translate.chat_request(body, config, request.principal, session_id)
         request.audit["model"] = ollama_body["model"]
         if session_id is not None:
             request.audit["session"] = session_id
             # Only the owner adds turns to a session or clears it (checked
             # before any image is decoded for the turn).
-            await self.history.owned(request.principal, session_id)
+            session = await self.history.owned(request.principal, session_id)
             if body.get("messages") == []:
                 await self.history.store.clear(session_id)
                 return {"object": "session.context_cleared", "session_id": session_id}
@@ -265,15 +428,31 @@ class ChatCompletions(Conversation):
         for message in ollama_body["messages"]:
             if len(_text(message)) > limits.max_message_chars:
                 raise invalid(f"a message is longer than the limit of {limits.max_message_chars} characters")
+        current = Turn(detach=bool(detach))
+        stopper = current.stop
 
         async def turn():
+            # Stoppable from the moment the turn holds the session.
+            self.history.stoppers[session_id] = stopper
+            try:
+                return await run_turn()
+            finally:
+                if self.history.stoppers.get(session_id) is stopper:
+                    del self.history.stoppers[session_id]
+
+        async def run_turn():
             context = await self.history.store.context(session_id, limits.context_messages) if limits.context_messages else []
-            new = [(m["role"], _text(m), False) for m in ollama_body["messages"]]
+            new = []
+            for m in ollama_body["messages"]:
+                # The images as the gateway re-encoded them (images.format).
+                images = data_urls(m.get("images"), config.images.format)
+                new.append((m["role"], _text(m), False, images) if images else (m["role"], _text(m), False))
             if await self.history.store.count_messages(session_id) + len(new) + 1 > limits.max_messages_per_session:
                 raise invalid(f"the session has reached the limit of {limits.max_messages_per_session} messages; start a new one")
             release = await self.history.check_quota(request.principal, limits, new)
 
             async def keep(reply, incomplete):
+                current.settled = True
                 if isinstance(reply, dict):
                     text = reply["choices"][0]["message"].get("content") or ""
                 else:
@@ -281,12 +460,28 @@ class ChatCompletions(Conversation):
                 await self.history.store.append(session_id, new + [("assistant", text, incomplete)])
 
             try:
-                ollama_body["messages"] = [{"role": m.role, "content": m.content} for m in context] + ollama_body["messages"]
-                return await self.converse(request, config, ollama_body, opts, keep=keep)
+                # The session's system prompt first (never stored), then
+                # its stored context, then the new turn.
+                system = [{"role": "system", "content": session.system_prompt}] if session.system_prompt else []
+                ollama_body["messages"] = system + context_messages(context, limits.image_turns) + ollama_body["messages"]
+                if session.temperature is not None and "temperature" not in ollama_body.get("options", {}):
+                    ollama_body.setdefault("options", {})["temperature"] = session.temperature
+                if current.stopped:
+                    raise CancelledError()
+                current.call = Deferred.fromCoroutine(self.converse(request, config, ollama_body, opts, keep=keep, turn=current))
+                return await current.call
             finally:
                 release()
 
-        return await self.history.one_at_a_time(session_id, turn)
+        work = Deferred.fromCoroutine(self.history.one_at_a_time(session_id, turn))
+        try:
+            return await (detached(request, work) if current.detach else work)
+        except CancelledError:
+            if not current.stopped or request.gone:
+                raise
+            if request.finished:
+                return None  # the stream was ended where it stopped
+            raise stopped_early() from None
 
 
 class Completions(ModelRoute):
@@ -323,8 +518,72 @@ class Completions(ModelRoute):
         return None
 
 
+class Capabilities:
+    """
+    What each model can do: the C{capabilities} of Ollama's C{POST
+    /api/show} (C{["completion", "tools"]}, C{["embedding"]}), asked through
+    the backend client (its slots and timeouts, a few at a time) and kept
+    per model name and digest (from C{/api/tags}), so a model replaced under
+    the same name is asked again.  A failed look is not kept: the model
+    goes without the field and is asked again next time.
+    """
+
+    # Models remembered at most (the oldest forgotten first).
+    MAX = 1024
+    # Looks at models under way at once, per list.
+    CONCURRENCY = 4
+
+    def __init__(self, ollama):
+        self.ollama = ollama
+        self.known = {}
+
+    async def of(self, config, share, models):
+        """
+        The capabilities of C{models} (name -> its C{/api/tags} entry), by
+        name; a model whose look failed is left out.
+        """
+        found = {}
+        missing = []
+        for name, tag in models.items():
+            key = (name, tag.get("digest"))
+            if key in self.known:
+                found[name] = self.known[key]
+            else:
+                missing.append(key)
+        if missing:
+            slots = DeferredSemaphore(self.CONCURRENCY)
+            looks = [slots.run(lambda key=key: Deferred.fromCoroutine(self._show(config, share, key))) for key in missing]
+            try:
+                shown = await gatherResults(looks, consumeErrors=True)
+            except FirstError as e:
+                # (Cancelled: the client left.)
+                e.subFailure.raiseException()
+            for key, capabilities in zip(missing, shown):
+                if capabilities is not None:
+                    found[key[0]] = capabilities
+        return found
+
+    async def _show(self, config, share, key):
+        try:
+            # A look at the model, not a use of it: not behind its own slots.
+            shown = await self.ollama.call_json(config, b"POST", "/api/show", {"model": key[0]}, share=share, model_slot=False)
+        except APIError:
+            return None
+        capabilities = shown.get("capabilities") if isinstance(shown, dict) else None
+        if not isinstance(capabilities, list) or not all(isinstance(c, str) for c in capabilities):
+            return None
+        capabilities = tuple(capabilities)
+        while len(self.known) >= self.MAX:
+            del self.known[next(iter(self.known))]
+        self.known[key] = capabilities
+        return capabilities
+
+
 class Models(ModelRoute):
-    """C{GET /v1/models}: Ollama's models, filtered by the config's allow-list."""
+    """
+    C{GET /v1/models}: Ollama's models, filtered by the config's allow-list,
+    each with its capabilities (L{Capabilities}).
+    """
 
     scopes = {"GET": "chat:read"}
     route_name = "models"
@@ -333,7 +592,8 @@ class Models(ModelRoute):
 
     def __init__(self, parts):
         super().__init__(parts)
-        self.item = ModelItem(parts)
+        self.capabilities = Capabilities(parts.ollama)
+        self.item = ModelItem(parts, self.capabilities)
 
     def getChild(self, path, request):
         if not path:
@@ -341,8 +601,12 @@ class Models(ModelRoute):
         return self.item
 
     async def handle_GET(self, request):
-        tags = await self.ollama.call_json(request.config, b"GET", "/api/tags", share=self.share(request))
-        return translate.models_response(tags, request.config, request.principal)
+        config = request.config
+        share = self.share(request)
+        tags = await self.ollama.call_json(config, b"GET", "/api/tags", share=share)
+        listed = translate.listed_models(tags, config, request.principal)
+        capabilities = await self.capabilities.of(config, share, listed)
+        return translate.models_response(tags, config, request.principal, capabilities)
 
 
 class ModelItem(ModelRoute):
@@ -357,10 +621,20 @@ class ModelItem(ModelRoute):
     route_name = "model"
     rate_limited = True
 
+    def __init__(self, parts, capabilities):
+        super().__init__(parts)
+        self.capabilities = capabilities
+
     async def handle_GET(self, request):
+        config = request.config
+        share = self.share(request)
         model = "/".join(p.decode("utf-8", "replace") for p in request.prepath[-1:] + request.postpath)
-        tags = await self.ollama.call_json(request.config, b"GET", "/api/tags", share=self.share(request))
-        for entry in translate.models_response(tags, request.config, request.principal)["data"]:
+        tags = await self.ollama.call_json(config, b"GET", "/api/tags", share=share)
+        listed = translate.listed_models(tags, config, request.principal)
+        # An alias stands for its target.
+        target = model if model in listed else config.backend.aliases.get(model)
+        capabilities = await self.capabilities.of(config, share, {target: listed[target]}) if target in listed else {}
+        for entry in translate.models_response(tags, config, request.principal, capabilities)["data"]:
             if entry["id"] == model:
                 return entry
         raise APIError("MODEL_NOT_FOUND", details=f"model '{model}' is not available")

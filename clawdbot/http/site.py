@@ -150,6 +150,8 @@ class GatewayRequest(server.Request):
     sampled = False
     captured = None
     handler = None
+    # Work that goes on after the client left (a Deferred), for the drain to stop.
+    runs_on = None
     stream_format = None
     # The answer may carry CORS headers (not on the sign-in routes).
     cross_origin = True
@@ -174,11 +176,42 @@ class GatewayRequest(server.Request):
         """The site's L{clawdbot.http.tree.Parts} (C{None} on a plain twisted.web site)."""
         return getattr(self._site, "parts", None)
 
+    _held = 0
+    _due = False
+
+    def hold_end(self):
+        """
+        Postpone what the request's end accounts for (its access-log line,
+        metrics, token budget, usage, and its place among the requests a
+        drain waits for) until the returned C{release()} is called: for work
+        that runs on after its client left (a session turn with
+        C{finish_on_disconnect}).
+        """
+        self._held += 1
+        released = []
+
+        def release():
+            if released:
+                return
+            released.append(True)
+            self._held -= 1
+            if not self._held and self._due:
+                self._due = False
+                self._account()
+
+        return release
+
     def _lost(self, reason):
         self.gone = True
         self._done(None)
 
     def _done(self, _):
+        if self._held:
+            self._due = True
+            return
+        self._account()
+
+    def _account(self):
         parts = self._parts()
         if parts is not None:
             parts.accounting.done(self)

@@ -106,6 +106,11 @@ class Runtime:
                 transports.append(request.channel.transport)
             if request.handler is not None:
                 request.handler.cancel()
+        # Work that outlived its client (a reply finishing after a
+        # disconnect) stops here too: what it said is kept, marked
+        # incomplete, before the store closes.
+        for request in [r for r in self.inflight if r.gone and r.runs_on is not None]:
+            request.runs_on.cancel()
         # Let those last bytes reach their clients before the reactor stops
         # (which drops connections without flushing them).
         for transport in transports:
