@@ -13,9 +13,11 @@ import json
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
+from clawdbot.http.chat import Capabilities
 from testing.fake_ollama import FakeOllama, _pending_bytes
 from tests.helpers import Backed, bearer, get_json, stream_call, token, until
 
@@ -380,13 +382,23 @@ class CapabilityTests(Turns):
         self.assertEqual(shown, ["nomic-embed-text:latest", "qwen3:32b"])
 
     async def test_show_failing_leaves_the_field_out(self):
-        """When /api/show fails the list is still served, without capabilities; the failure is not kept."""
+        """
+        When /api/show fails the list is still served, without capabilities;
+        the failed model is not asked again at once (each list would cost a
+        backend call per model), but after Capabilities.RETRY_AFTER.
+        """
+        self.patch(Capabilities, "RETRY_AFTER", 0.5)
         self.start()
         self.fake.behave(status_error=500, paths=("/api/show",))
         body = await self.models()
         self.assertEqual(sorted(m["id"] for m in body["data"]), ["nomic-embed-text:latest", "qwen3:32b"])
         self.assertTrue(all("capabilities" not in m for m in body["data"]), body)
+        shows = len(self.fake.requests_to("/api/show"))
+        self.assertEqual(shows, 2)
         self.assertNotIn("capabilities", await self.models("/v1/models/qwen3:32b"))
+        await self.models()
+        self.assertEqual(len(self.fake.requests_to("/api/show")), shows)
         self.fake.behave()
+        await deferLater(reactor, 0.6, lambda: None)
         body = await self.models()
         self.assertEqual({m["id"]: m["capabilities"] for m in body["data"]}["qwen3:32b"], ["completion", "tools", "thinking"])

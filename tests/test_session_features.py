@@ -19,6 +19,7 @@ from twisted.trial.unittest import TestCase
 from clawdbot.auth.identity import Principal
 from clawdbot.config import HistoryConfig
 from clawdbot.errors import APIError
+from clawdbot.http import history as history_routes
 from clawdbot.storage import store as store_module
 from clawdbot.storage.history import History
 from clawdbot.storage.store import MIGRATIONS, PostgresEngine, Refused, SQLiteEngine, SQLStore, decode_cursor, message_bytes
@@ -158,7 +159,8 @@ class StoreFeatures:
         self.assertEqual((f.title, f.owner, f.team, f.system_prompt, f.temperature, f.created_at), ("Source", "alice", "team-a", "sp", 0.7, 1001.0))
         got = await self.store.get_session(f.id, with_messages=True)
         self.assertEqual([(m.role, m.content, m.incomplete, m.images) for m in got.messages], [("user", "q1", False, (PNG,)), ("assistant", "a1", True, ())])
-        self.assertEqual(await self.store.usage("alice"), used + message_bytes("q1", [PNG]) + message_bytes("a1"))
+        # The copies and the system prompt ("sp") are the new session's.
+        self.assertEqual(await self.store.usage("alice"), used + message_bytes("q1", [PNG]) + message_bytes("a1") + 2)
         # The copy is independent of its source.
         await self.store.truncate(s.id, 0)
         self.assertEqual(len((await self.store.get_session(f.id, with_messages=True)).messages), 2)
@@ -247,7 +249,7 @@ class MigrationFrom6:
         await new.update("sess_old", system_prompt="sp", temperature=2)
         got = await new.get_session("sess_old", with_messages=True)
         self.assertEqual((got.system_prompt, got.temperature, got.messages[-1].images), ("sp", 2.0, (PNG,)))
-        self.assertEqual(await new.usage("alice"), 8 + message_bytes("pic", [PNG]))
+        self.assertEqual(await new.usage("alice"), 8 + message_bytes("pic", [PNG]) + len("sp"))
         self.assertEqual(await self.version(new), len(MIGRATIONS))
 
 
@@ -497,7 +499,7 @@ class Routes:
             [(m["role"], m["content"], m["incomplete"]) for m in fork["messages"]],
             [("user", [{"type": "text", "text": "q1"}, {"type": "image_url", "image_url": {"url": PNG}}], False), ("assistant", "a1", True)],
         )
-        self.assertEqual(await self.usage(OWNER), used + message_bytes("q1", [PNG]) + message_bytes("a1"))
+        self.assertEqual(await self.usage(OWNER), used + message_bytes("q1", [PNG]) + message_bytes("a1") + len("sp"))
         _, _, again = await self.call(OWNER, "GET", f"/v1/sessions/{fork['id']}")
         self.assertEqual(again["messages"], fork["messages"])
         status, _, named = await self.call(OWNER, "POST", path, {"keep": 0, "title": "  Branch "})
@@ -584,6 +586,101 @@ class Routes:
         self.assertIs(session["replying"], False)
         self.assertEqual([(m["role"], m["incomplete"]) for m in session["messages"]], [("user", False), ("assistant", True)])
         self.assertTrue(self.fake.reply_text.startswith(session["messages"][1]["content"]))
+
+    async def test_search_is_bounded(self):
+        """
+        A search spends the request budget, and one that runs past its time
+        limit is stopped with a 400 that says so (the storage is free for
+        the others at once).
+        """
+        self.patch(history_routes, "SEARCH_TIME", 0.001)
+        self.start("rate_limit: {requests_per_minute: 3}")
+        sid = (await self.create(OWNER, "big"))["id"]
+        # About 10 MB to read: far past a millisecond on either engine.
+        await self.fill(sid, [("user", f"{i} " + "a" * 2000, False) for i in range(5000)])
+        answer = await self.expect_400(OWNER, "GET", "/v1/sessions?q=" + "a" * 199 + "b", None, "took longer than")
+        self.assertNotIn("interrupt", json.dumps(answer).lower())
+        self.assertNotIn("statement", json.dumps(answer).lower())
+        # The store still answers, and the budget was spent by the searches only.
+        self.assertEqual((await self.call(OWNER, "GET", "/v1/sessions"))[0], 200)
+        await self.expect_400(OWNER, "GET", "/v1/sessions?q=zz" + "a" * 100, None, "took longer than")
+        await self.expect_400(OWNER, "GET", "/v1/sessions?q=yy" + "a" * 100, None, "took longer than")
+        status, _, answer = await self.call(OWNER, "GET", "/v1/sessions?q=x")
+        self.assertEqual((status, answer["error"]["code"]), (429, "RATE_LIMITED"))
+
+    async def test_search_snippets_of_others_are_audited(self):
+        """A team reader whose search shows what a teammate's chat says leaves a history.read_other event; titles alone and own chats do not."""
+        self.start()
+        team = (await self.create(OWNER, "launch plans", team="team-a"))["id"]
+        await self.fill(team, [("user", "the launch code is ZEBRA-42", False)])
+        mine = (await self.create(TEAM_READER, "my notes"))["id"]
+        await self.fill(mine, [("user", "ZEBRA crossing", False)])
+        status, _, body = await self.call(TEAM_READER, "GET", "/v1/sessions?q=zebra")
+        self.assertEqual(status, 200, body)
+        self.assertEqual({s["id"] for s in body["data"]}, {team, mine})
+        status, _, body = await self.call(TEAM_READER, "GET", "/v1/sessions?q=launch%20plans")
+        self.assertEqual([(s["id"], s["match"]) for s in body["data"]], [(team, None)])
+        events = self.events("history.read_other")
+        self.assertEqual([(e["object"], e["details"]["via"], e["details"]["team"]) for e in events], [(team, "search", "team-a")])
+
+    async def test_system_prompt_counts_in_the_quota(self):
+        """A system prompt is stored history: it counts in the owner's bytes (create, change, fork, delete) and is refused past the quota."""
+        self.start("history: {max_bytes_per_user: 1000}")
+        prompt = "é" * 200  # 400 bytes
+        status, _, s = await self.call(OWNER, "POST", "/v1/sessions", {"title": "t", "system_prompt": prompt})
+        self.assertEqual(status, 201, s)
+        self.assertEqual(await self.usage(OWNER), 400)
+        status, _, body = await self.call(OWNER, "PATCH", f"/v1/sessions/{s['id']}", {"system_prompt": "x" * 1001})
+        self.assertEqual((status, body["error"]["code"]), (429, "QUOTA_EXCEEDED"))
+        self.assertEqual((await self.call(OWNER, "GET", f"/v1/sessions/{s['id']}"))[2]["system_prompt"], prompt)
+        status, _, body = await self.call(OWNER, "POST", "/v1/sessions", {"system_prompt": "y" * 700})
+        self.assertEqual((status, body["error"]["code"]), (429, "QUOTA_EXCEEDED"))
+        self.assertEqual(len((await self.call(OWNER, "GET", "/v1/sessions"))[2]["data"]), 1)
+        self.assertEqual((await self.call(OWNER, "PATCH", f"/v1/sessions/{s['id']}", {"system_prompt": "short"}))[0], 200)
+        self.assertEqual(await self.usage(OWNER), 5)
+        status, _, fork = await self.call(OWNER, "POST", f"/v1/sessions/{s['id']}/fork", {"keep": 0})
+        self.assertEqual(status, 201, fork)
+        self.assertEqual(await self.usage(OWNER), 10)
+        self.assertEqual((await self.call(OWNER, "DELETE", f"/v1/sessions/{fork['id']}"))[0], 204)
+        self.assertEqual((await self.call(OWNER, "PATCH", f"/v1/sessions/{s['id']}", {"system_prompt": None}))[0], 200)
+        self.assertEqual(await self.usage(OWNER), 0)
+
+    async def test_fork_of_a_team_chat_by_a_non_member(self):
+        """A chat forked by an owner no longer in its team is private: a fork cannot plant a chat in a team (as a create cannot)."""
+        self.start()
+        sid = (await self.create(OWNER, "team chat", team="team-a"))["id"]
+        status, _, kept = await self.call(OWNER, "POST", f"/v1/sessions/{sid}/fork", {"keep": 0})
+        self.assertEqual((status, kept["team"]), (201, "team-a"))
+        outsider = dict(OWNER, teams=[])
+        status, _, body = await self.call(outsider, "POST", "/v1/sessions", {"team": "team-a"})
+        self.assertEqual(status, 403, body)
+        status, _, forked = await self.call(outsider, "POST", f"/v1/sessions/{sid}/fork", {"keep": 0, "title": "planted"})
+        self.assertEqual((status, forked["team"]), (201, None))
+        listed = (await self.call(TEAM_READER, "GET", "/v1/sessions?team=team-a"))[2]["data"]
+        self.assertNotIn(forked["id"], [x["id"] for x in listed])
+
+    async def test_clear_and_delete_stop_a_running_reply(self):
+        """Clearing a chat while its reply streams stops the reply and nothing is stored after the clear; deleting one stops its reply too."""
+        self.start()
+        sid = (await self.create(OWNER))["id"]
+        await self.fill(sid, [("user", "old", False), ("assistant", "old answer", False)])
+        self.fake.behave(stall_after=3, times=1)
+        streamed = stream_call(self.gw.url + "/v1/chat/completions", {"session_id": sid, "stream": True, "messages": HI}, as_user(OWNER))
+        await until(lambda: streamed.data.count(b"data: ") >= 2, what="two chunks")
+        status, _, body = await self.call(OWNER, "POST", "/v1/chat/completions", {"session_id": sid, "messages": []})
+        self.assertEqual((status, body["object"]), (200, "session.context_cleared"))
+        await streamed.done
+        self.assertEqual((await self.call(OWNER, "GET", f"/v1/sessions/{sid}"))[2]["messages"], [])
+        self.assertFalse(self.history.busy(sid))
+
+        other = (await self.create(OWNER))["id"]
+        self.fake.behave(stall_after=3, times=1)
+        streamed = stream_call(self.gw.url + "/v1/chat/completions", {"session_id": other, "stream": True, "messages": HI}, as_user(OWNER))
+        await until(lambda: streamed.data.count(b"data: ") >= 2, what="two chunks")
+        self.assertEqual((await self.call(OWNER, "DELETE", f"/v1/sessions/{other}"))[0], 204)
+        await streamed.done
+        await until(lambda: not self.history.busy(other), what="the reply stopping")
+        self.assertEqual((await self.call(OWNER, "GET", f"/v1/sessions/{other}"))[0], 404)
 
 
 class SQLiteRoutes(Routes, Gateway):

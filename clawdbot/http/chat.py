@@ -5,7 +5,7 @@ embeddings, and the authenticated pass-through of Ollama's native API.
 
 import json
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, FirstError, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -54,7 +54,7 @@ def context_messages(context, image_turns):
 
 
 def stopped_early():
-    return invalid("the reply was stopped before it began (POST /v1/sessions/{id}/stop)")
+    return invalid("the reply was stopped (POST /v1/sessions/{id}/stop or a clear) before any of it could be kept; nothing was stored")
 
 
 class Turn:
@@ -418,7 +418,10 @@ class ChatCompletions(Conversation):
             # before any image is decoded for the turn).
             session = await self.history.owned(request.principal, session_id)
             if body.get("messages") == []:
-                await self.history.store.clear(session_id)
+                # A reply being written stops first, and the clear waits for
+                # it to be stored, so nothing lands after the clear.
+                self.history.stop(session_id)
+                await self.history.one_at_a_time(session_id, lambda: self.history.store.clear(session_id))
                 return {"object": "session.context_cleared", "session_id": session_id}
         # Images are decoded on the image workers, never here on the reactor.
         await self.images.process_messages(ollama_body["messages"], config.images)
@@ -524,55 +527,87 @@ class Capabilities:
     /api/show} (C{["completion", "tools"]}, C{["embedding"]}), asked through
     the backend client (its slots and timeouts, a few at a time) and kept
     per model name and digest (from C{/api/tags}), so a model replaced under
-    the same name is asked again.  A failed look is not kept: the model
-    goes without the field and is asked again next time.
+    the same name is asked again.  Concurrent lists share a look under way
+    (a client that leaves does not cancel it for the others).  An answer
+    without a capabilities list (an Ollama older than the field) is kept as
+    unknown; a failed look is not asked again for C{RETRY_AFTER} seconds.
+    Either way the model goes without the field.
     """
 
     # Models remembered at most (the oldest forgotten first).
     MAX = 1024
     # Looks at models under way at once, per list.
     CONCURRENCY = 4
+    # Seconds before a model whose look failed is asked again.
+    RETRY_AFTER = 60.0
 
-    def __init__(self, ollama):
+    def __init__(self, ollama, clock):
         self.ollama = ollama
-        self.known = {}
+        self.clock = clock
+        self.known = {}  # (name, digest) -> tuple of capabilities, or None: unknown
+        self.failed = {}  # (name, digest) -> when to ask again
+        self.pending = {}  # (name, digest) -> the look under way (a Deferred)
 
     async def of(self, config, share, models):
         """
         The capabilities of C{models} (name -> its C{/api/tags} entry), by
-        name; a model whose look failed is left out.
+        name; a model whose capabilities are unknown is left out.
         """
         found = {}
         missing = []
+        now = self.clock.seconds()
         for name, tag in models.items():
             key = (name, tag.get("digest"))
             if key in self.known:
-                found[name] = self.known[key]
-            else:
+                if self.known[key] is not None:
+                    found[name] = self.known[key]
+            elif self.failed.get(key, 0) <= now:
+                self.failed.pop(key, None)
                 missing.append(key)
         if missing:
             slots = DeferredSemaphore(self.CONCURRENCY)
-            looks = [slots.run(lambda key=key: Deferred.fromCoroutine(self._show(config, share, key))) for key in missing]
-            try:
-                shown = await gatherResults(looks, consumeErrors=True)
-            except FirstError as e:
-                # (Cancelled: the client left.)
-                e.subFailure.raiseException()
+            shown = await gatherResults([slots.run(self._look, config, share, key) for key in missing], consumeErrors=True)
             for key, capabilities in zip(missing, shown):
                 if capabilities is not None:
                     found[key[0]] = capabilities
         return found
 
+    def _look(self, config, share, key):
+        """The capabilities of one model: the look under way, or a new one."""
+        look = self.pending.get(key)
+        if look is None:
+            look = self.pending[key] = Deferred.fromCoroutine(self._show(config, share, key))
+
+            def over(result):
+                self.pending.pop(key, None)
+                return result
+
+            look.addBoth(over)
+        # Cancelling the waiter (its client left) leaves the look running.
+        waiter = Deferred()
+
+        def tell(result):
+            if not waiter.called:
+                waiter.callback(result)
+            return result
+
+        look.addCallback(tell)
+        return waiter
+
     async def _show(self, config, share, key):
         try:
             # A look at the model, not a use of it: not behind its own slots.
             shown = await self.ollama.call_json(config, b"POST", "/api/show", {"model": key[0]}, share=share, model_slot=False)
-        except APIError:
+        except Exception:
+            self.failed[key] = self.clock.seconds() + self.RETRY_AFTER
+            while len(self.failed) > self.MAX:
+                del self.failed[next(iter(self.failed))]
             return None
         capabilities = shown.get("capabilities") if isinstance(shown, dict) else None
-        if not isinstance(capabilities, list) or not all(isinstance(c, str) for c in capabilities):
-            return None
-        capabilities = tuple(capabilities)
+        if isinstance(capabilities, list) and all(isinstance(c, str) for c in capabilities):
+            capabilities = tuple(capabilities)
+        else:
+            capabilities = None
         while len(self.known) >= self.MAX:
             del self.known[next(iter(self.known))]
         self.known[key] = capabilities
@@ -592,7 +627,7 @@ class Models(ModelRoute):
 
     def __init__(self, parts):
         super().__init__(parts)
-        self.capabilities = Capabilities(parts.ollama)
+        self.capabilities = Capabilities(parts.ollama, parts.reactor)
         self.item = ModelItem(parts, self.capabilities)
 
     def getChild(self, path, request):

@@ -35,6 +35,10 @@ from clawdbot.http.resource import APIResource, JSONResponse, NotFound, query_ar
 MAX_TITLE = 200
 # The longest search text (GET /v1/sessions?q=).
 MAX_QUERY = 200
+# Seconds a search may run before it is stopped.
+SEARCH_TIME = 3.0
+# One search at a time per caller: the lock's name (no session id has a space).
+SEARCH_LOCK = "search "
 # Above any session's message count: a larger 'keep' is refused before the store sees it.
 MAX_KEEP = 2**31 - 1
 
@@ -102,6 +106,11 @@ def quota_exceeded(limits):
     )
 
 
+def room(history, principal, limits):
+    """The stored bytes the caller may reach, less what turns in flight hold (as a turn's own check counts them)."""
+    return limits.max_bytes_per_user - history.reservations.pending.get(principal.key, 0)
+
+
 def too_many_sessions(limits):
     return invalid(f"you have reached the limit of {limits.max_sessions_per_user} sessions; delete some first")
 
@@ -159,7 +168,22 @@ class SessionList(HistoryRoute):
         if query is None:
             rows, next_cursor = await store.list_sessions(owners, principal.history_teams(), team=team, limit=limit, cursor=cursor)
             return {"data": [s.as_dict() for s in rows], "next_cursor": next_cursor}
-        found, next_cursor = await store.search_sessions(owners, principal.history_teams(), query, team=team, limit=limit, cursor=cursor)
+        # A search reads every message its caller may see: it spends the
+        # request budget, runs one at a time per caller, and stops at
+        # SEARCH_TIME seconds.
+        await self.accounting.check_rate(request)
+
+        async def search():
+            try:
+                return await store.search_sessions(owners, principal.history_teams(), query, team=team, limit=limit, cursor=cursor, time_limit=SEARCH_TIME)
+            except Refused:
+                raise invalid(f"the search took longer than {SEARCH_TIME:g} seconds and was stopped; narrow it with a team filter") from None
+
+        found, next_cursor = await self.history.one_at_a_time(SEARCH_LOCK + principal.key, search)
+        for session, match in found:
+            if match is not None and session.owner not in owners:
+                # What a teammate's chat says, read through a search.
+                self.parts.audit.record("history.read_other", request, obj=session.id, owner=owner_sub(session.owner), team=session.team, via="search")
         return {"data": [dict(s.as_dict(), match=match) for s, match in found], "next_cursor": next_cursor}
 
     async def handle_POST(self, request):
@@ -177,7 +201,19 @@ class SessionList(HistoryRoute):
                 raise invalid("'team' must be a team name")
             if not may_use_team(principal, team):
                 raise APIError("AUTH_INSUFFICIENT_SCOPE", details=f"you are not a member of team {team}")
-        session = await self.history.store.create_session(principal.key, title, team, max_sessions=limits.max_sessions_per_user, **settings)
+        store = self.history.store
+        try:
+            session = await store.create_session(
+                principal.key,
+                title,
+                team,
+                max_sessions=limits.max_sessions_per_user,
+                max_bytes=room(self.history, principal, limits),
+                owners=await store.owners_of(principal.issuer, principal.sub),
+                **settings,
+            )
+        except Refused:
+            raise quota_exceeded(limits) from None
         if session is None:
             raise too_many_sessions(limits)
         return JSONResponse(session.as_dict(), status=201)
@@ -216,8 +252,14 @@ class SessionItem(HistoryRoute):
         changes = _settings(body, request.config.history)
         if "title" in body:
             changes["title"] = _title(body["title"])
-        await self.history.owned(request.principal, self.sid)
-        await self.history.store.update(self.sid, **changes)
+        principal = request.principal
+        await self.history.owned(principal, self.sid)
+        store = self.history.store
+        limits = request.config.history
+        try:
+            await store.update(self.sid, max_bytes=room(self.history, principal, limits), owners=await store.owners_of(principal.issuer, principal.sub), **changes)
+        except Refused:
+            raise quota_exceeded(limits) from None
         session = await self.history.store.get_session(self.sid)
         if session is None:
             raise not_found()
@@ -225,6 +267,8 @@ class SessionItem(HistoryRoute):
 
     async def handle_DELETE(self, request):
         await self.history.owned(request.principal, self.sid)
+        # A reply still being written for it stops (it would be stored nowhere).
+        self.history.stop(self.sid)
         await self.history.store.delete(self.sid)
         self.parts.audit.record("history.deleted", request, obj=self.sid)
         return JSONResponse(b"", status=204)
@@ -299,18 +343,18 @@ class SessionFork(SessionChild):
             title = _title(title)
         principal = request.principal
         limits = request.config.history
-        await self.history.owned(principal, self.sid)
+        source = await self.history.owned(principal, self.sid)
         store = self.history.store
-        # Turns in flight count, as they do for a turn's own check.
-        room = limits.max_bytes_per_user - self.history.reservations.pending.get(principal.key, 0)
         try:
             session = await store.fork(
                 self.sid,
                 principal.key,
                 keep,
                 title,
+                # The copy stays in the team only for a member (as a create).
+                team=source.team if source.team is not None and may_use_team(principal, source.team) else None,
                 max_sessions=limits.max_sessions_per_user,
-                max_bytes=room,
+                max_bytes=room(self.history, principal, limits),
                 owners=await store.owners_of(principal.issuer, principal.sub),
             )
         except Refused as e:

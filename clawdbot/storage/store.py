@@ -88,11 +88,16 @@ class Message:
         return {"role": self.role, "content": content, "created_at": rfc3339(self.created_at, 6), "incomplete": self.incomplete}
 
 
+# "As the source" for fork()'s team (None is no team).
+KEEP = object()
+
+
 class Refused(Exception):
     """
     A change the store refused, nothing changed: C{reason} is C{"keep"}
     (more messages to keep than there are), C{"sessions"} (the owner's
-    session limit) or C{"bytes"} (the owner's stored-bytes limit).
+    session limit), C{"bytes"} (the owner's stored-bytes limit) or
+    C{"time"} (a search that ran past its time limit).
     """
 
     def __init__(self, reason):
@@ -279,6 +284,11 @@ def _statements(migration, dialect):
         yield step
 
 
+def prompt_bytes(prompt):
+    """What a session's system prompt counts in its owner's stored bytes."""
+    return len(prompt.encode("utf-8", "surrogatepass")) if prompt else 0
+
+
 def message_bytes(content, images=()):
     """What a message costs against the quota: the UTF-8 size of its text and of its images' data URLs."""
     return len(content.encode("utf-8", "surrogatepass")) + sum(len(url.encode("utf-8", "surrogatepass")) for url in images)
@@ -360,6 +370,22 @@ class SQLStore:
                 (owner, delta),
             )
 
+    def _used(self, cur, owners):
+        cur.execute(self._sql("SELECT COALESCE(SUM(bytes), 0) FROM owner_usage WHERE owner IN (%s)" % ", ".join("?" * len(owners))), owners)
+        return int(cur.fetchone()[0])
+
+    def _charge_prompt(self, cur, owner, old, new, max_bytes=None, owners=None):
+        """
+        Charge a session's system prompt changing from C{old} to C{new} to
+        its owner (a prompt is stored history too); L{Refused} C{"bytes"}
+        when that would take C{owners} (default C{[owner]}) past
+        C{max_bytes}.
+        """
+        delta = prompt_bytes(new) - prompt_bytes(old)
+        if delta > 0 and max_bytes is not None and self._used(cur, owners or [owner]) + delta > max_bytes:
+            raise Refused("bytes")
+        self._charge(cur, owner, delta)
+
     def _drop_messages(self, cur, sid):
         """Delete a session's messages and give their bytes back to its owner."""
         cur.execute(self._sql("SELECT owner FROM sessions WHERE id = ?"), (sid,))
@@ -369,13 +395,18 @@ class SQLStore:
         if row is not None:
             self._charge(cur, row[0], -freed)
 
-    async def create_session(self, owner, title, team=None, max_sessions=None, system_prompt=None, temperature=None):
+    async def create_session(self, owner, title, team=None, max_sessions=None, system_prompt=None, temperature=None, max_bytes=None, owners=None):
+        """
+        A new session; C{None} past C{max_sessions}.  Its system prompt is
+        charged to C{owner} (L{Refused} C{"bytes"} past C{max_bytes}).
+        """
         now = self.clock()
         session = Session(new_id(), title, owner, team, now, now, system_prompt, temperature)
 
         def create(cur):
             if max_sessions is not None and not self._room_for_session(cur, owner, max_sessions):
                 return None
+            self._charge_prompt(cur, owner, None, system_prompt, max_bytes, owners)
             self._insert_session(cur, session)
             return session
 
@@ -473,11 +504,12 @@ class SQLStore:
         rows = rows[:limit]
         return rows, (encode_cursor(rows[-1]) if more and rows else None)
 
-    async def search_sessions(self, owners, teams, query, team=None, limit=50, cursor=None):
+    async def search_sessions(self, owners, teams, query, team=None, limit=50, cursor=None, time_limit=None):
         """
         L{list_sessions} narrowed to the sessions whose title or any
         message's text contains C{query}, in any case (C{%} and C{_} are
-        literal).
+        literal).  A search reads every message it may see, so it can be
+        given C{time_limit} seconds (L{Refused} C{"time"} past it).
 
         @return: C{([(session, match)], next_cursor)}, C{match} the excerpt
             of the first matching message's text (L{match_excerpt}), or
@@ -493,16 +525,24 @@ class SQLStore:
         params.append(limit + 1)
 
         def select(cur):
-            cur.execute(self._sql(sql), params)
-            rows = [Session(*row) for row in cur.fetchall()]
-            out = []
-            for session in rows[:limit]:
-                cur.execute(
-                    self._sql("SELECT content FROM messages WHERE session_id = ? AND LOWER(content) LIKE ? ESCAPE '\\' ORDER BY seq LIMIT 1"),
-                    (session.id, pattern),
-                )
-                row = cur.fetchone()
-                out.append((session, None if row is None else match_excerpt(row[0], query)))
+            undo = self.engine.time_limit(cur, time_limit) if time_limit is not None else (lambda: None)
+            try:
+                cur.execute(self._sql(sql), params)
+                rows = [Session(*row) for row in cur.fetchall()]
+                out = []
+                for session in rows[:limit]:
+                    cur.execute(
+                        self._sql("SELECT content FROM messages WHERE session_id = ? AND LOWER(content) LIKE ? ESCAPE '\\' ORDER BY seq LIMIT 1"),
+                        (session.id, pattern),
+                    )
+                    row = cur.fetchone()
+                    out.append((session, None if row is None else match_excerpt(row[0], query)))
+            except Exception as e:
+                if self.engine.timed_out(e):
+                    raise Refused("time") from None
+                raise
+            finally:
+                undo()
             return out, len(rows) > limit
 
         rows, more = await self.engine.run(select)
@@ -511,8 +551,12 @@ class SQLStore:
     # The session fields that update() changes.
     SETTINGS = ("title", "system_prompt", "temperature")
 
-    async def update(self, sid, **changes):
-        """Set some of L{SETTINGS} (C{None} clears the settings other than the title); C{updated_at} moves."""
+    async def update(self, sid, max_bytes=None, owners=None, **changes):
+        """
+        Set some of L{SETTINGS} (C{None} clears the settings other than the
+        title); C{updated_at} moves.  A new system prompt is charged to the
+        session's owner (L{Refused} C{"bytes"} past C{max_bytes}).
+        """
         for name in changes:
             if name not in self.SETTINGS:
                 raise ValueError(name)
@@ -520,6 +564,12 @@ class SQLStore:
         names = list(changes)
 
         def update(cur):
+            if "system_prompt" in changes:
+                session = self._session(cur, sid)
+                if session is None:
+                    return
+                self.engine.lock_owner(cur, session.owner)
+                self._charge_prompt(cur, session.owner, session.system_prompt, changes["system_prompt"], max_bytes, owners)
             sets = ", ".join(f"{name} = ?" for name in names + ["updated_at"])
             cur.execute(self._sql(f"UPDATE sessions SET {sets} WHERE id = ?"), [changes[n] for n in names] + [now, sid])
 
@@ -531,6 +581,9 @@ class SQLStore:
     async def delete(self, sid):
         def delete(cur):
             self._drop_messages(cur, sid)
+            session = self._session(cur, sid)
+            if session is not None:
+                self._charge_prompt(cur, session.owner, session.system_prompt, None)
             cur.execute(self._sql("DELETE FROM sessions WHERE id = ?"), (sid,))
 
         await self.engine.run(delete)
@@ -582,11 +635,12 @@ class SQLStore:
 
         return await self.engine.run(truncate)
 
-    async def fork(self, sid, owner, keep, title=None, max_sessions=None, max_bytes=None, owners=None):
+    async def fork(self, sid, owner, keep, title=None, max_sessions=None, max_bytes=None, owners=None, team=KEEP):
         """
         A new session of C{owner} with copies of the first C{keep} messages
-        of C{sid} (images included), its team and settings, titled C{title}
-        or as the source; their bytes are charged to C{owner}.
+        of C{sid} (images included), its settings, C{team} (default: the
+        source's), titled C{title} or as the source; their bytes (and the
+        system prompt's) are charged to C{owner}.
 
         @param max_bytes: refuse when the bytes stored for C{owners} (default
             C{[owner]}) plus the copies would pass it.
@@ -611,12 +665,11 @@ class SQLStore:
             bound = "" if first is None else " AND seq < ?"
             bound_params = () if first is None else (first,)
             cur.execute(self._sql("SELECT COALESCE(SUM(bytes), 0) FROM messages WHERE session_id = ?" + bound), (sid,) + bound_params)
-            size = int(cur.fetchone()[0])
-            if max_bytes is not None and size:
-                cur.execute(self._sql("SELECT COALESCE(SUM(bytes), 0) FROM owner_usage WHERE owner IN (%s)" % ", ".join("?" * len(owners))), owners)
-                if int(cur.fetchone()[0]) + size > max_bytes:
-                    raise Refused("bytes")
-            session = Session(new_id(), source.title if title is None else title, owner, source.team, now, now, source.system_prompt, source.temperature)
+            # The copies and the system prompt.
+            size = int(cur.fetchone()[0]) + prompt_bytes(source.system_prompt)
+            if max_bytes is not None and size and self._used(cur, owners) + size > max_bytes:
+                raise Refused("bytes")
+            session = Session(new_id(), source.title if title is None else title, owner, source.team if team is KEEP else team, now, now, source.system_prompt, source.temperature)
             self._insert_session(cur, session)
             cur.execute(
                 self._sql(
@@ -727,6 +780,18 @@ class _ThreadEngine:
         thread.  Nothing with SQLite.
         """
 
+    def time_limit(self, cur, seconds):
+        """
+        Stop this transaction's statements once C{seconds} have passed: the
+        statement running then raises what L{timed_out} recognises.
+        Returns C{undo()}, to call when the transaction is over.
+        """
+        return lambda: None
+
+    def timed_out(self, error):
+        """Whether C{error} is a statement stopped by L{time_limit}."""
+        return False
+
     def __init__(self, reactor, threads):
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="clawdbot-storage")
@@ -774,6 +839,16 @@ class SQLiteEngine(_ThreadEngine):
             _migrate_sqlite(conn, self.context)
             self._local.conn = conn
         return conn
+
+    def time_limit(self, cur, seconds):
+        conn = cur.connection
+        deadline = time.monotonic() + seconds
+        # Asked every few thousand virtual-machine steps; nonzero interrupts.
+        conn.set_progress_handler(lambda: time.monotonic() > deadline, 5000)
+        return lambda: conn.set_progress_handler(None, 0)
+
+    def timed_out(self, error):
+        return isinstance(error, sqlite3.OperationalError) and "interrupt" in str(error)
 
     def _transaction(self, fn):
         cur = self._connection().cursor()
@@ -851,6 +926,15 @@ class PostgresEngine(_ThreadEngine):
 
         thread = threading.Thread(target=run, name="clawdbot-notify", daemon=True)
         thread.start()
+
+    def time_limit(self, cur, seconds):
+        cur.execute(f"SET LOCAL statement_timeout = {max(1, int(seconds * 1000))}")
+        return lambda: None
+
+    def timed_out(self, error):
+        import psycopg
+
+        return isinstance(error, psycopg.errors.QueryCanceled)
 
     def _transaction(self, fn):
         with self._ready_lock:
