@@ -10,6 +10,7 @@ import secrets
 import signal
 import sqlite3
 import tempfile
+from urllib.parse import unquote
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -383,6 +384,21 @@ class StatefulTests(Gateway):
         self.assertIn(b"# Trip plan", md)
         self.assertIn(b"## user", md)
         self.assertEqual((await self.call(OWNER, "GET", f"/v1/sessions/{sid}/export?format=pdf"))[0], 400)
+
+    async def test_export_file_name_in_any_script(self):
+        """A title in any script names the download (RFC 6266 filename*), made safe; the ASCII name stays for older clients."""
+        self.start()
+        for title, ascii_name, utf8_name in (
+            ("项目计划", "session.json", "项目计划.json"),
+            ('a/b\\"c..\r\nX: ünï 💥', "a-b--c----X---n.json", "a-b--c..--X- ünï 💥.json"),
+            ("..", "session.json", "session.json"),
+        ):
+            sid = (await self.create(OWNER, title))["id"]
+            _, headers, _ = await self.call(OWNER, "GET", f"/v1/sessions/{sid}/export")
+            (disposition,) = headers.getRawHeaders("content-disposition")
+            self.assertTrue(disposition.isascii(), disposition)
+            self.assertIn(f'filename="{ascii_name}"', disposition)
+            self.assertEqual(unquote(disposition.split("filename*=UTF-8''")[1]), utf8_name)
 
 
 class CrashTests(TestCase):

@@ -24,6 +24,7 @@ capped).
 
 import json
 import math
+from urllib.parse import quote
 
 from clawdbot.auth.identity import owner_sub
 from clawdbot.errors import APIError, invalid
@@ -406,12 +407,20 @@ class SessionExport(HistoryRoute):
         else:
             body = to_markdown(data).encode("utf-8")
             ctype, ext = "text/markdown; charset=utf-8", "md"
-        request.setHeader(b"content-disposition", f'attachment; filename="{name}.{ext}"'.encode("ascii"))
+        # The ASCII name for every client, and the title itself (RFC 6266) for those that read it.
+        disposition = f'attachment; filename="{name}.{ext}"; filename*=UTF-8\'\'{quote(_title_filename(session.title) + "." + ext, safe="")}'
+        request.setHeader(b"content-disposition", disposition.encode("ascii"))
         request.setHeader(b"content-type", ctype.encode())
         request.setHeader(b"content-length", str(len(body)).encode())
         request.write(body)
         request.finish()
         return None
+
+
+def _title_filename(title):
+    """The title as a file name in any script: no control characters, separators or quotes."""
+    safe = "".join("-" if not c.isprintable() or c in '/\\"*:<>?|' else c for c in title).strip(" .-")
+    return safe[:60].strip(" .") or "session"
 
 
 def _filename(title):
