@@ -502,10 +502,11 @@ class PageE2E(TestCase):
 
     async def test_create_rename_delete_sessions(self):
         """
-        "New chat" creates a session that shows in the list; a title is
-        renamed in place (Enter saves, Escape cancels); delete asks for
-        confirmation (cancel keeps the chat, confirm deletes it).  Each
-        change is what the gateway stores.
+        "New chat" opens an empty chat, saved as a session that shows in the
+        list with its first message; a title is renamed in place (Enter
+        saves, Escape cancels); delete asks for confirmation (cancel keeps
+        the chat, confirm deletes it).  Each change is what the gateway
+        stores.
         """
 
         def script(browser, url):
@@ -513,16 +514,15 @@ class PageE2E(TestCase):
             page = sign_in(browser, url)
             seen["initial_items"] = page.get_by_test_id("session-item").count()
             page.get_by_test_id("new-session").click()
-            page.get_by_test_id("session-item").first.wait_for()
-            seen["first_id"] = current_session_id(page)
-            seen["first_title"] = page.get_by_test_id("session-title").inner_text()
             seen["chat_title"] = page.get_by_test_id("chat-title").inner_text()
+            seen["items_before_sending"] = page.get_by_test_id("session-item").count()
             send(page, "plan the quarter")
             expect(session_item(page, "plan the quarter")).to_have_count(1)
+            seen["first_id"] = current_session_id(page)
             page.get_by_test_id("new-session").click()
+            send(page, "lunch ideas")
             expect(page.get_by_test_id("session-item")).to_have_count(2)
             seen["second_id"] = current_session_id(page)
-            send(page, "lunch ideas")
             expect(session_item(page, "lunch ideas")).to_have_count(1)
             page.screenshot_as("e2e-sessions")
 
@@ -574,7 +574,7 @@ class PageE2E(TestCase):
         self.assertEqual(seen["problems"], [])
         self.assertEqual(seen["initial_items"], 0)
         self.assertTrue(seen["first_id"])
-        self.assertEqual((seen["first_title"], seen["chat_title"]), ("New chat", "New chat"))
+        self.assertEqual((seen["items_before_sending"], seen["chat_title"]), (0, "New chat"))
         self.assertNotEqual(seen["first_id"], seen["second_id"])
         self.assertEqual(seen["rename_value"], "plan the quarter")
         self.assertTrue(seen["rename_input_gone"])
@@ -627,6 +627,7 @@ class PageE2E(TestCase):
             page.screenshot_as("e2e-team")
             # A new chat under the team filter is the team's.
             page.get_by_test_id("new-session").click()
+            send(page, "a team question")
             expect(page.get_by_test_id("session-item")).to_have_count(2)
             seen["new_id"] = current_session_id(page)
             page.get_by_test_id("team-filter").select_option(label="All chats")
@@ -736,9 +737,9 @@ class PageE2E(TestCase):
 
     async def test_clear_context(self):
         """
-        "Clear context" sends {"session_id": ..., "messages": []}, empties
-        the conversation, and the next turn reaches the model with only the
-        new message.
+        "Clear context" asks first ("Clear this chat?"); confirmed, it sends
+        {"session_id": ..., "messages": []}, empties the conversation, and
+        the next turn reaches the model with only the new message.
         """
 
         def script(browser, url):
@@ -747,8 +748,11 @@ class PageE2E(TestCase):
             send(page, "first question")
             send(page, "second question")
             seen["session_id"] = current_session_id(page)
+            page.get_by_test_id("clear-context").click()
+            expect(page.get_by_test_id("confirm-dialog")).to_be_visible()
+            seen["confirm_title"] = page.locator("#confirm-title").inner_text()
             with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions") and r.method == "POST") as caught:
-                page.get_by_test_id("clear-context").click()
+                page.get_by_test_id("confirm-delete").click()
             seen["clear_body"] = json.loads(caught.value.post_data)
             expect(page.get_by_test_id("toast")).to_have_text("Context cleared.")
             page.get_by_test_id("empty-state").wait_for(state="visible")
@@ -761,6 +765,7 @@ class PageE2E(TestCase):
 
         seen = await run_in_browser(script, self.gw.url)
         self.assertEqual(seen["problems"], [])
+        self.assertEqual(seen["confirm_title"], "Clear this chat?")
         self.assertEqual(seen["clear_body"], {"session_id": seen["session_id"], "messages": []})
         self.assertEqual(seen["messages_after_clear"], 0)
         self.assertEqual(seen["same_session"], seen["session_id"])

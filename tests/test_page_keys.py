@@ -373,6 +373,7 @@ class PageQuota(SignedInPage, TestCase):
             seen["error"] = page.get_by_test_id("message-error").inner_text()
             seen["after_refusal"] = quota.inner_text()
             seen["finished"] = page.locator(FINAL).count()
+            seen["retry"] = page.get_by_test_id("retry-send").count()
             page.screenshot_as("quota-refused")
             seen["problems"] = page.problems(origin=url)
             return seen
@@ -399,4 +400,6 @@ class PageQuota(SignedInPage, TestCase):
         self.assertIn("You have used up your quota", seen["error"])
         self.assertIn("requests_per_day", seen["error"])
         self.assertEqual(seen["after_refusal"], seen["second"])
-        self.assertEqual(seen["finished"], 3)  # the refused reply is final too, as an error
+        # The refused message was never taken: it stays, with Retry, and no reply is added for it.
+        self.assertEqual(seen["finished"], 2)
+        self.assertEqual(seen["retry"], 1)

@@ -256,19 +256,21 @@ export function quotaFrom(headers) {
  * POST /v1/chat/completions with stream: true, reading the SSE reply.
  * onDelta({content, reasoning}) gets each chunk's text; onQuota(quota)
  * gets what the quota headers said (see quotaFrom), once the answer
- * started, if a quota applies.  Resolves to {done, usage}: done is true
+ * started, if a quota applies; onStart() is called once the server
+ * answered 2xx (it has the turn).  Resolves to {done, usage}: done is true
  * after data: [DONE], false when the stream closed without it; usage is
  * the reply's token counts when the server sent them (ask with
  * stream_options.include_usage), else null.  Throws StreamError for a
  * data: {"error": ...} event.
  */
-export async function streamChat(body, { signal, onDelta, onQuota = () => {} }) {
+export async function streamChat(body, { signal, onDelta, onQuota = () => {}, onStart = () => {} }) {
   const resp = await apiFetch("/v1/chat/completions", {
     method: "POST",
     headers: { Accept: "text/event-stream", "Content-Type": "application/json" },
     body: JSON.stringify(body),
     signal,
   });
+  onStart(); // the server answered 2xx: it has the turn
   const quota = quotaFrom(resp.headers);
   if (quota) onQuota(quota);
   const type = resp.headers.get("content-type") || "";

@@ -13,6 +13,8 @@
 //   notify.js        error sentences, notices and toasts
 //   keys.js          the "API keys" panel: list, create (secret shown once), revoke
 //   quota.js         what is left of the user's quota, under the composer
+//   search.js        searching chats (titles and messages) from the session list
+//   settings.js      the open chat's system prompt and temperature, and its export
 // and api.js (the gateway's API), render.js (marked, then DOMPurify) and
 // i18n.js (every UI string).  Model output becomes DOM only through
 // render.js; everything else is built with createElement and textContent.
@@ -21,11 +23,13 @@ import * as auth from "./auth.js";
 import * as conversation from "./conversation.js";
 import * as composer from "./composer.js";
 import * as keys from "./keys.js";
-import { el } from "./dom.js";
+import { el, installLook } from "./dom.js";
 import { LANGUAGES, detectLanguage, getLanguage, onLanguageChange, setLanguage } from "./i18n.js";
 import * as notify from "./notify.js";
 import * as quota from "./quota.js";
+import * as search from "./search.js";
 import * as sessions from "./sessions.js";
+import * as settings from "./settings.js";
 import { update, view } from "./store.js";
 
 function paintLanguageSwitch() {
@@ -53,6 +57,9 @@ function main() {
   composer.install();
   quota.install();
   keys.install();
+  installLook(); // theme, scroll-to-bottom button, Esc stops a reply
+  search.install();
+  settings.install();
   update({ lang: getLanguage() });
   auth.startSession();
 }

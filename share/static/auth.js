@@ -3,14 +3,14 @@
 // token itself, and its renewal, live in api.js).
 
 import * as API from "./api.js";
-import { stopStreaming } from "./chat.js";
+import { saveDraftNow, stopStreaming } from "./chat.js";
 import { loadModels } from "./composer.js";
 import { openSession, startNewChat } from "./conversation.js";
 import { $, el, mobile } from "./dom.js";
 import { bindText } from "./i18n.js";
 import { bindError } from "./notify.js";
 import { loadSessions } from "./sessions.js";
-import { initialState, state, update, view } from "./store.js";
+import { clearDrafts, initialState, keepOnlyDraftsOf, rememberReturn, state, takeReturn, update, view } from "./store.js";
 
 export async function startSession() {
   update({ screen: "boot" });
@@ -54,16 +54,21 @@ function enterApp(me, mode) {
     screen: "app",
     sidebarOpen: !mobile.matches,
   });
-  const wanted = /^#s=(.+)$/.exec(location.hash); // a link to a chat (#s=<id>)
+  const link = /^#s=(.+)$/.exec(location.hash); // a link to a chat (#s=<id>)
+  // After an expired sign-in: the chat that was open (its draft comes back with it).
+  const back = takeReturn(me.sub);
+  keepOnlyDraftsOf(me.sub); // another user's drafts do not stay in this tab
+  const wanted = link ? decodeURIComponent(link[1]) : back && back.id;
   startNewChat({ focus: false });
   loadModels();
   loadSessions({ reset: true }).then(() => {
-    if (wanted && !state.current && state.historyAvailable) openSession(decodeURIComponent(wanted[1]));
+    if (wanted && !state.current && state.historyAvailable) openSession(wanted);
   });
 }
 
 async function signOut() {
   stopStreaming();
+  if (state.me) clearDrafts(state.me.sub); // signing out on purpose: nothing of the user stays in this tab
   update({ signingOut: true });
   let url = null;
   try {
@@ -117,5 +122,10 @@ export function install() {
   el.signinButton.addEventListener("click", () => window.location.assign(API.loginUrl()));
   el.signinRetry.addEventListener("click", () => startSession());
   el.signout.addEventListener("click", signOut);
-  API.onAuthLost(() => showSignin("signin.expired"));
+  API.onAuthLost(() => {
+    // The drafts stay (sessionStorage), and the open chat is reopened after signing in again.
+    saveDraftNow();
+    if (state.me) rememberReturn(state.me.sub, state.current && state.current.id);
+    showSignin("signin.expired");
+  });
 }

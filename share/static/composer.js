@@ -2,8 +2,8 @@
 // paste or drop, the model picker, and the send and stop buttons.
 
 import * as API from "./api.js";
-import { clearContext, sendMessage, stopStreaming } from "./chat.js";
-import { el } from "./dom.js";
+import { clearContext, noteDraft, sendMessage, stopReply } from "./chat.js";
+import { el, mobile } from "./dom.js";
 import { t } from "./i18n.js";
 import { addNotice, removeNotice, toast } from "./notify.js";
 import { icon } from "./render.js";
@@ -24,20 +24,76 @@ export function focusComposer() {
   el.composer.focus();
 }
 
+// The model picker: only models that can chat are offered; the choice is
+// remembered in localStorage (a preference, nothing secret) and a list that
+// failed to load is tried again every MODELS_RETRY ms, when the window gets
+// the focus and after a reply came through, until it loads.
+const MODEL_KEY = "clawdbot.model";
+const MODELS_RETRY = 15000;
+let modelsGen = 0; // the model list load whose answer counts
+let modelsTimer = 0;
+
+function rememberedModel() {
+  try {
+    return window.localStorage.getItem(MODEL_KEY);
+  } catch {
+    return null; // storage unavailable
+  }
+}
+
+function rememberModel(id) {
+  try {
+    if (id) window.localStorage.setItem(MODEL_KEY, id);
+    else window.localStorage.removeItem(MODEL_KEY);
+  } catch {
+    /* storage unavailable: the choice lasts for this page */
+  }
+}
+
+/** The ids of the models that can chat: capabilities, when known, include "completion" (embedding models do not). */
+function chatModels(body) {
+  const ids = (Array.isArray(body && body.data) ? body.data : [])
+    .filter((m) => m && !(Array.isArray(m.capabilities) && !m.capabilities.includes("completion")))
+    .map((m) => m.id)
+    .filter((id) => typeof id === "string" && id);
+  return [...new Set(ids)];
+}
+
 export async function loadModels() {
+  clearTimeout(modelsTimer);
+  modelsTimer = 0;
   if (!can("chat:write")) return;
-  update({ modelsLoading: true });
-  removeNotice("models");
+  const gen = ++modelsGen;
+  if (!state.modelsFailed) update({ modelsLoading: true }); // a retry keeps "Default model" shown
   try {
     const body = await API.api("GET", "/v1/models");
-    const ids = (Array.isArray(body && body.data) ? body.data : []).map((m) => m && m.id).filter((id) => typeof id === "string" && id);
-    const models = [...new Set(ids)];
-    update({ models, model: models.includes(state.model) ? state.model : models[0] || null });
+    if (gen !== modelsGen) return;
+    const models = chatModels(body);
+    const saved = rememberedModel();
+    const model = models.includes(state.model) ? state.model : models.includes(saved) ? saved : models[0] || null;
+    update({ models, model, modelsFailed: false, modelsLoading: false });
+    removeNotice("models");
   } catch (err) {
-    update({ models: [], model: null });
+    if (gen !== modelsGen) return;
+    update({ models: [], model: null, modelsFailed: true, modelsLoading: false });
     addNotice("models", "model.unavailable", err);
+    modelsTimer = setTimeout(retryModels, MODELS_RETRY);
   }
-  update({ modelsLoading: false });
+}
+
+/** Another try at the model list, if it failed and someone is signed in. */
+function retryModels() {
+  if (state.screen === "app" && state.modelsFailed) loadModels();
+}
+
+let lastStreaming = null;
+
+/** A reply came through while the model list was missing: the backend is back, try the list again. */
+function retryModelsAfterReply({ streaming }) {
+  const ended = lastStreaming && !streaming ? lastStreaming : null;
+  lastStreaming = streaming;
+  const outcome = ended && ended.reply && ended.reply.outcome;
+  if (outcome && outcome.error === undefined && state.modelsFailed) setTimeout(retryModels, 0);
 }
 
 function readAsDataURL(file) {
@@ -77,6 +133,7 @@ async function addFiles(files) {
       continue;
     }
     update({ attachments: [...state.attachments, { id: ++attachmentSeq, name, url }] });
+    noteDraft();
   }
   focusComposer();
 }
@@ -94,11 +151,12 @@ function paintDraft({ draft }) {
   if (draft) el.composer.style.height = `${Math.min(el.composer.scrollHeight, MAX_HEIGHT)}px`;
 }
 
-function paintButtons({ streaming, sending, draft, attachments, current, messages, clearing }) {
-  el.send.hidden = !!streaming;
-  el.stop.hidden = !streaming;
+function paintButtons({ streaming, sending, draft, attachments, current, messages, clearing, replying }) {
+  const writing = !!streaming || replying; // a reply here, or one the server is still writing (Stop stops either)
+  el.send.hidden = writing;
+  el.stop.hidden = !writing;
   el.send.disabled = (sending && !streaming) || !(draft.trim() || attachments.length);
-  el.clearContext.disabled = clearing || !!streaming || (!current && messages.length === 0);
+  el.clearContext.disabled = clearing || writing || (!current && messages.length === 0);
 }
 
 function paintAttachments({ attachments }) {
@@ -120,7 +178,10 @@ function paintAttachments({ attachments }) {
     remove.setAttribute("aria-label", t("attach.remove"));
     remove.title = t("attach.remove");
     remove.append(icon("x"));
-    remove.addEventListener("click", () => update({ attachments: state.attachments.filter((x) => x.id !== a.id) }));
+    remove.addEventListener("click", () => {
+      update({ attachments: state.attachments.filter((x) => x.id !== a.id) });
+      noteDraft();
+    });
     chip.append(img, remove);
     return chip;
   });
@@ -176,13 +237,28 @@ function wireDrop() {
 
 export function install() {
   view(paintDraft, (s) => [s.draft]);
-  view(paintButtons, (s) => [s.streaming, s.sending, s.draft, s.attachments, s.current, s.messages, s.clearing]);
+  view(paintButtons, (s) => [s.streaming, s.sending, s.draft, s.attachments, s.current, s.messages, s.clearing, s.replying]);
   view(paintAttachments, (s) => [s.attachments]);
   view(paintModelPicker, (s) => [s.models, s.model, s.modelsLoading, s.lang]);
+  view(retryModelsAfterReply, (s) => [s.streaming]);
+  // The app opens with the cursor in the composer (not on a phone: that would pop the keyboard up).
+  view(
+    ({ screen }) => {
+      if (screen === "app" && !mobile.matches) el.composer.focus();
+    },
+    (s) => [s.screen],
+  );
 
-  el.modelPicker.addEventListener("change", () => update({ model: el.modelPicker.value || null }));
+  el.modelPicker.addEventListener("change", () => {
+    update({ model: el.modelPicker.value || null });
+    rememberModel(el.modelPicker.value);
+  });
+  window.addEventListener("focus", retryModels);
   el.clearContext.addEventListener("click", clearContext);
-  el.composer.addEventListener("input", () => update({ draft: el.composer.value }));
+  el.composer.addEventListener("input", () => {
+    update({ draft: el.composer.value });
+    noteDraft();
+  });
   el.composer.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229) {
       e.preventDefault();
@@ -197,7 +273,7 @@ export function install() {
     }
   });
   el.send.addEventListener("click", sendMessage);
-  el.stop.addEventListener("click", stopStreaming);
+  el.stop.addEventListener("click", stopReply);
   el.attach.addEventListener("click", () => el.fileInput.click());
   el.fileInput.addEventListener("change", () => {
     addFiles(el.fileInput.files);

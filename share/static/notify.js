@@ -31,18 +31,24 @@ function errorMessage(err) {
   return (err.message || t("error.title")) + detail;
 }
 
+/** key's own sentence for err's code (e.g. "model.unavailable.UPSTREAM_UNAVAILABLE"), if it has one. */
+function keyFor(key, err) {
+  const own = key && err instanceof API.ApiError ? `${key}.${err.code}` : "";
+  return own && t(own) !== own ? own : key;
+}
+
 /** Fill node with an error sentence (wrapped in the string key, if any); kept translated. */
 export function bindError(node, key, err) {
   node.classList.add("i18n-error");
   node._error = { key, err };
-  node.textContent = key ? t(key, { msg: errorMessage(err) }) : errorMessage(err);
+  node.textContent = key ? t(keyFor(key, err), { msg: errorMessage(err) }) : errorMessage(err);
   return node;
 }
 
 function retranslateErrors() {
   for (const node of document.querySelectorAll(".i18n-error")) {
     const { key, err } = node._error || {};
-    if (err !== undefined) node.textContent = key ? t(key, { msg: errorMessage(err) }) : errorMessage(err);
+    if (err !== undefined) node.textContent = key ? t(keyFor(key, err), { msg: errorMessage(err) }) : errorMessage(err);
   }
 }
 

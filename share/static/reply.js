@@ -5,10 +5,11 @@
 // While it streams, its Markdown is rendered incrementally (MarkdownStream).
 
 import * as API from "./api.js";
-import { bindText } from "./i18n.js";
+import { announce } from "./dom.js";
+import { bindText, t } from "./i18n.js";
 import { MarkdownStream } from "./markdown-stream.js";
 import { bindError } from "./notify.js";
-import { icon } from "./render.js";
+import { copyFrom, icon, plainText } from "./render.js";
 import { update } from "./store.js";
 
 /** Splits a leading <think>…</think> block (some models put it in content). */
@@ -18,9 +19,26 @@ function splitThink(text) {
   return { reasoning: m[1], content: m[2] };
 }
 
+/** The "Copy" button of a reply: copies textOf() (the reply's Markdown) and says "Copied" for a moment. */
+function copyReplyButton(textOf) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "msg-action";
+  button.dataset.testid = "copy-reply";
+  button.dataset.i18nTitle = "reply.copy";
+  button.dataset.i18nAriaLabel = "reply.copy";
+  button.title = t("reply.copy");
+  button.setAttribute("aria-label", t("reply.copy"));
+  const label = bindText(document.createElement("span"), "copy");
+  button.append(icon("copy"), label);
+  button.addEventListener("click", () => copyFrom(button, textOf()));
+  return button;
+}
+
 export class Reply {
   constructor(streaming) {
     this.streaming = streaming;
+    this.live = streaming; // a reply that streams here is announced when it ends (live-region)
     this.content = "";
     this.reasoning = "";
     this.outcome = null; // set by finish()
@@ -67,7 +85,14 @@ export class Reply {
     this.footer.className = "msg-footer";
     this.footer.hidden = true;
 
-    body.append(this.thinking, answer, this.footer);
+    // What can be done with a finished reply: copy its Markdown (other actions join it here).
+    this.actions = document.createElement("div");
+    this.actions.className = "msg-actions";
+    this.actions.dataset.testid = "reply-actions";
+    this.actions.hidden = true;
+    this.actions.append(copyReplyButton(() => this.parts().content));
+
+    body.append(this.thinking, answer, this.footer, this.actions);
     this.article.append(avatar, body);
   }
 
@@ -119,6 +144,7 @@ export class Reply {
     if (this.streaming && !content && !reasoning.trim()) this.answer.el.append(this.typing);
     else this.typing.remove();
     this.article.classList.toggle("streaming", this.streaming);
+    this.actions.hidden = this.streaming || !content.trim();
     if (this.outcome !== this.shownOutcome) this.paintOutcome(this.outcome);
   }
 
@@ -147,5 +173,9 @@ export class Reply {
       this.article.dataset.state = "done";
     }
     this.footer.hidden = !this.footer.childElementCount;
+    if (this.live) {
+      const outcomeText = this.footer.querySelector("[data-testid=message-error] .i18n-error, [data-testid=message-status]");
+      announce(`${plainText(this.answer.el)} ${outcomeText ? outcomeText.textContent : ""}`);
+    }
   }
 }

@@ -95,6 +95,9 @@ export async function loadSessions({ reset = false } = {}) {
 export async function createSession() {
   const body = { title: DEFAULT_TITLE };
   if (state.filter) body.team = state.filter;
+  const pending = state.pendingSettings; // the new chat's settings (settings.js); kept should this chat be unmade
+  if (pending && pending.system_prompt != null) body.system_prompt = pending.system_prompt;
+  if (pending && pending.temperature != null) body.temperature = pending.temperature;
   const s = await API.api("POST", "/v1/sessions", body);
   if (!s || !s.id) throw new API.ApiError(500, { message: "no session in the answer" });
   update({ sessions: [s, ...state.sessions.filter((x) => x.id !== s.id)], listStatus: "ready" });
@@ -189,22 +192,36 @@ function headingFor(group) {
   if (!headings.has(group)) {
     const h = document.createElement("h2");
     h.className = "session-group";
+    h.id = `session-${group.replace(/\W/g, "-")}`;
     headings.set(group, bindText(h, group));
   }
   return headings.get(group);
 }
 
+const groupLists = new Map(); // date group -> the <ul> of its chats, named by its heading
+
+function listFor(group) {
+  if (!groupLists.has(group)) {
+    const ul = document.createElement("ul");
+    ul.className = "session-group-list";
+    ul.setAttribute("aria-labelledby", headingFor(group).id);
+    groupLists.set(group, ul);
+  }
+  return groupLists.get(group);
+}
+
 function paintSessionList(s) {
   if (s.renaming) return; // finishing the rename repaints the list
   const nodes = [];
-  let group = null;
+  const groups = new Map(); // date group -> its items, in the order of the list
   for (const session of s.sessions) {
     const g = dateGroup(session.updated_at || session.created_at);
-    if (g !== group) {
-      group = g;
-      nodes.push(headingFor(g));
-    }
-    nodes.push(itemFor(session));
+    if (!groups.has(g)) groups.set(g, []);
+    groups.get(g).push(itemFor(session));
+  }
+  for (const [g, members] of groups) {
+    syncChildren(listFor(g), members);
+    nodes.push(headingFor(g), listFor(g));
   }
   const status = s.listStatus;
   if (status === "loading") nodes.push(statusLine("sessions.loading"));
@@ -223,7 +240,7 @@ function paintSessionList(s) {
 }
 
 function sessionItem(s) {
-  const item = document.createElement("div");
+  const item = document.createElement("li");
   item.className = "session-item";
   item.dataset.testid = "session-item";
   item.dataset.sessionId = s.id;
@@ -364,8 +381,14 @@ function startRename(item, s) {
 
 let confirmResolve = null;
 
-/** The confirmation dialog with bodyKey; resolves to whether it was confirmed. */
-function ask(bodyKey, vars) {
+/**
+ * The confirmation dialog with bodyKey (titled titleKey, its OK button
+ * labelled okKey: deleting a chat unless told otherwise); resolves to
+ * whether it was confirmed.
+ */
+export function ask(bodyKey, vars, { titleKey = "delete.title", okKey = "delete" } = {}) {
+  bindText(el.confirmDialog.querySelector("h2"), titleKey);
+  bindText(el.confirmOk, okKey);
   bindText(el.confirmBody, bodyKey, vars);
   return new Promise((resolve) => {
     confirmResolve = resolve;
