@@ -10,10 +10,12 @@ import json
 import os
 import sqlite3
 import tempfile
+import threading
 from urllib.parse import quote
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from clawdbot.auth.identity import Principal
@@ -207,10 +209,63 @@ class StoreFeatures:
         self.assertEqual(refused.exception.code, "QUOTA_EXCEEDED")
         self.assertEqual(history.reservations.pending, {})
 
+    async def test_search_finds_the_exact_text_in_any_script(self):
+        """Whatever an engine's case rules (final sigma, dotted I), the text as written is found: both sides are folded by the same LOWER."""
+        s = await self.store.create_session("alice", "notes")
+        await self.store.append(s.id, [("user", "ΟΔΟΣ in İstanbul, STRASSE", False)])
+        for query in ("ΟΔΟΣ", "İstanbul", "STRASSE", "strasse"):
+            rows, _ = await self.store.search_sessions("alice", [], query)
+            self.assertEqual([x.id for x, _ in rows], [s.id], query)
+
+    async def test_concurrent_prompt_changes_keep_the_bytes_right(self):
+        """Prompt changes, appends and a delete racing each other leave the owner's bytes exact (each takes the owner's lock)."""
+        s = await self.store.create_session("alice", "t")
+        await gatherResults([ensureDeferred(self.store.update(s.id, system_prompt="p" * (100 + i))) for i in range(8)])
+        got = await self.store.get_session(s.id)
+        self.assertEqual(await self.store.usage("alice"), len(got.system_prompt))
+        await self.store.update(s.id, system_prompt=None)
+        self.assertEqual(await self.store.usage("alice"), 0)
+        for _ in range(4):
+            s = await self.store.create_session("alice", "t", system_prompt="q" * 50)
+            await gatherResults(
+                [ensureDeferred(self.store.append(s.id, [("user", "u" * 17, False)])) for _ in range(3)]
+                + [ensureDeferred(self.store.delete(s.id))]
+                + [ensureDeferred(self.store.update(s.id, system_prompt="r" * 300))]
+            )
+            self.assertIsNone(await self.store.get_session(s.id))
+            self.assertEqual(await self.store.usage("alice"), 0)
+
 
 class SQLiteStoreFeatures(StoreFeatures, TestCase):
     def make_engine(self):
         return SQLiteEngine(reactor, os.path.join(tempfile.mkdtemp(), "history.sqlite3"))
+
+    async def test_search_reads_beside_the_writer(self):
+        """A search runs on a reading thread of its own: while one is under way, other work (a list, a turn's store) goes on."""
+        s = await self.store.create_session("alice", "notes")
+        await self.store.append(s.id, [("user", "something to find", False)])
+        engine = self.store.engine
+        started, go = threading.Event(), threading.Event()
+        run_read = engine.run_read
+
+        def held(fn):
+            def wait_then(cur):
+                started.set()
+                go.wait(30)
+                return fn(cur)
+
+            return run_read(wait_then)
+
+        engine.run_read = held
+        search = ensureDeferred(self.store.search_sessions("alice", [], "find"))
+        await deferToThread(started.wait, 30)
+        self.assertTrue(await self.store.append(s.id, [("assistant", "found", False)]))
+        rows, _ = await self.store.list_sessions("alice", [])
+        self.assertEqual([x.id for x in rows], [s.id])
+        self.assertFalse(search.called)
+        go.set()
+        found, _ = await search
+        self.assertEqual([x.id for x, _ in found], [s.id])
 
 
 class PostgresStoreFeatures(StoreFeatures, TestCase):
@@ -681,6 +736,13 @@ class Routes:
         await streamed.done
         await until(lambda: not self.history.busy(other), what="the reply stopping")
         self.assertEqual((await self.call(OWNER, "GET", f"/v1/sessions/{other}"))[0], 404)
+
+    async def test_export_spends_the_request_budget(self):
+        """An export reads the whole chat: it spends a request of the budget, like a search."""
+        self.start("rate_limit: {requests_per_minute: 2}")
+        sid = (await self.create(OWNER))["id"]
+        statuses = [(await self.call(OWNER, "GET", f"/v1/sessions/{sid}/export"))[0] for _ in range(3)]
+        self.assertEqual(statuses, [200, 200, 429])
 
 
 class SQLiteRoutes(Routes, Gateway):

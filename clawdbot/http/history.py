@@ -389,6 +389,8 @@ class SessionExport(HistoryRoute):
 
     scopes = {"GET": "chat:read"}
     route_name = "session_export"
+    # It reads the whole chat, images included: it spends the request budget.
+    rate_limited = True
 
     def __init__(self, parts, sid):
         super().__init__(parts)

@@ -303,8 +303,8 @@ def _images_of(column):
 
 
 def _like_pattern(text):
-    """A LIKE pattern (escape character C{\\}) matching C{text} anywhere, lowercased."""
-    escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    """A LIKE pattern (escape character C{\\}) matching C{text} anywhere (the query lowercases it, as the text)."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
 
 
@@ -386,14 +386,23 @@ class SQLStore:
             raise Refused("bytes")
         self._charge(cur, owner, delta)
 
-    def _drop_messages(self, cur, sid):
-        """Delete a session's messages and give their bytes back to its owner."""
-        cur.execute(self._sql("SELECT owner FROM sessions WHERE id = ?"), (sid,))
-        row = cur.fetchone()
-        cur.execute(self._sql("DELETE FROM messages WHERE session_id = ? RETURNING bytes"), (sid,))
-        freed = sum(b for (b,) in cur.fetchall())
-        if row is not None:
-            self._charge(cur, row[0], -freed)
+    def _locked(self, cur, sid):
+        """
+        The session, its owner's lock held to the end of the transaction
+        (L{_ThreadEngine.lock_owner}), so what changes the owner's bytes (a
+        turn's store, a clear, a delete, a new prompt) runs one at a time;
+        C{None} when it is gone.
+        """
+        session = self._session(cur, sid)
+        if session is None:
+            return None
+        self.engine.lock_owner(cur, session.owner)
+        return self._session(cur, sid)  # as it is now that the lock is held
+
+    def _drop_messages(self, cur, session):
+        """Delete a (locked) session's messages and give their bytes back to its owner."""
+        cur.execute(self._sql("DELETE FROM messages WHERE session_id = ? RETURNING bytes"), (session.id,))
+        self._charge(cur, session.owner, -sum(b for (b,) in cur.fetchall()))
 
     async def create_session(self, owner, title, team=None, max_sessions=None, system_prompt=None, temperature=None, max_bytes=None, owners=None):
         """
@@ -516,23 +525,29 @@ class SQLStore:
             C{None} when only the title matched.
         """
         pattern = _like_pattern(query)
+        # Both sides folded by the database's own LOWER, so the exact text
+        # is always found, whatever that engine's case rules.
         found = (
-            "(LOWER(title) LIKE ? ESCAPE '\\' OR EXISTS "
-            "(SELECT 1 FROM messages m WHERE m.session_id = sessions.id AND LOWER(m.content) LIKE ? ESCAPE '\\'))"
+            "(LOWER(title) LIKE LOWER(?) ESCAPE '\\' OR EXISTS "
+            "(SELECT 1 FROM messages m WHERE m.session_id = sessions.id AND LOWER(m.content) LIKE LOWER(?) ESCAPE '\\'))"
         )
         where, params = self._listing(owners, teams, team, cursor, [found], [pattern, pattern])
         sql = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE {where} ORDER BY updated_at DESC, id DESC LIMIT ?"
         params.append(limit + 1)
 
         def select(cur):
+            deadline = None if time_limit is None else time.monotonic() + time_limit
             undo = self.engine.time_limit(cur, time_limit) if time_limit is not None else (lambda: None)
             try:
                 cur.execute(self._sql(sql), params)
                 rows = [Session(*row) for row in cur.fetchall()]
                 out = []
                 for session in rows[:limit]:
+                    # The limit is for the whole search, not each statement.
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise Refused("time")
                     cur.execute(
-                        self._sql("SELECT content FROM messages WHERE session_id = ? AND LOWER(content) LIKE ? ESCAPE '\\' ORDER BY seq LIMIT 1"),
+                        self._sql("SELECT content FROM messages WHERE session_id = ? AND LOWER(content) LIKE LOWER(?) ESCAPE '\\' ORDER BY seq LIMIT 1"),
                         (session.id, pattern),
                     )
                     row = cur.fetchone()
@@ -545,7 +560,7 @@ class SQLStore:
                 undo()
             return out, len(rows) > limit
 
-        rows, more = await self.engine.run(select)
+        rows, more = await self.engine.run_read(select)
         return rows, (encode_cursor(rows[-1][0]) if more and rows else None)
 
     # The session fields that update() changes.
@@ -565,10 +580,9 @@ class SQLStore:
 
         def update(cur):
             if "system_prompt" in changes:
-                session = self._session(cur, sid)
+                session = self._locked(cur, sid)
                 if session is None:
                     return
-                self.engine.lock_owner(cur, session.owner)
                 self._charge_prompt(cur, session.owner, session.system_prompt, changes["system_prompt"], max_bytes, owners)
             sets = ", ".join(f"{name} = ?" for name in names + ["updated_at"])
             cur.execute(self._sql(f"UPDATE sessions SET {sets} WHERE id = ?"), [changes[n] for n in names] + [now, sid])
@@ -580,10 +594,11 @@ class SQLStore:
 
     async def delete(self, sid):
         def delete(cur):
-            self._drop_messages(cur, sid)
-            session = self._session(cur, sid)
-            if session is not None:
-                self._charge_prompt(cur, session.owner, session.system_prompt, None)
+            session = self._locked(cur, sid)
+            if session is None:
+                return
+            self._drop_messages(cur, session)
+            self._charge_prompt(cur, session.owner, session.system_prompt, None)
             cur.execute(self._sql("DELETE FROM sessions WHERE id = ?"), (sid,))
 
         await self.engine.run(delete)
@@ -592,7 +607,10 @@ class SQLStore:
         now = self.clock()
 
         def clear(cur):
-            self._drop_messages(cur, sid)
+            session = self._locked(cur, sid)
+            if session is None:
+                return
+            self._drop_messages(cur, session)
             cur.execute(self._sql("UPDATE sessions SET updated_at = ? WHERE id = ?"), (now, sid))
 
         await self.engine.run(clear)
@@ -619,7 +637,7 @@ class SQLStore:
         now = self.clock()
 
         def truncate(cur):
-            session = self._session(cur, sid)
+            session = self._locked(cur, sid)
             if session is None:
                 return None
             if self._count(cur, sid) < keep:
@@ -695,9 +713,8 @@ class SQLStore:
         now = self.clock()
 
         def append(cur):
-            cur.execute(self._sql("SELECT owner FROM sessions WHERE id = ?"), (sid,))
-            row = cur.fetchone()
-            if row is None:
+            session = self._locked(cur, sid)
+            if session is None:
                 return None
             cur.execute(self._sql("SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM messages WHERE session_id = ?"), (sid,))
             last, count = cur.fetchone()
@@ -712,7 +729,7 @@ class SQLStore:
                     self._sql("INSERT INTO messages (session_id, seq, role, content, created_at, incomplete, bytes, images) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
                     (sid, last + i, role, content, now, bool(incomplete), size, _images_column(images)),
                 )
-            self._charge(cur, row[0], total)
+            self._charge(cur, session.owner, total)
             cur.execute(self._sql("UPDATE sessions SET updated_at = ? WHERE id = ?"), (now, sid))
             return True
 
@@ -808,6 +825,13 @@ class _ThreadEngine:
             self.pool.start()
         return deferToThreadPool(self.reactor, self.pool, self._transaction, fn)
 
+    def run_read(self, fn):
+        """
+        Run a long read (a search) where it holds up no other work: here,
+        the same pool (PostgreSQL has a connection per thread).
+        """
+        return self.run(fn)
+
     def close(self):
         self.closed = True
         if self.pool.started:
@@ -824,8 +848,30 @@ class SQLiteEngine(_ThreadEngine):
         super().__init__(reactor, threads=1)
         self.path = path
         self.context = {"legacy_issuers": tuple(legacy_issuers)}
+        # Long reads (searches) on a thread and connection of their own:
+        # in WAL mode they read a snapshot while the writer goes on.  (An
+        # in-memory database has one connection only.)
+        self.read_pool = None
         if path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.read_pool = ThreadPool(minthreads=1, maxthreads=1, name="clawdbot-storage-read")
+
+    def run_read(self, fn):
+        if self.read_pool is None:
+            return self.run(fn)
+        if self.closed:
+            return fail(StoreClosed())
+        if not self.read_pool.started:
+            self.read_pool.start()
+        return deferToThreadPool(self.reactor, self.read_pool, self._read_transaction, fn)
+
+    def _read_transaction(self, fn):
+        cur = self._connection().cursor()
+        cur.execute("BEGIN")
+        try:
+            return fn(cur)
+        finally:
+            cur.execute("ROLLBACK")
 
     def _connection(self):
         conn = getattr(self._local, "conn", None)
@@ -870,6 +916,9 @@ class SQLiteEngine(_ThreadEngine):
 
         if self.pool.started:
             self.pool.callInThread(shut)
+        if self.read_pool is not None and self.read_pool.started:
+            self.read_pool.callInThread(shut)
+            self.read_pool.stop()
         super().close()
 
 

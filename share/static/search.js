@@ -92,7 +92,7 @@ function lowered(text) {
 
 function highlighted(node, text, query) {
   const { lower, start, end } = lowered(text);
-  const q = query.toLowerCase();
+  const q = lowered(query).lower; // folded as the text is, one character at a time
   let at = 0; // in lower
   let shown = 0; // in text
   for (;;) {
