@@ -41,6 +41,10 @@ import time
 PLAIN, NDJSON, SSE = "plain", "ndjson", "sse"
 
 _SSE_CONTENT = re.compile(rb'data: ?\{[^\n]*?"content": ?"[^"]')
+
+# Streamed chunks received (all connections of this worker): NDJSON lines,
+# or SSE events carrying a JSON object (C{[DONE]} is not a chunk).
+CHUNKS = [0]
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length: *(\d+)")
 
 # parser states
@@ -186,6 +190,7 @@ class Client(asyncio.Protocol):
     def _body(self, piece, now):
         if self.mode == PLAIN:
             return
+        CHUNKS[0] += piece.count(b"\n") if self.mode == NDJSON else piece.count(b"data: {")
         if b'{"error"' in piece:
             self.error = True
         if self.first is None:
@@ -253,6 +258,7 @@ async def run(spec, control):
     stopper = asyncio.ensure_future(stop_when_told())
     await asyncio.sleep(max(0.0, start - time.monotonic()))
     cpu0 = time.process_time()
+    CHUNKS[0] = 0
 
     per_connection = []
     stagger = spec.get("stagger", 0.0)
@@ -316,6 +322,7 @@ async def run(spec, control):
         "ttft_us": [round(x * 1e6) for x in ttfts],
         "errors": errors,
         "cpu": cpu,
+        "chunks": CHUNKS[0],
         "per_connection": [m for m in per_connection if m[0]],
     }
 

@@ -9,6 +9,7 @@ principal: arrival order) and after (two principals: fair share).
     .venv/bin/python bench/run.py              # or: make bench
     .venv/bin/python bench/run.py --full       # also 1,000 concurrent paced streams
     .venv/bin/python bench/run.py --fair-only  # only "two users, one GPU"
+    .venv/bin/python bench/run.py --chunk-only # only the paced rows and the CPU per streamed chunk
 
 It starts, as separate processes on 127.0.0.1 only:
 
@@ -529,14 +530,23 @@ class CPUWatch:
     def cores(self):
         elapsed = max(1e-6, time.monotonic() - self.t0)
         out = {}
+        self.seconds = {}  # CPU seconds each process used over the window
         for k, p in self.pids.items():
             now = proc_cpu_seconds(p)
             if now is not None and self.c0[k] is not None:
+                self.seconds[k] = now - self.c0[k]
                 out[k] = (now - self.c0[k]) / elapsed
         busy = system_busy_seconds()
         if busy is not None and self.busy0 is not None:
             out["machine"] = (busy - self.busy0) / elapsed
         return out
+
+
+def cpu_per_chunk(result, who):
+    """Microseconds of C{who}'s CPU (C{fake} or C{gateway}) per streamed chunk the clients received, or C{None}."""
+    if not result or not result.get("chunks") or (result.get("cpu_s") or {}).get(who) is None:
+        return None
+    return result["cpu_s"][who] / result["chunks"] * 1e6
 
 
 def _other_cpu(cpu):
@@ -594,7 +604,7 @@ def run_loadgen(target, stream, connections, duration, grace, procs, cpu_pids, l
             w.stop(grace=2.0)
     errors = collections.Counter()
     latencies, ttfts = [], []
-    completed, connected, last_end, client_cpu, rate = 0, 0, start, 0.0, 0.0
+    completed, connected, last_end, client_cpu, rate, chunks = 0, 0, start, 0.0, 0.0, 0
     for r in results:
         # Each connection is a closed loop that starts nothing after the
         # deadline: its rate is what it completed over the time from its
@@ -609,6 +619,7 @@ def run_loadgen(target, stream, connections, duration, grace, procs, cpu_pids, l
         connected += r["connected"]
         last_end = max(last_end, r["last_end"])
         client_cpu += r["cpu"]
+        chunks += r.get("chunks", 0)
     cpu["load generator"] = client_cpu / max(last_end - start, 1e-6)
     return {
         "tool": "loadgen.py",
@@ -621,6 +632,8 @@ def run_loadgen(target, stream, connections, duration, grace, procs, cpu_pids, l
         "ttft_p99": _ms(percentile(ttfts, 99)),
         "errors": dict(errors),
         "cpu": cpu,
+        "cpu_s": watch.seconds,
+        "chunks": chunks,
     }
 
 
@@ -749,6 +762,8 @@ def run_wrk(target, connections, duration, cpu_pids, label):
 
 
 def find_py_spy():
+    if os.environ.get("PY_SPY") and os.access(os.environ["PY_SPY"], os.X_OK):
+        return os.environ["PY_SPY"]
     local = os.path.join(os.path.dirname(PY), "py-spy")
     return local if os.access(local, os.X_OK) else shutil.which("py-spy")
 
@@ -838,7 +853,7 @@ class Bench:
         self.results = collections.OrderedDict()
         self.rss = collections.OrderedDict()
         self.notes = []
-        self.profile = None
+        self.profiles = []  # (what was measured, its result, the summary)
         self.first_gateway = None
         self.shared_gpu = collections.OrderedDict()
         self.shared_gpu_s = None
@@ -846,7 +861,7 @@ class Bench:
         self.gateway_messages = collections.Counter()
         self.load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
         self.wrk = None if args.no_wrk else shutil.which("wrk")
-        if not self.wrk and not args.fair_only:
+        if not self.wrk and not args.fair_only and not args.chunk_only:
             self.notes.append(
                 "wrk not used" + (" (--no-wrk)" if args.no_wrk else f": not installed (`{WRK_INSTALL}` as root)")
                 + "; non-streaming throughput measured with bench/loadgen.py instead"
@@ -916,12 +931,12 @@ class Bench:
     # thousands has long garbage-collection pauses, which would show up in
     # the p99 of whichever measurement came later.
 
-    def fresh_direct(self):
-        fake = start_fake("fake-ollama", "--tokens", str(self.args.tokens))
+    def fresh_direct(self, tokens=None):
+        fake = start_fake("fake-ollama", "--tokens", str(tokens or self.args.tokens))
         return Target("direct", fake.url, fake.pid), {"fake": fake.pid}, fake.stop
 
-    def fresh_gateway(self):
-        fake = start_fake("fake-ollama", "--tokens", str(self.args.tokens))
+    def fresh_gateway(self, tokens=None):
+        fake = start_fake("fake-ollama", "--tokens", str(tokens or self.args.tokens))
         try:
             gw = self.start_gateway(fake.url)
         except BaseException:
@@ -965,14 +980,21 @@ class Bench:
             self.keys_scenario()
             return
         self.rss["idle"] = None
-        self.rss["peak, unpaced scenarios"] = None
+        if not a.chunk_only:
+            self.rss["peak, unpaced scenarios"] = None
         unpaced = {"direct": self.fresh_direct, "gateway": self.fresh_gateway}
         # -- unpaced: non-streaming and streaming at each concurrency --------
-        for c in a.concurrency:
+        for c in [] if a.chunk_only else a.concurrency:
             self.compare(f"plain c={c}", unpaced, False, c, a.duration, 10.0)
-        for c in a.concurrency:
+        for c in [] if a.chunk_only else a.concurrency:
             self.compare(f"stream c={c}", unpaced, True, c, a.duration, 10.0)
-        if a.profile:
+        if not a.no_chunk_cost:
+            # The burst figure for "CPU per streamed chunk": replies as long
+            # as the paced ones, each arriving whole (all its lines in one read).
+            burst = {"direct": lambda: self.fresh_direct(a.paced_tokens),
+                     "gateway": lambda: self.fresh_gateway(a.paced_tokens)}
+            self.compare("chunk burst", burst, True, a.chunk_burst_concurrency, a.duration, 10.0)
+        if a.profile and not a.chunk_only:
             target, pids, done = self.fresh_gateway()
             try:
                 self.run_profile(target, pids)
@@ -982,7 +1004,7 @@ class Bench:
         # -- paced: issue 10's 50 streams of 64 tokens 20 ms apart ----------
         # One fake and one gateway for both paced scenarios (at ~40 streams/s
         # the fake's records stay few).
-        fake = start_fake("fake-ollama-paced", "--pace-ms", f"{a.pace_ms:g}", "--tokens", str(a.paced_tokens))
+        fake = start_fake("fake-ollama-paced", *self.paced_fake_args())
         gw = self.start_gateway(fake.url)
         paced = {
             "direct": lambda: (Target("direct", fake.url, fake.pid), {"fake": fake.pid}, lambda: None),
@@ -995,17 +1017,38 @@ class Bench:
         self.compare("paced", paced, True, a.paced_streams, max(a.duration, 4 * stream_s), grace,
                      warmup=max(a.warmup, 2 * stream_s) if a.warmup else 0, stagger=stagger)
         self.rss[f"peak, paced {a.paced_streams}"] = gw.sampler.peaks.get("paced")
-        if a.full:
+        if not a.no_chunk_cost:
+            # "CPU per streamed chunk at a realistic pace" (issue 21): each
+            # token in its own read, so the gateway's per-read work counts
+            # once per token, as it does in front of a real model.
+            gw.sampler.begin("chunk paced")
+            self.compare("chunk paced", paced, True, a.chunk_streams, max(a.duration, 4 * stream_s), grace,
+                         warmup=max(a.warmup, 2 * stream_s) if a.warmup else 0, stagger=stagger)
+            self.rss[f"peak, paced {a.chunk_streams}"] = gw.sampler.peaks.get("chunk paced")
+            if a.profile:
+                target, pids, _ = paced["gateway"]()
+                self.run_profile(target, pids, paced=True)
+        if a.full and not a.chunk_only:
             gw.sampler.begin("full")
             self.compare("full", paced, True, a.full_streams, max(a.full_duration, 4 * stream_s),
                          max(60.0, grace), warmup=0, stagger=stagger)
             self.rss[f"peak, {a.full_streams} streams"] = gw.sampler.peaks.get("full")
         self.stop_gateway(gw)
         fake.stop()
-        if not a.no_keys:
+        if not a.no_keys and not a.chunk_only:
             self.keys_scenario()
-        if not a.no_fair:
+        if not a.no_fair and not a.chunk_only:
             self.two_users_scenario()
+
+    def paced_fake_args(self):
+        """
+        The paced fake's options.  It writes each line as its own chunk in a
+        write of its own, so the gateway reads one line per read as from
+        Ollama; with C{--lockstep} all streams' lines come on one shared
+        clock, as from a batched decoder (see bench/README.md).
+        """
+        a = self.args
+        return ("--pace-ms", f"{a.pace_ms:g}", "--tokens", str(a.paced_tokens)) + (("--lockstep",) if a.lockstep else ())
 
     def keys_scenario(self):
         """
@@ -1156,25 +1199,43 @@ class Bench:
             for (phase, message), n in self.gateway_messages.most_common(8):
                 self.notes.append(f"  {n}× ({phase}): {message}")
 
-    def run_profile(self, via, pids):
+    def run_profile(self, via, pids, paced=False):
+        """
+        py-spy on the gateway during an extra run: non-streaming at
+        C{--profile-concurrency}, or (C{paced}) C{--chunk-streams} paced
+        streams, each token in its own read.
+        """
         py_spy = find_py_spy()
         if not py_spy:
-            self.notes.append("--profile: py-spy not found (pip install py-spy)")
+            if not any("py-spy not found" in n for n in self.notes):
+                self.notes.append("--profile: py-spy not found (pip install py-spy)")
             return
         a = self.args
-        c = a.profile_concurrency
-        raw = os.path.join(self.tmp, "profile.txt")
         seconds = max(10, int(a.duration))  # enough samples to tell 1% from 2%
-        if a.warmup:
-            self.measure(f"plain c={c} (before py-spy)", via, False, c, a.warmup, 10.0, cpu_pids=pids, warmup=0)
-        say(f"bench: profiling the gateway with py-spy for {seconds}s under non-streaming c={c} ...")
+        if paced:
+            c = a.chunk_streams
+            stream_s = (a.paced_tokens - 1) * a.pace_ms / 1000.0
+            what = f"{c} paced streams of {a.paced_tokens} tokens @{a.pace_ms:g} ms" + (" lockstep" if a.lockstep else "")
+            run = dict(stream=True, grace=max(30.0, 10 * stream_s), stagger=stream_s)
+            warmup = 2 * stream_s
+        else:
+            c = a.profile_concurrency
+            what = f"non-streaming c={c}"
+            run = dict(stream=False, grace=10.0, stagger=0.0)
+            warmup = a.warmup
+        raw = os.path.join(self.tmp, f"profile-{len(self.profiles)}.txt")
+        if warmup:
+            self.measure(f"{what} (before py-spy)", via, run["stream"], c, warmup, run["grace"], cpu_pids=pids,
+                         warmup=0, stagger=run["stagger"])
+        say(f"bench: profiling the gateway with py-spy for {seconds}s under {what} ...")
         # --nonblocking: py-spy reads the gateway's memory without pausing it,
         # so the profiled run goes at nearly full speed.
         spy = Child("py-spy", [py_spy, "record", "--pid", str(via.pid), "--duration", str(seconds), "--rate", "250",
                                "--nonblocking", "--format", "raw", "--output", raw])
         time.sleep(0.5)
         try:
-            r = self.measure(f"plain c={c} (under py-spy)", via, False, c, seconds, 10.0, cpu_pids=pids, warmup=0)
+            r = self.measure(f"{what} (under py-spy)", via, run["stream"], c, seconds, run["grace"], cpu_pids=pids,
+                             warmup=0, stagger=run["stagger"])
             if r["errors"]:
                 self.notes.append(f"the profiled run (not in the table): errors {r['errors']}")
             spy.wait(seconds + 60)
@@ -1184,8 +1245,8 @@ class Bench:
             self.notes.append(f"--profile: py-spy wrote nothing{spy.tails()}")
             return
         if a.profile_out:
-            shutil.copyfile(raw, a.profile_out)
-        self.profile = (c, r, summarise_profile(raw))
+            shutil.copyfile(raw, a.profile_out + (".paced" if paced else ""))
+        self.profiles.append((what, r, summarise_profile(raw)))
 
     # -- the table -----------------------------------------------------------
 
@@ -1217,22 +1278,38 @@ class Bench:
             ratio = f"×{gv / dv:.2f} of direct" if dv and gv is not None else "-"
             rows.append((label, cell(d, "rate", digits), cell(g, "rate", digits), ratio))
 
-        for c in a.concurrency:
+        levels = [] if a.chunk_only else a.concurrency
+        for c in levels:
             pair = self.results.get(f"plain c={c}", {})
             add_rate(f"non-streaming c={c}: requests/s", pair)
             add_latency(f"non-streaming c={c}: latency p50 (ms)", pair, "p50")
             add_latency(f"non-streaming c={c}: latency p99 (ms)", pair, "p99")
-        for c in a.concurrency:
+        for c in levels:
             pair = self.results.get(f"stream c={c}", {})
             add_rate(f"streaming c={c}: streams/s", pair)
             add_latency(f"streaming c={c}: TTFT p50 (ms)", pair, "ttft_p50")
             add_latency(f"streaming c={c}: TTFT p99 (ms)", pair, "ttft_p99")
-        paced = f"paced {a.paced_streams}×{a.paced_tokens} tok @{a.pace_ms:g} ms"
+        paced = f"paced {a.paced_streams}×{a.paced_tokens} tok @{a.pace_ms:g} ms" + (" lockstep" if a.lockstep else "")
         pair = self.results.get("paced", {})
         add_rate(f"{paced}: streams/s", pair)
         add_latency(f"{paced}: TTFT p50 (ms)", pair, "ttft_p50")
         add_latency(f"{paced}: TTFT p99 (ms)", pair, "ttft_p99")
-        if a.full:
+        if "chunk paced" in self.results or "chunk burst" in self.results:
+            paced_chunk = self.results.get("chunk paced", {})
+            burst_chunk = self.results.get("chunk burst", {})
+            gp, gb = cpu_per_chunk(paced_chunk.get("gateway"), "gateway"), cpu_per_chunk(burst_chunk.get("gateway"), "gateway")
+            dp, db = cpu_per_chunk(paced_chunk.get("direct"), "fake"), cpu_per_chunk(burst_chunk.get("direct"), "fake")
+            us = lambda v: "-" if v is None else f"{v:,.1f}"
+            rows.append((f"CPU per streamed chunk at a realistic pace, {a.chunk_streams}×{a.paced_tokens} tok @{a.pace_ms:g} ms" + (" lockstep" if a.lockstep else "") + " (µs)",
+                         us(dp), us(gp), f"gateway ×{gp / gb:.1f} of burst" if gp and gb else ""))
+            rows.append((f"CPU per streamed chunk in bursts, unpaced c={a.chunk_burst_concurrency}×{a.paced_tokens} tok (µs)",
+                         us(db), us(gb), ""))
+            chunk = f"paced {a.chunk_streams}×{a.paced_tokens} tok @{a.pace_ms:g} ms" + (" lockstep" if a.lockstep else "")
+            if paced_chunk:
+                add_rate(f"{chunk}: streams/s", paced_chunk)
+                add_latency(f"{chunk}: TTFT p50 (ms)", paced_chunk, "ttft_p50")
+                add_latency(f"{chunk}: TTFT p99 (ms)", paced_chunk, "ttft_p99")
+        if a.full and not a.chunk_only:
             full = f"{a.full_streams} paced streams"
             pair = self.results.get("full", {})
             d, g = pair.get("direct"), pair.get("gateway")
@@ -1307,6 +1384,15 @@ class Bench:
                 f"the fake delivered {full['rate']:.0f} directly, so there it (and this machine) is the limit, "
                 "and the rows show the gateway holding the connections under overload"
             )
+        if "chunk paced" in self.results or "chunk burst" in self.results:
+            self.notes.append(
+                "CPU per streamed chunk: the process's CPU time (utime + stime in /proc/PID/stat) over the whole "
+                "measurement, stream set-up included, divided by the chunks its clients received (NDJSON lines "
+                "direct, SSE events with a JSON object through the gateway; [DONE] not counted); the direct column "
+                "is the fake's own cost per line. At a realistic pace the paced fake sends each line as its own "
+                "chunk in a write of its own, so the gateway reads one line per read (as from Ollama); in bursts "
+                "the fake sends a reply's lines together and one read carries many"
+            )
         out.append(
             "direct = the fake Ollama's /api/chat; gateway = POST /v1/chat/completions through Clawdbot "
             "(production mode, JWT on, rate limit off) to the same fake. added = gateway − direct; "
@@ -1372,12 +1458,14 @@ class Bench:
                 out.append(f"- {k} {kind}: errors {e}")
             for n in self.notes:
                 out.append(f"  - {n.strip()}" if n.startswith("  ") else f"- {n}")
-        if self.profile:
-            c, r, prof = self.profile
+        for what, r, prof in self.profiles:
             busy = max(prof["busy"], 1)
             out.append("")
+            rate = (f"{r['rate']:.1f} streams/s" if r.get("chunks") else f"{r['rate']:.0f} req/s")
+            per_chunk = cpu_per_chunk(r, "gateway")
             out.append(
-                f"### Gateway profile (py-spy, non-streaming c={c}, {r['rate']:.0f} req/s while sampled)"
+                f"### Gateway profile (py-spy, {what}, {rate} while sampled"
+                + (f", {per_chunk:.0f} µs of gateway CPU per chunk" if per_chunk else "") + ")"
             )
             out.append("")
             out.append(
@@ -1392,10 +1480,12 @@ class Bench:
             )
             for title, items, show in sections:
                 out.append("")
-                out.append(title + ":")
+                out.append(title + (" (share of busy samples; µs per chunk: that share of the gateway's CPU per chunk)"
+                                    if per_chunk else "") + ":")
                 out.append("")
                 for name, n in items:
-                    out.append(f"    {100.0 * n / busy:5.1f}%  {show(name)}")
+                    cost = f"  {per_chunk * n / busy:6.1f} µs" if per_chunk else ""
+                    out.append(f"    {100.0 * n / busy:5.1f}%{cost}  {show(name)}")
         return "\n".join(out)
 
     def as_json(self, elapsed):
@@ -1416,8 +1506,18 @@ def parse_args(argv=None):
     p.add_argument("--paced-streams", type=int, default=50, help="concurrent paced streams (default 50)")
     p.add_argument("--paced-tokens", type=int, default=64, help="tokens per paced stream (default 64)")
     p.add_argument("--pace-ms", type=float, default=20.0, help="ms between paced tokens (default 20)")
+    p.add_argument("--lockstep", action="store_true",
+                   help="paced streams' tokens on one shared clock, as a batched decoder makes them (default: each stream its own phase)")
     p.add_argument("--paced-burst", action="store_true",
                    help="start the paced streams all at once (default: spread over one stream's length)")
+    p.add_argument("--chunk-streams", type=int, default=200,
+                   help="paced streams for the CPU per streamed chunk at a realistic pace (default 200)")
+    p.add_argument("--chunk-burst-concurrency", type=int, default=10,
+                   help="connections for the CPU per streamed chunk in bursts (default 10)")
+    chunks = p.add_mutually_exclusive_group()
+    chunks.add_argument("--no-chunk-cost", action="store_true", help="leave out the CPU per streamed chunk scenarios")
+    chunks.add_argument("--chunk-only", action="store_true",
+                        help="run only the paced scenario and the CPU per streamed chunk scenarios")
     p.add_argument("--full", action="store_true", help="also hold --full-streams concurrent paced streams open")
     p.add_argument("--full-streams", type=int, default=1000, help="streams for --full (default 1000)")
     p.add_argument("--full-duration", type=int, default=10, help="seconds for --full (default 10)")
@@ -1447,6 +1547,12 @@ def parse_args(argv=None):
         p.error("--concurrency: comma-separated integers, e.g. 1,10,50")
     if not args.concurrency or min(args.concurrency) < 1 or args.duration < 1 or args.warmup < 0 or args.repeat < 1:
         p.error("concurrency levels and --duration must be at least 1, --warmup at least 0")
+    if args.chunk_only:
+        if args.fair_only or args.keys_only:
+            p.error("--chunk-only runs neither two users nor API keys")
+        args.no_keys = args.no_fair = True
+    if args.chunk_streams < 1 or args.chunk_burst_concurrency < 1:
+        p.error("--chunk-streams and --chunk-burst-concurrency must be at least 1")
     if args.paced_tokens < 2 or args.pace_ms <= 0 or args.paced_streams < 1 or args.full_streams < 1:
         p.error("--paced-tokens must be at least 2, --pace-ms positive, stream counts at least 1")
     if args.fair_slots < 1 or args.fair_greedy < 1 or args.fair_think < 0 or args.fair_duration <= 0:
@@ -1471,7 +1577,7 @@ def main(argv=None):
     bench = Bench(args, tmp)
     status = 0
     try:
-        if not bench.wrk and not args.no_wrk and not args.fair_only:
+        if not bench.wrk and not args.no_wrk and not args.fair_only and not args.chunk_only:
             say(f"bench: wrk is not installed; install it with `{WRK_INSTALL}` (as root). Using bench/loadgen.py instead.")
         bench.run()
         elapsed = time.monotonic() - started

@@ -403,6 +403,11 @@ class Behaviour:
         headers, first line) is sent.
     @ivar pace: seconds between two streamed lines; with C{"stream": false}
         the reply is held back as long as the stream would have taken.
+    @ivar lockstep: with C{pace}, every stream's lines after the first fall
+        on one shared clock, the multiples of C{pace} (the next one at least
+        half a pace away), as a batched decoder makes one token for every
+        running sequence per step; without it each stream keeps its own
+        phase, C{pace} after its previous line.
     @ivar stall_after: after this many lines send nothing more, ever; the
         request stays open until the client disconnects (or
         L{FakeOllama.stop}).
@@ -424,6 +429,7 @@ class Behaviour:
 
     delay_first_byte: float = 0.0
     pace: float = 0.0
+    lockstep: bool = False
     stall_after: Optional[int] = None
     fail_mid_stream: Optional[int] = None
     fail_message: str = DEFAULT_STREAM_ERROR
@@ -681,7 +687,12 @@ class _Exchange:
                     self._send_body(_Body(200, answer.collapse(answer.lines), answer.body_type))
                 return
             if b.pace > 0:
-                self._later(b.pace, self._step)
+                delay = b.pace
+                if b.lockstep:
+                    delay -= self.clock.seconds() % b.pace  # the next tick of the shared clock
+                    if delay < b.pace / 2:
+                        delay += b.pace
+                self._later(delay, self._step)
                 return
 
     def _stamp(self, line: dict) -> None:
@@ -1753,6 +1764,8 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=11434, help="port to listen on (0: any free port)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     parser.add_argument("--pace-ms", type=float, default=0.0, help="milliseconds between streamed lines")
+    parser.add_argument("--lockstep", action="store_true",
+                        help="with --pace-ms: every stream's lines on one shared clock (a batched decoder's steps)")
     parser.add_argument("--first-byte-ms", type=float, default=0.0, help="milliseconds before the first byte")
     parser.add_argument("--tokens", type=int, default=None, help="reply with this many tokens")
     parser.add_argument("--reply", default=None, help="reply text (instead of --tokens)")
@@ -1770,7 +1783,7 @@ def main(argv=None) -> int:
         clock=reactor,
     )
     if args.pace_ms or args.first_byte_ms:
-        fake.behave(pace=args.pace_ms / 1000.0, delay_first_byte=args.first_byte_ms / 1000.0)
+        fake.behave(pace=args.pace_ms / 1000.0, delay_first_byte=args.first_byte_ms / 1000.0, lockstep=args.lockstep)
     fake.listen(reactor, port=args.port, interface=args.host)
     print(f"Fake Ollama listening on {fake.url}", flush=True)
     reactor.run()

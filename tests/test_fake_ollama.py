@@ -960,6 +960,36 @@ class InjectedClockTests(TestCase):
         self.assertEqual(final["eval_duration"], 3_000_000_000)
         self.assertEqual(final["eval_count"], 3)
 
+    async def test_lockstep_pace(self):
+        """
+        With lockstep, streams that started at different times get their
+        next lines together, on the multiples of the pace (the next one at
+        least half a pace after the last): one started at 0.3 s gets its
+        second line at 1.0 s, one started at 0.7 s at 2.0 s, with the first
+        one's third.
+        """
+        clock = Clock()
+        fake = FakeOllama(clock=clock, tokens=3)
+        fake.listen(reactor)
+        self.addCleanup(fake.stop)
+        fake.behave(pace=1.0, lockstep=True)
+        clock.advance(0.3)
+        early = await raw_request(fake, "POST", "/api/chat", CHAT)
+        await early.wait_for(lambda data: lines_in(data) == 1)
+        clock.advance(0.4)
+        late = await raw_request(fake, "POST", "/api/chat", CHAT)
+        await late.wait_for(lambda data: lines_in(data) == 1)
+        clock.advance(0.3)  # 1.0
+        await early.wait_for(lambda data: lines_in(data) == 2)
+        await sleep(0.05)
+        self.assertEqual(lines_in(bytes(late.data)), 1)
+        clock.advance(0.9)  # 1.9
+        await sleep(0.05)
+        self.assertEqual((lines_in(bytes(early.data)), lines_in(bytes(late.data))), (2, 1))
+        clock.advance(0.1)  # 2.0
+        await early.wait_for(lambda data: lines_in(data) == 3)
+        await late.wait_for(lambda data: lines_in(data) == 2)
+
 
 # ---------------------------------------------------------------------------
 # As a separate process (how the benchmark runs it)
