@@ -851,3 +851,21 @@ class PageLookTests(TestCase):
         self.assertEqual(light["keyword"], light_keyword)
         self.assertEqual(light["colorScheme"], "light")
         self.assertEqual(light["themeColor"], ["#ffffff"])
+
+
+class DarkPaletteTests(TestCase):
+    """app.css holds the dark palette twice (the OS setting, the theme switch): the two must not drift apart."""
+
+    def test_the_two_dark_palettes_are_equal(self):
+        with open(os.path.join(ROOT, "share", "static", "app.css"), encoding="utf-8") as f:
+            css = f.read()
+
+        def palette(selector):
+            body = css[css.index(selector) :]
+            body = body[body.index("{") + 1 : body.index("}")]
+            return dict(re.findall(r"(--[\w-]+):\s*([^;]+);", body))
+
+        system = palette(':root:not([data-theme="light"])')
+        chosen = palette(':root[data-theme="dark"]')
+        self.assertGreater(len(system), 10)
+        self.assertEqual(system, chosen)

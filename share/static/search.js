@@ -9,9 +9,7 @@
 import * as API from "./api.js";
 import { openSession } from "./conversation.js";
 import { $, el } from "./dom.js";
-import { bindText, t } from "./i18n.js";
-import { bindError } from "./notify.js";
-import { displayTitle } from "./sessions.js";
+import { displayTitle, sessionMeta, statusLine } from "./sessions.js";
 import { state, update, view } from "./store.js";
 
 const DEBOUNCE = 250; // ms of quiet typing before a search goes out
@@ -42,7 +40,7 @@ function onInput() {
 }
 
 /** Back to the session list. */
-export function clearSearch({ keepField = false } = {}) {
+function clearSearch({ keepField = false } = {}) {
   clearTimeout(timer);
   gen++;
   if (!keepField) input.value = "";
@@ -67,7 +65,6 @@ async function runSearch(query) {
 
 // --- painting -----------------------------------------------------------------
 
-/** text with each case-insensitive occurrence of query in a <mark>. */
 /**
  * text lowercased, with where each of its characters came from: lowercasing
  * can change a length ("İ" becomes two characters), so a match found in the
@@ -90,6 +87,7 @@ function lowered(text) {
   return { lower, start, end };
 }
 
+/** node holding text, each case-insensitive occurrence of query in a <mark>. */
 function highlighted(node, text, query) {
   const { lower, start, end } = lowered(text);
   const q = lowered(query).lower; // folded as the text is, one character at a time
@@ -131,27 +129,11 @@ function resultItem(s, query) {
     highlighted(match, s.match, query);
     open.append(match);
   }
-  const meta = [];
-  if (s.team && !state.filter) meta.push(s.team);
-  if (state.me && s.owner && s.owner !== state.me.sub) meta.push(t("owner.other", { owner: s.owner }));
-  if (meta.length) {
-    const m = document.createElement("span");
-    m.className = "session-meta";
-    m.textContent = meta.join(" · ");
-    open.append(m);
-  }
+  const meta = sessionMeta(s);
+  if (meta) open.append(meta);
   open.addEventListener("click", () => openSession(s.id));
   item.append(open);
   return item;
-}
-
-function statusLine(testid, key, err) {
-  const p = document.createElement("p");
-  p.className = "session-status";
-  p.dataset.testid = testid;
-  if (err !== undefined) bindError(p, key, err);
-  else bindText(p, key);
-  return p;
 }
 
 function paintSearch({ search }) {
@@ -163,9 +145,9 @@ function paintSearch({ search }) {
     return;
   }
   const nodes = search.results.map((s) => resultItem(s, search.query));
-  if (search.status === "error") nodes.push(statusLine("search-status", "search.failed", search.error));
-  else if (search.status === "ready" && !nodes.length) nodes.push(statusLine("search-empty", "search.empty"));
-  else if (!nodes.length) nodes.push(statusLine("search-status", "search.loading"));
+  if (search.status === "error") nodes.push(statusLine("search.failed", search.error, "search-status"));
+  else if (search.status === "ready" && !nodes.length) nodes.push(statusLine("search.empty", undefined, "search-empty"));
+  else if (!nodes.length) nodes.push(statusLine("search.loading", undefined, "search-status"));
   results.replaceChildren(...nodes);
   results.setAttribute("aria-busy", String(search.status === "loading" || search.status === "waiting"));
   paintActive(state);

@@ -156,10 +156,23 @@ function dateGroup(iso) {
   return "group.older";
 }
 
-function statusLine(key, err) {
+/** A session's team (when the list shows every team) and owner (when not the user), or null. */
+export function sessionMeta(s) {
+  const meta = [];
+  if (s.team && !state.filter) meta.push(s.team);
+  if (state.me && s.owner && s.owner !== state.me.sub) meta.push(t("owner.other", { owner: s.owner }));
+  if (!meta.length) return null;
+  const m = document.createElement("span");
+  m.className = "session-meta";
+  m.textContent = meta.join(" · ");
+  return m;
+}
+
+/** A line of the list's state (loading, empty, an error). */
+export function statusLine(key, err, testid = "sessions-status") {
   const p = document.createElement("p");
   p.className = "session-status";
-  p.dataset.testid = "sessions-status";
+  p.dataset.testid = testid;
   if (err !== undefined) bindError(p, key, err);
   else bindText(p, key);
   return p;
@@ -255,15 +268,8 @@ function sessionItem(s) {
   title.dataset.testid = "session-title";
   title.textContent = displayTitle(s);
   open.append(title);
-  const meta = [];
-  if (s.team && !state.filter) meta.push(s.team);
-  if (state.me && s.owner && s.owner !== state.me.sub) meta.push(t("owner.other", { owner: s.owner }));
-  if (meta.length) {
-    const m = document.createElement("span");
-    m.className = "session-meta";
-    m.textContent = meta.join(" · ");
-    open.append(m);
-  }
+  const meta = sessionMeta(s);
+  if (meta) open.append(meta);
   item.append(open);
 
   if (can("chat:write") && mine(s)) {
