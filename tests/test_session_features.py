@@ -531,7 +531,9 @@ class Routes:
         await self.fill(sid, [("user", "q", False), ("assistant", "a", False)])
         gate = Deferred()
         turn = ensureDeferred(self.history.one_at_a_time(sid, lambda: gate))
+        self.history.stoppers[sid] = lambda: None  # as a running turn registers itself
         await self.expect_400(OWNER, "POST", f"/v1/sessions/{sid}/truncate", {"keep": 0}, "a reply is still being written in this chat")
+        del self.history.stoppers[sid]
         gate.callback(None)
         await turn
         self.assertEqual((await self.call(OWNER, "POST", f"/v1/sessions/{sid}/truncate", {"keep": 0}))[0], 200)

@@ -536,7 +536,7 @@ class Capabilities:
 
     # Models remembered at most (the oldest forgotten first).
     MAX = 1024
-    # Looks at models under way at once, per list.
+    # Looks at models under way at once, across the gateway.
     CONCURRENCY = 4
     # Seconds before a model whose look failed is asked again.
     RETRY_AFTER = 60.0
@@ -547,6 +547,7 @@ class Capabilities:
         self.known = {}  # (name, digest) -> tuple of capabilities, or None: unknown
         self.failed = {}  # (name, digest) -> when to ask again
         self.pending = {}  # (name, digest) -> the look under way (a Deferred)
+        self.slots = DeferredSemaphore(self.CONCURRENCY)
 
     async def of(self, config, share, models):
         """
@@ -565,8 +566,7 @@ class Capabilities:
                 self.failed.pop(key, None)
                 missing.append(key)
         if missing:
-            slots = DeferredSemaphore(self.CONCURRENCY)
-            shown = await gatherResults([slots.run(self._look, config, share, key) for key in missing], consumeErrors=True)
+            shown = await gatherResults([self.slots.run(self._look, config, share, key) for key in missing], consumeErrors=True)
             for key, capabilities in zip(missing, shown):
                 if capabilities is not None:
                     found[key[0]] = capabilities

@@ -28,9 +28,8 @@ from urllib.parse import quote
 
 from clawdbot.auth.identity import owner_sub
 from clawdbot.errors import APIError, invalid
-from clawdbot.storage.history import QUOTA_RETRY_AFTER, may_use_team, not_found
+from clawdbot.storage.history import may_use_team, not_found, quota_exceeded
 from clawdbot.storage.store import Refused, decode_cursor
-from clawdbot.units import format_size
 from clawdbot.http.resource import APIResource, JSONResponse, NotFound, query_arg, read_json
 
 MAX_TITLE = 200
@@ -96,15 +95,6 @@ def _with_messages(session):
     out = session.as_dict()
     out["messages"] = [m.as_dict() for m in session.messages]
     return out
-
-
-def quota_exceeded(limits):
-    """The 429 of a full stored history (as L{clawdbot.storage.history.check_history_quota})."""
-    return APIError(
-        "QUOTA_EXCEEDED",
-        details=f"your stored chat history has reached its limit of {format_size(limits.max_bytes_per_user)}; delete or clear sessions to go on",
-        headers={"Retry-After": str(QUOTA_RETRY_AFTER)},
-    )
 
 
 def room(history, principal, limits):

@@ -114,6 +114,15 @@ class HistoryReservations:
         return release
 
 
+def quota_exceeded(limits: "HistoryConfig") -> APIError:
+    """The 429 of a full stored history."""
+    return APIError(
+        "QUOTA_EXCEEDED",
+        details=f"your stored chat history has reached its limit of {format_size(limits.max_bytes_per_user)}; delete or clear sessions to go on",
+        headers={"Retry-After": str(QUOTA_RETRY_AFTER)},
+    )
+
+
 async def check_history_quota(
     store: "SQLStore", principal: "Principal", limits: "HistoryConfig", new: Sequence[tuple], reservations: HistoryReservations
 ) -> Callable[[], None]:
@@ -133,11 +142,7 @@ async def check_history_quota(
         )
     used = await store.usage(await store.owners_of(principal.issuer, principal.sub))
     if used + reservations.pending.get(principal.key, 0) + size > limits.max_bytes_per_user:
-        raise APIError(
-            "QUOTA_EXCEEDED",
-            details=f"your stored chat history has reached its limit of {format_size(limits.max_bytes_per_user)}; delete or clear sessions to go on",
-            headers={"Retry-After": str(QUOTA_RETRY_AFTER)},
-        )
+        raise quota_exceeded(limits)
     # Held until the turn is stored: its messages and an allowance for the
     # reply, so that turns running at the same moment leave room for theirs.
     return reservations.hold(principal.key, size + REPLY_ALLOWANCE)
@@ -189,8 +194,12 @@ class History:
         self.stoppers: dict[str, Callable[[], object]] = {}
 
     def busy(self, sid: str) -> bool:
-        """Whether a turn of session C{sid} is in progress in this process."""
-        return self.locks.held(sid)
+        """
+        Whether a turn of session C{sid} is in progress in this process: a
+        turn registers its stopper once it holds the session (a clear, a
+        truncate or a turn still waiting for it is not a reply being written).
+        """
+        return sid in self.stoppers
 
     def stop(self, sid: str) -> bool:
         """Stop the reply being written for session C{sid}, if any; whether there was one."""

@@ -3,7 +3,7 @@
 // token itself, and its renewal, live in api.js).
 
 import * as API from "./api.js";
-import { saveDraftNow, stopStreaming } from "./chat.js";
+import { mayLeave, saveDraftNow, stopStreaming } from "./chat.js";
 import { loadModels } from "./composer.js";
 import { openSession, startNewChat } from "./conversation.js";
 import { $, el, mobile } from "./dom.js";
@@ -67,6 +67,7 @@ function enterApp(me, mode) {
 }
 
 async function signOut() {
+  if (!(await mayLeave())) return; // a temporary chat's reply would be cut
   stopStreaming();
   if (state.me) clearDrafts(state.me.sub); // signing out on purpose: nothing of the user stays in this tab
   update({ signingOut: true });

@@ -13,7 +13,7 @@
 // a message forks the session before it and sends the new text there.
 
 import * as API from "./api.js";
-import { imagesOf, openSession, showSession, showStored, textOf } from "./conversation.js";
+import { DATA_IMAGE, imagesOf, openSession, showSession, showStored, textOf } from "./conversation.js";
 import { t } from "./i18n.js";
 import { toast, toastError } from "./notify.js";
 import { noteQuota } from "./quota.js";
@@ -149,8 +149,6 @@ window.addEventListener("pagehide", saveDraftNow);
 
 // --- sending ------------------------------------------------------------------------
 
-const DATA_IMAGE = /^data:image\/[a-z0-9.+-]+;base64,/i;
-
 /** The images of a message's content that can be sent again ({url} with a data: URL). */
 function resendable(content) {
   return imagesOf(content)
@@ -158,7 +156,8 @@ function resendable(content) {
     .map((url) => ({ url }));
 }
 
-const busy = () => !!(state.streaming || state.sending || state.replying);
+/** A reply is being sent, streamed, or written by the server for the open chat. */
+export const busy = () => !!(state.streaming || state.sending || state.replying);
 
 /** Send what the composer holds (text and attached images). */
 export async function sendMessage() {

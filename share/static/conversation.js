@@ -8,7 +8,7 @@
 // and {role: "pending"} stands for a reply the server is still writing.
 
 import * as API from "./api.js";
-import { canRegenerate, draftFor, editAndResend, mayLeave, regenerate, retrySend, stopStreaming, watchReply } from "./chat.js";
+import { busy, canRegenerate, draftFor, editAndResend, mayLeave, regenerate, retrySend, stopStreaming, watchReply } from "./chat.js";
 import { focusComposer } from "./composer.js";
 import { announce, el, mobile, sameChildren, syncChildren } from "./dom.js";
 import { bindText, t } from "./i18n.js";
@@ -19,7 +19,7 @@ import { closeSidebarOnMobile, displayTitle, mine, sessionById, updateSession } 
 import { can, state, update, view } from "./store.js";
 
 const enc = encodeURIComponent;
-const DATA_IMAGE = /^data:image\/[a-z0-9.+-]+;base64,/i;
+export const DATA_IMAGE = /^data:image\/[a-z0-9.+-]+;base64,/i;
 
 /** An empty, unsaved chat. */
 export function startNewChat({ focus = true } = {}) {
@@ -98,7 +98,7 @@ export async function openSession(id) {
   }
 }
 
-export function appendError(key, err) {
+function appendError(key, err) {
   update({ messages: [...state.messages, { role: "error", key, err }] });
 }
 
@@ -281,7 +281,7 @@ function startEdit(node, item) {
   const cancel = flowButton("edit-cancel", "flow.edit.cancel");
   const send = flowButton("edit-send", "flow.edit.send", { className: "btn btn-primary btn-small" });
   actions.append(cancel, send);
-  send.disabled = !!(state.streaming || state.sending || state.replying); // until the reply is done (paintEditButtons)
+  send.disabled = busy(); // until the reply is done (paintEditButtons)
   form.append(input, actions);
   const done = () => {
     form.remove();
@@ -314,9 +314,9 @@ function startEdit(node, item) {
 }
 
 /** While a reply is written (here or on the server) a message cannot be edited and sent: its buttons wait. */
-function paintEditButtons({ streaming, sending, replying }) {
-  const busy = !!(streaming || sending || replying);
-  for (const b of el.messages.querySelectorAll("[data-testid=edit-message], [data-testid=edit-send]")) b.disabled = busy;
+function paintEditButtons() {
+  const waiting = busy();
+  for (const b of el.messages.querySelectorAll("[data-testid=edit-message], [data-testid=edit-send]")) b.disabled = waiting;
 }
 
 let regenerateButton = null; // made at the first paint

@@ -111,7 +111,7 @@ export function announce(text) {
 // and the theme-color metas follow by their media and content.
 
 const THEME_KEY = "clawdbot.theme";
-export const THEMES = ["system", "light", "dark"];
+const THEMES = ["system", "light", "dark"];
 const SYSTEM_MEDIA = {
   "hljs-light": "not all and (prefers-color-scheme: dark)",
   "hljs-dark": "(prefers-color-scheme: dark)",
@@ -119,7 +119,7 @@ const SYSTEM_MEDIA = {
   "theme-color-dark": "(prefers-color-scheme: dark)",
 };
 
-export function storedTheme() {
+function storedTheme() {
   try {
     const saved = window.localStorage.getItem(THEME_KEY);
     return THEMES.includes(saved) ? saved : "system";
@@ -129,7 +129,7 @@ export function storedTheme() {
 }
 
 /** Apply a theme; with remember, keep the choice for the next visit. */
-export function applyTheme(theme, { remember = false } = {}) {
+function applyTheme(theme, { remember = false } = {}) {
   if (!THEMES.includes(theme)) theme = "system";
   const root = document.documentElement;
   if (theme === "system") delete root.dataset.theme;

@@ -339,7 +339,7 @@ export function icon(name, extraClass) {
 const COPIED_FOR = 1800; // ms a copy button says "Copied"
 
 /** Put text on the clipboard: the async clipboard API, else (plain http, or refused) a selected textarea. */
-export async function copyText(text) {
+async function copyText(text) {
   if (navigator.clipboard && navigator.clipboard.writeText) {
     try {
       await navigator.clipboard.writeText(text);

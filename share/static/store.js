@@ -125,7 +125,8 @@ function storage() {
 }
 
 /** The storage key of the draft of chat id (null: the unsaved chat) for the signed-in user, or null. */
-export function draftKey(id, me = state.me) {
+export function draftKey(id) {
+  const me = state.me;
   return me && me.sub ? `${DRAFT_PREFIX}${me.sub}.${id || "new"}` : null;
 }
 
