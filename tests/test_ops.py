@@ -1,6 +1,8 @@
 """
 The operating files (SPEC.md §1, §9; issue 8): C{clawdbot.service} checked
-by C{systemd-analyze} and its command line run for real, and
+by C{systemd-analyze} and its command line run for real, its template
+C{clawdbot@.service} too (issue 21: two instances, one per core, on one
+PostgreSQL and one Redis), and
 C{etc/nginx/clawdbot.conf} checked by C{nginx -t} and then run: a real
 nginx terminating TLS in front of a real gateway and a paced fake Ollama.
 
@@ -16,6 +18,7 @@ import http.client
 import ipaddress
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -33,8 +36,11 @@ from twisted.trial.unittest import TestCase
 
 from testing.fake_ollama import FakeOllama, tokenize
 from tests.helpers import ROOT, SECRET, Process, bearer, closed_port, get_json, merge_yaml, process_env, reserved_port, serve, token, until, write_config
+from tests.test_scaling import REDIS_URL, redis_prefix
+from tests.test_sessions import pg_database
 
 UNIT = os.path.join(ROOT, "clawdbot.service")
+TEMPLATE = os.path.join(ROOT, "clawdbot@.service")
 NGINX_SITE = os.path.join(ROOT, "etc", "nginx", "clawdbot.conf")
 CLAWDBOT_SCRIPT = os.path.join(os.path.dirname(sys.executable), "clawdbot")
 SERVER_NAME = "chat.example.com"
@@ -325,6 +331,198 @@ class UnitCommandLineTests(TestCase):
         self.assertEqual(status, 200)
         self.assertTrue(raw.endswith(b"data: [DONE]\n\n"), raw[-200:])
         self.assertIsNone(proc.proc.poll())
+
+
+# ---------------------------------------------------------------------------
+# clawdbot@.service: one gateway per core
+# ---------------------------------------------------------------------------
+
+
+def template_text():
+    with open(TEMPLATE) as f:
+        return f.read()
+
+
+def template_for_this_machine(testcase, text=None, script=CLAWDBOT_SCRIPT):
+    """
+    L{unit_for_this_machine} for the template: a copy named
+    C{clawdbot@.service} in a temporary folder; returns the path of the
+    instance C{clawdbot@8081.service} beside it (a file that does not exist:
+    systemd-analyze loads the template for it).
+    """
+    path = unit_for_this_machine(testcase, template_text() if text is None else text, script)
+    folder = os.path.dirname(path)
+    os.rename(path, os.path.join(folder, "clawdbot@.service"))
+    return os.path.join(folder, "clawdbot@8081.service")
+
+
+def instance_environment(service, instance):
+    """The variables the unit's C{Environment=} lines set for C{instance} (C{%i} expanded)."""
+    return dict(line.replace("%i", instance).split("=", 1) for line in service["Environment"])
+
+
+def instance_port(testcase):
+    """
+    A four-digit loopback port that can name an instance: it and its
+    metrics twin (the same digits with a 1 in front, 10000 more) are both
+    free, and both are held as by L{reserved_port} until the test ends.
+    """
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(2000, 10000)
+        held = []
+        try:
+            for candidate in (port, int(f"1{port}")):
+                sock = socket.socket()
+                held.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            for sock in held:
+                sock.close()
+            continue
+        for sock in held:
+            testcase.addCleanup(sock.close)
+        return port
+    raise AssertionError("no free pair of ports N and 1N below 20000")
+
+
+def several_cores_config():
+    """The YAML of README's "Several cores on one machine", as the README shows it."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("\n### Several cores on one machine\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```yaml\n", 1)[1].split("```", 1)[0]
+
+
+class TemplateUnitTests(TestCase):
+    """clawdbot@.service: clawdbot.service as a template, one gateway per port (issue 21)."""
+
+    timeout = 60
+
+    def test_systemd_analyze_verify_instance(self):
+        """`systemd-analyze verify clawdbot@8081.service` accepts the template's instance with no warning, rates its exposure OK, and notices a misspelt key."""
+        path = template_for_this_machine(self)
+        result = subprocess.run([tool("systemd-analyze"), "verify", path], capture_output=True, text=True, timeout=60)
+        about_unit = [line for line in (result.stdout + result.stderr).splitlines() if "clawdbot" in line]
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertEqual(about_unit, [], "systemd-analyze warned about the unit")
+        result = subprocess.run(
+            [tool("systemd-analyze"), "security", "--offline=yes", "--threshold=20", "--no-pager", path], capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual(result.returncode, 0, result.stdout[-2000:] + result.stderr)
+        self.assertRegex(result.stdout, r"Overall exposure level for clawdbot@8081\.service: [01]\.\d OK")
+
+        missing = template_for_this_machine(self, script="/nonexistent/clawdbot")
+        result = subprocess.run([tool("systemd-analyze"), "verify", missing], capture_output=True, text=True, timeout=60)
+        self.assertNotEqual(result.returncode, 0)
+        typo = template_for_this_machine(self, template_text().replace("\nRestart=on-failure", "\nRestrat=on-failure"))
+        result = subprocess.run([tool("systemd-analyze"), "verify", typo], capture_output=True, text=True, timeout=60)
+        self.assertIn("Restrat", result.stdout + result.stderr)
+
+    def test_same_unit_but_the_port_and_state(self):
+        """
+        The template is clawdbot.service (same command line, reload, stop,
+        restart policy, limits, user and sandbox) except what its header
+        names: the description, the ports from the instance name, and no
+        state directory (so no working directory in it).
+        """
+        single, template = read_unit(unit_text()), read_unit(template_text())
+        self.assertEqual(template["Install"], single["Install"])
+        self.assertEqual(dict(template["Unit"], Description=None), dict(single["Unit"], Description=None))
+        self.assertIn("%i", template["Unit"]["Description"][0])
+        differ = {"Environment", "StateDirectory", "StateDirectoryMode", "WorkingDirectory"}
+        self.assertEqual(
+            {k: v for k, v in template["Service"].items() if k not in differ},
+            {k: v for k, v in single["Service"].items() if k not in differ},
+        )
+        self.assertEqual(set(single["Service"]) - set(template["Service"]), {"StateDirectory", "StateDirectoryMode", "WorkingDirectory"})
+        self.assertEqual(template["Service"]["LogsDirectory"], ["clawdbot"])
+        self.assertEqual(template["Service"]["Environment"], single["Service"]["Environment"] + ["CLAWDBOT_PORT=%i", "CLAWDBOT_METRICS_PORT=1%i"])
+        self.assertEqual(instance_environment(template["Service"], "8081"), {"PYTHONUNBUFFERED": "1", "CLAWDBOT_PORT": "8081", "CLAWDBOT_METRICS_PORT": "18081"})
+
+    def test_readme_config_is_valid_for_an_instance(self):
+        """README's several-cores config loads with an instance's environment: listeners on its own ports, PostgreSQL, Redis."""
+        from clawdbot.config import load_config
+
+        path = write_config(self, several_cores_config())
+        environ = dict(
+            instance_environment(read_unit(template_text())["Service"], "8081"),
+            JWT_SECRET=SECRET,
+            DATABASE_URL="postgresql://clawdbot@db.internal:5432/clawdbot",
+            REDIS_URL="redis://127.0.0.1:6379/0",
+        )
+        config = load_config(path, environ)
+        self.assertEqual(config.server.listen, "tcp:8081:interface=127.0.0.1")
+        self.assertEqual(config.metrics.listen, "tcp:18081:interface=127.0.0.1")
+        self.assertEqual((config.storage.backend, config.rate_limit.backend), ("postgresql", "redis"))
+        # Without the unit's variables (clawdbot.service, `clawdbot start`), the defaults.
+        config = load_config(path, {k: environ[k] for k in ("JWT_SECRET", "DATABASE_URL", "REDIS_URL")})
+        self.assertEqual((config.server.listen, config.metrics.listen), ("tcp:8080:interface=127.0.0.1", "tcp:9464:interface=127.0.0.1"))
+
+    async def test_two_instances_share_history_and_budgets(self):
+        """
+        Two instances' ExecStart, run with the environment the unit gives
+        them (C{%i} = two free ports; the secrets clawdbot.env would hold)
+        in its working directory (/), on README's several-cores config with
+        this machine's PostgreSQL and Redis: each listens and serves
+        metrics on its own ports, a session made through one is read
+        through the other, and a budget spent on one is spent on both.
+        """
+        fake = FakeOllama()
+        fake.listen(reactor)
+        self.addCleanup(fake.stop)
+        # What a test machine changes: the backend, a Redis prefix of the
+        # test's own, and a budget of one model call a minute (the test ends
+        # long before it refills).
+        extra = f"""
+        backend: {{url: "{fake.url}"}}
+        rate_limit: {{key_prefix: "{redis_prefix(self)}", requests_per_minute: 1}}
+        """
+        config = write_config(self, merge_yaml(several_cores_config(), extra))
+        service = read_unit(template_text())["Service"]
+        argv = service["ExecStart"][0].split()
+        argv = [CLAWDBOT_SCRIPT if a == "/usr/local/bin/clawdbot" else config if a == "/etc/clawdbot/clawdbot.yaml" else a for a in argv]
+        env_file = dict(JWT_SECRET=SECRET, DATABASE_URL=pg_database(self), REDIS_URL=REDIS_URL)
+        instances = []
+        for port in (instance_port(self), instance_port(self)):
+            env = process_env(**instance_environment(service, str(port)), **env_file)
+            proc = Process(tied_to_test([sys.executable, "-c", UNDER_UNIT, *argv]), env=env, cwd="/")
+            self.addCleanup(proc.stop)
+            instances.append((port, proc))
+        urls = []
+        for port, proc in instances:
+            proc.wait_for("Gateway listening on")
+            proc.wait_for("Metrics listening on")
+            self.assertEqual(proc.url(), f"http://127.0.0.1:{port}")
+            self.assertEqual(proc.url("Metrics"), f"http://127.0.0.1:1{port}")
+            urls.append(proc.url())
+        a, b = urls
+
+        for port, proc in instances:
+            status, _, body = await get_json(proc.url() + "/healthz")
+            self.assertEqual((status, body), (200, {"status": "ok"}))
+            status, _, text = await get_json(proc.url("Metrics") + "/metrics")
+            self.assertEqual(status, 200)
+            self.assertIn(b"clawdbot_requests_total", text)
+
+        alice = bearer(token(sub="alice"))
+        status, _, made = await get_json(a + "/v1/sessions", method="POST", headers=alice, body={"title": "Cores"})
+        self.assertEqual(status, 201, made)
+        status, _, seen = await get_json(f"{b}/v1/sessions/{made['id']}", headers=alice)
+        self.assertEqual(status, 200, seen)
+        self.assertEqual(seen["title"], "Cores")
+
+        carol = bearer(token(sub="carol"))
+        status, _, reply = await get_json(a + "/v1/chat/completions", method="POST", headers=carol, body={"messages": HI})
+        self.assertEqual((status, reply["choices"][0]["message"]["content"]), (200, fake.reply_text))
+        status, headers, refused = await get_json(b + "/v1/chat/completions", method="POST", headers=carol, body={"messages": HI})
+        self.assertEqual(status, 429, refused)
+        self.assertEqual(refused["error"]["code"], "RATE_LIMITED")
+        self.assertTrue(headers.getRawHeaders("Retry-After"))
+        # The other user's budget is untouched: the refusal is carol's spent budget, not the instance.
+        status, _, _ = await get_json(b + "/v1/chat/completions", method="POST", headers=alice, body={"messages": HI})
+        self.assertEqual(status, 200)
 
 
 # ---------------------------------------------------------------------------
