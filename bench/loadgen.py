@@ -5,6 +5,9 @@ It is run by run.py, never by hand:
 
     python bench/loadgen.py            # reads one JSON spec line on stdin
 
+It drives one target, or several (C{targets}: several gateways, each
+connection to one of them in turn), and reports them as one.
+
 The protocol with the parent, one line each way at a time:
 
 1. parent -> worker: the spec, a JSON object (see L{main});
@@ -213,9 +216,15 @@ class Client(asyncio.Protocol):
 
 async def run(spec, control):
     loop = asyncio.get_running_loop()
-    host, port = spec["host"], spec["port"]
     mode = spec["mode"]
-    request = spec["request"].encode("latin-1")
+    # Where each connection goes: with C{targets}, connection i of all the
+    # workers' connections to target i mod their number (round-robin, so
+    # that several gateways get equal shares across workers too).
+    targets = [
+        (t["host"], t["port"], t["request"].encode("latin-1"))
+        for t in spec.get("targets") or [{"host": spec["host"], "port": spec["port"], "request": spec["request"]}]
+    ]
+    index0, total = spec.get("index0", 0), spec.get("total", spec["connections"])
     opened = set()
     gate = asyncio.Semaphore(spec.get("connect_parallel", 64))
     errors = {}
@@ -225,19 +234,23 @@ async def run(spec, control):
     def error(kind):
         errors[kind] = errors.get(kind, 0) + 1
 
-    async def connect():
+    def target(index):
+        return targets[(index0 + index) % len(targets)]
+
+    async def connect(index):
+        host, port, _ = target(index)
         async with gate:
             _, client = await loop.create_connection(lambda: Client(loop, mode, opened), host, port)
         return client
 
-    async def connect_or_none():
+    async def connect_or_none(index):
         try:
-            return await connect()
+            return await connect(index)
         except OSError as e:
             error(f"connect: {type(e).__name__}")
             return None
 
-    clients = await asyncio.gather(*[connect_or_none() for _ in range(spec["connections"])])
+    clients = await asyncio.gather(*[connect_or_none(i) for i in range(spec["connections"])])
     connected = sum(c is not None for c in clients)
     print("ready", flush=True)
     go = (await control.readline()).split()
@@ -263,13 +276,13 @@ async def run(spec, control):
     per_connection = []
     stagger = spec.get("stagger", 0.0)
     think = spec.get("think", 0.0)
-    index0, total = spec.get("index0", 0), spec.get("total", spec["connections"])
 
     async def drive(index, client):
         # Connection i of n starts i/n of the way into the stagger window,
         # so that streams do not all begin (and end) in lockstep.
         if stagger:
             await asyncio.sleep(max(0.0, start + stagger * (index0 + index) / total - time.monotonic()))
+        request = target(index)[2]
         mine = [0, None, None]  # completed, first start, last end
         per_connection.append(mine)
         while True:
@@ -278,7 +291,7 @@ async def run(spec, control):
                     client.transport.close()
                 return
             if client is None or client.closed:
-                client = await connect_or_none()
+                client = await connect_or_none(index)
                 if client is None:
                     await asyncio.sleep(0.01)
                     continue
@@ -341,7 +354,10 @@ def main():
     """
     The spec: C{host}, C{port}, C{request} (the raw HTTP/1.1 request, as a
     latin-1 string), C{mode} (C{plain}, C{ndjson} or C{sse}),
-    C{connections}, and optionally C{connect_parallel} (how many connects
+    C{connections}, and optionally C{targets} (a list of C{host}, C{port}
+    and C{request} objects: then connection i of all the workers'
+    connections goes to target i mod their number, and C{host}, C{port} and
+    C{request} are not used), C{connect_parallel} (how many connects
     at once, so a thousand connections do not overflow a listen backlog),
     C{stagger} (seconds over which the connections' first requests are
     spread), C{index0} and C{total} (this worker's first connection index

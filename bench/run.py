@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """
 Clawdbot's benchmark: the fake Ollama directly vs the same fake through the
-gateway, side by side in one run, printed as one markdown table; then "two
+gateway, side by side in one run, printed as one markdown table; then
+"several instances" (issue 21), the same load through one gateway and
+through two gateway processes in front of one fake; then "two
 users, one GPU" (issue 16), each client's time to first token while a
 greedy principal saturates a gateway with two backend slots, before (one
 principal: arrival order) and after (two principals: fair share).
@@ -10,6 +12,7 @@ principal: arrival order) and after (two principals: fair share).
     .venv/bin/python bench/run.py --full       # also 1,000 concurrent paced streams
     .venv/bin/python bench/run.py --fair-only  # only "two users, one GPU"
     .venv/bin/python bench/run.py --chunk-only # only the paced rows and the CPU per streamed chunk
+    .venv/bin/python bench/run.py --instances-only  # only 1 gateway against 2
 
 It starts, as separate processes on 127.0.0.1 only:
 
@@ -67,6 +70,10 @@ TWO_USERS = (
     ("before", "FIFO-equivalent: same principal", "greedy"),
     ("after", "fair share: two principals", "ann"),
 )
+
+
+# "Several instances" (issue 21): the non-streaming concurrency it measures.
+INSTANCES_CONCURRENCY = 50
 
 
 # What is being measured right now, to attribute the gateway's log lines.
@@ -463,6 +470,18 @@ class Target:
         return (head.encode() + body).decode("latin-1")
 
 
+class Spread:
+    """
+    Several gateway instances of one config, measured as one: the load
+    generator's connections go to them in turn (round-robin per connection).
+    """
+
+    def __init__(self, targets):
+        self.targets = list(targets)
+        n = len(self.targets)
+        self.kind = f"{n} gateway" + ("s" if n > 1 else "")
+
+
 def _create_key(url, token):
     """An API key for the token's user, from POST /v1/keys."""
     request = urllib.request.Request(
@@ -519,23 +538,31 @@ def system_busy_seconds():
 
 
 class CPUWatch:
-    """CPU used (in cores) by the fake, the gateway and the whole machine over a window."""
+    """
+    CPU used (in cores) by the fake, the gateway and the whole machine over a
+    window.  A party may be several processes (a tuple of pids, as several
+    gateway instances): its CPU is their sum, and L{parts} has each one's.
+    """
 
     def __init__(self, pids):
-        self.pids = {k: v for k, v in pids.items() if v}
+        self.pids = {k: v if isinstance(v, tuple) else (v,) for k, v in pids.items() if v}
         self.t0 = time.monotonic()
-        self.c0 = {k: proc_cpu_seconds(p) for k, p in self.pids.items()}
+        self.c0 = {k: [proc_cpu_seconds(p) for p in ps] for k, ps in self.pids.items()}
         self.busy0 = system_busy_seconds()
 
     def cores(self):
         elapsed = max(1e-6, time.monotonic() - self.t0)
         out = {}
-        self.seconds = {}  # CPU seconds each process used over the window
-        for k, p in self.pids.items():
-            now = proc_cpu_seconds(p)
-            if now is not None and self.c0[k] is not None:
-                self.seconds[k] = now - self.c0[k]
-                out[k] = (now - self.c0[k]) / elapsed
+        self.seconds = {}  # CPU seconds each party used over the window
+        self.parts = {}  # for a party of several processes, each one's cores
+        for k, ps in self.pids.items():
+            now = [proc_cpu_seconds(p) for p in ps]
+            if None not in now and None not in self.c0[k]:
+                used = [b - a for a, b in zip(self.c0[k], now)]
+                self.seconds[k] = sum(used)
+                out[k] = sum(used) / elapsed
+                if len(used) > 1:
+                    self.parts[k] = [u / elapsed for u in used]
         busy = system_busy_seconds()
         if busy is not None and self.busy0 is not None:
             out["machine"] = (busy - self.busy0) / elapsed
@@ -558,15 +585,23 @@ def _other_cpu(cpu):
 
 
 def loadgen_spec(target, stream, **extra):
-    """What a bench/loadgen.py worker is told to send to C{target} (see its C{main})."""
-    return {
-        "host": target.host,
-        "port": target.port,
-        "mode": target.stream_mode if stream else "plain",
-        "request": target.raw_request(stream),
+    """
+    What a bench/loadgen.py worker is told to send to C{target} (see its
+    C{main}), a L{Target} or a L{Spread} of them.
+    """
+    targets = getattr(target, "targets", None) or [target]
+    first = targets[0]
+    spec = {
+        "host": first.host,
+        "port": first.port,
+        "mode": first.stream_mode if stream else "plain",
+        "request": first.raw_request(stream),
         "connect_parallel": 64,
         **extra,
     }
+    if len(targets) > 1:
+        spec["targets"] = [{"host": t.host, "port": t.port, "request": t.raw_request(stream)} for t in targets]
+    return spec
 
 
 def run_loadgen(target, stream, connections, duration, grace, procs, cpu_pids, label, stagger=0.0):
@@ -633,6 +668,7 @@ def run_loadgen(target, stream, connections, duration, grace, procs, cpu_pids, l
         "errors": dict(errors),
         "cpu": cpu,
         "cpu_s": watch.seconds,
+        "cpu_parts": watch.parts,
         "chunks": chunks,
     }
 
@@ -858,10 +894,12 @@ class Bench:
         self.shared_gpu = collections.OrderedDict()
         self.shared_gpu_s = None
         self.keys_results = {}
+        self.instances = collections.OrderedDict()  # "several instances": {key: {kind: result}}
+        self.instances_s = None
         self.gateway_messages = collections.Counter()
         self.load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
         self.wrk = None if args.no_wrk else shutil.which("wrk")
-        if not self.wrk and not args.fair_only and not args.chunk_only:
+        if not self.wrk and not args.fair_only and not args.chunk_only and not args.instances_only:
             self.notes.append(
                 "wrk not used" + (" (--no-wrk)" if args.no_wrk else f": not installed (`{WRK_INSTALL}` as root)")
                 + "; non-streaming throughput measured with bench/loadgen.py instead"
@@ -870,11 +908,16 @@ class Bench:
     def procs_for(self, connections):
         return 1 if connections == 1 else self.args.client_procs
 
-    def measure(self, key, target, stream, connections, duration, grace, cpu_pids, warmup=None, stagger=0.0):
-        """One measurement (after its warm-up) of C{target}; returns its result."""
+    def measure(self, key, target, stream, connections, duration, grace, cpu_pids, warmup=None, stagger=0.0,
+                wrk=True):
+        """
+        One measurement (after its warm-up) of C{target}; returns its result.
+        Non-streaming goes through wrk when there is one, unless C{wrk} is
+        false (as for a L{Spread}, which wrk cannot drive).
+        """
         label = f"{key} {target.kind}"
         warmup = self.args.warmup if warmup is None else warmup
-        use_wrk = self.wrk and not stream
+        use_wrk = self.wrk and wrk and not stream
         procs = self.procs_for(connections)
         say(f"bench: {label} (c={connections}, {duration:g}s after {warmup:g}s warm-up) ...")
         PHASE["now"] = label + " warm-up"
@@ -901,7 +944,7 @@ class Bench:
         say(f"bench:   {r['rate']:.1f}/s, p50 {p50}{extra}, errors {sum(r['errors'].values())}")
         return r
 
-    def compare(self, key, setups, *args, **kwargs):
+    def compare(self, key, setups, *args, into=None, **kwargs):
         """
         Measure each target C{--repeat} times, alternating between them, and
         keep for each the run with the median rate (a whole run, so that its
@@ -909,6 +952,8 @@ class Bench:
 
         @param setups: C{{kind: () -> (target, pids, done)}}: what to measure
             and, once measured, C{done()} to stop what was started for it.
+        @param into: where the results go (C{{key: {kind: result}}}; the
+            side-by-side table's by default).
         """
         runs = {kind: [] for kind in setups}
         for _ in range(self.args.repeat):
@@ -918,7 +963,7 @@ class Bench:
                     runs[kind].append(self.measure(key, target, *args, cpu_pids=pids, **kwargs))
                 finally:
                     done()
-        pair = self.results.setdefault(key, {})
+        pair = (self.results if into is None else into).setdefault(key, {})
         for kind, rs in runs.items():
             ordered = sorted(rs, key=lambda r: r["rate"])
             pair[kind] = ordered[(len(ordered) - 1) // 2]
@@ -979,6 +1024,9 @@ class Bench:
         if a.keys_only:
             self.keys_scenario()
             return
+        if a.instances_only:
+            self.instances_scenario()
+            return
         self.rss["idle"] = None
         if not a.chunk_only:
             self.rss["peak, unpaced scenarios"] = None
@@ -1037,6 +1085,8 @@ class Bench:
         fake.stop()
         if not a.no_keys and not a.chunk_only:
             self.keys_scenario()
+        if not a.no_instances and not a.chunk_only:
+            self.instances_scenario()
         if not a.no_fair and not a.chunk_only:
             self.two_users_scenario()
 
@@ -1110,6 +1160,145 @@ class Bench:
             f"/v1/usage counted {r.get('usage')} model calls; the load generators completed {r.get('completed')} "
             "outside the warm-ups (which /v1/usage counts too). Counting one call in memory costs "
             f"{r.get('record_us', 0):.1f} µs (UsageBook.record, measured in this process).",
+        ]
+
+    def gateways(self, backend_url, n):
+        """
+        C{n} gateway instances of one config in front of C{backend_url}, each
+        its own process on its own port: a L{Spread} of all of them, and the
+        gateways (stopped again if one does not start).
+        """
+        gws = []
+        try:
+            for _ in range(n):
+                gws.append(self.start_gateway(backend_url))
+        except BaseException:
+            for gw in gws:
+                self.stop_gateway(gw)
+            raise
+        return gws
+
+    @staticmethod
+    def spread(gws):
+        """The setup of a measurement of C{gws} (see L{compare}), with nothing to stop."""
+        target = Spread(Target("gateway", gw.url, gw.pid, gw.token) for gw in gws)
+        return target, {"gateway": tuple(gw.pid for gw in gws)}, lambda: None
+
+    def instances_scenario(self):
+        """
+        Issue 21's "several cores": the same load through one gateway and
+        through C{--instances} gateways of the same config (each its own
+        process and port) in front of one fake, the load generator's
+        connections spread round-robin over them; bench/loadgen.py for both,
+        non-streaming too, so that one and several are measured alike.
+        Non-streaming at c=50 with a fresh fake and fresh gateways for each
+        measurement (the fake slows down as its records pile up), then
+        C{--chunk-streams} paced streams through one paced fake and one set
+        of gateways (the single instance is the first of them).
+        """
+        a = self.args
+        n = a.instances
+        started = time.monotonic()
+        multi = f"{n} gateways"
+
+        def fresh(k):
+            def setup():
+                fake = start_fake("fake-ollama-instances", "--tokens", str(a.tokens))
+                try:
+                    gws = self.gateways(fake.url, k)
+                except BaseException:
+                    fake.stop()
+                    raise
+                target, pids, _ = self.spread(gws)
+
+                def done():
+                    try:
+                        for gw in gws:
+                            self.stop_gateway(gw)
+                    finally:
+                        fake.stop()
+
+                return target, dict(pids, fake=fake.pid), done
+            return setup
+
+        c = INSTANCES_CONCURRENCY
+        self.compare(f"instances plain c={c}", {"1 gateway": fresh(1), multi: fresh(n)}, False, c, a.duration, 10.0,
+                     into=self.instances, wrk=False)
+        stream_s = (a.paced_tokens - 1) * a.pace_ms / 1000.0
+        fake = start_fake("fake-ollama-instances-paced", *self.paced_fake_args())
+        try:
+            gws = self.gateways(fake.url, n)
+            try:
+                def paced(k):
+                    def setup():
+                        target, pids, done = self.spread(gws[:k])
+                        return target, dict(pids, fake=fake.pid), done
+                    return setup
+
+                self.compare("instances paced", {"1 gateway": paced(1), multi: paced(n)}, True, a.chunk_streams,
+                             max(a.duration, 4 * stream_s), max(30.0, 10 * stream_s),
+                             warmup=max(a.warmup, 2 * stream_s) if a.warmup else 0,
+                             stagger=0.0 if a.paced_burst else stream_s, into=self.instances)
+            finally:
+                for gw in gws:
+                    self.stop_gateway(gw)
+        finally:
+            fake.stop()
+        self.instances_s = time.monotonic() - started
+
+    def instances_report(self):
+        """The "several instances" table and how to read it: a list of lines."""
+        a = self.args
+        if not self.instances:
+            return []
+        cores = lambda v: "-" if v is None else f"{v:.2f}"
+        ms = lambda v: "-" if v is None else (f"{v:,.3f}" if v < 10 else f"{v:,.1f}")
+        paced = f"paced {a.chunk_streams}×{a.paced_tokens} tok @{a.pace_ms:g} ms" + (" lockstep" if a.lockstep else "")
+        rows = []
+        for key, what, stream in ((f"instances plain c={INSTANCES_CONCURRENCY}",
+                                   f"non-streaming c={INSTANCES_CONCURRENCY}", False),
+                                  ("instances paced", paced, True)):
+            pair = self.instances.get(key) or {}
+            one = (pair.get("1 gateway") or {}).get("rate")
+            for kind, r in pair.items():
+                rate = r["rate"]
+                errors = sum(r["errors"].values())
+                cpu = r["cpu"]
+                parts = (r.get("cpu_parts") or {}).get("gateway")
+                gateway_cpu = cores(cpu.get("gateway")) + (
+                    " (" + " + ".join(f"{x:.2f}" for x in parts) + ")" if parts else "")
+                per_chunk = cpu_per_chunk(r, "gateway") if stream else None
+                rows.append((
+                    f"{what}, {kind}",
+                    (f"{rate:,.0f}" if rate >= 100 else f"{rate:.1f}") + (f" ({errors} errors)" if errors else ""),
+                    f"×{rate / one:.2f}" if one else "-",
+                    ms(r.get("ttft_p50" if stream else "p50")), ms(r.get("ttft_p99" if stream else "p99")),
+                    gateway_cpu, "-" if per_chunk is None else f"{per_chunk:,.1f}",
+                    cores(cpu.get("fake")), cores(cpu.get("load generator")), cores(_other_cpu(cpu)),
+                ))
+                if r["errors"]:
+                    self.notes.append(f"several instances, {what}, {kind}: errors {r['errors']}")
+        head = ("several instances", "requests or streams/s", "vs 1 gateway", "latency or TTFT p50 (ms)",
+                "p99 (ms)", "gateways' CPU (cores)", "gateway CPU per chunk (µs)", "fake (cores)",
+                "client (cores)", "other processes (cores)")
+        took = "" if self.instances_s is None else f" This part took {self.instances_s:.0f} s."
+        return [
+            "",
+            f"### Several instances (issue 21): 1 gateway against {a.instances}",
+            "",
+            markdown_table(head, rows),
+            "",
+            f"The same load through one gateway and through {a.instances} gateway processes of the same config (each "
+            "its own port, history file and access log) in front of one fake Ollama; bench/loadgen.py for both (also "
+            "non-streaming), its connections spread round-robin over the gateways, so that one and several are "
+            "measured alike. Non-streaming: a fresh fake and fresh gateways for each row; latency p50/p99. Paced: "
+            f"{a.chunk_streams} streams of {a.paced_tokens} tokens {a.pace_ms:g} ms apart (the backend's ceiling "
+            f"{a.chunk_streams / ((a.paced_tokens - 1) * a.pace_ms / 1000.0):.0f} streams/s), one fake and one set of "
+            "gateways (the single gateway is the first of them); TTFT p50/p99, and the gateways' CPU per SSE event "
+            "delivered. Gateways' CPU is their sum, each instance's in brackets. The fake (one Python process) and "
+            f"the load generator share this machine's {os.cpu_count()} cores with the gateways, so with several "
+            "instances the ceiling is the machine, not the gateway: fake + gateways + client + other processes "
+            f"cannot exceed {os.cpu_count()}." + took,
         ]
 
     def two_users_scenario(self):
@@ -1438,17 +1627,18 @@ class Bench:
         out.append(
             f"{os.cpu_count()} CPUs ({cpu_model or platform.machine()}), Python {platform.python_version()}"
             + ("" if a.fair_only else
-               f", {wrk_version or 'no wrk'}; {a.duration:g} s per measurement after {a.warmup:g} s warm-up; "
+               ("; " if a.instances_only else f", {wrk_version or 'no wrk'}; ") + f"{a.duration:g} s per measurement after {a.warmup:g} s warm-up; "
                f"unpaced replies of {a.tokens} tokens")
             + (f"; each measurement repeated {a.repeat}×, median kept" if a.repeat > 1 and not a.fair_only else "")
             + f"; load average at start {self.load_at_start}; run took {elapsed:.0f} s."
         )
         self.gateway_notes()
-        if not a.fair_only and not a.keys_only:
+        if not a.fair_only and not a.keys_only and not a.instances_only:
             out += self.side_by_side()
         if not a.no_keys and not a.fair_only:
             out += self.keys_report()
-        if not a.no_fair and not a.keys_only:
+        out += self.instances_report()
+        if not a.no_fair and not a.keys_only and not a.instances_only:
             out += self.two_users_report()
         errors = [(k, kind, r["errors"]) for k, pair in self.results.items() for kind, r in pair.items() if r["errors"]]
         if errors or self.notes:
@@ -1491,7 +1681,7 @@ class Bench:
     def as_json(self, elapsed):
         return {"args": vars(self.args), "elapsed_s": elapsed, "results": self.results,
                 "rss_kb": self.rss, "two_users": self.shared_gpu, "two_users_s": self.shared_gpu_s, "keys": self.keys_results,
-                "notes": self.notes}
+                "instances": self.instances, "instances_s": self.instances_s, "notes": self.notes}
 
 
 def parse_args(argv=None):
@@ -1533,6 +1723,12 @@ def parse_args(argv=None):
     keys = p.add_mutually_exclusive_group()
     keys.add_argument("--no-keys", action="store_true", help="leave out the API key scenario")
     keys.add_argument("--keys-only", action="store_true", help="run only the API key scenario (JWT against API key, c=10)")
+    p.add_argument("--instances", type=int, default=2, metavar="N",
+                   help="several instances: gateways measured against one (default 2)")
+    instances = p.add_mutually_exclusive_group()
+    instances.add_argument("--no-instances", action="store_true", help="leave out the several instances scenario")
+    instances.add_argument("--instances-only", action="store_true",
+                           help="run only the several instances scenario (1 gateway against --instances)")
     p.add_argument("--repeat", type=int, default=1, help="measure each scenario N times, alternating, keep the median")
     p.add_argument("--client-procs", type=int, default=2, help="load generator processes above concurrency 1 (default 2)")
     p.add_argument("--no-wrk", action="store_true", help="use bench/loadgen.py for non-streaming too")
@@ -1547,10 +1743,12 @@ def parse_args(argv=None):
         p.error("--concurrency: comma-separated integers, e.g. 1,10,50")
     if not args.concurrency or min(args.concurrency) < 1 or args.duration < 1 or args.warmup < 0 or args.repeat < 1:
         p.error("concurrency levels and --duration must be at least 1, --warmup at least 0")
+    if sum(map(bool, (args.chunk_only, args.fair_only, args.keys_only, args.instances_only))) > 1:
+        p.error("--chunk-only, --fair-only, --keys-only and --instances-only exclude one another")
     if args.chunk_only:
-        if args.fair_only or args.keys_only:
-            p.error("--chunk-only runs neither two users nor API keys")
-        args.no_keys = args.no_fair = True
+        args.no_keys = args.no_fair = args.no_instances = True
+    if args.instances < 2:
+        p.error("--instances must be at least 2")
     if args.chunk_streams < 1 or args.chunk_burst_concurrency < 1:
         p.error("--chunk-streams and --chunk-burst-concurrency must be at least 1")
     if args.paced_tokens < 2 or args.pace_ms <= 0 or args.paced_streams < 1 or args.full_streams < 1:
@@ -1577,7 +1775,7 @@ def main(argv=None):
     bench = Bench(args, tmp)
     status = 0
     try:
-        if not bench.wrk and not args.no_wrk and not args.fair_only and not args.chunk_only:
+        if not bench.wrk and not args.no_wrk and not args.fair_only and not args.chunk_only and not args.instances_only:
             say(f"bench: wrk is not installed; install it with `{WRK_INSTALL}` (as root). Using bench/loadgen.py instead.")
         bench.run()
         elapsed = time.monotonic() - started
