@@ -23,11 +23,11 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from clawdbot.backend import http1
 from clawdbot.config import parse_config
 from clawdbot.http.site import GatewaySite
 from clawdbot.http.tree import build_root
@@ -113,13 +113,13 @@ class MemoryEndpoints:
 
 def memory_agents(wire, factory):
     """
-    An C{agent_factory} for L{clawdbot.backend.ollama.Ollama}: the real
-    L{Agent}, with its connection pool, whose connections are in-memory
-    ones to C{factory}.
+    An C{agent_factory} for L{clawdbot.backend.ollama.Ollama}: the
+    production client (L{http1.Client}) with the gateway's connection pool,
+    whose connections are in-memory ones to C{factory}.
     """
 
     def agent_factory(reactor, connect_timeout, pool):
-        return Agent.usingEndpointFactory(reactor, MemoryEndpoints(MemoryEndpoint(wire, factory)), pool=pool)
+        return http1.Client(MemoryEndpoints(MemoryEndpoint(wire, factory)), pool)
 
     return agent_factory
 

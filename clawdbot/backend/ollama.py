@@ -15,7 +15,7 @@ from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLo
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -23,7 +23,8 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import Attribute, Interface, implementer
 
-from clawdbot.net import Discard, quiet_pool
+from clawdbot.backend import http1
+from clawdbot.net import Discard
 from clawdbot.errors import APIError
 from clawdbot.strictjson import loads_checked
 
@@ -455,8 +456,8 @@ def model_cap(config, model):
 
 
 def _endpoint_agent(reactor, connect_timeout, pool):
-    """An L{Agent} on L{CachedEndpoints}: the production client."""
-    return Agent.usingEndpointFactory(reactor, CachedEndpoints(reactor, connect_timeout), pool=pool)
+    """The production client: L{http1.Client} on L{CachedEndpoints}, its connections in C{pool}."""
+    return http1.Client(CachedEndpoints(reactor, connect_timeout), pool)
 
 
 class Ollama:
@@ -464,16 +465,17 @@ class Ollama:
     @param current_config: C{() -> Config}, the config now (for the health
         checks, which no request starts).
     @param agent_factory: C{(reactor, connect_timeout, pool) -> IAgent},
-        what makes the HTTP client for a connect timeout; by default an
-        L{Agent} on cached endpoints.  Tests give one that answers from a
-        fake Ollama in memory.
+        what makes the HTTP client for a connect timeout, its persistent
+        connections kept in C{pool} (L{http1.Connections}); by default the
+        lean L{http1.Client} on cached endpoints.  Tests give one that
+        answers from a fake Ollama in memory.
     """
 
     def __init__(self, reactor, current_config, agent_factory=None):
         self.reactor = reactor
         self.current_config = current_config
         self.agent_factory = agent_factory or _endpoint_agent
-        self.pool = quiet_pool(reactor, 256)
+        self.pool = http1.Connections(reactor, 256)
         self.slots = Slots(reactor)
         # model -> its own Slots, for the models backend.model_limits caps.
         self.model_slots = {}
