@@ -18,6 +18,8 @@ import time
 from collections.abc import Container, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+import orjson
+
 from clawdbot.errors import APIError, invalid
 from clawdbot.backend.options import ADMIN, INT64_MAX, keep_alive_policy, options_policy
 from clawdbot.strictjson import loads_checked, parse_json
@@ -812,6 +814,9 @@ class LineSplitter:
 
     def feed(self, data: bytes) -> list[bytes]:
         """The complete lines in C{data} (plus what was buffered), without newlines."""
+        if not self.buffer and data.find(b"\n") == len(data) - 1:
+            # One whole line in one read: how a model's tokens arrive.
+            return [data[:-1]] if data.strip() else []
         self.buffer += data
         if b"\n" not in data:
             if len(self.buffer) > self.max_line:
@@ -862,15 +867,19 @@ class StreamTranslator:
         self.tool_calls: list[dict[str, Any]] = []
         self.final: dict[str, Any] | None = None
         self.done = False
-        self._prefix = (
-            '{"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,"system_fingerprint":"fp_ollama","choices":'
-            % (self.id, self.created, json.dumps(model, ensure_ascii=False))
+        # Each chunk is this prefix, its choices and the tail: built once, the delta spliced in.
+        self._prefix = b'data: {"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,"system_fingerprint":"fp_ollama","choices":' % (
+            self.id.encode("ascii"),
+            self.created,
+            orjson.dumps(model),
         )
-
-    def _chunk(self, choices_json: str, usage_json: str | None = None) -> bytes:
         # With include_usage every chunk has the field, null until the last.
-        tail = ',"usage":' + (usage_json or "null") if self.include_usage else ""
-        return b"data: " + (self._prefix + choices_json + tail + "}").encode("utf-8") + b"\n\n"
+        self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+
+    def _chunk(self, choices_json: bytes, usage_json: bytes | None = None) -> bytes:
+        if usage_json is None:
+            return self._prefix + choices_json + self._tail
+        return self._prefix + choices_json + b',"usage":' + usage_json + b"}\n\n"
 
     def _forced_arguments(self, delta: dict[str, Any], text: str) -> None:
         """The forced call's head in the first chunk, then each piece of content as an arguments delta."""
@@ -938,20 +947,23 @@ class StreamTranslator:
         @raise UpstreamStreamError: when the line is an error or not JSON.
         """
         delta, finish = self.step(raw)
-        choice = '[{"index":0,"delta":%s,"logprobs":null,"finish_reason":%s}]' % (
-            json.dumps(delta, ensure_ascii=False, separators=(",", ":")),
-            "null" if finish is None else '"%s"' % finish,
-        )
-        out = self._chunk(choice)
+        out = self._chunk(b'[{"index":0,"delta":' + orjson.dumps(delta) + _finish_tail(finish))
         if self.done:
             if self.include_usage:
-                out += self._chunk("[]", json.dumps(usage(cast(dict[str, Any], self.final)), separators=(",", ":")))
+                out += self._chunk(b"[]", orjson.dumps(usage(cast(dict[str, Any], self.final))))
             if not self.hold_done:
                 out += DONE
         return out
 
 
 DONE = b"data: [DONE]\n\n"
+
+
+def _finish_tail(finish: str | None) -> bytes:
+    """The end of a streamed choice: its C{logprobs} and C{finish_reason}."""
+    if finish is None:
+        return b',"logprobs":null,"finish_reason":null}]'
+    return b',"logprobs":null,"finish_reason":' + orjson.dumps(finish) + b"}]"
 
 
 class UpstreamStreamError(Exception):
@@ -1112,15 +1124,15 @@ class CompletionStreamTranslator:
         self.pending = echo_prompt or ""
         self.final: dict[str, Any] | None = None
         self.done = False
-        self._prefix = '{"id":"%s","object":"text_completion","created":%d,"model":%s,"system_fingerprint":"fp_ollama","choices":' % (
-            self.id,
+        self._prefix = b'data: {"id":"%s","object":"text_completion","created":%d,"model":%s,"system_fingerprint":"fp_ollama","choices":' % (
+            self.id.encode("ascii"),
             int(time.time()),
-            json.dumps(model, ensure_ascii=False),
+            orjson.dumps(model),
         )
 
-    def _chunk(self, choices_json: str, usage_json: str = "null") -> bytes:
-        tail = ',"usage":' + usage_json if self.include_usage else ""
-        return b"data: " + (self._prefix + choices_json + tail + "}").encode("utf-8") + b"\n\n"
+    def _chunk(self, choices_json: bytes, usage_json: bytes = b"null") -> bytes:
+        tail = b',"usage":' + usage_json if self.include_usage else b""
+        return self._prefix + choices_json + tail + b"}\n\n"
 
     def line(self, raw: bytes) -> bytes:
         """
@@ -1137,14 +1149,10 @@ class CompletionStreamTranslator:
             self.done = True
             self.final = data
             finish = finish_reason(data.get("done_reason"), False)
-        choice = '[{"text":%s,"index":0,"logprobs":null,"finish_reason":%s}]' % (
-            json.dumps(text, ensure_ascii=False),
-            "null" if finish is None else '"%s"' % finish,
-        )
-        out = self._chunk(choice)
+        out = self._chunk(b'[{"text":' + orjson.dumps(text) + b',"index":0' + _finish_tail(finish))
         if self.done:
             if self.include_usage:
-                out += self._chunk("[]", json.dumps(usage(cast(dict[str, Any], self.final)), separators=(",", ":")))
+                out += self._chunk(b"[]", orjson.dumps(usage(cast(dict[str, Any], self.final))))
             out += DONE
         return out
 
