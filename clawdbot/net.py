@@ -1,7 +1,8 @@
 """
 Names on the network, checked: hosts, authorities and origins as browsers
-and HTTP send them, loopback, Twisted strports descriptions, and the quiet
-connection pool every outbound client uses.
+and HTTP send them, loopback, Twisted strports descriptions, the quiet
+connection pool the identity providers' client uses, and writing to a TCP
+connection at once (L{send_now}).
 
 A leaf: it imports nothing from the package, so the config, the HTTP layer
 and the clients share one reading of each of these.
@@ -13,6 +14,7 @@ import re
 import urllib.parse
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
@@ -316,6 +318,51 @@ def quiet_pool(reactor: Any, size: int) -> HTTPConnectionPool:
     pool.retryAutomatically = False
     pool._factory = _QuietClientFactory
     return pool
+
+
+# --- writing now ------------------------------------------------------------------
+
+# The reactor's own TCP transports: what send_now may write to directly.
+_TCP = (tcp.Server, tcp.Client)
+
+
+def send_now(transport: Any, data: bytes) -> None:
+    """
+    Write C{data} to C{transport}, sending it at once when the transport is
+    a plain TCP connection with nothing waiting in its buffer.
+
+    A transport's C{write} only buffers: the reactor then watches the socket
+    for room, sends in its next turn and stops watching, two C{epoll_ctl}
+    calls and a turn of the loop for every write.  For a stream's chunks,
+    one per token and each alone in its turn, that is about a tenth of the
+    gateway's CPU per chunk (C{bench/run.py --chunk-only --profile}).  What
+    the socket does not take (a slow reader), and anything written while
+    bytes are still buffered, goes the reactor's way, in order, with its
+    backpressure; so does every error, which the reactor then reports.
+    A connection that is closing, aborted or switched to TLS
+    (C{startTLS}) is left to its transport.
+    """
+    if (
+        type(transport) not in _TCP
+        or transport.dataBuffer
+        or transport._tempDataBuffer
+        or not transport.connected
+        or transport.disconnecting
+        or transport._aborting
+        or transport._writeDisconnected
+        or transport.TLS
+    ):
+        transport.write(data)
+        return
+    try:
+        sent = transport.socket.send(data)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        transport.write(data)  # (the reactor meets the error and closes the connection)
+        return
+    if sent < len(data):
+        transport.write(data[sent:])
 
 
 class Discard(Protocol):

@@ -217,10 +217,12 @@ def _too_deep(value: Any) -> bool:
 
 
 _CHECKED = json.JSONDecoder(parse_constant=_no_constant)
-# Twenty digits in a row (in a number or in a string; a regular expression
-# costs eight times as much): maybe an integer beyond 64 bits.
+# orjson keeps integers exact from -2**63 to 2**64 - 1 only.  Twenty digits
+# in a row, or a minus and nineteen (in a number or in a string; a regular
+# expression costs eight times as much), may be beyond that.
 _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _TWENTY_DIGITS = b"0" * 20
+_MINUS_NINETEEN_DIGITS = b"-" + b"0" * 19
 
 
 def loads_checked(raw: str | bytes) -> Any:
@@ -234,7 +236,8 @@ def loads_checked(raw: str | bytes) -> Any:
     @raise ValueError: for anything else (the caller's curated error).
     """
     data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
-    if data.translate(_DIGITS_AS_ZERO).find(_TWENTY_DIGITS) < 0:
+    digits = data.translate(_DIGITS_AS_ZERO)
+    if digits.find(_TWENTY_DIGITS) < 0 and digits.find(_MINUS_NINETEEN_DIGITS) < 0:
         # orjson: the stream's hot path (a line per token), a fifth of the
         # standard parser's time.  It refuses what the standard one would
         # take with a hook (NaN, Infinity, numbers beyond a double) and more
@@ -244,7 +247,7 @@ def loads_checked(raw: str | bytes) -> Any:
         except orjson.JSONDecodeError:
             raise ValueError("not standard JSON") from None
     else:
-        # An integer beyond 64 bits would come back as a float: the standard parser keeps it exact.
+        # Such an integer would come back as a float: the standard parser keeps it exact.
         try:
             # (One decoder for every call: json.loads with a hook builds a new one each time.)
             value = _CHECKED.decode(raw.decode("utf-8") if isinstance(raw, bytes) else raw)

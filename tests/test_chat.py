@@ -206,6 +206,42 @@ class StreamingTests(Backed):
         self.assertEqual(len(events), lines + 1)
         self.assertEqual(events[-1], b"[DONE]")
 
+    async def test_chunks_written_at_once(self):
+        """
+        A paced stream's chunks go out as they are translated: the reactor
+        watches the client's socket for room only for the first write (the
+        headers), not once per chunk (issue 21, L{clawdbot.net.send_now}); the
+        backend's requests go out the same way.
+        """
+        self.start()
+        self.fake.behave(pace=0.01)
+        watched = []
+        add_writer = reactor.addWriter
+
+        def counting(writer):
+            watched.append((type(writer).__name__, writer.getHost().port, writer.getPeer().port, id(writer)))
+            return add_writer(writer)
+
+        self.patch(reactor, "addWriter", counting)
+        status, _, raw = await get_json(
+            self.gw.url + "/v1/chat/completions", method="POST", headers=self.auth, body={"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        )
+        self.assertEqual(status, 200)
+        lines = self.fake.requests_to("/api/chat")[-1].lines_sent
+        self.assertGreater(lines, 5)
+        self.assertEqual(len(sse_events(raw)), lines + 1)
+        gateway = int(self.gw.url.rsplit(":", 1)[1])
+        fake = int(self.fake.url.rsplit(":", 1)[1].rstrip("/"))
+        to_client = [w for w in watched if w[:2] == ("Server", gateway)]
+        to_backend = [w for w in watched if w[0] == "Client" and w[2] == fake]
+        by_fake = [w for w in watched if w[:2] == ("Server", fake)]
+        # The fake (twisted.web's way) waits a turn for each line: the count sees it.
+        self.assertGreaterEqual(len(by_fake), lines)
+        # The gateway: the headers, and the close of a Connection: close answer.
+        self.assertLessEqual(len(to_client), 3)
+        # Its backend connections: watched only while connecting, never for a request.
+        self.assertEqual(len(to_backend), len({w[3] for w in to_backend}))
+
     async def test_backpressure(self):
         """A client that stops reading makes the gateway stop reading Ollama: the reply waits at the backend, not in the gateway."""
         big = " ".join(["x" * 20000] * 1500)  # about 30 MB of reply

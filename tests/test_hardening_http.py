@@ -734,6 +734,25 @@ class StrictJSONTextTests(SynchronousTestCase):
         self.patch(strictjson, "MAX_CONTAINERS", containers + 3)  # the quick count is over the cap, the real one is not
         self.assertEqual(parse_json(text.encode()), json.loads(text))
 
+    @settings(max_examples=500, deadline=None)
+    @given(
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.integers(min_value=-(2**80), max_value=2**80) | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+            lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+            max_leaves=20,
+        ),
+        st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, -(10**19) + 1, 10**19, 10**25, -(10**25)]),
+    )
+    def test_other_parties_json_as_the_standard_parser(self, value, edge):
+        """
+        loads_checked (orjson first, issue 21) gives what the standard parser
+        gives for standard JSON: integers at and beyond orjson's 64-bit range
+        stay exact, never floats.
+        """
+        text = json.dumps({"v": value, "edge": edge, "list": [edge, -edge]}, ensure_ascii=False)
+        self.assertEqual(strictjson.loads_checked(text.encode("utf-8", "surrogatepass")), json.loads(text))
+        self.assertEqual(strictjson.loads_checked(text), json.loads(text))
+
     def test_container_cap(self):
         """More than MAX_CONTAINERS arrays and objects are refused; as many brackets inside strings are not."""
         many = b'{"m": [%s]}' % b",".join([b"[]"] * strictjson.MAX_CONTAINERS)

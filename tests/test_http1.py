@@ -15,6 +15,7 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gat
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -26,6 +27,7 @@ from zope.interface import implementer
 
 from clawdbot.backend import http1
 from clawdbot.backend.ollama import BytesProducer
+from clawdbot.net import send_now
 
 
 class Pool:
@@ -181,6 +183,26 @@ class FramingTests(SynchronousTestCase):
     def test_interim_response_skipped(self):
         _, _, _, response, reader = answered(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno")
         self.assertEqual((response.code, response.phrase, reader.body), (404, b"Not Found", b"no"))
+
+    def test_interim_flood_refused(self):
+        """Interim responses in a row are read in a loop, at most MAX_INTERIM of them: a flood fails the request cleanly."""
+        conn, transport, _ = connection()
+        _, responses, failures = ask(conn)
+        conn.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\n" * 5000 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(responses, [])
+        failures[0].trap(ResponseFailed)
+        self.assertTrue(transport.disconnected)
+
+    def test_head_byte_by_byte(self):
+        """A head trickled one byte per read is read whole (each read searches only what is new)."""
+        conn, _, _ = connection()
+        _, responses, _ = ask(conn)
+        raw = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"p" * 3000 + b"\r\nContent-Length: 2\r\n\r\nok"
+        for i in range(len(raw)):
+            conn.dataReceived(raw[i : i + 1])
+            if responses:
+                break
+        self.assertEqual((responses[0].code, responses[0].headers[b"x-pad"]), (200, [b"p" * 3000]))
 
     def test_not_kept(self):
         """A connection is reused only when both ends agree where the body ended."""
@@ -381,6 +403,37 @@ class PoolTests(TestCase):
         self.assertEqual(await self.fetch(), (200, b"ok"))
         self.assertEqual(len(self.factory.connections), 2)
 
+    def test_idle_and_aborted_connections_never_handed_out(self):
+        """A kept connection whose idle time ran out, or that was dropped, leaves the pool at once: the next request opens a new one."""
+        clock = Clock()
+        pool = http1.Connections(clock, 4, timeout=5)
+        opened = []
+
+        class Endpoint:
+            def connect(self, factory):
+                conn = factory.buildProtocol(None)
+                conn.makeConnection(StringTransport())
+                opened.append(conn)
+                return succeed(conn)
+
+        def done_one():
+            d = pool.get("k", Endpoint())
+            conn = self.successResultOf(d)
+            _, responses, _ = ask(conn)
+            conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            responses[0].deliverBody(Reader())
+            return conn
+
+        first = done_one()
+        self.assertIs(done_one(), first)  # kept and reused
+        clock.advance(5)
+        self.assertTrue(first.transport.disconnecting)
+        second = done_one()  # same turn as the idle timeout: not the closing one
+        self.assertIsNot(second, first)
+        second.abort()
+        self.assertIsNot(done_one(), second)
+        self.assertEqual(len(opened), 3)
+
     async def test_at_most_size_kept(self):
         """Three requests at once open three connections; two are kept afterwards."""
         self.factory.answers += [b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n."] * 3
@@ -388,3 +441,45 @@ class PoolTests(TestCase):
         self.assertEqual(results, [(200, b".")] * 3)
         self.assertEqual(len(self.factory.connections), 3)
         self.assertEqual(sum(len(v) for v in self.pool._idle.values()), 2)
+
+
+class Collect(Protocol):
+    def connectionMade(self):
+        self.factory.made.callback(self)
+        self.data = []
+
+    def dataReceived(self, data):
+        self.data.append(data)
+        if sum(map(len, self.data)) >= self.factory.expected:
+            self.factory.done.callback(b"".join(self.data))
+
+
+class SendNowTests(TestCase):
+    """L{send_now}: at once when the socket takes it, else the reactor's way, in order."""
+
+    async def test_order_kept_when_the_socket_is_full(self):
+        factory = Factory.forProtocol(Collect)
+        factory.made, factory.done = Deferred(), Deferred()
+        big, small = bytes(range(256)) * 32768, b"the end"  # 8 MB: more than the socket buffers hold
+        factory.expected = len(big) + len(small) + 2
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(Factory.forProtocol(Protocol))
+        self.addCleanup(client.transport.loseConnection)
+        server = await factory.made
+        server.transport.pauseProducing()  # the reader stops reading
+        transport = client.transport
+        send_now(transport, b"<<")
+        self.assertEqual(transport._tempDataLen, 0)  # sent at once: nothing buffered
+        send_now(transport, big)
+        self.assertGreater(transport._tempDataLen, 0)  # what the socket did not take waits in order
+        send_now(transport, small)  # behind it, not before it
+        self.assertTrue(transport._tempDataBuffer[-1] == small)
+        server.transport.resumeProducing()
+        received = await factory.done
+        self.assertEqual(received, b"<<" + big + small)
+
+    def test_other_transports_buffer_as_usual(self):
+        transport = StringTransport()
+        send_now(transport, b"x")
+        self.assertEqual(transport.value(), b"x")

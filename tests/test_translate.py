@@ -268,6 +268,13 @@ class StreamTests(SynchronousTestCase):
         self.assertTrue(all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks))
         self.assertEqual("".join(translator.content), "Hello")
 
+    def test_counts_beyond_64_bits(self):
+        """A backend's count beyond 64 bits (which orjson cannot write) still streams, written as the standard encoder would."""
+        raw = ollama_lines(["a"]).replace(b'"eval_count": 1', b'"eval_count": 123456789012345678901234')
+        translator, events = run_stream(raw, [], include_usage=True)
+        self.assertEqual(events[-2]["usage"]["completion_tokens"], 123456789012345678901234)
+        self.assertEqual(events[-1], b"[DONE]")
+
     def test_streamed_tool_calls(self):
         """Streamed tool calls carry an index, an id and JSON-string arguments; finish_reason is tool_calls."""
         lines = [

@@ -29,10 +29,14 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
+from clawdbot.net import send_now
+
 # The status line and headers of one response, at most (Ollama's are a few hundred bytes).
 MAX_HEAD = 64 * 1024
 # A chunk-size line (with extensions) or a trailer line, at most.
 MAX_LINE = 4096
+# Interim (1xx) responses before a response, at most.
+MAX_INTERIM = 8
 # Body bytes read before the reader is attached, beyond which reading pauses.
 MAX_UNREAD = 1024 * 1024
 
@@ -186,6 +190,7 @@ class Connection(Protocol):
         self._method = method
         self._received = False
         self._head = b""
+        self._interim = 0
         self._reader = None
         self._unread = []
         self._unread_size = 0
@@ -198,7 +203,7 @@ class Connection(Protocol):
             out += (b"content-length: ", b"%d" % len(body), b"\r\n\r\n", body)
         else:
             out.append(b"\r\n")
-        self.transport.write(b"".join(out))
+        send_now(self.transport, b"".join(out))
         return self._waiting
 
     def _cancel(self, waiting):
@@ -209,8 +214,15 @@ class Connection(Protocol):
     def abort(self):
         """Drop the connection now (the backend sees it close); it is never reused."""
         self._aborted = True
+        self.pool.forget(self)
         if self.state != _CLOSED and self.transport is not None:
             self.transport.abortConnection()
+
+    @property
+    def reusable(self):
+        """Idle, and neither closing nor closed."""
+        transport = self.transport
+        return self.state == _IDLE and not self._aborted and transport is not None and transport.connected and not transport.disconnecting
 
     # --- the response --------------------------------------------------------
 
@@ -225,29 +237,35 @@ class Connection(Protocol):
             self.abort()
 
     def _read_head(self, data):
+        # (The search starts where the last read's could not have ended: a head trickled byte by byte costs linear time.)
         head = self._head + data
-        end = head.find(b"\r\n\r\n")
-        if end < 0:
-            if len(head) > MAX_HEAD:
-                self._malformed("the response head is too long")
-            else:
-                self._head = head
-            return
-        if end > MAX_HEAD:
-            return self._malformed("the response head is too long")
-        self._head = b""
-        if self._waiting is None:
-            return  # cancelled: the connection is going
-        try:
-            version, code, phrase, headers = parse_head(head[:end])
-            if 100 <= code < 200:
-                # An interim response (100 Continue): the real one follows.
-                if code == 101:
-                    raise MalformedResponse("unexpected protocol switch")
-                return self._read_head(head[end + 4 :])
-            self._framing, length = _framing(code, self._method, headers)
-        except MalformedResponse as e:
-            return self._malformed(str(e))
+        end = head.find(b"\r\n\r\n", max(0, len(self._head) - 3))
+        while True:
+            if end < 0:
+                if len(head) > MAX_HEAD:
+                    self._malformed("the response head is too long")
+                else:
+                    self._head = head
+                return
+            if end > MAX_HEAD:
+                return self._malformed("the response head is too long")
+            self._head = b""
+            if self._waiting is None:
+                return  # cancelled: the connection is going
+            try:
+                version, code, phrase, headers = parse_head(head[:end])
+                if 100 <= code < 200:
+                    # An interim response (100 Continue): the real one follows.
+                    self._interim += 1
+                    if code == 101 or self._interim > MAX_INTERIM:
+                        raise MalformedResponse("unexpected interim responses")
+                    head = head[end + 4 :]
+                    end = head.find(b"\r\n\r\n")
+                    continue
+                self._framing, length = _framing(code, self._method, headers)
+            except MalformedResponse as e:
+                return self._malformed(str(e))
+            break
         connection = b",".join(headers.get(b"connection", ())).lower()
         # Kept for the next request only when both ends agree on where this body ends.
         self._keep = (
@@ -418,7 +436,14 @@ class Connection(Protocol):
 
     def idle(self, timeout, clock):
         self._cancel_idle()
-        self._idle_timer = clock.callLater(timeout, self.transport.loseConnection)
+        self._idle_timer = clock.callLater(timeout, self._idle_too_long)
+
+    def _idle_too_long(self):
+        # Out of the pool first: nothing may take a connection that is closing.
+        self._idle_timer = None
+        self.pool.forget(self)
+        self.state = _CLOSED
+        self.transport.loseConnection()
 
     def _cancel_idle(self):
         if self._idle_timer is not None:
@@ -456,7 +481,7 @@ class Connections:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
-            if connection.state == _IDLE:
+            if connection.reusable:
                 return succeed(connection)
         return endpoint.connect(_ConnectionFactory(self, key))
 

@@ -947,16 +947,28 @@ class StreamTranslator:
         @raise UpstreamStreamError: when the line is an error or not JSON.
         """
         delta, finish = self.step(raw)
-        out = self._chunk(b'[{"index":0,"delta":' + orjson.dumps(delta) + _finish_tail(finish))
+        out = self._chunk(b'[{"index":0,"delta":' + _json(delta) + _finish_tail(finish))
         if self.done:
             if self.include_usage:
-                out += self._chunk(b"[]", orjson.dumps(usage(cast(dict[str, Any], self.final))))
+                out += self._chunk(b"[]", _json(usage(cast(dict[str, Any], self.final))))
             if not self.hold_done:
                 out += DONE
         return out
 
 
 DONE = b"data: [DONE]\n\n"
+
+
+def _json(value: Any) -> bytes:
+    """
+    C{value} as compact UTF-8 JSON, by orjson (a stream's hot path); what
+    orjson refuses (an integer beyond 64 bits, which a backend's reply may
+    carry through L{loads_checked}) by the standard encoder, as before.
+    """
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # (orjson.JSONEncodeError is one)
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def _finish_tail(finish: str | None) -> bytes:
@@ -1149,10 +1161,10 @@ class CompletionStreamTranslator:
             self.done = True
             self.final = data
             finish = finish_reason(data.get("done_reason"), False)
-        out = self._chunk(b'[{"text":' + orjson.dumps(text) + b',"index":0' + _finish_tail(finish))
+        out = self._chunk(b'[{"text":' + _json(text) + b',"index":0' + _finish_tail(finish))
         if self.done:
             if self.include_usage:
-                out += self._chunk(b"[]", orjson.dumps(usage(cast(dict[str, Any], self.final))))
+                out += self._chunk(b"[]", _json(usage(cast(dict[str, Any], self.final))))
             out += DONE
         return out
 

@@ -19,7 +19,7 @@ from clawdbot.backend.messages import error_body as anthropic_error_body
 from clawdbot.errors import APIError, error_body, internal_error, invalid, ollama_error_body
 from clawdbot.http import cors
 from clawdbot.http.resource import JSON_TYPE, error_event, last_resort, write_error, write_json
-from clawdbot.net import KNOWN_METHODS, METHOD_ORDER, client_address, loopback_authority, loopback_origin, valid_host
+from clawdbot.net import KNOWN_METHODS, METHOD_ORDER, client_address, loopback_authority, loopback_origin, send_now, valid_host
 
 log = Logger(namespace="clawdbot.web")
 
@@ -525,6 +525,13 @@ class GatewayChannel(http.HTTPChannel):
     _answering = False
     # An early answer went out; the connection is closing.
     _answered_early = False
+
+    def write(self, data):
+        # A response's body: sent at once when nothing is waiting (see send_now).
+        send_now(self.transport, data)
+
+    def writeSequence(self, iovec):
+        send_now(self.transport, b"".join(iovec))
 
     def connectionMade(self):
         super().connectionMade()
