@@ -145,6 +145,19 @@ class FramingTests(SynchronousTestCase):
         self.assertTrue(reader.reason.check(ResponseDone))
         self.assertEqual(pool.kept, [conn])
 
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.binary(min_size=1, max_size=40), max_size=6))
+    def test_one_chunk_per_read(self, pieces):
+        """Chunks that each come alone in a read (a model's tokens), CRLFs in their data included, arrive exactly."""
+        conn, _, pool, response, reader = answered(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in pieces:
+            conn.dataReceived(b"%x\r\n%s\r\n" % (len(piece), piece))
+        self.assertIsNone(reader.reason)
+        conn.dataReceived(b"0\r\n\r\n")
+        self.assertEqual(reader.body, b"".join(pieces))
+        self.assertTrue(reader.reason.check(ResponseDone))
+        self.assertEqual(pool.kept, [conn])
+
     @settings(max_examples=100, deadline=None)
     @given(st.binary(max_size=300), st.lists(st.integers(min_value=0, max_value=400), max_size=8))
     def test_content_length_split_anywhere(self, body, cuts):

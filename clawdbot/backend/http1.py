@@ -328,6 +328,13 @@ class Connection(Protocol):
         if self._line:
             # A line split across reads (maybe between its CR and LF): read it whole.
             data, self._line = self._line + data, b""
+        elif self._chunk == _SIZE:
+            # One whole chunk, alone in its read: how a model's tokens arrive.
+            end = data.find(b"\r\n", 0, 17)
+            if end > 0 and not data[:end].strip(_HEX):
+                stop = end + 2 + int(data[:end], 16)
+                if stop > end + 2 and len(data) == stop + 2 and data.endswith(b"\r\n"):
+                    return self._give(data[end + 2 : stop])
         position = 0
         size = len(data)
         while position < size and self.state == _BODY:
