@@ -163,6 +163,7 @@ class Connection(Protocol):
         self._waiting = None  # the Deferred for the response
         self._received = False  # a byte of the response has come
         self._head = b""
+        self._interim = 0  # interim (1xx) responses before this one
         self._keep = False
         self._framing = None
         self._left = 0  # body bytes (or chunk bytes) still to come

@@ -31,6 +31,8 @@ from clawdbot.strictjson import loads_checked
 log = Logger(namespace="clawdbot.ollama")
 
 MAX_REPLY = 64 * 1024 * 1024
+# Idle backend connections kept per backend, at least (see L{Ollama.agent}).
+POOL_MIN = 256
 
 
 class IStreamConsumer(Interface):
@@ -475,7 +477,7 @@ class Ollama:
         self.reactor = reactor
         self.current_config = current_config
         self.agent_factory = agent_factory or _endpoint_agent
-        self.pool = http1.Connections(reactor, 256)
+        self.pool = http1.Connections(reactor, POOL_MIN)
         self.slots = Slots(reactor)
         # model -> its own Slots, for the models backend.model_limits caps.
         self.model_slots = {}
@@ -483,6 +485,10 @@ class Ollama:
         self._upstreams = {}
 
     def agent(self, config):
+        # Idle connections kept per backend: as many as calls may run at once
+        # (the health checks' own besides), so that under full load every call
+        # finds one and none waits a turn of the loop for a new connection.
+        self.pool.size = max(POOL_MIN, config.max_connections + 2)
         timeout = config.backend.connect_timeout
         agent = self._agents.get(timeout)
         if agent is None:
