@@ -216,7 +216,9 @@ def _too_deep(value: Any) -> bool:
     return False
 
 
-_CHECKED = json.JSONDecoder(parse_constant=_no_constant)
+# The exact parser for what orjson would change: it refuses what orjson
+# refuses (non-finite numbers, NaN and Infinity; lone surrogates, below).
+_CHECKED = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
 # orjson keeps integers exact from -2**63 to 2**64 - 1 only.  Twenty digits
 # in a row, or a minus and nineteen (in a number or in a string; a regular
 # expression costs eight times as much), may be beyond that.
@@ -250,7 +252,11 @@ def loads_checked(raw: str | bytes) -> Any:
         # Such an integer would come back as a float: the standard parser keeps it exact.
         try:
             # (One decoder for every call: json.loads with a hook builds a new one each time.)
-            value = _CHECKED.decode(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+            # (Encoding a text checks it has no lone surrogate character; the escapes are read below.)
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else raw.encode("utf-8") and raw
+            if has_lone_surrogate(text):
+                raise ValueError("not standard JSON")
+            value = _CHECKED.decode(text)
         except RecursionError:
             raise ValueError("nested too deeply") from None
     # Each level opens a bracket: a text with few cannot be too deep.

@@ -753,6 +753,17 @@ class StrictJSONTextTests(SynchronousTestCase):
         self.assertEqual(strictjson.loads_checked(text.encode("utf-8", "surrogatepass")), json.loads(text))
         self.assertEqual(strictjson.loads_checked(text), json.loads(text))
 
+    def test_exact_parser_refuses_what_orjson_refuses(self):
+        """With twenty digits in a row (the exact parser's case) a reply is refused for what orjson refuses: non-finite numbers, lone surrogates."""
+        digits = '"12345678901234567890"'
+        for bad in ('{"a": 1e400, "d": %s}', '{"a": -1e400, "d": %s}', '{"a": "\\ud800", "d": %s}', '{"a": NaN, "d": %s}', '{"a": "\ud800", "d": %s}'):
+            text = bad % digits
+            for raw in (text, text.encode("utf-8", "surrogatepass")):
+                with self.assertRaises(ValueError, msg=repr(raw)):
+                    strictjson.loads_checked(raw)
+            with self.assertRaises(ValueError, msg=repr(text)):
+                strictjson.loads_checked(text.replace(digits, "1"))
+
     def test_container_cap(self):
         """More than MAX_CONTAINERS arrays and objects are refused; as many brackets inside strings are not."""
         many = b'{"m": [%s]}' % b",".join([b"[]"] * strictjson.MAX_CONTAINERS)

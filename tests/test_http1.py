@@ -252,6 +252,21 @@ class FramingTests(SynchronousTestCase):
             self.assertTrue(failures[0].value.reasons[0].check(http1.MalformedResponse), raw)
             self.assertTrue(transport.disconnected, raw)
 
+    def test_trailers_bounded(self):
+        conn, transport, pool, _, reader = answered(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"x-t: 1\r\n" * (http1.MAX_TRAILERS + 1))
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(pool.kept, [])
+
+    def test_an_old_response_cannot_take_the_next_body(self):
+        """Once a connection carries the next response, the previous one's deliverBody is refused."""
+        conn, _, pool, first, reader = answered(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+        _, responses, _ = ask(conn)
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")
+        self.assertRaises(RuntimeError, first.deliverBody, Reader())
+        second = Reader()
+        responses[0].deliverBody(second)
+        self.assertEqual((reader.body, second.body), (b"a", b"b"))
+
     def test_malformed_chunk(self):
         for body in (b"zz\r\n", b"-1\r\n", b"0x2\r\nok\r\n", b"1_0\r\n", b"2\r\nokay\r\n", b"1" * (http1.MAX_LINE + 10)):
             conn, transport, pool, _, reader = answered(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -446,6 +461,13 @@ class PoolTests(TestCase):
         second.abort()
         self.assertIsNot(done_one(), second)
         self.assertEqual(len(opened), 3)
+
+    async def test_nothing_kept_once_closed(self):
+        """After closeCachedConnections (the gateway stopping), a call that ends closes its connection instead of keeping it."""
+        self.factory.answers += [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+        await self.pool.closeCachedConnections()
+        self.assertEqual(await self.fetch(), (200, b"ok"))
+        self.assertEqual(self.pool._idle.get(("http", b"127.0.0.1", self.port.getHost().port), []), [])
 
     async def test_at_most_size_kept(self):
         """Three requests at once open three connections; two are kept afterwards."""

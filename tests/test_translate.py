@@ -22,6 +22,8 @@ from clawdbot.backend.translate import (
     embeddings_request,
     embeddings_response,
     models_response,
+    usage,
+    with_counts_of,
 )
 from tests.helpers import BASE_CONFIG, merge_yaml
 
@@ -268,12 +270,18 @@ class StreamTests(SynchronousTestCase):
         self.assertTrue(all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks))
         self.assertEqual("".join(translator.content), "Hello")
 
-    def test_counts_beyond_64_bits(self):
-        """A backend's count beyond 64 bits (which orjson cannot write) still streams, written as the standard encoder would."""
+    def test_absurd_counts_do_not_cut_the_stream(self):
+        """A backend's count beyond 64 bits (which orjson cannot write) ends the stream normally, counted as 0."""
         raw = ollama_lines(["a"]).replace(b'"eval_count": 1', b'"eval_count": 123456789012345678901234')
         translator, events = run_stream(raw, [], include_usage=True)
-        self.assertEqual(events[-2]["usage"]["completion_tokens"], 123456789012345678901234)
+        self.assertEqual(events[-2]["usage"]["completion_tokens"], 0)
         self.assertEqual(events[-1], b"[DONE]")
+
+    def test_counts_only_sane_integers(self):
+        """A backend's count that is not an integer from 0 to 2**53 (a string, a bool, negative, absurd) counts as 0 everywhere."""
+        for bad in ("5", -1, True, 2.5, 2**63, None, [3]):
+            self.assertEqual(usage({"prompt_eval_count": bad, "eval_count": 4}), {"prompt_tokens": 0, "completion_tokens": 4, "total_tokens": 4}, bad)
+            self.assertEqual(with_counts_of({"eval_count": bad}, {"eval_count": 2})["eval_count"], 2, bad)
 
     def test_streamed_tool_calls(self):
         """Streamed tool calls carry an index, an id and JSON-string arguments; finish_reason is tool_calls."""

@@ -35,6 +35,8 @@ from clawdbot.net import send_now
 MAX_HEAD = 64 * 1024
 # A chunk-size line (with extensions) or a trailer line, at most.
 MAX_LINE = 4096
+# Trailer lines after a chunked body, at most.
+MAX_TRAILERS = 64
 # Interim (1xx) responses before a response, at most.
 MAX_INTERIM = 8
 # Body bytes read before the reader is attached, beyond which reading pauses.
@@ -74,7 +76,7 @@ class Response:
         L{ResponseDone}, L{PotentialDataLoss} (a body that ends with its
         connection), or another failure (the body was cut short).
         """
-        self._connection.deliver(protocol)
+        self._connection.deliver(protocol, self)
 
 
 class BodyProducer:
@@ -164,6 +166,8 @@ class Connection(Protocol):
         self._received = False  # a byte of the response has come
         self._head = b""
         self._interim = 0  # interim (1xx) responses before this one
+        self._trailers = 0
+        self._response = None  # the response whose body this connection reads
         self._keep = False
         self._framing = None
         self._left = 0  # body bytes (or chunk bytes) still to come
@@ -193,6 +197,7 @@ class Connection(Protocol):
         self._head = b""
         self._interim = 0
         self._reader = None
+        self._response = None
         self._unread = []
         self._unread_size = 0
         self._ended = None
@@ -275,12 +280,14 @@ class Connection(Protocol):
             and (self._framing == _LENGTH and b"transfer-encoding" not in headers or self._framing == _CHUNKED and b"content-length" not in headers)
         )
         self._left = length or 0
+        self._trailers = 0
         self._chunk = _SIZE
         self._line = b""
         self._producer = BodyProducer(self)
         self.state = _BODY
         waiting, self._waiting = self._waiting, None
-        waiting.callback(Response(self, version, code, phrase, headers))
+        self._response = Response(self, version, code, phrase, headers)
+        waiting.callback(self._response)
         rest = head[end + 4 :]
         if self.state == _BODY and self._framing == _LENGTH and self._left == 0:
             self._body_end(rest)
@@ -377,6 +384,10 @@ class Connection(Protocol):
                     self._chunk = _TRAILER
             elif not line:  # the blank line after the trailers: the body's end
                 return self._body_end(data[position:])
+            else:
+                self._trailers += 1
+                if self._trailers > MAX_TRAILERS:
+                    return self._malformed("too many trailer lines")
 
     def _body_end(self, rest):
         """The body is complete; C{rest} is what came after it."""
@@ -403,9 +414,10 @@ class Connection(Protocol):
         if reader is not None:
             reader.connectionLost(reason)
 
-    def deliver(self, protocol):
-        """The body's reader is C{protocol} (see L{Response.deliverBody})."""
-        if self._reader is not None or self._producer is None:
+    def deliver(self, protocol, response):
+        """The body of C{response} goes to C{protocol} (see L{Response.deliverBody})."""
+        if response is not self._response or self._reader is not None or self._producer is None:
+            # (A response's connection may carry the next one's by now.)
             raise RuntimeError("a body is delivered once")
         self._reader = protocol
         protocol.makeConnection(self._producer)
@@ -483,6 +495,8 @@ class Connections:
         self.size = size
         self.timeout = timeout
         self._idle = {}  # key -> [Connection]
+        # Closed for good (the gateway is stopping): no connection is kept after.
+        self.closing = False
 
     def get(self, key, endpoint):
         """A L{Deferred} L{Connection} to C{key}: an idle one, or a new one from C{endpoint}."""
@@ -496,7 +510,7 @@ class Connections:
     def put(self, connection):
         """A connection free for the next request, kept if there is room."""
         idle = self._idle.setdefault(connection.key, [])
-        if len(idle) >= self.size:
+        if len(idle) >= self.size or self.closing:
             connection.transport.loseConnection()
             return
         idle.append(connection)
@@ -509,7 +523,8 @@ class Connections:
             idle.remove(connection)
 
     def closeCachedConnections(self):
-        """Close the idle connections; the L{Deferred} fires once they are closed."""
+        """Close the idle connections, and keep none from now on; the L{Deferred} fires once they are closed."""
+        self.closing = True
         closing = []
         for idle in self._idle.values():
             for connection in idle:

@@ -546,7 +546,7 @@ def offered_calls_only(reply: dict[str, Any], functions: list[dict[str, Any]]) -
 
 def with_counts_of(reply: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
     """C{reply} with an C{earlier} call's token counts added to its own (both calls are charged)."""
-    return dict(reply, **{key: (reply.get(key) or 0) + (earlier.get(key) or 0) for key in ("prompt_eval_count", "eval_count")})
+    return dict(reply, **{key: count(reply, key) + count(earlier, key) for key in ("prompt_eval_count", "eval_count")})
 
 
 def chat_request(body: dict[str, Any], config: "Config", principal: Any = None, session_id: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -686,9 +686,26 @@ def finish_reason(done_reason: object, has_tool_calls: bool) -> str:
     return "stop"
 
 
+# A token count beyond this is no count a model server makes (2**53: exact as a double, summable in a BIGINT).
+MAX_COUNT = 2**53
+
+
+def count(reply: dict[str, Any], key: str) -> int:
+    """
+    A token count of Ollama's (C{prompt_eval_count}, C{eval_count}): an
+    integer from 0 to L{MAX_COUNT}; anything else a backend sends (a string,
+    a negative or fractional number, an absurd size) counts as 0, so that it
+    reaches no answer, budget, metric or usage table.
+    """
+    value = reply.get(key)
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        return 0
+    return value
+
+
 def usage(reply: dict[str, Any]) -> dict[str, int]:
-    prompt = reply.get("prompt_eval_count") or 0
-    completion = reply.get("eval_count") or 0
+    prompt = count(reply, "prompt_eval_count")
+    completion = count(reply, "eval_count")
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -968,7 +985,7 @@ def _json(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
     except TypeError:  # (orjson.JSONEncodeError is one)
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
 
 
 def _finish_tail(finish: str | None) -> bytes:
@@ -1263,5 +1280,5 @@ def embeddings_response(reply: dict[str, Any], model: str, encoding_format: str)
         if encoding_format == "base64":
             vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
         data.append({"object": "embedding", "index": i, "embedding": vector})
-    tokens = reply.get("prompt_eval_count") or 0
+    tokens = count(reply, "prompt_eval_count")
     return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

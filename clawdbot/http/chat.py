@@ -688,7 +688,7 @@ class Embeddings(ModelRoute):
         request.audit["model"] = body["model"]
         meter = await metered(self.accounting, request, body, reply=False)
         reply = await self.ollama.call_json(config, b"POST", "/api/embed", body, sent=meter.mark_sent, share=self.share(request))
-        tokens = reply.get("prompt_eval_count") or 0
+        tokens = translate.count(reply, "prompt_eval_count")
         request.audit["usage"] = {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
         request.audit["tokens"] = tokens
         return translate.embeddings_response(reply, opts["model"], opts["encoding_format"])
