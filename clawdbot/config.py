@@ -358,6 +358,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    # OpenTelemetry traces (clawdbot.ops.tracing), sent by OTLP over HTTP
+    # (protobuf) to endpoint, the collector's full traces URL.
+    enabled: bool = _opt(False)
+    endpoint: str = _opt("http://collector:4318/v1/traces")
+    # The share of new traces recorded; a client's traceparent decides for its own.
+    sample_rate: float = _opt(1.0, minimum=0.0, maximum=1.0)
+    service_name: str = _opt("clawdbot")
+    # Sent to the collector with every export (its credentials): secrets.
+    headers: typing.Mapping[str, str] = _opt({}, secret=True)
+    # Message content in spans (redacted as the access log redacts).
+    capture_content: bool = _opt(False)
+    # Ended spans waiting for export at most; more are dropped (and counted).
+    queue: int = _opt(2048, minimum=1, maximum=1_000_000)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _opt("info", choices=("debug", "info", "warn", "error"))
     path: str = _opt("-")
@@ -380,6 +397,7 @@ class Config:
     quotas: QuotasConfig = _section(QuotasConfig)
     responses: ResponsesConfig = _section(ResponsesConfig)
     metrics: MetricsConfig = _section(MetricsConfig)
+    tracing: TracingConfig = _section(TracingConfig)
     log: LogConfig = _section(LogConfig)
     timeout: float = _opt(120.0, kind="duration", minimum=0.001, maximum=86400)
     max_connections: int = _opt(10, minimum=1, maximum=100000)
@@ -644,6 +662,7 @@ def _validate(config, empties):
         _validate_oauth2(config, production, warnings)
 
     _validate_scopes(config)
+    _validate_tracing(config.tracing)
 
     urls = [("backend.url", config.backend.url)] + [(f"backend.urls[{i}]", u) for i, u in enumerate(config.backend.urls)]
     for path, url in urls:
@@ -707,6 +726,21 @@ def _validate_scopes(config):
     for path, scope in listed:
         if not is_scope_token(scope):
             raise ConfigError(path, f"{scope!r} is not one scope (RFC 6749 scope characters only, no spaces)")
+
+
+# An HTTP header's name (RFC 9110 token).
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _validate_tracing(tracing):
+    _http_url("tracing.endpoint", tracing.endpoint)
+    if not tracing.service_name.strip():
+        raise ConfigError("tracing.service_name", "is empty")
+    for name, value in tracing.headers.items():
+        if not _HEADER_NAME.match(name):
+            raise ConfigError(f"tracing.headers.{name}", "is not an HTTP header name")
+        if any(c in value for c in "\r\n\x00"):
+            raise ConfigError(f"tracing.headers.{name}", "contains a line break")
 
 
 def _http_url(path, value):
@@ -783,7 +817,12 @@ def _secrets(node, path=""):
         if dataclasses.is_dataclass(value):
             yield from _secrets(value, _join(path, f.name))
         elif f.metadata.get("secret"):
-            yield _join(path, f.name), value
+            if isinstance(value, collections.abc.Mapping):
+                # (A mapping of secrets, tracing.headers: each value is one.)
+                for key, item in value.items():
+                    yield _join(_join(path, f.name), key), item
+            else:
+                yield _join(path, f.name), value
 
 
 def _is_secret_path(path):
@@ -1022,6 +1061,8 @@ def effective(config):
         if dataclasses.is_dataclass(value):
             return walk(value)
         if isinstance(value, collections.abc.Mapping):
+            if meta.get("secret"):
+                return {str(k): MASK for k in value}
             return {str(k): render(k, v, {}) for k, v in value.items()}
         if isinstance(value, (tuple, list)):
             return [render(name, v, {}) for v in value]

@@ -78,12 +78,25 @@ class APIError(Exception):
             self.headers.setdefault("x-should-retry", "false")
         super().__init__(f"{code}: {details or self.message}")
 
+    # The trace of the request it answers (tracing.enabled), in the body: see L{traced}.
+    trace_id: str | None = None
+
+    def traced(self, trace_id: str | None) -> "APIError":
+        """This error answering a request of trace C{trace_id}: a copy that says so (an error may be shared)."""
+        if trace_id is None:
+            return self
+        copy = APIError(self.code, self.details, self.message, self.headers, self.status, self.param)
+        copy.trace_id = trace_id
+        return copy
+
     def as_dict(self) -> dict[str, dict[str, Any]]:
         # OpenAI SDKs show only `message`, so it carries the reason too.
         message = f"{self.message}: {self.details}" if self.details else self.message
         error: dict[str, Any] = {"message": message, "type": self.type, "code": self.code, "param": self.param}
         if self.details is not None:
             error["details"] = self.details
+        if self.trace_id is not None:
+            error["trace_id"] = self.trace_id
         return {"error": error}
 
 

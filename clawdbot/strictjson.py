@@ -252,8 +252,11 @@ def loads_checked(raw: str | bytes) -> Any:
         # Such an integer would come back as a float: the standard parser keeps it exact.
         try:
             # (One decoder for every call: json.loads with a hook builds a new one each time.)
-            # (Encoding a text checks it has no lone surrogate character; the escapes are read below.)
-            text = raw.decode("utf-8") if isinstance(raw, bytes) else raw.encode("utf-8") and raw
+            if isinstance(raw, bytes):
+                text = raw.decode("utf-8")
+            else:
+                raw.encode("utf-8")  # (refuses a lone surrogate character; the escapes are read below)
+                text = raw
             if has_lone_surrogate(text):
                 raise ValueError("not standard JSON")
             value = _CHECKED.decode(text)

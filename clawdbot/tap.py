@@ -13,6 +13,7 @@ from twisted.application import service
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -34,6 +35,7 @@ from clawdbot.ops.observe import AccessLog, Metrics
 from clawdbot.ops.ratelimit import build_limiter
 from clawdbot.ops.runtime import Runtime
 from clawdbot.ops.signals import SignalHandlers
+from clawdbot.ops.tracing import Tracing
 from clawdbot.ops.quotas import Batches, Quotas
 from clawdbot.storage.history import History
 from clawdbot.storage.keys import KeyStore
@@ -144,10 +146,13 @@ def compose(config, reactor, environ=None, mode=None, agent_factory=None):
     @return: the L{Parts} the routes are built on.
     """
     fetcher = HTTPFetcher(reactor)
-    # (The lambda reads the runtime, made just below, when it is called.)
-    ollama = Ollama(reactor, lambda: runtime.config, agent_factory)
+    # (The lambdas read the runtime and the metrics, made just below, when called.)
+    tracing = Tracing(reactor, lambda: metrics)
+    tracing.configure(config)
+    ollama = Ollama(reactor, lambda: runtime.config, agent_factory, tracing)
     metrics = Metrics(ollama.slots, ollama.model_slots)
     runtime = Runtime(config, reactor, metrics, environ=environ, mode=mode)
+    runtime.on_reload(lambda old, new: tracing.configure(new))
     limiter = build_limiter(config, reactor, on_error=metrics.ratelimit_backend_errors.inc)
     store = open_store(config, reactor)
     # Keys, usage and quotas live in the history database, on its threads.
@@ -170,7 +175,7 @@ def compose(config, reactor, environ=None, mode=None, agent_factory=None):
     runtime.on_reload(lambda old, new: set_level(new.log.level))
     return Parts(
         runtime=runtime,
-        accounting=Accounting(limiter, AccessLog(config.access_log.path), metrics, usage, quotas, audit),
+        accounting=Accounting(limiter, AccessLog(config.access_log.path), metrics, usage, quotas, audit, tracing),
         audit=audit,
         authentication=authentication,
         ollama=ollama,
@@ -186,6 +191,7 @@ def compose(config, reactor, environ=None, mode=None, agent_factory=None):
         metrics=metrics,
         readiness=Readiness(runtime, ollama, metrics),
         reactor=reactor,
+        tracing=tracing,
     )
 
 
@@ -203,7 +209,8 @@ def stop(parts):
         parts.parsers.stop()
         parts.history.store.close()
         parts.accounting.limiter.close()
-        return gatherResults([parts.ollama.close(), parts.fetcher.close()])
+        # (The spans still queued are sent, for a few seconds at most, off the reactor.)
+        return gatherResults([parts.ollama.close(), parts.fetcher.close(), deferToThread(parts.tracing.stop)])
 
     return parts.batches.run().addCallback(close)
 

@@ -7,7 +7,9 @@ buffered whole while it streams.
 
 import collections
 import json
+import urllib.parse
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -65,6 +67,10 @@ class IStreamConsumer(Interface):
         """The exchange is over, however it ended (after L{end} or an exception)."""
 
 
+# The GenAI operation of a call to Ollama, by path (its span's name and gen_ai.operation.name).
+OPERATIONS = {"/api/chat": "chat", "/api/generate": "text_completion", "/api/embed": "embeddings", "/api/embeddings": "embeddings"}
+
+
 def unavailable(details="the model backend is not reachable"):
     return APIError("UPSTREAM_UNAVAILABLE", details=details)
 
@@ -96,6 +102,8 @@ class Share:
     weight: float = 1.0
     cls: str = "default"
     waited: Callable[[float, int, bool], None] | None = None
+    # The caller's server span (tracing): the parent of the call's own span.
+    span: Any = None
 
 
 # Calls without a principal (health checks) share one key.
@@ -466,6 +474,7 @@ class Ollama:
     """
     @param current_config: C{() -> Config}, the config now (for the health
         checks, which no request starts).
+    @param tracing: the gateway's L{clawdbot.ops.tracing.Tracing}, or C{None}.
     @param agent_factory: C{(reactor, connect_timeout, pool) -> IAgent},
         what makes the HTTP client for a connect timeout, its persistent
         connections kept in C{pool} (L{http1.Connections}); by default the
@@ -473,10 +482,12 @@ class Ollama:
         answers from a fake Ollama in memory.
     """
 
-    def __init__(self, reactor, current_config, agent_factory=None):
+    def __init__(self, reactor, current_config, agent_factory=None, tracing=None):
         self.reactor = reactor
         self.current_config = current_config
         self.agent_factory = agent_factory or _endpoint_agent
+        # OpenTelemetry (L{clawdbot.ops.tracing.Tracing}): a span for each call a traced request makes.
+        self.tracing = tracing
         self.pool = http1.Connections(reactor, POOL_MIN)
         self.slots = Slots(reactor)
         # model -> its own Slots, for the models backend.model_limits caps.
@@ -524,7 +535,7 @@ class Ollama:
                 log.warn("Backend {url} is not answering; model calls get 502 until it does", url=_display(upstream.url))
         upstream.down_until = self.reactor.seconds() + config.backend.health_interval
 
-    async def send(self, config, method, path, body=None, deadline=None, lease=None):
+    async def send(self, config, method, path, body=None, deadline=None, lease=None, span=None):
         """
         Send one request and wait for Ollama's response headers, within the
         first-byte timeout.  When the chosen backend cannot be reached (no
@@ -532,14 +543,17 @@ class Ollama:
 
         @param lease: the L{Lease} from L{acquire}; without one, the least
             busy backend is used for this request alone.
+        @param span: the call's span (tracing), or C{None}: it says which
+            backend answered, and is the parent Ollama is told of.
         @return: the L{twisted.web.iweb.IResponse}.
         @raise APIError: UPSTREAM_UNAVAILABLE or UPSTREAM_TIMEOUT.
         """
         tried = set()
         while True:
             upstream = lease.upstream if lease is not None else self.choose(config)
+            trace_headers = self._traced(span, config, upstream) if span is not None else None
             try:
-                response = await self._send_one(config, upstream.url, method, path, body, deadline)
+                response = await self._send_one(config, upstream.url, method, path, body, deadline, trace_headers)
             except BackendUnreachable as e:
                 self.mark_down(upstream, config)
                 tried.add(upstream.url)
@@ -551,8 +565,23 @@ class Ollama:
             upstream.down_until = 0.0
             return response
 
-    async def _send_one(self, config, base, method, path, body, deadline):
+    def _traced(self, span, config, upstream):
+        """The backend C{span} goes to, on C{span}; the W3C headers that make it Ollama's parent."""
+        if span.is_recording():
+            parts = urllib.parse.urlsplit(upstream.url)
+            span.set_attributes(
+                {
+                    "server.address": parts.hostname or "",
+                    "server.port": parts.port or (443 if parts.scheme == "https" else 80),
+                    "clawdbot.backend": backend_urls(config).index(upstream.url) if upstream.url in backend_urls(config) else -1,
+                }
+            )
+        return self.tracing.headers(span)
+
+    async def _send_one(self, config, base, method, path, body, deadline, trace_headers=None):
         headers = Headers({b"user-agent": [b"clawdbot"]})
+        for name, value in (trace_headers or {}).items():
+            headers.setRawHeaders(name.encode("ascii"), [value.encode("ascii")])
         producer = None
         if body is not None:
             headers.setRawHeaders(b"content-type", [b"application/json"])
@@ -641,16 +670,23 @@ class Ollama:
         lease = await self.acquire(config, share, payload_model(payload) if model_slot else None)
         if sent is not None:
             sent()
+        span = self._call_span(share, method, path, payload)
         try:
             body = None if payload is None else json.dumps(payload).encode("utf-8")
-            response = await self.send(config, method, path, body, deadline, lease)
+            response = await self.send(config, method, path, body, deadline, lease, span)
+            self._first_byte(span, response)
             raw = await self.collect(response, config, deadline)
+            if response.code != 200:
+                if sent is not None:
+                    sent(False)
+                raise upstream_error(response.code, raw, payload)
+        except BaseException as e:
+            self._call_failed(span, e)
+            raise
         finally:
             self.release(config, lease)
-        if response.code != 200:
-            if sent is not None:
-                sent(False)
-            raise upstream_error(response.code, raw, payload)
+            if span is not None:
+                span.end()
         return raw
 
     async def stream(self, config, path, payload, consumer, transform, on_end=None, sent=None, share=ANONYMOUS):
@@ -678,8 +714,10 @@ class Ollama:
         lease = await self.acquire(config, share, payload_model(payload))
         if sent is not None:
             sent()
+        span = self._call_span(share, b"POST", path, payload)
         try:
-            response = await self.send(config, b"POST", path, json.dumps(payload, ensure_ascii=False).encode("utf-8"), deadline, lease)
+            response = await self.send(config, b"POST", path, json.dumps(payload, ensure_ascii=False).encode("utf-8"), deadline, lease, span)
+            self._first_byte(span, response)
             consumer.responded(clock.seconds() - started)
             if response.code != 200:
                 if sent is not None:
@@ -712,11 +750,42 @@ class Ollama:
             if ok:
                 consumer.end(tail)
             else:
+                self._call_failed(span, error)
                 consumer.fail(error)
             return ok
+        except BaseException as e:
+            self._call_failed(span, e)
+            raise
         finally:
             consumer.close()
             self.release(config, lease)
+            if span is not None:
+                span.end()
+
+    def _call_span(self, share, method, path, payload):
+        """
+        The span of one call to Ollama (kind CLIENT) under the caller's, or
+        C{None} when the caller is not traced: named as the GenAI
+        conventions name an inference call ("chat qwen3:32b"), else by its
+        method and path.
+        """
+        if share.span is None or self.tracing is None:
+            return None
+        operation = OPERATIONS.get(path)
+        model = payload_model(payload)
+        name = f"{operation} {model}" if operation and model else f"{method.decode('ascii')} {path}"
+        attributes = {"gen_ai.system": "ollama", "gen_ai.operation.name": operation, "gen_ai.request.model": model} if operation else {}
+        return self.tracing.child(share.span, name, self.tracing.CLIENT, {k: v for k, v in attributes.items() if v is not None})
+
+    @staticmethod
+    def _first_byte(span, response):
+        if span is not None:
+            span.add_event("first_byte", {"http.response.status_code": response.code})
+
+    def _call_failed(self, span, error):
+        if span is not None:
+            code = error.code if isinstance(error, APIError) else "CANCELLED" if isinstance(error, CancelledError) else type(error).__name__
+            self.tracing.failed(span, code)
 
     async def call_json(self, config, method, path, payload=None, sent=None, deadline=None, share=ANONYMOUS, model_slot=True):
         """L{call}, with the answer parsed as JSON."""

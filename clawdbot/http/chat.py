@@ -4,6 +4,7 @@ embeddings, and the authenticated pass-through of Ollama's native API.
 """
 
 import json
+import time
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, gatherResults
 from twisted.internet.interfaces import IPushProducer
@@ -16,6 +17,7 @@ from clawdbot.backend.ollama import Share
 from clawdbot.backend.translate import DONE, LineSplitter, StreamTranslator, UpstreamStreamError
 from clawdbot.errors import APIError, invalid
 from clawdbot.http.resource import APIResource, Node, NotFound, StreamResponse, read_json
+from clawdbot.ops.observe import redact
 
 log = Logger(namespace="clawdbot.chat")
 
@@ -205,9 +207,40 @@ def translated(request, meter, translator):
 
 
 def _count(request, reply):
-    """Ollama's counts for a whole reply, for the log and the token budget."""
+    """Ollama's counts for a whole reply, for the log and the token budget (and its finish reason, for the trace)."""
     request.audit["usage"] = translate.usage(reply)
     request.audit["tokens"] = request.audit["usage"]["total_tokens"]
+    if request.span is not None:
+        message = reply.get("message")
+        calls = isinstance(message, dict) and bool(message.get("tool_calls"))
+        request.gen_ai["gen_ai.response.finish_reasons"] = [translate.finish_reason(reply.get("done_reason"), calls)]
+
+
+def trace_reply(request, tracing, text):
+    """With C{tracing.capture_content}: the reply's text on the server span, redacted as the access log redacts."""
+    if request.span is not None and tracing.capture_content:
+        request.gen_ai["gen_ai.output.messages"] = json.dumps([{"role": "assistant", "content": redact(text)}], ensure_ascii=False)
+
+
+def trace_call(request, tracing, operation, ollama_body):
+    """
+    What a traced request asks of the model, for its server span (GenAI
+    conventions): the operation, the token cap and the temperature; the
+    messages (or prompt) only with C{tracing.capture_content}, redacted as
+    the access log redacts.
+    """
+    options = ollama_body.get("options") or {}
+    request.gen_ai.update(
+        {
+            "gen_ai.system": "ollama",
+            "gen_ai.operation.name": operation,
+            "gen_ai.request.max_tokens": options.get("num_predict"),
+            "gen_ai.request.temperature": options.get("temperature"),
+        }
+    )
+    content = next((ollama_body[key] for key in ("messages", "prompt", "input") if key in ollama_body), None)
+    if tracing.capture_content and content is not None:
+        request.gen_ai["gen_ai.input.messages"] = json.dumps(redact(content), ensure_ascii=False)
 
 
 class ModelRoute(APIResource):
@@ -220,6 +253,21 @@ class ModelRoute(APIResource):
         self.history = parts.history
         self.metrics = parts.metrics
         self.clock = parts.reactor
+        self.tracing = parts.tracing
+
+    async def stored(self, request, operation, work):
+        """
+        Await C{work} (a history store's call), as the span
+        C{storage <operation>} of a traced request.
+        """
+        span = self.tracing.child(request.span, f"storage {operation}") if request.span is not None else None
+        try:
+            return await work
+        except BaseException as e:
+            self.tracing.failed(span, e.code if isinstance(e, APIError) else type(e).__name__)
+            raise
+        finally:
+            self.tracing.end(span)
 
     def share(self, request):
         """
@@ -234,13 +282,19 @@ class ModelRoute(APIResource):
         named = [(weights[name], name) for name in (*principal.rule_scopes, *principal.teams) if name in weights]
         weight, cls = max(named) if named else (1.0, "default")
         observe = self.metrics.queue_wait.labels(cls).observe
+        tracing = self.tracing
 
         def waited(seconds, position, served):
             observe(seconds)
             if served:
                 request.setHeader(b"x-clawdbot-queue-position", str(position).encode())
+            if request.span is not None:
+                # The wait, as a span of its own that began when the call was queued.
+                now = time.time_ns()
+                span = tracing.child(request.span, "queue", start_time=now - int(seconds * 1e9))
+                tracing.end(span, {"clawdbot.queue.wait_seconds": seconds, "clawdbot.queue.position": position, "clawdbot.queue.served": served}, end_time=now)
 
-        return Share(principal.key, weight, cls, waited)
+        return Share(principal.key, weight, cls, waited, request.span)
 
 
 class ChatShape:
@@ -289,6 +343,8 @@ class Conversation(ModelRoute):
             # For the model only: what is kept is the turn as the user sent it.
             ollama_body["messages"] = translate.with_instruction(ollama_body["messages"], opts["instruction"])
         meter = await metered(self.accounting, request, ollama_body)
+        if request.span is not None:
+            trace_call(request, self.tracing, "chat", ollama_body)
         if opts["required_tools"]:
             return await self._required(request, config, ollama_body, opts, shape, keep, meter)
         if opts["stream"]:
@@ -300,6 +356,8 @@ class Conversation(ModelRoute):
         """A whole Ollama reply in the route's shape, counted (and kept)."""
         result = shape.whole(reply, opts)
         _count(request, reply)
+        message = reply.get("message")
+        trace_reply(request, self.tracing, message.get("content") if isinstance(message, dict) else None)
         if keep is not None:
             await keep(result, False)
         return result
@@ -382,6 +440,7 @@ class Conversation(ModelRoute):
         finally:
             if translator.final is not None:
                 _count(request, translator.final)
+            trace_reply(request, self.tracing, "".join(translator.content))
         if not kept and keep is not None and translator.sent_role:
             await keep(translator, True)
         return None
@@ -416,7 +475,7 @@ class ChatCompletions(Conversation):
             request.audit["session"] = session_id
             # Only the owner adds turns to a session or clears it (checked
             # before any image is decoded for the turn).
-            session = await self.history.owned(request.principal, session_id)
+            session = await self.stored(request, "owned", self.history.owned(request.principal, session_id))
             if body.get("messages") == []:
                 # A reply being written stops first, and the clear waits for
                 # it to be stored, so nothing lands after the clear.
@@ -444,15 +503,15 @@ class ChatCompletions(Conversation):
                     del self.history.stoppers[session_id]
 
         async def run_turn():
-            context = await self.history.store.context(session_id, limits.context_messages) if limits.context_messages else []
+            context = await self.stored(request, "context", self.history.store.context(session_id, limits.context_messages)) if limits.context_messages else []
             new = []
             for m in ollama_body["messages"]:
                 # The images as the gateway re-encoded them (images.format).
                 images = data_urls(m.get("images"), config.images.format)
                 new.append((m["role"], _text(m), False, images) if images else (m["role"], _text(m), False))
-            if await self.history.store.count_messages(session_id) + len(new) + 1 > limits.max_messages_per_session:
+            if await self.stored(request, "count", self.history.store.count_messages(session_id)) + len(new) + 1 > limits.max_messages_per_session:
                 raise invalid(f"the session has reached the limit of {limits.max_messages_per_session} messages; start a new one")
-            release = await self.history.check_quota(request.principal, limits, new)
+            release = await self.stored(request, "quota", self.history.check_quota(request.principal, limits, new))
 
             async def keep(reply, incomplete):
                 current.settled = True
@@ -460,7 +519,7 @@ class ChatCompletions(Conversation):
                     text = reply["choices"][0]["message"].get("content") or ""
                 else:
                     text = "".join(reply.content)
-                await self.history.store.append(session_id, new + [("assistant", text, incomplete)])
+                await self.stored(request, "append", self.history.store.append(session_id, new + [("assistant", text, incomplete)]))
 
             try:
                 # The session's system prompt first (never stored), then
@@ -504,6 +563,8 @@ class Completions(ModelRoute):
         ollama_body, opts = translate.completion_request(body, config, request.principal)
         request.audit["model"] = ollama_body["model"]
         meter = await metered(self.accounting, request, ollama_body)
+        if request.span is not None:
+            trace_call(request, self.tracing, "text_completion", ollama_body)
         if opts["stream"]:
             return await self._stream(request, config, ollama_body, opts, meter)
         reply = await self.ollama.call_json(config, b"POST", "/api/generate", ollama_body, sent=meter.mark_sent, share=self.share(request))
@@ -687,6 +748,8 @@ class Embeddings(ModelRoute):
         body, opts = translate.embeddings_request(await read_json(request), config, request.principal)
         request.audit["model"] = body["model"]
         meter = await metered(self.accounting, request, body, reply=False)
+        if request.span is not None:
+            trace_call(request, self.tracing, "embeddings", body)
         reply = await self.ollama.call_json(config, b"POST", "/api/embed", body, sent=meter.mark_sent, share=self.share(request))
         tokens = translate.count(reply, "prompt_eval_count")
         request.audit["usage"] = {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}

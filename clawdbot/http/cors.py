@@ -34,11 +34,12 @@ if TYPE_CHECKING:
 Rule = Callable[[str], bool]
 
 # The response headers a cross-origin page may read beyond the CORS-safelisted
-# ones: the request id, and the rate-limit headers of
+# ones: the request id, the trace id (tracing.enabled), and the rate-limit headers of
 # L{clawdbot.ops.ratelimit.Decision.headers}, generic and OpenAI's.
 EXPOSED = b", ".join(
     [
         b"X-Request-Id",
+        b"X-Trace-Id",
         b"Retry-After",
         b"x-ratelimit-limit",
         b"x-ratelimit-remaining",

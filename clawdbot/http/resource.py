@@ -71,7 +71,7 @@ def end_stream(request, err):
     if request.gone or request.finished:
         return
     request.error = err
-    request.write(error_event(request.stream_format, err))
+    request.write(error_event(request.stream_format, err.traced(getattr(request, "trace_id", None))))
     if request.producer is not None:
         request.unregisterProducer()
     request.finish()
@@ -166,7 +166,7 @@ class StreamResponse:
 def write_error(request, err, render=error_body):
     """Finish C{request} with C{err}, rendered by C{render} (the §4 shape, or Ollama's on the native routes)."""
     request.error = err
-    write_json(request, err.status, render(err), err.headers)
+    write_json(request, err.status, render(err.traced(getattr(request, "trace_id", None))), err.headers)
 
 
 _BARE_500 = error_body(internal_error())
@@ -374,6 +374,7 @@ class APIResource(Resource):
         super().__init__()
         self.authentication = parts.authentication
         self.accounting = parts.accounting
+        self.tracing = parts.tracing
 
     def getChild(self, path, request):
         return NotFound()
@@ -433,7 +434,18 @@ class APIResource(Resource):
         """Who the caller is: the dev principal on the debug listener, else its bearer token's."""
         if request.site.debug:
             return self.authentication.dev()
-        return await self.authentication.authenticate(request.requestHeaders.getRawHeaders(b"authorization"), request.client_host(), request.request_id)
+        span = self.tracing.child(request.span, "authenticate") if request.span is not None else None
+        try:
+            principal = await self.authentication.authenticate(request.requestHeaders.getRawHeaders(b"authorization"), request.client_host(), request.request_id)
+        except APIError as e:
+            self.tracing.failed(span, e.code)
+            self.tracing.end(span)
+            raise
+        except BaseException:
+            self.tracing.end(span)
+            raise
+        self.tracing.end(span, {"clawdbot.auth.kind": "api_key" if principal.key_id is not None else "jwt"})
+        return principal
 
     async def _run(self, request, method, needed):
         """Run the handler; whatever happens, the request ends with an answer."""

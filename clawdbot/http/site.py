@@ -152,6 +152,9 @@ class GatewayRequest(server.Request):
     handler = None
     # Work that goes on after the client left (a Deferred), for the drain to stop.
     runs_on = None
+    # With tracing.enabled: the request's server span (recording or not) and its trace id.
+    span = None
+    trace_id = None
     stream_format = None
     # The answer may carry CORS headers (not on the sign-in routes).
     cross_origin = True
@@ -169,6 +172,8 @@ class GatewayRequest(server.Request):
         # What the access log records beyond the HTTP basics: model,
         # session, tokens, upstream latency.
         self.audit = {}
+        # GenAI attributes the route adds to the server span (only while one records).
+        self.gen_ai = {}
         self.body_size = 0
         self.notifyFinish().addCallbacks(self._done, self._lost)
 
@@ -411,6 +416,8 @@ class GatewayRequest(server.Request):
         self.setHeader(b"server", SERVER)
         self.setHeader(b"x-content-type-options", b"nosniff")
         self.setHeader(b"x-request-id", self.request_id.encode())
+        if self.trace_id is not None:
+            self.setHeader(b"x-trace-id", self.trace_id.encode())
         for name, value in self.cors_headers().items():
             self.setHeader(name, value)
 

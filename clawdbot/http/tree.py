@@ -40,6 +40,7 @@ class Parts:
     @ivar metrics: the Prometheus metrics (L{clawdbot.ops.observe.Metrics}).
     @ivar readiness: the shared answer of C{/readyz} (L{Readiness}).
     @ivar reactor: the clock and reactor.
+    @ivar tracing: OpenTelemetry traces (L{clawdbot.ops.tracing.Tracing}).
     """
 
     runtime: Any
@@ -58,6 +59,7 @@ class Parts:
     metrics: Any
     readiness: Any
     reactor: Any
+    tracing: Any
 
 
 class Health(APIResource):

@@ -12,13 +12,15 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from clawdbot.errors import APIError
-from clawdbot.ops.observe import logged_status
+from clawdbot.ops.observe import logged_status, safe_path
 from clawdbot.ops.ratelimit import rule_for
+from clawdbot.ops.tracing import ROUTES, trace_id
 
 if TYPE_CHECKING:
     from clawdbot.ops.observe import AccessLog, Metrics
     from clawdbot.ops.ratelimit import Decision, MemoryLimiter, RedisLimiter
     from clawdbot.ops.quotas import Quotas
+    from clawdbot.ops.tracing import Tracing
 
 log = Logger(namespace="clawdbot.gateway")
 
@@ -41,6 +43,8 @@ class Accounting:
     @param metrics: the Prometheus metrics (L{clawdbot.ops.observe.Metrics}).
     @param usage: where model calls are counted (L{clawdbot.storage.usage.UsageBook}).
     @param quotas: the quotas over days, weeks and months (L{clawdbot.ops.quotas.Quotas}).
+    @param tracing: OpenTelemetry traces (L{clawdbot.ops.tracing.Tracing}): a
+        server span from L{started} to L{done}.
     """
 
     def __init__(
@@ -51,8 +55,10 @@ class Accounting:
         usage: Any = None,
         quotas: "Quotas | None" = None,
         audit: Any = None,
+        tracing: "Tracing | None" = None,
     ) -> None:
         self.audit = audit
+        self.tracing = tracing
         self.limiter = limiter
         self.access_log = access_log
         self.metrics = metrics
@@ -60,7 +66,10 @@ class Accounting:
         self.quotas = quotas
 
     def started(self, request: Any) -> None:
-        """A request arrived whole: sample it for the access log (its body copied now)."""
+        """A request arrived whole: its server span begins; sample it for the access log (its body copied now)."""
+        if self.tracing is not None and self.tracing.enabled:
+            request.span = self.tracing.server_span(request, (request.method or b"-")[:32].decode("ascii", "replace"))
+            request.trace_id = trace_id(request.span)
         rate = request.config.access_log.sample_rate
         if self.access_log.sampled(rate):
             request.sampled = True
@@ -84,6 +93,8 @@ class Accounting:
                 request.audit["tokens"] = usage["total_tokens"]
         self.access_log.record(request, latency)
         self.metrics.observe(request, latency)
+        if request.span is not None:
+            self._end_span(request, usage)
         error = request.error
         if error is not None and error.code == "QUOTA_EXCEEDED" and self.audit is not None:
             # Every quota's refusal, wherever it came from (days and months, stored history, stored responses).
@@ -96,6 +107,50 @@ class Accounting:
             # A call that reached the model: it counts, however it ended.
             failed = request.error is not None or logged_status(request) >= 400
             self.usage.record(request.principal, request.audit.get("model"), usage, failed, latency)
+
+    def _end_span(self, request: Any, usage: dict[str, Any] | None) -> None:
+        """
+        The server span's name ("{method} {route}", e.g. C{POST
+        /v1/chat/completions}), its attributes (HTTP, who asked, the GenAI
+        conventions), and its end.
+        """
+        span = request.span
+        if span.is_recording():
+            method = (request.method or b"-")[:32].decode("ascii", "replace")
+            route = ROUTES.get(request.route)
+            if route is not None:
+                span.update_name(f"{method} {route}")
+            principal = request.principal
+            model = request.audit.get("model")
+            session = request.audit.get("session")
+            attributes = {
+                "http.request.method": method,
+                "url.path": safe_path(request),
+                "http.response.status_code": logged_status(request),
+                "http.route": route,
+                "clawdbot.route": request.route,
+                "clawdbot.request_id": request.request_id,
+                "enduser.id": principal.sub if principal is not None else None,
+                "clawdbot.principal.issuer": principal.issuer if principal is not None else None,
+                "clawdbot.teams": list(principal.teams) if principal is not None and principal.teams else None,
+                "clawdbot.key_id": principal.key_id if principal is not None else None,
+                "clawdbot.session_id": session if isinstance(session, str) else None,
+                "clawdbot.client_gone": True if request.gone else None,
+                "gen_ai.request.model": model if isinstance(model, str) else None,
+            }
+            if usage and isinstance(model, str):
+                attributes["gen_ai.response.model"] = model
+                attributes["gen_ai.usage.input_tokens"] = usage.get("prompt_tokens")
+                attributes["gen_ai.usage.output_tokens"] = usage.get("completion_tokens")
+            attributes.update(request.gen_ai)
+            span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+            error = request.error
+            if error is not None:
+                span.set_attribute("error.type", error.code)
+            if logged_status(request) >= 500 and self.tracing is not None:
+                # (As the HTTP conventions say: a server span fails on a 5xx, not on the client's 4xx.)
+                self.tracing.failed(span, error.code if error is not None else "INTERNAL_ERROR")
+        span.end()
 
     def _settle_tokens(self, request: Any, usage: dict[str, Any] | None) -> None:
         """Charge what a call cost, less what was reserved for it (a refund when it cost less)."""

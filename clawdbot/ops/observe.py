@@ -362,6 +362,8 @@ class AccessLog:
             "upstream_latency_ms": round(audit["upstream_latency"] * 1000, 3) if "upstream_latency" in audit else None,
             "peer": request.client_host(),
         }
+        if request.trace_id is not None:
+            entry["trace_id"] = request.trace_id  # (tracing.enabled: the request's trace, sampled or not)
         if principal is not None and principal.key_id is not None:
             entry["key_id"] = principal.key_id  # the API key's id, never the key
         if request.gone:
@@ -462,6 +464,25 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        # The OpenTelemetry GenAI metrics, by the model that answered (a name
+        # the backend served, never one a client made up): token counts per
+        # call, and time to the first token (buckets as the conventions advise).
+        self.gen_ai_tokens = Histogram(
+            "gen_ai_client_token_usage",
+            "Tokens per model call (OpenTelemetry GenAI), by model and token type (input, output).",
+            ["model", "token_type"],
+            buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304),
+            registry=r,
+        )
+        self.gen_ai_ttft = Histogram(
+            "gen_ai_server_time_to_first_token",
+            "Seconds from the request to the first streamed token sent (OpenTelemetry GenAI), by model.",
+            ["model"],
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0),
+            registry=r,
+        )
+        self.trace_spans_dropped = Counter("clawdbot_trace_spans_dropped", "Spans dropped because the export queue was full (tracing.queue).", registry=r)
+        self.trace_exports_failed = Counter("clawdbot_trace_exports_failed", "Span batches the trace collector did not take.", registry=r)
         self.active_streams = Gauge("clawdbot_active_streams", "Streamed replies in progress.", registry=r)
         self.rejections = Counter("clawdbot_rejections_total", "Requests refused, by error code.", ["code"], registry=r)
         self.reloads = Counter("clawdbot_config_reloads_total", "Config reloads by result.", ["result"], registry=r)
@@ -507,12 +528,17 @@ class Metrics:
                 model = model_label(request.config, request.audit["model"])
                 self.model_tokens.labels(model, "prompt").inc(usage.get("prompt_tokens", 0))
                 self.model_tokens.labels(model, "completion").inc(usage.get("completion_tokens", 0))
+                # (Usage means the backend answered: the name is one it serves.)
+                self.gen_ai_tokens.labels(request.audit["model"], "input").observe(usage.get("prompt_tokens", 0))
+                self.gen_ai_tokens.labels(request.audit["model"], "output").observe(usage.get("completion_tokens", 0))
 
     def first_token(self, request, seconds):
         """A streamed reply's first chunk went out C{seconds} after the request arrived."""
         self.ttft.observe(seconds)
         if "model" in request.audit and request.config is not None:
             self.model_ttft.labels(model_label(request.config, request.audit["model"])).observe(seconds)
+            # (A first token means the backend answered: the name is one it serves.)
+            self.gen_ai_ttft.labels(request.audit["model"]).observe(seconds)
 
     def render(self):
         return generate_latest(self.registry)
