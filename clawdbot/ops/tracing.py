@@ -36,6 +36,8 @@ EXPORT_DELAY = 1.0
 BATCH = 512
 # Seconds one export may take (the collector's answer included).
 EXPORT_TIMEOUT = 5.0
+# Seconds the gateway's stop waits for the last spans to go out, at most.
+SHUTDOWN_WAIT = 3.0
 # Seconds between two log lines about failing exports.
 FAILURE_LOG_INTERVAL = 60.0
 
@@ -141,7 +143,7 @@ class Exporting(SpanProcessor):
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        self._thread.join(EXPORT_TIMEOUT * 2)
+        self._thread.join(SHUTDOWN_WAIT)
         self.exporter.shutdown()
 
     def force_flush(self, timeout_millis=30000):
