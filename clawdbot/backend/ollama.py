@@ -544,7 +544,9 @@ class Ollama:
         @param lease: the L{Lease} from L{acquire}; without one, the least
             busy backend is used for this request alone.
         @param span: the call's span (tracing), or C{None}: it says which
-            backend answered, and is the parent Ollama is told of.
+            backend answered, and is the parent Ollama is told of (for a
+            trace not sampled, the caller's span: Ollama still learns the
+            trace, marked not sampled).
         @return: the L{twisted.web.iweb.IResponse}.
         @raise APIError: UPSTREAM_UNAVAILABLE or UPSTREAM_TIMEOUT.
         """
@@ -673,7 +675,7 @@ class Ollama:
         span = self._call_span(share, method, path, payload)
         try:
             body = None if payload is None else json.dumps(payload).encode("utf-8")
-            response = await self.send(config, method, path, body, deadline, lease, span)
+            response = await self.send(config, method, path, body, deadline, lease, span or share.span)
             self._first_byte(span, response)
             raw = await self.collect(response, config, deadline)
             if response.code != 200:
@@ -716,7 +718,7 @@ class Ollama:
             sent()
         span = self._call_span(share, b"POST", path, payload)
         try:
-            response = await self.send(config, b"POST", path, json.dumps(payload, ensure_ascii=False).encode("utf-8"), deadline, lease, span)
+            response = await self.send(config, b"POST", path, json.dumps(payload, ensure_ascii=False).encode("utf-8"), deadline, lease, span or share.span)
             self._first_byte(span, response)
             consumer.responded(clock.seconds() - started)
             if response.code != 200:
@@ -769,7 +771,7 @@ class Ollama:
         conventions name an inference call ("chat qwen3:32b"), else by its
         method and path.
         """
-        if share.span is None or self.tracing is None:
+        if share.span is None or self.tracing is None or not share.span.is_recording():
             return None
         operation = OPERATIONS.get(path)
         model = payload_model(payload)

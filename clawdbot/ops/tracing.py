@@ -248,8 +248,13 @@ class Tracing:
         return self.tracer.start_span(name, context=context, kind=SERVER)
 
     def child(self, parent, name, kind=INTERNAL, attributes=None, start_time=None):
-        """A span under C{parent} (C{None} when C{parent} is, so callers need not ask whether tracing is on)."""
-        if parent is None or self.tracer is None:
+        """
+        A span under C{parent}; C{None} when C{parent} is C{None} or not
+        recorded (a trace not sampled: its children would not be either,
+        and making them costs a request several microseconds), so callers
+        need not ask whether tracing is on.
+        """
+        if parent is None or self.tracer is None or not parent.is_recording():
             return None
         return self.tracer.start_span(name, context=set_span_in_context(parent), kind=kind, attributes=attributes, start_time=start_time)
 
