@@ -3,8 +3,9 @@
 Clawdbot's benchmark: the fake Ollama directly vs the same fake through the
 gateway, side by side in one run, printed as one markdown table; then
 "several instances" (issue 21), the same load through one gateway and
-through two gateway processes in front of one fake; then "two
-users, one GPU" (issue 16), each client's time to first token while a
+through two gateway processes in front of one fake; then "tracing"
+(issue 22), the same load with tracing off, on at sample rate 1.0 and on
+at 0.01; then "two users, one GPU" (issue 16), each client's time to first token while a
 greedy principal saturates a gateway with two backend slots, before (one
 principal: arrival order) and after (two principals: fair share).
 
@@ -13,6 +14,7 @@ principal: arrival order) and after (two principals: fair share).
     .venv/bin/python bench/run.py --fair-only  # only "two users, one GPU"
     .venv/bin/python bench/run.py --chunk-only # only the paced rows and the CPU per streamed chunk
     .venv/bin/python bench/run.py --instances-only  # only 1 gateway against 2
+    .venv/bin/python bench/run.py --tracing-only    # only tracing off / 1.0 / 0.01
 
 It starts, as separate processes on 127.0.0.1 only:
 
@@ -23,6 +25,8 @@ It starts, as separate processes on 127.0.0.1 only:
 - the real gateway (C{python -m clawdbot start --config TMP}) in production
   mode in front of a fake, with JWT auth on and the rate limit off (for
   "two users", a fresh one per variant with C{max_connections: 2});
+- for "tracing", a trace collector (C{python bench/otlp_sink.py --port 0})
+  that counts the spans it is sent, a fresh one for each row with tracing on;
 - the load generators: wrk (Debian's C{wrk} package) for non-streaming
   throughput, and bench/loadgen.py (asyncio, raw HTTP/1.1 keep-alive,
   several processes) for streams and time to first token.
@@ -74,6 +78,13 @@ TWO_USERS = (
 
 # "Several instances" (issue 21): the non-streaming concurrency it measures.
 INSTANCES_CONCURRENCY = 50
+
+
+# "Tracing" (issue 22): the concurrency it measures, and each variant as
+# (key, tracing.sample_rate or None for tracing off).
+TRACING_CONCURRENCY = 10
+TRACING_VARIANTS = (("off", None), ("1.0", 1.0), ("0.01", 0.01))
+OTLP_SINK = os.path.join(HERE, "otlp_sink.py")
 
 
 # What is being measured right now, to attribute the gateway's log lines.
@@ -328,12 +339,13 @@ class Gateway:
     The gateway in front of C{backend_url}.  The first one's config is
     validated with C{clawdbot check-config} and its token minted with
     C{clawdbot token}; later ones (C{like=} an earlier one) reuse both, with
-    only the backend and the file names changed.
+    only the backend and the file names changed.  C{extra}: top-level
+    sections added to this one's config only (as C{tracing}).
     """
 
     count = 0
 
-    def __init__(self, backend_url, tmp, max_connections, notes, like=None):
+    def __init__(self, backend_url, tmp, max_connections, notes, like=None, extra=None):
         Gateway.count += 1
         self.name = name = f"gateway-{Gateway.count}"
         self.tmp = tmp
@@ -363,19 +375,22 @@ class Gateway:
                 "metrics": {"listen": "tcp:0:interface=127.0.0.1"},
             }
         else:
-            config = json.loads(json.dumps(like.config))
+            config = json.loads(json.dumps(like.base))
             config["backend"]["url"] = backend_url
             config["max_connections"] = max_connections
             if "storage" in config:
                 config["storage"]["path"] = os.path.join(tmp, f"{name}.sqlite3")
             if "access_log" in config:
                 config["access_log"]["path"] = os.path.join(tmp, f"{name}-access.log")
+        config.update(extra or {})
         self.config_path = os.path.join(tmp, f"{name}.yaml")
         if like is None:
             self._write_checked(config, notes)
         else:
             self._write(config)
         self.config = config
+        # What a later gateway (C{like=} this one) copies: without C{extra}.
+        self.base = {k: v for k, v in json.loads(json.dumps(config)).items() if k not in (extra or {})}
         self.child = Child(name, [PY, "-m", "clawdbot", "start", "--config", self.config_path])
         self.url = self.child.expect(r"Gateway listening on (http://\S+)", 60).group(1).rstrip("/")
         self.pid = self.child.pid
@@ -497,6 +512,52 @@ def _usage_requests(url, token):
     request = urllib.request.Request(url + "/v1/usage", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=30) as response:
         return sum(row["requests"] for row in json.load(response)["data"])
+
+
+def start_sink():
+    """bench/otlp_sink.py on a free loopback port: the collector of the tracing scenario."""
+    child = Child("otlp-sink", [PY, OTLP_SINK, "--host", "127.0.0.1", "--port", "0"])
+    child.url = child.expect(r"OTLP sink listening on (http://\S+)", 60).group(1).rstrip("/")
+    return child
+
+
+def sink_counts(sink):
+    """What the sink has taken: C{{"exports": N, "spans": N, "bad": N}}."""
+    with urllib.request.urlopen(sink.url + "/count", timeout=30) as response:
+        return json.load(response)
+
+
+def metrics_url(gw, timeout=10.0):
+    """The gateway's metrics URL, from its "Metrics listening on" line."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in list(gw.child.out_tail):
+            m = re.search(r"Metrics listening on (http://\S+)", line)
+            if m:
+                return m.group(1).rstrip("/") + "/metrics"
+        time.sleep(0.1)
+    return None
+
+
+def scrape(url):
+    """
+    From the gateway's /metrics: the chat completions served (any status),
+    the spans dropped (queue full) and the exports that failed; C{None}
+    for what it does not show.
+    """
+    out = {"requests": None, "dropped": None, "failed": None}
+    if url is None:
+        return out
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode("utf-8", "replace")
+    for line in text.splitlines():
+        if line.startswith("clawdbot_requests_total{") and 'route="chat_completions"' in line:
+            out["requests"] = (out["requests"] or 0) + float(line.rsplit(" ", 1)[1])
+        elif line.startswith("clawdbot_trace_spans_dropped_total "):
+            out["dropped"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("clawdbot_trace_exports_failed_total "):
+            out["failed"] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def _record_cost_us(n=100_000):
@@ -896,6 +957,8 @@ class Bench:
         self.keys_results = {}
         self.instances = collections.OrderedDict()  # "several instances": {key: {kind: result}}
         self.instances_s = None
+        self.tracing = collections.OrderedDict()  # "tracing": {key: {variant: result}}
+        self.tracing_s = None
         self.gateway_messages = collections.Counter()
         self.load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
         self.wrk = None if args.no_wrk else shutil.which("wrk")
@@ -1001,9 +1064,10 @@ class Bench:
 
         return Target("gateway", gw.url, gw.pid, gw.token), {"fake": fake.pid, "gateway": gw.pid}, done
 
-    def start_gateway(self, backend_url):
+    def start_gateway(self, backend_url, extra=None):
         a = self.args
-        gw = Gateway(backend_url, self.tmp, max(1000, a.full_streams, max(a.concurrency)), self.notes, like=self.first_gateway)
+        gw = Gateway(backend_url, self.tmp, max(1000, a.full_streams, max(a.concurrency)), self.notes,
+                     like=self.first_gateway, extra=extra)
         if self.first_gateway is None:
             self.first_gateway = gw
             time.sleep(1.0)
@@ -1026,6 +1090,9 @@ class Bench:
             return
         if a.instances_only:
             self.instances_scenario()
+            return
+        if a.tracing_only:
+            self.tracing_scenario()
             return
         self.rss["idle"] = None
         if not a.chunk_only:
@@ -1087,6 +1154,8 @@ class Bench:
             self.keys_scenario()
         if not a.no_instances and not a.chunk_only:
             self.instances_scenario()
+        if not a.no_tracing and not a.chunk_only:
+            self.tracing_scenario()
         if not a.no_fair and not a.chunk_only:
             self.two_users_scenario()
 
@@ -1299,6 +1368,161 @@ class Bench:
             f"the load generator share this machine's {os.cpu_count()} cores with the gateways, so with several "
             "instances the ceiling is the machine, not the gateway: fake + gateways + client + other processes "
             f"cannot exceed {os.cpu_count()}." + took,
+        ]
+
+    def tracing_scenario(self):
+        """
+        Issue 22's cost of tracing: the same load through a gateway with
+        tracing off, on at C{sample_rate} 1.0 and on at 0.01, each with a
+        fresh fake and gateway (and, when on, a fresh bench/otlp_sink.py as
+        the collector, its own process), C{--repeat} rounds alternating the
+        three, median kept: non-streaming at c=10 (wrk when there is one, as
+        the side-by-side rows) and streaming at c=10 (bench/loadgen.py).
+        After each measurement the gateway is given time to send its last
+        batch; then the spans the sink took are set against the chat
+        completions the gateway served (warm-up included in both), and the
+        gateway's own counts of dropped spans and failed exports are read.
+        """
+        a = self.args
+        started = time.monotonic()
+        c = TRACING_CONCURRENCY
+        for key, stream in ((f"tracing plain c={c}", False), (f"tracing stream c={c}", True)):
+            runs = {kind: [] for kind, _ in TRACING_VARIANTS}
+            for _ in range(a.repeat):
+                for kind, rate in TRACING_VARIANTS:
+                    runs[kind].append(self._traced_measure(f"{key} {kind}", stream, rate))
+            pair = self.tracing.setdefault(key, {})
+            for kind, rs in runs.items():
+                ordered = sorted(rs, key=lambda r: r["rate"])
+                pair[kind] = ordered[(len(ordered) - 1) // 2]
+                if len(rs) > 1:
+                    pair[kind]["rates"] = [round(r["rate"], 1) for r in rs]
+        self.tracing_s = time.monotonic() - started
+
+    def _traced_measure(self, label, stream, sample_rate):
+        """One measurement of L{tracing_scenario}: its result, with what the sink and /metrics counted."""
+        a = self.args
+        fake = start_fake("fake-ollama-tracing", "--tokens", str(a.tokens))
+        sink = gw = None
+        try:
+            extra = None
+            if sample_rate is not None:
+                sink = start_sink()
+                extra = {"tracing": {"enabled": True, "endpoint": sink.url + "/v1/traces",
+                                     "sample_rate": sample_rate, "service_name": "clawdbot-bench"}}
+            gw = self.start_gateway(fake.url, extra=extra)
+            pids = {"fake": fake.pid, "gateway": gw.pid}
+            if sink is not None:
+                pids["sink"] = sink.pid
+            r = self.measure(label, Target("gateway", gw.url, gw.pid, gw.token), stream, TRACING_CONCURRENCY,
+                             a.duration, 10.0, pids)
+            r["sample_rate"] = sample_rate
+            if sink is not None:
+                # The last spans wait up to the export delay (1 s) for their
+                # batch: read the sink once its count has stopped moving.
+                time.sleep(1.0)
+                counts = sink_counts(sink)
+                for _ in range(20):
+                    time.sleep(0.5)
+                    now = sink_counts(sink)
+                    if now == counts:
+                        break
+                    counts = now
+                r["sink"] = counts
+            r["metrics"] = scrape(metrics_url(gw))
+            return r
+        finally:
+            try:
+                if gw is not None:
+                    self.stop_gateway(gw)
+            finally:
+                if sink is not None:
+                    sink.stop()
+                fake.stop()
+
+    def tracing_report(self):
+        """The "tracing" table and how to read it: a list of lines."""
+        if not self.tracing:
+            return []
+        c = TRACING_CONCURRENCY
+        cores = lambda v: "-" if v is None else f"{v:.2f}"
+        ms = lambda v: "-" if v is None else (f"{v:,.3f}" if v < 10 else f"{v:,.1f}")
+        labels = {"off": "off", "1.0": "on, sample_rate 1.0", "0.01": "on, sample_rate 0.01"}
+        rows = []
+        cost, cpu_cost = {}, {}
+        for key, what, stream in ((f"tracing plain c={c}", f"non-streaming c={c}", False),
+                                  (f"tracing stream c={c}", f"streaming c={c}", True)):
+            pair = self.tracing.get(key) or {}
+            off = (pair.get("off") or {}).get("rate")
+            off_cpu = (pair.get("off") or {}).get("cpu", {}).get("gateway")
+            off_per_request = off_cpu / off * 1e6 if off and off_cpu is not None else None
+            for kind, r in pair.items():
+                rate = r["rate"]
+                errors = sum(r["errors"].values())
+                cpu = r["cpu"]
+                other = None
+                if "machine" in cpu:
+                    other = max(0.0, cpu["machine"] - sum(cpu.get(k) or 0.0 for k in ("fake", "gateway", "load generator", "sink")))
+                per_request = cpu["gateway"] / rate * 1e6 if rate and cpu.get("gateway") is not None else None
+                sink, metrics = r.get("sink"), r.get("metrics") or {}
+                served = metrics.get("requests")
+                spans = "-" if sink is None else f"{sink['spans']:,}"
+                per = "-" if sink is None or not served else f"{sink['spans'] / served:.3f}"
+                dropped = metrics.get("dropped")
+                lost = "-" if sink is None or dropped is None else f"{dropped:.0f} / {metrics.get('failed') or 0:.0f}"
+                if off and kind != "off":
+                    cost[(what, kind)] = rate / off - 1
+                    if off_per_request and per_request is not None:
+                        cpu_cost[(what, kind)] = per_request / off_per_request - 1
+                rows.append((
+                    f"{what}, tracing {labels.get(kind, kind)}",
+                    (f"{rate:,.0f}" if rate >= 100 else f"{rate:.1f}") + (f" ({errors} errors)" if errors else ""),
+                    " / ".join(f"{x:.0f}" for x in r["rates"]) if r.get("rates") else "-",
+                    f"×{rate / off:.3f}" if off else "-",
+                    ms(r.get("ttft_p50" if stream else "p50")), ms(r.get("ttft_p99" if stream else "p99")),
+                    cores(cpu.get("gateway")), "-" if per_request is None else f"{per_request:,.0f}",
+                    spans, per, lost, cores(cpu.get("sink")), cores(other),
+                ))
+                if r["errors"]:
+                    self.notes.append(f"tracing, {what}, {labels.get(kind, kind)}: errors {r['errors']}")
+                if sink is not None and sink.get("bad"):
+                    self.notes.append(f"tracing, {what}, {labels.get(kind, kind)}: the sink could not read {sink['bad']} exports")
+        head = ("tracing", "requests or streams/s", "runs", "vs off", "latency or TTFT p50 (ms)", "p99 (ms)",
+                "gateway CPU (cores)", "gateway CPU per request (µs)", "spans received", "spans per request",
+                "spans dropped / exports failed", "sink (cores)", "other processes (cores)")
+        if all(row[2] == "-" for row in rows):  # one round each: no runs to show
+            head, rows = head[:2] + head[3:], [row[:2] + row[3:] for row in rows]
+        pct = lambda v: f"{100 * v:+.1f}%".replace("-", "−")
+        def change(what, kind):
+            if (what, kind) not in cost:
+                return "-"
+            return pct(cost[(what, kind)]) + (f" (CPU per request {pct(cpu_cost[(what, kind)])})"
+                                              if (what, kind) in cpu_cost else "")
+
+        summary = "; ".join(
+            f"{what}: {change(what, '1.0')} at 1.0, {change(what, '0.01')} at 0.01"
+            for what in (f"non-streaming c={c}", f"streaming c={c}")
+            if (what, "1.0") in cost or (what, "0.01") in cost
+        )
+        rounds = self.args.repeat
+        took = "" if self.tracing_s is None else f" This part took {self.tracing_s:.0f} s."
+        return [
+            "",
+            "### Tracing (issue 22): off, on at sample_rate 1.0 and at 0.01",
+            "",
+            markdown_table(head, rows),
+            "",
+            "The same load through a gateway with tracing off and on (OTLP over HTTP to bench/otlp_sink.py, a "
+            "collector in its own process that answers 200 and counts the spans), at tracing.sample_rate 1.0 and "
+            "0.01; a fresh fake, gateway and sink for each row"
+            + (f", {rounds} rounds alternating the three, median kept" if rounds > 1 else "")
+            + ". Non-streaming: " + ("wrk" if self.wrk else "bench/loadgen.py") + ", latency p50/p99; "
+            "streaming: bench/loadgen.py, TTFT p50/p99. Gateway CPU per request: its cores ÷ the rate. Spans per "
+            "request: the spans the sink received ÷ the chat completions the gateway served (warm-up included in "
+            "both; at 1.0 a server span, \"authenticate\" and the backend call per request). Throughput against "
+            f"tracing off (negative: slower; the goal is a cost under 10% at 0.01), and in brackets the gateway's "
+            f"CPU per request against tracing off: {summary or '-'}. On a busy machine the rates follow the CPU the "
+            "gateway gets; its CPU per request is the steadier measure of the cost." + took,
         ]
 
     def two_users_scenario(self):
@@ -1633,11 +1857,12 @@ class Bench:
             + f"; load average at start {self.load_at_start}; run took {elapsed:.0f} s."
         )
         self.gateway_notes()
-        if not a.fair_only and not a.keys_only and not a.instances_only:
+        if not a.fair_only and not a.keys_only and not a.instances_only and not a.tracing_only:
             out += self.side_by_side()
         if not a.no_keys and not a.fair_only:
             out += self.keys_report()
         out += self.instances_report()
+        out += self.tracing_report()
         if not a.no_fair and not a.keys_only and not a.instances_only:
             out += self.two_users_report()
         errors = [(k, kind, r["errors"]) for k, pair in self.results.items() for kind, r in pair.items() if r["errors"]]
@@ -1681,7 +1906,8 @@ class Bench:
     def as_json(self, elapsed):
         return {"args": vars(self.args), "elapsed_s": elapsed, "results": self.results,
                 "rss_kb": self.rss, "two_users": self.shared_gpu, "two_users_s": self.shared_gpu_s, "keys": self.keys_results,
-                "instances": self.instances, "instances_s": self.instances_s, "notes": self.notes}
+                "instances": self.instances, "instances_s": self.instances_s, "tracing": self.tracing,
+                "tracing_s": self.tracing_s, "notes": self.notes}
 
 
 def parse_args(argv=None):
@@ -1729,6 +1955,10 @@ def parse_args(argv=None):
     instances.add_argument("--no-instances", action="store_true", help="leave out the several instances scenario")
     instances.add_argument("--instances-only", action="store_true",
                            help="run only the several instances scenario (1 gateway against --instances)")
+    tracing = p.add_mutually_exclusive_group()
+    tracing.add_argument("--no-tracing", action="store_true", help="leave out the tracing scenario")
+    tracing.add_argument("--tracing-only", action="store_true",
+                         help="run only the tracing scenario (off, sample_rate 1.0 and 0.01, c=10)")
     p.add_argument("--repeat", type=int, default=1, help="measure each scenario N times, alternating, keep the median")
     p.add_argument("--client-procs", type=int, default=2, help="load generator processes above concurrency 1 (default 2)")
     p.add_argument("--no-wrk", action="store_true", help="use bench/loadgen.py for non-streaming too")
@@ -1743,9 +1973,11 @@ def parse_args(argv=None):
         p.error("--concurrency: comma-separated integers, e.g. 1,10,50")
     if not args.concurrency or min(args.concurrency) < 1 or args.duration < 1 or args.warmup < 0 or args.repeat < 1:
         p.error("concurrency levels and --duration must be at least 1, --warmup at least 0")
-    if sum(map(bool, (args.chunk_only, args.fair_only, args.keys_only, args.instances_only))) > 1:
-        p.error("--chunk-only, --fair-only, --keys-only and --instances-only exclude one another")
+    if sum(map(bool, (args.chunk_only, args.fair_only, args.keys_only, args.instances_only, args.tracing_only))) > 1:
+        p.error("--chunk-only, --fair-only, --keys-only, --instances-only and --tracing-only exclude one another")
     if args.chunk_only:
+        args.no_keys = args.no_fair = args.no_instances = True
+    if args.tracing_only:
         args.no_keys = args.no_fair = args.no_instances = True
     if args.instances < 2:
         p.error("--instances must be at least 2")
