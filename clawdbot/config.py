@@ -733,14 +733,17 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 def _validate_tracing(tracing):
-    _http_url("tracing.endpoint", tracing.endpoint)
+    if _http_url("tracing.endpoint", tracing.endpoint).query:
+        # (check-config prints the endpoint: credentials belong in tracing.headers, which it masks.)
+        raise ConfigError("tracing.endpoint", "must not have a query string; put the collector's credentials in tracing.headers")
     if not tracing.service_name.strip():
         raise ConfigError("tracing.service_name", "is empty")
     for name, value in tracing.headers.items():
         if not _HEADER_NAME.match(name):
             raise ConfigError(f"tracing.headers.{name}", "is not an HTTP header name")
-        if any(c in value for c in "\r\n\x00"):
-            raise ConfigError(f"tracing.headers.{name}", "contains a line break")
+        # What an HTTP/1.1 header value can carry: printable Latin-1, no surrounding space.
+        if value != value.strip(" \t") or not all(" " <= c <= "~" or "\xa0" <= c <= "\xff" or c == "\t" for c in value):
+            raise ConfigError(f"tracing.headers.{name}", "is not a value an HTTP header can carry (printable Latin-1, no surrounding spaces)")
 
 
 def _http_url(path, value):

@@ -26,9 +26,11 @@ import re
 
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from clawdbot.ops import tracing
 from testing.fake_ollama import DEFAULT_REPLY, FakeOllama, tokenize
 from testing.otlp_receiver import OTLPReceiver, first, matching
 from tests.helpers import SECRET, Backed, bearer, get_json, merge_yaml, stream_call, token, until, when_queued
@@ -557,25 +559,27 @@ class TraceIdTests(Traced):
         # As the HTTP conventions say: a 4xx is the client's, so its server span's status stays unset (error.type says why).
         self.assertEqual(denied.status_code, "UNSET", denied.attributes)
 
-    async def test_sample_rate_zero_honours_a_sampled_client(self):
-        """At sample_rate 0 a new trace or a client's unsampled one is not exported; a client's sampled one is (ParentBased)."""
+    async def test_sample_rate_zero_is_not_overruled_by_a_client(self):
+        """
+        At sample_rate 0 nothing is recorded, a client's sampled traceparent
+        included (anyone may send one, before any token is checked); the
+        client's trace goes on all the same: its id is the request's, and
+        Ollama is told it, marked not sampled.
+        """
         self.traced("sample_rate: 0")
-        unsampled = "5" * 32
-        headers, _ = await self.chat_ok()
-        new_id = headers.getRawHeaders("x-request-id")[0]
-        await self.chat_ok(headers={"traceparent": traceparent(unsampled, sampled=False)})
+        headers, _ = await self.chat_ok(headers={"traceparent": traceparent()})
+        self.assertEqual(headers.getRawHeaders("x-trace-id"), [CLIENT_TRACE])
         passed = parse_traceparent(self.fake.requests_to("/api/chat")[-1].headers.get("traceparent"))
-        self.assertEqual((passed[0], passed[2]), (unsampled, False))
-        await self.chat_ok(headers={"traceparent": traceparent()})
-        passed = parse_traceparent(self.fake.requests_to("/api/chat")[-1].headers.get("traceparent"))
-        self.assertEqual((passed[0], passed[2]), (CLIENT_TRACE, True))
-
-        await self.server_span(trace_id=CLIENT_TRACE)
-        await self.trace_with(first(self.receiver.spans, name=CHAT_SPAN), f"chat {MODEL}")
-        # Spans go out in the order they ended: the sampled call's are in, the earlier calls' never will be.
-        self.assertEqual({s.trace_id for s in self.receiver.spans}, {CLIENT_TRACE})
-        await until(lambda: self.log_line(new_id) is not None, what="the access-log line")
-        self.assertRegex(self.log_line(new_id)["trace_id"], HEX32)
+        self.assertEqual((passed[0], passed[2]), (CLIENT_TRACE, False))
+        request_id = headers.getRawHeaders("x-request-id")[0]
+        # Anonymous calls with a sampled traceparent: refused, and not recorded either.
+        for _ in range(5):
+            status, _, _ = await get_json(self.gw.url + CHAT, method="POST", headers={"traceparent": traceparent()}, body={"messages": user()})
+            self.assertEqual(status, 401)
+        await until(lambda: self.log_line(request_id) is not None, what="the access-log line")
+        self.assertEqual(self.log_line(request_id)["trace_id"], CLIENT_TRACE)
+        await deferLater(reactor, 20 * tracing.EXPORT_DELAY + 0.3)  # several export turns
+        self.assertEqual(self.receiver.spans, [])
 
 
 class OutageTests(Traced):
@@ -676,6 +680,65 @@ class OutageTests(Traced):
         self.assertEqual(new.exports[-1].headers.get("x-collector-key"), COLLECTOR_CANARY)
         self.assertEqual(old.trace("8" * 32), [])
         self.assertEqual(new.trace("7" * 32), [])
+
+
+    async def test_reload_keeps_the_spans_of_calls_in_flight(self):
+        """A stream running across a reload that changes the collector: its spans are sent (to the new one), not lost with the old queue."""
+        new = started_receiver(self)
+        self.traced()
+        self.fake.behave(hold=2, times=1)
+        call = ensureDeferred(self.stream(headers={"traceparent": traceparent("9" * 32)}))
+        await until(lambda: self.fake.requests_to("/api/chat"), what="the held call at the backend")
+        with open(self.gw.config_path) as f:
+            text = f.read()
+        with open(self.gw.config_path, "w") as f:
+            f.write(merge_yaml(text, f'tracing: {{endpoint: "{new.endpoint}"}}'))
+        self.assertTrue(self.gw.parts.runtime.reload())
+        self.fake.release()
+        status, _ = await call
+        self.assertEqual(status, 200)
+        server = await new.wait_for(lambda spans: first(spans, name=CHAT_SPAN, trace_id="9" * 32), 15)
+        children = {c.name for c in new.children(server)} | {c.name for c in self.receiver.children(server)}
+        self.assertIn(f"chat {MODEL}", children)
+
+
+class NamingTests(Traced):
+    """What clients choose cannot shape the spans or the metrics beyond bounds."""
+
+    async def test_unknown_method_and_probes(self):
+        """An unknown method's span is named _OTHER; /healthz, /readyz and /metrics make no spans; a 404 body has the trace id."""
+        self.traced()
+        for method in ("FOO0", "X" * 32):
+            status, headers, _ = await get_json(self.gw.url + CHAT, method=method, headers={"traceparent": traceparent("a" * 32)})
+            self.assertEqual(status, 501)
+        for path in ("/healthz", "/readyz"):
+            status, headers, _ = await get_json(self.gw.url + path)
+            self.assertIsNone(headers.getRawHeaders("x-trace-id"))
+        status, headers, body = await get_json(self.gw.url + "/v1/nothing-here", headers=bearer(token()))
+        self.assertEqual(status, 404)
+        self.assertEqual(body["error"]["trace_id"], headers.getRawHeaders("x-trace-id")[0])
+        await self.receiver.wait_for(lambda spans: len([s for s in spans if s.trace_id == "a" * 32]) >= 2 or None, 10)
+        names = {s.name for s in self.receiver.spans}
+        self.assertIn("_OTHER", names)
+        self.assertFalse([n for n in names if "FOO" in n or "XXXX" in n or "healthz" in n or "readyz" in n], names)
+
+    async def test_big_content_described_by_its_size(self):
+        """Captured content over MAX_CONTENT characters is described by its size, not recorded (nor redacted at length)."""
+        self.traced("capture_content: true")
+        big = "long words " * (tracing.MAX_CONTENT // 5)
+        await self.chat_ok(headers={"traceparent": traceparent("b" * 32)}, messages=user(big))
+        server = await self.server_span(trace_id="b" * 32)
+        self.assertRegex(server.attributes["gen_ai.input.messages"], r"^\[\d+ characters, not recorded\]$")
+        self.assertNotIn("long words long words", json.dumps(server.attributes))
+
+    async def test_metric_labels_only_named_models(self):
+        """A model spelled otherwise (Ollama answers any case) is counted under 'other', never as a label of its own."""
+        self.traced()
+        await self.chat_ok(headers={}, model=MODEL.upper())
+        await self.chat_ok()
+        text = await self.metrics()
+        self.assertIsNone(metric(text, "gen_ai_client_token_usage_count", model=MODEL.upper(), token_type="input"), text)
+        self.assertEqual(metric(text, "gen_ai_client_token_usage_count", model="other", token_type="input"), 1.0, text)
 
 
 class GenAIMetricsTests(Backed):

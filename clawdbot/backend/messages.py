@@ -43,7 +43,10 @@ SIGNATURE = "clawdbot"
 def error_payload(err: APIError) -> dict[str, Any]:
     """C{err} in Anthropic's shape, C{{"type": "error", "error": {"type", "message"}}}."""
     message = err.as_dict()["error"]["message"]
-    return {"type": "error", "error": {"type": _ERROR_TYPES.get(err.status, "api_error"), "message": message}}
+    error = {"type": _ERROR_TYPES.get(err.status, "api_error"), "message": message}
+    if err.trace_id is not None:
+        error["trace_id"] = err.trace_id
+    return {"type": "error", "error": error}
 
 
 def error_body(err: APIError) -> bytes:

@@ -504,7 +504,10 @@ class ResponseStream(StreamTranslator):
     def error_event(self, err: APIError) -> bytes:
         """The C{error} event that ends a stream that failed."""
         message = err.as_dict()["error"]["message"]
-        return self.event("error", {"code": err.code, "message": message, "param": err.param})
+        payload = {"code": err.code, "message": message, "param": err.param}
+        if err.trace_id is not None:
+            payload["trace_id"] = err.trace_id
+        return self.event("error", payload)
 
     def _start(self, item: dict[str, Any]) -> bytes:
         self.open = item

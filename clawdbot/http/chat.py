@@ -18,6 +18,7 @@ from clawdbot.backend.translate import DONE, LineSplitter, StreamTranslator, Ups
 from clawdbot.errors import APIError, invalid
 from clawdbot.http.resource import APIResource, Node, NotFound, StreamResponse, read_json
 from clawdbot.ops.observe import redact
+from clawdbot.ops.tracing import MAX_CONTENT
 
 log = Logger(namespace="clawdbot.chat")
 
@@ -216,10 +217,23 @@ def _count(request, reply):
         request.gen_ai["gen_ai.response.finish_reasons"] = [translate.finish_reason(reply.get("done_reason"), calls)]
 
 
+def captured(content):
+    """
+    Content for a span (C{tracing.capture_content}): redacted as the access
+    log redacts, as JSON; over L{MAX_CONTENT} characters, described by its
+    size instead, as the access log does (a cut document could not be
+    redacted, and redacting megabytes would hold up the reactor).
+    """
+    text = json.dumps(content, ensure_ascii=False)
+    if len(text) > MAX_CONTENT:
+        return f"[{len(text)} characters, not recorded]"
+    return json.dumps(redact(content), ensure_ascii=False)
+
+
 def trace_reply(request, tracing, text):
-    """With C{tracing.capture_content}: the reply's text on the server span, redacted as the access log redacts."""
+    """With C{tracing.capture_content}: the reply's text on the server span (see L{captured})."""
     if request.span is not None and tracing.capture_content:
-        request.gen_ai["gen_ai.output.messages"] = json.dumps([{"role": "assistant", "content": redact(text)}], ensure_ascii=False)
+        request.gen_ai["gen_ai.output.messages"] = captured([{"role": "assistant", "content": text}])
 
 
 def trace_call(request, tracing, operation, ollama_body):
@@ -240,7 +254,7 @@ def trace_call(request, tracing, operation, ollama_body):
     )
     content = next((ollama_body[key] for key in ("messages", "prompt", "input") if key in ollama_body), None)
     if tracing.capture_content and content is not None:
-        request.gen_ai["gen_ai.input.messages"] = json.dumps(redact(content), ensure_ascii=False)
+        request.gen_ai["gen_ai.input.messages"] = captured(content)
 
 
 class ModelRoute(APIResource):

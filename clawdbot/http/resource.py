@@ -335,7 +335,7 @@ class NotFound(Resource):
         request.route = "not_found"
         request.setResponseCode(err.status)
         request.setHeader(b"content-type", JSON_TYPE)
-        return error_body(err)
+        return error_body(err.traced(getattr(request, "trace_id", None)))
 
 
 class Node(Resource):

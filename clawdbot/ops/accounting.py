@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from clawdbot.errors import APIError
+from clawdbot.net import KNOWN_METHODS
 from clawdbot.ops.observe import logged_status, safe_path
 from clawdbot.ops.ratelimit import rule_for
 from clawdbot.ops.tracing import ROUTES, trace_id
@@ -31,6 +32,15 @@ def rate_limited(decision: "Decision", what: str) -> APIError:
         details=f"the {what} budget of {decision.limit} per minute is spent; retry after {decision.headers().get('Retry-After', '1')}s",
         headers=decision.headers(),
     )
+
+
+# Probes and scrapes, every few seconds: no trace (they would crowd out the requests).
+UNTRACED = frozenset({b"/healthz", b"/readyz", b"/metrics"})
+
+
+def span_method(request: Any) -> str:
+    """A request's method as the HTTP conventions put it in a span: a known one, else C{_OTHER}."""
+    return request.method.decode("ascii") if request.method in KNOWN_METHODS else "_OTHER"
 
 
 class Accounting:
@@ -67,9 +77,10 @@ class Accounting:
 
     def started(self, request: Any) -> None:
         """A request arrived whole: its server span begins; sample it for the access log (its body copied now)."""
-        if self.tracing is not None and self.tracing.enabled:
-            request.span = self.tracing.server_span(request, (request.method or b"-")[:32].decode("ascii", "replace"))
-            request.trace_id = trace_id(request.span)
+        if self.tracing is not None and self.tracing.enabled and request.path not in UNTRACED:
+            request.span = self.tracing.server_span(request, span_method(request))
+            if request.span is not None:
+                request.trace_id = trace_id(request.span)
         rate = request.config.access_log.sample_rate
         if self.access_log.sampled(rate):
             request.sampled = True
@@ -116,7 +127,7 @@ class Accounting:
         """
         span = request.span
         if span.is_recording():
-            method = (request.method or b"-")[:32].decode("ascii", "replace")
+            method = span_method(request)
             route = ROUTES.get(request.route)
             if route is not None:
                 span.update_name(f"{method} {route}")

@@ -408,6 +408,20 @@ def model_label(config, model):
     return "other"
 
 
+def named_model(config, model):
+    """
+    A model as a label of the GenAI metrics: its name when the config names
+    it (C{backend.model}, C{backend.models}, C{backend.aliases},
+    C{backend.model_limits}), else C{other}.  Ollama answers any spelling of
+    a model it has (case, a registry prefix), so the name a call used is
+    not bounded by the models served.
+    """
+    backend = config.backend
+    if model == backend.model or model in backend.models or model in backend.aliases or model in backend.model_limits:
+        return model
+    return "other"
+
+
 class _ModelSlots:
     """Calls in progress and waiting per model that C{backend.model_limits} caps (read when scraped)."""
 
@@ -464,9 +478,9 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
-        # The OpenTelemetry GenAI metrics, by the model that answered (a name
-        # the backend served, never one a client made up): token counts per
-        # call, and time to the first token (buckets as the conventions advise).
+        # The OpenTelemetry GenAI metrics, by model (a name the config names,
+        # see named_model): token counts per call, and time to the first
+        # token (buckets as the conventions advise).
         self.gen_ai_tokens = Histogram(
             "gen_ai_client_token_usage",
             "Tokens per model call (OpenTelemetry GenAI), by model and token type (input, output).",
@@ -528,17 +542,16 @@ class Metrics:
                 model = model_label(request.config, request.audit["model"])
                 self.model_tokens.labels(model, "prompt").inc(usage.get("prompt_tokens", 0))
                 self.model_tokens.labels(model, "completion").inc(usage.get("completion_tokens", 0))
-                # (Usage means the backend answered: the name is one it serves.)
-                self.gen_ai_tokens.labels(request.audit["model"], "input").observe(usage.get("prompt_tokens", 0))
-                self.gen_ai_tokens.labels(request.audit["model"], "output").observe(usage.get("completion_tokens", 0))
+                named = named_model(request.config, request.audit["model"])
+                self.gen_ai_tokens.labels(named, "input").observe(usage.get("prompt_tokens", 0))
+                self.gen_ai_tokens.labels(named, "output").observe(usage.get("completion_tokens", 0))
 
     def first_token(self, request, seconds):
         """A streamed reply's first chunk went out C{seconds} after the request arrived."""
         self.ttft.observe(seconds)
         if "model" in request.audit and request.config is not None:
             self.model_ttft.labels(model_label(request.config, request.audit["model"])).observe(seconds)
-            # (A first token means the backend answered: the name is one it serves.)
-            self.gen_ai_ttft.labels(request.audit["model"]).observe(seconds)
+            self.gen_ai_ttft.labels(named_model(request.config, request.audit["model"])).observe(seconds)
 
     def render(self):
         return generate_latest(self.registry)

@@ -16,14 +16,15 @@ provider, no thread, no span objects.
 
 import collections
 import logging
+import os
 import threading
 import time
 
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from twisted.logger import Logger
@@ -32,10 +33,20 @@ log = Logger(namespace="clawdbot.tracing")
 
 # Seconds a span waits for its batch to fill before the batch goes anyway.
 EXPORT_DELAY = 1.0
-# Spans in one export, at most.
-BATCH = 512
+# Spans in one export, at most (with MAX_ATTRIBUTE, a few MB at worst).
+BATCH = 256
 # Seconds one export may take (the collector's answer included).
 EXPORT_TIMEOUT = 5.0
+# Characters of one attribute value at most (captured content is cut by the
+# route before, see MAX_CONTENT): a span stays small, so a batch does.
+MAX_ATTRIBUTE = 64 * 1024
+# Messages or a reply captured (tracing.capture_content) up to this many
+# characters of JSON; a longer one is described by its size, as the access
+# log does (a cut document could not be redacted).
+MAX_CONTENT = 32 * 1024
+# A client's tracestate passed on only up to this (W3C's advice for a header
+# of 32 entries); a longer one is left out.
+MAX_TRACESTATE = 512
 # Seconds the gateway's stop waits for the last spans to go out, at most.
 SHUTDOWN_WAIT = 3.0
 # Seconds between two log lines about failing exports.
@@ -89,7 +100,11 @@ class Exporting(SpanProcessor):
     """
     Ended spans to a queue of at most C{size}; a thread sends them to
     C{exporter} in batches of L{BATCH}, at least every L{EXPORT_DELAY}
-    seconds.
+    seconds.  One for the gateway's life: a reload swaps its C{exporter}
+    and C{size}, so spans that end after a reload (a long stream's) are
+    sent, not lost with an old queue.  The thread starts with the first
+    span (and again in a forked child: C{twistd} without C{-n} forks after
+    the service is made).
 
     @param dropped: called (from the reactor thread) for each span the full
         queue refused.
@@ -105,6 +120,12 @@ class Exporting(SpanProcessor):
         self._queue = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
+        self._thread = None
+        self._pid = None
+
+    def _start(self):
+        self._pid = os.getpid()
+        self._wake = threading.Condition()  # (a lock held in the parent at the fork is not ours)
         self._thread = threading.Thread(target=self._run, name="clawdbot-traces", daemon=True)
         self._thread.start()
 
@@ -112,6 +133,8 @@ class Exporting(SpanProcessor):
         pass
 
     def on_end(self, span):
+        if self._pid != os.getpid() and not self._stopping:
+            self._start()
         with self._wake:
             if len(self._queue) >= self.size:
                 full = True
@@ -131,19 +154,27 @@ class Exporting(SpanProcessor):
                 if not self._queue and self._stopping:
                     return
                 batch = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
+                exporter = self.exporter
             if batch:
                 try:
-                    result = self.exporter.export(batch)
+                    result = exporter.export(batch)
                 except Exception:
                     result = SpanExportResult.FAILURE
                 if result is not SpanExportResult.SUCCESS:
                     self.failed(len(batch))
 
+    def replace(self, exporter, size):
+        """Send with C{exporter} from now on (the old one is shut down off this thread), keeping at most C{size}."""
+        with self._wake:
+            old, self.exporter, self.size = self.exporter, exporter, size
+        threading.Thread(target=old.shutdown, name="clawdbot-traces-stop", daemon=True).start()
+
     def shutdown(self):
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        self._thread.join(SHUTDOWN_WAIT)
+        if self._thread is not None:
+            self._thread.join(SHUTDOWN_WAIT)
         self.exporter.shutdown()
 
     def force_flush(self, timeout_millis=30000):
@@ -184,6 +215,7 @@ class Tracing:
         self.tracer = None
         self.capture_content = False
         self._provider = None
+        self._exporting = None
         self._settings = None
         self._last_failure_log = 0.0
 
@@ -198,26 +230,36 @@ class Tracing:
         if settings == self._settings:
             return
         self._settings = settings
-        old, self._provider, self.tracer = self._provider, None, None
-        if tracing.enabled:
-            exporter = OTLPSpanExporter(endpoint=tracing.endpoint, headers=dict(tracing.headers), timeout=EXPORT_TIMEOUT)
-            provider = TracerProvider(
-                sampler=ParentBased(TraceIdRatioBased(tracing.sample_rate)),
-                resource=Resource.create({"service.name": tracing.service_name}),
-                shutdown_on_exit=False,
-            )
-            provider.add_span_processor(Exporting(exporter, tracing.queue, self._dropped, self._failed))
-            self._provider = provider
-            self.tracer = provider.get_tracer("clawdbot")
-        if old is not None:
-            threading.Thread(target=old.shutdown, name="clawdbot-traces-stop", daemon=True).start()
+        self._provider, self.tracer = None, None
+        if not tracing.enabled:
+            return
+        exporter = OTLPSpanExporter(endpoint=tracing.endpoint, headers=dict(tracing.headers), timeout=EXPORT_TIMEOUT)
+        if self._exporting is None:
+            self._exporting = Exporting(exporter, tracing.queue, self._dropped, self._failed)
+        else:
+            self._exporting.replace(exporter, tracing.queue)
+        # Sampled by the trace id alone, the client's sampled flag set
+        # aside: spans begin before anyone is authenticated, and a flag
+        # anyone may send must not make the gateway record (and send) every
+        # request.  A client's trace id and parent are kept all the same.
+        provider = TracerProvider(
+            sampler=TraceIdRatioBased(tracing.sample_rate),
+            resource=Resource.create({"service.name": tracing.service_name}),
+            shutdown_on_exit=False,
+            span_limits=SpanLimits(max_attribute_length=MAX_ATTRIBUTE, max_attributes=64, max_events=16),
+        )
+        # (A provider replaced by a reload is dropped, not shut down: the
+        # spans it made still end into the one queue.)
+        provider.add_span_processor(self._exporting)
+        self._provider = provider
+        self.tracer = provider.get_tracer("clawdbot")
 
     def stop(self):
         """Send what is queued (for at most a few seconds) and stop; call from a thread."""
-        provider, self._provider, self.tracer = self._provider, None, None
-        self._settings = None
-        if provider is not None:
-            provider.shutdown()
+        self._provider, self.tracer, self._settings = None, None, None
+        exporting, self._exporting = self._exporting, None
+        if exporting is not None:
+            exporting.shutdown()
 
     def _dropped(self):
         self.metrics().trace_spans_dropped.inc()
@@ -240,12 +282,16 @@ class Tracing:
         if self.tracer is None:
             return None
         carrier = {}
-        for key in ("traceparent", "tracestate"):
-            value = _header(request, key.encode("ascii"))
-            if value is not None:
-                carrier[key] = value
+        parent = _header(request, b"traceparent")
+        if parent is not None:
+            carrier["traceparent"] = parent
+            state = _header(request, b"tracestate")
+            if state is not None and len(state) <= MAX_TRACESTATE:
+                carrier["tracestate"] = state
         context = _PROPAGATOR.extract(carrier) if carrier else None
-        return self.tracer.start_span(name, context=context, kind=SERVER)
+        span = self.tracer.start_span(name, context=context, kind=SERVER)
+        # (An SDK switched off from the environment, OTEL_SDK_DISABLED, makes spans with no ids.)
+        return span if span.get_span_context().is_valid else None
 
     def child(self, parent, name, kind=INTERNAL, attributes=None, start_time=None):
         """
