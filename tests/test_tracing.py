@@ -731,6 +731,30 @@ class NamingTests(Traced):
         self.assertRegex(server.attributes["gen_ai.input.messages"], r"^\[\d+ characters, not recorded\]$")
         self.assertNotIn("long words long words", json.dumps(server.attributes))
 
+    async def test_chosen_trace_ids_do_not_force_sampling(self):
+        """At 0.01, trace ids a client picked to pass a plain ratio of the id's bits (low bits zero) are kept no more than others."""
+        self.traced("sample_rate: 0.01")
+        for i in range(30):
+            chosen = format(i + 1, "016x") + "0" * 16
+            status, _, _ = await get_json(self.gw.url + CHAT, method="POST", headers={"traceparent": traceparent(chosen, sampled=False)}, body={"messages": user()})
+            self.assertEqual(status, 401)
+        await deferLater(reactor, 20 * tracing.EXPORT_DELAY + 0.3)
+        self.assertLessEqual(len({s.trace_id for s in self.receiver.spans}), 3)
+
+    async def test_client_strings_cut_in_spans(self):
+        """A model name or session id of thousands of characters is cut to MAX_CLIENT_TEXT in span names and attributes."""
+        self.traced("sample_rate: 1.0")
+        status, _, _ = await self.chat(headers={"traceparent": traceparent("c" * 32)}, model="m" * 5000)
+        self.assertIn(status, (400, 404))
+        status, _, _ = await self.chat(headers={"traceparent": traceparent("d" * 32)}, session_id="s" * 5000)
+        self.assertIn(status, (400, 404))
+        await self.receiver.wait_for(lambda spans: len({x.trace_id for x in spans if x.kind == "SERVER"} & {"c" * 32, "d" * 32}) == 2 or None, 10)
+        for span in self.receiver.spans:
+            self.assertLessEqual(len(span.name), 300, span.name[:80])
+            for value in span.attributes.values():
+                if isinstance(value, str):
+                    self.assertLessEqual(len(value), 300, value[:80])
+
     async def test_metric_labels_only_named_models(self):
         """A model spelled otherwise (Ollama answers any case) is counted under 'other', never as a label of its own."""
         self.traced()

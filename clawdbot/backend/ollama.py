@@ -67,6 +67,8 @@ class IStreamConsumer(Interface):
         """The exchange is over, however it ended (after L{end} or an exception)."""
 
 
+# Characters of a model's name in a call's span, at most.
+MAX_NAME = 256
 # The GenAI operation of a call to Ollama, by path (its span's name and gen_ai.operation.name).
 OPERATIONS = {"/api/chat": "chat", "/api/generate": "text_completion", "/api/embed": "embeddings", "/api/embeddings": "embeddings"}
 
@@ -775,6 +777,8 @@ class Ollama:
             return None
         operation = OPERATIONS.get(path)
         model = payload_model(payload)
+        if model is not None and len(model) > MAX_NAME:
+            model = model[: MAX_NAME - 1] + "…"  # (a client's string: a span stays small)
         name = f"{operation} {model}" if operation and model else f"{method.decode('ascii')} {path}"
         attributes = {"gen_ai.system": "ollama", "gen_ai.operation.name": operation, "gen_ai.request.model": model} if operation else {}
         return self.tracing.child(share.span, name, self.tracing.CLIENT, {k: v for k, v in attributes.items() if v is not None})

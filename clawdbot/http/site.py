@@ -430,7 +430,7 @@ class GatewayRequest(server.Request):
         """
         if self.startedWriting and self.stream_format is not None and not self.gone and not self.finished:
             self.error = err
-            self.write(error_event(self.stream_format, err))
+            self.write(error_event(self.stream_format, err.traced(self.trace_id)))
 
     _client = None
 

@@ -15,7 +15,7 @@ from clawdbot.errors import APIError
 from clawdbot.net import KNOWN_METHODS
 from clawdbot.ops.observe import logged_status, safe_path
 from clawdbot.ops.ratelimit import rule_for
-from clawdbot.ops.tracing import ROUTES, trace_id
+from clawdbot.ops.tracing import ROUTES, short, trace_id
 
 if TYPE_CHECKING:
     from clawdbot.ops.observe import AccessLog, Metrics
@@ -136,7 +136,7 @@ class Accounting:
             session = request.audit.get("session")
             attributes = {
                 "http.request.method": method,
-                "url.path": safe_path(request),
+                "url.path": short(safe_path(request)),
                 "http.response.status_code": logged_status(request),
                 "http.route": route,
                 "clawdbot.route": request.route,
@@ -145,12 +145,12 @@ class Accounting:
                 "clawdbot.principal.issuer": principal.issuer if principal is not None else None,
                 "clawdbot.teams": list(principal.teams) if principal is not None and principal.teams else None,
                 "clawdbot.key_id": principal.key_id if principal is not None else None,
-                "clawdbot.session_id": session if isinstance(session, str) else None,
+                "clawdbot.session_id": short(session) if isinstance(session, str) else None,
                 "clawdbot.client_gone": True if request.gone else None,
-                "gen_ai.request.model": model if isinstance(model, str) else None,
+                "gen_ai.request.model": short(model) if isinstance(model, str) else None,
             }
             if usage and isinstance(model, str):
-                attributes["gen_ai.response.model"] = model
+                attributes["gen_ai.response.model"] = short(model)
                 attributes["gen_ai.usage.input_tokens"] = usage.get("prompt_tokens")
                 attributes["gen_ai.usage.output_tokens"] = usage.get("completion_tokens")
             attributes.update(request.gen_ai)

@@ -15,6 +15,7 @@ provider, no thread, no span objects.
 """
 
 import collections
+import hashlib
 import logging
 import os
 import threading
@@ -24,8 +25,8 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
-from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+from opentelemetry.trace import SpanKind, Status, StatusCode, get_current_span, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from twisted.logger import Logger
 
@@ -33,7 +34,7 @@ log = Logger(namespace="clawdbot.tracing")
 
 # Seconds a span waits for its batch to fill before the batch goes anyway.
 EXPORT_DELAY = 1.0
-# Spans in one export, at most (with MAX_ATTRIBUTE, a few MB at worst).
+# Spans in one export, at most.
 BATCH = 256
 # Seconds one export may take (the collector's answer included).
 EXPORT_TIMEOUT = 5.0
@@ -44,6 +45,18 @@ MAX_ATTRIBUTE = 64 * 1024
 # characters of JSON; a longer one is described by its size, as the access
 # log does (a cut document could not be redacted).
 MAX_CONTENT = 32 * 1024
+# Characters of a value a client chose (a model's name, a session id, a
+# path) in a span's name or attributes, at most: a span stays a few KB.
+MAX_CLIENT_TEXT = 256
+
+
+def short(text):
+    """C{text} (a value a client chose) cut to L{MAX_CLIENT_TEXT} characters; C{None} stays C{None}."""
+    if text is None or len(text) <= MAX_CLIENT_TEXT:
+        return text
+    return text[: MAX_CLIENT_TEXT - 1] + "…"
+
+
 # A client's tracestate passed on only up to this (W3C's advice for a header
 # of 32 entries); a longer one is left out.
 MAX_TRACESTATE = 512
@@ -181,6 +194,30 @@ class Exporting(SpanProcessor):
         return True
 
 
+class KeyedRatio(Sampler):
+    """
+    Keeps C{rate} of traces, decided by a keyed hash of the trace id (the
+    key a secret of this process): the same trace is kept or dropped whole,
+    but a client that picks its trace id (in a C{traceparent}) cannot pick
+    one that is kept, as it could against a plain ratio of the id's bits.
+    """
+
+    def __init__(self, rate):
+        self.rate = rate
+        self._bound = int(rate * 2**64)
+        self._key = os.urandom(16)
+
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None):
+        digest = hashlib.blake2b(trace_id.to_bytes(16, "big"), key=self._key, digest_size=8).digest()
+        if int.from_bytes(digest, "big") < self._bound:
+            state = get_current_span(parent_context).get_span_context().trace_state if parent_context is not None else None
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, state)
+        return SamplingResult(Decision.DROP)
+
+    def get_description(self):
+        return f"KeyedRatio{{{self.rate}}}"
+
+
 def _settings(tracing):
     """What a change of which rebuilds the exporter."""
     return (tracing.enabled, tracing.endpoint, tracing.sample_rate, tracing.service_name, tuple(sorted(tracing.headers.items())), tracing.queue)
@@ -238,12 +275,12 @@ class Tracing:
             self._exporting = Exporting(exporter, tracing.queue, self._dropped, self._failed)
         else:
             self._exporting.replace(exporter, tracing.queue)
-        # Sampled by the trace id alone, the client's sampled flag set
-        # aside: spans begin before anyone is authenticated, and a flag
-        # anyone may send must not make the gateway record (and send) every
-        # request.  A client's trace id and parent are kept all the same.
+        # Sampled by the trace id alone (keyed), the client's sampled flag
+        # set aside: spans begin before anyone is authenticated, and a flag
+        # (or an id) anyone may send must not make the gateway record (and
+        # send) every request.  A client's trace id and parent are kept.
         provider = TracerProvider(
-            sampler=TraceIdRatioBased(tracing.sample_rate),
+            sampler=KeyedRatio(tracing.sample_rate),
             resource=Resource.create({"service.name": tracing.service_name}),
             shutdown_on_exit=False,
             span_limits=SpanLimits(max_attribute_length=MAX_ATTRIBUTE, max_attributes=64, max_events=16),
