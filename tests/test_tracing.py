@@ -24,6 +24,8 @@ delay is patched short (C{clawdbot.ops.tracing.EXPORT_DELAY}).
 import json
 import re
 
+import openai
+
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
@@ -754,6 +756,28 @@ class NamingTests(Traced):
             for value in span.attributes.values():
                 if isinstance(value, str):
                     self.assertLessEqual(len(value), 300, value[:80])
+
+    async def test_official_sdk_with_tracing_on(self):
+        """The openai SDK, with its defaults, against a traced gateway: answers as usual, its raw headers carry the trace id, an error's body has it too."""
+        self.traced()
+
+        def run():
+            with openai.OpenAI(base_url=self.gw.url + "/v1", api_key=token(), max_retries=0) as client:
+                raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=user(), extra_headers={"traceparent": traceparent("e" * 32)})
+                parsed = raw.parse()
+                try:
+                    client.chat.completions.create(model=MODEL, messages=user(), temperature=9)
+                except openai.BadRequestError as e:
+                    return raw, parsed, e
+            return raw, parsed, None
+
+        raw, parsed, error = await deferToThread(run)
+        self.assertEqual(parsed.choices[0].message.content, DEFAULT_REPLY)
+        self.assertEqual(raw.headers.get("x-trace-id"), "e" * 32)
+        self.assertIsNotNone(error)
+        body = error.body.get("error", error.body)  # (the SDK keeps the error object, or the whole body)
+        self.assertRegex(body["trace_id"], HEX32)
+        self.assertEqual(error.response.headers.get("x-trace-id"), body["trace_id"])
 
     async def test_metric_labels_only_named_models(self):
         """A model spelled otherwise (Ollama answers any case) is counted under 'other', never as a label of its own."""

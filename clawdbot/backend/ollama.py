@@ -573,11 +573,12 @@ class Ollama:
         """The backend C{span} goes to, on C{span}; the W3C headers that make it Ollama's parent."""
         if span.is_recording():
             parts = urllib.parse.urlsplit(upstream.url)
+            urls = backend_urls(config)
             span.set_attributes(
                 {
                     "server.address": parts.hostname or "",
                     "server.port": parts.port or (443 if parts.scheme == "https" else 80),
-                    "clawdbot.backend": backend_urls(config).index(upstream.url) if upstream.url in backend_urls(config) else -1,
+                    "clawdbot.backend": urls.index(upstream.url) if upstream.url in urls else -1,
                 }
             )
         return self.tracing.headers(span)

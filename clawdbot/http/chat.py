@@ -231,9 +231,12 @@ def captured(content):
 
 
 def trace_reply(request, tracing, text):
-    """With C{tracing.capture_content}: the reply's text on the server span (see L{captured})."""
+    """
+    With C{tracing.capture_content}: the reply's text on the server span
+    (see L{captured}); C{text} is the text, or C{() -> text}, asked only then.
+    """
     if request.span is not None and tracing.capture_content:
-        request.gen_ai["gen_ai.output.messages"] = captured([{"role": "assistant", "content": text}])
+        request.gen_ai["gen_ai.output.messages"] = captured([{"role": "assistant", "content": text() if callable(text) else text}])
 
 
 def trace_call(request, tracing, operation, ollama_body):
@@ -454,7 +457,7 @@ class Conversation(ModelRoute):
         finally:
             if translator.final is not None:
                 _count(request, translator.final)
-            trace_reply(request, self.tracing, "".join(translator.content))
+            trace_reply(request, self.tracing, lambda: "".join(translator.content))
         if not kept and keep is not None and translator.sent_role:
             await keep(translator, True)
         return None

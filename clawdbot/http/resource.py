@@ -182,10 +182,12 @@ def last_resort(request):
     request.error = internal_error()
     try:
         if not request.startedWriting:
+            trace = getattr(request, "trace_id", None)
+            body = _BARE_500 if trace is None else error_body(internal_error().traced(trace))
             request.setResponseCode(500)
             request.responseHeaders.setRawHeaders(b"content-type", [JSON_TYPE])
-            request.responseHeaders.setRawHeaders(b"content-length", [str(len(_BARE_500)).encode()])
-            request.write(_BARE_500)
+            request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+            request.write(body)
         if request.producer is not None:
             request.unregisterProducer()
         request.finish()

@@ -251,7 +251,6 @@ class Tracing:
         self.metrics = metrics
         self.tracer = None
         self.capture_content = False
-        self._provider = None
         self._exporting = None
         self._settings = None
         self._last_failure_log = 0.0
@@ -267,7 +266,7 @@ class Tracing:
         if settings == self._settings:
             return
         self._settings = settings
-        self._provider, self.tracer = None, None
+        self.tracer = None
         if not tracing.enabled:
             return
         exporter = OTLPSpanExporter(endpoint=tracing.endpoint, headers=dict(tracing.headers), timeout=EXPORT_TIMEOUT)
@@ -288,12 +287,11 @@ class Tracing:
         # (A provider replaced by a reload is dropped, not shut down: the
         # spans it made still end into the one queue.)
         provider.add_span_processor(self._exporting)
-        self._provider = provider
         self.tracer = provider.get_tracer("clawdbot")
 
     def stop(self):
         """Send what is queued (for at most a few seconds) and stop; call from a thread."""
-        self._provider, self.tracer, self._settings = None, None, None
+        self.tracer, self._settings = None, None
         exporting, self._exporting = self._exporting, None
         if exporting is not None:
             exporting.shutdown()
