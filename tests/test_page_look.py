@@ -505,7 +505,11 @@ def _theme(browser, url):
     page.screenshot_as("look-theme-dark")
     page.reload()
     page.get_by_test_id("composer").wait_for(state="visible")
+    # The page fills its conversation after its first requests answer: probe
+    # once it has, or that render wipes the probe (a flake seen in CI).
+    page.wait_for_load_state("networkidle")
     page.evaluate(CODE_PROBE)
+    page.wait_until("document.querySelector('#theme-probe .hljs-keyword') !== null")
     seen["dark_after_reload"] = page.evaluate(THEME_FACTS)
     toggle.select_option("system")
     seen["back_to_system"] = page.evaluate(THEME_FACTS)
