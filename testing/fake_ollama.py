@@ -941,6 +941,7 @@ class FakeOllama:
         self._connection_waiters: list = []
         self._exchanges: set[_Exchange] = set()
         self._port = None
+        self._scheme = "http"
 
         self.resource = self._build_resource()
         self.site = Site(self.resource)
@@ -988,16 +989,23 @@ class FakeOllama:
         api.putChild(b"blobs", _Blobs(self, {b"HEAD": self._head_blob, b"POST": self._create_blob}))
         return root
 
-    def listen(self, reactor=None, port: int = 0, interface: str = "127.0.0.1"):
+    def listen(self, reactor=None, port: int = 0, interface: str = "127.0.0.1", tls=None):
         """
         Listen on C{interface:port} (default a free loopback port); returns
         the listening port.  L{url} then gives the base URL.
+
+        @param tls: a server context factory (e.g. Twisted's
+            C{CertificateOptions}) to serve HTTPS with, instead of HTTP.
         """
         if reactor is None:
             from twisted.internet import reactor
         if self._clock is None:
             self._clock = reactor
-        self._port = reactor.listenTCP(port, self.factory, interface=interface)
+        if tls is not None:
+            self._port = reactor.listenSSL(port, self.factory, tls, interface=interface)
+        else:
+            self._port = reactor.listenTCP(port, self.factory, interface=interface)
+        self._scheme = "https" if tls is not None else "http"
         return self._port
 
     @property
@@ -1006,9 +1014,9 @@ class FakeOllama:
 
     @property
     def url(self) -> str:
-        """C{http://127.0.0.1:PORT}, with no trailing slash."""
+        """C{http://127.0.0.1:PORT} (C{https://} when listening with TLS), with no trailing slash."""
         host = self._port.getHost()
-        return f"http://{host.host}:{host.port}"
+        return f"{self._scheme}://{host.host}:{host.port}"
 
     def stop(self) -> defer.Deferred:
         """

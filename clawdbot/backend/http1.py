@@ -16,12 +16,14 @@ C{Content-Length}, by chunked transfer coding or by the connection's end.
 It fails the way C{Agent} does (L{ResponseNeverReceived} when a connection
 gives no byte back, L{ResponseFailed} after one, a body's end as
 L{ResponseDone} or L{PotentialDataLoss}), so callers map its errors as they
-did C{Agent}'s; timeouts are the caller's, by cancelling.
+did C{Agent}'s; timeouts are the caller's, by cancelling, but for the TLS
+handshake's, which is part of connecting (L{HandshakeEndpoint}).
 """
 
 from twisted.internet.abstract import isIPv6Address
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
-from twisted.internet.error import ConnectionDone
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
+from twisted.internet.error import ConnectionDone, TimeoutError
+from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import URI, ResponseDone, ResponseFailed, ResponseNeverReceived
@@ -52,6 +54,26 @@ _SIZE, _DATA, _DATA_END, _TRAILER = "size", "data", "data-end", "trailer"
 
 class MalformedResponse(Exception):
     """The backend's response does not parse as HTTP/1.1."""
+
+
+class HandshakeTimedOut(Exception):
+    """
+    The backend accepted the connection but its TLS handshake did not
+    finish within the connect timeout (L{HandshakeEndpoint}).
+
+    @ivar seconds: that timeout.
+    """
+
+    def __init__(self, seconds):
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
+class EndpointError(Exception):
+    """
+    The connection to a backend could not even be set up (its host name,
+    or the TLS settings made for it, cannot be used): nothing was sent.
+    """
 
 
 class Response:
@@ -146,13 +168,18 @@ def parse_head(head):
     return version, int(code), parts[2] if len(parts) > 2 else b"", headers
 
 
+@implementer(IHandshakeListener)
 class Connection(Protocol):
     """
     One connection to the backend, sending one request at a time and
     parsing its response.  Made by L{Connections}; back in its pool after
     a response whose body was read to its end, if the connection may be
-    kept.
+    kept.  Over TLS, L{HandshakeEndpoint} gives it out once its handshake
+    is done (L{handshake}).
     """
+
+    # The Deferred of handshake(), while the TLS handshake goes on.
+    _handshake = None
 
     def __init__(self, pool, key):
         self.pool = pool
@@ -178,6 +205,20 @@ class Connection(Protocol):
         self._unread = []  # body pieces read before the reader came
         self._unread_size = 0
         self._ended = None  # how the body ended, when it did before the reader came
+
+    def handshake(self):
+        """
+        A L{Deferred} that fires with this connection once its TLS handshake
+        is done, or fails with L{ResponseNeverReceived} (the handshake's
+        failure inside) when the connection ends first.
+        """
+        self._handshake = Deferred()
+        return self._handshake
+
+    def handshakeCompleted(self):
+        waiting, self._handshake = self._handshake, None
+        if waiting is not None:
+            waiting.callback(self)
 
     # --- the request ---------------------------------------------------------
 
@@ -437,6 +478,9 @@ class Connection(Protocol):
         state, self.state = self.state, _CLOSED
         self._cancel_idle()
         self.pool.forget(self)
+        if self._handshake is not None:
+            handshake, self._handshake = self._handshake, None
+            handshake.errback(ResponseNeverReceived([reason if reason is not None else Failure(ConnectionDone())]))
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
             failure = reason if reason is not None else Failure(ResponseFailed([]))
@@ -472,6 +516,64 @@ class Connection(Protocol):
             self._idle_timer = None
 
 
+@implementer(IStreamClientEndpoint)
+class HandshakeEndpoint:
+    """
+    A TLS client endpoint (C{wrapClientTLS}'s) whose L{Connection} is made
+    only once its TLS handshake is done: connecting takes the TCP
+    connection and the handshake, both within C{timeout} seconds.  A
+    backend that accepts the connection and never answers the handshake
+    fails it with L{HandshakeTimedOut} (the connection dropped), as one
+    that does not accept it fails with L{TimeoutError}.
+    """
+
+    def __init__(self, reactor, endpoint, timeout):
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.timeout = timeout
+
+    def connect(self, factory):
+        made = []
+
+        def finish(outcome):
+            if timer.active():
+                timer.cancel()
+            if not result.called:
+                (result.errback if isinstance(outcome, Failure) else result.callback)(outcome)
+            elif not isinstance(outcome, Failure):
+                outcome.abort()  # made after all, for nobody
+            # (A failure after the result is the echo of a timeout or a cancellation.)
+
+        def cancel(_):
+            if timer.active():
+                timer.cancel()
+            result.errback(Failure(CancelledError()))
+            stop()
+
+        def stop():
+            if made:
+                made[0].abort()
+            else:
+                connecting.cancel()
+
+        def expire():
+            if made:
+                finish(Failure(HandshakeTimedOut(self.timeout)))
+            else:
+                finish(Failure(TimeoutError(string="connecting timed out")))
+            stop()
+
+        def connected(connection):
+            made.append(connection)
+            return connection.handshake()
+
+        result = Deferred(cancel)
+        timer = self.reactor.callLater(self.timeout, expire)
+        connecting = self.endpoint.connect(factory)
+        connecting.addCallback(connected).addBoth(finish)
+        return result
+
+
 class _ConnectionFactory(Factory):
     noisy = False
 
@@ -497,6 +599,12 @@ class Connections:
         self._idle = {}  # key -> [Connection]
         # Closed for good (the gateway is stopping): no connection is kept after.
         self.closing = False
+        # Identities (TLS settings a reload replaced) whose connections are no longer kept.
+        self._retired = set()
+
+    def retired(self, identity):
+        """Whether the connections of C{identity} are no longer kept (L{retire})."""
+        return identity in self._retired
 
     def get(self, key, endpoint):
         """A L{Deferred} L{Connection} to C{key}: an idle one, or a new one from C{endpoint}."""
@@ -509,6 +617,9 @@ class Connections:
 
     def put(self, connection):
         """A connection free for the next request, kept if there is room."""
+        if self._retired and _identity(connection.key) in self._retired:
+            connection.transport.loseConnection()
+            return
         idle = self._idle.setdefault(connection.key, [])
         if len(idle) >= self.size or self.closing:
             connection.transport.loseConnection()
@@ -522,6 +633,22 @@ class Connections:
         if idle and connection in idle:
             idle.remove(connection)
 
+    def retire(self, identity):
+        """
+        Close the idle connections made under C{identity} (see L{Client}),
+        and keep none of it from now on: its TLS settings were replaced.
+        """
+        self._retired.add(identity)
+        for key in [k for k in self._idle if _identity(k) == identity]:
+            for connection in self._idle.pop(key):
+                connection._cancel_idle()
+                connection.state = _CLOSED
+                connection.transport.loseConnection()
+
+    def revive(self, identity):
+        """Connections made under C{identity} are kept again (a reload brought its settings back)."""
+        self._retired.discard(identity)
+
     def closeCachedConnections(self):
         """Close the idle connections, and keep none from now on; the L{Deferred} fires once they are closed."""
         self.closing = True
@@ -534,6 +661,11 @@ class Connections:
         return DeferredList(closing)
 
 
+def _identity(key):
+    """The identity in a pool key (see L{Client}), or C{None}."""
+    return key[3] if len(key) > 3 else None
+
+
 @implementer(IAgent)
 class Client:
     """
@@ -542,11 +674,16 @@ class Client:
     L{clawdbot.backend.ollama.BytesProducer}).
 
     @param endpoints: an L{IAgentEndpointFactory}.
+    @param identity: what tells this client's connections from another's
+        to the same address (the fingerprint of its TLS settings), or
+        C{None}: a connection is only ever reused by a client of the same
+        identity.
     """
 
-    def __init__(self, endpoints, pool):
+    def __init__(self, endpoints, pool, identity=None):
         self.endpoints = endpoints
         self.pool = pool
+        self.identity = identity
         self._targets = {}
 
     def _target(self, uri):
@@ -558,9 +695,17 @@ class Client:
             if (parsed.scheme, parsed.port) not in ((b"http", 80), (b"https", 443)):
                 host = b"%b:%d" % (host, parsed.port)
             key = (parsed.scheme, parsed.host, parsed.port)
+            if self.identity is not None:
+                key += (self.identity,)
             if len(self._targets) >= 256:
                 self._targets.clear()
-            target = self._targets[uri] = (key, self.endpoints.endpointForURI(parsed), parsed.originForm, host)
+            try:
+                endpoint = self.endpoints.endpointForURI(parsed)
+            except Exception as e:
+                # (A host name or TLS settings the connection cannot be made
+                # with: the caller says so in its own words.)
+                raise EndpointError() from e
+            target = self._targets[uri] = (key, endpoint, parsed.originForm, host)
         return target
 
     def request(self, method, uri, headers=None, bodyProducer=None):

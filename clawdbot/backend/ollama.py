@@ -21,11 +21,12 @@ from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceiv
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import Attribute, Interface, implementer
 
 from clawdbot.backend import http1
+from clawdbot.backend.tls import HANDSHAKE_TIMED_OUT, SETUP_FAILED, ClientTLS, tls_failure
+from clawdbot.config import BackendTLSConfig, BackendURLConfig, backend_url_list
 from clawdbot.net import Discard
 from clawdbot.errors import APIError
 from clawdbot.strictjson import loads_checked
@@ -363,12 +364,19 @@ class BodyReader(Protocol):
 class CachedEndpoints:
     """
     One endpoint per backend address, made once, instead of a new endpoint
-    (and an IDNA encoding of the host) for every request.
+    (and an IDNA encoding of the host) for every request.  Over https the
+    TLS handshake is part of connecting (L{http1.HandshakeEndpoint}): it
+    too must be over within the connect timeout.
+
+    @param tls: the L{ClientTLS} of the backends these endpoints reach over
+        https (one set of TLS settings: an agent, and its endpoints, serve
+        one), or C{None} for the system's trust.
     """
 
-    def __init__(self, reactor, connect_timeout):
+    def __init__(self, reactor, connect_timeout, tls=None):
         self.reactor = reactor
         self.timeout = connect_timeout
+        self.tls = tls
         self._cache = {}
 
     def endpointForURI(self, uri):
@@ -377,7 +385,10 @@ class CachedEndpoints:
         if endpoint is None:
             endpoint = HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=self.timeout)
             if uri.scheme == b"https":
-                endpoint = wrapClientTLS(optionsForClientTLS(uri.host.decode("idna")), endpoint)
+                tls = self.tls or ClientTLS(BackendTLSConfig())
+                # (The host as the config checked it: ASCII, see clawdbot.config.)
+                creator = tls.creator(uri.host.decode("ascii"))
+                endpoint = http1.HandshakeEndpoint(self.reactor, wrapClientTLS(creator, endpoint), self.timeout)
             self._cache[key] = endpoint
         return endpoint
 
@@ -389,8 +400,43 @@ def _cancelled(error):
 
 
 def backend_urls(config):
-    """C{backend.urls}, or C{backend.url} alone."""
-    return config.backend.urls or (config.backend.url,)
+    """The URL of each backend: C{backend.urls}, or C{backend.url} alone."""
+    return backend_url_list(config)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """
+    One backend's settings, as a call to it uses them: its URL, the
+    headers sent with every call (C{backend.headers} with its own over
+    them; L{bytes} pairs), and for an https one its L{ClientTLS} (its own
+    C{tls}, else C{backend.tls}).
+    """
+
+    url: str
+    headers: tuple = ()
+    tls: Any = None
+
+
+def backends(config):
+    """The L{Backend} of each configured backend, by URL."""
+    out = {}
+    shared = config.backend.headers
+    for entry in config.backend.urls or (config.backend.url,):
+        own = entry if isinstance(entry, BackendURLConfig) else None
+        url = own.url if own is not None else entry
+        headers = dict(shared)
+        if own is not None:
+            # Per backend over the shared ones, whatever the case of their names.
+            for name, value in own.headers.items():
+                for old in [n for n in headers if n.lower() == name.lower()]:
+                    del headers[old]
+                headers[name] = value
+        tls = None
+        if url.lower().startswith("https:"):
+            tls = ClientTLS(own.tls if own is not None and own.tls is not None else config.backend.tls)
+        out[url] = Backend(url, tuple((n.encode("ascii"), v.encode("latin-1")) for n, v in headers.items()), tls)
+    return out
 
 
 def display_url(url):
@@ -436,11 +482,16 @@ class Lease:
 
 
 class BackendUnreachable(Exception):
-    """No connection (or no response at all) from one backend: safe to try another."""
+    """
+    No connection (or no response at all) from one backend: safe to try another.
 
-    def __init__(self, error):
+    @ivar tls_reason: why the TLS handshake failed, in plain words, when that is what happened.
+    """
+
+    def __init__(self, error, tls_reason=None):
         super().__init__(error)
         self.error = error
+        self.tls_reason = tls_reason
 
 
 def payload_model(payload):
@@ -467,9 +518,14 @@ def model_cap(config, model):
     return entry.max_connections if entry is not None else None
 
 
-def _endpoint_agent(reactor, connect_timeout, pool):
-    """The production client: L{http1.Client} on L{CachedEndpoints}, its connections in C{pool}."""
-    return http1.Client(CachedEndpoints(reactor, connect_timeout), pool)
+def _endpoint_agent(reactor, connect_timeout, pool, tls=None):
+    """
+    The production client: L{http1.Client} on L{CachedEndpoints}, its
+    connections in C{pool} under the identity of C{tls} (a L{ClientTLS},
+    for https backends), so no connection made under other TLS settings
+    is used by it.
+    """
+    return http1.Client(CachedEndpoints(reactor, connect_timeout, tls), pool, identity=tls.identity if tls is not None else None)
 
 
 class Ollama:
@@ -481,7 +537,8 @@ class Ollama:
         what makes the HTTP client for a connect timeout, its persistent
         connections kept in C{pool} (L{http1.Connections}); by default the
         lean L{http1.Client} on cached endpoints.  Tests give one that
-        answers from a fake Ollama in memory.
+        answers from a fake Ollama in memory.  For an https backend it is
+        given a fourth argument, the backend's L{ClientTLS}.
     """
 
     def __init__(self, reactor, current_config, agent_factory=None, tracing=None):
@@ -496,17 +553,62 @@ class Ollama:
         self.model_slots = {}
         self._agents = {}
         self._upstreams = {}
+        # The config the backends' settings were worked out for, and them (L{backends}).
+        self._settings = (None, {}, frozenset())
 
-    def agent(self, config):
+    def agent(self, config, tls=None):
+        """The HTTP client for calls under C{config}, to an https backend with C{tls} (its L{ClientTLS})."""
         # Idle connections kept per backend: as many as calls may run at once
         # (the health checks' own besides), so that under full load every call
         # finds one and none waits a turn of the loop for a new connection.
         self.pool.size = max(POOL_MIN, config.max_connections + 2)
         timeout = config.backend.connect_timeout
-        agent = self._agents.get(timeout)
+        key = (timeout, tls)
+        agent = self._agents.get(key)
         if agent is None:
-            agent = self._agents[timeout] = self.agent_factory(self.reactor, timeout, self.pool)
+            if tls is None:
+                agent = self.agent_factory(self.reactor, timeout, self.pool)
+            else:
+                agent = self.agent_factory(self.reactor, timeout, self.pool, tls)
+                if tls not in self._current_tls():
+                    # A call still running under an older config's TLS
+                    # settings: a client of its own, not kept, whose
+                    # connections are never pooled (see backend).
+                    self.pool.retire(tls.identity)
+                    return agent
+            self._agents[key] = agent
         return agent
+
+    def _current_tls(self):
+        """The L{ClientTLS} settings of the running config's backends."""
+        self.backend(self.current_config(), None)
+        return self._settings[2]
+
+    def backend(self, config, url):
+        """
+        The L{Backend} at C{url} under C{config}.  The running config's
+        settings are worked out once; when a reload changes the TLS
+        settings, the clients and idle connections of the old ones go (a
+        connection verified against an old CA is never used again).  A
+        request still running under an older config works its settings
+        out afresh (its calls use the TLS settings it started with, on
+        connections of their own that are never pooled: L{agent}).
+        """
+        seen, settings, _ = self._settings
+        if seen is not config:
+            settings = backends(config)
+            if config is self.current_config():
+                current = {b.tls for b in settings.values() if b.tls is not None}
+                for key in [k for k in self._agents if k[1] is not None and k[1] not in current]:
+                    del self._agents[key]
+                    self.pool.retire(key[1].identity)
+                # Only the running config's identities are kept (a reload
+                # back to earlier settings keeps them again).
+                for tls in current:
+                    self.pool.revive(tls.identity)
+                self._settings = (config, settings, current)
+        found = settings.get(url)
+        return found if found is not None else Backend(url)
 
     # --- several backends ------------------------------------------------------
 
@@ -529,9 +631,18 @@ class Ollama:
         best.picks += 1
         return best
 
-    def mark_down(self, upstream, config):
+    def mark_down(self, upstream, config, tls_reason=None):
+        """
+        C{upstream} failed: avoided for C{backend.health_interval}, said once
+        in the log (with C{tls_reason}, why its TLS handshake failed, if
+        that is what happened).
+        """
         if upstream.down_until <= self.reactor.seconds():
-            if len(backend_urls(config)) > 1:
+            several = len(backend_urls(config)) > 1
+            if tls_reason is not None:
+                then = "routing around it to the others" if several else "model calls get 502 until it is fixed"
+                log.warn("Backend {url} failed TLS: {reason}; {then}", url=_display(upstream.url), reason=tls_reason, then=then)
+            elif several:
                 log.warn("Backend {url} is down; routing around it to the others", url=_display(upstream.url))
             else:
                 log.warn("Backend {url} is not answering; model calls get 502 until it does", url=_display(upstream.url))
@@ -559,7 +670,7 @@ class Ollama:
             try:
                 response = await self._send_one(config, upstream.url, method, path, body, deadline, trace_headers)
             except BackendUnreachable as e:
-                self.mark_down(upstream, config)
+                self.mark_down(upstream, config, e.tls_reason)
                 tried.add(upstream.url)
                 others = [u for u in self.upstreams(config) if u.url not in tried]
                 if lease is None or not others:
@@ -584,7 +695,17 @@ class Ollama:
         return self.tracing.headers(span)
 
     async def _send_one(self, config, base, method, path, body, deadline, trace_headers=None):
+        """
+        One request to the backend at C{base}: every call to a backend
+        (model calls, health checks, looks at its models) is made here.
+        Its headers are the gateway's own and the backend's configured
+        ones (C{backend.headers}); nothing of the client's request (its
+        C{Authorization}, its cookies) is ever among them.
+        """
+        backend = self.backend(config, base)
         headers = Headers({b"user-agent": [b"clawdbot"]})
+        for name, value in backend.headers:
+            headers.setRawHeaders(name, [value])
         for name, value in (trace_headers or {}).items():
             headers.setRawHeaders(name.encode("ascii"), [value.encode("ascii")])
         producer = None
@@ -592,7 +713,7 @@ class Ollama:
             headers.setRawHeaders(b"content-type", [b"application/json"])
             producer = BytesProducer(body)
         url = (base.rstrip("/") + path).encode("utf-8")
-        d = self.agent(config).request(method, url, headers, producer)
+        d = self.agent(config, backend.tls).request(method, url, headers, producer)
         now = self.reactor.seconds()
         wait = config.backend.first_byte_timeout
         if deadline is not None:
@@ -621,9 +742,29 @@ class Ollama:
                 # The caller was cancelled (its client went away): not the
                 # backend's fault.
                 raise CancelledError() from None
+            if isinstance(e, http1.HandshakeTimedOut):
+                # Connected, but the TLS handshake never finished: a backend
+                # that does not answer TLS on this port (a plain HTTP server
+                # waits for a request line the ClientHello never ends).
+                reason = f"the TLS handshake timed out (no answer within backend.connect_timeout, {e.seconds:g}s: is it a TLS port, is the URL's scheme right?)"
+                raise BackendUnreachable(timed_out(HANDSHAKE_TIMED_OUT), tls_reason=reason) from None
+            if isinstance(e, http1.EndpointError):
+                # (The config checks host names as TLS encodes them; this is the last resort.)
+                reason = "the connection cannot be set up: its host name or backend.tls.server_name cannot be used for TLS"
+                raise BackendUnreachable(unavailable(SETUP_FAILED), tls_reason=reason) from None
             if isinstance(e, TimeoutError):
                 raise BackendUnreachable(timed_out("connecting to the model backend timed out")) from None
             if isinstance(e, (ConnectError, DNSLookupError, ResponseNeverReceived)):
+                tls = tls_failure(e)
+                if tls is not None:
+                    # A failed TLS handshake (a certificate refused either
+                    # way) counts as the backend being unreachable: nothing
+                    # reached Ollama, so the call moves to the next backend,
+                    # and this one is marked down (the log says why, once)
+                    # until a health check or a later call finds it verified
+                    # again.  It is never retried without verification.
+                    details, reason = tls
+                    raise BackendUnreachable(unavailable(details), tls_reason=reason) from None
                 raise BackendUnreachable(unavailable()) from None
             if isinstance(e, ResponseFailed):
                 raise unavailable("the model backend closed the connection") from None
@@ -834,16 +975,26 @@ class Ollama:
             lease.model_slots.release(model_cap(config, model) or config.max_connections, lease.share, per_user)
 
     async def check_one(self, config, upstream):
-        """C{None} when this backend answers C{/api/version}, else a short reason."""
-        deadline = self.reactor.seconds() + config.backend.connect_timeout
+        """
+        C{None} when this backend answers C{/api/version}, else a short
+        reason: it has C{backend.connect_timeout} to connect (over https,
+        the TLS handshake included, whose failure is logged with its
+        reason) and as long again to answer.
+        """
+        deadline = self.reactor.seconds() + 2 * config.backend.connect_timeout
         try:
             response = await self._send_one(config, upstream.url, b"GET", "/api/version", None, deadline)
             await self.collect(response, config, deadline, limit=65536)
         except BackendUnreachable as e:
-            self.mark_down(upstream, config)
+            self.mark_down(upstream, config, e.tls_reason)
             return "not reachable (timed out)" if e.error.code == "UPSTREAM_TIMEOUT" else "not reachable"
         except APIError as e:
-            return "not reachable (timed out)" if e.code == "UPSTREAM_TIMEOUT" else "not reachable"
+            if e.code == "UPSTREAM_TIMEOUT":
+                # No answer within the check's time (a connection or a TLS
+                # handshake that hangs too): down, as if unreachable.
+                self.mark_down(upstream, config)
+                return "not reachable (timed out)"
+            return "not reachable"
         if response.code != 200:
             return f"answered status {response.code}"
         upstream.down_until = 0.0
@@ -862,7 +1013,7 @@ class Ollama:
             body = await self.collect(response, config, deadline, limit=1 << 20)
         except BackendUnreachable as e:
             # Seen unreachable: marked down, as a health check would.
-            self.mark_down(upstream, config)
+            self.mark_down(upstream, config, e.tls_reason)
             raise e.error from None
         if response.code != 200:
             raise APIError("UPSTREAM_UNAVAILABLE", details=f"answered status {response.code}")
