@@ -263,6 +263,14 @@ def _strport_parts(description: str) -> list[str]:
     return parts
 
 
+def strport_fields(description: str) -> list[str]:
+    """
+    The fields of a strports description, split on the colons that are not
+    escaped, escapes removed: C{["ssl", "8443", "privateKey=/k.pem"]}.
+    """
+    return _strport_parts(description)
+
+
 def strport_interface(description: str) -> str | None:
     """
     The C{interface=} of a Twisted strports description, or C{None} when it
@@ -340,7 +348,9 @@ def send_now(transport: Any, data: bytes) -> None:
     bytes are still buffered, goes the reactor's way, in order, with its
     backpressure; so does every error, which the reactor then reports.
     A connection that is closing, aborted or switched to TLS
-    (C{startTLS}) is left to its transport.
+    (C{startTLS}) is left to its transport, and so is every connection of
+    an C{ssl:} listener, whose transport is the TLS layer
+    (L{clawdbot.server_tls}), not a plain TCP one.
     """
     if (
         type(transport) not in _TCP
