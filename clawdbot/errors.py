@@ -137,6 +137,30 @@ def ollama_error_body(err: APIError) -> bytes:
         return json.dumps({"error": message}).encode("ascii")
 
 
+class StorageUnavailable(APIError):
+    """
+    The history database (L{clawdbot.storage.store}: history, keys, usage,
+    audit, stored responses) cannot answer now, for a reason outside the
+    gateway: it is down, unreachable or restarting, no connection came
+    within the pool's wait, the SQLite file is locked by another process
+    past the busy timeout, its disk is full, or it cannot be opened or
+    written.
+
+    An L{APIError} (503 C{STORAGE_UNAVAILABLE} with C{Retry-After}), so
+    every route answers it in the error shape, and a stream that has
+    started ends with it as its error event, without a mapping of its own.
+    A programming error (bad SQL, a broken constraint) is never one: it
+    stays what it is (a 500 once it reaches a route).
+
+    @ivar reason: what failed, for the operator's log: a curated phrase,
+        never a DSN, a password or a library's message.
+    """
+
+    def __init__(self, reason: str, details: str = "the history database cannot be used right now; retry shortly", retry_after: int = 5) -> None:
+        super().__init__("STORAGE_UNAVAILABLE", details=details, headers={"Retry-After": str(retry_after)})
+        self.reason = reason
+
+
 def internal_error() -> APIError:
     return APIError("INTERNAL_ERROR", details="the gateway hit an unexpected error; it has been logged")
 

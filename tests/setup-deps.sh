@@ -67,3 +67,25 @@ if [ -n "$pkgs" ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y $pkgs || { [ -z "$policy" ] || rm -f "$policy"; exit 1; }
   [ -z "$policy" ] || rm -f "$policy"
 fi
+
+# For tests/test_outages.py: a private PostgreSQL (initdb and postgres from
+# /usr/lib/postgresql/*/bin, run as the postgres user through setpriv), a
+# private redis-server, chattr (a file even root cannot write) and mount (a
+# small tmpfs that fills up).  Nothing here starts a service (policy-rc.d as above).
+pkgs=""
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || pkgs="$pkgs postgresql"
+command -v redis-server >/dev/null 2>&1 || pkgs="$pkgs redis-server"
+command -v setpriv >/dev/null 2>&1 || pkgs="$pkgs util-linux"
+command -v chattr >/dev/null 2>&1 || pkgs="$pkgs e2fsprogs"
+command -v mount >/dev/null 2>&1 || pkgs="$pkgs mount"
+if [ -n "$pkgs" ]; then
+  need_cmd apt-get
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
+  fi
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y $pkgs || { [ -z "$policy" ] || rm -f "$policy"; exit 1; }
+  [ -z "$policy" ] || rm -f "$policy"
+fi

@@ -33,7 +33,6 @@ import urllib.parse
 from twisted.logger import Logger
 
 
-from clawdbot.errors import APIError
 from clawdbot.auth.identity import Grant, KeyRecord, Principal, owner_digest, owner_key
 
 log = Logger(namespace="clawdbot.auth")
@@ -216,7 +215,7 @@ class ApiKeys:
             if cached is not None and 0 <= now - cached[1] < TTL:
                 return cached[0]
         generation = self._generation
-        value = await _stored(read())
+        value = await read()
         if generation == self._generation:
             cache = caches[0] if value is not None else caches[-1]
             if len(cache) >= _CACHE_MAX:
@@ -271,9 +270,11 @@ class ApiKeys:
         await self._write(grant)
 
     async def _write(self, grant):
+        # (A read under way now is not cached: the generation moved.  The
+        # cached grant goes only once the write is kept: a write that fails,
+        # in an outage, leaves the owner's keys working from the cache.)
         self._generation += 1
-        self._grants.pop(owner_digest(grant.owner), None)
-        await _stored(self.store.put_grants([grant]))
+        await self.store.put_grants([grant])
         self._grants.pop(owner_digest(grant.owner), None)
 
     async def grant_of(self, principal):
@@ -306,17 +307,17 @@ class ApiKeys:
         # (a token that does not say when it was issued only makes a first
         # one: it cannot be ordered against what is known).
         grant = self._grant_of(principal)
-        if principal.issued_at is not None or await _stored(self.store.grant(grant.owner)) is None:
+        if principal.issued_at is not None or await self.store.grant(grant.owner) is None:
             self._seen[grant.owner] = grant
             self._pending.pop(grant.owner, None)
             await self._write(grant)
-        if not await _stored(self.store.create(record, config.auth.api_keys.max_per_user, now)):
+        if not await self.store.create(record, config.auth.api_keys.max_per_user, now):
             return None
         return record, secret
 
     async def revoke(self, key_id, owner=None):
         """Revoke a key (of C{owner} only, when given): the key as it was, or C{None}."""
-        record = await _stored(self.store.revoke(key_id, self.clock.seconds(), owner))
+        record = await self.store.revoke(key_id, self.clock.seconds(), owner)
         if record is not None:
             self._generation += 1
             self._keys.pop(record.hash, None)
@@ -324,7 +325,7 @@ class ApiKeys:
 
     async def list(self, owner=None, limit=1000, live=False, sub=None):
         """Keys newest first (C{owner}'s, or everyone's, or C{sub}'s of any provider), with this instance's unwritten last uses; C{live}: only usable ones."""
-        records = await _stored(self.store.list(owner, limit, self.clock.seconds() if live else None, sub))
+        records = await self.store.list(owner, limit, self.clock.seconds() if live else None, sub)
         pending = self._used
         return [_with_use(r, pending.get(r.id)) for r in records]
 
@@ -373,15 +374,6 @@ def _principal(record, grant):
         owner_scopes=grant.scopes,
         key_team=record.team if record.team in grant.teams else None,
     )
-
-
-async def _stored(call):
-    """The result of a store call; a database that fails is a 503, never a 500."""
-    try:
-        return await call
-    except Exception:
-        log.failure("The API key store failed")
-        raise APIError("STORAGE_UNAVAILABLE", details="the key store cannot be reached; retry shortly", headers={"Retry-After": "5"}) from None
 
 
 def _same(a, b):

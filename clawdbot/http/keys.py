@@ -301,11 +301,8 @@ class Usage(APIResource):
             issuer = principal.issuer
         # What this instance gathered is written first, so the answer has it.
         await self.batches.run()
-        try:
-            rows = await self.usage.store.by_day(days, issuer=_issuer(issuer), sub=user, team=team)
-        except Exception:
-            log.failure("Could not read usage")
-            raise APIError("STORAGE_UNAVAILABLE", details="the usage store cannot be reached; retry shortly", headers={"Retry-After": "5"}) from None
+        # A database that cannot answer is a 503 (StorageUnavailable).
+        rows = await self.usage.store.by_day(days, issuer=_issuer(issuer), sub=user, team=team)
         data = [
             {
                 "date": date,

@@ -13,12 +13,14 @@ value.
 """
 
 import os
+import secrets
 import sys
 import time
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
+from clawdbot.errors import StorageUnavailable
 from clawdbot.ops.observe import log_line, redact_text
 from clawdbot.units import rfc3339
 
@@ -48,10 +50,18 @@ EVENTS = (
 PRUNE_EVERY = 3600.0
 
 
+# Events kept for the database at most while it cannot take them (the
+# oldest go first past it, with one warning).
+MAX_UNSTORED = 10_000
+
+
 class AuditLog:
     """
     Writes audit events.  C{record} never raises and never waits: the file
     is line-buffered, the database write runs on the store's threads.
+    Events the database cannot take (an outage) are kept, in order, and
+    written with the next event or the next L{flush} (every
+    C{usage.flush_interval}); the store logs the outage once.
 
     @param config: a callable giving the current config (for C{audit_log}).
     @param store: an L{clawdbot.storage.audit.AuditStore}, or C{None}.
@@ -66,7 +76,25 @@ class AuditLog:
         # Why the configured file cannot be written, or None (shown by /v1/admin/status).
         self.error = None
         self._pruned = 0.0
+        # Events not in the database yet: (at, event, line), oldest first.
+        self._unstored = []
+        # A batch the database did not take, (id, rows): written first, as it
+        # is, with its id (a write kept although it seemed to fail, the
+        # connection lost during its COMMIT, is not kept twice).
+        self._unsent = None
+        self._storing = None
+        self._flushes = []  # Deferreds of flush(), fired when the write under way is over
+        self._dropped = False
         self.open(config().audit_log.path)
+        engine = getattr(store, "engine", None)
+        if engine is not None and hasattr(engine, "before_close"):
+            engine.before_close.append(self._closing)
+
+    def _closing(self):
+        """The store closes (the gateway stops): events it has not taken are lost to it; one warning says how many."""
+        count = len(self._unstored) + (len(self._unsent[1]) if self._unsent is not None else 0)
+        if count:
+            log.warn("{count} audit event(s) were not stored in the history database before the stop (they are in the audit log's file, if any)", count=count)
 
     def open(self, path):
         """
@@ -126,14 +154,63 @@ class AuditLog:
                 self.stream.write(line)
             except Exception:
                 log.failure("Could not write the audit log")
-        config = self.config().audit_log
-        if self.store is not None and config.store:
+        if self.store is not None and self.config().audit_log.store:
+            if len(self._unstored) >= MAX_UNSTORED:
+                del self._unstored[0]
+                if not self._dropped:
+                    self._dropped = True
+                    log.warn("Audit events kept for the database passed {count}; dropping the oldest", count=MAX_UNSTORED)
+            self._unstored.append((now, event, line.rstrip("\n")))
+            self.flush()
+
+    def flush(self):
+        """
+        Write the events the database has not taken yet (a Deferred that
+        never fails); a write under way takes them instead.
+        """
+        if self.store is None or (self._storing is None and not self._unstored and self._unsent is None):
+            return succeed(None)
+        if self._storing is None:
+            self._storing = Deferred.fromCoroutine(self._store())
+            self._storing.addBoth(self._stored)
+        # (Fires once the write under way, and what it picks up, is over:
+        # the store is closed at shutdown only after that.)
+        done = Deferred()
+        self._flushes.append(done)
+        return done
+
+    def _stored(self, _):
+        self._storing = None
+        flushes, self._flushes = self._flushes, []
+        for done in flushes:
+            done.callback(None)
+
+    async def _store(self):
+        while self._unsent is not None or self._unstored:
+            if self._unsent is not None:
+                batch, rows = self._unsent
+            else:
+                batch, rows = f"audit-{secrets.token_hex(12)}", self._unstored
+                self._unstored = []
+            config = self.config().audit_log
+            now = self.clock()
             prune = None
             if now - self._pruned >= PRUNE_EVERY:
-                self._pruned = now
                 prune = now - config.retention
-            d = Deferred.fromCoroutine(self.store.add(now, event, line.rstrip("\n"), prune))
-            d.addErrback(lambda f: log.failure("Could not store an audit event", f))
+            try:
+                await self.store.add_many(rows, prune, batch=batch)
+            except StorageUnavailable:
+                # Kept, in order, for the next try (the store said the outage).
+                self._unsent = (batch, rows)
+                return
+            except Exception:
+                self._unsent = None
+                log.failure("Could not store {count} audit event(s)", count=len(rows))
+                return
+            self._unsent = None
+            if prune is not None:
+                self._pruned = now
+            self._dropped = False
 
 
 def _principal(principal):

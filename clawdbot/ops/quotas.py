@@ -26,7 +26,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from clawdbot.auth.identity import issuer_id
-from clawdbot.errors import APIError
+from clawdbot.errors import APIError, StorageUnavailable
 from clawdbot.units import WINDOWS, hour_of, window_bounds, zone_of
 
 log = Logger(namespace="clawdbot.usage")
@@ -136,12 +136,14 @@ class Quotas:
                 used[subject] = await self._used(subject, starts, now)
         except CancelledError:
             raise  # the caller went away: no call is made
-        except Exception:
+        except Exception as e:
             # The database cannot say what was used: rate_limit.on_backend_error
-            # decides, as for the shared rate limits.
-            log.failure("Could not read the quota totals")
+            # decides, as for the shared rate limits.  (The store says an
+            # outage once; anything else is logged here.)
+            if not isinstance(e, StorageUnavailable):
+                log.failure("Could not read the quota totals")
             if config.rate_limit.on_backend_error == "closed":
-                raise APIError("STORAGE_UNAVAILABLE", details="the usage store cannot be reached; retry shortly", headers={"Retry-After": "5"}) from None
+                raise e if isinstance(e, StorageUnavailable) else StorageUnavailable("the quota totals could not be read") from None
             return {}
         headers = {}
         least = {}
@@ -424,15 +426,20 @@ def _user_rule(principal, quotas):
 
 class Batches:
     """
-    The periodic writes: usage, quota totals re-read, API keys' last use.
-    Run every C{usage.flush_interval} (L{clawdbot.tap}) and once at stop.
+    The periodic writes: usage, quota totals re-read, API keys' last use,
+    audit events the database did not take yet.  Run every
+    C{usage.flush_interval} (L{clawdbot.tap}) and once at stop.
+
+    What a round cannot write (the database is down) is kept for the next
+    one; an outage is logged once, by the store, not once per round.
     """
 
-    def __init__(self, usage, quotas, keys, current_config):
+    def __init__(self, usage, quotas, keys, current_config, audit=None):
         self.usage = usage
         self.quotas = quotas
         self.keys = keys
         self.current_config = current_config
+        self.audit = audit
         self._running = None
         self._waiters = []
 
@@ -456,17 +463,24 @@ class Batches:
         self.quotas.before_flush()
         try:
             await self.usage.flush(config.usage.retention)
-        except Exception:
+        except Exception as e:
             self.quotas.flush_failed()
-            log.failure("Could not write usage; kept for the next round")
+            _failed(e, "Could not write usage; kept for the next round")
         else:
             try:
                 await self.quotas.refresh()
-            except Exception:
-                log.failure("Could not read the quota totals")
+            except Exception as e:
+                _failed(e, "Could not read the quota totals")
         if self.keys is not None:
             try:
                 await self.keys.flush()
-            except Exception:
-                log.failure("Could not write the API keys' last use")
+            except Exception as e:
+                _failed(e, "Could not write the API keys' last use; kept for the next round")
+        if self.audit is not None:
+            await self.audit.flush()
 
+
+def _failed(error, message):
+    """A periodic write failed: a bug is logged with its traceback; an outage the store has already said."""
+    if not isinstance(error, StorageUnavailable):
+        log.failure(message)

@@ -6,6 +6,9 @@ C{audit_log.retention}.
 """
 
 import json
+import time
+
+from clawdbot.storage.store import applied_batch
 
 
 class AuditStore:
@@ -20,9 +23,22 @@ class AuditStore:
 
     async def add(self, at, event, entry, prune_before=None):
         """Keep one event (C{entry} is its JSON line); drop those before C{prune_before} too."""
+        await self.add_many([(at, event, entry)], prune_before)
+
+    async def add_many(self, rows, prune_before=None, batch=None):
+        """
+        Keep C{[(at, event, entry)]} in their order, in one transaction; drop
+        those before C{prune_before} too.  With a C{batch} id, nothing when
+        that batch was kept before (L{clawdbot.storage.store.applied_batch}).
+        """
+        rows = list(rows)
+        now = time.time()
 
         def add(cur):
-            cur.execute(self._sql("INSERT INTO audit_events (at, event, entry) VALUES (?, ?, ?)"), (at, event, entry))
+            if batch is not None and applied_batch(cur, self.p, batch, now):
+                return
+            for at, event, entry in rows:
+                cur.execute(self._sql("INSERT INTO audit_events (at, event, entry) VALUES (?, ?, ?)"), (at, event, entry))
             if prune_before is not None:
                 cur.execute(self._sql("DELETE FROM audit_events WHERE at < ?"), (prune_before,))
 

@@ -16,24 +16,34 @@ config of the instance that ran the migration), never by one added later.
 Each message records its size in bytes (UTF-8) and C{owner_usage} holds the
 sum per owner, updated in the same transaction as the messages, so the
 per-user quota is one indexed read.
+
+When the database cannot be used for a reason outside the gateway (down,
+unreachable, restarting, locked by another process, a full disk, a file
+that cannot be written), every operation raises L{StorageUnavailable}: a
+503 C{STORAGE_UNAVAILABLE} with C{Retry-After}, never a 500.  A programming
+error (bad SQL, a broken constraint) is left as it is.  The engines' rule
+for repeating a transaction is in L{PostgresEngine}.
 """
 
 import base64
 import json
+import logging
 import os
 import re
 import secrets
+import socket
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field, replace
 
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from clawdbot.auth.identity import configured_issuers, issuer_id, legacy_owner, owner_key, owner_sub
+from clawdbot.errors import StorageUnavailable
 from clawdbot.units import rfc3339
 
 log = Logger(namespace="clawdbot.storage")
@@ -273,7 +283,41 @@ MIGRATIONS = [
         "ALTER TABLE sessions ADD COLUMN system_prompt TEXT",
         "ALTER TABLE sessions ADD COLUMN temperature DOUBLE PRECISION",
     ],
+    # 8: the background writers' batches already kept (L{applied_batch}).
+    [
+        "CREATE TABLE applied_batches (id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL)",
+        "CREATE INDEX applied_batches_at ON applied_batches (at)",
+    ],
 ]
+
+
+# How long a kept batch's id is remembered: a batch retried later than
+# this (a gateway that could not write for a week) would be kept twice.
+BATCH_MEMORY = 7 * 86400.0
+
+
+def new_batch_id(kind):
+    """A fresh id for a batch of background writes (L{applied_batch})."""
+    return f"{kind}-{secrets.token_hex(12)}"
+
+
+def applied_batch(cur, placeholder, batch_id, now):
+    """
+    Record, in the transaction of C{cur}, that the batch C{batch_id} is
+    kept; C{True} when it was already (the transaction must then change
+    nothing else).
+
+    The background writers (usage, audit events) retry a batch whose
+    write failed, and a write that failed during its COMMIT may have been
+    kept all the same (L{PostgresEngine}): retried with the same id, such a
+    batch is skipped here instead of counted twice.  Ids older than
+    L{BATCH_MEMORY} are dropped as batches are kept.
+    """
+    cur.execute(f"INSERT INTO applied_batches (id, at) VALUES ({placeholder}, {placeholder}) ON CONFLICT (id) DO NOTHING", (batch_id, now))
+    if cur.rowcount == 0:
+        return True
+    cur.execute(f"DELETE FROM applied_batches WHERE at < {placeholder}", (now - BATCH_MEMORY,))
+    return False
 
 
 def _statements(migration, dialect):
@@ -770,15 +814,87 @@ class SQLStore:
     def close(self):
         return self.engine.close()
 
+    # The last probe's transaction while it still runs (L{ping}).
+    _probing = None
 
-class StoreClosed(Exception):
-    """A query after the store was closed (the gateway is stopping)."""
+    async def ping(self, timeout=2.0):
+        """
+        A cheap probe for C{/readyz}: C{None} when the store runs a
+        C{SELECT 1} transaction within C{timeout} seconds, else a short
+        curated reason (never a DSN, an address or a library's message).
+        While an earlier probe still waits on its thread no other starts
+        (this one says the store is slow), so probes hold at most one of
+        the engine's threads however long the database takes.
+        """
+        if self._probing is not None:
+            return "no answer in time"
+
+        def select(cur):
+            cur.execute("SELECT 1")
+            return cur.fetchone()
+
+        answer = Deferred()
+        timer = self.engine.reactor.callLater(timeout, lambda: answer.called or answer.callback("no answer in time"))
+
+        def settle(result):
+            self._probing = None
+            if timer.active():
+                timer.cancel()
+            if not answer.called:
+                answer.callback(self._probe_reason(result))
+
+        self._probing = work = self.engine.run(select)
+        work.addBoth(settle)
+        return await answer
+
+    @staticmethod
+    def _probe_reason(result):
+        """What a probe's result (L{ping}) says: C{None}, or why the store did not answer."""
+        from twisted.python.failure import Failure
+
+        if not isinstance(result, Failure):
+            return None
+        if result.check(StorageUnavailable):
+            return result.value.reason
+        if result.check(StoreClosed):
+            return "closed (the gateway is stopping)"
+        return f"the probe failed ({type(result.value).__name__})"
+
+
+class StoreClosed(StorageUnavailable):
+    """
+    A query after the store was closed (the gateway is stopping): to a
+    caller, the database cannot be used now (a 503), like an outage.
+    """
+
+    def __init__(self):
+        super().__init__("closed (the gateway is stopping)")
 
 
 class _ThreadEngine:
-    """Runs transactions on a private thread pool."""
+    """
+    Runs transactions on a private thread pool.
+
+    A transaction function, C{fn(cursor)}, may be run more than once (see
+    L{PostgresEngine}): it acts only through its cursor, and what it
+    computes from outside (ids, times) it takes from its closure, so a
+    second run does exactly what the first would have.
+
+    While transactions fail with L{StorageUnavailable} the engine is in an
+    outage: one warning says so when it begins and one line when a
+    transaction succeeds again, never a line per request; and waits (for a
+    connection, for another process's lock) are short, so the requests
+    queued behind the engine's few threads are answered at once rather
+    than one long wait after another.
+    """
 
     placeholder = "?"
+
+    # Why the store is failing (set and cleared on the engine's threads),
+    # or None while it works.
+    outage = None
+    # Whether the log has said the outage began (the reactor's side).
+    _announced = False
 
     def lock_owner(self, cur, owner):
         """Serialise this transaction with others for C{owner} (SQLite: BEGIN IMMEDIATE already does)."""
@@ -813,6 +929,9 @@ class _ThreadEngine:
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="clawdbot-storage")
         self._local = threading.local()
+        # Called (on the reactor) as the engine closes: what is not written
+        # by then is not (L{clawdbot.storage.usage.UsageBook} says so).
+        self.before_close = []
 
     closed = False
 
@@ -823,7 +942,38 @@ class _ThreadEngine:
             return fail(StoreClosed())
         if not self.pool.started:
             self.pool.start()
-        return deferToThreadPool(self.reactor, self.pool, self._transaction, fn)
+        return self._watched(deferToThreadPool(self.reactor, self.pool, self._guarded, self._transaction, fn), True)
+
+    def _guarded(self, transaction, fn, clears=True):
+        """On an engine thread: C{transaction(fn)}, keeping L{outage} current."""
+        try:
+            result = transaction(fn)
+        except StorageUnavailable as e:
+            self.outage = e.reason
+            raise
+        if clears:
+            self.outage = None
+        return result
+
+    def _watched(self, d, clears):
+        """C{d}, a transaction's result, with the outage's two log lines said on the reactor."""
+
+        def answered(result):
+            if clears and self._announced:
+                self._announced = False
+                log.info("History storage is back: transactions succeed again")
+            return result
+
+        def failed(failure):
+            if failure.check(StorageUnavailable) and not failure.check(StoreClosed) and not self._announced:
+                self._announced = True
+                log.warn(
+                    "History storage unavailable ({reason}); answering 503 STORAGE_UNAVAILABLE until it is back",
+                    reason=failure.value.reason,
+                )
+            return failure
+
+        return d.addCallbacks(answered, failed)
 
     def run_read(self, fn):
         """
@@ -833,16 +983,118 @@ class _ThreadEngine:
         return self.run(fn)
 
     def close(self):
+        """
+        Refuse new transactions and stop the threads, B{off the reactor}:
+        Twisted's C{ThreadPool.stop} joins its threads, which would hold
+        the reactor for as long as a transaction takes (a database that
+        stopped answering).  Here a thread of its own stops the pools (and
+        L{_closing}, the engine's own); a transaction still running ends
+        within its engine's bound (L{PostgresEngine.TRANSACTION_TIME}), so
+        that thread and the pools' ones end too, and the process exits
+        normally.  Returns a Deferred that fires once they have.
+        """
         self.closed = True
-        if self.pool.started:
-            self.pool.stop()
+        for hook in self.before_close:
+            try:
+                hook()
+            except Exception:
+                log.failure("A storage user failed as the store closed")
+        pools = [pool for pool in (self.pool, getattr(self, "read_pool", None)) if pool is not None and pool.started]
+        done = Deferred()
+
+        def stop():
+            try:
+                self._closing()
+                for pool in pools:
+                    pool.stop()
+            except Exception:
+                log.failure("Could not stop the storage threads")
+            finally:
+                try:
+                    self.reactor.callFromThread(done.callback, None)
+                except Exception:
+                    # (The reactor is gone already: nobody waits.)
+                    pass
+
+        threading.Thread(target=stop, name="clawdbot-storage-stop").start()
+        return done
+
+    def _closing(self):
+        """Called as the engine closes, on the closing thread, before its threads are stopped."""
+
+
+# SQLite's result codes (the primary code, the low byte of the extended
+# one) that mean the database cannot be used now, rather than a bug:
+# (the reason logged, what the client is told, Retry-After seconds, whether
+# the connection is opened afresh for the next transaction).
+_SQLITE_UNAVAILABLE = {
+    sqlite3.SQLITE_BUSY: ("the database file is locked by another process", "the history database is busy; retry shortly", 2, False),
+    sqlite3.SQLITE_LOCKED: ("the database file is locked", "the history database is busy; retry shortly", 2, False),
+    sqlite3.SQLITE_FULL: ("the disk holding the database is full", None, 5, False),
+    sqlite3.SQLITE_IOERR: ("an I/O error on the database file", None, 5, True),
+    sqlite3.SQLITE_READONLY: ("the database file cannot be written", None, 5, True),
+    sqlite3.SQLITE_CANTOPEN: ("the database file cannot be opened", None, 5, True),
+    sqlite3.SQLITE_PERM: ("the database file may not be accessed", None, 5, True),
+    sqlite3.SQLITE_PROTOCOL: ("the database file's locks failed", None, 2, True),
+    sqlite3.SQLITE_NOLFS: ("the database file is too large for its file system", None, 5, True),
+    sqlite3.SQLITE_CORRUPT: ("the database file is damaged", None, 5, True),
+    sqlite3.SQLITE_NOTADB: ("the database file is not a SQLite database", None, 5, True),
+    sqlite3.SQLITE_NOMEM: ("SQLite ran out of memory", None, 5, True),
+}
+
+
+def _sqlite_unavailable(error):
+    """The L{StorageUnavailable} a SQLite error means, and whether to reopen; C{(None, False)} for a bug."""
+    code = getattr(error, "sqlite_errorcode", None)
+    entry = _SQLITE_UNAVAILABLE.get(code & 0xFF) if isinstance(code, int) else None
+    if entry is None:
+        return None, False
+    reason, details, retry_after, reopen = entry
+    if details is None:
+        return StorageUnavailable(reason, retry_after=retry_after), reopen
+    return StorageUnavailable(reason, details, retry_after), reopen
+
+
+def unusable_path(path):
+    """
+    Why a SQLite database at C{path} could not be written (its directory
+    cannot be made or written, where SQLite keeps its journal beside the
+    file; the file, or its journal, is not a writable regular file), or
+    C{None}.  Checked at start so a bad C{storage.path} stops the start
+    with one line instead of failing every request later.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        return f"its directory {directory} cannot be created ({e.strerror or type(e).__name__})"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"its directory {directory} is not writable (SQLite keeps its journal beside the file)"
+    for name in (path, path + "-wal", path + "-shm"):
+        if os.path.lexists(name):
+            if not os.path.isfile(name):
+                return f"{name} is not a regular file"
+            if not os.access(name, os.R_OK | os.W_OK):
+                return f"{name} is not writable"
+    return None
 
 
 class SQLiteEngine(_ThreadEngine):
     """
     One SQLite file on one thread: WAL, foreign keys, and C{synchronous=FULL}
     so a commit that returned survives a crash.
+
+    A write waits L{BUSY_TIMEOUT} seconds for another process's lock (in
+    an outage, L{OUTAGE_BUSY_TIMEOUT}).  A transaction that fails is rolled
+    back, a failed COMMIT too (SQLite's commit is all or nothing: nothing
+    of it was kept), and the errors that mean the file cannot be used now
+    (L{_SQLITE_UNAVAILABLE}: locked, disk full, I/O error, read-only,
+    cannot be opened) raise L{StorageUnavailable}; it is never repeated,
+    the next request tries again.
     """
+
+    BUSY_TIMEOUT = 5.0
+    OUTAGE_BUSY_TIMEOUT = 0.25
 
     def __init__(self, reactor, path, legacy_issuers=()):
         super().__init__(reactor, threads=1)
@@ -853,7 +1105,9 @@ class SQLiteEngine(_ThreadEngine):
         # in-memory database has one connection only.)
         self.read_pool = None
         if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            problem = unusable_path(path)
+            if problem is not None:
+                raise StorageUnavailable(problem)
             self.read_pool = ThreadPool(minthreads=1, maxthreads=1, name="clawdbot-storage-read")
 
     def run_read(self, fn):
@@ -863,28 +1117,72 @@ class SQLiteEngine(_ThreadEngine):
             return fail(StoreClosed())
         if not self.read_pool.started:
             self.read_pool.start()
-        return deferToThreadPool(self.reactor, self.read_pool, self._read_transaction, fn)
+        # A read that works says nothing of the writer (another process's lock).
+        return self._watched(deferToThreadPool(self.reactor, self.read_pool, self._guarded, self._read_transaction, fn, False), False)
 
     def _read_transaction(self, fn):
-        cur = self._connection().cursor()
-        cur.execute("BEGIN")
-        try:
-            return fn(cur)
-        finally:
-            cur.execute("ROLLBACK")
+        def read(conn):
+            cur = conn.cursor()
+            cur.execute("BEGIN")
+            try:
+                return fn(cur)
+            finally:
+                self._rollback(conn)
+
+        return self._mapped(read)
 
     def _connection(self):
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True, timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            # LOWER as PostgreSQL's: every letter, not only ASCII (searches).
-            conn.create_function("lower", 1, _lower, deterministic=True)
-            _migrate_sqlite(conn, self.context)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True, timeout=self.BUSY_TIMEOUT)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                # LOWER as PostgreSQL's: every letter, not only ASCII (searches).
+                conn.create_function("lower", 1, _lower, deterministic=True)
+                _migrate_sqlite(conn, self.context)
+            except BaseException:
+                conn.close()
+                raise
             self._local.conn = conn
+            self._local.busy = self.BUSY_TIMEOUT
+        # In an outage a locked file is answered at once.
+        busy = self.OUTAGE_BUSY_TIMEOUT if self.outage else self.BUSY_TIMEOUT
+        if self._local.busy != busy:
+            conn.execute(f"PRAGMA busy_timeout = {int(busy * 1000)}")
+            self._local.busy = busy
         return conn
+
+    def _drop_connection(self):
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    def _rollback(self, conn):
+        """End the transaction, if SQLite has not already; a connection that cannot is opened afresh next time."""
+        if not conn.in_transaction:
+            return
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            self._drop_connection()
+
+    def _mapped(self, work):
+        """C{work(connection)}, the errors that mean the file cannot be used now raised as L{StorageUnavailable}."""
+        try:
+            return work(self._connection())
+        except sqlite3.Error as e:
+            unavailable, reopen = _sqlite_unavailable(e)
+            if unavailable is None:
+                raise
+            if reopen:
+                self._drop_connection()
+            raise unavailable from e
 
     def time_limit(self, cur, seconds):
         conn = cur.connection
@@ -897,39 +1195,285 @@ class SQLiteEngine(_ThreadEngine):
         return isinstance(error, sqlite3.OperationalError) and "interrupt" in str(error)
 
     def _transaction(self, fn):
-        cur = self._connection().cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(cur)
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
-        cur.execute("COMMIT")
-        return result
+        def write(conn):
+            cur = conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(cur)
+            except BaseException:
+                self._rollback(conn)
+                raise
+            try:
+                cur.execute("COMMIT")
+            except BaseException:
+                # Not committed (all or nothing): undone, and not reported as kept.
+                self._rollback(conn)
+                raise
+            return result
+
+        return self._mapped(write)
 
     def close(self):
-        def shut():
-            conn = getattr(self._local, "conn", None)
-            if conn is not None:
-                conn.close()
-                self._local.conn = None
-
         if self.pool.started:
-            self.pool.callInThread(shut)
+            self.pool.callInThread(self._drop_connection)
         if self.read_pool is not None and self.read_pool.started:
-            self.read_pool.callInThread(shut)
-            self.read_pool.stop()
-        super().close()
+            self.read_pool.callInThread(self._drop_connection)
+        return super().close()
 
 
 def _lower(value):
     return value.lower() if isinstance(value, str) else value
 
 
+class _Repeat(Exception):
+    """A transaction that may be run again (see L{PostgresEngine}); C{error} is why it failed."""
+
+    def __init__(self, error):
+        super().__init__(error)
+        self.error = error
+
+
+class _Hung(BaseException):
+    """
+    A connection check the watchdog ended (L{PostgresEngine._check}): a
+    C{BaseException}, so psycopg_pool's wait does not go on to check
+    another connection (which would hang as long), but gives up at once.
+    """
+
+
+def _connection_failure(reason, details=None):
+    """
+    A L{StorageUnavailable} that says the database cannot be reached at all
+    (no connection, a connection lost, no answer in time): it opens
+    L{PostgresEngine}'s breaker, where an error of one transaction (a
+    read-only server refusing a write, a full disk) does not.
+    """
+    error = StorageUnavailable(reason) if details is None else StorageUnavailable(reason, details)
+    error.breaks = True
+    return error
+
+
+def _cut(conn):
+    """
+    End C{conn}'s socket under the thread waiting on it (C{shutdown}, both
+    ways, of a duplicate of its descriptor: the descriptor stays the
+    connection's to close), so what libpq waits for fails at once.
+    """
+    try:
+        if conn.closed:
+            return
+        copy = socket.socket(fileno=os.dup(conn.pgconn.socket))
+        try:
+            copy.shutdown(socket.SHUT_RDWR)
+        finally:
+            copy.close()
+    except Exception:
+        # (Gone already: nothing is waiting on it.)
+        pass
+
+
+class _Guard:
+    """
+    One bounded wait on a connection (L{_Watchdog.guard}): armed from
+    L{attach} (the connection known) until the block ends; C{cut} tells
+    whether the watchdog ended it.
+    """
+
+    conn = None
+    deadline = None
+    cut = False
+
+    def __init__(self, watchdog, seconds, conn=None):
+        self.watchdog = watchdog
+        self.seconds = seconds
+        self._first = conn
+
+    def __enter__(self):
+        if self._first is not None:
+            self.attach(self._first)
+        return self
+
+    def attach(self, conn):
+        """Bound from now on the work on C{conn}: L{seconds} at most."""
+        with self.watchdog.condition:
+            self.conn = conn
+            self.deadline = time.monotonic() + self.seconds
+            self.watchdog.arm(self)
+
+    def extend(self, seconds):
+        """Allow this work C{seconds} from now, when that is later than its bound."""
+        with self.watchdog.condition:
+            if self.deadline is not None:
+                self.deadline = max(self.deadline, time.monotonic() + seconds)
+                self.watchdog.condition.notify()
+
+    def __exit__(self, *exc):
+        self.watchdog.disarm(self)
+        return False
+
+
+class _Watchdog:
+    """
+    The deadline of every wait on PostgreSQL, kept on the gateway's side.
+
+    A server that stopped answering while the kernel still acknowledges
+    (a process stopped or hung, swapping: no TCP timeout ever fires) leaves
+    a thread waiting in libpq for good.  Each wait is a L{_Guard}; a thread
+    of the watchdog's own, alive only while some guard is armed (so it keeps
+    no process from exiting), shuts the socket of a guard past its deadline
+    down (L{_cut}): the blocked call raises, and the engine answers
+    L{StorageUnavailable} at once.  Once L{close}d, every guard is cut at
+    once.
+    """
+
+    def __init__(self):
+        self.condition = threading.Condition()
+        self._armed = set()
+        self._thread = None
+        self._closed = False
+
+    def guard(self, seconds, conn=None):
+        """A L{_Guard} of C{seconds}, for a C{with} block; armed now when C{conn} is given."""
+        return _Guard(self, seconds, conn)
+
+    def arm(self, guard):
+        # (Called with the condition held.)
+        self._armed.add(guard)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="clawdbot-storage-watchdog")
+            self._thread.start()
+        else:
+            self.condition.notify()
+
+    def disarm(self, guard):
+        with self.condition:
+            self._armed.discard(guard)
+            self.condition.notify()
+
+    def close(self):
+        """Cut whatever still waits (the engine is closing), and every guard armed from now on."""
+        with self.condition:
+            self._closed = True
+            self.condition.notify()
+
+    def _run(self):
+        with self.condition:
+            while self._armed:
+                now = time.monotonic()
+                wake = None
+                for guard in list(self._armed):
+                    if guard.cut:
+                        continue
+                    if self._closed or guard.deadline <= now:
+                        guard.cut = True
+                        _cut(guard.conn)
+                    else:
+                        wake = guard.deadline if wake is None else min(wake, guard.deadline)
+                self.condition.wait(None if wake is None else wake - now)
+            self._thread = None
+
+
+def _quiet_pool_log():
+    """
+    psycopg's pool logs a warning for each failed reconnection attempt
+    (several a second in an outage, on stderr): the engine says an outage
+    once itself (L{_ThreadEngine}), so only the pool's errors are kept.
+    """
+    logging.getLogger("psycopg").setLevel(logging.ERROR)
+
+
+# What libpq says when it could not connect, and the reason logged for
+# it (its own words never are: they hold the server's address).
+_CONNECT_REFUSALS = (
+    (("password authentication failed", "authentication failed", "pg_hba.conf", "no password supplied", "password is required"), "PostgreSQL refused the gateway's credentials"),
+    (("does not exist",), "the database or role in storage.dsn does not exist on the PostgreSQL server"),
+    (("too many clients", "remaining connection slots"), "PostgreSQL has no connection slot left (max_connections)"),
+    (("starting up", "shutting down", "in recovery mode", "not yet accepting connections"), "PostgreSQL is starting up or shutting down"),
+    (("read-only", "read-write", "target_session_attrs"), "no PostgreSQL server in storage.dsn accepts writes (target_session_attrs)"),
+    (("timeout expired",), "PostgreSQL did not answer a new connection in time"),
+    (("connection refused", "could not connect", "could not translate host name", "no route to host", "network is unreachable"), "PostgreSQL cannot be reached"),
+)
+
+
+def _connect_refusal(error):
+    """The curated reason a failed connection's error means, or C{None}."""
+    text = str(error).lower()
+    for needles, reason in _CONNECT_REFUSALS:
+        if any(needle in text for needle in needles):
+            return reason
+    return None
+
+
 class PostgresEngine(_ThreadEngine):
-    """PostgreSQL through psycopg's connection pool, on a few threads."""
+    """
+    PostgreSQL through psycopg's connection pool, on a few threads.
+
+    Each connection is checked as it leaves the pool (psycopg_pool's
+    C{check_connection}: an empty query), so one a database restart
+    broke is replaced rather than handed out; a transaction waits
+    L{WAIT} seconds for a connection (L{OUTAGE_WAIT} in an outage).  The
+    pool's background reconnections give up after L{RECONNECT} seconds,
+    and the next transaction asks for a new one at once, so a database
+    that comes back is used within a second or two.
+
+    B{Every wait on the server is bounded on the gateway's side} (a
+    L{_Watchdog}): the check L{CHECK_TIME} seconds, a transaction (from
+    the moment it has its connection to its COMMIT) L{TRANSACTION_TIME}
+    seconds, or its statement time limit (L{time_limit}) plus
+    L{TRANSACTION_TIME} when that is longer, the schema's migration at the
+    first use L{MIGRATION_TIME}.  Past it the connection's
+    socket is shut down and the caller gets L{StorageUnavailable}, so a
+    server that stopped answering (a stopped process, a partition the
+    kernel does not see: TCP keepalives, L{KEEPALIVES}, catch those only
+    later) holds no request and no stop for longer.
+
+    B{A breaker}: once the server cannot be reached (no connection within
+    the wait, a connection lost twice, no answer in time), the engine knows
+    an outage; then one transaction at a time tries the server (at most
+    every L{HALF_OPEN} seconds) and the others answer L{StorageUnavailable}
+    at once, rather than each waiting out the pool in turn.  The first
+    transaction that works closes it.  An error of one transaction (a
+    read-only server refusing a write, a full disk) opens nothing.
+
+    The rule for repeating a transaction, which runs in a
+    C{BEGIN ... COMMIT} of its own: when the connection fails (closed,
+    broken, the server shutting down or crashing: "terminating connection
+    due to unexpected postmaster exit", "server closed the connection
+    unexpectedly") B{before COMMIT was sent}, nothing of it was kept, since
+    the server rolls back a transaction whose connection ends, so the
+    whole transaction function is run once more on another connection.
+    The same for a serialization failure or a deadlock (SQLSTATE class
+    40), which the server has rolled back.  When the connection fails
+    B{during the COMMIT}, whether it was kept is unknown: it is not
+    repeated (it could be kept twice) and the caller gets
+    L{StorageUnavailable}, so nothing is reported as stored that may not
+    be (the background writers, usage and audit, make their batches
+    idempotent for that: L{applied_batch}).  A transaction the watchdog
+    ended is not repeated either.  Any other operational error (the
+    pool's wait ran out, a full disk, a refused connection), a second
+    failure, or a failure at the first use (opening the pool, the
+    migration) raises L{StorageUnavailable} at once, classified by
+    SQLSTATE (L{_pg_unavailable}); the first use is tried again by the
+    next transaction.  Errors in the SQL itself are raised as they are.
+    """
 
     placeholder = "%s"
+
+    WAIT = 5.0
+    OUTAGE_WAIT = 1.5
+    RECONNECT = 2.0
+    # Seconds to connect, unless the DSN says.
+    CONNECT_TIMEOUT = 5
+    # The bound of a connection's check, and of a transaction (watchdog).
+    CHECK_TIME = 2.0
+    TRANSACTION_TIME = 15.0
+    # The schema's migration at the first use may rewrite big tables.
+    MIGRATION_TIME = 300.0
+    # In an outage, one transaction tries the server at most this often.
+    HALF_OPEN = 0.5
+    # TCP keepalives and the unacknowledged-data limit, unless the DSN
+    # says: a partition is noticed in about 15 s even without a watchdog.
+    KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 2, "tcp_user_timeout": 15000}
 
     def lock_owner(self, cur, owner):
         """A transaction-scoped advisory lock on the owner: counts and inserts for one owner cannot interleave."""
@@ -938,46 +1482,91 @@ class PostgresEngine(_ThreadEngine):
     def __init__(self, reactor, dsn, size=4, legacy_issuers=()):
         super().__init__(reactor, threads=size)
         self.context = {"legacy_issuers": tuple(legacy_issuers)}
+        import psycopg.conninfo
         import psycopg_pool
 
+        _quiet_pool_log()
         self.dsn = dsn
-        self.connections = psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=size, open=False, timeout=10)
+        given = psycopg.conninfo.conninfo_to_dict(dsn)
+        defaults = {"connect_timeout": self.CONNECT_TIMEOUT, **self.KEEPALIVES}
+        self.connect_kwargs = {name: value for name, value in defaults.items() if name not in given}
+        self.watchdog = _Watchdog()
+        self.connections = psycopg_pool.ConnectionPool(
+            dsn,
+            kwargs=self.connect_kwargs,
+            min_size=1,
+            max_size=size,
+            open=False,
+            timeout=self.WAIT,
+            check=self._check,
+            reconnect_timeout=self.RECONNECT,
+        )
+        self._opened = False
         self._ready = False
         self._ready_lock = threading.Lock()
         self._listening = threading.Event()
         self._stop = threading.Event()
+        # The breaker: why the server cannot be reached (None: it can),
+        # when a try last failed, whether a try is under way.
+        self._breaker = threading.Lock()
+        self._down = None
+        self._down_at = 0.0
+        self._trying = False
+
+    def _check(self, conn):
+        """psycopg_pool's check of a connection leaving the pool, bounded by L{CHECK_TIME}."""
+        import psycopg_pool
+
+        with self.watchdog.guard(self.CHECK_TIME, conn) as guard:
+            try:
+                psycopg_pool.ConnectionPool.check_connection(conn)
+            except Exception:
+                if guard.cut:
+                    raise _Hung() from None
+                raise
 
     def notify(self, cur, channel, payload):
         cur.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
     def listen(self, channel, on_notify, on_connect):
-        """A thread holding one connection that LISTENs, reconnecting with a growing pause."""
+        """
+        A thread holding one connection that LISTENs, reconnecting with a
+        growing pause (two seconds at most); one warning when the
+        connection is lost, not one per attempt.
+        """
         import psycopg
 
         def run():
             pause = 0.5
+            said = False
             while not self._stop.is_set():
                 try:
-                    with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                    with psycopg.connect(self.dsn, autocommit=True, **self.connect_kwargs) as conn:
                         conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
                         on_connect()
                         self._listening.set()
-                        pause = 0.5
+                        pause, said = 0.5, False
                         while not self._stop.is_set():
                             for note in conn.notifies(timeout=0.5):
                                 on_notify(note.payload)
                 except Exception as e:
-                    log.warn("The notification connection to PostgreSQL failed ({error}); reconnecting", error=type(e).__name__)
+                    if not said and not self._stop.is_set():
+                        said = True
+                        log.warn("The notification connection to PostgreSQL failed ({error}); reconnecting", error=type(e).__name__)
                 finally:
                     self._listening.clear()
                 self._stop.wait(pause)
-                pause = min(pause * 2, 10.0)
+                pause = min(pause * 2, 2.0)
 
         thread = threading.Thread(target=run, name="clawdbot-notify", daemon=True)
         thread.start()
 
     def time_limit(self, cur, seconds):
         cur.execute(f"SET LOCAL statement_timeout = {max(1, int(seconds * 1000))}")
+        # The watchdog leaves the server its own limit first.
+        guard = getattr(self._local, "guard", None)
+        if guard is not None:
+            guard.extend(seconds + self.TRANSACTION_TIME)
         return lambda: None
 
     def timed_out(self, error):
@@ -985,23 +1574,256 @@ class PostgresEngine(_ThreadEngine):
 
         return isinstance(error, psycopg.errors.QueryCanceled)
 
-    def _transaction(self, fn):
-        with self._ready_lock:
-            if not self._ready:
-                self.connections.open(wait=True, timeout=10)
-                with self.connections.connection() as conn:
+    def _wait(self):
+        return self.OUTAGE_WAIT if self.outage or self._down else self.WAIT
+
+    # --- the breaker --------------------------------------------------------
+
+    def _admit(self):
+        """
+        Whether this transaction is the one that tries the server in an
+        outage (C{False}: there is none); L{StorageUnavailable} at once
+        while another tries, or a try failed less than L{HALF_OPEN}
+        seconds ago.
+        """
+        with self._breaker:
+            if self._down is None:
+                return False
+            if self._trying or time.monotonic() - self._down_at < self.HALF_OPEN:
+                raise StorageUnavailable(self._down)
+            self._trying = True
+            return True
+
+    def _settle(self, trying, down=None, reached=False):
+        """After a transaction: the breaker opened (C{down}, a reason), closed (C{reached}), or as it was."""
+        with self._breaker:
+            if trying:
+                self._trying = False
+            if down is not None:
+                self._down = down
+                self._down_at = time.monotonic()
+            elif reached:
+                self._down = None
+
+    def _no_connection(self):
+        """
+        Why the pool's wait ran out: when no outage is known yet (once an
+        outage), one connection tried here, whose refusal says why, never
+        in libpq's words.
+        """
+        import psycopg
+
+        reason = "no connection to PostgreSQL within the pool's wait"
+        if self._down is None:
+            try:
+                psycopg.connect(self.dsn, **{**self.connect_kwargs, "connect_timeout": 2}).close()
+            except psycopg.Error as e:
+                reason = _connect_refusal(e) or reason
+            else:
+                # The server answers: the pool's connections are all busy,
+                # which is no outage (the breaker stays as it is).
+                return StorageUnavailable("every connection to PostgreSQL was busy for the pool's wait")
+        return _connection_failure(reason)
+
+    def _hung(self):
+        if self.closed:
+            return StoreClosed()
+        return _connection_failure(f"PostgreSQL did not answer within {self.CHECK_TIME:g} s (a connection check)")
+
+    # --- transactions -------------------------------------------------------
+
+    def _prepare(self, trying):
+        """At the first use: L{_migrate}, by one thread at a time."""
+        if self._ready:
+            return
+        # (Bounded: the one preparing waits the pool's wait at most; those
+        # behind it then find the breaker open and answer at once.)
+        if not self._ready_lock.acquire(timeout=self._wait() + self.TRANSACTION_TIME):
+            raise StorageUnavailable("the schema is still being brought up to date")
+        try:
+            if self._ready:
+                return
+            if self.closed:
+                raise StoreClosed()
+            if self._down is not None and not trying:
+                raise _connection_failure(self._down)
+            try:
+                self._migrate()
+            except StorageUnavailable as e:
+                # (The breaker opens before the lock goes: those waiting for
+                # it answer at once rather than wait in turn.)
+                if getattr(e, "breaks", False):
+                    self._settle(False, down=e.reason)
+                raise
+            self._ready = True
+        finally:
+            self._ready_lock.release()
+
+    def _migrate(self):
+        """Open the pool (it connects in the background) and bring the schema up to date: L{StorageUnavailable} when it cannot."""
+        import psycopg
+        import psycopg_pool
+
+        if not self._opened:
+            # Not waiting here: a pool whose wait at open runs out is
+            # closed for good, while this one keeps connecting.
+            self.connections.open(wait=False)
+            self._opened = True
+        try:
+            with self.watchdog.guard(self.MIGRATION_TIME) as guard:
+                with self.connections.connection(timeout=self._wait()) as conn:
+                    guard.attach(conn)
                     _migrate_postgres(conn, self.context)
-                self._ready = True
-        with self.connections.connection() as conn:
-            with conn.transaction():
-                with conn.cursor() as cur:
-                    return fn(cur)
+        except psycopg_pool.PoolTimeout as e:
+            raise self._no_connection() from e
+        except _Hung:
+            raise self._hung() from None
+        except psycopg_pool.PoolClosed:
+            raise StoreClosed() from None
+        except psycopg.Error as e:
+            if guard.cut:
+                raise _connection_failure(f"PostgreSQL did not finish the schema's migration within {self.MIGRATION_TIME:g} s") from e
+            unavailable = _pg_unavailable(e, None)
+            if unavailable is None:
+                raise
+            raise unavailable from e
+
+    def _transaction(self, fn):
+        if self.closed:
+            raise StoreClosed()
+        trying = self._admit()
+        try:
+            result = self._repeating(fn, trying)
+        except StoreClosed:
+            self._settle(trying)
+            raise
+        except StorageUnavailable as e:
+            self._settle(trying, down=e.reason if getattr(e, "breaks", False) else None, reached=not getattr(e, "breaks", False))
+            raise
+        except BaseException:
+            # (The server answered: an error in the SQL, or of the caller.)
+            self._settle(trying, reached=True)
+            raise
+        self._settle(trying, reached=True)
+        return result
+
+    def _repeating(self, fn, trying):
+        self._prepare(trying)
+        try:
+            return self._attempt(fn)
+        except _Repeat:
+            pass
+        try:
+            return self._attempt(fn)
+        except _Repeat as again:
+            raise _pg_unavailable(again.error, None, again=True) from again.error
+
+    def _attempt(self, fn):
+        """One run of C{fn} in a transaction; L{_Repeat} when it may be run again."""
+        import psycopg
+        import psycopg_pool
+
+        conn = None
+        committing = False
+        guard = self.watchdog.guard(self.TRANSACTION_TIME)
+        self._local.guard = guard
+        try:
+            with guard:
+                with self.connections.connection(timeout=self._wait()) as conn:
+                    guard.attach(conn)
+                    with conn.transaction():
+                        with conn.cursor() as cur:
+                            result = fn(cur)
+                        # What fails from here on fails in the COMMIT.
+                        committing = True
+            return result
+        except psycopg_pool.PoolTimeout as e:
+            raise self._no_connection() from e
+        except _Hung:
+            raise self._hung() from None
+        except psycopg_pool.PoolClosed:
+            raise StoreClosed() from None
+        except psycopg.Error as e:
+            lost = conn is not None and (conn.broken or conn.closed)
+            if committing and (lost or guard.cut or isinstance(e, psycopg.OperationalError)):
+                raise _connection_failure(
+                    "the connection to PostgreSQL failed during a COMMIT",
+                    "the history database stopped answering while a change was being saved: it may not have been kept; check, then retry",
+                ) from e
+            if guard.cut:
+                if self.closed:
+                    raise StoreClosed() from None
+                raise _connection_failure(f"PostgreSQL did not answer within {self.TRANSACTION_TIME:g} s") from e
+            if lost or _pg_repeatable(e):
+                raise _Repeat(e) from e
+            unavailable = _pg_unavailable(e, conn)
+            if unavailable is None:
+                raise
+            raise unavailable from e
+        finally:
+            self._local.guard = None
+
+    def _closing(self):
+        # Whatever still waits on the server is cut; the pool is closed
+        # here too (its close joins its own threads).
+        self._stop.set()
+        self.watchdog.close()
+        if self._opened:
+            # (Its threads are daemons, waiting for them is not needed.)
+            self.connections.close(timeout=1.0)
 
     def close(self):
         self._stop.set()
-        super().close()
-        if self._ready:
-            self.connections.close()
+        return super().close()
+
+
+def _pg_repeatable(error):
+    """Whether the server failed C{error}'s transaction as a whole (the connection going, SQLSTATE 08, 57P01-57P03, 40)."""
+    state = getattr(error, "sqlstate", None) or ""
+    return state.startswith(("08", "40")) or state in ("57P01", "57P02", "57P03")
+
+
+# SQLSTATEs (a class by its two first characters, or one code) that mean
+# the server cannot do the work now, for a reason outside the gateway,
+# whatever Python class psycopg gives them (a read-only transaction is an
+# InternalError): the reason logged, whether the breaker opens (the server
+# cannot be reached at all), and what the client is told (None: the usual).
+_PG_UNAVAILABLE = {
+    "08": ("the connection to PostgreSQL failed", True, None),
+    "25006": (
+        "PostgreSQL refuses writes (a read-only server: a standby after a failover, or default_transaction_read_only)",
+        False,
+        "the history database accepts no changes right now; retry shortly",
+    ),
+    "40": ("PostgreSQL failed the transaction twice (serialization or deadlock)", False, None),
+    "53": ("PostgreSQL is out of resources (disk, memory or connections)", False, None),
+    "57P": ("PostgreSQL is shutting down or restarting", True, None),
+    "57": ("PostgreSQL stopped the work (operator intervention)", False, None),
+    "58": ("PostgreSQL hit a system error (I/O)", False, None),
+}
+
+
+def _pg_unavailable(error, conn, again=False):
+    """The L{StorageUnavailable} a psycopg error means, by its SQLSTATE, or C{None} for an error in the SQL (a bug)."""
+    import psycopg
+
+    lost = conn is not None and (conn.broken or conn.closed)
+    state = getattr(error, "sqlstate", None) or ""
+    entry = None
+    # (57014 is a statement stopped by a time limit: the caller's to handle.)
+    if state and state != "57014":
+        entry = _PG_UNAVAILABLE.get(state) or _PG_UNAVAILABLE.get(state[:3]) or _PG_UNAVAILABLE.get(state[:2])
+    if entry is None:
+        if not (lost or again or (isinstance(error, psycopg.OperationalError) and state != "57014")):
+            return None
+        entry = ("the connection to PostgreSQL failed", True, None)
+    reason, breaks, details = entry
+    if again and reason.startswith("the connection"):
+        reason += " twice"
+    error = StorageUnavailable(reason) if details is None else StorageUnavailable(reason, details)
+    if breaks:
+        error.breaks = True
+    return error
 
 
 def _migrate_sqlite(conn, context=None):

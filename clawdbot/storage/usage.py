@@ -5,13 +5,21 @@ C{sub}), team, API key, and model, with requests, prompt and completion
 tokens, failed calls and time spent.  L{UsageBook} gathers the calls in
 memory and adds them to the rows in batches, never once per request.  C{team} and C{key_id}
 hold C{""} for none (a primary key column cannot be NULL).
+
+A batch is added at most once: it carries an id recorded in the same
+transaction (L{clawdbot.storage.store.applied_batch}), and a batch whose
+write failed is retried as it was, with its id, so a write that was kept
+although it seemed to fail (the connection lost during its COMMIT) is not
+counted again.
 """
 
+import time
 from dataclasses import dataclass
 
 from twisted.logger import Logger
 
 from clawdbot.auth.identity import issuer_id
+from clawdbot.storage.store import applied_batch, new_batch_id
 from clawdbot.units import hour_of
 
 log = Logger(namespace="clawdbot.usage")
@@ -51,10 +59,11 @@ class UsageStore:
     def _sql(self, text):
         return text.replace("?", self.p)
 
-    async def add(self, rows):
+    async def add(self, rows, batch=None):
         """
         Add C{{(hour, issuer, sub, team, key_id, model): Counts}} to the
-        table, in one transaction.
+        table, in one transaction; with a C{batch} id, nothing when that
+        batch was added before (L{clawdbot.storage.store.applied_batch}).
         """
         items = sorted(rows.items(), key=lambda item: item[0])
         sql = self._sql(
@@ -67,7 +76,11 @@ class UsageStore:
             "duration = usage_hourly.duration + excluded.duration"
         )
 
+        now = time.time()
+
         def add(cur):
+            if batch is not None and applied_batch(cur, self.p, batch, now):
+                return
             for (hour, issuer, sub, team, key_id, model), c in items:
                 cur.execute(sql, (hour, issuer, sub, team, key_id, model, c.requests, c.prompt_tokens, c.completion_tokens, c.errors, c.duration))
 
@@ -174,7 +187,13 @@ class UsageBook:
         self.store = store
         self.clock = clock
         self.pending = {}
+        # A batch whose write failed, (id, rows): retried as it is, first.
+        self.unsent = None
         self.listeners = []
+        # What is not written when the store closes is dropped: said once.
+        engine = getattr(store, "engine", None)
+        if engine is not None and hasattr(engine, "before_close"):
+            engine.before_close.append(self._closing)
         # The first prune comes an hour after start: a gateway that starts
         # (or fails to) touches no database until a call is counted.
         self._pruned = clock.seconds()
@@ -202,18 +221,36 @@ class UsageBook:
 
     async def flush(self, retention=None):
         """
-        Write what was gathered since the last flush; on failure it is kept
-        for the next one.  Hours older than C{retention} seconds are
-        deleted, once an hour.
+        Write what was gathered since the last flush, as a batch of its own;
+        on failure that batch is kept, as it is, and written first by the
+        next flush (with its id: never twice).  Hours older than
+        C{retention} seconds are deleted, once an hour.
         """
+        if self.unsent is not None:
+            batch, rows = self.unsent
+            await self.store.add(rows, batch)
+            self.unsent = None
         rows, self.pending = self.pending, {}
-        try:
-            await self.store.add(rows)
-        except Exception:
-            for key, counts in rows.items():
-                self.pending.setdefault(key, Counts()).add(counts)
-            raise
+        if rows:
+            batch = new_batch_id("usage")
+            try:
+                await self.store.add(rows, batch)
+            except Exception:
+                self.unsent = (batch, rows)
+                raise
         now = self.clock.seconds()
         if retention and rows and now - self._pruned >= 3600:
             self._pruned = now
             await self.store.prune(now - retention)
+
+
+    def calls_unwritten(self):
+        """How many calls are counted here and not in the database yet."""
+        batches = [self.pending] + ([self.unsent[1]] if self.unsent is not None else [])
+        return sum(counts.requests for rows in batches for counts in rows.values())
+
+    def _closing(self):
+        """The store closes (the gateway stops): what is still here is lost; one warning says how much."""
+        count = self.calls_unwritten()
+        if count:
+            log.warn("Usage of {count} call(s) was not written before the stop (history storage unavailable); dropped", count=count)
