@@ -12,6 +12,7 @@ from twisted.python import usage
 from clawdbot.auth.tokens import mint
 from clawdbot.config import ConfigError, dump_effective, load_config
 from clawdbot.logs import start_logging
+from clawdbot.ops.signals import SignalHandlers, stop_signals
 from clawdbot.tap import ListenError, Options, makeService
 from clawdbot.units import parse_duration
 
@@ -98,16 +99,20 @@ def _start(args, environ):
         return _fail(str(e))
     config = options.loaded
     start_logging(config.log.level, config.log.path)
-    top = makeService(options)
     application = service.Application("clawdbot")
-    top.setServiceParent(application)
-    started = service.IService(application)
     try:
+        # (A store that cannot be used stops it here, as a listener below.)
+        top = makeService(options)
+        top.setServiceParent(application)
+        started = service.IService(application)
         started.privilegedStartService()
         started.startService()
     except ListenError as e:
         return _fail(str(e), code=1)
     reactor.addSystemEventTrigger("before", "shutdown", started.stopService)
+    # SIGTERM and SIGINT: a repeated one during the drain is ignored
+    # cleanly (installed over the reactor's own, once it runs).
+    reactor.callWhenRunning(SignalHandlers(stop_signals(reactor)).startService)
     reactor.run()
     return 0
 

@@ -11,6 +11,8 @@ of whatever is wrong (C{auth.jwt.algorithms[1]: 'none' is not allowed}).
 
 import collections.abc
 import dataclasses
+import datetime
+import ipaddress
 import math
 import re
 import types
@@ -19,11 +21,15 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 import yaml
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
 
 from clawdbot.auth.identity import is_scope_token, split_scopes
 from clawdbot.auth.presets import PRESET_ENDPOINTS
 from clawdbot.auth.session import session_issuer
 from clawdbot.net import ip_network_text, is_decimal, is_loopback, strport_interface, strport_port, web_origin
+from clawdbot.server_tls import FileRefused, TLSConfigError, check_tls, read_small_file, tls_host_name
 from clawdbot.units import format_duration, format_size, parse_duration, parse_size, zone_of
 
 PLACEHOLDER_SECRET = "change-me-to-a-random-secret-of-32-bytes"
@@ -55,13 +61,15 @@ def _opt(default, kind=None, choices=None, items=None, minimum=None, maximum=Non
     @param kind: C{"duration"} or C{"size"} for human units.
     @param choices: allowed values of a scalar.
     @param items: allowed values of each item of a list.
-    @param secret: masked by C{check-config}; an empty value is refused.
+    @param secret: masked by C{check-config}, left out of the repr; an empty value is refused.
     """
     meta = dict(kind=kind, choices=choices, items=items, minimum=minimum, maximum=maximum, secret=secret, doc=doc)
+    # (A secret is left out of the dataclass's repr too: a config printed
+    # in a traceback or a debug line does not show it.)
     if isinstance(default, (list, dict)):
         frozen = _freeze(default)
-        return field(default_factory=lambda: frozen, metadata=meta)
-    return field(default=default, metadata=meta)
+        return field(default_factory=lambda: frozen, metadata=meta, repr=not secret)
+    return field(default=default, metadata=meta, repr=not secret)
 
 
 def _freeze(value):
@@ -83,6 +91,14 @@ class ServerConfig:
     debug_listen: str = _opt("tcp:18789:interface=127.0.0.1")
     public_url: typing.Optional[str] = _opt(None)
     drain_timeout: float = _opt(30.0, kind="duration", maximum=3600)
+    # On SIGTERM: answer 503 SHUTTING_DOWN (the health probes still answered,
+    # /readyz 503) this long before the listeners close, so a balancer that
+    # polls /readyz takes the instance out first.  0: nginx's passive checks
+    # learn nothing from it (README, "Rolling restarts").
+    drain_delay: float = _opt(0.0, kind="duration", minimum=0, maximum=600)
+    # The dependencies whose failure makes /readyz 503 (the others are
+    # reported with a 200).
+    ready_requires: typing.Tuple[str, ...] = _opt(["backend"], items=("backend", "storage", "rate_limit"))
     # Pages on these origins may call the secure listener from a browser
     # (CORS, clawdbot.http.cors): exact origins, none by default, never "*".
     cors_origins: typing.Tuple[str, ...] = _opt([], kind="origin")
@@ -107,9 +123,49 @@ class ModelAccessConfig:
 
 
 @dataclass(frozen=True)
+class TLSMaterial:
+    """
+    What C{backend.tls} names, read and checked when the config loads (so
+    a reload re-reads the files): PEM certificates and key, and a
+    fingerprint of all of it that tells one trust from another.
+    """
+
+    ca: typing.Tuple[bytes, ...] = ()
+    client_chain: typing.Tuple[bytes, ...] = ()
+    client_key: typing.Optional[bytes] = field(default=None, repr=False)
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class BackendTLSConfig:
+    # A private CA (PEM, one certificate or a bundle) instead of the system's store.
+    ca_file: typing.Optional[str] = _opt(None)
+    # Mutual TLS: the gateway's certificate (PEM, maybe with its chain) and key.
+    client_cert: typing.Optional[str] = _opt(None)
+    client_key: typing.Optional[str] = _opt(None)
+    # The name the certificate must carry (and the SNI sent), when not the URL's host.
+    server_name: typing.Optional[str] = _opt(None)
+    # The files' contents (clawdbot.config._load_tls); not a config key.
+    material: typing.Optional[TLSMaterial] = field(default=None, repr=False, metadata=dict(internal=True))
+
+
+@dataclass(frozen=True)
+class BackendURLConfig:
+    # One backend of backend.urls written as an object: its own headers
+    # (over backend.headers) and TLS settings (instead of backend.tls).
+    url: typing.Optional[str] = _opt(None)
+    headers: typing.Mapping[str, str] = _opt({}, secret=True)
+    tls: typing.Optional[BackendTLSConfig] = _opt(None)
+
+
+@dataclass(frozen=True)
 class BackendConfig:
     url: str = _opt("http://127.0.0.1:11434")
-    urls: typing.Tuple[str, ...] = _opt([])
+    # Each a URL, or {url, headers, tls}.
+    urls: typing.Tuple[typing.Union[str, BackendURLConfig], ...] = _opt([])
+    # Sent with every backend call (a shared secret of Ollama's proxy): secrets.
+    headers: typing.Mapping[str, str] = _opt({}, secret=True)
+    tls: BackendTLSConfig = _section(BackendTLSConfig)
     health_interval: float = _opt(10.0, kind="duration", minimum=0.1, maximum=3600)
     model: str = _opt("qwen3:32b")
     models: typing.Tuple[str, ...] = _opt([])
@@ -550,10 +606,18 @@ def _check_text(text, path):
 def _build(tp, value, meta, path):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
+    if origin is typing.Union:  # Optional[X], or a string or a section (backend.urls)
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
             return None
-        return _build(args[0], value, meta, path)
+        if len(options) > 1:
+            section = next(a for a in options if dataclasses.is_dataclass(a))
+            if isinstance(value, dict):
+                return _build_section(section, value, path)
+            if not isinstance(value, str):
+                raise ConfigError(path, f"expected a string or a mapping, got {_describe(value)}")
+            return _scalar(value, str, meta, path)
+        return _build(options[0], value, meta, path)
     if dataclasses.is_dataclass(tp):
         return _build_section(tp, value, path)
     if origin is tuple:
@@ -566,6 +630,9 @@ def _build(tp, value, meta, path):
             item = _build(args[0], item, {"kind": meta.get("kind")}, item_path)
             if allowed and item not in allowed:
                 raise ConfigError(item_path, f"{item!r} is not allowed (choose from {', '.join(allowed)})")
+            if allowed and item in out:
+                # A choice listed twice is a slip (a second entry meant to be another).
+                raise ConfigError(item_path, f"{item!r} is listed already")
             out.append(item)
         return tuple(out)
     if origin in (collections.abc.Mapping, dict):
@@ -603,10 +670,22 @@ def _build_section(cls, value, path):
 
 # --- cross-field rules --------------------------------------------------------
 
-def _check_listen(path, description, loopback_only=False):
+def _check_listen(path, description, loopback_only=False, warnings=None):
     kind = description.split(":", 1)[0]
     if kind not in ("tcp", "tcp6", "unix", "ssl") and not is_decimal(kind):
         raise ConfigError(path, f"{description!r} is not a supported listen description (use tcp:PORT[:interface=ADDR])")
+    if kind == "ssl":
+        # TLS is the secure listener's alone: the loopback ones stay plain.
+        if loopback_only:
+            raise ConfigError(path, "cannot be ssl: (TLS is offered on server.listen only); use tcp:PORT:interface=127.0.0.1")
+        try:
+            # The files too: a key or certificate that cannot be used stops
+            # start-up, and a reload keeps the certificate in use.
+            found = check_tls(description)
+        except TLSConfigError as e:
+            raise ConfigError(path, str(e)) from None
+        if warnings is not None:
+            warnings.extend(f"{path}: {warning}" for warning in found)
     if kind in ("tcp", "tcp6", "ssl") or is_decimal(kind):
         port = strport_port(description)
         if port is None or not 0 <= port <= 65535:
@@ -624,7 +703,7 @@ def _validate(config, empties):
         if value == "":
             raise ConfigError(path, "is empty")
 
-    _check_listen("server.listen", config.server.listen)
+    _check_listen("server.listen", config.server.listen, warnings=warnings)
     _check_listen("server.debug_listen", config.server.debug_listen, loopback_only=True)
     if config.metrics.listen:
         _check_listen("metrics.listen", config.metrics.listen, loopback_only=True)
@@ -664,7 +743,25 @@ def _validate(config, empties):
     _validate_scopes(config)
     _validate_tracing(config.tracing)
 
-    urls = [("backend.url", config.backend.url)] + [(f"backend.urls[{i}]", u) for i, u in enumerate(config.backend.urls)]
+    urls = [("backend.url", config.backend.url)]
+    seen = set()
+    for i, entry in enumerate(config.backend.urls):
+        path = f"backend.urls[{i}]"
+        if isinstance(entry, BackendURLConfig):
+            if entry.url is None:
+                raise ConfigError(f"{path}.url", "is required")
+            _check_headers(f"{path}.headers", entry.headers, _OWN_HEADERS)
+            if entry.tls is not None and not entry.url.lower().startswith("https:"):
+                raise ConfigError(f"{path}.tls", "is for an https:// backend")
+            urls.append((f"{path}.url", entry.url))
+        else:
+            urls.append((path, entry))
+        # (A backend's state and settings are found by its URL.)
+        url = urls[-1][1]
+        if url in seen:
+            raise ConfigError(urls[-1][0], "names a backend listed already")
+        seen.add(url)
+    _check_headers("backend.headers", config.backend.headers, _OWN_HEADERS)
     for path, url in urls:
         if not re.match(r"^https?://[^/\s]+", url):
             raise ConfigError(path, "must be an http:// or https:// URL")
@@ -675,6 +772,17 @@ def _validate(config, empties):
             raise ConfigError(path, "must be a URL with a valid host and port") from None
         if not parts.hostname:
             raise ConfigError(path, "must be a URL with a valid host and port")
+        if parts.scheme.lower() == "https":
+            # The name TLS sends and checks the certificate against, as
+            # Twisted encodes it (a plain http:// host, a docker-compose
+            # service name with an underscore, is only looked up).
+            if not parts.hostname.isascii():
+                raise ConfigError(path, "has an international host name: write it in its ASCII form (xn--...)")
+            try:
+                tls_host_name(parts.hostname)
+            except ValueError as e:
+                raise ConfigError(path, f"the host of an https:// backend {e}") from None
+    _cleartext_headers(config, warnings)
     for alias, target in config.backend.aliases.items():
         if not target:
             raise ConfigError(f"backend.aliases.{alias}", "must name a model")
@@ -685,6 +793,8 @@ def _validate(config, empties):
             raise ConfigError(f"backend.model_access[{i}]", "must name either a team or a scope")
         if not rule.models:
             raise ConfigError(f"backend.model_access[{i}].models", "must list at least one model (or \"*\")")
+    if not config.server.ready_requires:
+        warnings.append("server.ready_requires is empty: /readyz answers 200 whatever the backend, storage and rate-limit store say (only a drain makes it 503)")
     for i, network in enumerate(config.server.trusted_proxies):
         if network in ("0.0.0.0/0", "::/0"):
             warnings.append(f"server.trusted_proxies[{i}] ({network}) trusts every client to name its own address")
@@ -738,12 +848,53 @@ def _validate_tracing(tracing):
         raise ConfigError("tracing.endpoint", "must not have a query string; put the collector's credentials in tracing.headers")
     if not tracing.service_name.strip():
         raise ConfigError("tracing.service_name", "is empty")
-    for name, value in tracing.headers.items():
+    _check_headers("tracing.headers", tracing.headers)
+
+
+# Headers the gateway itself writes on a backend call (framing, the hop, its
+# body's type, the trace context): backend.headers may not set them.
+_OWN_HEADERS = frozenset(
+    ("host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "expect", "content-type", "traceparent", "tracestate")
+)
+
+
+# The longest value backend.headers and tracing.headers may give a header.
+MAX_HEADER_VALUE = 8 * 1024
+
+
+def _check_headers(path, headers, refused=frozenset()):
+    """
+    Each of C{headers} (name -> value) is one an HTTP/1.1 request can
+    carry, its value at most L{MAX_HEADER_VALUE} characters; names in
+    C{refused} (lower case) are not allowed.  A value (a secret) is never
+    part of the error.
+    """
+    for name, value in headers.items():
         if not _HEADER_NAME.match(name):
-            raise ConfigError(f"tracing.headers.{name}", "is not an HTTP header name")
+            raise ConfigError(_join(path, name), "is not an HTTP header name")
+        if name.lower() in refused:
+            raise ConfigError(_join(path, name), "is a header the gateway sets itself (framing, the connection, the body's type or the trace context)")
+        if len(value) > MAX_HEADER_VALUE:
+            raise ConfigError(_join(path, name), f"is longer than {MAX_HEADER_VALUE // 1024} KiB (a header value the servers on the way would refuse)")
         # What an HTTP/1.1 header value can carry: printable Latin-1, no surrounding space.
         if value != value.strip(" \t") or not all(" " <= c <= "~" or "\xa0" <= c <= "\xff" or c == "\t" for c in value):
-            raise ConfigError(f"tracing.headers.{name}", "is not a value an HTTP header can carry (printable Latin-1, no surrounding spaces)")
+            raise ConfigError(_join(path, name), "is not a value an HTTP header can carry (printable Latin-1, no surrounding spaces)")
+
+
+def _cleartext_headers(config, warnings):
+    """
+    A warning for each http:// backend off this machine that gets
+    C{backend.headers} (or its own): those secrets cross the network in
+    clear text.
+    """
+    for i, entry in enumerate(config.backend.urls or (config.backend.url,)):
+        own = entry.headers if isinstance(entry, BackendURLConfig) else {}
+        url = entry.url if isinstance(entry, BackendURLConfig) else entry
+        path = "backend.url" if not config.backend.urls else f"backend.urls[{i}].url" if own is not None and isinstance(entry, BackendURLConfig) else f"backend.urls[{i}]"
+        if not (config.backend.headers or own) or not url.lower().startswith("http:"):
+            continue
+        if not is_loopback(urllib.parse.urlsplit(url).hostname):
+            warnings.append(f"{path}: backend headers are sent to this http:// backend in clear text over the network; use https:// to keep them secret")
 
 
 def _http_url(path, value):
@@ -813,12 +964,119 @@ def _validate_oauth2(config, production, warnings):
         raise ConfigError("auth.jwt.issuer", "must differ from the gateway's own session issuer (server.public_url or the origin of oauth2.redirect_uri)")
 
 
+def _backend_tls(config):
+    """
+    The config with every TLS setting of the backends read from its files
+    (L{TLSMaterial}), and the warnings about them.
+
+    @raise ConfigError: naming the key whose file cannot be read or used.
+    """
+    backend = config.backend
+    warnings = []
+    https = [u for u in backend_url_list(config) if u.lower().startswith("https:")]
+    if backend.tls != BackendTLSConfig() and not https:
+        warnings.append("backend.tls is set but no backend is an https:// URL: it is not used")
+    urls = []
+    for i, entry in enumerate(backend.urls):
+        if isinstance(entry, BackendURLConfig) and entry.tls is not None:
+            entry = dataclasses.replace(entry, tls=_load_tls(f"backend.urls[{i}].tls", entry.tls, warnings))
+        urls.append(entry)
+    backend = dataclasses.replace(backend, tls=_load_tls("backend.tls", backend.tls, warnings), urls=tuple(urls))
+    return dataclasses.replace(config, backend=backend), warnings
+
+
+def backend_url_list(config):
+    """The URL of each backend: C{backend.urls} (strings or objects), or C{backend.url} alone."""
+    return tuple(u if isinstance(u, str) else u.url for u in config.backend.urls) or (config.backend.url,)
+
+
+def _load_tls(path, tls, warnings):
+    """C{tls} with its L{TLSMaterial}: the files it names, read and checked."""
+    def read(key):
+        name = getattr(tls, key)
+        try:
+            data = read_small_file(name, MAX_FILE_BYTES)
+        except OSError as e:
+            raise ConfigError(f"{path}.{key}", f"cannot read {name}: {e.strerror or type(e).__name__}") from None
+        except FileRefused as e:
+            raise ConfigError(f"{path}.{key}", f"{name} {e}; a PEM file is a small regular file") from None
+        return name, data
+
+    def certificates(key):
+        name, data = read(key)
+        try:
+            found = x509.load_pem_x509_certificates(data)
+        except ValueError:
+            raise ConfigError(f"{path}.{key}", f"{name} is not a PEM certificate file (-----BEGIN CERTIFICATE-----) that can be read") from None
+        now = datetime.datetime.now(datetime.timezone.utc)
+        for cert in found:
+            if cert.not_valid_after_utc < now:
+                warnings.append(f"{path}.{key}: a certificate in {name} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+        return found
+
+    if tls.server_name is not None:
+        if not _is_host_name(tls.server_name):
+            raise ConfigError(f"{path}.server_name", f"{tls.server_name!r} is not a host name or an IP address")
+        try:
+            # (As the TLS client sends and checks it: lower case, no trailing dot.)
+            tls = dataclasses.replace(tls, server_name=tls_host_name(tls.server_name))
+        except ValueError as e:
+            raise ConfigError(f"{path}.server_name", f"{tls.server_name!r} {e}") from None
+    if (tls.client_cert is None) != (tls.client_key is None):
+        missing = "client_key" if tls.client_key is None else "client_cert"
+        raise ConfigError(f"{path}.{missing}", "is required with " + ("client_cert" if missing == "client_key" else "client_key") + " (mutual TLS needs both)")
+    pem = serialization.Encoding.PEM
+    ca = tuple(c.public_bytes(pem) for c in certificates("ca_file")) if tls.ca_file is not None else ()
+    chain, key_pem = (), None
+    if tls.client_cert is not None:
+        chain = tuple(c.public_bytes(pem) for c in certificates("client_cert"))
+        name, data = read("client_key")
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except TypeError:
+            raise ConfigError(f"{path}.client_key", f"{name} is encrypted; give a key without a passphrase") from None
+        except (ValueError, UnsupportedAlgorithm):
+            raise ConfigError(f"{path}.client_key", f"{name} is not a PEM private key that can be read") from None
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        leaf = x509.load_pem_x509_certificate(chain[0])
+        if key.public_key().public_bytes(serialization.Encoding.DER, spki) != leaf.public_key().public_bytes(serialization.Encoding.DER, spki):
+            raise ConfigError(f"{path}.client_key", f"{name} is not the key of the certificate in {tls.client_cert}")
+        key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    digest = hashes.Hash(hashes.SHA256())
+    for part in [(tls.server_name or "").encode("utf-8"), *ca, b"--", *chain, b"--", key_pem or b""]:
+        digest.update(len(part).to_bytes(4, "big") + part)
+    return dataclasses.replace(tls, material=TLSMaterial(ca=ca, client_chain=chain, client_key=key_pem, fingerprint=digest.finalize().hex()))
+
+
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+
+
+def _is_host_name(text):
+    """Whether C{text} is an IP address or a DNS name (international names too)."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    try:
+        ascii_name = text.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    labels = ascii_name[:-1].split(".") if ascii_name.endswith(".") else ascii_name.split(".")
+    return 0 < len(ascii_name) <= 253 and all(_LABEL.match(label) for label in labels)
+
+
 def _secrets(node, path=""):
     """(path, value) of every secret field."""
     for f in dataclasses.fields(node):
         value = getattr(node, f.name)
         if dataclasses.is_dataclass(value):
             yield from _secrets(value, _join(path, f.name))
+        elif isinstance(value, tuple) and any(dataclasses.is_dataclass(item) for item in value):
+            # (Sections in a list, backend.urls: each may hold secrets.)
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    yield from _secrets(item, f"{_join(path, f.name)}[{i}]")
         elif f.metadata.get("secret"):
             if isinstance(value, collections.abc.Mapping):
                 # (A mapping of secrets, tracing.headers: each value is one.)
@@ -835,12 +1093,21 @@ def _is_secret_path(path):
         f = fields.get(part)
         if f is None:
             return False
-        hint = typing.get_type_hints(node)[part]
-        if dataclasses.is_dataclass(hint):
+        hint = _section_of(typing.get_type_hints(node)[part])
+        if hint is not None:
             node = hint
             continue
         return bool(f.metadata.get("secret"))
     return False
+
+
+def _section_of(hint):
+    """The section a field's type holds: itself, or in an Optional, a union or a list (backend.urls); else C{None}."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, tuple):
+        return next((a for a in map(_section_of, typing.get_args(hint)) if a is not None), None)
+    return None
 
 
 # --- reading YAML -------------------------------------------------------------
@@ -979,7 +1246,8 @@ def _parse_config(text, environ, source, mode):
             tree["server"] = dict(tree["server"], mode=mode)
     config = _build_section(Config, tree, "")
     warnings = _validate(config, empties)
-    return dataclasses.replace(config, source=source, warnings=warnings)
+    config, more = _backend_tls(config)
+    return dataclasses.replace(config, source=source, warnings=warnings + tuple(more))
 
 
 def read_env_file(path):
@@ -1035,10 +1303,10 @@ def _read_text(path):
 
     @raise ValueError: when the file is larger (a FIFO or C{/dev/zero} too).
     """
-    with open(path, "rb") as f:
-        data = f.read(MAX_FILE_BYTES + 1)
-    if len(data) > MAX_FILE_BYTES:
-        raise ValueError(f"is larger than {MAX_FILE_BYTES // 1024} KiB; a config file is far smaller")
+    try:
+        data = read_small_file(path, MAX_FILE_BYTES)
+    except FileRefused as e:
+        raise ValueError(f"{e}; a config file is a small regular file") from None
     return data.decode("utf-8")
 
 

@@ -36,13 +36,14 @@ from clawdbot.ops.ratelimit import build_limiter
 from clawdbot.ops.runtime import Runtime
 from clawdbot.ops.signals import SignalHandlers
 from clawdbot.ops.tracing import Tracing
+from clawdbot.server_tls import ReloadableCertificate, TLSConfigError, TLSServerEndpoint, is_tls, parse_tls
 from clawdbot.ops.quotas import Batches, Quotas
 from clawdbot.storage.history import History
 from clawdbot.storage.keys import KeyStore
 from clawdbot.storage.responses import ResponseStore
 from clawdbot.storage.audit import AuditStore
 from clawdbot.ops.audit import AuditLog
-from clawdbot.storage.store import open_store
+from clawdbot.storage.store import StorageUnavailable, open_store
 from clawdbot.storage.usage import UsageBook, UsageStore
 
 log = Logger(namespace="clawdbot.tap")
@@ -87,11 +88,22 @@ class ListenError(SystemExit):
         return self.message
 
 
+class StorageError(ListenError):
+    """
+    The store the config names cannot be used at start (C{storage.path}
+    whose directory cannot be made or written, a file that cannot be
+    written): start-up stops with one line naming it and status 1, as for
+    a listener.
+    """
+
+
 class Listener(service.Service):
     """
     Listen on one strports description.  Unlike a bare
     C{StreamServerEndpointService}, failing to bind aborts start-up, and a
     successful bind is announced with the real address (so C{tcp:0} works).
+    An C{ssl:} description is the gateway's own (L{clawdbot.server_tls}):
+    its certificate is reloaded by L{reload_certificate}.
     """
 
     def __init__(self, reactor, description, factory, announce=None):
@@ -100,11 +112,13 @@ class Listener(service.Service):
         self.factory = factory
         self.announce = announce
         self.port = None
+        # An ssl: listener's certificate (clawdbot.server_tls), which a reload re-reads.
+        self.certificate = None
 
     def startService(self):
         super().startService()
         results = []
-        serverFromString(self.reactor, self.description).listen(self.factory).addBoth(results.append)
+        self._endpoint().listen(self.factory).addBoth(results.append)
         if not results:
             raise ListenError(f"{self.description}: the listener did not start")
         if isinstance(results[0], Failure):
@@ -112,6 +126,27 @@ class Listener(service.Service):
         self.port = results[0]
         if self.announce:
             self.announce(self.port.getHost())
+
+    def _endpoint(self):
+        if not is_tls(self.description):
+            return serverFromString(self.reactor, self.description)
+        # The config's validation read these files; this reads them again,
+        # for the listener, and a file changed meanwhile stops start-up too.
+        try:
+            listen = parse_tls(self.description)
+            self.certificate = ReloadableCertificate(listen)
+        except TLSConfigError as e:
+            raise ListenError(f"cannot listen on {self.description}: {e}") from None
+        return TLSServerEndpoint(self.reactor, listen, self.certificate)
+
+    def reload_certificate(self, old=None, new=None):
+        """
+        A reload hook: an C{ssl:} listener re-reads its key and certificate
+        (a renewed certificate at the same paths), keeping the one in use
+        when the new files cannot be used.
+        """
+        if self.certificate is not None:
+            self.certificate.reload()
 
     def stopService(self):
         super().stopService()
@@ -128,7 +163,8 @@ def _url(description, address):
         shown = host
     if ":" in shown:
         shown = f"[{shown}]"
-    return f"http://{shown}:{address.port}"
+    scheme = "https" if is_tls(description) else "http"
+    return f"{scheme}://{shown}:{address.port}"
 
 
 def _say(line):
@@ -183,13 +219,13 @@ def compose(config, reactor, environ=None, mode=None, agent_factory=None):
         keys=keys,
         responses=ResponseStore(store.engine, reactor),
         usage=usage,
-        batches=Batches(usage, quotas, keys, lambda: runtime.config),
+        batches=Batches(usage, quotas, keys, lambda: runtime.config, audit=audit),
         # Images and big JSON bodies are handled on these threads, never on the reactor.
         images=ImageWorkers(reactor),
         parsers=JSONParsers(reactor),
         fetcher=fetcher,
         metrics=metrics,
-        readiness=Readiness(runtime, ollama, metrics),
+        readiness=Readiness(runtime, ollama, metrics, store=store, limiter=limiter),
         reactor=reactor,
         tracing=tracing,
     )
@@ -229,6 +265,8 @@ class GatewayService(service.MultiService):
         super().__init__()
         self.parts = parts
         self.signals = signals
+        # The end of server.drain_delay while it runs (an IDelayedCall).
+        self.delay_call = None
 
     def startService(self):
         super().startService()
@@ -237,9 +275,24 @@ class GatewayService(service.MultiService):
             self.signals.startService()
 
     def stopService(self):
-        """Stop accepting, drain what is in flight, close the parts, then give the signals back."""
+        """
+        Refuse new requests (L{Runtime.begin_drain}) for
+        C{server.drain_delay} seconds (default 0) with the listeners still
+        open, so that a balancer polling C{/readyz} takes the instance out
+        before its port closes; then stop accepting, drain what is in
+        flight, close the parts, and give the signals back.
+        """
         runtime = self.parts.runtime
-        d = super().stopService()
+        # (Once: a stop called again after a drain has no delay of its own.)
+        delay = 0 if runtime.draining else runtime.config.server.drain_delay
+        runtime.begin_drain()
+        if delay > 0:
+            log.info("Shutting down: refusing new requests for {delay}s before the listeners close", delay=delay)
+            d = Deferred()
+            self.delay_call = self.parts.reactor.callLater(delay, d.callback, None)
+            d.addCallback(lambda _: service.MultiService.stopService(self))
+        else:
+            d = super().stopService()
         d.addCallback(lambda _: Deferred.fromCoroutine(runtime.drain(runtime.config.server.drain_timeout)))
         d.addCallback(lambda _: stop(self.parts))
         if self.signals is not None:
@@ -268,7 +321,10 @@ def makeService(options, reactor=None, say=_say, agent_factory=None):
     for warning in config.warnings:
         log.warn("Config warning: {warning}", warning=warning)
     set_level(config.log.level)
-    parts = compose(config, reactor, environ=options.environ, mode=options["mode"], agent_factory=agent_factory)
+    try:
+        parts = compose(config, reactor, environ=options.environ, mode=options["mode"], agent_factory=agent_factory)
+    except StorageUnavailable as e:
+        raise StorageError(f"storage.path {config.storage.path}: {e.reason}") from None
     runtime = parts.runtime
     signals = None
     if real:
@@ -285,7 +341,11 @@ def makeService(options, reactor=None, say=_say, agent_factory=None):
 
     site = GatewaySite(build_root(parts, debug=False), parts, debug=False, timeout=60, reactor=reactor)
     listen = config.server.listen
-    Listener(reactor, listen, site, lambda addr: say(f"Gateway listening on {_url(listen, addr)}")).setServiceParent(top)
+    secure = Listener(reactor, listen, site, lambda addr: say(f"Gateway listening on {_url(listen, addr)}"))
+    secure.setServiceParent(top)
+    # A renewed certificate at the same paths is used from the reload on
+    # (changing server.listen itself still takes a restart).
+    runtime.on_reload(secure.reload_certificate)
 
     if config.metrics.listen:
         metrics_site = GatewaySite(metrics_root(parts), parts, debug=False, timeout=60, reactor=reactor)

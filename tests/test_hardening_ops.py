@@ -483,7 +483,11 @@ class StubGateway:
             def set(gauge, value):
                 self.up.append(value)
 
-        self.metrics = type("Metrics", (), {"backend_up": Gauge()})()
+        class Labelled:
+            def labels(gauge, name):
+                return type("Child", (), {"set": lambda child, value: None})()
+
+        self.metrics = type("Metrics", (), {"backend_up": Gauge(), "dependency_up": Labelled()})()
 
 
 class ReadinessUnitTests(SynchronousTestCase):

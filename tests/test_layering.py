@@ -25,6 +25,7 @@ LEAVES = (
     "clawdbot.errors",
     "clawdbot.units",
     "clawdbot.net",
+    "clawdbot.server_tls",
     "clawdbot.strictjson",
     "clawdbot.workers",
     "clawdbot.auth.identity",

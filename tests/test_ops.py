@@ -161,7 +161,8 @@ class SystemdUnitTests(TestCase):
         service = read_unit(unit_text())["Service"]
         self.assertEqual(service["KillSignal"], ["SIGTERM"])
         self.assertEqual(service["KillMode"], ["mixed"])
-        drain = load_config(os.path.join(ROOT, "etc", "clawdbot.yaml"), {}).server.drain_timeout
+        server = load_config(os.path.join(ROOT, "etc", "clawdbot.yaml"), {}).server
+        drain = server.drain_delay + server.drain_timeout
         self.assertEqual(drain, 30)
         self.assertGreaterEqual(seconds(service["TimeoutStopSec"][0]), drain + 10)
 
@@ -571,12 +572,21 @@ def render_site(text, https_port, http_port, upstream_port, cert, key):
     listen ports (IPv4 loopback; the IPv6 listens are dropped, as a test
     machine may have no IPv6), the upstream port and the certificate paths.
     Each substitution must hit exactly as often as the example is written.
+
+    @param upstream_port: the gateway's port, or a list of ports: one
+        C{server} line each, with the example's parameters (several
+        instances, as README's "Several cores on one machine" lists them).
     """
+    ports = upstream_port if isinstance(upstream_port, (list, tuple)) else [upstream_port]
+
+    def servers(match):
+        return "".join(f"{match.group(1)}server 127.0.0.1:{port}{match.group(2)};\n" for port in ports)
+
     subs = [
         (r"^(\s*)listen \[::\]:\d+[^;]*;\n", "", 2),
         (r"^(\s*)listen 443 ", rf"\g<1>listen 127.0.0.1:{https_port} ", 1),
         (r"^(\s*)listen 80;", rf"\g<1>listen 127.0.0.1:{http_port};", 1),
-        (r"^(\s*)server 127\.0\.0\.1:8080;", rf"\g<1>server 127.0.0.1:{upstream_port};", 1),
+        (r"^(\s*)server 127\.0\.0\.1:8080((?: [^;]*)?);\n", servers, 1),
         (r"^(\s*)ssl_certificate\s+\S+;", rf"\g<1>ssl_certificate {cert};", 1),
         (r"^(\s*)ssl_certificate_key\s+\S+;", rf"\g<1>ssl_certificate_key {key};", 1),
     ]
@@ -749,17 +759,19 @@ class NginxConfigTests(TestCase):
         self.assertIn("proxy_bufering", said)
 
     def test_directives(self):
-        """The example holds only upstream/server blocks, keeps upstream connections alive, passes the client's identity headers, streams unbuffered and caps bodies at limits.max_body."""
+        """The example holds only upstream/map/server blocks, keeps upstream connections alive (closing them before the gateway does), passes the client's identity headers, streams unbuffered and caps bodies at limits.max_body."""
         text = site_text()
         code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
         top_level = re.findall(r"^(\w+)", code, flags=re.M)
-        self.assertEqual(set(top_level), {"upstream", "server"})
+        self.assertEqual(set(top_level), {"upstream", "map", "server"})
         from clawdbot.config import load_config
 
         max_body = load_config(os.path.join(ROOT, "etc", "clawdbot.yaml"), {}).limits.max_body
         self.assertEqual(re.findall(r"client_max_body_size (\d+);", code), [str(max_body)], "nginx's body limit should be limits.max_body in bytes")
         for directive in [
-            r"upstream clawdbot \{\s*server 127\.0\.0\.1:8080;\s*keepalive 32;",
+            r"upstream clawdbot \{\s*server 127\.0\.0\.1:8080 max_fails=0;\s*keepalive 32;\s*keepalive_timeout 50s;\s*\}",
+            r"map \$request_uri \$clawdbot_error_shape \{",
+            r"proxy_connect_timeout 1s;",
             r"listen 443 ssl http2;",
             r"listen 80;",
             r"return 301 https://\$host\$request_uri;",
@@ -774,10 +786,19 @@ class NginxConfigTests(TestCase):
             r"proxy_cache off;",
             r"proxy_read_timeout 300s;",
             r"error_page 413 = @payload_too_large;",
+            r"error_page 502 @no_gateway;",
+            r"error_page 503 @proxy_busy;",
+            r"error_page 504 @gateway_timeout;",
+            r"proxy_next_upstream error timeout http_503;",
+            r"proxy_next_upstream_tries 2;",
+            r"proxy_next_upstream_timeout 10s;",
+            r"proxy_intercept_errors off;",
             r"ssl_certificate\s+/\S+;",
             r"ssl_certificate_key\s+/\S+;",
         ]:
             self.assertRegex(code, directive)
+        # A POST is never sent twice (README, "Rolling restarts").
+        self.assertNotIn("non_idempotent", code)
 
 
 class NginxProxyTests(TestCase):
@@ -1029,7 +1050,8 @@ oauth2:
         status, headers, body = await deferToThread(nginx.https, "POST", "/v1/chat/completions", b"x" * (limit + 1), self.auth)
         self.assertEqual(status, 413, body[:300])
         self.assertEqual(json.loads(body)["error"], {
-            "message": "Request body too large", "type": "invalid_request_error", "code": "PAYLOAD_TOO_LARGE",
+            "message": f"Request body too large: the body is larger than the limit of {limit} bytes",
+            "type": "invalid_request_error", "code": "PAYLOAD_TOO_LARGE", "param": None,
             "details": f"the body is larger than the limit of {limit} bytes",
         })  # fmt: skip
         self.assertEqual(headers.get("Content-Type"), "application/json")

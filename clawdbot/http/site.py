@@ -25,8 +25,15 @@ log = Logger(namespace="clawdbot.web")
 
 # The Server header of every answer (never twisted.web's, which names its version).
 SERVER = b"clawdbot"
+# The health probes, still answered while the gateway drains (the rest is
+# refused with 503 SHUTTING_DOWN): /healthz 200, /readyz 503.
+PROBES = (b"/healthz", b"/readyz")
 # Seconds a refused body is drained before the connection closes.
 LINGER = 2.0
+# Seconds a connection the gateway closes on its own (a deadline, a refusal)
+# has to go, its last bytes flushed and over TLS its close_notify answered,
+# before it is dropped (GatewayChannel.close).
+CLOSE_GRACE = 2.0
 # On the secure listener a request without credentials may send at most
 # this much body: the body is stored before the token is checked, so
 # strangers get no more than this (no public route reads a body).
@@ -324,10 +331,10 @@ class GatewayRequest(server.Request):
         transport.write(early_response(err, self.request_id, error_shape(self.path), self.cors_headers()))
         log.info("Refused a request while its body arrived: {code}", code=err.code, details=err.details, request_id=self.request_id)
         if not linger:
-            self.channel.loseConnection()
+            self.channel.close()
             return
         # The channel's callLater is its site's reactor's (HTTPFactory.buildProtocol).
-        self._linger = self.channel.callLater(LINGER, transport.loseConnection)
+        self._linger = self.channel.callLater(LINGER, self.channel.close)
 
     def _name_from_channel(self):
         """
@@ -347,7 +354,7 @@ class GatewayRequest(server.Request):
         """The refused body has arrived (and been dropped): close now."""
         self._stop_linger()
         if self.channel is not None:
-            self.channel.transport.loseConnection()
+            self.channel.close()
 
     def _stop_linger(self):
         linger = getattr(self, "_linger", None)
@@ -383,7 +390,7 @@ class GatewayRequest(server.Request):
             channel = self.channel
             write_error(self, err, error_shape(self.path))
             if channel is not None and channel.transport is not None:
-                channel.transport.loseConnection()
+                channel.close()
             return
         super().process()
 
@@ -413,6 +420,12 @@ class GatewayRequest(server.Request):
         return reason
 
     def _common_headers(self):
+        parts = self._parts()
+        if parts is not None and parts.runtime.draining:
+            # The gateway is shutting down: the connection closes after this
+            # answer (GatewayChannel.requestDone), and says so, so that a
+            # proxy does not keep it for its next request.
+            self.setHeader(b"connection", b"close")
         self.setHeader(b"server", SERVER)
         self.setHeader(b"x-content-type-options", b"nosniff")
         self.setHeader(b"x-request-id", self.request_id.encode())
@@ -470,7 +483,7 @@ class GatewayRequest(server.Request):
         What refuses this request before the resource tree is walked, or
         C{None}: a malformed C{Host} (RFC 9112 section 3.2), a method the
         gateway does not know, a debug-port request from off this machine,
-        or a drain in progress.
+        or a drain in progress (except for the health probes, L{PROBES}).
         """
         hosts = self.requestHeaders.getRawHeaders(b"host") or []
         if len(hosts) > 1:
@@ -483,7 +496,7 @@ class GatewayRequest(server.Request):
             return APIError("NOT_IMPLEMENTED", details="the gateway does not implement this method")
         if self.site.debug and not _local_request(self):
             return APIError("ORIGIN_REJECTED", details="the debug port only answers pages and tools on this machine")
-        if self.draining:
+        if self.draining and not (self.method in (b"GET", b"HEAD") and self.path in PROBES):
             return APIError("SHUTTING_DOWN", details="the gateway is restarting; retry shortly", headers={"Retry-After": "1"})
         return None
 
@@ -542,6 +555,9 @@ class GatewayChannel(http.HTTPChannel):
 
     def connectionMade(self):
         super().connectionMade()
+        channels = getattr(self.site, "channels", None)
+        if channels is not None:
+            channels.add(self)
         self._start_timer("header_timeout", self._head_too_slow)
 
     def dataReceived(self, data):
@@ -562,12 +578,62 @@ class GatewayChannel(http.HTTPChannel):
 
     def requestDone(self, request):
         self._answering = False
+        draining = self._draining()
+        if draining:
+            # No next request on this connection (GatewaySite.close_idle).
+            self.persistent = False
         super().requestDone(request)
+        if draining:
+            self.close()
 
     def connectionLost(self, reason):
         self._stop_timer("header_timeout")
         self._stop_timer("body_timeout")
+        self._stop_timer("close_grace")
+        self._lost = True
+        channels = getattr(self.site, "channels", None)
+        if channels is not None:
+            channels.discard(self)
         super().connectionLost(reason)
+
+    def idle(self):
+        """No request on this connection is being read or answered (a kept-alive connection between requests)."""
+        return not self.requests and not self._answered_early
+
+    def _draining(self):
+        parts = getattr(self.site, "parts", None)
+        return parts is not None and parts.runtime.draining
+
+    _close_grace = None
+    _lost = False
+
+    def close(self):
+        """
+        Close the connection on the gateway's own initiative (a deadline
+        passed, a request refused): what was written is flushed, then the
+        connection ends.  One still open L{CLOSE_GRACE} seconds later is
+        dropped, so that neither a client that stops reading nor, over TLS,
+        one that never answers the close_notify holds it open.
+        """
+        if self.transport is None or self._lost:
+            return
+        if self._close_grace is None:
+            self._close_grace = self.callLater(CLOSE_GRACE, self._drop)
+        self.loseConnection()
+
+    def _drop(self):
+        self._close_grace = None
+        if self.transport is not None and not self._lost:
+            self.transport.abortConnection()
+
+    def timeoutConnection(self):
+        """
+        twisted.web's idle timeout (the site's C{timeout}: no byte in that
+        long, a kept-alive connection between requests included) closes like
+        the gateway's own deadlines (L{close}), without twisted.web's log
+        lines and its longer wait before the connection is dropped.
+        """
+        self.close()
 
     # --- what twisted.web refuses by itself, in the JSON error shape ---------
 
@@ -603,7 +669,7 @@ class GatewayChannel(http.HTTPChannel):
         request = self.requests[-1] if self.requests and not self._answering else None
         if isinstance(request, GatewayRequest) and request.refused:
             # Its answer is out already (a refused body being drained).
-            self.loseConnection()
+            self.close()
             return
         if isinstance(request, GatewayRequest):
             request.refused = True
@@ -614,7 +680,7 @@ class GatewayChannel(http.HTTPChannel):
         log.info("Refused a malformed request: {code}", code=err.code, details=err.details, peer=peer, request_id=request_id)
         path = request.path if isinstance(request, GatewayRequest) else getattr(self, "_path", None)
         self.transport.write(early_response(err, request_id, error_shape(path.split(b"?", 1)[0] if isinstance(path, bytes) else None)))
-        self.loseConnection()
+        self.close()
 
     # --- deadlines ----------------------------------------------------------------
 
@@ -643,7 +709,7 @@ class GatewayChannel(http.HTTPChannel):
         self._header_timeout = None
         peer = getattr(self.transport.getPeer(), "host", None)
         log.info("Closed a connection whose request head took over {seconds}s", seconds=seconds, peer=peer)
-        self.loseConnection()
+        self.close()
 
     def _body_too_slow(self, seconds):
         """The body did not arrive whole in time: 408, and the connection closes."""
@@ -651,7 +717,7 @@ class GatewayChannel(http.HTTPChannel):
         request = self.requests[-1] if self.requests else None
         if not isinstance(request, GatewayRequest) or request.refused:
             # Already answered (a refused body being drained): just close.
-            self.loseConnection()
+            self.close()
             return
         request._refuse(APIError("REQUEST_TIMEOUT", details=f"the request body did not arrive within {seconds:g}s"), linger=False)
 
@@ -663,7 +729,8 @@ class GatewaySite(server.Site):
     """
 
     requestFactory = GatewayRequest
-    # HTTP/1.1 only (TLS, and so HTTP/2, ends at the proxy in front).
+    # HTTP/1.1 only, whether TLS ends at a proxy in front or at an ssl:
+    # listener (clawdbot.server_tls; see acceptableProtocols).
     protocol = GatewayChannel
     noisy = False
 
@@ -671,6 +738,32 @@ class GatewaySite(server.Site):
         super().__init__(resource, **kwargs)
         self.parts = parts
         self.debug = debug
+        # The open connections (GatewayChannel adds and removes itself).
+        self.channels = set()
+        if parts is not None:
+            parts.runtime.on_drain(self.close_idle)
+
+    def close_idle(self):
+        """
+        The drain begins: close every kept-alive connection that is between
+        requests now (each busy one closes once its answer is out,
+        GatewayChannel.requestDone), so that a proxy sends no new request on
+        one to meet a 503 C{SHUTTING_DOWN} it would not send elsewhere (a
+        POST), and finds the port refused instead once the listener closes.
+        Each closes with L{GatewayChannel.close} (over TLS its close_notify,
+        and a drop after a grace).
+        """
+        for channel in list(self.channels):
+            if channel.idle():
+                channel.close()
+
+    def acceptableProtocols(self):
+        """
+        What an C{ssl:} listener offers by ALPN: C{http/1.1} alone, never
+        C{h2} (twisted.web's would add it once the C{h2} package is
+        installed, and its HTTP/2 connection is not L{GatewayChannel}).
+        """
+        return [b"http/1.1"]
 
     def log(self, request):
         """Access logging is the gateway's own; twisted.web's is off."""

@@ -8,13 +8,16 @@ L{clawdbot.tap.makeService} builds once.
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from clawdbot.backend.ollama import backend_urls, display_url
 from clawdbot.http import admin, agents, chat, history, keys, native, sso
 from clawdbot.http.static import StaticFiles, static_dir
 from clawdbot.http.resource import APIResource, JSONResponse, Node
+
+log = Logger(namespace="clawdbot.web")
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,59 +77,99 @@ class Health(APIResource):
 
 class Readiness:
     """
-    The answer to "does Ollama answer?", shared by every C{/readyz} of one
-    gateway (each listener has its own L{Ready}, all with one of these).
+    The answers to "does each dependency answer?", shared by every
+    C{/readyz} of one gateway (each listener has its own L{Ready}, all with
+    one of these): C{backend} (Ollama, L{clawdbot.backend.ollama.Ollama.check}),
+    C{storage} (the history store, L{clawdbot.storage.store.SQLStore.ping})
+    and C{rate_limit} (the limiter's store, L{clawdbot.ops.ratelimit.RedisLimiter.ping};
+    in memory it always answers).
 
-    C{/readyz} needs no credentials, so it must not drive the backend at the
-    caller's pace: an answer (ready or not) is reused for L{TTL} seconds, a
-    config reload asks again, and callers that arrive while a check is under
-    way wait for that one check instead of starting their own.  At most one
-    C{/api/version} per backend per TTL, however many calls arrive.
+    C{/readyz} needs no credentials, so it must not drive a dependency at
+    the caller's pace: each dependency's answer (ready or not) is reused
+    for L{TTL} seconds, a config reload asks again, and callers that arrive
+    while a check is under way wait for that one check instead of starting
+    their own.  At most one probe per dependency per TTL, however many
+    calls arrive.  Each answer also sets C{clawdbot_dependency_up}.
 
     @ivar clock: what decides when an answer is stale (the gateway's
         reactor; a test may set a L{twisted.internet.task.Clock}).
+    @ivar probes: each dependency's name and its probe, a coroutine
+        function answering C{None} (it answers) or a short curated reason.
+    @ivar counts: how many probes each dependency had.
     """
 
     TTL = 1.0
+    # The dependencies, in the order /readyz lists them.
+    NAMES = ("backend", "storage", "rate_limit")
 
-    def __init__(self, runtime, ollama, metrics, ttl=TTL):
+    def __init__(self, runtime, ollama, metrics, store=None, limiter=None, ttl=TTL):
         self.runtime = runtime
         self.ollama = ollama
         self.metrics = metrics
         self.clock = runtime.reactor
         self.ttl = ttl
-        self._answer = None  # (reason, when, config)
-        self._waiters = None  # a list while a check is under way
-        self.checks = 0
+        self.probes = {"backend": ollama.check}
+        if store is not None:
+            self.probes["storage"] = store.ping
+        if limiter is not None:
+            self.probes["rate_limit"] = limiter.ping
+        self.counts = dict.fromkeys(self.probes, 0)
+        self._answers = {}  # name: (reason, when, config)
+        self._waiters = {}  # name: a list while its check is under way
 
-    async def reason(self):
-        """C{None} when ready, else a short reason (L{clawdbot.backend.ollama.Ollama.check})."""
-        if self._answer is not None:
-            reason, when, config = self._answer
+    @property
+    def checks(self):
+        """How many times Ollama was asked."""
+        return self.counts["backend"]
+
+    async def reason(self, name="backend"):
+        """C{None} when dependency C{name} answers, else a short reason (see L{probes})."""
+        answer = self._answers.get(name)
+        if answer is not None:
+            reason, when, config = answer
             age = self.clock.seconds() - when
             if config is self.runtime.config and 0 <= age < self.ttl:
                 return reason
         waiter = Deferred()
-        if self._waiters is None:
-            self._waiters = [waiter]
+        if name not in self._waiters:
+            self._waiters[name] = [waiter]
             # Not tied to any one request: a caller that goes away cancels
             # only its own wait, never the check the others wait for.
-            Deferred.fromCoroutine(self._check())
+            Deferred.fromCoroutine(self._check(name))
         else:
-            self._waiters.append(waiter)
+            self._waiters[name].append(waiter)
         return await waiter
 
-    async def _check(self):
+    async def report(self):
+        """
+        C{{name: None or reason}} for every dependency, checked at once.  A
+        check that fails by itself (a bug) reads as failing, logged.
+        """
+
+        async def one(name):
+            try:
+                return await self.reason(name)
+            except Exception:
+                log.failure("The readiness check of {dependency} failed", dependency=name)
+                return "the check failed"
+
+        names = [name for name in self.NAMES if name in self.probes]
+        reasons = await gatherResults([Deferred.fromCoroutine(one(name)) for name in names])
+        return dict(zip(names, reasons))
+
+    async def _check(self, name):
         config = self.runtime.config
-        self.checks += 1
+        self.counts[name] += 1
         try:
-            reason = await self.ollama.check()
-            self._answer = (reason, self.clock.seconds(), config)
-            self.metrics.backend_up.set(0 if reason else 1)
+            reason = await self.probes[name]()
+            self._answers[name] = (reason, self.clock.seconds(), config)
+            if name == "backend":
+                self.metrics.backend_up.set(0 if reason else 1)
+            self.metrics.dependency_up.labels(name).set(0 if reason else 1)
             failure = None
         except Exception:
             failure, reason = Failure(), None  # not cached: the next call asks again
-        waiters, self._waiters = self._waiters, None
+        waiters = self._waiters.pop(name)
         for waiter in waiters:
             if waiter.called:  # cancelled by a caller that went away
                 continue
@@ -138,32 +181,57 @@ class Readiness:
 
 class Ready(APIResource):
     """
-    C{GET /readyz}: a config is loaded and Ollama answers.  503 with the
-    reason otherwise, so a load balancer and a person both learn why.  The
-    backend's answer is cached for about a second and shared by concurrent
-    calls (L{Readiness}).
+    C{GET /readyz}: a config is loaded and the dependencies that
+    C{server.ready_requires} names (by default Ollama) answer.  503 with
+    the reason otherwise, so a load balancer and a person both learn why;
+    every dependency's state is in the body, required or not.  Answers are
+    cached for about a second and shared by concurrent calls
+    (L{Readiness}).  While the gateway drains (after SIGTERM) the answer is
+    503 C{shutting down} whatever the dependencies say, in the same body
+    (C{checks} and C{dependencies} as always).
     """
 
     scopes = {"GET": None}
     route_name = "readyz"
+    # How each dependency is named in a reason.
+    SHOWN = {"storage": "history storage", "rate_limit": "rate-limit store"}
 
     def __init__(self, parts):
         super().__init__(parts)
         self.readiness = parts.readiness
         self.ollama = parts.ollama
+        self.runtime = parts.runtime
 
     async def handle_GET(self, request):
+        config = request.config
+        required = config.server.ready_requires
+        # One body in every state (a drain included): each dependency as
+        # last asked (L{Readiness} asks at most once a TTL).
+        reasons = await self.readiness.report()
         checks = {"config": "ok"}
-        reason = await self.readiness.reason()
-        checks["backend"] = reason or "ok"
-        checks["backends"] = self.ollama.status(request.config)
-        if reason:
-            where = "Ollama"
-            if request.config.server.mode == "dev":
-                # A newcomer's machine: say which address was tried (never in production, where /readyz is public).
-                where = "Ollama at " + ", ".join(display_url(url) for url in backend_urls(request.config))
-            return JSONResponse({"status": "not ready", "reason": f"{where}: {reason}", "checks": checks}, status=503)
-        return {"status": "ready", "checks": checks}
+        dependencies = {}
+        for name, reason in reasons.items():
+            checks[name] = reason or "ok"
+            dependencies[name] = {"status": "failing" if reason else "ok", "required": name in required}
+            if reason:
+                dependencies[name]["reason"] = reason
+        checks["backends"] = self.ollama.status(config)
+        if self.runtime.draining:
+            return JSONResponse({"status": "not ready", "reason": "shutting down", "checks": checks, "dependencies": dependencies}, status=503)
+        failing = [name for name, reason in reasons.items() if reason and name in required]
+        if failing:
+            why = "; ".join(f"{self._where(name, config)}: {reasons[name]}" for name in failing)
+            return JSONResponse({"status": "not ready", "reason": why, "checks": checks, "dependencies": dependencies}, status=503)
+        return {"status": "ready", "checks": checks, "dependencies": dependencies}
+
+    def _where(self, name, config):
+        """What a reason names: Ollama (in dev mode with the addresses tried), the history storage, the rate-limit store."""
+        if name != "backend":
+            return self.SHOWN[name]
+        if config.server.mode == "dev":
+            # A newcomer's machine: say which address was tried (never in production, where /readyz is public).
+            return "Ollama at " + ", ".join(display_url(url) for url in backend_urls(config))
+        return "Ollama"
 
 
 class MetricsPage(APIResource):

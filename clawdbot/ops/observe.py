@@ -510,6 +510,9 @@ class Metrics:
             registry=r,
         )
         self.backend_up = Gauge("clawdbot_backend_up", "1 when the last contact with Ollama succeeded.", registry=r)
+        self.dependency_up = Gauge(
+            "clawdbot_dependency_up", "1 when /readyz's last check of the dependency (backend, storage, rate_limit) succeeded.", ["dependency"], registry=r
+        )
         self.queue_wait = Histogram(
             "clawdbot_queue_wait_seconds",
             "Time calls waited for a backend slot, by fair-share class (limits.fair_share.weights, else default).",

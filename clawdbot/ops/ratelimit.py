@@ -296,6 +296,10 @@ class MemoryLimiter:
     def close(self) -> None:
         """Nothing to release."""
 
+    async def ping(self) -> str | None:
+        """For C{/readyz}: the buckets are in this process, so always C{None} (it answers)."""
+        return None
+
 
 # --- Redis ----------------------------------------------------------------------
 
@@ -448,6 +452,23 @@ class RedisLimiter:
         if not limit or not cost:
             return
         await self._run("spend", kind, key, limit, cost, refuse=False)
+
+    async def ping(self) -> str | None:
+        """
+        For C{/readyz}: C{None} when Redis answers a PING within the
+        check's deadline, else a short reason (L{_describe}: never the URL,
+        which may hold a password).  It neither counts as an outage nor
+        ends one: the checks themselves decide that.
+        """
+        if not self.pool.started:
+            self.pool.start()
+        d = deferToThreadPool(self.reactor, self.pool, self.client.ping)
+        d.addTimeout(self.deadline, self.reactor)
+        try:
+            await d
+        except Exception as e:
+            return _describe(e)
+        return None
 
     def close(self) -> None:
         """Stop the threads and drop the connections (at gateway stop)."""

@@ -58,6 +58,7 @@ class Runtime:
         self.started = reactor.seconds()
         self._reload_pending = False
         self._reload_hooks = []
+        self._drain_hooks = []
         self.config = config
         self.inflight = set()
         self.draining = False
@@ -79,6 +80,30 @@ class Runtime:
     # --- shutdown ----------------------------------------------------------------
 
     _drained = None
+
+    def begin_drain(self):
+        """
+        The first step of a shutdown: from now on new requests are refused
+        with 503 C{SHUTTING_DOWN} (the health probes still answer, C{/readyz}
+        with 503), while those in flight go on as before, and the hooks of
+        L{on_drain} run (once).  L{drain} follows.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        for hook in self._drain_hooks:
+            try:
+                hook()
+            except Exception:
+                log.failure("A drain hook failed")
+
+    def on_drain(self, hook):
+        """
+        Call C{hook()} when the drain begins (L{begin_drain}): each site
+        closes its idle kept-alive connections there
+        (L{clawdbot.http.site.GatewaySite.close_idle}).
+        """
+        self._drain_hooks.append(hook)
 
     async def drain(self, timeout):
         """
