@@ -7,6 +7,21 @@ cd "$(dirname "$0")/.."
 need_cmd() {
   command -v "$1" >/dev/null 2>&1 || { echo "tests need the '$1' command; install it and re-run" >&2; exit 1; }
 }
+# Debian packages, installed without starting their services (a
+# policy-rc.d that refuses, for the time of the install).
+apt_install() {
+  [ $# -gt 0 ] || return 0
+  need_cmd apt-get
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
+  fi
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y "$@" || { [ -z "$policy" ] || rm -f "$policy"; exit 1; }
+  [ -z "$policy" ] || rm -f "$policy"
+}
+
 need_cmd node
 need_cmd npm
 need_cmd pidof
@@ -41,11 +56,7 @@ fi
 pkgs=""
 [ -x /usr/bin/chromium ] || pkgs="$pkgs chromium"
 dpkg -s fonts-wqy-microhei >/dev/null 2>&1 || pkgs="$pkgs fonts-wqy-microhei"
-if [ -n "$pkgs" ]; then
-  need_cmd apt-get
-  apt-get update
-  DEBIAN_FRONTEND=noninteractive apt-get install -y $pkgs
-fi
+apt_install $pkgs
 
 # For tests/test_ops.py: nginx (`nginx -t` on etc/nginx/clawdbot.conf, and a
 # real nginx that the test starts itself on loopback ports), systemd-analyze
@@ -56,17 +67,7 @@ pkgs=""
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || pkgs="$pkgs nginx"
 command -v systemd-analyze >/dev/null 2>&1 || pkgs="$pkgs systemd"
 command -v curl >/dev/null 2>&1 || pkgs="$pkgs curl"    # the HTTP/2 client
-if [ -n "$pkgs" ]; then
-  need_cmd apt-get
-  policy=""
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    policy=/usr/sbin/policy-rc.d
-    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
-  fi
-  apt-get update
-  DEBIAN_FRONTEND=noninteractive apt-get install -y $pkgs || { [ -z "$policy" ] || rm -f "$policy"; exit 1; }
-  [ -z "$policy" ] || rm -f "$policy"
-fi
+apt_install $pkgs
 
 # For tests/test_outages.py: a private PostgreSQL (initdb and postgres from
 # /usr/lib/postgresql/*/bin, run as the postgres user through setpriv), a
@@ -78,14 +79,4 @@ command -v redis-server >/dev/null 2>&1 || pkgs="$pkgs redis-server"
 command -v setpriv >/dev/null 2>&1 || pkgs="$pkgs util-linux"
 command -v chattr >/dev/null 2>&1 || pkgs="$pkgs e2fsprogs"
 command -v mount >/dev/null 2>&1 || pkgs="$pkgs mount"
-if [ -n "$pkgs" ]; then
-  need_cmd apt-get
-  policy=""
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    policy=/usr/sbin/policy-rc.d
-    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
-  fi
-  apt-get update
-  DEBIAN_FRONTEND=noninteractive apt-get install -y $pkgs || { [ -z "$policy" ] || rm -f "$policy"; exit 1; }
-  [ -z "$policy" ] || rm -f "$policy"
-fi
+apt_install $pkgs
