@@ -36,6 +36,7 @@ from clawdbot.ops.ratelimit import build_limiter
 from clawdbot.ops.runtime import Runtime
 from clawdbot.ops.signals import SignalHandlers
 from clawdbot.ops.tracing import Tracing
+from clawdbot.ops.watchdog import watchdog_service
 from clawdbot.server_tls import ReloadableCertificate, TLSConfigError, TLSServerEndpoint, is_tls, parse_tls
 from clawdbot.ops.quotas import Batches, Quotas
 from clawdbot.storage.history import History
@@ -259,12 +260,17 @@ class GatewayService(service.MultiService):
     drain what is in flight, then close the parts.
 
     @param signals: a L{SignalHandlers}, or C{None} (not the real reactor).
+    @param watchdog: the systemd watchdog's service
+        (L{clawdbot.ops.watchdog.watchdog_service}), or C{None}: like the
+        signals, it runs until the very end, the drain included, so that
+        systemd kills a process only when its reactor stops turning.
     """
 
-    def __init__(self, parts, signals=None):
+    def __init__(self, parts, signals=None, watchdog=None):
         super().__init__()
         self.parts = parts
         self.signals = signals
+        self.watchdog = watchdog
         # The end of server.drain_delay while it runs (an IDelayedCall).
         self.delay_call = None
 
@@ -273,6 +279,8 @@ class GatewayService(service.MultiService):
         self.parts.keys.start()
         if self.signals is not None:
             self.signals.startService()
+        if self.watchdog is not None:
+            self.watchdog.startService()
 
     def stopService(self):
         """
@@ -297,7 +305,13 @@ class GatewayService(service.MultiService):
         d.addCallback(lambda _: stop(self.parts))
         if self.signals is not None:
             d.addBoth(self._restore_signals)
+        if self.watchdog is not None:
+            d.addBoth(self._stop_watchdog)
         return d
+
+    def _stop_watchdog(self, result):
+        self.watchdog.stopService()
+        return result
 
     def _restore_signals(self, result):
         self.signals.stopService()
@@ -334,7 +348,10 @@ def makeService(options, reactor=None, say=_say, agent_factory=None):
                 signal.SIGUSR1: lambda: reactor.callFromThread(reopen_logs, parts),
             }
         )
-    top = GatewayService(parts, signals)
+    # Under systemd with WatchdogSec= (clawdbot.service): WATCHDOG=1 from the
+    # reactor, so that a stuck process is killed and restarted.
+    watchdog = watchdog_service(os.environ) if real else None
+    top = GatewayService(parts, signals, watchdog)
     if len(backend_urls(config)) > 1:
         # With several backends, each is checked every backend.health_interval.
         health_checks(parts.ollama, parts.metrics, config.backend.health_interval, reactor).setServiceParent(top)

@@ -32,10 +32,10 @@ import time
 from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from testing.fake_ollama import FakeOllama, tokenize
-from tests.helpers import ROOT, SECRET, Process, bearer, closed_port, get_json, merge_yaml, process_env, reserved_port, serve, token, until, write_config
+from tests.helpers import BASE_CONFIG, ROOT, SECRET, Process, bearer, closed_port, get_json, merge_yaml, process_env, reserved_port, serve, token, until, write_config
 from tests.test_scaling import REDIS_URL, redis_prefix
 from tests.test_sessions import pg_database
 
@@ -223,6 +223,99 @@ if os.getppid() != int(sys.argv[1]):
     sys.exit("the test process is gone")
 os.execv(sys.argv[2], sys.argv[2:])
 """
+
+
+class WatchdogTests(SynchronousTestCase):
+    """
+    systemd's watchdog (clawdbot/ops/watchdog.py): both units ask for it, and
+    the gateway sends C{WATCHDOG=1} (sd_notify(3)) to a real unix datagram
+    socket bound here, only when the environment says the watchdog is this
+    process's.
+    """
+
+    def socket(self, abstract=False):
+        """A bound unix datagram socket: (the socket, its C{$NOTIFY_SOCKET} value)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        if abstract:
+            name = f"clawdbot-test-{os.getpid()}-{random.randrange(1 << 30)}"
+            sock.bind("\0" + name)
+            value = "@" + name
+        else:
+            value = os.path.join(tempdir(self), "notify")
+            sock.bind(value)
+        sock.settimeout(20)
+        return sock, value
+
+    def test_units_ask_for_it(self):
+        """Both units set WatchdogSec=30s, let the main process notify, and restart a process the watchdog killed (on-failure)."""
+        for text in (unit_text(), template_text()):
+            service = read_unit(text)["Service"]
+            self.assertEqual(service["NotifyAccess"], ["main"])
+            self.assertEqual(seconds(service["WatchdogSec"][0]), 30)
+            self.assertEqual(service["Restart"], ["on-failure"])
+
+    def test_pings_from_the_reactor(self):
+        """With WATCHDOG_USEC and a matching WATCHDOG_PID, WATCHDOG=1 at once and then every half period (path and abstract sockets)."""
+        from clawdbot.ops.watchdog import watchdog_service
+
+        for abstract in (False, True):
+            sock, value = self.socket(abstract)
+            clock = Clock()
+            environ = {"NOTIFY_SOCKET": value, "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}
+            service = watchdog_service(environ, clock=clock)
+            self.assertEqual(service.step, 1.0)
+            service.startService()
+            self.assertEqual(sock.recv(100), b"WATCHDOG=1")
+            clock.advance(1.0)
+            self.assertEqual(sock.recv(100), b"WATCHDOG=1")
+            service.stopService()
+            clock.advance(5.0)
+            sock.setblocking(False)
+            with self.assertRaises(BlockingIOError):
+                sock.recv(100)
+
+    def test_only_when_it_is_this_process(self):
+        """No service without a socket, without or with a malformed WATCHDOG_USEC, or with another process's WATCHDOG_PID; WATCHDOG_PID unset applies to this process."""
+        from clawdbot.ops.watchdog import watchdog_service
+
+        _, value = self.socket()
+        mine = str(os.getpid())
+        for environ in (
+            {"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": mine},
+            {"NOTIFY_SOCKET": value, "WATCHDOG_PID": mine},
+            {"NOTIFY_SOCKET": value, "WATCHDOG_USEC": "soon", "WATCHDOG_PID": mine},
+            {"NOTIFY_SOCKET": value, "WATCHDOG_USEC": "0", "WATCHDOG_PID": mine},
+            {"NOTIFY_SOCKET": value, "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid() + 1)},
+            {"NOTIFY_SOCKET": "vsock:2:1234", "WATCHDOG_USEC": "2000000"},
+        ):
+            self.assertIsNone(watchdog_service(environ, clock=Clock()), environ)
+        self.assertIsNotNone(watchdog_service({"NOTIFY_SOCKET": value, "WATCHDOG_USEC": "2000000"}, clock=Clock()))
+
+    def test_a_failed_send_is_logged_not_raised(self):
+        """A socket that is gone: the send fails quietly (one warning), the timer goes on."""
+        from clawdbot.ops.watchdog import watchdog_service
+
+        sock, value = self.socket()
+        sock.close()
+        os.unlink(value)
+        clock = Clock()
+        service = watchdog_service({"NOTIFY_SOCKET": value, "WATCHDOG_USEC": "2000000"}, clock=clock)
+        service.startService()
+        clock.advance(1.0)
+        self.assertTrue(service.running)
+        self.assertTrue(service.notifier._failing)
+        service.stopService()
+
+    def test_the_gateway_pings(self):
+        """`clawdbot start` under a watchdog's environment (as systemd starts it, WATCHDOG_PID left out) sends WATCHDOG=1 repeatedly."""
+        sock, value = self.socket()
+        path = write_config(self, merge_yaml(BASE_CONFIG, 'server: {listen: "tcp:0:interface=127.0.0.1"}'))
+        env = dict(process_env(), NOTIFY_SOCKET=value, WATCHDOG_USEC="1000000")
+        gw = Process([CLAWDBOT_SCRIPT, "start", "--config", path, "--no-debug-port"], env=env)
+        self.addCleanup(gw.stop)
+        gw.wait_for("Gateway listening on", timeout=60)
+        self.assertEqual([sock.recv(100) for _ in range(3)], [b"WATCHDOG=1"] * 3)
 
 
 def tied_to_test(argv):

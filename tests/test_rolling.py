@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -38,7 +39,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from clawdbot.backend import messages
 from clawdbot.config import ConfigError, ServerConfig, parse_config
-from clawdbot.errors import CODES, APIError, error_body, ollama_error_body
+from clawdbot.errors import APIError, error_body, ollama_error_body
 from clawdbot.ops.signals import stop_signals
 from testing.fake_ollama import FakeOllama
 from tests.helpers import BASE_CONFIG, Process, bearer, clawdbot_argv, closed_port, get_json, merge_yaml, process_env, reserved_port, serve, stream_call, token, until, write_config
@@ -342,6 +343,44 @@ class DrainTests(TestCase):
         await stopping
 
 
+    async def test_upload_begun_before_the_drain_is_served(self):
+        """
+        A request whose head arrived before the drain began is in flight
+        even while its body is still arriving: with the listener open
+        (drain_delay) or closed at once (drain_delay 0), the drain waits for
+        it and it is served (200, Connection: close), not refused with 503
+        SHUTTING_DOWN once its body is in; a request begun during the
+        drain is refused.
+        """
+        fake = FakeOllama(tokens=3)
+        fake.listen(reactor)
+        self.addCleanup(fake.stop)
+        auth = bearer(token())
+        payload = json.dumps({"messages": HI}).encode()
+        for delay in ("30s", "0s"):
+            gw = serve(self, extra=f'backend: {{url: "{fake.url}"}}\nserver: {{drain_delay: {delay}, drain_timeout: 10s}}', no_debug=True)
+            runtime = gw.service.parts.runtime
+            port = int(gw.url.rsplit(":", 1)[1])
+            upload = KeptAlive(self, port)
+            head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {auth['Authorization']}\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+            await deferToThread(upload.sock.sendall, head.encode() + payload[:5])
+            await until(lambda: runtime.inflight, what="the upload's head arriving")
+            stopping = gw.service.stopService()
+            if delay != "0s":
+                late = KeptAlive(self, port)
+                status, _, answer = await deferToThread(late.ask, "POST", "/v1/chat/completions", {"messages": HI}, auth)
+                self.assertEqual((status, json.loads(answer)["error"]["code"]), (503, "SHUTTING_DOWN"))
+            self.assertFalse(stopping.called, "the drain did not wait for the upload")
+            await deferToThread(upload.sock.sendall, payload[5:])
+            status, headers, answer = await deferToThread(upload.rest_of_answer)
+            self.assertEqual(status, 200, answer)
+            self.assertEqual(json.loads(answer)["object"], "chat.completion")
+            self.assertEqual(headers.get("connection"), "close")
+            if delay != "0s":
+                gw.service.delay_call.reset(0)
+            await stopping
+
+
 class KeptAlive:
     """An HTTP/1.1 connection kept open across requests, over TLS with C{context} (blocking: run its calls in a thread)."""
 
@@ -374,6 +413,11 @@ class KeptAlive:
     def ask(self, method, path, body=None, headers=None):
         """One request and its whole answer (a Content-Length body): (status, headers, body)."""
         self.send(method, path, body, headers)
+        status, headers = self.head()
+        return status, headers, self.file.read(int(headers["content-length"]))
+
+    def rest_of_answer(self):
+        """The answer (with a Content-Length body) to a request sent by other means: (status, headers, body)."""
         status, headers = self.head()
         return status, headers, self.file.read(int(headers["content-length"]))
 
@@ -474,7 +518,7 @@ class NginxErrorTests(TestCase):
             for status, body in ((502, {"messages": HI}), (413, b"x" * 20000001)):
                 got, headers, raw = await deferToThread(nginx.https, "POST", path, body, bearer(token()))
                 self.assertEqual((got, headers.get("Content-Type")), (status, "application/json"), raw)
-                self.assertEqual(json.loads(raw), pages[status][shape], (path, status))
+                self.assertEqual(json.loads(raw), pages[BY_STATUS[status]][shape], (path, status))
                 self.assertEqual(headers.get("Retry-After"), "1" if status == 502 else None)
 
     async def test_gateway_errors_pass_through(self):
@@ -493,21 +537,29 @@ class NginxErrorTests(TestCase):
         await stopping
 
 
-# nginx's own pages: (code, title, details) of each status, as etc/nginx/clawdbot.conf words them.
+# nginx's own pages: (code, title, details) of each page's location, as etc/nginx/clawdbot.conf words them (title None: the code's own).
 PAGES = {
-    502: ("UPSTREAM_UNAVAILABLE", "No gateway answered", "no gateway behind the proxy answered the request (restarting or down); retry shortly"),
-    503: ("GATEWAY_BUSY", "Gateway busy", "the proxy refused the request; retry shortly"),
-    504: ("UPSTREAM_TIMEOUT", "Gateway timed out", "no gateway answered the proxy in time"),
-    413: ("PAYLOAD_TOO_LARGE", "Request body too large", "the body is larger than the limit of 20000000 bytes"),
+    "@no_gateway": ("UPSTREAM_UNAVAILABLE", "No gateway answered", "no gateway behind the proxy answered the request (restarting or down); retry shortly"),
+    "@proxy_busy": ("GATEWAY_BUSY", "Gateway busy", "the proxy refused the request; retry shortly"),
+    "@gateway_timeout": ("UPSTREAM_TIMEOUT", "Gateway timed out", "no gateway answered the proxy in time"),
+    "@payload_too_large": ("PAYLOAD_TOO_LARGE", "Request body too large", "the body is larger than the limit of 20000000 bytes"),
+    "/_nginx_error/invalid_request": ("INVALID_REQUEST", None, "the request is not well-formed HTTP/1.1"),
+    "@plain_http": ("INVALID_REQUEST", None, "a plain HTTP request was sent to the HTTPS port"),
+    "/_nginx_error/uri_too_long": ("HEADER_TOO_LARGE", None, "a request line is longer than 8192 bytes"),
+    "@header_too_large": ("HEADER_TOO_LARGE", None, "a header line is longer than 8192 bytes, or the headers together do not fit in 32768 bytes"),
+    "@not_implemented": ("NOT_IMPLEMENTED", None, "the gateway does not implement this method"),
+    "@not_found": ("NOT_FOUND", None, "no such route"),
 }
+# The status of nginx's 502, 503, 504 and 413 pages: what a test provokes by status.
+BY_STATUS = {502: "@no_gateway", 503: "@proxy_busy", 504: "@gateway_timeout", 413: "@payload_too_large"}
 
 
 def nginx_pages():
-    """C{{status: {shape: parsed body}}}: what the gateway itself would write for each of nginx's own errors, per error shape."""
+    """C{{location: {shape: parsed body}}}: what the gateway itself would write for each of nginx's own errors, per error shape."""
     pages = {}
-    for status, (code, title, details) in PAGES.items():
+    for location, (code, title, details) in PAGES.items():
         err = APIError(code, details=details, message=title)
-        pages[status] = {
+        pages[location] = {
             "openai": json.loads(error_body(err)),
             "ollama": json.loads(ollama_error_body(err)),
             "anthropic": json.loads(messages.error_body(err)),
@@ -520,31 +572,107 @@ class NginxPageTests(SynchronousTestCase):
 
     def test_every_page_is_the_gateways_shape(self):
         """
-        Each named error location returns, per error shape, exactly the body
-        the gateway would write for that error (message "<Title>:
-        <details>", type, code, param null, details; Ollama's and
-        Anthropic's shapes from the same), with the status of its code.
+        Each error location (named, or internal at its own path) returns, per
+        error shape, exactly the body the gateway would write for that error
+        (message "<Title>: <details>", type, code, param null, details;
+        Ollama's and Anthropic's shapes from the same), with the status of
+        its code, and the gateway's own extra headers (x-should-retry).
         """
         with open(NGINX_SITE) as f:
             text = f.read()
         pages = nginx_pages()
         found = {}
-        for name, body in re.findall(r"^    location (@\w+) \{\n(.*?)^    \}", text, flags=re.S | re.M):
+        for name, body in re.findall(r"^    location (@\w+|= /_nginx_error/\w+) \{\n(.*?)^    \}", text, flags=re.S | re.M):
+            name = name.removeprefix("= ")
+            if name.startswith("/"):
+                self.assertIn("        internal;\n", body, name)
             returns = re.findall(r"^\s*(?:if \(\$clawdbot_error_shape = (\w+)\) \{\s*)?return (\d+) '([^']*)';", body, flags=re.M)
             self.assertEqual(len(returns), 3, name)
+            err = APIError(PAGES[name][0])
             for shape, status, page in returns:
-                status = int(status)
-                found[(status, shape or "openai")] = json.loads(page)
-                self.assertEqual(CODES[PAGES[status][0]][0], status)
-        self.assertEqual(found, {(status, shape): page for status, shapes in pages.items() for shape, page in shapes.items()})
+                self.assertEqual(int(status), err.status, name)
+                found[(name, shape or "openai")] = json.loads(page)
+            for header, value in err.headers.items():
+                self.assertIn(f"add_header {header} {value} always;", body, name)
+        self.assertEqual(found, {(name, shape): page for name, shapes in pages.items() for shape, page in shapes.items()})
+
+
+def raw_answer(port, data, tls=True):
+    """Send C{data} as it is to nginx's HTTPS port (over TLS unless told) and read one answer: (status, headers, body)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    if tls:
+        sock = context.wrap_socket(sock, server_hostname="localhost")
+    with sock:
+        sock.sendall(data)
+        out = b""
+        while b"\r\n\r\n" not in out:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+        head, _, body = out.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+        while len(body) < int(headers["content-length"]):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+class NginxRefusalTests(SynchronousTestCase):
+    """
+    What nginx refuses itself, before any gateway is asked, sent as raw
+    bytes: each answer is JSON in the error shape of the path (the
+    gateway's own when nginx read no path), with the status and code the
+    gateway gives the same request (etc/nginx/clawdbot.conf, "nginx's own
+    refusals"), never nginx's HTML page.
+    """
+
+    def test_refusals_are_json(self):
+        nginx = Nginx(self, [closed_port(self)]).start()
+        pages = nginx_pages()
+        host = b"Host: chat.example.com\r\n"
+        cases = [
+            # (what, bytes, over TLS, status, page, shape)
+            ("a 20 KB header", b"GET /v1/models HTTP/1.1\r\n" + host + b"X-A: " + b"a" * 20000 + b"\r\n\r\n", True, 431, "@header_too_large", "openai"),
+            ("a 9 KB cookie", b"GET /v1/messages HTTP/1.1\r\n" + host + b"Cookie: " + b"a" * 9000 + b"\r\n\r\n", True, 431, "@header_too_large", "anthropic"),
+            ("headers over all buffers", b"GET /ollama/api/tags HTTP/1.1\r\n" + host + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 4000) for i in range(12)) + b"\r\n", True, 431, "@header_too_large", "ollama"),
+            ("a long URI", b"GET /ollama/api/tags?" + b"a" * 20000 + b" HTTP/1.1\r\n" + host + b"\r\n", True, 431, "/_nginx_error/uri_too_long", "openai"),
+            ("a malformed request line", b"GARBAGE\r\n\r\n", True, 400, "/_nginx_error/invalid_request", "openai"),
+            ("no Host", b"GET /ollama/api/tags HTTP/1.1\r\n\r\n", True, 400, "/_nginx_error/invalid_request", "ollama"),
+            ("a malformed header", b"GET /v1/models HTTP/1.1\r\n" + host + b"Bad Header: x\r\n\r\n", True, 400, "/_nginx_error/invalid_request", "openai"),
+            ("Content-Length with chunked", b"POST /v1/messages HTTP/1.1\r\n" + host + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", True, 400, "/_nginx_error/invalid_request", "anthropic"),
+            ("an unknown Transfer-Encoding", b"POST /v1/chat/completions HTTP/1.1\r\n" + host + b"Transfer-Encoding: gzip\r\n\r\n", True, 400, "/_nginx_error/invalid_request", "openai"),
+            ("TRACE", b"TRACE /v1/models HTTP/1.1\r\n" + host + b"\r\n", True, 501, "@not_implemented", "openai"),
+            ("plain HTTP on the HTTPS port", b"GET /v1/messages HTTP/1.1\r\n" + host + b"\r\n", False, 400, "@plain_http", "anthropic"),
+            ("a page's own path", b"GET /_nginx_error/invalid_request HTTP/1.1\r\n" + host + b"\r\n", True, 404, "@not_found", "openai"),
+        ]
+        for what, data, tls, status, page, shape in cases:
+            got, headers, body = raw_answer(nginx.https_port, data, tls)
+            self.assertEqual((got, headers.get("content-type")), (status, "application/json"), (what, body[:300]))
+            self.assertEqual(json.loads(body), pages[page][shape], what)
+            self.assertEqual(headers.get("x-content-type-options"), "nosniff", what)
+            self.assertEqual(headers.get("x-should-retry"), "false" if status == 501 else None, what)
+        # Each was refused by nginx itself, as the error log says (the upstream is a closed port: none was passed on).
+        with open(os.path.join(nginx.prefix, "error.log")) as f:
+            log = f.read()
+        for said in ("client sent too long URI", "client sent invalid method", 'client sent HTTP/1.1 request without "Host" header', "client sent TRACE method", "client sent plain HTTP request to HTTPS port"):
+            self.assertIn(said, log)
+        self.assertNotIn("connect() failed", log)
 
 
 class NonAnsweringGatewayTests(SynchronousTestCase):
     """
-    A gateway that does not answer at all (a powered-off host, a stuck
-    process: the connection is neither accepted nor refused) next to a live
-    one: every request still succeeds, each sent to the silent one first
-    waiting proxy_connect_timeout (README, "Scaling out"), and no longer.
+    A gateway that does not answer at all (a powered-off host, a listener
+    whose accept queue is full: the connection is neither accepted nor
+    refused) next to a live one: every request still succeeds, each sent to
+    the silent one first waiting proxy_connect_timeout (README, "Scaling
+    out"), and no longer.
     """
 
     def test_cost_is_bounded_by_the_connect_timeout(self):
@@ -606,6 +734,72 @@ class NonAnsweringGatewayTests(SynchronousTestCase):
         self.assertEqual({line.split(" ", 1)[0] for line in lines if f":{silent_port}" in line}, {"GET", "POST"})
         self.assertIn("upstream timed out (110: Connection timed out) while connecting to upstream", nginx.error_log())
         print(f"\n{tried_silent} of 8 requests tried the silent gateway first; their attempts: {[l for l in lines if f':{silent_port}' in l]}")
+
+
+class StuckGatewayTests(SynchronousTestCase):
+    """
+    A gateway whose process is stuck on a host that is up (SIGSTOP, a
+    blocked event loop): a listener that never accepts, its queue empty.
+    What README ("nginx", "Scaling out") says of it, and nothing about time:
+    the kernel completes the connection, so proxy_connect_timeout does not
+    apply; nginx sends the request and waits for the answer until
+    proxy_read_timeout, then answers its JSON 504 UPSTREAM_TIMEOUT whatever
+    the method, no other gateway being tried since
+    proxy_next_upstream_timeout is shorter than proxy_read_timeout.  (The
+    test shortens both, keeping that order: 2s and 1s for 300s and 10s.)
+    """
+
+    def test_held_until_the_read_timeout_then_504(self):
+        text = site_text_now()
+        read = re.search(r"^\s*proxy_read_timeout (\d+)s;", text, flags=re.M).group(1)
+        retry = re.search(r"^\s*proxy_next_upstream_timeout (\d+)s;", text, flags=re.M).group(1)
+        self.assertGreater(int(read), int(retry))
+        gw = Process(clawdbot_argv("start", "--config", write_config(self, merge_yaml(BASE_CONFIG, 'server: {listen: "tcp:0:interface=127.0.0.1"}')), "--no-debug-port"), env=process_env())
+        self.addCleanup(gw.stop)
+        gw.wait_for("Gateway listening on", timeout=60)
+        live = int(gw.url().rsplit(":", 1)[1])
+        stuck = socket.socket()
+        self.addCleanup(stuck.close)
+        stuck.bind(("127.0.0.1", 0))
+        stuck.listen(64)
+        stuck_port = stuck.getsockname()[1]
+        probe = socket.create_connection(("127.0.0.1", stuck_port), timeout=5)  # the kernel accepts it
+        probe.close()
+
+        def shortened(text):
+            text = text.replace(f"proxy_read_timeout {read}s;", "proxy_read_timeout 2s;").replace(f"proxy_next_upstream_timeout {retry}s;", "proxy_next_upstream_timeout 1s;")
+            text = "log_format clawdbot_attempts '$request_method $upstream_addr|$upstream_status';\n" + text
+            # (In the server block: a request answered by a named error location is logged there.)
+            return text.replace("    ssl_session_tickets off;\n", "    ssl_session_tickets off;\n    access_log attempts.log clawdbot_attempts;\n", 1)
+
+        nginx = Nginx(self, [stuck_port, live], tweak=shortened).start()
+        auth = bearer(token())
+        answers = []
+        get, post = ("GET", "/v1/me", None), ("POST", "/v1/sessions", {"title": "t"})
+        # (In this order both methods meet the stuck one: nginx takes the two in turn.)
+        for method, path, body in (get, post, post, get):
+            status, _, raw = nginx.https(method, path, body, auth)
+            answers.append((method, status, raw))
+        timed_out = [(method, json.loads(raw)) for method, status, raw in answers if status == 504]
+        self.assertEqual({method for method, _ in timed_out}, {"GET", "POST"}, answers)
+        for _, body in timed_out:
+            self.assertEqual(body["error"]["code"], "UPSTREAM_TIMEOUT")
+        for method, status, raw in answers:
+            self.assertIn(status, (200, 201, 504), raw)
+
+        def logged():
+            with open(os.path.join(nginx.prefix, "attempts.log")) as f:
+                return f.read().splitlines()
+
+        wait_for(lambda: len(logged()) >= 4, 10, "nginx's log lines")
+        stuck_lines = [line for line in logged() if f":{stuck_port}" in line]
+        self.assertEqual({line.split(" ", 1)[0] for line in stuck_lines}, {"GET", "POST"})
+        for line in stuck_lines:
+            # Sent to the stuck one only: no other gateway tried after the read timeout.
+            self.assertEqual(line.split(" ", 1)[1], f"127.0.0.1:{stuck_port}|504", line)
+        error_log = nginx.error_log()
+        self.assertIn("upstream timed out (110: Connection timed out) while reading response header from upstream", error_log)
+        self.assertNotIn("while connecting to upstream", error_log)
 
 
 def site_text_now():

@@ -149,7 +149,13 @@ class GatewayRequest(server.Request):
     defaultContentType = None
     refused = False
     gone = False
+    # The gateway is shutting down while this request runs (streams end with
+    # an error event at the drain's deadline).
     draining = False
+    # Its head arrived once the drain had begun: refused with 503
+    # SHUTTING_DOWN (Runtime.track decides it as the head arrives, so an
+    # upload begun before the drain is served even if its body comes after).
+    late = False
     config = None
     principal = None
     route = None
@@ -483,7 +489,8 @@ class GatewayRequest(server.Request):
         What refuses this request before the resource tree is walked, or
         C{None}: a malformed C{Host} (RFC 9112 section 3.2), a method the
         gateway does not know, a debug-port request from off this machine,
-        or a drain in progress (except for the health probes, L{PROBES}).
+        or a drain that began before its head arrived (except for the health
+        probes, L{PROBES}).
         """
         hosts = self.requestHeaders.getRawHeaders(b"host") or []
         if len(hosts) > 1:
@@ -496,7 +503,7 @@ class GatewayRequest(server.Request):
             return APIError("NOT_IMPLEMENTED", details="the gateway does not implement this method")
         if self.site.debug and not _local_request(self):
             return APIError("ORIGIN_REJECTED", details="the debug port only answers pages and tools on this machine")
-        if self.draining and not (self.method in (b"GET", b"HEAD") and self.path in PROBES):
+        if self.late and not (self.method in (b"GET", b"HEAD") and self.path in PROBES):
             return APIError("SHUTTING_DOWN", details="the gateway is restarting; retry shortly", headers={"Retry-After": "1"})
         return None
 
@@ -567,6 +574,11 @@ class GatewayChannel(http.HTTPChannel):
 
     def allHeadersReceived(self):
         self._stop_timer("header_timeout")
+        # The request is in flight from its head on: a drain that begins
+        # while its body arrives waits for it and serves it (Runtime.track).
+        parts = getattr(self.site, "parts", None)
+        if parts is not None and self.requests:
+            parts.runtime.track(self.requests[-1])
         super().allHeadersReceived()
         if self.length != 0 and not self._answered_early:
             self._start_timer("body_timeout", self._body_too_slow)

@@ -42,7 +42,8 @@ class Runtime:
     @ivar config: the config new requests start under.
     @ivar reloads: counts of reload results, C{{"ok": n, "error": n}}.
     @ivar inflight: the requests being answered.
-    @ivar draining: shutting down: new requests are refused.
+    @ivar draining: shutting down: requests whose head arrives from now on
+        are refused (L{track}).
     """
 
     def __init__(self, config, reactor, metrics, environ=None, mode=None):
@@ -66,10 +67,20 @@ class Runtime:
     # --- requests in flight ----------------------------------------------------
 
     def track(self, request):
-        """A request started: drained at shutdown."""
+        """
+        A request's head (request line and headers) has arrived: from now
+        on it is in flight, and a drain waits for it.  Whether it is refused
+        with 503 C{SHUTTING_DOWN} is decided here, once: a request whose
+        head came before the drain began is served even if its body arrives
+        after (C{request.late} stays false); one whose head came during the
+        drain is refused.  Tracking a request again changes nothing.
+        """
+        if request in self.inflight:
+            return
         self.inflight.add(request)
         if self.draining:
             request.draining = True
+            request.late = True
 
     def untrack(self, request):
         """A request ended."""
