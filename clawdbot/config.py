@@ -772,6 +772,8 @@ def _validate(config, empties):
             raise ConfigError(path, "must be a URL with a valid host and port") from None
         if not parts.hostname:
             raise ConfigError(path, "must be a URL with a valid host and port")
+        if "%" in parts.hostname:
+            raise ConfigError(path, "has " + _ZONE_ID)
         if parts.scheme.lower() == "https":
             # The name TLS sends and checks the certificate against, as
             # Twisted encodes it (a plain http:// host, a docker-compose
@@ -782,6 +784,8 @@ def _validate(config, empties):
                 tls_host_name(parts.hostname)
             except ValueError as e:
                 raise ConfigError(path, f"the host of an https:// backend {e}") from None
+            if _numeric_name(parts.hostname):
+                raise ConfigError(path, f"the host of an https:// backend {_NUMERIC_NAME}")
     _cleartext_headers(config, warnings)
     for alias, target in config.backend.aliases.items():
         if not target:
@@ -1015,6 +1019,10 @@ def _load_tls(path, tls, warnings):
         return found
 
     if tls.server_name is not None:
+        if "%" in tls.server_name:
+            raise ConfigError(f"{path}.server_name", f"{tls.server_name!r} has {_ZONE_ID}")
+        if _numeric_name(tls.server_name):
+            raise ConfigError(f"{path}.server_name", f"{tls.server_name!r} {_NUMERIC_NAME}")
         if not _is_host_name(tls.server_name):
             raise ConfigError(f"{path}.server_name", f"{tls.server_name!r} is not a host name or an IP address")
         try:
@@ -1049,6 +1057,32 @@ def _load_tls(path, tls, warnings):
 
 
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+
+# Why a host with an IPv6 zone id (fe80::1%eth0) is refused: the gateway's
+# connections do not use one (a call would fail as unreachable), and no
+# certificate can name it.
+_ZONE_ID = (
+    "an IPv6 zone id (%...): the gateway cannot connect to a backend with one, "
+    "nor can a certificate name one; use a global or unique-local address, or a host name"
+)
+# Why a name like 1.2.3 or 0x7f.1 is refused where a certificate is
+# checked: resolvers may take it for an IPv4 address, TLS checks it as a
+# DNS name, which no certificate can have.
+_NUMERIC_NAME = (
+    "looks like an IPv4 address but is not one written in full (four decimal numbers, such as 10.0.0.1); "
+    "a certificate can never match it as a host name"
+)
+
+
+def _numeric_name(text):
+    """Whether C{text} is not an IP address but ends in a numeric label (a decimal or 0x number), as 1.2.3 or 0x7f.1."""
+    name = text[:-1] if text.endswith(".") else text
+    try:
+        ipaddress.ip_address(name)
+        return False
+    except ValueError:
+        pass
+    return bool(re.fullmatch(r"[0-9]+|0[xX][0-9A-Fa-f]*", name.rsplit(".", 1)[-1]))
 
 
 def _is_host_name(text):

@@ -30,6 +30,8 @@ def _name(common_name):
 
 
 def _alt_name(host):
+    if host.startswith("email:"):
+        return x509.RFC822Name(host[len("email:") :])
     try:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
@@ -102,7 +104,8 @@ class Authority:
     def issue(self, common_name, hosts=("localhost", "127.0.0.1"), client=False, days=30, expired=False):
         """
         A certificate for C{hosts} (DNS names and IP addresses, its
-        subjectAltName), for a server or (C{client}) a client.
+        subjectAltName; C{"email:..."} an email address), for a server or
+        (C{client}) a client.
 
         @param expired: valid from ten days ago until yesterday.
         """

@@ -278,13 +278,19 @@ class NamesTests(TLSBackend):
     async def assert_names_refused(self, leaf, reason, **tls):
         """A backend with C{leaf}: 502 with one curated log line saying C{reason}, and no traceback logged."""
         self.start(self.backend(leaf), tls=dict(tls, ca_file=self.ca_file))
-        await self.assert_refused(reason)
+        line = await self.assert_refused(reason)
         failures = [formatEvent(e) for e in self.events if "log_failure" in e]
         self.assertEqual(failures, [])
+        return line
 
     async def test_certificate_without_subject_alt_name(self):
         """A certificate with its name in the CN alone (no subjectAltName) is refused in plain words."""
-        await self.assert_names_refused(self.ca.issue("127.0.0.1", hosts=()), "its certificate has no subjectAltName (names in the CN alone are not accepted)")
+        await self.assert_names_refused(self.ca.issue("127.0.0.1", hosts=()), "its certificate has no DNS name or IP address in its subjectAltName (names in the CN alone are not accepted)")
+
+    async def test_certificate_with_an_email_address_alone(self):
+        """A certificate whose subjectAltName has an email address alone: refused, and not said to have no subjectAltName."""
+        line = await self.assert_names_refused(self.ca.issue("127.0.0.1", hosts=("email:ops@corp.example",)), "its certificate has no DNS name or IP address in its subjectAltName")
+        self.assertNotIn("has no subjectAltName", line)
 
     async def test_wildcard_over_one_label(self):
         """A wildcard certificate for *.internal (too few labels to be one) is refused in plain words."""
@@ -467,6 +473,40 @@ class ReloadTests(TLSBackend):
         # The idle connection of the old trust is closed.
         await until(lambda: fake.open_connections == 0, what="the old connection closing")
 
+    async def test_down_is_said_once_an_outage(self):
+        """
+        A backend whose certificate is refused: one line however many calls
+        and health checks find it down again (each after its down period),
+        naming no status (a call may get 502 or 504); one line when it
+        answers again.
+        """
+        fake = self.backend()
+        ca_file = os.path.join(self.dir, "trusted.pem")
+        with open(ca_file, "wb") as f:
+            f.write(Authority("Not The One").cert_pem)
+        self.start(fake, tls={"ca_file": ca_file})
+        line = await self.assert_refused("not signed by a trusted CA")
+        self.assertTrue(line.endswith("; model calls fail until it is fixed"), line)
+        ollama = self.gw.parts.ollama
+        for _ in range(3):
+            # (The down period over, as after backend.health_interval.)
+            for upstream in ollama.upstreams(self.gw.parts.runtime.config):
+                upstream.down_until = 0.0
+            self.assertEqual(await ollama.check(), "not reachable")
+            status, _, body = await self.chat()
+            self.assertEqual(status, 502, body)
+        self.assertEqual(len(self.tls_lines()), 1, self.tls_lines())
+
+        with open(ca_file, "wb") as f:
+            f.write(self.ca.cert_pem)
+        self.assertTrue(self.gw.parts.runtime.reload())
+        for _ in range(2):
+            status, _, body = await self.chat()
+            self.assertEqual(status, 200, body)
+        self.assertIsNone(await ollama.check())
+        self.assertEqual([text for text in self.log_lines() if "answers again" in text], [f"Backend {fake.url} answers again"])
+        self.assertEqual(len(self.tls_lines()), 1, self.tls_lines())
+
     async def test_call_under_the_older_config_is_not_pooled(self):
         """
         A call still running under the config before a reload that replaced
@@ -630,6 +670,29 @@ class ConfigTests(SynchronousTestCase):
         self.refused({"urls": [{"url": "https://ollama_gpu"}]}, "backend.urls[0].url", "no underscore")
         self.assertEqual(self.parse({"url": "http://ollama_gpu:11434"}).backend.url, "http://ollama_gpu:11434")
         self.assertEqual(self.parse({"url": "https://xn--bcher-kva.example"}).backend.url, "https://xn--bcher-kva.example")
+
+    def test_hosts_that_can_never_be_verified(self):
+        """
+        An IPv6 zone id (in server_name, or any backend URL: the gateway
+        cannot connect with one either) and a name that only looks like an
+        IPv4 address (1.2.3, 0x7f.1: no certificate can match it) are
+        refused with a reason; full addresses and plain http:// hosts such
+        as 127.1 (only looked up) are kept.
+        """
+        for name in ("fe80::1%eth0", "::1%lo"):
+            self.refused({"url": "https://a.example", "tls": {"server_name": name}}, "backend.tls.server_name", "has an IPv6 zone id")
+        for url in ("https://[fe80::1%eth0]:11434", "https://[fe80::1%25eth0]:11434", "http://[fe80::1%25eth0]:11434"):
+            self.refused({"url": url}, "backend.url", "has an IPv6 zone id")
+            self.refused({"urls": [{"url": url}]}, "backend.urls[0].url", "has an IPv6 zone id")
+        for name in ("1.2.3", "0x7f.1", "10.0.0.1.5", "ollama.123"):
+            self.refused({"url": "https://a.example", "tls": {"server_name": name}}, "backend.tls.server_name", "looks like an IPv4 address but is not one written in full")
+        self.refused({"url": "https://127.1:11434"}, "backend.url", "the host of an https:// backend looks like an IPv4 address")
+        self.refused({"urls": ["http://a.example", "https://0x7f.1"]}, "backend.urls[1]", "looks like an IPv4 address")
+        self.assertEqual(self.parse({"url": "https://a.example", "tls": {"server_name": "127.0.0.1."}}).backend.tls.server_name, "127.0.0.1")
+        self.assertEqual(self.parse({"url": "https://a.example", "tls": {"server_name": "fd00::2"}}).backend.tls.server_name, "fd00::2")
+        self.assertEqual(self.parse({"url": "https://[fd00::2]:11434"}).backend.url, "https://[fd00::2]:11434")
+        self.assertEqual(self.parse({"url": "https://gpu1.corp.example"}).backend.url, "https://gpu1.corp.example")
+        self.assertEqual(self.parse({"url": "http://127.1:11434"}).backend.url, "http://127.1:11434")
 
     def test_header_values_are_capped(self):
         """A header value over 8 KiB is refused (backend.headers, a backend's own, tracing.headers), the value never in the error."""

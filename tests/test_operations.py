@@ -496,10 +496,10 @@ class StartupCheckTests(TestCase):
         gw = serve(self, f'backend: {{url: "{down}"}}')
         await helpers.until(lambda: any("Ollama at" in line for line in gw.said), what="the start-up check")
         said = [line for line in gw.said if "Ollama at" in line]
-        self.assertEqual(said, [f"Ollama at {down} is not answering (not reachable); model calls get 502 until it does"])
+        self.assertEqual(said, [f"Ollama at {down} is not answering (not reachable); model calls fail until it does"])
         await get_json(gw.url + "/v1/chat/completions", method="POST", headers=bearer(token()), body={"model": "qwen3:32b", "messages": [{"role": "user", "content": "hi"}]})
         texts = [e.get("log_format", "") for e in events]
-        self.assertIn("Backend {url} is not answering; model calls get 502 until it does", texts)
+        self.assertIn("Backend {url} is not answering; model calls fail until it does", texts)
         self.assertNotIn("Backend {url} is down; routing around it to the others", texts)
         fake = FakeOllama()
         fake.listen(reactor)

@@ -465,6 +465,91 @@ class PostgresOutageTests(OutageCase):
         self.assertTrue(after.complete, after)
 
 
+class ReadOnlyPostgresTests(OutageCase):
+    """A PostgreSQL made read-only under a gateway (ALTER SYSTEM SET default_transaction_read_only), and writable again."""
+
+    timeout = 120
+
+    async def until(self, what, check, seconds=15.0):
+        """Call C{check()} (a coroutine) until it answers true; fails after C{seconds}."""
+        deadline = time.monotonic() + seconds
+        while True:
+            got = await check()
+            if got:
+                return got
+            if time.monotonic() > deadline:
+                self.fail(f"{what}: not within {seconds:g} s")
+            await deferLater(reactor, 0.1)
+
+    async def test_read_only_is_one_state(self):
+        """
+        Writes answer 503 STORAGE_UNAVAILABLE and reads 200 while the
+        server is read-only; the log says so once when it starts and once
+        when a write succeeds again (never an outage and its end per
+        write); C{/readyz} (storage required) fails with "read-only: writes
+        are refused", and is ready again once the server accepts changes.
+        """
+        pg = PrivatePostgres(self)
+        await deferToThreadSafe(pg.start)
+
+        def sql(*statements):
+            with psycopg.connect(pg.dsn, autocommit=True) as conn:
+                conn.execute("SET default_transaction_read_only = off")
+                for statement in statements:
+                    conn.execute(statement)
+
+        self.start(
+            f'storage: {{backend: postgresql, dsn: "{pg.dsn}"}}\nserver: {{ready_requires: [backend, storage]}}\nrate_limit: {{requests_per_minute: 0}}'
+        )
+        alice = self.auth()
+        sid = await self.new_session(alice)
+        self.assertEqual((await self.call("ready before", "GET", "/readyz", {})).status, 200)
+        said = self.storage_log()
+
+        await deferToThreadSafe(sql, "ALTER SYSTEM SET default_transaction_read_only = on", "SELECT pg_reload_conf()")
+
+        async def refused():
+            answer = await self.call("turn", "POST", "/v1/chat/completions", alice, turn_body(sid, "read-only turn", stream=False))
+            return answer.status == 503
+
+        await self.until("a write refused", refused)
+        for n in range(4):
+            self.assert_unavailable(await self.call(f"write {n}", "POST", "/v1/sessions", alice, {"title": "refused"}))
+            self.assert_unavailable(await self.call(f"turn {n}", "POST", "/v1/chat/completions", alice, turn_body(sid, f"refused {n}", stream=False)))
+            read = await self.call(f"read {n}", "GET", f"/v1/sessions/{sid}", alice)
+            self.assertEqual(read.status, 200, read)
+
+        async def not_ready():
+            answer = await self.call("ready during", "GET", "/readyz", {})
+            return answer if answer.status == 503 else None
+
+        answer = await self.until("/readyz not ready", not_ready)
+        self.assertEqual(answer.body["dependencies"]["storage"]["status"], "failing", answer)
+        self.assertEqual(answer.body["dependencies"]["storage"]["reason"], "read-only: writes are refused", answer)
+        self.assertIn("read-only: writes are refused", answer.body["reason"])
+
+        await deferToThreadSafe(sql, "ALTER SYSTEM RESET default_transaction_read_only", "SELECT pg_reload_conf()")
+
+        async def written():
+            answer = await self.call("turn after", "POST", "/v1/chat/completions", alice, turn_body(sid, "writable turn", stream=False))
+            return answer.status == 200
+
+        await self.until("a write succeeds again", written)
+
+        async def ready():
+            return (await self.call("ready after", "GET", "/readyz", {})).status == 200
+
+        await self.until("/readyz ready again", ready)
+        self.assert_no_500()
+        self.assertEqual(
+            [text for text in said if not text.startswith("The notification connection")],
+            [
+                "PostgreSQL accepts no changes (read-only: a standby, or default_transaction_read_only); writes answer 503 until it does",
+                "History storage accepts changes again: a write succeeded",
+            ],
+        )
+
+
 def deferToThreadSafe(f, *args):
     """C{f(*args)} on a thread (it blocks: starting and killing servers)."""
     from twisted.internet.threads import deferToThread
@@ -633,6 +718,18 @@ class UnwritableStorageStartTests(OutageCase):
         sqlite3.connect(path).close()
         self.immutable(path)
         self.assertIn("is not writable", self.start_fails(path))
+
+    async def test_file_made_read_only_is_not_ready(self):
+        """A database file that can no longer be written after the start: the readiness probe says "read-only: writes are refused"."""
+        from clawdbot.storage.store import SQLiteEngine, SQLStore
+
+        path = os.path.join(tempfile.mkdtemp(), "history.sqlite3")
+        engine = SQLiteEngine(reactor, path)
+        self.addCleanup(engine.close)
+        store = SQLStore(engine)
+        self.assertIsNone(await store.ping())
+        self.immutable(path)
+        self.assertEqual(await store.ping(), "read-only: writes are refused")
 
 
 class _CuttingClient(ProxyClient):
@@ -1011,7 +1108,9 @@ class PostgresBreakerTests(OutageCase):
         A server that refuses writes (SQLSTATE 25006, a standby after a
         failover or default_transaction_read_only; psycopg calls it an
         InternalError): 503 STORAGE_UNAVAILABLE saying so, run once; reads
-        go on working (no breaker opened).
+        go on working (no breaker opened).  The read-only state is said
+        once however many writes are refused, a read does not end it (nor
+        says an outage ended), a write that succeeds does, once.
         """
         from clawdbot.errors import StorageUnavailable
         from tests.test_sessions import pg_database
@@ -1036,7 +1135,19 @@ class PostgresBreakerTests(OutageCase):
             return cur.fetchone()[0]
 
         self.assertEqual(await engine.run(read), 0)
-        self.assertIn("History storage is back", " ".join(said))
+        with self.assertRaises(StorageUnavailable):
+            await engine.run(write)
+        self.assertEqual(await engine.run(read), 0)
+        self.assertEqual(said, ["PostgreSQL accepts no changes (read-only: a standby, or default_transaction_read_only); writes answer 503 until it does"])
+        self.assertIsNotNone(engine.refusing)
+
+        def real_write(cur):
+            cur.execute("INSERT INTO revocations (id, expires_at) VALUES ('rw', 1)")
+
+        await engine.run(real_write)
+        self.assertEqual(await engine.run(read), 1)
+        self.assertIsNone(engine.refusing)
+        self.assertEqual(said[1:], ["History storage accepts changes again: a write succeeded"])
 
     def test_sqlstate_classes(self):
         """Errors are classified by SQLSTATE (class or code), not by psycopg's Python class."""
@@ -1045,7 +1156,7 @@ class PostgresBreakerTests(OutageCase):
         from clawdbot.storage.store import _pg_unavailable
 
         for error, reason in [
-            (errors.ReadOnlySqlTransaction, "refuses writes"),
+            (errors.ReadOnlySqlTransaction, "accepts no changes"),
             (errors.DiskFull, "out of resources"),
             (errors.TooManyConnections, "out of resources"),
             (errors.AdminShutdown, "shutting down"),

@@ -451,13 +451,18 @@ _display = display_url
 
 
 class Upstream:
-    """One Ollama server: calls in progress and when it may be tried again."""
+    """
+    One Ollama server: calls in progress, when it may be tried again, and
+    whether the log has said it is down (L{OllamaClient.mark_down}: once an
+    outage, not once per C{backend.health_interval}).
+    """
 
     def __init__(self, url):
         self.url = url
         self.active = 0
         self.picks = 0
         self.down_until = 0.0
+        self.said_down = False
 
 
 class Lease:
@@ -633,20 +638,30 @@ class Ollama:
 
     def mark_down(self, upstream, config, tls_reason=None):
         """
-        C{upstream} failed: avoided for C{backend.health_interval}, said once
-        in the log (with C{tls_reason}, why its TLS handshake failed, if
-        that is what happened).
+        C{upstream} failed: avoided for C{backend.health_interval}, said in
+        the log once an outage (with C{tls_reason}, why its TLS handshake
+        failed, if that is what happened), however often calls and health
+        checks find it down again, until L{mark_up}.  (The line names no
+        status: a call gets 502 or, for a timeout, 504.)
         """
-        if upstream.down_until <= self.reactor.seconds():
+        if not upstream.said_down:
+            upstream.said_down = True
             several = len(backend_urls(config)) > 1
             if tls_reason is not None:
-                then = "routing around it to the others" if several else "model calls get 502 until it is fixed"
+                then = "routing around it to the others" if several else "model calls fail until it is fixed"
                 log.warn("Backend {url} failed TLS: {reason}; {then}", url=_display(upstream.url), reason=tls_reason, then=then)
             elif several:
                 log.warn("Backend {url} is down; routing around it to the others", url=_display(upstream.url))
             else:
-                log.warn("Backend {url} is not answering; model calls get 502 until it does", url=_display(upstream.url))
+                log.warn("Backend {url} is not answering; model calls fail until it does", url=_display(upstream.url))
         upstream.down_until = self.reactor.seconds() + config.backend.health_interval
+
+    def mark_up(self, upstream):
+        """C{upstream} answered: used again, and when the log said it was down, one line says it answers again."""
+        upstream.down_until = 0.0
+        if upstream.said_down:
+            upstream.said_down = False
+            log.info("Backend {url} answers again", url=_display(upstream.url))
 
     async def send(self, config, method, path, body=None, deadline=None, lease=None, span=None):
         """
@@ -677,7 +692,7 @@ class Ollama:
                     raise e.error from None
                 lease.move(self.choose(config, tried))
                 continue
-            upstream.down_until = 0.0
+            self.mark_up(upstream)
             return response
 
     def _traced(self, span, config, upstream):
@@ -997,7 +1012,7 @@ class Ollama:
             return "not reachable"
         if response.code != 200:
             return f"answered status {response.code}"
-        upstream.down_until = 0.0
+        self.mark_up(upstream)
         return None
 
     async def loaded(self, config, upstream, timeout):

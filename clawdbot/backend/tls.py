@@ -70,7 +70,9 @@ _CLIENT_ALERTS = {
 # service_identity's CertificateError (a certificate whose names cannot be
 # used at all), by the start of its message, in plain words.
 _NAME_REASONS = (
-    ("Certificate does not contain any", "its certificate has no subjectAltName (names in the CN alone are not accepted)"),
+    # (No subjectAltName, or one with no DNS name and no IP address: only
+    # an email address, a URI; service_identity says the same of both.)
+    ("Certificate does not contain any", "its certificate has no DNS name or IP address in its subjectAltName (names in the CN alone are not accepted)"),
     ("Invalid DNS pattern", "its certificate has a DNS name that is not one (empty, or an IP address written as a DNS name: an address belongs in an IP address entry)"),
     ("Invalid IP address pattern", "its certificate has an IP address entry that is not an address"),
     ("Certificate's DNS-ID", "its certificate has a wildcard name that cannot be used (one * only, the whole left-most label, at least three labels: *.ollama.example)"),

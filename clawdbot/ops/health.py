@@ -94,7 +94,7 @@ class StartupCheck(Service):
         if reason is None:
             self.say(f"Ollama at {self.addresses} answers")
         else:
-            self.say(f"Ollama at {self.addresses} is not answering ({reason}); model calls get 502 until it does")
+            self.say(f"Ollama at {self.addresses} is not answering ({reason}); model calls fail until it does")
 
 
 def startup_check(ollama: Backends, addresses: str, say: Any) -> StartupCheck:

@@ -820,8 +820,10 @@ class SQLStore:
     async def ping(self, timeout=2.0):
         """
         A cheap probe for C{/readyz}: C{None} when the store runs a
-        C{SELECT 1} transaction within C{timeout} seconds, else a short
-        curated reason (never a DSN, an address or a library's message).
+        C{SELECT 1} transaction within C{timeout} seconds and accepts
+        changes (L{_ThreadEngine.probe}: C{"read-only: writes are refused"}
+        when not), else a short curated reason (never a DSN, an address or
+        a library's message).
         While an earlier probe still waits on its thread no other starts
         (this one says the store is slow), so probes hold at most one of
         the engine's threads however long the database takes.
@@ -830,8 +832,7 @@ class SQLStore:
             return "no answer in time"
 
         def select(cur):
-            cur.execute("SELECT 1")
-            return cur.fetchone()
+            return self.engine.probe(cur)
 
         answer = Deferred()
         timer = self.engine.reactor.callLater(timeout, lambda: answer.called or answer.callback("no answer in time"))
@@ -853,7 +854,9 @@ class SQLStore:
         from twisted.python.failure import Failure
 
         if not isinstance(result, Failure):
-            return None
+            return result
+        if result.check(StorageUnavailable) and getattr(result.value, "read_only", False):
+            return READ_ONLY_PROBE
         if result.check(StorageUnavailable):
             return result.value.reason
         if result.check(StoreClosed):
@@ -886,6 +889,12 @@ class _ThreadEngine:
     connection, for another process's lock) are short, so the requests
     queued behind the engine's few threads are answered at once rather
     than one long wait after another.
+
+    A database that answers but refuses writes (a read-only PostgreSQL: a
+    standby, C{default_transaction_read_only}; a SQLite file that cannot
+    be written) is a state of its own, not an outage: one warning when a
+    write is first refused, one line when a write succeeds again; reads,
+    which go on working, end neither it nor say an outage ended.
     """
 
     placeholder = "?"
@@ -895,6 +904,11 @@ class _ThreadEngine:
     outage = None
     # Whether the log has said the outage began (the reactor's side).
     _announced = False
+    # Why writes are refused (the read-only state, set on the engine's
+    # threads when a write is refused, cleared when one succeeds), or None.
+    refusing = None
+    # Whether the log has said writes are refused (the reactor's side).
+    _refusing_said = False
 
     def lock_owner(self, cur, owner):
         """Serialise this transaction with others for C{owner} (SQLite: BEGIN IMMEDIATE already does)."""
@@ -945,27 +959,56 @@ class _ThreadEngine:
         return self._watched(deferToThreadPool(self.reactor, self.pool, self._guarded, self._transaction, fn), True)
 
     def _guarded(self, transaction, fn, clears=True):
-        """On an engine thread: C{transaction(fn)}, keeping L{outage} current."""
+        """
+        On an engine thread: C{transaction(fn)}, keeping L{outage} and
+        L{refusing} current; returns C{(result, wrote)}, C{wrote} whether
+        the transaction changed anything (L{_wrote}).
+        """
+        self._local.wrote = False
         try:
             result = transaction(fn)
         except StorageUnavailable as e:
-            self.outage = e.reason
+            if getattr(e, "read_only", False):
+                self.refusing = e.reason
+            else:
+                self.outage = e.reason
             raise
         if clears:
             self.outage = None
-        return result
+        wrote = bool(getattr(self._local, "wrote", False))
+        if wrote:
+            self.refusing = None
+        return result, wrote
+
+    def _wrote(self, cur):
+        """
+        Called by a transaction before its COMMIT while writes are refused
+        (L{refusing}): whether it changed anything (only a write that
+        succeeds ends the read-only state, never a read).
+        """
+        return True
 
     def _watched(self, d, clears):
-        """C{d}, a transaction's result, with the outage's two log lines said on the reactor."""
+        """C{d}, a transaction's C{(result, wrote)}, with the outage's and the read-only state's log lines said on the reactor."""
 
-        def answered(result):
+        def answered(done):
+            result, wrote = done
             if clears and self._announced:
                 self._announced = False
                 log.info("History storage is back: transactions succeed again")
+            if wrote and self._refusing_said:
+                self._refusing_said = False
+                log.info("History storage accepts changes again: a write succeeded")
             return result
 
         def failed(failure):
-            if failure.check(StorageUnavailable) and not failure.check(StoreClosed) and not self._announced:
+            if not failure.check(StorageUnavailable) or failure.check(StoreClosed):
+                return failure
+            if getattr(failure.value, "read_only", False):
+                if not self._refusing_said:
+                    self._refusing_said = True
+                    log.warn("{reason}; writes answer 503 until it does", reason=failure.value.reason)
+            elif not self._announced:
                 self._announced = True
                 log.warn(
                     "History storage unavailable ({reason}); answering 503 STORAGE_UNAVAILABLE until it is back",
@@ -974,6 +1017,12 @@ class _ThreadEngine:
             return failure
 
         return d.addCallbacks(answered, failed)
+
+    def probe(self, cur):
+        """A readiness probe's work (L{SQLStore.ping}): C{None}, or why the store is not ready although it answers."""
+        cur.execute("SELECT 1")
+        cur.fetchone()
+        return None
 
     def run_read(self, fn):
         """
@@ -1032,7 +1081,7 @@ _SQLITE_UNAVAILABLE = {
     sqlite3.SQLITE_LOCKED: ("the database file is locked", "the history database is busy; retry shortly", 2, False),
     sqlite3.SQLITE_FULL: ("the disk holding the database is full", None, 5, False),
     sqlite3.SQLITE_IOERR: ("an I/O error on the database file", None, 5, True),
-    sqlite3.SQLITE_READONLY: ("the database file cannot be written", None, 5, True),
+    sqlite3.SQLITE_READONLY: ("the SQLite database file accepts no changes (it cannot be written)", None, 5, True),
     sqlite3.SQLITE_CANTOPEN: ("the database file cannot be opened", None, 5, True),
     sqlite3.SQLITE_PERM: ("the database file may not be accessed", None, 5, True),
     sqlite3.SQLITE_PROTOCOL: ("the database file's locks failed", None, 2, True),
@@ -1051,8 +1100,12 @@ def _sqlite_unavailable(error):
         return None, False
     reason, details, retry_after, reopen = entry
     if details is None:
-        return StorageUnavailable(reason, retry_after=retry_after), reopen
-    return StorageUnavailable(reason, details, retry_after), reopen
+        error = StorageUnavailable(reason, retry_after=retry_after)
+    else:
+        error = StorageUnavailable(reason, details, retry_after)
+    if code & 0xFF == sqlite3.SQLITE_READONLY:
+        error.read_only = True
+    return error, reopen
 
 
 def unusable_path(path):
@@ -1198,6 +1251,7 @@ class SQLiteEngine(_ThreadEngine):
         def write(conn):
             cur = conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
+            before = conn.total_changes
             try:
                 result = fn(cur)
             except BaseException:
@@ -1209,9 +1263,21 @@ class SQLiteEngine(_ThreadEngine):
                 # Not committed (all or nothing): undone, and not reported as kept.
                 self._rollback(conn)
                 raise
+            self._local.wrote = conn.total_changes != before
             return result
 
         return self._mapped(write)
+
+    def probe(self, cur):
+        """
+        C{SELECT 1}, and whether the file can still be written (a file
+        made read-only after the start): C{"read-only: writes are refused"}
+        when not.
+        """
+        super().probe(cur)
+        if self.path != ":memory:" and unusable_path(self.path) is not None:
+            return READ_ONLY_PROBE
+        return None
 
     def close(self):
         if self.pool.started:
@@ -1574,6 +1640,20 @@ class PostgresEngine(_ThreadEngine):
 
         return isinstance(error, psycopg.errors.QueryCanceled)
 
+    def _wrote(self, cur):
+        # A transaction that changed anything has a transaction id.
+        cur.execute("SELECT txid_current_if_assigned() IS NOT NULL")
+        return bool(cur.fetchone()[0])
+
+    def probe(self, cur):
+        """
+        Whether this server accepts changes (C{SHOW transaction_read_only}:
+        a standby, C{default_transaction_read_only}): C{"read-only: writes
+        are refused"} when not.
+        """
+        cur.execute("SHOW transaction_read_only")
+        return READ_ONLY_PROBE if cur.fetchone()[0] == "on" else None
+
     def _wait(self):
         return self.OUTAGE_WAIT if self.outage or self._down else self.WAIT
 
@@ -1734,6 +1814,8 @@ class PostgresEngine(_ThreadEngine):
                     with conn.transaction():
                         with conn.cursor() as cur:
                             result = fn(cur)
+                            if self.refusing is not None:
+                                self._local.wrote = self._wrote(cur)
                         # What fails from here on fails in the COMMIT.
                         committing = True
             return result
@@ -1783,6 +1865,14 @@ def _pg_repeatable(error):
     return state.startswith(("08", "40")) or state in ("57P01", "57P02", "57P03")
 
 
+# The reason of a PostgreSQL that refuses writes (SQLSTATE 25006): the
+# engine's read-only state (L{_ThreadEngine}), not an outage.
+# What the readiness probe says of a store that refuses writes.
+READ_ONLY_PROBE = "read-only: writes are refused"
+PG_READ_ONLY = "PostgreSQL accepts no changes (read-only: a standby, or default_transaction_read_only)"
+# What the client is told then.
+READ_ONLY_DETAILS = "the history database accepts no changes right now; retry shortly"
+
 # SQLSTATEs (a class by its two first characters, or one code) that mean
 # the server cannot do the work now, for a reason outside the gateway,
 # whatever Python class psycopg gives them (a read-only transaction is an
@@ -1790,11 +1880,7 @@ def _pg_repeatable(error):
 # cannot be reached at all), and what the client is told (None: the usual).
 _PG_UNAVAILABLE = {
     "08": ("the connection to PostgreSQL failed", True, None),
-    "25006": (
-        "PostgreSQL refuses writes (a read-only server: a standby after a failover, or default_transaction_read_only)",
-        False,
-        "the history database accepts no changes right now; retry shortly",
-    ),
+    "25006": (PG_READ_ONLY, False, READ_ONLY_DETAILS),
     "40": ("PostgreSQL failed the transaction twice (serialization or deadlock)", False, None),
     "53": ("PostgreSQL is out of resources (disk, memory or connections)", False, None),
     "57P": ("PostgreSQL is shutting down or restarting", True, None),
@@ -1823,6 +1909,8 @@ def _pg_unavailable(error, conn, again=False):
     error = StorageUnavailable(reason) if details is None else StorageUnavailable(reason, details)
     if breaks:
         error.breaks = True
+    if reason == PG_READ_ONLY:
+        error.read_only = True
     return error
 
 
