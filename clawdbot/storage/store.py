@@ -26,6 +26,7 @@ for repeating a transaction is in L{PostgresEngine}.
 """
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -1742,7 +1743,6 @@ class PostgresEngine(_ThreadEngine):
     def _migrate(self):
         """Open the pool (it connects in the background) and bring the schema up to date: L{StorageUnavailable} when it cannot."""
         import psycopg
-        import psycopg_pool
 
         if not self._opened:
             # Not waiting here: a pool whose wait at open runs out is
@@ -1750,16 +1750,10 @@ class PostgresEngine(_ThreadEngine):
             self.connections.open(wait=False)
             self._opened = True
         try:
-            with self.watchdog.guard(self.MIGRATION_TIME) as guard:
+            with self._waiting_on_pool(), self.watchdog.guard(self.MIGRATION_TIME) as guard:
                 with self.connections.connection(timeout=self._wait()) as conn:
                     guard.attach(conn)
                     _migrate_postgres(conn, self.context)
-        except psycopg_pool.PoolTimeout as e:
-            raise self._no_connection() from e
-        except _Hung:
-            raise self._hung() from None
-        except psycopg_pool.PoolClosed:
-            raise StoreClosed() from None
         except psycopg.Error as e:
             if guard.cut:
                 raise _connection_failure(f"PostgreSQL did not finish the schema's migration within {self.MIGRATION_TIME:g} s") from e
@@ -1767,6 +1761,24 @@ class PostgresEngine(_ThreadEngine):
             if unavailable is None:
                 raise
             raise unavailable from e
+
+    @contextlib.contextmanager
+    def _waiting_on_pool(self):
+        """
+        What a wait on the pool (or a guarded wait on the database) ends
+        with, as the store's own errors: no connection within the pool's
+        wait, a wait the watchdog cut, a pool closed at shutdown.
+        """
+        import psycopg_pool
+
+        try:
+            yield
+        except psycopg_pool.PoolTimeout as e:
+            raise self._no_connection() from e
+        except _Hung:
+            raise self._hung() from None
+        except psycopg_pool.PoolClosed:
+            raise StoreClosed() from None
 
     def _transaction(self, fn):
         if self.closed:
@@ -1801,14 +1813,13 @@ class PostgresEngine(_ThreadEngine):
     def _attempt(self, fn):
         """One run of C{fn} in a transaction; L{_Repeat} when it may be run again."""
         import psycopg
-        import psycopg_pool
 
         conn = None
         committing = False
         guard = self.watchdog.guard(self.TRANSACTION_TIME)
         self._local.guard = guard
         try:
-            with guard:
+            with self._waiting_on_pool(), guard:
                 with self.connections.connection(timeout=self._wait()) as conn:
                     guard.attach(conn)
                     with conn.transaction():
@@ -1819,12 +1830,6 @@ class PostgresEngine(_ThreadEngine):
                         # What fails from here on fails in the COMMIT.
                         committing = True
             return result
-        except psycopg_pool.PoolTimeout as e:
-            raise self._no_connection() from e
-        except _Hung:
-            raise self._hung() from None
-        except psycopg_pool.PoolClosed:
-            raise StoreClosed() from None
         except psycopg.Error as e:
             lost = conn is not None and (conn.broken or conn.closed)
             if committing and (lost or guard.cut or isinstance(e, psycopg.OperationalError)):
