@@ -163,7 +163,7 @@ def parse_tls(description: str) -> TLSListen:
             positional.append(field)
             continue
         if name in ("sslmethod", "dhParameters"):
-            raise TLSConfigError(f"{name}= is not supported: the gateway offers TLS 1.2 and 1.3 with Twisted's default ciphers")
+            raise TLSConfigError(f"{name}= is not supported: the gateway offers TLS 1.2 (ECDHE with AES-GCM or ChaCha20 only) and TLS 1.3")
         if name not in _NAMES:
             raise TLSConfigError(f"{name}= is not an option of an ssl: listener (privateKey, certKey, extraCertChain, interface, backlog)")
         if name in options:

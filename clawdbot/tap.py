@@ -350,7 +350,7 @@ def makeService(options, reactor=None, say=_say, agent_factory=None):
         )
     # Under systemd with WatchdogSec= (clawdbot.service): WATCHDOG=1 from the
     # reactor, so that a stuck process is killed and restarted.
-    watchdog = watchdog_service(os.environ) if real else None
+    watchdog = watchdog_service(options.environ) if real else None
     top = GatewayService(parts, signals, watchdog)
     if len(backend_urls(config)) > 1:
         # With several backends, each is checked every backend.health_interval.

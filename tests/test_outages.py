@@ -460,6 +460,8 @@ class PostgresOutageTests(OutageCase):
         # The held turn was not acknowledged: it is not reported as stored.
         history = await call("held history", "GET", f"{self.gw.url}/v1/sessions/{held_sid}", alice)
         self.assertEqual(history.status, 200, history)
+        replies = [m for m in history.body["messages"] if m["role"] == "assistant" and not m["incomplete"]]
+        self.assertEqual(replies, [], history)
         # Everything works again: a turn is kept.
         after = await self.call("after", "POST", "/v1/chat/completions", alice, turn_body(sid, "after the outage"))
         self.assertTrue(after.complete, after)

@@ -1017,6 +1017,12 @@ rate_limit: {{backend: redis, url: "{REDIS_URL}", key_prefix: "{prefix}", reques
             f"503 SHUTTING_DOWN answered by the gateways (A, B): {refused}; POST outcomes: {posts}; other errors: {unusual}"
         )
         self.assertEqual([g.exits for g in gateways], [[0], [0]])
+        # The scenario itself: B went down while nginx's default
+        # fail_timeout (10 s) would still have kept A out.
+        self.assertLess(began_b - began_a, 10.0, "B was not restarted within 10 s of A: the test did not meet the trap it is for")
+        if delay:
+            # The listeners stayed open through drain_delay, refusing in JSON.
+            self.assertGreater(sum(refused), 0, "no request met a draining gateway's 503 SHUTTING_DOWN")
         self.assertEqual(failures, [])
         self.assertEqual([r for r in results if not r[4]], [], "an answer that is not JSON")
         for method, path, status, code, is_json in results:

@@ -505,7 +505,7 @@ class StartTests(SynchronousTestCase):
             f"ssl:0:privateKey={encrypted}:certKey={certs.cert_path}": f"the private key in {encrypted} is encrypted; the gateway needs it unencrypted (readable by its user only)",
             f"ssl:0:privateKey={certs.key_path}:certKey={certs.cert_path}:extraCertChain={missing}": f"the certificate chain file {missing} does not exist",
             "ssl:0": "needs privateKey=PATH (and certKey=PATH unless the key file holds the certificate too)",
-            f"ssl:0:privateKey={certs.key_path}:sslmethod=TLSv1_METHOD": "sslmethod= is not supported: the gateway offers TLS 1.2 and 1.3 with Twisted's default ciphers",
+            f"ssl:0:privateKey={certs.key_path}:sslmethod=TLSv1_METHOD": "sslmethod= is not supported: the gateway offers TLS 1.2 (ECDHE with AES-GCM or ChaCha20 only) and TLS 1.3",
             f"ssl:0:{certs.key_path}": "name every option after the port (privateKey=KEY:certKey=CERT)",
         }
         for listen, reason in cases.items():

@@ -602,10 +602,6 @@ class Connections:
         # Identities (TLS settings a reload replaced) whose connections are no longer kept.
         self._retired = set()
 
-    def retired(self, identity):
-        """Whether the connections of C{identity} are no longer kept (L{retire})."""
-        return identity in self._retired
-
     def get(self, key, endpoint):
         """A L{Deferred} L{Connection} to C{key}: an idle one, or a new one from C{endpoint}."""
         idle = self._idle.get(key)

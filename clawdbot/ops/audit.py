@@ -17,10 +17,11 @@ import secrets
 import sys
 import time
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import succeed
 from twisted.logger import Logger
 
 from clawdbot.errors import StorageUnavailable
+from clawdbot.ops.rounds import OneRound
 from clawdbot.ops.observe import log_line, redact_text
 from clawdbot.units import rfc3339
 
@@ -82,8 +83,8 @@ class AuditLog:
         # is, with its id (a write kept although it seemed to fail, the
         # connection lost during its COMMIT, is not kept twice).
         self._unsent = None
-        self._storing = None
-        self._flushes = []  # Deferreds of flush(), fired when the write under way is over
+        # The database writes, one at a time (a flush during one waits for it).
+        self._writes = OneRound(self._store)
         self._dropped = False
         self.open(config().audit_log.path)
         engine = getattr(store, "engine", None)
@@ -168,29 +169,18 @@ class AuditLog:
         Write the events the database has not taken yet (a Deferred that
         never fails); a write under way takes them instead.
         """
-        if self.store is None or (self._storing is None and not self._unstored and self._unsent is None):
+        if self.store is None or (self._writes.running is None and not self._unstored and self._unsent is None):
             return succeed(None)
-        if self._storing is None:
-            self._storing = Deferred.fromCoroutine(self._store())
-            self._storing.addBoth(self._stored)
         # (Fires once the write under way, and what it picks up, is over:
         # the store is closed at shutdown only after that.)
-        done = Deferred()
-        self._flushes.append(done)
-        return done
-
-    def _stored(self, _):
-        self._storing = None
-        flushes, self._flushes = self._flushes, []
-        for done in flushes:
-            done.callback(None)
+        return self._writes()
 
     async def _store(self):
         while self._unsent is not None or self._unstored:
             if self._unsent is not None:
                 batch, rows = self._unsent
             else:
-                batch, rows = f"audit-{secrets.token_hex(12)}", self._unstored
+                batch, rows = f"audit-{secrets.token_hex(12)}", self._unstored  # (as storage.store.new_batch_id, which this layer may not import)
                 self._unstored = []
             config = self.config().audit_log
             now = self.clock()

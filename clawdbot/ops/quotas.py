@@ -27,6 +27,7 @@ from twisted.logger import Logger
 
 from clawdbot.auth.identity import issuer_id
 from clawdbot.errors import APIError, StorageUnavailable
+from clawdbot.ops.rounds import OneRound
 from clawdbot.units import WINDOWS, hour_of, window_bounds, zone_of
 
 log = Logger(namespace="clawdbot.usage")
@@ -432,6 +433,9 @@ class Batches:
 
     What a round cannot write (the database is down) is kept for the next
     one; an outage is logged once, by the store, not once per round.
+
+    @ivar run: C{run()} starts one round (a round already under way is
+        waited for instead of starting another: L{OneRound}).
     """
 
     def __init__(self, usage, quotas, keys, current_config, audit=None):
@@ -440,23 +444,7 @@ class Batches:
         self.keys = keys
         self.current_config = current_config
         self.audit = audit
-        self._running = None
-        self._waiters = []
-
-    def run(self):
-        """One round; a round already under way is waited for instead of starting another."""
-        waiter = Deferred()
-        self._waiters.append(waiter)
-        if self._running is None:
-            self._running = Deferred.fromCoroutine(self._round())
-            self._running.addBoth(self._ran)
-        return waiter
-
-    def _ran(self, _):
-        self._running = None
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+        self.run = OneRound(self._round)
 
     async def _round(self):
         config = self.current_config()

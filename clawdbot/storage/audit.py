@@ -21,10 +21,6 @@ class AuditStore:
     def _sql(self, text):
         return text.replace("?", self.p)
 
-    async def add(self, at, event, entry, prune_before=None):
-        """Keep one event (C{entry} is its JSON line); drop those before C{prune_before} too."""
-        await self.add_many([(at, event, entry)], prune_before)
-
     async def add_many(self, rows, prune_before=None, batch=None):
         """
         Keep C{[(at, event, entry)]} in their order, in one transaction; drop

@@ -860,8 +860,6 @@ class SQLStore:
             return READ_ONLY_PROBE
         if result.check(StorageUnavailable):
             return result.value.reason
-        if result.check(StoreClosed):
-            return "closed (the gateway is stopping)"
         return f"the probe failed ({type(result.value).__name__})"
 
 
@@ -1667,6 +1665,8 @@ class PostgresEngine(_ThreadEngine):
         while another tries, or a try failed less than L{HALF_OPEN}
         seconds ago.
         """
+        if self._down is None:
+            return False  # (no outage: no lock taken, the common case)
         with self._breaker:
             if self._down is None:
                 return False
@@ -1677,6 +1677,8 @@ class PostgresEngine(_ThreadEngine):
 
     def _settle(self, trying, down=None, reached=False):
         """After a transaction: the breaker opened (C{down}, a reason), closed (C{reached}), or as it was."""
+        if not trying and down is None and (not reached or self._down is None):
+            return  # (nothing changes: no lock taken)
         with self._breaker:
             if trying:
                 self._trying = False
